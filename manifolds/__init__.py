@@ -1,0 +1,24 @@
+"""Pure geometry of parameter symmetries: principal bundles, their metrics and dressing fields.
+
+``manifolds`` knows nothing of optimisers or models: it depends on torch alone (numpy/scipy
+where needed) and is usable on its own.
+"""
+
+from .base import AMBIGUITY_TOLERANCE, Bundle, Point, Tangent, checks_enabled, unchecked
+from .heads import METRICS, HeadOV, HeadQK
+from .product import ProductBundle
+from .residual import ResidualRotation
+
+__all__ = [
+    "AMBIGUITY_TOLERANCE",
+    "Bundle",
+    "HeadOV",
+    "HeadQK",
+    "METRICS",
+    "Point",
+    "ProductBundle",
+    "ResidualRotation",
+    "Tangent",
+    "checks_enabled",
+    "unchecked",
+]

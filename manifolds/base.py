@@ -1,0 +1,286 @@
+"""The principal-bundle interface shared by every symmetry in ``manifolds``.
+
+A ``Bundle`` models a principal G-bundle π: P → P/G whose total space P is an open subset of a
+Euclidean space of *tuples of tensors* (the point), with G acting on the right. Tangent vectors
+are tuples of the same shapes. The quotient P/G is never represented explicitly: it is handled
+through horizontal lifts (tangent vectors metric-orthogonal to the orbit) and through dressing
+fields u: P → G with u(p·g) = g⁻¹u(p), whose canonical representative p·u(p) is constant on
+orbits.
+
+Every concrete bundle implements the abstract members; the defaults here are the generic
+formulas (``project_horizontal = id - project_vertical``, retraction ``p + v`` because P is open,
+transport by horizontal projection at the new point, ``dress = act(p, dressing(p))``).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+Point = tuple[torch.Tensor, ...]
+Tangent = tuple[torch.Tensor, ...]
+
+__all__ = [
+    "randn",
+    "random_orthogonal",
+    "Bundle",
+    "Point",
+    "Tangent",
+    "unchecked",
+    "checks_enabled",
+    "AMBIGUITY_TOLERANCE",
+]
+
+#: Dressings whose smallest relative spectral gap is below this are reported as ambiguous: two
+#: (nearly) equal singular values/eigenvalues make the canonical frame depend on round-off.
+AMBIGUITY_TOLERANCE = 1e-6
+
+_CHECKS = contextvars.ContextVar("manifolds_rank_checks", default=True)
+
+
+def randn(shape, generator=None, dtype=None, device=None) -> torch.Tensor:
+    """Standard normal samples drawn in float64 on the generator's device, then cast and moved:
+    the same generator gives the same numbers on every device and dtype."""
+    gen_device = generator.device if generator is not None else "cpu"
+    sample = torch.randn(tuple(shape), generator=generator, dtype=torch.float64, device=gen_device)
+    return sample.to(dtype=dtype or torch.get_default_dtype(), device=device or "cpu")
+
+
+def random_orthogonal(batch: tuple[int, ...], n: int, generator=None, dtype=None, device=None):
+    """Haar-distributed orthogonal n x n matrices (QR of a Gaussian with the sign fix)."""
+    q, r = torch.linalg.qr(randn((*batch, n, n), generator, torch.float64))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return q.to(dtype=dtype or torch.get_default_dtype(), device=device or "cpu")
+
+
+def checks_enabled() -> bool:
+    """Whether rank checks (which synchronise with the device) run in this context."""
+    return _CHECKS.get()
+
+
+@contextlib.contextmanager
+def unchecked() -> Iterator[None]:
+    """Skip the rank checks that need a host synchronisation (shape checks always run).
+
+    Optimisers use this inside ``step()``; a rank-deficient point then gives non-finite values
+    instead of a ``ValueError``, which the optimiser's non-finite guard catches.
+    """
+    token = _CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _CHECKS.reset(token)
+
+
+class Bundle(abc.ABC):
+    """A principal G-bundle over a tuple-of-tensors total space (see module docstring).
+
+    Subclasses set ``n_tensors`` (the arity of a point) and ``metric`` and implement the
+    abstract methods. All methods are batched over leading head/layer axes and are device- and
+    dtype-agnostic.
+    """
+
+    n_tensors: int
+    metric: str
+    #: Compact groups (O(d)) preserve the Euclidean metric; GL(r) does not.
+    group_is_compact: bool = False
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def group_dim(self) -> int:
+        """Dimension of the structure group G (the orbit dimension at a free point)."""
+
+    @property
+    @abc.abstractmethod
+    def algebra_shape(self) -> tuple[int, ...]:
+        """Shape of a Lie-algebra element ξ accepted by ``vertical``."""
+
+    @abc.abstractmethod
+    def point_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shape of each tensor of a point."""
+
+    # ---- the action and its infinitesimal generator ---------------------------------
+    @abc.abstractmethod
+    def act(self, point: Point, g) -> Point:
+        """The right action p·g (linear in p, so it also pushes tangent vectors forward)."""
+
+    @abc.abstractmethod
+    def vertical(self, point: Point, xi) -> Tangent:
+        """d/dt p·exp(tξ) at t = 0."""
+
+    # ---- metric and splitting --------------------------------------------------------
+    @abc.abstractmethod
+    def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:
+        """The metric on P at ``point`` (a scalar tensor)."""
+
+    @abc.abstractmethod
+    def project_vertical(self, point: Point, v: Tangent) -> Tangent:
+        """Metric-orthogonal projection onto the vertical space (tangent to the orbit)."""
+
+    def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
+        """Metric-orthogonal projection onto the horizontal space, v - P_V v."""
+        vert = self.project_vertical(point, v)
+        return tuple(a - b for a, b in zip(v, vert))
+
+    def riemannian_gradient(self, point: Point, egrad: Tangent) -> Tangent:
+        """The metric's gradient from the Euclidean one (identity for the Euclidean metric)."""
+        return tuple(egrad)
+
+    def horizontal_gradient(self, point: Point, egrad: Tangent) -> Tangent:
+        """Horizontal lift of the quotient gradient: the Riemannian gradient, projected.
+
+        For a G-invariant loss the Riemannian gradient is already horizontal; the projection
+        removes the round-off and makes the result exact for non-invariant losses too.
+        """
+        self.check_tangent(point, egrad, "gradient")
+        return self.project_horizontal(point, self.riemannian_gradient(point, egrad))
+
+    def norm(self, point: Point, v: Tangent) -> torch.Tensor:
+        """The metric norm of a tangent vector."""
+        return self.inner(point, v, v).clamp_min(0).sqrt()
+
+    def moment_sq(self, point: Point, v: Tangent) -> Tangent:
+        """Gauge-invariant squared magnitudes of v, one per slice that no symmetry mixes.
+
+        Returns a tuple of tensors broadcastable to the point's tensors. Adaptive optimisers
+        divide by their running average: because these magnitudes are invariant, the
+        preconditioner commutes with the group action (per-coordinate second moments would pick
+        a basis the symmetry rotates). The default is one magnitude per tensor.
+        """
+        total = self.inner(point, v, v)
+        return tuple(total.reshape((1,) * t.dim()) for t in point)
+
+    # ---- moving along the bundle -------------------------------------------------------
+    def retract(self, point: Point, v: Tangent) -> Point:
+        """Retraction: p + v (the total space is an open subset of a vector space)."""
+        return tuple(p + d for p, d in zip(point, v))
+
+    def transport(self, point: Point, new_point: Point, v: Tangent) -> Tangent:
+        """Vector transport by horizontal projection at the new point."""
+        return self.project_horizontal(new_point, v)
+
+    def decay(self, point: Point, factor) -> Point:
+        """Weight decay on the orbit: the invariant linear maps are multiplied by ``factor``.
+
+        The default scales every tensor, which commutes with any linear action.
+        """
+        return tuple(p * factor for p in point)
+
+    # ---- canonical representatives ----------------------------------------------------
+    @abc.abstractmethod
+    def dressing(self, point: Point):
+        """The dressing field u(p) ∈ G, with u(p·g) = g⁻¹u(p)."""
+
+    def dress(self, point: Point) -> Point:
+        """The canonical representative p·u(p); constant on each orbit."""
+        return self.act(point, self.dressing(point))
+
+    @abc.abstractmethod
+    def ambiguity(self, point: Point) -> torch.Tensor:
+        """Smallest relative spectral gap the dressing relies on (per head, or a scalar).
+
+        Below ``AMBIGUITY_TOLERANCE`` the canonical representative is not unique: the bundle
+        breaks the tie deterministically but the result depends on round-off.
+        """
+
+    def is_ambiguous(self, point: Point, tolerance: float = AMBIGUITY_TOLERANCE) -> torch.Tensor:
+        """Boolean tensor: where the dressing is ambiguous (see ``ambiguity``)."""
+        return self.ambiguity(point) < tolerance
+
+    @abc.abstractmethod
+    def invariants(self, point: Point) -> tuple[torch.Tensor, ...]:
+        """Tensors that identify the orbit of ``point``."""
+
+    # ---- sampling ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def random_point(self, *, generator=None, dtype=None, device=None) -> Point:
+        """A random point in general position."""
+
+    @abc.abstractmethod
+    def random_group_element(self, *, generator=None, dtype=None, device=None, condition=10.0):
+        """A random group element (condition number ``condition`` where G is not compact)."""
+
+    def random_tangent(self, point: Point, *, generator=None) -> Tangent:
+        """A standard Gaussian tangent vector at ``point``."""
+        return tuple(randn(p.shape, generator, p.dtype, p.device) for p in point)
+
+    # ---- validation ---------------------------------------------------------------------
+    def check_point(self, point: Sequence[torch.Tensor], what: str = "point") -> Point:
+        """Validate arity, shapes, dtypes and devices; return the point as a tuple.
+
+        Raises ``ValueError`` naming what was expected and what was given. Never synchronises.
+        """
+        point = tuple(point)
+        name = type(self).__name__
+        if len(point) != self.n_tensors:
+            raise ValueError(
+                f"{name}: a {what} is a tuple of {self.n_tensors} tensors "
+                f"({self._describe_shapes()}), got {len(point)}"
+            )
+        for i, tensor in enumerate(point):
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{name}: {what}[{i}] must be a tensor, got {type(tensor)}")
+            problem = self._shape_problem(i, tuple(tensor.shape))
+            if problem is not None:
+                raise ValueError(
+                    f"{name}: {what}[{i}] has shape {tuple(tensor.shape)}, expected {problem}"
+                )
+            if not tensor.is_floating_point():
+                raise ValueError(
+                    f"{name}: {what}[{i}] has dtype {tensor.dtype}, expected a floating-point dtype"
+                )
+        first = point[0]
+        for i, tensor in enumerate(point[1:], start=1):
+            if tensor.dtype != first.dtype or tensor.device != first.device:
+                raise ValueError(
+                    f"{name}: {what}[{i}] is {tensor.dtype} on {tensor.device}, "
+                    f"but {what}[0] is {first.dtype} on {first.device}"
+                )
+        return point
+
+    def _shape_problem(self, index: int, shape: tuple[int, ...]) -> str | None:
+        """None if tensor ``index`` of a point may have ``shape``, else what was expected."""
+        expected = tuple(self.point_shapes()[index])
+        return None if shape == expected else str(expected)
+
+    def _describe_shapes(self) -> str:
+        return "shapes " + ", ".join(str(tuple(s)) for s in self.point_shapes())
+
+    def check_tangent(self, point: Point, v: Sequence[torch.Tensor], what: str = "tangent"):
+        """Validate a tangent vector against a point (same shapes, dtype and device)."""
+        v = self.check_point(v, what)
+        for i, (t, p) in enumerate(zip(v, point)):
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"{type(self).__name__}: {what}[{i}] has shape {tuple(t.shape)}, expected "
+                    f"the shape of point[{i}], {tuple(p.shape)}"
+                )
+        if v[0].dtype != point[0].dtype or v[0].device != point[0].device:
+            raise ValueError(
+                f"{type(self).__name__}: {what} is {v[0].dtype} on {v[0].device}, but the point "
+                f"is {point[0].dtype} on {point[0].device}"
+            )
+        return v
+
+    # ---- helpers for subclasses -------------------------------------------------------
+    @staticmethod
+    def _dtype_device(dtype, device) -> tuple[torch.dtype, torch.device]:
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        return dtype, device
+
+    @staticmethod
+    def _log_spaced(batch, n: int, condition: float, generator, dtype, device) -> torch.Tensor:
+        """(*batch, n) positive values with max/min = condition along the last axis."""
+        gen_device = generator.device if generator is not None else "cpu"
+        t = torch.rand((*batch, n), generator=generator, dtype=torch.float64, device=gen_device)
+        t[..., 0] = 0.0
+        if n > 1:
+            t[..., 1] = 1.0
+        return torch.exp(t * math.log(condition)).to(dtype=dtype, device=device)

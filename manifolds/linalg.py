@@ -1,0 +1,131 @@
+"""Batched linear algebra for the bundles: symmetric parts, Sylvester/Lyapunov solves, frames.
+
+Every function acts on the last two axes and broadcasts over any leading (head, layer) axes.
+Small r x r work is done in at least float32 (bf16 eigen-solvers are not available and would be
+too coarse); results are cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "sym",
+    "skew",
+    "gram",
+    "solve_sylvester_spd",
+    "solve_lyapunov_spd",
+    "spd_solve_right",
+    "orthonormal_columns_sign_fixed",
+    "relative_gaps",
+    "numerical_rank",
+]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype used for small dense factorisations: float32 at least."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def sym(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric part (x + xᵀ)/2 of the last two axes."""
+    return 0.5 * (x + x.mT)
+
+
+def skew(x: torch.Tensor) -> torch.Tensor:
+    """Skew-symmetric part (x - xᵀ)/2 of the last two axes."""
+    return 0.5 * (x - x.mT)
+
+
+def gram(a: torch.Tensor) -> torch.Tensor:
+    """aᵀa over the last two axes, symmetrised against round-off."""
+    return sym(a.mT @ a)
+
+
+def _eigh(spd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    work = _work_dtype(spd.dtype)
+    evals, evecs = torch.linalg.eigh(spd.to(work))
+    return evals, evecs
+
+
+def _divide_spectral(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator ⊘ denominator, zero where the denominator vanishes (pseudo-inverse).
+
+    A vanishing λᵢ + μⱼ means the corresponding group direction does not move the point (a
+    stabiliser direction); the minimum-norm solution puts nothing there.
+    """
+    scale = denominator.abs().amax(dim=(-2, -1), keepdim=True)
+    tiny = scale * (torch.finfo(denominator.dtype).eps * denominator.shape[-1] * 8)
+    safe = torch.where(denominator > tiny, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > tiny, numerator / safe, torch.zeros_like(numerator))
+
+
+def solve_sylvester_spd(p: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Solve p ξ + ξ q = c for symmetric positive (semi-)definite p and q.
+
+    With p = U Λ Uᵀ and q = V M Vᵀ: ξ = U [(Uᵀ c V) ⊘ (λᵢ + μⱼ)] Vᵀ. Two batched ``eigh``,
+    O(r³) per matrix. Pairs with λᵢ + μⱼ = 0 get the minimum-norm (zero) component.
+    """
+    lam, u = _eigh(p)
+    mu, v = _eigh(q)
+    work = u.dtype
+    rotated = u.mT @ c.to(work) @ v
+    xi = u @ _divide_spectral(rotated, lam.unsqueeze(-1) + mu.unsqueeze(-2)) @ v.mT
+    return xi.to(c.dtype)
+
+
+def solve_lyapunov_spd(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Solve p ω + ω p = c for symmetric positive semi-definite p (one ``eigh``).
+
+    For skew c the solution is skew. Minimum-norm where p is singular.
+    """
+    lam, u = _eigh(p)
+    work = u.dtype
+    rotated = u.mT @ c.to(work) @ u
+    omega = u @ _divide_spectral(rotated, lam.unsqueeze(-1) + lam.unsqueeze(-2)) @ u.mT
+    return omega.to(c.dtype)
+
+
+def spd_solve_right(x: torch.Tensor, spd: torch.Tensor) -> torch.Tensor:
+    """x · spd⁻¹ for symmetric positive definite spd (Cholesky; no host synchronisation).
+
+    A singular spd gives non-finite entries; callers that must not see them check the rank
+    first (``Bundle`` does so unless checks are disabled).
+    """
+    work = _work_dtype(x.dtype)
+    chol, _ = torch.linalg.cholesky_ex(spd.to(work))
+    # x spd⁻¹ = (spd⁻¹ xᵀ)ᵀ since spd is symmetric
+    return torch.cholesky_solve(x.mT.to(work), chol).mT.to(x.dtype)
+
+
+def orthonormal_columns_sign_fixed(frame: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Flip columns of ``frame`` so that in ``coords`` (= data expressed in the frame) the entry
+    of largest magnitude of every column is positive. Returns the fixed frame.
+
+    This is the deterministic convention that removes the sign ambiguity of eigen- and singular
+    vectors; it is invariant because ``coords`` are (up to these signs) gauge-invariant.
+    """
+    index = coords.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(coords, -2, index))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return frame * signs
+
+
+def relative_gaps(values: torch.Tensor) -> torch.Tensor:
+    """Smallest relative gap of a descending spectrum, min_i (s_i - s_{i+1}) / s_1.
+
+    The canonical frames built from that spectrum are unique exactly when the gap is positive;
+    a spectrum of one value has no gap to resolve and reports 1.
+    """
+    if values.shape[-1] < 2:
+        return torch.ones(values.shape[:-1], dtype=values.dtype, device=values.device)
+    top = values[..., :1].abs().clamp_min(torch.finfo(values.dtype).tiny)
+    return ((values[..., :-1] - values[..., 1:]) / top).amin(dim=-1)
+
+
+def numerical_rank(a: torch.Tensor) -> torch.Tensor:
+    """Numerical rank of each matrix (singular values above max(m, n)·eps·s_max)."""
+    work = _work_dtype(a.dtype)
+    s = torch.linalg.svdvals(a.to(work))
+    tol = s[..., :1] * max(a.shape[-2:]) * torch.finfo(work).eps
+    return (s > tol).sum(dim=-1)

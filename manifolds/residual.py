@@ -1,0 +1,204 @@
+r"""O(d) rotations of the residual stream (model space), on any tuple of tensors.
+
+``ResidualRotation(d_model, axes)`` — the point is a tuple of tensors T₁, …, T_m and ``axes[i]``
+names the axis of Tᵢ that carries the model-space index. One rule covers every tensor:
+
+* action      T'[…, j, …] = Σᵢ T[…, i, …] R[i, j], R ∈ O(d) (contract that axis with R's first
+  index). Right for embeddings (V, d) (axis 1), a W that reads the stream in ``X @ W`` (axis 0)
+  or writes it in ``Z @ W`` (axis 1), ``nn.Linear`` weights (out, in) reading (axis 1) or
+  writing (axis 0) the stream, and biases written into it (axis 0);
+* vertical    δT = T ×_axis Ω with Ω ∈ so(d) skew-symmetric;
+* metric      the Euclidean one, already O(d)-invariant, so it descends to the quotient;
+* horizontal  let T̂ be T with the model axis moved last and flattened to (-1, d) and
+  C = Σ T̂ᵀT̂ (d×d, positive semi-definite). The vertical part of Z is T ×_axis Ω where Ω solves
+  the Lyapunov equation C Ω + Ω C = 2 skew(Σ T̂ᵀẐ): with C = UΛUᵀ,
+  Ω = U[(Uᵀ 2K U) ⊘ (λᵢ + λⱼ)]Uᵀ (minimum norm where λᵢ + λⱼ = 0: those rotations fix the point);
+* invariants  the Gram matrix X Xᵀ of all model-space rows X = [T̂₁; …; T̂_m] (it determines the
+  rows up to one rotation);
+* dressing    the eigenframe of C, eigenvalues descending: u(p) = U·diag(±1), so p·u(p) has
+  C' = Λ. Signs are fixed so that the largest-|entry| of each dressed column is positive.
+  Ambiguity: equal eigenvalues of C (e.g. fewer rows than d, or an isotropic point) leave a
+  rotation free; ``ambiguity`` reports the smallest relative eigenvalue gap.
+
+The symmetry is exact only for architectures whose model-space operations commute with O(d):
+RMSNorm without per-coordinate gains (fold gains into the next weights), no LayerNorm centering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import Bundle, Point, Tangent, randn, random_orthogonal
+from .linalg import (
+    orthonormal_columns_sign_fixed,
+    relative_gaps,
+    skew,
+    solve_lyapunov_spd,
+    sym,
+)
+
+__all__ = ["ResidualRotation"]
+
+
+class ResidualRotation(Bundle):
+    """O(d_model) acting on the declared model-space axis of every tensor of a point.
+
+    ``shapes`` (optional) fixes the full shape of each tensor; it is needed by
+    ``random_point`` and makes ``check_point`` strict. See the module docstring.
+    """
+
+    metric = "euclidean"
+    group_is_compact = True
+
+    def __init__(
+        self,
+        d_model: int,
+        axes: Sequence[int],
+        shapes: Sequence[Sequence[int]] | None = None,
+    ):
+        if not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
+        self.d_model = d_model
+        self.axes = tuple(int(a) for a in axes)
+        if not self.axes:
+            raise ValueError("axes must name at least one tensor's model-space axis")
+        self.n_tensors = len(self.axes)
+        self.shapes = None if shapes is None else tuple(tuple(int(n) for n in s) for s in shapes)
+        if self.shapes is not None:
+            if len(self.shapes) != self.n_tensors:
+                raise ValueError(
+                    f"shapes names {len(self.shapes)} tensors but axes names {self.n_tensors}"
+                )
+            for i, (shape, axis) in enumerate(zip(self.shapes, self.axes)):
+                if not -len(shape) <= axis < len(shape) or shape[axis] != d_model:
+                    raise ValueError(
+                        f"tensor {i} of shape {shape} has no axis {axis} of size d_model={d_model}"
+                    )
+
+    def __repr__(self) -> str:
+        return f"ResidualRotation(d_model={self.d_model}, axes={self.axes})"
+
+    # ---- sizes and shapes -------------------------------------------------------------
+    @property
+    def group_dim(self) -> int:
+        return self.d_model * (self.d_model - 1) // 2
+
+    @property
+    def algebra_shape(self) -> tuple[int, ...]:
+        return (self.d_model, self.d_model)
+
+    def point_shapes(self):
+        if self.shapes is None:
+            raise ValueError("ResidualRotation was built without shapes; pass shapes=...")
+        return self.shapes
+
+    def _shape_problem(self, index, shape):
+        if self.shapes is not None:
+            return super()._shape_problem(index, shape)
+        axis = self.axes[index]
+        if -len(shape) <= axis < len(shape) and shape[axis] == self.d_model:
+            return None
+        return f"a tensor whose axis {axis} has size d_model={self.d_model}"
+
+    def _describe_shapes(self) -> str:
+        if self.shapes is not None:
+            return super()._describe_shapes()
+        return f"model-space axes {self.axes} of size {self.d_model}"
+
+    def _check_matrix(self, point: Point, m: torch.Tensor, what: str) -> None:
+        d = self.d_model
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != (d, d):
+            given = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"ResidualRotation: {what} must have shape {(d, d)}, got {given}")
+        if m.dtype != point[0].dtype or m.device != point[0].device:
+            raise ValueError(
+                f"ResidualRotation: {what} is {m.dtype} on {m.device}, but the point is "
+                f"{point[0].dtype} on {point[0].device}"
+            )
+
+    # ---- model-axis algebra ---------------------------------------------------------------
+    def _times(self, tensors, matrix: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Contract each tensor's model axis with ``matrix``'s first index."""
+        return tuple((t.movedim(a, -1) @ matrix).movedim(-1, a) for t, a in zip(tensors, self.axes))
+
+    def _rows(self, tensors) -> torch.Tensor:
+        """All model-space rows, stacked: (N, d)."""
+        d = self.d_model
+        return torch.cat([t.movedim(a, -1).reshape(-1, d) for t, a in zip(tensors, self.axes)])
+
+    def _cross(self, u, v) -> torch.Tensor:
+        """Σ Ûᵀ V̂ over the tensors (d×d)."""
+        return sum(
+            a.movedim(ax, -1).reshape(-1, self.d_model).mT
+            @ b.movedim(ax, -1).reshape(-1, self.d_model)
+            for a, b, ax in zip(u, v, self.axes)
+        )
+
+    # ---- bundle interface -------------------------------------------------------------------
+    def act(self, point: Point, g: torch.Tensor) -> Point:
+        point = self.check_point(point)
+        self._check_matrix(point, g, "group element")
+        return self._times(point, g)
+
+    def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
+        point = self.check_point(point)
+        self._check_matrix(point, xi, "Lie-algebra element")
+        return self._times(point, xi)
+
+    def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:
+        point = self.check_point(point)
+        u = self.check_tangent(point, u, "u")
+        v = self.check_tangent(point, v, "v")
+        return sum((a * b).sum() for a, b in zip(u, v))
+
+    def _vertical_generator(self, point: Point, v: Tangent) -> torch.Tensor:
+        c = sym(self._cross(point, point))
+        return solve_lyapunov_spd(c, 2 * skew(self._cross(point, v)))
+
+    def project_vertical(self, point: Point, v: Tangent) -> Tangent:
+        point = self.check_point(point)
+        v = self.check_tangent(point, v)
+        return self._times(point, self._vertical_generator(point, v))
+
+    def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
+        point = self.check_point(point)
+        v = self.check_tangent(point, v)
+        vert = self._times(point, self._vertical_generator(point, v))
+        return tuple(a - b for a, b in zip(v, vert))
+
+    def moment_sq(self, point: Point, v: Tangent) -> Tangent:
+        """Squared norm of every model-space row of v (O(d)-invariant), keepdim on the axis."""
+        point = self.check_point(point)
+        v = self.check_tangent(point, v)
+        return tuple((t * t).sum(dim=a, keepdim=True) for t, a in zip(v, self.axes))
+
+    def _eigenframe(self, point: Point) -> tuple[torch.Tensor, torch.Tensor]:
+        work = torch.float64 if point[0].dtype == torch.float64 else torch.float32
+        work_point = tuple(t.to(work) for t in point)
+        evals, evecs = torch.linalg.eigh(sym(self._cross(work_point, work_point)))
+        evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
+        frame = orthonormal_columns_sign_fixed(evecs, self._rows(work_point) @ evecs)
+        return frame.to(point[0].dtype), evals.to(point[0].dtype)
+
+    def dressing(self, point: Point) -> torch.Tensor:
+        return self._eigenframe(self.check_point(point))[0]
+
+    def ambiguity(self, point: Point) -> torch.Tensor:
+        """Smallest relative gap between the eigenvalues of C = Σ T̂ᵀT̂ (a scalar)."""
+        return relative_gaps(self._eigenframe(self.check_point(point))[1])
+
+    def invariants(self, point: Point) -> tuple[torch.Tensor, ...]:
+        rows = self._rows(self.check_point(point))
+        return (rows @ rows.mT,)
+
+    def random_point(self, *, generator=None, dtype=None, device=None) -> Point:
+        dtype, device = self._dtype_device(dtype, device)
+        scale = self.d_model**-0.5
+        return tuple(randn(s, generator, dtype, device) * scale for s in self.point_shapes())
+
+    def random_group_element(self, *, generator=None, dtype=None, device=None, condition=None):
+        """A Haar-random element of O(d) (``condition`` is ignored: the group is compact)."""
+        dtype, device = self._dtype_device(dtype, device)
+        return random_orthogonal((), self.d_model, generator, dtype, device)

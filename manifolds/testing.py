@@ -1,0 +1,159 @@
+"""Property checks for bundles and invariant functions, as library API.
+
+Each ``*_errors`` function returns relative residuals (floats) so that tests, users and CI can
+state their own tolerances; the ``assert_*`` wrappers raise ``AssertionError`` naming the
+property that failed. Use float64 for tight checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .base import Bundle, randn
+
+__all__ = [
+    "relative_error",
+    "bundle_errors",
+    "assert_bundle",
+    "assert_invariant",
+    "random_algebra_element",
+    "DEFAULT_TOLERANCES",
+]
+
+#: Relative tolerances that well-conditioned points meet (condition numbers ≲ 10).
+DEFAULT_TOLERANCES = {torch.float64: 1e-9, torch.float32: 2e-3}
+
+
+def _norm(tensors) -> torch.Tensor:
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
+
+
+def _ratio(num, den) -> float:
+    """num / den, with 0/0 = 0 (a zero vector is trivially orthogonal/horizontal)."""
+    num, den = float(num), float(den)
+    return 0.0 if num == 0.0 else num / max(den, 1e-300)
+
+
+def relative_error(x, y) -> float:
+    """‖x - y‖ / max(‖y‖, tiny) over tuples (or single tensors)."""
+    x = (x,) if isinstance(x, torch.Tensor) else tuple(x)
+    y = (y,) if isinstance(y, torch.Tensor) else tuple(y)
+    diff = _norm(a.double() - b.double() for a, b in zip(x, y))
+    return float(diff / _norm(y).clamp_min(1e-300))
+
+
+def random_algebra_element(bundle: Bundle, *, generator=None, dtype=None, device=None):
+    """A Gaussian Lie-algebra element (skew-symmetric for orthogonal groups)."""
+    from .product import ProductBundle
+    from .residual import ResidualRotation
+
+    if isinstance(bundle, ProductBundle):
+        return tuple(
+            random_algebra_element(c, generator=generator, dtype=dtype, device=device)
+            for c in bundle.components
+        )
+    xi = randn(bundle.algebra_shape, generator, dtype, device)
+    return xi - xi.mT if isinstance(bundle, ResidualRotation) else xi
+
+
+def _exp(bundle: Bundle, xi):
+    from .product import ProductBundle
+
+    if isinstance(bundle, ProductBundle):
+        return tuple(_exp(c, x) for c, x in zip(bundle.components, xi))
+    return torch.linalg.matrix_exp(xi)
+
+
+def _scale(xi, t):
+    return tuple(_scale(x, t) for x in xi) if isinstance(xi, tuple) else xi * t
+
+
+def _metric_is_invariant(bundle: Bundle) -> bool:
+    from .product import ProductBundle
+
+    if isinstance(bundle, ProductBundle):
+        return all(_metric_is_invariant(c) for c in bundle.components)
+    return bundle.metric != "euclidean" or bundle.group_is_compact
+
+
+def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device=None) -> dict:
+    """Relative residuals of every bundle property at one random point.
+
+    Keys: ``invariants`` (preserved by the action), ``vertical_fd`` (``vertical`` against a
+    central difference of the action), ``orthogonal`` (horizontal ⟂ vertical), ``idempotent``,
+    ``complementary``, ``vertical_is_vertical``, ``metric_invariant`` (only for invariant
+    metrics), ``dress_invariant``, ``dressing_consistent``, ``retract_zero``,
+    ``transport_horizontal``, ``projection_equivariant`` (only for invariant metrics).
+    """
+    g_rand = dict(generator=generator, dtype=dtype, device=device)
+    p = bundle.random_point(**g_rand)
+    g = bundle.random_group_element(**g_rand)
+    q = bundle.act(p, g)
+    v = bundle.random_tangent(p, generator=generator)
+    w = bundle.random_tangent(p, generator=generator)
+    xi = random_algebra_element(bundle, **g_rand)
+    out = {"invariants": relative_error(bundle.invariants(q), bundle.invariants(p))}
+
+    step = 1e-5 if dtype == torch.float64 else 1e-2
+    plus = bundle.act(p, _exp(bundle, _scale(xi, step)))
+    minus = bundle.act(p, _exp(bundle, _scale(xi, -step)))
+    fd = tuple((a - b) / (2 * step) for a, b in zip(plus, minus))
+    vert = bundle.vertical(p, xi)
+    out["vertical_fd"] = relative_error(fd, vert)
+
+    hv, pv = bundle.project_horizontal(p, v), bundle.project_vertical(p, v)
+    scale = bundle.norm(p, hv) * bundle.norm(p, vert)
+    out["orthogonal"] = _ratio(bundle.inner(p, hv, vert).abs(), scale)
+    out["idempotent"] = max(
+        relative_error(bundle.project_horizontal(p, hv), hv),
+        relative_error(bundle.project_vertical(p, pv), pv),
+    )
+    out["complementary"] = relative_error(tuple(a + b for a, b in zip(hv, pv)), v)
+    out["vertical_is_vertical"] = _ratio(
+        bundle.norm(p, bundle.project_horizontal(p, pv)), bundle.norm(p, v)
+    )
+    out["dress_invariant"] = relative_error(bundle.dress(q), bundle.dress(p))
+    out["dressing_consistent"] = relative_error(bundle.act(p, bundle.dressing(p)), bundle.dress(p))
+    out["retract_zero"] = relative_error(bundle.retract(p, tuple(0 * t for t in v)), p)
+    p_next = bundle.retract(p, tuple(0.1 * t for t in hv))
+    moved = bundle.transport(p, p_next, w)
+    out["transport_horizontal"] = _ratio(
+        bundle.norm(p_next, bundle.project_vertical(p_next, moved)), bundle.norm(p_next, moved)
+    )
+    if _metric_is_invariant(bundle):
+        gv, gw = bundle.act(v, g), bundle.act(w, g)
+        out["metric_invariant"] = _ratio(
+            (bundle.inner(q, gv, gw) - bundle.inner(p, v, w)).abs(),
+            bundle.norm(p, v) * bundle.norm(p, w),
+        )
+        # the splitting commutes with the action exactly when the metric is invariant
+        out["projection_equivariant"] = relative_error(
+            bundle.project_horizontal(q, gv), bundle.act(bundle.project_horizontal(p, v), g)
+        )
+    return out
+
+
+def assert_bundle(bundle: Bundle, *, generator=None, dtype=torch.float64, device=None, tol=None):
+    """Assert every property of ``bundle_errors`` below ``tol`` (default by dtype)."""
+    tol = DEFAULT_TOLERANCES[dtype] if tol is None else tol
+    errors = bundle_errors(bundle, generator=generator, dtype=dtype, device=device)
+    failed = {k: e for k, e in errors.items() if not e <= tol}
+    if failed:
+        raise AssertionError(f"{bundle!r} fails {failed} (tolerance {tol:g}, dtype {dtype})")
+    return errors
+
+
+def assert_invariant(
+    fn: Callable, bundle: Bundle, point, *, generator=None, tol: float = 1e-9, condition=10.0
+) -> float:
+    """Assert fn(p·g) == fn(p) for a random g (relative ``tol``); return the error."""
+    point = tuple(point)
+    g = bundle.random_group_element(
+        generator=generator, dtype=point[0].dtype, device=point[0].device, condition=condition
+    )
+    error = relative_error(fn(bundle.act(point, g)), fn(point))
+    if not error <= tol:
+        raise AssertionError(f"not invariant under {bundle!r}: relative change {error:.3g}")
+    return error
