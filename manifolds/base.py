@@ -110,6 +110,18 @@ class Bundle(abc.ABC):
     def act(self, point: Point, g) -> Point:
         """The right action p·g (linear in p, so it also pushes tangent vectors forward)."""
 
+    def act_dual(self, covector: Tangent, g) -> Tangent:
+        """The action on Euclidean gradients: ∇f(p·g) = act_dual(∇f(p), g) for invariant f.
+
+        The gradient is a covector: it transforms by the inverse transpose of the linear map
+        p ↦ p·g, which for these matrix-group actions is p ↦ p·g⁻ᵀ.
+        """
+        return self.act(covector, self.inverse_transpose(g))
+
+    def inverse_transpose(self, g):
+        """g⁻ᵀ (batched); orthogonal groups override with the identity map."""
+        return torch.linalg.inv(g).mT
+
     @abc.abstractmethod
     def vertical(self, point: Point, xi) -> Tangent:
         """d/dt p·exp(tξ) at t = 0."""
@@ -146,15 +158,16 @@ class Bundle(abc.ABC):
         return self.inner(point, v, v).clamp_min(0).sqrt()
 
     def moment_sq(self, point: Point, v: Tangent) -> Tangent:
-        """Gauge-invariant squared magnitudes of v, one per slice that no symmetry mixes.
+        """Gauge-invariant mean squared magnitudes of v, one per slice that no symmetry mixes.
 
-        Returns a tuple of tensors broadcastable to the point's tensors. Adaptive optimisers
-        divide by their running average: because these magnitudes are invariant, the
+        Returns a tuple of tensors broadcastable to the point's tensors, normalised per
+        coordinate (a mean, not a sum) so that the Euclidean case matches Adam's scale. Adaptive
+        optimisers divide by their running average: because these magnitudes are invariant, the
         preconditioner commutes with the group action (per-coordinate second moments would pick
-        a basis the symmetry rotates). The default is one magnitude per tensor.
+        a basis the symmetry rotates). The default is one magnitude for the whole point.
         """
-        total = self.inner(point, v, v)
-        return tuple(total.reshape((1,) * t.dim()) for t in point)
+        mean = self.inner(point, v, v) / sum(t.numel() for t in point)
+        return tuple(mean.reshape((1,) * t.dim()) for t in point)
 
     # ---- moving along the bundle -------------------------------------------------------
     def retract(self, point: Point, v: Tangent) -> Point:

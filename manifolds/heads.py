@@ -182,10 +182,11 @@ class HeadQK(Bundle):
         return self._from_factors(z1 - a @ xi, z2 + b @ xi.mT)
 
     def moment_sq(self, point: Point, v: Tangent) -> Tangent:
-        """Per-row squared norms of each factor under the metric, shape (H, d, 1) per factor.
+        """Per-row mean squared magnitude of each factor under the metric, (H, d, 1) per factor.
 
         The row (model-space) axis is not mixed by GL(r); under the invariant metric the row
         norms u_i (BᵀB) u_iᵀ are GL-invariant, under the Euclidean one only O(r)-invariant.
+        Divided by r so that the Euclidean case is Adam's per-coordinate mean square.
         """
         a, b = self._factors(self.check_point(point))
         u1, u2 = self._factors(self.check_tangent(point, v))
@@ -193,7 +194,9 @@ class HeadQK(Bundle):
             w1, w2 = u1, u2
         else:
             w1, w2 = u1 @ gram(b), u2 @ gram(a)
-        return self._from_factors((w1 * u1).sum(-1, keepdim=True), (w2 * u2).sum(-1, keepdim=True))
+        return self._from_factors(
+            (w1 * u1).mean(-1, keepdim=True), (w2 * u2).mean(-1, keepdim=True)
+        )
 
     def decay(self, point: Point, factor) -> Point:
         """Multiply every head's M = A Bᵀ by ``factor``: each factor by √factor."""

@@ -49,7 +49,7 @@ class ProductBundle(Bundle):
         split_others = [self._split(o) if isinstance(o, tuple) else o for o in others]
         out: list = []
         for i, (c, p) in enumerate(zip(self.components, self._split(point))):
-            args = [o[i] for o in split_others]
+            args = [o[i] if isinstance(o, list) else o for o in split_others]
             out.extend(getattr(c, method)(p, *args))
         return tuple(out)
 
@@ -89,6 +89,10 @@ class ProductBundle(Bundle):
         return tuple(
             t for c, p, gi in zip(self.components, self._split(point), g) for t in c.act(p, gi)
         )
+
+    def inverse_transpose(self, g):
+        g = self._check_group_tuple(g, "group element")
+        return tuple(c.inverse_transpose(gi) for c, gi in zip(self.components, g))
 
     def vertical(self, point: Point, xi) -> Tangent:
         xi = self._check_group_tuple(xi, "Lie-algebra element")

@@ -142,6 +142,10 @@ class ResidualRotation(Bundle):
         self._check_matrix(point, g, "group element")
         return self._times(point, g)
 
+    def inverse_transpose(self, g: torch.Tensor) -> torch.Tensor:
+        """R⁻ᵀ = R on O(d): gradients rotate like points."""
+        return g
+
     def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
         point = self.check_point(point)
         self._check_matrix(point, xi, "Lie-algebra element")
@@ -169,10 +173,10 @@ class ResidualRotation(Bundle):
         return tuple(a - b for a, b in zip(v, vert))
 
     def moment_sq(self, point: Point, v: Tangent) -> Tangent:
-        """Squared norm of every model-space row of v (O(d)-invariant), keepdim on the axis."""
+        """Mean square of every model-space row of v (O(d)-invariant), keepdim on the axis."""
         point = self.check_point(point)
         v = self.check_tangent(point, v)
-        return tuple((t * t).sum(dim=a, keepdim=True) for t, a in zip(v, self.axes))
+        return tuple((t * t).mean(dim=a, keepdim=True) for t, a in zip(v, self.axes))
 
     def _eigenframe(self, point: Point) -> tuple[torch.Tensor, torch.Tensor]:
         work = torch.float64 if point[0].dtype == torch.float64 else torch.float32

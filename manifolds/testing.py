@@ -78,14 +78,28 @@ def _metric_is_invariant(bundle: Bundle) -> bool:
     return bundle.metric != "euclidean" or bundle.group_is_compact
 
 
+def _gradient_covariance_error(bundle: Bundle, p, g, q, generator) -> float:
+    """∇f(p·g) against act_dual(∇f(p), g) for the invariant f(p) = ⟨C, invariants(p)⟩."""
+    weights = tuple(randn(t.shape, generator, t.dtype, t.device) for t in bundle.invariants(p))
+
+    def grad_at(point):
+        point = tuple(t.detach().clone().requires_grad_() for t in point)
+        value = sum((w * t).sum() for w, t in zip(weights, bundle.invariants(point)))
+        return torch.autograd.grad(value, point)
+
+    return relative_error(grad_at(q), bundle.act_dual(grad_at(p), g))
+
+
 def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device=None) -> dict:
     """Relative residuals of every bundle property at one random point.
 
-    Keys: ``invariants`` (preserved by the action), ``vertical_fd`` (``vertical`` against a
+    Keys: ``invariants`` (preserved by the action), ``gradient_covariant`` (``act_dual``),
+    ``vertical_fd`` (``vertical`` against a
     central difference of the action), ``orthogonal`` (horizontal ⟂ vertical), ``idempotent``,
     ``complementary``, ``vertical_is_vertical``, ``metric_invariant`` (only for invariant
     metrics), ``dress_invariant``, ``dressing_consistent``, ``retract_zero``,
-    ``transport_horizontal``, ``projection_equivariant`` (only for invariant metrics).
+    ``transport_horizontal``, ``projection_equivariant`` and ``moment_invariant`` (only for
+    invariant metrics).
     """
     g_rand = dict(generator=generator, dtype=dtype, device=device)
     p = bundle.random_point(**g_rand)
@@ -95,6 +109,7 @@ def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device
     w = bundle.random_tangent(p, generator=generator)
     xi = random_algebra_element(bundle, **g_rand)
     out = {"invariants": relative_error(bundle.invariants(q), bundle.invariants(p))}
+    out["gradient_covariant"] = _gradient_covariance_error(bundle, p, g, q, generator)
 
     step = 1e-5 if dtype == torch.float64 else 1e-2
     plus = bundle.act(p, _exp(bundle, _scale(xi, step)))
@@ -132,6 +147,8 @@ def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device
         out["projection_equivariant"] = relative_error(
             bundle.project_horizontal(q, gv), bundle.act(bundle.project_horizontal(p, v), g)
         )
+        # so do the adaptive optimisers' second moments
+        out["moment_invariant"] = relative_error(bundle.moment_sq(q, gv), bundle.moment_sq(p, v))
     return out
 
 

@@ -1,0 +1,7 @@
+"""Quotient optimisers: pure update functions under thin ``torch.optim.Optimizer`` shells."""
+
+from .adam import QuotientAdam
+from .base import NonFiniteStepError, QuotientOptimizer
+from .sgd import QuotientSGD
+
+__all__ = ["NonFiniteStepError", "QuotientAdam", "QuotientOptimizer", "QuotientSGD"]

@@ -1,0 +1,120 @@
+"""QuotientAdam: Adam on the quotient of every bundle group, AdamW on the other groups."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import QuotientOptimizer, _check_nonnegative, _reject_unsupported
+from .functional import adam_bundle_update, adam_plain_update
+
+__all__ = ["QuotientAdam"]
+
+
+class QuotientAdam(QuotientOptimizer):
+    r"""Adam with decoupled weight decay on quotient manifolds (a ``torch.optim.Optimizer``).
+
+    Groups without a ``"bundle"`` are exactly ``torch.optim.AdamW``. On a bundle group with point
+    p and Euclidean gradient ∇f, one step is (``quotopt.optim.functional``):
+
+    * every ``dress_every`` steps, starting with the first: p ← p·u(p), the first moment
+      pushed forward by u(p), ∇f carried as a covector;
+    * ξ = P_H(grad_metric f) — the Riemannian gradient under the bundle's metric, projected on
+      the horizontal space;
+    * m ← β₁m + (1-β₁)ξ (m lives in the horizontal space at p);
+      v ← β₂v + (1-β₂)·moment_sq(p, ξ), the bundle's **gauge-invariant mean squares per slice
+      no symmetry mixes**: per row of each head factor (for GL(r) heads, weighted by the other
+      factor's Gram matrix under the invariant metric), per model-space row for O(d);
+    * d = P_H(m̂ / (√v̂ + ε)); p ← retract(decay(p, 1 - lr·wd), -lr·d); m ← P_H at the new point.
+
+    Why per-slice second moments (option (b) of the design notes) rather than per-coordinate
+    moments in dressed coordinates (option (a)): a per-coordinate moment picks a basis that the
+    symmetry rotates, so it only becomes equivariant by re-dressing every step and carrying
+    the state through each dressing correction, which a GL(r) element does not preserve
+    (v is not a tensor that GL acts on). Per-slice moments are invariant by construction, cost
+    one fused reduction, and keep per-row adaptivity where no symmetry acts.
+
+    Weight decay acts on the orbit: ``bundle.decay`` multiplies every invariant linear map by
+    (1 - lr·wd) — each head's W_q W_kᵀ and W_v W_o (so each factor by √(1 - lr·wd)), and
+    O(d)-rotated tensors directly. Scalar scaling commutes with the action, so the decay is
+    gauge-equivariant. Note that on heads this is half AdamW's decay of the product
+    (AdamW shrinks both factors, so the product by (1 - lr·wd)²): tune wd per optimiser.
+
+    Gauge equivariance: with a G-invariant metric (``"invariant"`` heads, O(d)) every operation
+    commutes with the action, so runs from p and p·g stay on the same orbits. With the
+    Euclidean head metric, equivariance comes from dressing before the first step (the default
+    ``dress_every``); ``dress_every=None`` turns dressing off.
+
+    Args:
+        params: tensors or param groups; a group may carry ``"bundle"`` (a
+            ``manifolds.Bundle``), ``"layout"`` (see ``quotopt.optim.base``) and ``"name"``.
+        lr, betas, eps, weight_decay, maximize: as in ``torch.optim.AdamW``.
+        dress_every: re-dress bundle groups before step 1 and every ``dress_every`` steps;
+            ``None`` never dresses.
+        nonfinite: ``"raise"`` (default) — a step that would write non-finite values raises
+            ``NonFiniteStepError`` naming the group and writes nothing; ``"skip"`` skips such
+            steps silently. Either way parameters and state stay bit-identical.
+        foreach, fused, capturable, differentiable: not implemented; rejected when set.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        maximize: bool = False,
+        dress_every: int | None = 100,
+        nonfinite: str = "raise",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ):
+        _reject_unsupported(
+            "QuotientAdam",
+            dict(
+                foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable
+            ),
+        )
+        _check_nonnegative("learning rate", lr)
+        _check_nonnegative("epsilon value", eps)
+        _check_nonnegative("weight_decay value", weight_decay)
+        for index, beta in enumerate(betas):
+            _check_nonnegative(f"beta parameter at index {index}", beta, upper=1.0)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            dress_every=dress_every,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _init_state(self, group: dict, point: tuple) -> dict:
+        bundle = group.get("bundle")
+        if bundle is None:
+            (param,) = point
+            zeros = torch.zeros_like(param, memory_format=torch.preserve_format)
+            return {"step": self._zero_step(param), "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+        zeros = tuple(torch.zeros_like(t) for t in point)
+        second = tuple(torch.zeros_like(s) for s in bundle.moment_sq(point, zeros))
+        return {"step": self._zero_step(point[0]), "exp_avg": zeros, "exp_avg_sq": second}
+
+    def _update(self, group, point, grad, state, dress):
+        beta1, beta2 = group["betas"]
+        hyper = dict(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+        bundle = group.get("bundle")
+        if bundle is None:
+            new, new_state = adam_plain_update(point[0], grad[0], state, **hyper)
+            return (new,), new_state
+        return adam_bundle_update(bundle, point, grad, state, dress=dress, **hyper)
