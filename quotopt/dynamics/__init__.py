@@ -1,0 +1,44 @@
+"""Training-dynamics tools that return data (never plot, never print).
+
+* ``hessian``: Hessian–vector products, the dense Hessian of small models, Lanczos extremes;
+* ``flat``: vertical/horizontal bases and the symmetry-induced flat directions of a Hessian;
+* ``conserved``: gradient-flow invariants (per-head imbalance) and gauge coordinates.
+"""
+
+from .conserved import balance_gap, gauge_drift, head_imbalance
+from .flat import (
+    FlatReport,
+    algebra_basis,
+    analyse_flat_directions,
+    flat_directions,
+    horizontal_basis,
+    orbit_dimension,
+    vertical_basis,
+)
+from .hessian import (
+    dense_hessian,
+    flatten,
+    hessian_operator,
+    hvp,
+    lanczos_extremes,
+    unflatten,
+)
+
+__all__ = [
+    "FlatReport",
+    "algebra_basis",
+    "analyse_flat_directions",
+    "balance_gap",
+    "dense_hessian",
+    "flat_directions",
+    "flatten",
+    "gauge_drift",
+    "head_imbalance",
+    "hessian_operator",
+    "horizontal_basis",
+    "hvp",
+    "lanczos_extremes",
+    "orbit_dimension",
+    "unflatten",
+    "vertical_basis",
+]
