@@ -7,6 +7,7 @@ where needed) and is usable on its own.
 from .base import AMBIGUITY_TOLERANCE, Bundle, Point, Tangent, checks_enabled, unchecked
 from .heads import METRICS, HeadOV, HeadQK
 from .product import ProductBundle
+from .rescaling import PositiveRescaling
 from .residual import ResidualRotation
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "HeadQK",
     "METRICS",
     "Point",
+    "PositiveRescaling",
     "ProductBundle",
     "ResidualRotation",
     "Tangent",

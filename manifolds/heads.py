@@ -70,6 +70,7 @@ class HeadQK(Bundle):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.metric = metric
+        self.factor_rows = (d_model, d_model)  # rows of A and of B (subclasses may differ)
 
     def __repr__(self) -> str:
         return (
@@ -79,8 +80,8 @@ class HeadQK(Bundle):
 
     # ---- layout: the factor pair (A, B) behind a point -------------------------------
     def point_shapes(self):
-        h, d, r = self.n_heads, self.d_model, self.d_head
-        return ((h, d, r), (h, d, r))
+        (rows_a, rows_b), h, r = self.factor_rows, self.n_heads, self.d_head
+        return ((h, rows_a, r), (h, rows_b, r))
 
     def _factors(self, point) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of a point or tangent vector in this bundle's layout."""
@@ -240,13 +241,14 @@ class HeadQK(Bundle):
         """Factors Q diag(s) Q' per head: Haar frames, singular values log-spaced in
         [1, ``condition``] (distinct almost surely) and scaled by 1/√d like a Gaussian init."""
         dtype, device = self._dtype_device(dtype, device)
+        rows_a, rows_b = self.factor_rows
         return self._from_factors(
-            self._random_factor(generator, dtype, device, condition),
-            self._random_factor(generator, dtype, device, condition),
+            self._random_factor(rows_a, generator, dtype, device, condition),
+            self._random_factor(rows_b, generator, dtype, device, condition),
         )
 
-    def _random_factor(self, generator, dtype, device, condition) -> torch.Tensor:
-        h, d, r = self.n_heads, self.d_model, self.d_head
+    def _random_factor(self, d, generator, dtype, device, condition) -> torch.Tensor:
+        h, r = self.n_heads, self.d_head
         frame = random_orthogonal((h,), d, generator, dtype, device)[..., :r]
         s = self._log_spaced((h,), r, condition, generator, dtype, device)
         rotation = random_orthogonal((h,), r, generator, dtype, device)
@@ -270,8 +272,8 @@ class HeadOV(HeadQK):
     """
 
     def point_shapes(self):
-        h, d, r = self.n_heads, self.d_model, self.d_head
-        return ((h, d, r), (h, r, d))
+        (rows_a, rows_b), h, r = self.factor_rows, self.n_heads, self.d_head
+        return ((h, rows_a, r), (h, r, rows_b))
 
     def _factors(self, point):
         return point[0], point[1].mT

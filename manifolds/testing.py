@@ -27,7 +27,7 @@ DEFAULT_TOLERANCES = {torch.float64: 1e-9, torch.float32: 2e-3}
 
 
 def _norm(tensors) -> torch.Tensor:
-    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
+    return torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors))
 
 
 def _ratio(num, den) -> float:
@@ -40,7 +40,7 @@ def relative_error(x, y) -> float:
     """‖x - y‖ / max(‖y‖, tiny) over tuples (or single tensors)."""
     x = (x,) if isinstance(x, torch.Tensor) else tuple(x)
     y = (y,) if isinstance(y, torch.Tensor) else tuple(y)
-    diff = _norm(a.double() - b.double() for a, b in zip(x, y))
+    diff = _norm(a.detach().double() - b.detach().double() for a, b in zip(x, y))
     return float(diff / _norm(y).clamp_min(1e-300))
 
 

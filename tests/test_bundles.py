@@ -43,10 +43,23 @@ def residual_bundles(draw):
     return M.ResidualRotation(d, axes, shapes=shapes)
 
 
+@st.composite
+def rescaling_bundles(draw):
+    return M.PositiveRescaling(
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 5)),
+        draw(st.integers(1, 5)),
+        metric=draw(st.sampled_from(M.METRICS)),
+    )
+
+
 bundles = st.one_of(
     head_bundles(),
+    rescaling_bundles(),
     residual_bundles(),
-    st.lists(st.one_of(head_bundles(), residual_bundles()), min_size=1, max_size=3).map(
+    st.lists(
+        st.one_of(head_bundles(), residual_bundles(), rescaling_bundles()), min_size=1, max_size=3
+    ).map(
         M.ProductBundle
     ),
 )
@@ -124,6 +137,18 @@ def test_head_layouts_share_one_geometry(bundle, seed):
     act_ov = ov.act((a, b.mT), g)
     assert relative_error((act_ov[0], act_ov[1].mT), qk.act((a, b), g)) <= 1e-12
     assert relative_error(ov.invariants((a, b.mT)), qk.invariants((a, b))) <= 1e-12
+
+
+@SETTINGS
+@given(bundle=rescaling_bundles(), seed=st.integers(0, 2**31 - 1))
+def test_rescaling_dressing_balances_without_flipping_signs(bundle, seed):
+    """ReLU units are balanced by a positive scale only: relu(-z) ≠ -relu(z)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = bundle.random_point(generator=gen, dtype=torch.float64)
+    u = bundle.dressing(p)
+    assert bool((u > 0).all())
+    a, b = bundle.dress(p)
+    assert relative_error(a.norm(dim=(-2, -1)), b.norm(dim=(-2, -1))) <= 1e-12
 
 
 def test_ambiguity_flagged_near_degenerate_heads():
