@@ -1,7 +1,16 @@
 """quotopt: optimisation on the quotient manifolds created by parameter symmetries."""
 
 from .optim import NonFiniteStepError, QuotientAdam, QuotientSGD
+from .symmetries import gauge_transform, symmetries, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["NonFiniteStepError", "QuotientAdam", "QuotientSGD", "__version__"]
+__all__ = [
+    "NonFiniteStepError",
+    "QuotientAdam",
+    "QuotientSGD",
+    "__version__",
+    "gauge_transform",
+    "symmetries",
+    "verify",
+]

@@ -182,7 +182,11 @@ class QuotientOptimizer(torch.optim.Optimizer):
         dress = every is not None and group["dress_clock"] % every == 0
         group["dress_clock"] += 1
         new_point, new_state = self._update(group, point, grad, dict(state), dress)
-        return [self._write_plan(list(point), list(new_point), group["name"])] + [
+        layout = group.get("layout")
+        after = None
+        if getattr(layout, "needs_scatter", False):
+            after = lambda: layout.scatter(params, point)  # noqa: E731 - coordinates are copies
+        return [self._write_plan(list(point), list(new_point), group["name"], after)] + [
             self._state_plan(state, key, value, group["name"]) for key, value in new_state.items()
         ]
 
@@ -204,21 +208,22 @@ class QuotientOptimizer(torch.optim.Optimizer):
         return writes
 
     @staticmethod
-    def _write_plan(targets, values, name):
-        return (list(targets), list(values), name)
+    def _write_plan(targets, values, name, after=None):
+        """Copy ``values`` into ``targets``, then call ``after`` (a layout's scatter)."""
+        return (list(targets), list(values), name, after)
 
     @staticmethod
     def _state_plan(state: dict, key: str, value, name: str):
         """Targets and values for one state entry (a tensor or a tuple of tensors)."""
         if isinstance(value, tuple):
-            return (list(state[key]), list(value), name)
-        return ([state[key]], [value], name)
+            return (list(state[key]), list(value), name, None)
+        return ([state[key]], [value], name, None)
 
     def _commit(self, writes) -> None:
         if not writes:
             return
-        finite = torch.stack([torch.isfinite(v).all() for _, values, _ in writes for v in values])
-        names = [name for _, values, name in writes for _ in values]
+        finite = torch.stack([torch.isfinite(v).all() for _, values, *_ in writes for v in values])
+        names = [name for _, values, name, _ in writes for _ in values]
         on_host = finite.device.type == "cpu"
         if on_host:
             if not bool(finite.all()):
@@ -229,14 +234,18 @@ class QuotientOptimizer(torch.optim.Optimizer):
                         "rank-deficient point); parameters and optimiser state are unchanged"
                     )
                 return
-            for targets, values, _ in writes:
+            for targets, values, _, after in writes:
                 for target, value in zip(targets, values):
                     target.copy_(value)
+                if after is not None:
+                    after()
             return
         ok = finite.all()
-        for targets, values, _ in writes:
+        for targets, values, _, after in writes:
             for target, value in zip(targets, values):
                 target.copy_(torch.where(ok, value, target))
+            if after is not None:
+                after()
         if self.nonfinite == "raise":
             self._pending.append(_FlagCopy(finite, names))
 
