@@ -120,7 +120,8 @@ class Bundle(abc.ABC):
 
     def inverse_transpose(self, g):
         """g⁻ᵀ (batched); orthogonal groups override with the identity map."""
-        return torch.linalg.inv(g).mT
+        work = torch.float64 if g.dtype == torch.float64 else torch.float32  # no bf16 inverse
+        return torch.linalg.inv(g.to(work)).mT.to(g.dtype)
 
     @abc.abstractmethod
     def vertical(self, point: Point, xi) -> Tangent:

@@ -135,7 +135,9 @@ class HeadQK(Bundle):
         self._check_group(point, g)
         a, b = self._factors(point)
         # B g⁻ᵀ = (g⁻¹ Bᵀ)ᵀ: a solve, not an explicit inverse
-        return self._from_factors(a @ g, torch.linalg.solve(g, b.mT).mT)
+        work = torch.float64 if g.dtype == torch.float64 else torch.float32  # no bf16 LU
+        b_new = torch.linalg.solve(g.to(work), b.mT.to(work)).mT.to(b.dtype)
+        return self._from_factors(a @ g, b_new)
 
     def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
         point = self.check_point(point)

@@ -483,3 +483,17 @@ def test_cuda_step_never_synchronises(cls):
     assert all(torch.equal(a, b) for a, b in zip(snapshot, gpu))
     with pytest.raises(NonFiniteStepError, match="heads"):
         opt.raise_if_nonfinite()
+
+
+@pytest.mark.parametrize("cls", [QuotientAdam, QuotientSGD])
+def test_bfloat16_parameters_step_and_redress(cls):
+    """Low-precision points go through dressing too (small solves run in float32)."""
+    bundle = M.HeadQK(2, 8, 2)
+    params = [torch.nn.Parameter(t.bfloat16()) for t in bundle.random_point()]
+    opt = cls([{"params": params, "bundle": bundle}], lr=1e-2, dress_every=1)
+    for _ in range(3):
+        opt.zero_grad()
+        bundle.invariants(params)[0].float().square().sum().backward()
+        opt.step()
+    assert params[0].dtype == torch.bfloat16
+    assert all(bool(torch.isfinite(p).all()) for p in params)
