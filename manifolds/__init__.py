@@ -9,6 +9,7 @@ from .heads import METRICS, HeadOV, HeadQK
 from .product import ProductBundle
 from .rescaling import PositiveRescaling
 from .residual import ResidualRotation
+from .rotary import RotaryQK
 
 __all__ = [
     "AMBIGUITY_TOLERANCE",
@@ -20,6 +21,7 @@ __all__ = [
     "PositiveRescaling",
     "ProductBundle",
     "ResidualRotation",
+    "RotaryQK",
     "Tangent",
     "checks_enabled",
     "unchecked",

@@ -15,6 +15,8 @@ What is detected:
   biases are folded into the factors as one more row ([W; b] acts on [x, 1]);
 * ReLU MLPs (``act(X @ w_in) @ w_out`` with ReLU, and ``linear1``/``linear2`` of ReLU
   ``nn.TransformerEncoderLayer``/``DecoderLayer``): positive rescaling of each hidden unit;
+* Hugging Face GPT-2 and LLaMA-family attention and gated MLPs (``quotopt.hf``; RoPE shrinks
+  each head's GL(r) to the rotary commutant, ``manifolds.rotary.RotaryQK``);
 * O(d_gauge) on the embedding tables of ``RelationalTransformer`` — the only tensors that carry
   the gauge axis, disjoint from the heads, so both reductions hold at once;
 * O(d_model) on every tensor of ``Transformer`` (``residual=True, heads=False``). O(d) and the
@@ -38,6 +40,7 @@ from torch import nn
 
 import manifolds as M
 
+from .hf import hf_attention, hf_units
 from .layouts import MultiheadAttentionHeads, UnitsOfLinear, UnitsOfMatmul
 
 __all__ = ["symmetries", "gauge_transform", "verify", "group_point"]
@@ -205,8 +208,10 @@ def symmetries(
         if heads:
             groups += _factored_attention(prefix, module, metric)
             groups += _multihead_attention(prefix, module, metric)
+            groups += hf_attention(prefix, module, metric)
         if rescaling:
             groups += _relu_units(prefix, module, metric)
+            groups += hf_units(prefix, module, metric)
     groups = _drop_claimed(groups, n_declared=len(declared))
     return _complete(model, groups, plain)
 

@@ -1,0 +1,301 @@
+r"""Query/key heads under rotary position embeddings (RoPE): ``RotaryQK``.
+
+RoPE (Su et al., "RoFormer", 2021) rotates the r = 2m coordinates of every query and key in m
+planes, plane i by the angle θᵢ·position. Write the two coordinates of plane i as one complex
+number; the planes are either the halves (i, i + m) — ``pairing="half"``, the ``rotate_half``
+convention of Hugging Face's LLaMA, Mistral, Qwen2, GPT-NeoX — or adjacent coordinates
+(2i, 2i + 1) — ``pairing="interleaved"``, the original RoFormer / Meta LLaMA convention. A factor
+A ∈ R^{d×r} is then m complex columns αᵢ = A[:, i₀] + i·A[:, i₁] ∈ C^d, RoPE multiplies the
+query feature x αᵢ by e^{iθᵢp}, and for a query at p and a key at p' the score is
+
+    Σᵢ Re( x αᵢ conj(y βᵢ) e^{iθᵢ(p − p')} ) = Σᵢ x [cos(θᵢΔ) Mᵢ + sin(θᵢΔ) Nᵢ] yᵀ,  Δ = p − p',
+
+with Mᵢ = Aᵢ Bᵢᵀ and Nᵢ = Aᵢ K Bᵢᵀ, where Aᵢ = A[:, (i₀, i₁)] (d×2) and K = [[0, 1], [-1, 0]].
+So the GL(r) symmetry of a plain head (``HeadQK``) shrinks to the g ∈ GL(r) that commute with
+every rotation block: for distinct frequencies, block-diagonal g with blocks
+[[a, b], [-b, a]] — multiplication of plane i by the complex scalar cᵢ = a + ib. Hence:
+
+* total space  P = {(A, B)}: A (H, rows_a, r), B (H, rows_b, r), every plane of A and of B
+  nonzero; ``factor_rows`` lets several query heads that share one key head (grouped-query
+  attention) stack along A's rows;
+* group        G = (C*)^m per head (real dimension r), acting as αᵢ ↦ αᵢcᵢ, βᵢ ↦ βᵢ/conj(cᵢ) —
+  in real form (A g, B g⁻ᵀ) with g = diag of the blocks, g⁻ᵀ = g/|c|² blockwise;
+* invariants   per plane the two score forms (Mᵢ, Nᵢ), i.e. the complex rank-one αᵢβᵢᴴ; their
+  sum over planes Σ Mᵢ = A Bᵀ is the GL(r) invariant, which RoPE refines;
+* vertical     (A ξ, -B ξᵀ) with ξ = diag of blocks xᵢI + yᵢK (the Lie algebra C^m);
+* metrics      those of ``HeadQK`` (the Euclidean one; the GL(r)-invariant one
+  tr(BᵀB U₁ᵀV₁) + tr(AᵀA U₂ᵀV₂), a fortiori G-invariant), with the same Riemannian gradient;
+* horizontal   the vertical part of Z is V(ξ) with ξ = Σ xₖEₖ over the basis Eₖ ∈ {I, K} of each
+  plane, solving the normal equations Σₗ g(V(Eₖ), V(Eₗ)) xₗ = g(V(Eₖ), Z):
+  Euclidean: the system is diagonal — per plane (‖Aᵢ‖² + ‖Bᵢ‖²)(xᵢ, yᵢ) = (tr Cᵢᵢ, ⟨K, Cᵢᵢ⟩)
+  with Cᵢᵢ = AᵢᵀZ₁ᵢ − Z₂ᵢᵀBᵢ (2×2), i.e. the complex scalar
+  ζᵢ = (αᵢᴴz₁ᵢ − conj(βᵢᴴz₂ᵢ)) / (‖αᵢ‖² + ‖βᵢ‖²);
+  invariant: with P = AᵀA, Q = BᵀB in 2×2 plane blocks, the r×r system
+  Gₖₗ = 2 tr(Eₛᵀ Pᵢⱼ Eₜ Qⱼᵢ) (k = (i, s), l = (j, t)), right-hand side ⟨Eₛ, Dᵢᵢ⟩ with
+  D = AᵀZ₁Q − PZ₂ᵀB, one Cholesky solve per head (it is the restriction of ``HeadQK``'s
+  2PξQ = D to the subalgebra; it couples the planes because P and Q do);
+* dressing     per plane: |cᵢ| = (‖βᵢ‖/‖αᵢ‖)^½ balances ‖αᵢ‖ = ‖βᵢ‖; the phase puts the
+  query plane on its principal axes (αᵢᵀαᵢ real positive: the two real columns of Aᵢ
+  orthogonal, the longer first) and the remaining sign makes the largest-|entry| of the first
+  column positive. Ambiguity: the phase is undetermined when the 2-column block Aᵢ has equal
+  singular values; ``ambiguity`` reports min over planes of |αᵢᵀαᵢ|/‖αᵢ‖² =
+  (σ₁² − σ₂²)/(σ₁² + σ₂²), invariant on orbits.
+
+Group and Lie-algebra elements are arrays of real 2×2 blocks, shape (H, m, 2, 2) (the
+realification of C^m, so ``torch.linalg.matrix_exp`` is the group exponential). Any 2×2 block is
+read through its complex-linear part c(M) = (M + K M Kᵀ)/2 — the orthogonal projection of gl(2)
+onto C — which is M itself on the group and the algebra; this lets generic tooling
+(``manifolds.testing`` exponentiates Gaussian matrices) exercise the bundle. ``matrix(g)``
+returns the full r×r matrix in the head's own coordinates.
+
+If frequencies coincide (some RoPE scalings) the true symmetry group is larger; (C*)^m is
+always a subgroup of it, so this bundle stays exact, only not maximal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Point, Tangent, checks_enabled
+from .heads import HeadQK, _positive_int
+from .linalg import gram, spd_solve_right
+
+__all__ = ["RotaryQK", "PAIRINGS"]
+
+PAIRINGS = ("half", "interleaved")
+
+# Basis of the Lie algebra C ⊂ gl(2) of one plane: E₀ = I (scaling), E₁ = K (rotation).
+_K = ((0.0, 1.0), (-1.0, 0.0))
+
+
+def _basis(like: torch.Tensor) -> torch.Tensor:
+    """(2, 2, 2): E₀ = I, E₁ = K, in ``like``'s dtype and device."""
+    return torch.tensor(((1.0, 0.0), (0.0, 1.0)) + _K, dtype=like.dtype, device=like.device).view(
+        2, 2, 2
+    )
+
+
+def complex_part(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(re, im) of c(g) for 2×2 blocks g (…, 2, 2) written [[re, im], [-im, re]]."""
+    re = 0.5 * (g[..., 0, 0] + g[..., 1, 1])
+    im = 0.5 * (g[..., 0, 1] - g[..., 1, 0])
+    return re, im
+
+
+def complex_blocks(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """The 2×2 blocks [[re, im], [-im, re]]: multiplication by re + i·im on row vectors."""
+    return torch.stack((torch.stack((re, im), -1), torch.stack((-im, re), -1)), -2)
+
+
+class RotaryQK(HeadQK):
+    """(C*)^{d_head/2} symmetry of RoPE query/key heads; see the module docstring.
+
+    Point ``(Wq, Wk)``: ``(n_heads, rows_a, d_head)`` and ``(n_heads, rows_b, d_head)`` with
+    ``factor_rows = (rows_a, rows_b)`` (default ``(d_model, d_model)``). ``pairing`` names which
+    coordinates RoPE rotates together: ``"half"`` (i, i + d_head/2) or ``"interleaved"``
+    (2i, 2i + 1). Group elements: ``(n_heads, d_head // 2, 2, 2)`` real blocks.
+    """
+
+    def __init__(
+        self,
+        n_heads: int,
+        d_model: int,
+        d_head: int,
+        metric: str = "euclidean",
+        *,
+        pairing: str = "half",
+        factor_rows: tuple[int, int] | None = None,
+    ):
+        super().__init__(n_heads, d_model, d_head, metric)
+        if d_head % 2:
+            raise ValueError(
+                f"RoPE rotates pairs of coordinates: d_head must be even, got {d_head}"
+            )
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        self.pairing = pairing
+        self.n_pairs = d_head // 2
+        if factor_rows is not None:
+            rows_a, rows_b = factor_rows
+            self.factor_rows = (_positive_int("rows_a", rows_a), _positive_int("rows_b", rows_b))
+
+    def __repr__(self) -> str:
+        return (
+            f"RotaryQK(n_heads={self.n_heads}, d_model={self.d_model}, d_head={self.d_head}, "
+            f"metric={self.metric!r}, pairing={self.pairing!r}, factor_rows={self.factor_rows})"
+        )
+
+    # ---- planes: the head axis r as m complex coordinates --------------------------------------
+    def _planes(self, x: torch.Tensor) -> torch.Tensor:
+        """(…, r) → (…, m, 2), plane-major (a view)."""
+        m = self.n_pairs
+        if self.pairing == "interleaved":
+            return x.unflatten(-1, (m, 2))
+        return x.unflatten(-1, (2, m)).transpose(-1, -2)
+
+    def _unplanes(self, y: torch.Tensor) -> torch.Tensor:
+        """(…, m, 2) → (…, r), the inverse of ``_planes``."""
+        if self.pairing == "interleaved":
+            return y.flatten(-2)
+        return y.transpose(-1, -2).flatten(-2)
+
+    def _plane_blocks(self, mat: torch.Tensor) -> torch.Tensor:
+        """(…, r, r) → (…, m, 2, m, 2) with out[i, a, j, b] = mat[(i, a), (j, b)]."""
+        rows = self._planes(mat.mT).movedim(-3, -1)  # (…, m, 2, r): the row axis as planes
+        return self._planes(rows)  # (…, m, 2, m, 2)
+
+    def _multiply(self, x: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+        """Every plane i of x (…, rows, r) times the complex scalar re[i] + i·im[i] (H, m)."""
+        planes = self._planes(x)  # (H, rows, m, 2)
+        re, im = re.unsqueeze(-2), im.unsqueeze(-2)  # (H, 1, m)
+        x0, x1 = planes[..., 0], planes[..., 1]
+        return self._unplanes(torch.stack((x0 * re - x1 * im, x0 * im + x1 * re), -1))
+
+    def matrix(self, g: torch.Tensor) -> torch.Tensor:
+        """The full (H, r, r) matrix of a group or algebra element in head coordinates."""
+        h, m, r = self.n_heads, self.n_pairs, self.d_head
+        blocks = complex_blocks(*complex_part(g))  # (H, m, 2, 2)
+        eye = torch.eye(m, dtype=g.dtype, device=g.device)
+        full = torch.einsum("hiab,ij->hiajb", blocks, eye)  # (H, m, 2, m, 2), plane-major
+        if self.pairing == "interleaved":
+            return full.reshape(h, r, r)
+        return full.permute(0, 2, 1, 4, 3).reshape(h, r, r)  # (H, 2, m, 2, m) → half layout
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    @property
+    def group_dim(self) -> int:
+        return self.n_heads * self.d_head
+
+    @property
+    def algebra_shape(self) -> tuple[int, ...]:
+        return (self.n_heads, self.n_pairs, 2, 2)
+
+    def _check_planes_nonzero(self, a: torch.Tensor, b: torch.Tensor, purpose: str) -> None:
+        """ValueError naming the first vanishing plane (skipped when checks are disabled)."""
+        if not checks_enabled():
+            return
+        for name, factor in zip(self._factor_names(), (a, b)):
+            norms = self._planes(factor).square().sum(dim=(-3, -1))  # (H, m)
+            zero = torch.nonzero(norms <= torch.finfo(norms.dtype).tiny)
+            if zero.numel():
+                head, plane = (int(i) for i in zero[0])
+                raise ValueError(
+                    f"RotaryQK: {purpose} needs every rotary plane nonzero, but plane {plane} of "
+                    f"head {head} of {name} vanishes"
+                )
+
+    # ---- action ----------------------------------------------------------------------------------
+    def act(self, point: Point, g: torch.Tensor) -> Point:
+        point = self.check_point(point)
+        self._check_group(point, g)
+        a, b = self._factors(point)
+        re, im = complex_part(g)
+        size = re.square() + im.square()
+        return self._from_factors(
+            self._multiply(a, re, im), self._multiply(b, re / size, im / size)
+        )
+
+    def inverse_transpose(self, g: torch.Tensor) -> torch.Tensor:
+        re, im = complex_part(g)
+        size = re.square() + im.square()
+        return complex_blocks(re / size, im / size)
+
+    def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
+        point = self.check_point(point)
+        self._check_group(point, xi, "Lie-algebra element")
+        a, b = self._factors(point)
+        re, im = complex_part(xi)
+        return self._from_factors(self._multiply(a, re, im), -self._multiply(b, re, -im))
+
+    # ---- splitting ---------------------------------------------------------------------------
+    def _vertical_coefficients(self, a, b, z1, z2) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), each (H, m): the vertical part of (Z₁, Z₂) is V(Σ xᵢI + yᵢK)."""
+        if self.metric == "euclidean":
+            pa, pb = self._planes(a), self._planes(b)  # (H, rows, m, 2)
+            c = torch.einsum("hnia,hnib->hiab", pa, self._planes(z1))
+            c = c - torch.einsum("hnia,hnib->hiab", self._planes(z2), pb)  # Cᵢᵢ (H, m, 2, 2)
+            size = pa.square().sum(dim=(-3, -1)) + pb.square().sum(dim=(-3, -1))  # (H, m)
+            x = (c[..., 0, 0] + c[..., 1, 1]) / size
+            y = (c[..., 0, 1] - c[..., 1, 0]) / size
+            return x, y
+        self._check_full_rank(a, b, "the invariant metric")
+        p, q = gram(a), gram(b)
+        d = a.mT @ z1 @ q - p @ z2.mT @ b  # (H, r, r)
+        basis = _basis(a)
+        pb, qb = self._plane_blocks(p), self._plane_blocks(q)  # (H, m, 2, m, 2)
+        system = 2 * torch.einsum("sac,hiajb,tbe,hjeic->hisjt", basis, pb, basis, qb)
+        h, m = self.n_heads, self.n_pairs
+        diag = torch.diagonal(self._plane_blocks(d), dim1=-4, dim2=-2)  # (H, 2, 2, m)
+        rhs = torch.einsum("sab,habi->his", basis, diag)  # (H, m, 2)
+        coef = spd_solve_right(rhs.reshape(h, 1, 2 * m), system.reshape(h, 2 * m, 2 * m))
+        coef = coef.view(h, m, 2)
+        return coef[..., 0], coef[..., 1]
+
+    def project_vertical(self, point: Point, v: Tangent) -> Tangent:
+        a, b = self._factors(self.check_point(point))
+        z1, z2 = self._factors(self.check_tangent(point, v))
+        x, y = self._vertical_coefficients(a, b, z1, z2)
+        return self._from_factors(self._multiply(a, x, y), -self._multiply(b, x, -y))
+
+    def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
+        a, b = self._factors(self.check_point(point))
+        z1, z2 = self._factors(self.check_tangent(point, v))
+        x, y = self._vertical_coefficients(a, b, z1, z2)
+        return self._from_factors(z1 - self._multiply(a, x, y), z2 + self._multiply(b, x, -y))
+
+    # ---- dressing ----------------------------------------------------------------------------
+    def _dressing_scalars(self, a: torch.Tensor, b: torch.Tensor):
+        """(re, im) of u(p) per plane and the phase gaps |αᵢᵀαᵢ|/‖αᵢ‖² (each (H, m))."""
+        self._check_planes_nonzero(a, b, "dressing")
+        pa, pb = self._planes(a), self._planes(b)  # (H, rows, m, 2)
+        sq_a = pa.square().sum(dim=(-3, -1))
+        sq_b = pb.square().sum(dim=(-3, -1))
+        modulus = (sq_b / sq_a).pow(0.25)  # |c|² = ‖β‖/‖α‖
+        x0, x1 = pa[..., 0], pa[..., 1]
+        s_re = (x0.square() - x1.square()).sum(-2)  # αᵀα = Σ (x0 + i x1)²
+        s_im = 2 * (x0 * x1).sum(-2)
+        phase = -0.5 * torch.atan2(s_im, s_re)  # makes e^{2iφ} αᵀα real positive
+        first = x0 * torch.cos(phase).unsqueeze(-2) - x1 * torch.sin(phase).unsqueeze(-2)
+        index = first.abs().argmax(dim=-2, keepdim=True)
+        sign = torch.sign(torch.gather(first, -2, index)).squeeze(-2)
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        re, im = modulus * sign * torch.cos(phase), modulus * sign * torch.sin(phase)
+        gap = torch.sqrt(s_re.square() + s_im.square()) / sq_a
+        return re, im, gap
+
+    def dressing(self, point: Point) -> torch.Tensor:
+        a, b = self._factors(self.check_point(point))
+        re, im, _ = self._dressing_scalars(a, b)
+        return complex_blocks(re, im)
+
+    def dress(self, point: Point) -> Point:
+        return self.act(point, self.dressing(point))
+
+    def ambiguity(self, point: Point) -> torch.Tensor:
+        """Per head: the smallest phase gap (σ₁² − σ₂²)/(σ₁² + σ₂²) over the query planes."""
+        a, b = self._factors(self.check_point(point))
+        return self._dressing_scalars(a, b)[2].amin(dim=-1)
+
+    def invariants(self, point: Point) -> tuple[torch.Tensor, ...]:
+        """(M, N), each (H, m, rows_a, rows_b): Mᵢ = AᵢBᵢᵀ and Nᵢ = AᵢKBᵢᵀ per plane."""
+        a, b = self._factors(self.check_point(point))
+        pa, pb = self._planes(a), self._planes(b)  # (H, rows, m, 2)
+        m_forms = torch.einsum("hxia,hyia->hixy", pa, pb)
+        n_forms = torch.einsum("hxi,hyi->hixy", pa[..., 0], pb[..., 1]) - torch.einsum(
+            "hxi,hyi->hixy", pa[..., 1], pb[..., 0]
+        )
+        return (m_forms, n_forms)
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def random_group_element(self, *, generator=None, dtype=None, device=None, condition=10.0):
+        """Complex scalars per plane: moduli log-spaced in [1, ``condition``] across the planes
+        (so the r×r matrix has condition number ``condition``), phases uniform."""
+        dtype, device = self._dtype_device(dtype, device)
+        h, m = self.n_heads, self.n_pairs
+        modulus = self._log_spaced((h,), m, condition, generator, dtype, device)
+        gen_device = generator.device if generator is not None else "cpu"
+        turn = torch.rand((h, m), generator=generator, dtype=torch.float64, device=gen_device)
+        phase = (2 * math.pi * turn).to(dtype=dtype, device=device)
+        return complex_blocks(modulus * torch.cos(phase), modulus * torch.sin(phase))

@@ -1,0 +1,421 @@
+"""RoPE heads (manifolds.rotary) and Hugging Face models (quotopt.hf).
+
+The RotaryQK tests need torch only; the model tests skip cleanly without ``transformers``. Models
+are built from tiny configs with random weights, in float64. Hugging Face's RMSNorm computes in
+float32 whatever the input dtype, which rounds a float64 symmetry's 1e-16 changes away (logits
+come out bit-identical); ``exact_norms`` swaps in a float64-faithful forward so that the
+symmetry checks see round-off, not float32 quantisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import manifolds as M
+import quotopt
+import quotopt.models
+from manifolds.rotary import RotaryQK
+from manifolds.testing import assert_bundle, relative_error
+from quotopt import hf as qhf
+from quotopt.symmetries import group_point
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and on a busy machine much faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- the bundle ---------------------------------------------------------------------------------
+ROTARY_CASES = [
+    (pairing, metric, rows)
+    for pairing in ("half", "interleaved")
+    for metric in M.METRICS
+    for rows in (None, (12, 6))
+]
+
+
+@pytest.mark.parametrize(("pairing", "metric", "rows"), ROTARY_CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rotary_conformance(pairing, metric, rows, seed):
+    bundle = RotaryQK(3, 6, 4, metric, pairing=pairing, factor_rows=rows)
+    assert_bundle(bundle, generator=_gen(seed), dtype=F64)
+
+
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_rotary_conformance_float32(pairing):
+    assert_bundle(
+        RotaryQK(2, 8, 6, "invariant", pairing=pairing), generator=_gen(), dtype=torch.float32
+    )
+
+
+def _vertical_basis(bundle: RotaryQK, point):
+    """V(E) for every basis element E (I or K in one plane of one head)."""
+    basis = []
+    for head in range(bundle.n_heads):
+        for plane in range(bundle.n_pairs):
+            for block in (
+                torch.eye(2, dtype=F64),
+                torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=F64),
+            ):
+                xi = torch.zeros(bundle.algebra_shape, dtype=F64)
+                xi[head, plane] = block
+                basis.append(bundle.vertical(point, xi))
+    return basis
+
+
+@pytest.mark.parametrize("metric", M.METRICS)
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_vertical_projection_is_the_metric_least_squares_fit(metric, pairing):
+    """The closed form (Euclidean) and the r×r system (invariant) against brute force."""
+    bundle = RotaryQK(2, 7, 6, metric, pairing=pairing, factor_rows=(14, 7))
+    gen = _gen(3)
+    point = bundle.random_point(generator=gen, dtype=F64)
+    z = bundle.random_tangent(point, generator=gen)
+    basis = _vertical_basis(bundle, point)
+    gram = torch.stack([torch.stack([bundle.inner(point, u, v) for v in basis]) for u in basis])
+    rhs = torch.stack([bundle.inner(point, u, z) for u in basis])
+    coef = torch.linalg.solve(gram, rhs)
+    brute = tuple(sum(c * v[i] for c, v in zip(coef, basis)) for i in range(2))
+    assert relative_error(bundle.project_vertical(point, z), brute) < 1e-12
+    assert bundle.group_dim == len(basis) == torch.linalg.matrix_rank(gram)
+
+
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_action_is_the_headqk_action_of_its_matrix(pairing):
+    bundle = RotaryQK(2, 6, 4, pairing=pairing)
+    gen = _gen(4)
+    point = bundle.random_point(generator=gen, dtype=F64)
+    g = bundle.random_group_element(generator=gen, dtype=F64)
+    full = bundle.matrix(g)
+    assert relative_error(bundle.act(point, g), M.HeadQK(2, 6, 4).act(point, full)) < 1e-14
+    assert torch.linalg.cond(full).max() == pytest.approx(10.0, rel=1e-9)
+
+
+def _rotate_half_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Hugging Face LLaMA's RoPE, written out: x (T, r), angles (T, r/2)."""
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def test_invariants_are_the_rope_score_forms():
+    """Scores of RoPE'd queries and keys = Σᵢ x [cos(θᵢΔ) Mᵢ + sin(θᵢΔ) Nᵢ] yᵀ, and RoPE commutes
+    with the action (scores unchanged) but not with a general GL(r) element."""
+    bundle = RotaryQK(1, 8, 6, pairing="half")
+    gen = _gen(5)
+    a, b = bundle.random_point(generator=gen, dtype=F64)
+    x = torch.randn(7, 8, generator=gen, dtype=F64)
+    freq = 10000.0 ** (-torch.arange(0, 6, 2, dtype=F64) / 6)
+    pos = torch.arange(7, dtype=F64)
+    angles = pos[:, None] * freq  # (T, m)
+
+    def scores(a, b):
+        return _rotate_half_rope(x @ a[0], angles) @ _rotate_half_rope(x @ b[0], angles).T
+
+    m_forms, n_forms = (t[0] for t in bundle.invariants((a, b)))  # (m, d, d)
+    delta = angles[:, None, :] - angles[None, :, :]  # (T, T, m): θᵢ(p - p')
+    forms = torch.einsum("pqi,ixy->pqxy", delta.cos(), m_forms) + torch.einsum(
+        "pqi,ixy->pqxy", delta.sin(), n_forms
+    )
+    expected = torch.einsum("px,pqxy,qy->pq", x, forms, x)
+    assert relative_error(scores(a, b), expected) < 1e-13
+    g = bundle.random_group_element(generator=gen, dtype=F64)
+    assert relative_error(scores(*bundle.act((a, b), g)), scores(a, b)) < 1e-13
+    heads = M.HeadQK(1, 8, 6)
+    general = heads.random_group_element(generator=gen, dtype=F64)
+    assert relative_error(scores(*heads.act((a, b), general)), scores(a, b)) > 1e-2
+
+
+def test_dressing_balances_and_fixes_the_phase():
+    bundle = RotaryQK(2, 6, 4, pairing="half", factor_rows=(12, 6))
+    gen = _gen(6)
+    point = bundle.random_point(generator=gen, dtype=F64)
+    a, b = bundle.dress(point)
+    pa, pb = bundle._planes(a), bundle._planes(b)  # (H, rows, m, 2)
+    norm_a, norm_b = pa.square().sum(dim=(1, 3)), pb.square().sum(dim=(1, 3))
+    assert torch.allclose(norm_a, norm_b, rtol=1e-12)
+    cross = (pa[..., 0] * pa[..., 1]).sum(1)  # the real columns of each plane are orthogonal
+    assert cross.abs().max() < 1e-14
+    assert (pa[..., 0].square().sum(1) >= pa[..., 1].square().sum(1)).all()
+    gap = bundle.ambiguity(point)
+    assert gap.shape == (2,) and (gap > 0).all() and (gap <= 1).all()
+
+
+def test_dressing_rejects_a_vanishing_plane_and_reports_a_circular_one():
+    bundle = RotaryQK(1, 4, 2, pairing="interleaved")
+    a = torch.zeros(1, 4, 2, dtype=F64)
+    b = torch.randn(1, 4, 2, dtype=F64)
+    with pytest.raises(ValueError, match="plane 0 of head 0 of Wq vanishes"):
+        bundle.dressing((a, b))
+    a[0, 0, 0], a[0, 1, 1] = 1.0, 1.0  # equal singular values: the phase is not determined
+    assert bundle.is_ambiguous((a, b)).all()
+
+
+def test_rotary_rejects_odd_heads_and_unknown_pairings():
+    with pytest.raises(ValueError, match="d_head must be even"):
+        RotaryQK(1, 4, 3)
+    with pytest.raises(ValueError, match="pairing must be one of"):
+        RotaryQK(1, 4, 2, pairing="adjacent")
+
+
+# ---- Hugging Face models ------------------------------------------------------------------------
+VOCAB = 50
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def exact_norms(transformers, monkeypatch):
+    """RMSNorm in the input's dtype (HF's upcasts to float32, hiding float64 round-off)."""
+
+    def forward(self, hidden):
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+    models = transformers.models
+    for norm in (
+        models.llama.modeling_llama.LlamaRMSNorm,
+        models.mistral.modeling_mistral.MistralRMSNorm,
+        models.qwen2.modeling_qwen2.Qwen2RMSNorm,
+    ):
+        monkeypatch.setattr(norm, "forward", forward)
+
+
+def _gpt2(transformers):
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32,
+        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():  # GPT-2 initialises biases to zero: make the folded rows count
+        for module in model.modules():
+            if type(module).__name__ == "Conv1D":
+                module.bias.normal_(0.0, 0.02)
+    return model
+
+
+def _rotary(transformers, family="llama", **overrides):
+    sizes = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    sizes.update(overrides)
+    config_cls, model_cls = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    }[family]
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**sizes))
+
+
+MODELS = {
+    "gpt2": lambda tf: _gpt2(tf),
+    "llama-gqa": lambda tf: _rotary(tf),
+    "llama-mha": lambda tf: _rotary(tf, num_key_value_heads=4),
+    "llama-bias": lambda tf: _rotary(tf, attention_bias=True, mlp_bias=True),
+    "mistral-mqa": lambda tf: _rotary(tf, "mistral", num_key_value_heads=1),
+    "qwen2": lambda tf: _rotary(tf, "qwen2"),
+}
+OUTPUTS = dict(use_cache=False, return_dict=False)  # forward returns the tuple (logits,)
+
+
+def _build(transformers, case, seed=0):
+    torch.manual_seed(seed)
+    model = MODELS[case](transformers).double().eval()
+    return model, torch.randint(0, VOCAB, (2, 12), generator=_gen(seed))
+
+
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_every_group_is_an_exact_symmetry(transformers, exact_norms, case):
+    model, ids = _build(transformers, case)
+    groups = qhf.symmetries_hf(model)
+    changes = quotopt.verify(model, groups, ids, generator=_gen(1), **OUTPUTS)
+    assert len(changes) == (2 if case == "gpt2" else 6)
+    assert max(changes.values()) <= 1e-12, changes
+    with torch.no_grad():
+        before = model(ids, **OUTPUTS)[0]
+    moved = [g for g in groups if g.get("bundle") is not None]
+    snapshot = [p.detach().clone() for g in moved for p in g["params"]]
+    quotopt.gauge_transform(model, groups, generator=_gen(2))
+    with torch.no_grad():
+        after = model(ids, **OUTPUTS)[0]
+    assert relative_error([p for g in moved for p in g["params"]], snapshot) >= 1e-2
+    assert relative_error(after, before) <= 1e-12
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa"])
+def test_verify_on_stock_models(transformers, case):
+    """Without the float64 norm: still unchanged to 1e-9 (HF's float32 norms round to it)."""
+    model, ids = _build(transformers, case)
+    changes = quotopt.verify(model, qhf.symmetries_hf(model), ids, generator=_gen(1), **OUTPUTS)
+    assert max(changes.values()) <= 1e-9
+
+
+def test_gpt2_groups(transformers):
+    """One ProductBundle group per layer holds c_attn (weight and bias) and c_proj.weight."""
+    model, _ = _build(transformers, "gpt2")
+    groups = qhf.symmetries_hf(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["name"] for g in groups] == [
+        "transformer.h.0.attn.heads", "transformer.h.1.attn.heads", "plain",
+    ]  # fmt: skip
+    heads = groups[0]
+    assert isinstance(heads["bundle"], M.ProductBundle)
+    assert [names[id(p)] for p in heads["params"]] == [
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_attn.bias",
+        "transformer.h.0.attn.c_proj.weight",
+    ]
+    plain = {names[id(p)] for p in groups[-1]["params"]}
+    assert "transformer.h.0.ln_1.weight" in plain and "transformer.h.0.mlp.c_fc.weight" in plain
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+
+
+def test_gpt2_key_bias(transformers):
+    """The key bias has no effect (zero gradient): the default layout leaves it alone, and
+    folding it into W_k (``key_bias=True``) is an exact symmetry too."""
+    model, ids = _build(transformers, "gpt2")
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    e = model.config.n_embd
+    for block in model.transformer.h:
+        grad = block.attn.c_attn.bias.grad
+        assert grad[e : 2 * e].abs().max() <= 1e-14 * grad.abs().max()
+    groups = qhf.symmetries_hf(model)
+    snapshot = [g["params"][1][e : 2 * e].detach().clone() for g in groups[:2]]
+    quotopt.gauge_transform(model, groups, generator=_gen(3))
+    assert all(torch.equal(g["params"][1][e : 2 * e], s) for g, s in zip(groups[:2], snapshot))
+    folded = []
+    for group in groups[:2]:
+        h = model.config.n_head
+        qk, ov = group["bundle"].components
+        qk_folded = M.HeadQK(h, e + 1, e // h)  # factor rows (e + 1, e + 1)
+        layout = qhf.Conv1DHeads(e, h, key_bias=True)
+        folded.append(dict(group, bundle=M.ProductBundle([qk_folded, ov]), layout=layout))
+    changes = quotopt.verify(model, folded, ids, generator=_gen(4), **OUTPUTS)
+    assert max(changes.values()) <= 1e-12
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "llama-mha", "llama-bias"])
+def test_llama_layouts_round_trip(transformers, case):
+    """gather then scatter restores the parameters; without GQA or biases the points are views."""
+    model, _ = _build(transformers, case)
+    for group in qhf.symmetries_hf(model):
+        layout = group.get("layout")
+        if layout is None:
+            continue
+        saved = [p.detach().clone() for p in group["params"]]
+        with torch.no_grad():
+            point = group_point(group)
+            group["bundle"].check_point(point)
+            if layout.needs_scatter:
+                for t in point:
+                    t.mul_(2.0)
+                layout.scatter(list(group["params"]), point)
+                assert all(torch.equal(p, 2 * s) for p, s in zip(group["params"], saved))
+            else:  # views: writing the point writes the parameters
+                point[0].mul_(2.0)
+                assert not torch.equal(group["params"][0], saved[0])
+
+
+def test_full_gl_element_changes_llama(transformers, exact_norms):
+    """RoPE's restriction is real: a GL(r) element outside the commutant changes the logits,
+    one inside it does not."""
+    model, ids = _build(transformers, "llama-gqa")
+    groups = qhf.symmetries_hf(model)
+    qk = groups[0]
+    assert isinstance(qk["bundle"], RotaryQK)
+    bundle = qk["bundle"]
+    heads = M.HeadQK(bundle.n_heads, bundle.d_model, bundle.d_head)
+    heads.factor_rows = bundle.factor_rows
+    with torch.no_grad():
+        before = model(ids, **OUTPUTS)[0]
+        point = tuple(t.clone() for t in group_point(qk))  # B is a view of k_proj.weight
+        general = heads.random_group_element(generator=_gen(7), dtype=F64)
+        qk["layout"].scatter(list(qk["params"]), heads.act(point, general))
+        changed = model(ids, **OUTPUTS)[0]
+        qk["layout"].scatter(list(qk["params"]), point)
+        inside = bundle.matrix(bundle.random_group_element(generator=_gen(8), dtype=F64))
+        qk["layout"].scatter(list(qk["params"]), heads.act(point, inside))
+        kept = model(ids, **OUTPUTS)[0]
+    assert relative_error(changed, before) > 1e-3
+    assert relative_error(kept, before) < 1e-12
+
+
+def test_llama_residual_rotation_with_conjugated_gains(transformers, exact_norms):
+    """The claim of quotopt.hf's docstring: RMSNorm gains do not remove O(d); x ↦ xR with
+    W ↦ W·D R D⁻¹ on the weights reading a norm (D = diag of its gains) is exact."""
+    model, ids = _build(transformers, "llama-gqa")
+    d = model.config.hidden_size
+    rotation = M.ResidualRotation(d, [0]).random_group_element(generator=_gen(9), dtype=F64)
+    gen = _gen(10)
+    with torch.no_grad():
+        for norm in [m for n, m in model.named_modules() if n.endswith("norm")]:
+            norm.weight.copy_(0.5 + torch.rand(d, generator=gen, dtype=F64))
+        before = model(ids, **OUTPUTS)[0]
+
+        def read(linear, gains):  # nn.Linear (out, in) reading D-scaled normalised input
+            linear.weight.copy_(linear.weight * gains @ rotation / gains)
+
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ rotation)
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj):
+                read(linear, layer.input_layernorm.weight)
+            for linear in (mlp.gate_proj, mlp.up_proj):
+                read(linear, layer.post_attention_layernorm.weight)
+            for linear in (attn.o_proj, mlp.down_proj):  # written into the stream
+                linear.weight.copy_(rotation.T @ linear.weight)
+        read(model.lm_head, model.model.norm.weight)
+        after = model(ids, **OUTPUTS)[0]
+    assert relative_error(after, before) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("case", "metric", "lr"),
+    [
+        ("gpt2", "euclidean", 1e-2),
+        ("gpt2", "invariant", 1e-3),
+        ("llama-gqa", "euclidean", 1e-2),
+        ("llama-gqa", "invariant", 1e-3),
+    ],
+)
+def test_quotient_adam_trains(transformers, case, metric, lr):
+    model, _ = _build(transformers, case)
+    ids = torch.randint(0, VOCAB, (4, 16), generator=_gen(11))
+    optimiser = quotopt.QuotientAdam(qhf.symmetries_hf(model, metric=metric), lr=lr)
+    losses = []
+    for _ in range(12):
+        loss = model(ids, labels=ids, use_cache=False).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_detectors_ignore_other_modules(transformers):
+    """The hook functions return nothing for modules they do not know."""
+    model = quotopt.models.Transformer(11, 8, 1, 2, 8)
+    for prefix, module in model.named_modules():
+        assert qhf.hf_attention(prefix, module, "euclidean") == []
+        assert qhf.hf_units(prefix, module, "euclidean") == []
