@@ -59,9 +59,7 @@ bundles = st.one_of(
     residual_bundles(),
     st.lists(
         st.one_of(head_bundles(), residual_bundles(), rescaling_bundles()), min_size=1, max_size=3
-    ).map(
-        M.ProductBundle
-    ),
+    ).map(M.ProductBundle),
 )
 
 

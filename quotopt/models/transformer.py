@@ -192,7 +192,7 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         if cfg.n_classes is not None:
-            return rms_norm(x[:, -1]) @ self.cls_head.T  # (B, n_classes)
-        if last_only:
+            x = x[:, -1]  # (B, d): classify from the last position
+        elif last_only:
             x = x[:, -1:]  # (B, 1, d)
-        return rms_norm(x) @ self.readout.T  # (B, T | 1, V)
+        return rms_norm(x) @ self.readout.T  # (B, n_classes) or (B, T | 1, V)
