@@ -1,0 +1,120 @@
+"""``quotopt train``: one run of ``quotopt.training.train`` with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+
+import torch
+
+from .. import training
+from ..tasks import TASKS
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_common_arguments(parser, *, steps, task=None, size=None, threads=None, single=True):
+    """Options shared by ``train``, ``spectrum`` and (``single=False``: no --optim, --seed,
+    --lr, --weight-decay, --resume) ``compare``."""
+    sizes = ", ".join(f"{t} {next(iter(s))}" for t, s in training.SIZES.items())
+    opt = parser.add_argument
+    # fmt: off
+    opt("--task", choices=sorted(TASKS), required=task is None, default=task,
+        help="benchmark task" + (f" (default: {task})" if task else ""))
+    opt("--model", choices=training.MODELS, default="transformer",
+        help="architecture (default: %(default)s)")
+    opt("--steps", type=positive_int, default=steps, required=steps is None,
+        help="total optimiser steps" + (f" (default: {steps})" if steps else ""))
+    opt("--size", choices=sorted({s for t in training.SIZES.values() for s in t}), default=size,
+        help=f"model size (default: {size or 'per task: ' + sizes})")
+    if single:
+        opt("--optim", choices=sorted(training.OPTIMIZERS), default="adamw",
+            help="optimiser (default: %(default)s)")
+        opt("--seed", type=int, default=0, help="seed of the split, init and batches (default 0)")
+        opt("--lr", type=float, help="learning rate (default: per optimiser and task)")
+        opt("--weight-decay", type=float, help="weight decay (default: per optimiser and task)")
+    opt("--batch-size", type=int, help="batch size, 0 for full batch (default: per task)")
+    opt("--eval-every", type=positive_int, help="steps between evaluations (default: per task)")
+    opt("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: cpu)")
+    opt("--threads", type=positive_int, default=threads,
+        help=f"torch CPU threads (default: {threads or 'torch' + chr(39) + 's'}; one is "
+        "fastest for small models and on a busy CPU)")
+    opt("--out", required=True, help="output directory")
+    if single:
+        opt("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit-exact")
+    opt("--quiet", action="store_true", help="no progress bar")
+    # fmt: on
+
+
+def add_arguments(parser) -> None:
+    add_common_arguments(parser, steps=None)
+
+
+def config_from_args(args, **override) -> training.RunConfig:
+    """The ``RunConfig`` of parsed arguments; ``override`` replaces fields given as not None."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(training.RunConfig)}
+    fields = {k: v for k, v in given.items() if v is not None}
+    fields.update({k: v for k, v in override.items() if v is not None})
+    return training.RunConfig(**fields)
+
+
+@contextlib.contextmanager
+def progress(args, total: int, label: str, bar=None):
+    """Hooks ``on_step`` / ``on_eval`` driving a tqdm bar on stderr (off when not a TTY or
+    ``--quiet``); ``bar`` reuses an outer bar whose counter spans several runs."""
+    from tqdm import tqdm
+
+    quiet = args.quiet or not sys.stderr.isatty()
+    own = bar is None
+    bar = tqdm(total=total, disable=quiet, file=sys.stderr, dynamic_ncols=True) if own else bar
+    bar.set_description(label)
+    base = bar.n
+
+    def on_step(step):
+        bar.update(base + step - bar.n)
+
+    def on_eval(record):
+        bar.update(base + record["step"] - bar.n)
+        bar.set_postfix(val_loss=f"{record['val_loss']:.4f}")
+
+    try:
+        yield dict(on_step=on_step, on_eval=on_eval)
+    finally:
+        if own:
+            bar.close()
+
+
+def describe(summary: dict) -> str:
+    """One line: the final / best target metric, when the target was reached, time per step."""
+    c, hit = summary["config"], summary["steps_to_target"]
+    target = "target not reached" if hit is None else f"target reached at step {hit}"
+    final, best = (
+        f"{v:.4f}" if v is not None else "n/a" for v in (summary["final"], summary["best"])
+    )
+    return (
+        f"{c['task']} {c['model']} {c['optim']} seed {c['seed']}: {summary['metric']} {final} "
+        f"(best {best}), {target if summary['target'] is not None else 'no target'}, "
+        f"{summary['ms_per_step']:.1f} ms/step"
+    )
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    with progress(args, cfg.steps, f"{cfg.task} {cfg.optim}") as hooks:
+        summary = training.train(cfg, args.out, resume=args.resume, **hooks)
+    print(f"{describe(summary)}; wrote {args.out}")
+    return 0

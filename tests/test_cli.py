@@ -1,0 +1,233 @@
+"""The ``quotopt`` command: every subcommand at tiny sizes, bit-exact resume, Ctrl-C
+checkpoints, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quotopt import training
+from quotopt.cli.main import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``--threads`` sets torch's global thread count; give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = ["--task", "sort", "--size", "tiny", "--eval-every", "2", "--quiet", "--threads", "1"]
+
+
+def _train(out, steps, *extra):
+    return main(["train", *TINY, "--steps", str(steps), "--out", str(out), *extra])
+
+
+def _params(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model, optim", [("transformer", "adamw"), ("relational", "qadam")])
+def test_train_writes_metrics_checkpoint_summary(tmp_path, capsys, model, optim):
+    assert _train(tmp_path, 4, "--model", model, "--optim", optim) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    for key in ("train_loss", "val_loss", "val_exact_match", "wall_time", "gauge_drift"):
+        assert all(key in r for r in records), key
+    assert records[-1]["head_imbalance"] > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["config"]["optim"] == optim
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and {"model", "optimizer", "data_rng", "torch_rng"} <= ckpt.keys()
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("optim", ["adamw", "qadam"])
+def test_resume_is_bit_exact(tmp_path, optim):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(straight, 6, "--optim", optim) == 0
+    assert _train(split, 3, "--optim", optim) == 0
+    assert _train(split, 6, "--optim", optim, "--resume") == 0
+    _assert_same(_params(straight), _params(split))
+    steps = [
+        json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [0, 2, 3, 4, 6]
+
+
+def test_ctrl_c_mid_step_leaves_a_resumable_checkpoint(tmp_path, monkeypatch, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert _train(straight, 6) == 0
+    real, calls = training._train_step, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 4:  # inside step 4, after its batch was drawn
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(training, "_train_step", interrupting)
+    assert _train(stopped, 6) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 3" in err and "checkpoint.pt" in err
+    assert torch.load(stopped / "checkpoint.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(training, "_train_step", real)
+    assert _train(stopped, 6, "--resume") == 0
+    _assert_same(_params(straight), _params(stopped))
+
+
+def test_interrupt_between_steps_raises_interrupted(tmp_path):
+    def stop(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    cfg = training.RunConfig("sort", steps=5, size="tiny", eval_every=5)
+    with pytest.raises(training.Interrupted) as info:
+        training.train(cfg, tmp_path, on_step=stop)
+    assert info.value.step == 2 and info.value.checkpoint == tmp_path / "checkpoint.pt"
+    summary = training.train(dataclasses_replace(cfg, steps=3), tmp_path, resume=True)
+    assert summary["steps"] == 3
+
+
+def test_sigint_is_deferred_to_the_step_boundary(tmp_path):
+    def ctrl_c(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only flags it
+
+    cfg = training.RunConfig("sort", steps=5, size="tiny", eval_every=5)
+    with pytest.raises(training.Interrupted) as info:
+        training.train(cfg, tmp_path, on_step=ctrl_c)
+    assert info.value.step == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_compare_reports_every_seed(tmp_path, capsys):
+    argv = ["compare", "--task", "sort", "--size", "tiny", "--optims", "adamw,qadam"]
+    argv += ["--seeds", "0,1", "--steps", "4", "--eval-every", "2", "--quiet", "--threads", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for optim in ("adamw", "qadam"):
+        assert sum(line.startswith(f"| {optim} | 0.") for line in report.splitlines()) == 1
+        for seed in (0, 1):
+            assert f"| {optim} | {seed} |" in report
+    assert "not reached" in report and "±" in report
+    for name in ("loss.png", "dynamics.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    assert len(runs) == 4 and all(len(r["records"]) == 3 for r in runs)
+    assert "report.md" in capsys.readouterr().out
+    ckpt = tmp_path / "runs" / "qadam-seed1" / "checkpoint.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    assert main([*argv, "--out", str(tmp_path), "--resume"]) == 0  # finished runs are reused
+    assert ckpt.stat().st_mtime_ns == stamp
+
+
+def test_spectrum_json(tmp_path, capsys):
+    argv = ["spectrum", "--task", "modadd", "--steps", "200", "--json", "--quiet"]
+    assert main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)  # stdout holds exactly the JSON object
+    assert result == json.loads((tmp_path / "spectrum.json").read_text())
+    assert result["weight_decay"] == 0.0 and result["method"] == "dense"
+    assert result["n_params"] == sum(p.numel() for p in _tiny_model().parameters())
+    assert result["orbit_dim"] == sum(result["orbit_dims"].values()) == 80
+    assert result["flat_total"] >= result["orbit_dim"] > 0
+    assert 0 < result["flat_total"] - result["flat_horizontal"] <= result["orbit_dim"]
+    assert len(result["vertical_rayleigh"]) == result["orbit_dim"]
+    assert (tmp_path / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_spectrum_lanczos_beyond_the_dense_limit(tmp_path, capsys, monkeypatch):
+    from quotopt.cli import spectrum
+
+    monkeypatch.setattr(spectrum, "DENSE_MAX", 100)
+    argv = ["spectrum", "--task", "sort", "--steps", "5", "--json", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "lanczos" and result["flat_total"] is None
+    assert len(result["eigenvalues"]) == 20 and len(result["vertical_rayleigh"]) == 80
+
+
+def _tiny_model():
+    return training.build_model(training.build_task("modadd", "tiny"), "transformer", "tiny")
+
+
+def test_bench_reports_missing_scripts_and_runs_present_ones(tmp_path, capsys):
+    assert main(["bench", "--dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("is missing; skipped") == 3 and "Traceback" not in captured.err
+    script = "def main(argv):\n    print('ratio table', argv)\n"
+    (tmp_path / "bench_models.py").write_text(script)
+    assert main(["bench", "--dir", str(tmp_path), "--quick", "--only", "bench_models"]) == 0
+    assert "ratio table ['--quick']" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--task", "nope", "--steps", "2"],
+        ["train", "--task", "sort", "--model", "nope", "--steps", "2"],
+        ["train", "--task", "sort", "--optim", "nope", "--steps", "2"],
+        ["train", "--task", "sort", "--steps", "0"],
+        ["train", "--task", "sort", "--steps", "-3"],
+        ["train", "--task", "sort", "--size", "nanda", "--steps", "2"],
+        ["compare", "--optims", "adamw,nope", "--steps", "2"],
+        ["compare", "--seeds", "a,b", "--steps", "2"],
+        ["train", "--task", "sort", "--steps", "2", "--resume"],  # no checkpoint
+        ["train", "--task", "sort", "--steps", "2", "--resume", "CORRUPT"],
+        ["train", "--task", "sort", "--steps", "2", "UNWRITABLE"],
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, argv):
+    out = tmp_path / "out"
+    if "CORRUPT" in argv:
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    if "UNWRITABLE" in argv:
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"  # a path under a regular file cannot be created
+    original, argv = argv, [a for a in argv if a not in ("CORRUPT", "UNWRITABLE")]
+    argv += ["--out", str(out)]
+    assert main([*argv, "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("quotopt: error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+    if "nope" in argv:
+        assert "valid" in err or "choose from" in err
+    if "--resume" in argv and "CORRUPT" not in original:
+        assert not out.exists()  # a refused resume creates nothing
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path, capsys):
+    assert _train(tmp_path, 4) == 0
+    capsys.readouterr()
+    assert _train(tmp_path, 4, "--optim", "qadam", "--resume") == 1
+    assert _train(tmp_path, 2, "--resume") == 1  # the checkpoint is past --steps
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "another run: optim='adamw'" in lines[0] and "> steps 2" in lines[1]
+
+
+def test_console_entry_point_subprocess(tmp_path):
+    cmd = [sys.executable, "-m", "quotopt.cli.main", "train", "--task", "nope", "--steps", "1"]
+    done = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("quotopt: error:") and done.stderr.count("\n") == 1
+    assert "modadd" in done.stderr and "Traceback" not in done.stderr
