@@ -222,7 +222,10 @@ class QuotientOptimizer(torch.optim.Optimizer):
     def _commit(self, writes) -> None:
         if not writes:
             return
-        finite = torch.stack([torch.isfinite(v).all() for _, values, *_ in writes for v in values])
+        # A NaN or inf anywhere makes the tensor's sum non-finite: one reduction per tensor and
+        # one isfinite over the sums, instead of an isfinite pass over every element. (A finite
+        # tensor whose sum overflows is refused too: such a step is useless anyway.)
+        finite = torch.stack([v.sum().isfinite() for _, values, *_ in writes for v in values])
         names = [name for _, values, name, _ in writes for _ in values]
         on_host = finite.device.type == "cpu"
         if on_host:
