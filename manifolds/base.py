@@ -258,6 +258,18 @@ class Bundle(abc.ABC):
                 )
         return point
 
+    def check_group_element(self, point: Point, g, what: str = "group element") -> None:
+        """Validate a group or Lie-algebra element (shape ``algebra_shape``) against a point."""
+        name, shape = type(self).__name__, tuple(self.algebra_shape)
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != shape:
+            given = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(f"{name}: {what} must have shape {shape}, got {given}")
+        if g.dtype != point[0].dtype or g.device != point[0].device:
+            raise ValueError(
+                f"{name}: {what} is {g.dtype} on {g.device}, but the point is "
+                f"{point[0].dtype} on {point[0].device}"
+            )
+
     def _shape_problem(self, index: int, shape: tuple[int, ...]) -> str | None:
         """None if tensor ``index`` of a point may have ``shape``, else what was expected."""
         expected = tuple(self.point_shapes()[index])

@@ -100,17 +100,6 @@ class HeadQK(Bundle):
         return (self.n_heads, self.d_head, self.d_head)
 
     # ---- checks -------------------------------------------------------------------------
-    def _check_group(self, point: Point, g: torch.Tensor, what: str = "group element"):
-        shape = self.algebra_shape
-        if not isinstance(g, torch.Tensor) or tuple(g.shape) != shape:
-            given = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-            raise ValueError(f"{type(self).__name__}: {what} must have shape {shape}, got {given}")
-        if g.dtype != point[0].dtype or g.device != point[0].device:
-            raise ValueError(
-                f"{type(self).__name__}: {what} is {g.dtype} on {g.device}, but the point is "
-                f"{point[0].dtype} on {point[0].device}"
-            )
-
     def _check_full_rank(self, a: torch.Tensor, b: torch.Tensor, purpose: str) -> None:
         """ValueError naming the first rank-deficient head (synchronises; skipped when
         checks are disabled)."""
@@ -132,7 +121,7 @@ class HeadQK(Bundle):
     # ---- action ---------------------------------------------------------------------------
     def act(self, point: Point, g: torch.Tensor) -> Point:
         point = self.check_point(point)
-        self._check_group(point, g)
+        self.check_group_element(point, g)
         a, b = self._factors(point)
         # B g⁻ᵀ = (g⁻¹ Bᵀ)ᵀ: a solve, not an explicit inverse
         work = torch.float64 if g.dtype == torch.float64 else torch.float32  # no bf16 LU
@@ -141,7 +130,7 @@ class HeadQK(Bundle):
 
     def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
         point = self.check_point(point)
-        self._check_group(point, xi, "Lie-algebra element")
+        self.check_group_element(point, xi, "Lie-algebra element")
         a, b = self._factors(point)
         return self._from_factors(a @ xi, -(b @ xi.mT))
 

@@ -107,17 +107,6 @@ class ResidualRotation(Bundle):
             return super()._describe_shapes()
         return f"model-space axes {self.axes} of size {self.d_model}"
 
-    def _check_matrix(self, point: Point, m: torch.Tensor, what: str) -> None:
-        d = self.d_model
-        if not isinstance(m, torch.Tensor) or tuple(m.shape) != (d, d):
-            given = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
-            raise ValueError(f"ResidualRotation: {what} must have shape {(d, d)}, got {given}")
-        if m.dtype != point[0].dtype or m.device != point[0].device:
-            raise ValueError(
-                f"ResidualRotation: {what} is {m.dtype} on {m.device}, but the point is "
-                f"{point[0].dtype} on {point[0].device}"
-            )
-
     # ---- model-axis algebra ---------------------------------------------------------------
     def _times(self, tensors, matrix: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Contract each tensor's model axis with ``matrix``'s first index."""
@@ -139,7 +128,7 @@ class ResidualRotation(Bundle):
     # ---- bundle interface -------------------------------------------------------------------
     def act(self, point: Point, g: torch.Tensor) -> Point:
         point = self.check_point(point)
-        self._check_matrix(point, g, "group element")
+        self.check_group_element(point, g)
         return self._times(point, g)
 
     def inverse_transpose(self, g: torch.Tensor) -> torch.Tensor:
@@ -148,7 +137,7 @@ class ResidualRotation(Bundle):
 
     def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
         point = self.check_point(point)
-        self._check_matrix(point, xi, "Lie-algebra element")
+        self.check_group_element(point, xi, "Lie-algebra element")
         return self._times(point, xi)
 
     def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:

@@ -189,7 +189,7 @@ class RotaryQK(HeadQK):
     # ---- action ----------------------------------------------------------------------------------
     def act(self, point: Point, g: torch.Tensor) -> Point:
         point = self.check_point(point)
-        self._check_group(point, g)
+        self.check_group_element(point, g)
         a, b = self._factors(point)
         re, im = complex_part(g)
         size = re.square() + im.square()
@@ -204,7 +204,7 @@ class RotaryQK(HeadQK):
 
     def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
         point = self.check_point(point)
-        self._check_group(point, xi, "Lie-algebra element")
+        self.check_group_element(point, xi, "Lie-algebra element")
         a, b = self._factors(point)
         re, im = complex_part(xi)
         return self._from_factors(self._multiply(a, re, im), -self._multiply(b, re, -im))

@@ -57,11 +57,20 @@ def _train(bundle, point, make_optimiser, steps, seed=5):
     return tuple(p.detach() for p in params), losses
 
 
-def _start(bundle, seed=1):
+def _orbit_gap(bundle, make_optimiser, steps=150, seed=1) -> float:
+    """Train from p and from p·g (condition number 10); relative gap of the end invariants."""
     gen = torch.Generator().manual_seed(seed)
     p = bundle.random_point(generator=gen, dtype=torch.float64)
     g = bundle.random_group_element(generator=gen, dtype=torch.float64, condition=10.0)
-    return p, g
+    end_p, _ = _train(bundle, p, make_optimiser, steps)
+    end_q, _ = _train(bundle, bundle.act(p, g), make_optimiser, steps)
+    return relative_error(bundle.invariants(end_q), bundle.invariants(end_p))
+
+
+def _undressed_qadam(bundle):
+    return lambda params: QuotientAdam(
+        [{"params": params, "bundle": bundle}], lr=1e-2, dress_every=None
+    )
 
 
 # ---- gauge equivariance --------------------------------------------------------------------
@@ -72,55 +81,28 @@ def _start(bundle, seed=1):
 def test_gauge_equivariance_by_default(bundle_name, optimiser):
     """From p and p·g (condition number 10), 150 steps end on the same orbit (1e-6 rel)."""
     bundle = BUNDLES[bundle_name]()
-    p, g = _start(bundle)
-
-    def make(params):
-        return OPTIMISERS[optimiser]([{"params": params, "bundle": bundle}])
-
-    end_p, _ = _train(bundle, p, make, 150)
-    end_q, _ = _train(bundle, bundle.act(p, g), make, 150)
-    assert relative_error(bundle.invariants(end_q), bundle.invariants(end_p)) <= 1e-6
+    make = lambda params: OPTIMISERS[optimiser]([{"params": params, "bundle": bundle}])  # noqa: E731
+    assert _orbit_gap(bundle, make) <= 1e-6
 
 
 @pytest.mark.parametrize("bundle_name", ["qk-invariant", "ov-invariant", "residual"])
 def test_invariant_metrics_are_equivariant_without_dressing(bundle_name):
     """The geometry alone gives equivariance when the metric is G-invariant."""
     bundle = BUNDLES[bundle_name]()
-    p, g = _start(bundle)
-
-    def make(params):
-        return QuotientAdam([{"params": params, "bundle": bundle}], lr=1e-2, dress_every=None)
-
-    end_p, _ = _train(bundle, p, make, 150)
-    end_q, _ = _train(bundle, bundle.act(p, g), make, 150)
-    assert relative_error(bundle.invariants(end_q), bundle.invariants(end_p)) <= 1e-6
+    assert _orbit_gap(bundle, _undressed_qadam(bundle)) <= 1e-6
 
 
 @pytest.mark.parametrize("bundle_name", ["qk-euclidean", "qk-invariant", "residual"])
 def test_control_adamw_is_not_equivariant(bundle_name):
     """The same check fails for torch's AdamW: the test can fail."""
     bundle = BUNDLES[bundle_name]()
-    p, g = _start(bundle)
-
-    def make(params):
-        return torch.optim.AdamW(params, lr=1e-2)
-
-    end_p, _ = _train(bundle, p, make, 150)
-    end_q, _ = _train(bundle, bundle.act(p, g), make, 150)
-    assert relative_error(bundle.invariants(end_q), bundle.invariants(end_p)) > 1e-2
+    assert _orbit_gap(bundle, lambda params: torch.optim.AdamW(params, lr=1e-2)) > 1e-2
 
 
 def test_control_euclidean_heads_without_dressing_are_not_equivariant():
     """Dressing is what makes Euclidean-metric head steps equivariant."""
     bundle = BUNDLES["qk-euclidean"]()
-    p, g = _start(bundle)
-
-    def make(params):
-        return QuotientAdam([{"params": params, "bundle": bundle}], lr=1e-2, dress_every=None)
-
-    end_p, _ = _train(bundle, p, make, 150)
-    end_q, _ = _train(bundle, bundle.act(p, g), make, 150)
-    assert relative_error(bundle.invariants(end_q), bundle.invariants(end_p)) > 1e-2
+    assert _orbit_gap(bundle, _undressed_qadam(bundle)) > 1e-2
 
 
 # ---- descent on invariant toy problems -----------------------------------------------------
