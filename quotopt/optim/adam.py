@@ -103,9 +103,12 @@ class QuotientAdam(QuotientOptimizer):
         second = tuple(torch.zeros_like(s) for s in bundle.moment_sq(point, zeros))
         return {"step": self._zero_step(point[0]), "exp_avg": zeros, "exp_avg_sq": second}
 
-    def _update(self, group, point, grad, state, dress):
+    _plain_update = staticmethod(adam_plain_update)
+    _bundle_update = staticmethod(adam_bundle_update)
+
+    def _hyperparameters(self, group: dict) -> dict:
         beta1, beta2 = group["betas"]
-        hyper = dict(
+        return dict(
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -113,8 +116,3 @@ class QuotientAdam(QuotientOptimizer):
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
         )
-        bundle = group.get("bundle")
-        if bundle is None:
-            new, new_state = adam_plain_update(point[0], grad[0], state, **hyper)
-            return (new,), new_state
-        return adam_bundle_update(bundle, point, grad, state, dress=dress, **hyper)

@@ -76,8 +76,8 @@ class _FlagCopy:
 class QuotientOptimizer(torch.optim.Optimizer):
     """Common machinery: group validation, views, lazy state, guarded commits, state_dict.
 
-    Subclasses define ``_init_state(group, tensors)`` and ``_update(group, tensors, grads,
-    state, dress)`` returning ``(new_tensors, new_state)``.
+    Subclasses define ``_init_state(group, tensors)``, ``_hyperparameters(group)`` and the pure
+    updates ``_plain_update`` / ``_bundle_update`` (``quotopt.optim.functional``).
     """
 
     def __init__(self, params, defaults: dict, nonfinite: str = "raise"):
@@ -275,8 +275,18 @@ class QuotientOptimizer(torch.optim.Optimizer):
     def _init_state(self, group: dict, point: tuple) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _update(self, group, point, grad, state, dress):  # pragma: no cover - abstract
+    def _hyperparameters(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _update(self, group, point, grad, state, dress):
+        """Dispatch to the subclass's pure update: ``_bundle_update`` on bundle groups,
+        ``_plain_update`` (torch's rule, one tensor) elsewhere."""
+        hyper = self._hyperparameters(group)
+        bundle = group.get("bundle")
+        if bundle is None:
+            new, new_state = self._plain_update(point[0], grad[0], state, **hyper)
+            return (new,), new_state
+        return self._bundle_update(bundle, point, grad, state, dress=dress, **hyper)
 
     @staticmethod
     def _zero_step(reference: torch.Tensor) -> torch.Tensor:

@@ -71,13 +71,9 @@ class QuotientSGD(QuotientOptimizer):
             state["momentum_buffer"] = buffers if group.get("bundle") is not None else buffers[0]
         return state
 
-    def _update(self, group, point, grad, state, dress):
-        hyper = {
-            k: group[k]
-            for k in ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
-        }
-        bundle = group.get("bundle")
-        if bundle is None:
-            new, new_state = sgd_plain_update(point[0], grad[0], state, **hyper)
-            return (new,), new_state
-        return sgd_bundle_update(bundle, point, grad, state, dress=dress, **hyper)
+    _plain_update = staticmethod(sgd_plain_update)
+    _bundle_update = staticmethod(sgd_bundle_update)
+
+    def _hyperparameters(self, group: dict) -> dict:
+        names = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
+        return {k: group[k] for k in names}
