@@ -52,6 +52,7 @@ from benchmarks._timing import (
     print_header,
     setup_threads,
 )
+from quotopt.baselines import stiefel_heads
 from quotopt.models import Transformer
 
 MODULE = "benchmarks.bench_optimizer"
@@ -94,13 +95,7 @@ def geoopt_stiefel(canonical: bool = True) -> OptimiserFactory:
     def make(model: nn.Module) -> torch.optim.Optimizer:
         import geoopt
 
-        for module in model.modules():
-            own = dict(module.named_parameters(recurse=False))
-            for name in ("wq", "wk", "wv"):
-                if name in own:
-                    manifold = geoopt.Stiefel(canonical=canonical)
-                    point = manifold.projx(own[name].detach())  # (H, d, r), orthonormal columns
-                    setattr(module, name, geoopt.ManifoldParameter(point, manifold=manifold))
+        stiefel_heads(model, canonical=canonical)
         return geoopt.optim.RiemannianAdam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
     return make

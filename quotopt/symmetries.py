@@ -9,7 +9,8 @@ their ``"params"`` are the model's own ``nn.Parameter``s. The result plugs strai
 What is detected:
 
 * attention with per-head factors ``wq, wk, wv`` (H, d, r) and ``wo`` (H, r, d) —
-  ``quotopt.models.Transformer`` and ``RelationalTransformer`` — as ``HeadQK`` + ``HeadOV``;
+  ``quotopt.models.Transformer`` and ``RelationalTransformer`` — as ``HeadQK`` + ``HeadOV``
+  (each pair only while its fixed ``q_bias`` / ``v_bias`` is unset);
 * ``torch.nn.MultiheadAttention`` (packed projections, also inside ``nn.TransformerEncoderLayer``
   / ``DecoderLayer``): GL(r) per head on the fused ``in_proj_weight`` and ``out_proj.weight``;
   biases are folded into the factors as one more row ([W; b] acts on [x, 1]);
@@ -65,23 +66,33 @@ def _own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _factored_attention(prefix, module, metric):
-    """quotopt-style attention: parameters wq, wk, wv (H, d, r) and wo (H, r, d)."""
+    """quotopt-style attention: parameters wq, wk, wv (H, d, r) and wo (H, r, d).
+
+    A fixed query (value) bias b shrinks the QK (OV) group to the stabiliser {g : b g = b},
+    which no bundle models, so that pair is left to the plain group.
+    """
     own = _own_parameters(module)
     if not {"wq", "wk", "wv", "wo"} <= own.keys():
         return []
     h, d, r = own["wq"].shape
-    return [
-        {
-            "params": [own["wq"], own["wk"]],
-            "bundle": M.HeadQK(h, d, r, metric),
-            "name": f"{prefix}qk",
-        },
-        {
-            "params": [own["wv"], own["wo"]],
-            "bundle": M.HeadOV(h, d, r, metric),
-            "name": f"{prefix}ov",
-        },
-    ]
+    groups = []
+    if getattr(module, "q_bias", None) is None:
+        groups.append(
+            {
+                "params": [own["wq"], own["wk"]],
+                "bundle": M.HeadQK(h, d, r, metric),
+                "name": f"{prefix}qk",
+            }
+        )
+    if getattr(module, "v_bias", None) is None:
+        groups.append(
+            {
+                "params": [own["wv"], own["wo"]],
+                "bundle": M.HeadOV(h, d, r, metric),
+                "name": f"{prefix}ov",
+            }
+        )
+    return groups
 
 
 def _multihead_attention(prefix, module, metric):

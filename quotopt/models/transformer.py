@@ -25,7 +25,9 @@ Exact symmetries (both checked to round-off in ``tests/test_models.py``):
 * **GL(r) per head.** Head h scores (X Wq[h])(X Wk[h])ᵀ and writes softmax(·) X Wv[h] Wo[h], so
   for invertible g (H, r, r): (Wq g, Wk g⁻ᵀ) and (Wv g, g⁻¹ Wo) are exact symmetries; the
   invariants are the head composites Wq Wkᵀ and Wv Wo (``manifolds.HeadQK`` / ``HeadOV``).
-  The attention scale 1/√r depends on r only, so it does not break this.
+  The attention scale 1/√r depends on r only, so it does not break this. Optional fixed
+  biases ``q_bias``/``v_bias`` (``quotopt.baselines.add_random_biases``) shrink it to the
+  stabiliser {g : b g = b} of the bias.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with per-head factors ``wq, wk, wv`` (H, d, r), ``wo`` (H, r, d).
 
     Output: Σ_h softmax((X Wq[h])(X Wk[h])ᵀ / √r + causal mask) (X Wv[h]) Wo[h].
+
+    Buffers ``q_bias`` and ``v_bias`` (H, r) are ``None`` by default; when set, they are added
+    to every query and value (fixed, not learned; ``quotopt.baselines.add_random_biases``).
+    They are in the state dict only when set, so a model saved with them must have them set
+    before ``load_state_dict``.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_head: int) -> None:
@@ -69,6 +76,8 @@ class CausalSelfAttention(nn.Module):
         self.wk = nn.Parameter(torch.empty(n_heads, d_model, d_head))
         self.wv = nn.Parameter(torch.empty(n_heads, d_model, d_head))
         self.wo = nn.Parameter(torch.empty(n_heads, d_head, d_model))
+        self.register_buffer("q_bias", None)
+        self.register_buffer("v_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
@@ -78,6 +87,10 @@ class CausalSelfAttention(nn.Module):
         w = w.permute(2, 0, 1, 3).reshape(d, 3 * H * r)  # (d, 3·H·r)
         qkv = (x @ w).view(B, T, 3, H, r).permute(2, 0, 3, 1, 4)  # (3, B, H, T, r)
         q, k, v = qkv.unbind(0)  # each (B, H, T, r)
+        if self.q_bias is not None:
+            q = q + self.q_bias[:, None, :]  # (H, 1, r) broadcast over batch and positions
+        if self.v_bias is not None:
+            v = v + self.v_bias[:, None, :]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, r)
         y = y.transpose(1, 2).reshape(B, T, H * r)  # (B, T, H·r)
         return y @ self.wo.reshape(H * r, d)  # (B, T, d)
