@@ -156,9 +156,9 @@ def test_spectrum_json(tmp_path, capsys):
 
 
 def test_spectrum_lanczos_beyond_the_dense_limit(tmp_path, capsys, monkeypatch):
-    from quotopt.cli import spectrum
+    from quotopt.dynamics import model_flat
 
-    monkeypatch.setattr(spectrum, "DENSE_MAX", 100)
+    monkeypatch.setattr(model_flat, "DENSE_MAX", 100)
     argv = ["spectrum", "--task", "sort", "--steps", "5", "--json", "--quiet"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -2,6 +2,7 @@
 
 * ``hessian``: Hessian–vector products, the dense Hessian of small models, Lanczos extremes;
 * ``flat``: vertical/horizontal bases and the symmetry-induced flat directions of a Hessian;
+* ``model_flat``: the same for a whole model's training objective, with or without decay;
 * ``conserved``: gradient-flow invariants (per-head imbalance) and gauge coordinates.
 """
 
@@ -23,12 +24,14 @@ from .hessian import (
     lanczos_extremes,
     unflatten,
 )
+from .model_flat import compact_orbit_dimension, model_flat_directions, model_vertical_basis
 
 __all__ = [
     "FlatReport",
     "algebra_basis",
     "analyse_flat_directions",
     "balance_gap",
+    "compact_orbit_dimension",
     "dense_hessian",
     "flat_directions",
     "flatten",
@@ -38,6 +41,8 @@ __all__ = [
     "horizontal_basis",
     "hvp",
     "lanczos_extremes",
+    "model_flat_directions",
+    "model_vertical_basis",
     "orbit_dimension",
     "unflatten",
     "vertical_basis",
