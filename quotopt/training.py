@@ -28,6 +28,7 @@ from torch import nn
 
 from manifolds import HeadQK, PositiveRescaling
 
+from . import baselines
 from .dynamics import balance_gap, gauge_drift, head_imbalance
 from .models import RelationalTransformer, Transformer
 from .optim import QuotientAdam, QuotientSGD
@@ -44,13 +45,23 @@ SIZES: dict[str, dict[str, tuple[dict, dict]]] = {
         "nanda": (dict(_RELU, d_model=128, d_mlp=512), {}),
         "small": (dict(_RELU, d_model=32, d_mlp=128), {"p": 31}),
         "tiny": (_TINY[0], {"p": 11}),
+        "quick": (dict(_RELU, d_model=32, d_mlp=128), {"p": 31, "frac_train": 0.5}),
     },
-    "sort": {"small": (dict(d_model=48, n_layers=3, n_heads=3), {}), "tiny": _TINY},  # minGPT
+    "sort": {  # small: minGPT's sorting model
+        "small": (dict(d_model=48, n_layers=3, n_heads=3), {}),
+        "tiny": _TINY,
+        "quick": (dict(d_model=32, n_layers=2, n_heads=2), {}),
+    },
     "chars": {  # nanoGPT's CPU configuration; tiny: the first 20k characters, context 16
         "small": (dict(d_model=128, n_layers=4, n_heads=4), {}),
         "tiny": (_TINY[0], {"max_chars": 20_000, "seq_len": 16}),
+        "quick": (dict(d_model=64, n_layers=2, n_heads=4), {"seq_len": 32}),
     },
-    "digits": {"small": (dict(d_model=64, n_layers=2, n_heads=4), {}), "tiny": _TINY},
+    "digits": {
+        "small": (dict(d_model=64, n_layers=2, n_heads=4), {}),
+        "tiny": _TINY,
+        "quick": (dict(d_model=32, n_layers=2, n_heads=2), {}),
+    },
 }
 #: batch size (0: full batch), steps between evaluations, examples per evaluated split (None:
 #: all), Adam betas (Nanda's for modadd, minGPT's for sort).
@@ -156,6 +167,11 @@ register_optimizer("qadam", _qadam("euclidean"), 1e-3, 0.1, **_ADAM)
 register_optimizer("qadam-inv", _qadam("invariant"), 1e-3, 0.1, **_ADAM)
 register_optimizer("sgd", _sgd, 0.1, 0.0)
 register_optimizer("qsgd", _qsgd, 0.1, 0.0)
+# baselines of the study (quotopt.baselines); each may change the model before optimising it
+register_optimizer("geoopt-stiefel", baselines.geoopt_stiefel_adam, 1e-3, 0.1, **_ADAM)
+register_optimizer("randbias", baselines.random_bias_adamw, 1e-3, 0.1, **_ADAM)
+register_optimizer("gaugefix", baselines.gauge_fixed_adamw, 1e-3, 0.1, **_ADAM)
+register_optimizer("grokfast", baselines.grokfast, 1e-3, 0.1, **_ADAM)
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -173,6 +189,7 @@ class RunConfig:
     eval_every: int | None = None  # None: the task's default
     eval_examples: int | None = None  # examples per evaluated split; None: the task's default
     device: str = "cpu"
+    stop_at_target: bool = False  # end at the first evaluation that reaches the task's target
 
     def resolved(self) -> RunConfig:
         """A copy with the defaults filled in; raises ``ValueError`` on bad names or numbers."""
@@ -352,6 +369,8 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     log_eval()
                     save()
+                    if cfg.stop_at_target and _reached(task, records[-1]):
+                        break
     except KeyboardInterrupt as err:
         forced = getattr(err, "forced", False)  # a second Ctrl-C may land mid-write
         if phase == "step" and not forced:  # the step did not happen: undo its batch draw
@@ -364,6 +383,14 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
     if out is not None:
         write_json(out / "summary.json", summary)
     return summary
+
+
+def _reached(task, record: dict) -> bool:
+    if task.target is None:
+        return False
+    metric, target = task.target
+    value = record.get(f"val_{metric}")
+    return value is not None and value >= target
 
 
 @contextlib.contextmanager
