@@ -6,12 +6,13 @@ import argparse
 import os
 import sys
 
-from . import bench, compare, spectrum, train
+from . import bench, compare, spectrum, study, train
 
 COMMANDS = {
     "train": (train, "train one model, logging metrics and resumable checkpoints"),
     "compare": (compare, "every optimiser x seed on one task: report.md, plots, metrics.json"),
     "spectrum": (spectrum, "Hessian flat directions of a tiny trained model vs its symmetries"),
+    "study": (study, "the benchmark study: tune, compare, write docs/results.md"),
     "bench": (bench, "run the benchmark scripts in benchmarks/ and print their tables"),
 }
 

@@ -1,0 +1,62 @@
+"""``quotopt study``: the protocol of the benchmark study (every optimiser tuned on every task,
+seeds at the best settings, relational vs standard, flat directions) and ``docs/results.md``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from .train import positive_int
+
+
+def add_arguments(parser) -> None:
+    from ..study.runner import default_workers
+
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        dest="plan",
+        action="store_const",
+        const="quick",
+        help="small sizes and grids, under 20 minutes on 2 cores (default)",
+    )
+    mode.add_argument("--full", dest="plan", action="store_const", const="full",
+                      help="paper sizes, larger grids (many CPU hours; see docs)")  # fmt: skip
+    parser.set_defaults(plan="quick")
+    parser.add_argument("--out", default="runs/study", help="run directory (default: %(default)s)")
+    parser.add_argument(
+        "--docs", default="docs", help="where results.md and img/results/ go (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=default_workers(),
+        help="parallel runs, one torch thread each (default: CPU count, %(default)s here)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse finished runs in OUT, resume interrupted ones"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from ..study import PLANS, n_runs, run_study, write_report
+    from ..training import write_json
+
+    plan = PLANS[args.plan]
+    with tqdm(total=n_runs(plan), desc=f"study ({plan.name})", unit="run",
+              disable=args.quiet, file=sys.stderr) as bar:  # fmt: skip
+        results = run_study(
+            plan, args.out, workers=args.workers, resume=args.resume,
+            on_done=lambda _: bar.update(1),
+        )  # fmt: skip
+    write_json(Path(args.out) / "study.json", results)
+    command = "quotopt study " + shlex.join(
+        [f"--{plan.name}"] + ([] if args.workers is None else [f"--workers={args.workers}"])
+    )
+    page = write_report(results, args.docs, command)
+    print(f"wrote {page} and {Path(args.out) / 'study.json'} in {results['wall_time']:.0f} s")
+    return 0

@@ -1,0 +1,94 @@
+"""The study's PNG figures (matplotlib, Agg): curves at each optimiser's best setting, gauge
+dynamics, relational vs standard by training time, flat-direction counts by tolerance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cli import plots  # selects the Agg backend before pyplot is imported
+from .protocol import LABELS
+
+plt = plots.plt
+np = plots.np
+CURVE_KEY = {"steps": None, "loss": "val_loss", "accuracy": "val_accuracy"}
+
+
+def _labelled(runs_by_optim: dict[str, list[dict]]) -> list[dict]:
+    """Finished runs with the optimiser's label as their config's name (for the legends)."""
+    out = []
+    for optim, runs in runs_by_optim.items():
+        for run in runs:
+            if run.get("summary"):
+                summary = dict(run["summary"], config=dict(run["summary"]["config"], optim=optim))
+                out.append(dict(run, summary=summary))
+    return out
+
+
+def task_curves(task: str, entry: dict, path: Path) -> None:
+    """Validation metric and loss against steps, each optimiser at its best setting."""
+    metric = entry["metric"]
+    keys = [f"val_{metric}"] if metric != "loss" else []
+    keys.append("val_loss")
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    runs = _labelled(entry["runs"])
+    for ax, key in zip(axes[0], keys):
+        plots._curves(ax, runs, key, log=key == "val_loss")
+        ax.set_title(f"{task}: {key.replace('_', ' ')} (faint: seeds; bold: mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def dynamics(task: str, entry: dict, path: Path) -> None:
+    """Gauge drift, per-head imbalance and balance gap over training (every seed's mean)."""
+    keys = ("gauge_drift", "head_imbalance", "balance_gap")
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4))
+    runs = _labelled(entry["runs"])
+    for ax, key in zip(axes, keys):
+        plots._curves(ax, runs, key, log=True)
+        ax.set_title(f"{task}: {key.replace('_', ' ')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def relational(runs: dict[str, list[dict]], path: Path) -> None:
+    """Validation loss against training time (seconds) for both architectures."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for index, (model, group) in enumerate(runs.items()):
+        for seed_index, run in enumerate(r for r in group if r.get("summary")):
+            pts = [(r["train_time"], r["val_loss"]) for r in run["records"] if r["val_loss"]]
+            t, v = np.array(pts).T
+            label = f"{model} ({run['summary']['n_params']:,} params)" if not seed_index else None
+            ax.plot(t, v, color=f"C{index}", lw=1.2, label=label)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def flat_counts(reports: list[dict], path: Path) -> None:
+    """Flat directions (total and horizontal) against the relative tolerance, per decay."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for index, report in enumerate(r for r in reports if "flat_by_tolerance" in r):
+        tols = sorted(report["flat_by_tolerance"], key=float)
+        counts = np.array([report["flat_by_tolerance"][t] for t in tols])
+        x = [float(t) for t in tols]
+        wd = report["objective_weight_decay"]
+        ax.plot(x, counts[:, 0], f"C{index}-", label=f"total, λ = {wd:g}")
+        ax.plot(x, counts[:, 1], f"C{index}--", label=f"horizontal, λ = {wd:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("tolerance |eigenvalue| ≤ tol · max|eigenvalue|")
+    ax.set_ylabel("near-null eigenvalues")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["LABELS", "dynamics", "flat_counts", "relational", "task_curves"]

@@ -1,0 +1,164 @@
+"""What the study runs: tasks, sizes, step budgets, optimisers and their (lr, weight decay)
+grids, for the ``quick`` and ``full`` plans.
+
+Every optimiser is tuned on the same budget: the whole (lr, wd) grid of its family on the
+tuning seed, the best setting by the task's criterion (``score``), then every other seed at
+that setting. Decay numbers mean different things in different parametrisations (decoupled
+decay on balanced factors shrinks the head product relatively harder), so decay is tuned like
+the learning rate and each optimiser is reported at its own best.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+#: Adam-like optimisers (decoupled decay or decay on invariants) share one grid, SGD-like
+#: (coupled L2 decay) another. Names are ``quotopt.training.OPTIMIZERS`` keys.
+ADAM_LIKE = ("adamw", "qadam", "qadam-inv", "geoopt-stiefel", "randbias", "gaugefix", "grokfast")
+SGD_LIKE = ("sgd", "qsgd")
+LABELS = {
+    "adamw": "AdamW",
+    "sgd": "SGD (momentum 0.9)",
+    "qadam": "QuotientAdam",
+    "qadam-inv": "QuotientAdam (invariant metric)",
+    "qsgd": "QuotientSGD (momentum 0.9)",
+    "geoopt-stiefel": "geoopt RiemannianAdam, heads on Stiefel",
+    "randbias": "AdamW + random fixed q/v biases",
+    "gaugefix": "AdamW, gauge fixed W_Q = I, W_V = I",
+    "grokfast": "Grokfast-EMA AdamW",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    lrs: tuple[float, ...]
+    weight_decays: tuple[float, ...]
+
+    def settings(self) -> list[tuple[float, float]]:
+        return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPlan:
+    """One task: optimisers, grids by family, seeds; ``criterion`` picks the best setting:
+    "steps" (fewest steps to the task's target, then validation loss), "loss" (final validation
+    loss) or "accuracy" (final validation accuracy, then loss)."""
+
+    task: str
+    size: str
+    steps: int
+    optims: tuple[str, ...]
+    adam_grid: Grid
+    sgd_grid: Grid
+    criterion: str
+    eval_every: int
+    seeds: tuple[int, ...] = (0, 1, 2)
+    tune_seed: int = 0
+    stop_at_target: bool = False
+
+    def grid(self, optim: str) -> Grid:
+        return self.sgd_grid if optim in SGD_LIKE else self.adam_grid
+
+
+@dataclasses.dataclass(frozen=True)
+class RelationalPlan:
+    """Transformer vs RelationalTransformer on ``task`` at equal parameters (the relational
+    channel count chosen by ``training.build_model``) and at equal compute (the relational run's
+    validation loss at the standard run's training time), both with AdamW at the standard
+    model's tuned setting."""
+
+    task: str
+    size: str
+    steps: int
+    eval_every: int
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatPlan:
+    """Flat directions of modadd at ``size``, trained full batch with Adam (L2 decay coupled,
+    so the trained point is near a critical point of f + (λ/2)‖θ‖²) for each λ."""
+
+    size: str
+    steps: int
+    lr: float
+    weight_decays: tuple[float, ...]
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyPlan:
+    name: str
+    tasks: tuple[TaskPlan, ...]
+    relational: RelationalPlan
+    flat: FlatPlan
+    dynamics_task: str = "modadd"
+
+
+def score(summary: dict | None, criterion: str) -> tuple[float, ...]:
+    """Sort key of a run (smaller is better); a missing, diverged or non-finite run sorts last."""
+    if summary is None:
+        return (math.inf, math.inf)
+    loss = summary.get("final_val_loss")
+    loss = math.inf if loss is None or not math.isfinite(loss) else loss
+    if criterion == "steps":
+        hit = summary.get("steps_to_target")
+        return (math.inf if hit is None else hit, loss)
+    if criterion == "accuracy":
+        final = summary.get("final")
+        return (math.inf if final is None else -final, loss)
+    return (loss,)
+
+
+_EVERYONE = ("adamw", "sgd", "qadam", "qadam-inv", "qsgd", "geoopt-stiefel", "randbias", "gaugefix")
+_ADAM = Grid((1e-3, 3e-3), (0.01, 0.1))
+_SGD = Grid((0.03, 0.1), (0.0, 1e-4))
+_MODADD_ADAM = Grid((1e-3, 3e-3), (0.3, 1.0, 3.0))
+_MODADD_SGD = Grid((0.1, 0.3), (1e-4, 1e-3))
+
+# fmt: off
+QUICK = StudyPlan(
+    name="quick",
+    tasks=(
+        TaskPlan("modadd", "quick", 3000, _EVERYONE + ("grokfast",), _MODADD_ADAM, _MODADD_SGD,
+                 "steps", eval_every=50, stop_at_target=True),
+        TaskPlan("sort", "quick", 1000, _EVERYONE, _ADAM, _SGD, "steps", eval_every=50,
+                 stop_at_target=True),
+        TaskPlan("chars", "quick", 1000, _EVERYONE, _ADAM, _SGD, "loss", eval_every=100),
+        TaskPlan("digits", "quick", 1000, _EVERYONE, _ADAM, _SGD, "accuracy", eval_every=100),
+    ),
+    relational=RelationalPlan("chars", "quick", 1000, eval_every=50),
+    flat=FlatPlan("tiny", 6000, lr=3e-3, weight_decays=(0.0, 1e-3, 1e-2)),
+)
+
+FULL = StudyPlan(
+    name="full",
+    tasks=(
+        TaskPlan("modadd", "nanda", 10_000, _EVERYONE + ("grokfast",),
+                 Grid((3e-4, 1e-3, 3e-3), (0.3, 1.0, 2.0, 3.0)),
+                 Grid((0.03, 0.1, 0.3), (1e-4, 1e-3)), "steps", eval_every=50,
+                 stop_at_target=True),
+        TaskPlan("sort", "small", 2000, _EVERYONE, Grid((3e-4, 1e-3, 3e-3), (0.01, 0.1, 1.0)),
+                 Grid((0.03, 0.1, 0.3), (0.0, 1e-4)), "steps", eval_every=50,
+                 stop_at_target=True),
+        TaskPlan("chars", "small", 2000, _EVERYONE, Grid((1e-3, 2e-3, 4e-3), (0.01, 0.1, 0.3)),
+                 Grid((0.03, 0.1, 0.3), (0.0, 1e-4)), "loss", eval_every=100),
+        TaskPlan("digits", "small", 2000, _EVERYONE, Grid((3e-4, 1e-3, 3e-3), (0.01, 0.1, 1.0)),
+                 Grid((0.03, 0.1, 0.3), (0.0, 1e-4)), "accuracy", eval_every=100),
+    ),
+    relational=RelationalPlan("chars", "small", 2000, eval_every=100),
+    flat=FlatPlan("tiny", 20_000, lr=3e-3, weight_decays=(0.0, 1e-3, 1e-2)),
+)
+# fmt: on
+PLANS = {"quick": QUICK, "full": FULL}
+
+
+def n_runs(plan: StudyPlan) -> int:
+    """Jobs in ``plan``: tuning grid + every seed at the best setting (the tuning seed's run is
+    reused there, not trained again), relational, flat."""
+    total = 0
+    for t in plan.tasks:
+        for optim in t.optims:
+            total += len(t.grid(optim).settings()) + len(t.seeds)
+    return total + 2 * len(plan.relational.seeds) + len(plan.flat.weight_decays)

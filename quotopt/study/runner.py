@@ -1,0 +1,89 @@
+"""Run many independent jobs on a process pool, one torch thread per worker, reusing finished
+runs on ``resume``. A failed run (an exception, a non-finite step) is recorded, not fatal: the
+study reports it as diverged."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .. import training
+
+
+def run_dir(root: Path, cfg: training.RunConfig) -> Path:
+    """``root/TASK/MODEL-OPTIM/lrLR-wdWD-seedS`` of a resolved config."""
+    name = f"lr{cfg.lr:g}-wd{cfg.weight_decay:g}-seed{cfg.seed}"
+    return Path(root) / cfg.task / f"{cfg.model}-{cfg.optim}" / name
+
+
+def read_records(directory: Path) -> list[dict]:
+    log = Path(directory) / "metrics.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def train_job(cfg: training.RunConfig, directory: str, resume: bool) -> dict:
+    """``{"summary", "records"}`` of one training run, or ``{"error": message}``."""
+    directory = Path(directory)
+    done = directory / "summary.json"
+    if resume and done.is_file():
+        summary = json.loads(done.read_text())
+        if summary["config"] == dataclasses.asdict(cfg.resolved()):
+            return dict(summary=summary, records=read_records(directory))
+    try:
+        again = resume and (directory / "checkpoint.pt").is_file()
+        summary = training.train(cfg, directory, resume=again)
+    except KeyboardInterrupt:
+        return dict(error="interrupted", interrupted=True)
+    except Exception as err:  # noqa: BLE001 - one failed run must not stop the study
+        message = " ".join(str(err).split()) or type(err).__name__
+        return dict(error=f"{type(err).__name__}: {message}")
+    (directory / "checkpoint.pt").unlink(missing_ok=True)  # finished: the summary suffices
+    return dict(summary=summary, records=read_records(directory))
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # small models: one thread per process beats shared threads
+
+
+@dataclasses.dataclass
+class Pool:
+    """``map(fn, jobs)`` over ``workers`` spawned processes (0: in this process); ``on_done``
+    runs in this process after each job."""
+
+    workers: int = 0
+    on_done: Callable[[dict], None] | None = None
+
+    def map(self, fn: Callable[..., dict], jobs: Sequence[tuple]) -> list[dict]:
+        results: list[dict | None] = [None] * len(jobs)
+        if self.workers <= 0:
+            for i, job in enumerate(jobs):
+                results[i] = self._done(fn(*job))
+            return results
+        context = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(self.workers, context, initializer=_init_worker) as pool:
+            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+            try:
+                for future in cf.as_completed(futures):
+                    results[futures[future]] = self._done(future.result())
+            except KeyboardInterrupt:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        if any(r.get("interrupted") for r in results):
+            raise KeyboardInterrupt
+        return results
+
+    def _done(self, result: dict) -> dict:
+        if self.on_done is not None:
+            self.on_done(result)
+        return result
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
