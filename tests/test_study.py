@@ -86,3 +86,8 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
 def test_study_command_rejects_both_modes(capsys):
     assert main(["study", "--quick", "--full"]) == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_report_only_needs_a_saved_study(tmp_path, capsys):
+    assert main(["study", "--out", str(tmp_path), "--report-only"]) == 1
+    assert "no " in capsys.readouterr().err

@@ -3,7 +3,7 @@ seeds at the best settings, relational vs standard, flat directions) and ``docs/
 
 from __future__ import annotations
 
-import shlex
+import json
 import sys
 from pathlib import Path
 
@@ -37,6 +37,11 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="reuse finished runs in OUT, resume interrupted ones"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the page from OUT/study.json without training",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
 
 
@@ -47,16 +52,22 @@ def run(args) -> int:
     from ..training import write_json
 
     plan = PLANS[args.plan]
+    saved = Path(args.out) / "study.json"
+    if args.report_only:
+        if not saved.is_file():
+            raise ValueError(f"no {saved} to report from; run the study first")
+        results = json.loads(saved.read_text())
+        page = write_report(results, args.docs, results["command"])
+        print(f"wrote {page} from {saved}")
+        return 0
     with tqdm(total=n_runs(plan), desc=f"study ({plan.name})", unit="run",
               disable=args.quiet, file=sys.stderr) as bar:  # fmt: skip
         results = run_study(
             plan, args.out, workers=args.workers, resume=args.resume,
             on_done=lambda _: bar.update(1),
         )  # fmt: skip
-    write_json(Path(args.out) / "study.json", results)
-    command = "quotopt study " + shlex.join(
-        [f"--{plan.name}"] + ([] if args.workers is None else [f"--workers={args.workers}"])
-    )
-    page = write_report(results, args.docs, command)
+    results["command"] = f"quotopt study --{plan.name} --workers {args.workers}"
+    write_json(saved, results)
+    page = write_report(results, args.docs, results["command"])
     print(f"wrote {page} and {Path(args.out) / 'study.json'} in {results['wall_time']:.0f} s")
     return 0

@@ -112,18 +112,20 @@ def score(summary: dict | None, criterion: str) -> tuple[float, ...]:
 
 
 _EVERYONE = ("adamw", "sgd", "qadam", "qadam-inv", "qsgd", "geoopt-stiefel", "randbias", "gaugefix")
-_ADAM = Grid((1e-3, 3e-3), (0.01, 0.1))
-_SGD = Grid((0.03, 0.1), (0.0, 1e-4))
-_MODADD_ADAM = Grid((1e-3, 3e-3), (0.3, 1.0, 3.0))
-_MODADD_SGD = Grid((0.1, 0.3), (1e-4, 1e-3))
+_ADAM = Grid((3e-3, 1e-2), (0.01, 0.1))
+_SORT_ADAM = Grid((1e-3, 3e-3), (0.01, 0.1))
+_SGD = Grid((0.1, 0.3), (0.0, 1e-4))
+_SORT_SGD = Grid((0.03, 0.1), (0.0, 1e-4))
+_MODADD_ADAM = Grid((3e-3, 1e-2), (1.0, 3.0, 10.0))
+_MODADD_SGD = Grid((0.1, 0.3), (1e-3, 1e-2))
 
 # fmt: off
 QUICK = StudyPlan(
     name="quick",
     tasks=(
-        TaskPlan("modadd", "quick", 3000, _EVERYONE + ("grokfast",), _MODADD_ADAM, _MODADD_SGD,
+        TaskPlan("modadd", "quick", 2000, _EVERYONE + ("grokfast",), _MODADD_ADAM, _MODADD_SGD,
                  "steps", eval_every=50, stop_at_target=True),
-        TaskPlan("sort", "quick", 1000, _EVERYONE, _ADAM, _SGD, "steps", eval_every=50,
+        TaskPlan("sort", "quick", 1000, _EVERYONE, _SORT_ADAM, _SORT_SGD, "steps", eval_every=50,
                  stop_at_target=True),
         TaskPlan("chars", "quick", 1000, _EVERYONE, _ADAM, _SGD, "loss", eval_every=100),
         TaskPlan("digits", "quick", 1000, _EVERYONE, _ADAM, _SGD, "accuracy", eval_every=100),

@@ -68,13 +68,18 @@ def task_section(task: str, entry: dict, image_dir: Path) -> list[str]:
         f"Size `{plan['size']}`, {cap} steps"
         + (", stopped at the target" if plan["stop_at_target"] else "")
         + f", evaluated every {plan['eval_every']}; tuned on seed {plan['tune_seed']}, "
-        f"seeds {', '.join(map(str, plan['seeds']))} at the best setting.",
+        f"seeds {', '.join(map(str, plan['seeds']))} at the best setting. A grid axis with "
+        "two values has every setting on an edge: read a best setting there as a bracket.",
         "",
         f"| optimiser | lr | wd | {head} | final val loss | ms/step | × AdamW |",
         "|---|---|---|---|---|---|---|",
     ]
+    edges = []
     for optim, group in runs.items():
         lr, wd = best[optim]
+        edge = _grid_edge(entry["tuning"][optim], lr, wd)
+        if edge:
+            edges.append(f"{LABELS.get(optim, optim)} ({edge})")
         per_seed = ", ".join(_seed_value(r, criterion, cap) for r in group)
         if criterion == "steps":
             med = median_steps(group)
@@ -87,14 +92,33 @@ def task_section(task: str, entry: dict, image_dir: Path) -> list[str]:
         ms_text = f"{statistics.mean(ms):.1f}" if ms else "—"
         ratio = f"{statistics.mean(ms) / adam_ms:.2f}" if ms and adam_ms else "—"
         lines.append(
-            f"| {LABELS.get(optim, optim)} | {lr:g} | {wd:g} | {value} ({per_seed}) | {losses} "
+            f"| {LABELS.get(optim, optim)}{' †' if edge else ''} | {lr:g} | {wd:g} "
+            f"| {value} ({per_seed}) | {losses} "
             f"| {ms_text} | {ratio} |"
         )
+    if edges:
+        lines += [
+            "",
+            "† best setting on the edge of the grid, so a wider grid may do better: "
+            + "; ".join(edges)
+            + ". A tie on the edge counts too (the first setting in grid order wins a tie).",
+        ]
     image = image_dir / f"{task}.png"
     figures.task_curves(task, entry, image)
     lines += ["", f"![{task} curves]({IMAGES}/{image.name})", ""]
     lines += _tuning_table(entry, criterion, cap)
     return lines
+
+
+def _grid_edge(tuned: list[dict], lr: float, wd: float) -> str:
+    """Which of lr / wd is at the top or bottom of a grid axis with three or more values (with
+    two values every setting is on an edge; the page says so once)."""
+    out = []
+    for name, value, key in (("lr", lr, "lr"), ("wd", wd, "weight_decay")):
+        values = sorted({t[key] for t in tuned})
+        if len(values) > 2 and value in (values[0], values[-1]):
+            out.append(f"{name} {'lowest' if value == values[0] else 'highest'}")
+    return ", ".join(out)
 
 
 def _tuning_table(entry: dict, criterion: str, cap: int) -> list[str]:
@@ -114,12 +138,17 @@ def _tuning_table(entry: dict, criterion: str, cap: int) -> list[str]:
     return lines + ["", "</details>", ""]
 
 
+def _steps(value: float, cap: int) -> str:
+    return f"{value:g}" if math.isfinite(value) else f">{cap}"
+
+
 def targets(results: dict) -> list[str]:
     """The issue's targets, each with the measured figures and met / missed."""
     tasks, lines = results["tasks"], ["## Targets", ""]
     lines += ["| target | measured | verdict |", "|---|---|---|"]
     if "modadd" in tasks:
         runs = tasks["modadd"]["runs"]
+        cap = tasks["modadd"]["plan"]["steps"]
         base, base_ms = median_steps(runs["adamw"]), _ms(runs["adamw"])
         for optim in ("qadam", "qadam-inv"):
             if optim not in runs:
@@ -130,7 +159,9 @@ def targets(results: dict) -> list[str]:
             met = ratio <= 0.5 and wall <= 1.5
             lines.append(
                 f"| modadd: {LABELS[optim]} ≤ 0.5× AdamW's steps to 99 % at ≤ 1.5× time/step "
-                f"| {steps:g} vs {base:g} steps (×{ratio:.2f}); ×{wall:.2f} time/step "
+                f"| {_steps(steps, cap)} vs {_steps(base, cap)} steps"
+                f"{f' (×{ratio:.2f})' if math.isfinite(ratio) else ''}; "
+                f"×{wall:.2f} time/step "
                 f"| {'met' if met else 'missed'} |"
             )
     if "chars" in tasks:
@@ -152,10 +183,14 @@ def targets(results: dict) -> list[str]:
                 reach.append(hits[0] if hits else math.inf)
             frac = statistics.median(reach) / base_steps
             met = gain >= 0.03 or frac <= 0.8
+            reached = (
+                f"AdamW's final loss at ×{frac:.2f} of the steps"
+                if math.isfinite(frac)
+                else "AdamW's final loss not reached (median over seeds)"
+            )
             lines.append(
                 f"| chars: {LABELS[optim]} ≥ 0.03 nats below AdamW, or AdamW's loss in ≤ 0.8× "
-                f"steps | {gain:+.3f} nats; AdamW's final loss at ×{frac:.2f} of the steps "
-                f"| {'met' if met else 'missed'} |"
+                f"steps | {-gain:+.3f} nats vs AdamW; {reached} | {'met' if met else 'missed'} |"
             )
     rel = results["relational"]["runs"]
     std = _finite([(r.get("summary") or {}).get("final_val_loss") for r in rel["transformer"]])
