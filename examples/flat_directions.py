@@ -32,8 +32,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import manifolds
 import quotopt
-from quotopt.cli.spectrum import model_vertical_basis  # what `quotopt spectrum` counts with
-from quotopt.dynamics import analyse_flat_directions, dense_hessian, flat_directions, flatten
+from quotopt.dynamics import (
+    analyse_flat_directions,
+    dense_hessian,
+    flat_directions,
+    flatten,
+    model_vertical_basis,  # what `quotopt spectrum` counts with
+)
 from quotopt.models import Transformer
 from quotopt.tasks import get_task
 
