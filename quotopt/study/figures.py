@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..cli import plots  # selects the Agg backend before pyplot is imported
-from .protocol import LABELS
 
 plt = plots.plt
 np = plots.np
@@ -14,7 +13,7 @@ CURVE_KEY = {"steps": None, "loss": "val_loss", "accuracy": "val_accuracy"}
 
 
 def _labelled(runs_by_optim: dict[str, list[dict]]) -> list[dict]:
-    """Finished runs with the optimiser's label as their config's name (for the legends)."""
+    """Finished runs, each named by its optimiser (the legend entries)."""
     out = []
     for optim, runs in runs_by_optim.items():
         for run in runs:
@@ -91,4 +90,4 @@ def flat_counts(reports: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["LABELS", "dynamics", "flat_counts", "relational", "task_curves"]
+__all__ = ["dynamics", "flat_counts", "relational", "task_curves"]
