@@ -283,6 +283,22 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+def read_records(out_dir) -> list[dict]:
+    """The evaluation records in ``out_dir/metrics.jsonl`` (none if there is no log)."""
+    log = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def finished_summary(config: RunConfig, out_dir) -> dict | None:
+    """The summary in ``out_dir/summary.json`` if that run finished with ``config``'s settings
+    (so it can be reused instead of trained again), else None."""
+    done = Path(out_dir) / "summary.json"
+    if not done.is_file():
+        return None
+    summary = json.loads(done.read_text())
+    return summary if summary["config"] == dataclasses.asdict(config.resolved()) else None
+
+
 def _check_same_run(saved: dict, cfg: RunConfig, path) -> None:
     keys = ("task", "model", "optim", "seed", "size", "lr", "weight_decay", "batch_size")
     diff = [f"{k}={saved.get(k)!r}, not {getattr(cfg, k)!r}" for k in keys]
@@ -322,9 +338,7 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
         gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         step, clock = ckpt["step"], dict(ckpt["clock"])
-        log = out / "metrics.jsonl"
-        lines = log.read_text().splitlines() if log.is_file() else []
-        records = [r for r in map(json.loads, lines) if r["step"] <= step]
+        records = [r for r in read_records(out) if r["step"] <= step]
     if out is not None:  # drop records after the checkpoint (written before a crash)
         text = "".join(json.dumps(r) + "\n" for r in records)
         _atomic(out / "metrics.jsonl", lambda p: p.write_text(text))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -65,12 +64,10 @@ def add_arguments(parser) -> None:
 
 
 def _run_one(args, cfg, run_dir: Path, bar) -> dict:
-    done = run_dir / "summary.json"
-    if args.resume and done.is_file():
-        summary = json.loads(done.read_text())
-        if summary["config"] == dataclasses.asdict(cfg.resolved()):
-            bar.update(cfg.steps)
-            return summary
+    summary = training.finished_summary(cfg, run_dir) if args.resume else None
+    if summary is not None:
+        bar.update(cfg.steps)
+        return summary
     resume = args.resume and (run_dir / "checkpoint.pt").is_file()
     with progress(args, cfg.steps, f"{cfg.optim} seed {cfg.seed}", bar=bar) as hooks:
         return training.train(cfg, run_dir, resume=resume, **hooks)
@@ -94,8 +91,7 @@ def run(args) -> int:
         for cfg in configs:
             run_dir = out / "runs" / f"{cfg.optim}-seed{cfg.seed}"
             summary = _run_one(args, cfg, run_dir, bar)
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-            runs.append(dict(summary=summary, records=[json.loads(line) for line in lines]))
+            runs.append(dict(summary=summary, records=training.read_records(run_dir)))
             if quiet and not args.quiet:
                 print(describe(summary), flush=True)
     wall = time.perf_counter() - tic

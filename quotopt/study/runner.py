@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import json
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
@@ -23,19 +22,12 @@ def run_dir(root: Path, cfg: training.RunConfig) -> Path:
     return Path(root) / cfg.task / f"{cfg.model}-{cfg.optim}" / name
 
 
-def read_records(directory: Path) -> list[dict]:
-    log = Path(directory) / "metrics.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-
-
 def train_job(cfg: training.RunConfig, directory: str, resume: bool) -> dict:
     """``{"summary", "records"}`` of one training run, or ``{"error": message}``."""
     directory = Path(directory)
-    done = directory / "summary.json"
-    if resume and done.is_file():
-        summary = json.loads(done.read_text())
-        if summary["config"] == dataclasses.asdict(cfg.resolved()):
-            return dict(summary=summary, records=read_records(directory))
+    summary = training.finished_summary(cfg, directory) if resume else None
+    if summary is not None:
+        return dict(summary=summary, records=training.read_records(directory))
     try:
         again = resume and (directory / "checkpoint.pt").is_file()
         summary = training.train(cfg, directory, resume=again)
@@ -45,7 +37,7 @@ def train_job(cfg: training.RunConfig, directory: str, resume: bool) -> dict:
         message = " ".join(str(err).split()) or type(err).__name__
         return dict(error=f"{type(err).__name__}: {message}")
     (directory / "checkpoint.pt").unlink(missing_ok=True)  # finished: the summary suffices
-    return dict(summary=summary, records=read_records(directory))
+    return dict(summary=summary, records=training.read_records(directory))
 
 
 def _init_worker() -> None:
