@@ -42,9 +42,23 @@ def _best(t: TaskPlan, optim: str, tuned: list[dict]) -> tuple[float, float]:
 def run_study(plan: StudyPlan, out, *, workers: int = 1, resume: bool = False, on_done=None):
     """Run ``plan`` with runs under ``OUT/runs``; ``on_done(result)`` after every run."""
     out = training.prepare_out(out)
-    root, pool = out / "runs", Pool(workers, on_done)
     started = time.perf_counter()
+    with Pool(workers, on_done) as pool:
+        results = _run_phases(plan, out, pool, resume)
+    machine = dict(
+        cpu=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+    )
+    # fmt: off
+    return dict(plan=plan.name, wall_time=time.perf_counter() - started, workers=workers,
+                machine=machine, **results)
+    # fmt: on
 
+
+def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool) -> dict:
+    root = out / "runs"
     # phase 1: every optimiser's grid on the tuning seed, and the flat-direction runs
     tuning = [
         (t, optim, _config(t, optim, lr, wd, t.tune_seed))
@@ -99,7 +113,7 @@ def run_study(plan: StudyPlan, out, *, workers: int = 1, resume: bool = False, o
         for seed in rp.seeds
     ]
     # the tuning seed's run is reused (same directory: resume=True picks it up)
-    jobs = [(c, str(run_dir(root, c)), True) for *_, c in seeded]
+    jobs = _jobs([c for *_, c in seeded], root, True)
     done = pool.map(train_job, jobs + _jobs(relational, out / "relational", resume))
     final, rel = done[: len(jobs)], done[len(jobs) :]
 
@@ -107,15 +121,6 @@ def run_study(plan: StudyPlan, out, *, workers: int = 1, resume: bool = False, o
         tasks[t.task].setdefault("runs", {}).setdefault(optim, []).append(r)
     models = {m: [r for c, r in zip(relational, rel) if c.model == m] for m in training.MODELS}
     return dict(
-        plan=plan.name,
-        wall_time=time.perf_counter() - started,
-        workers=workers,
-        machine=dict(
-            cpu=platform.processor() or platform.machine(),
-            cpus=os.cpu_count(),
-            torch=torch.__version__,
-            python=platform.python_version(),
-        ),
         tasks=tasks,
         relational=dict(plan=dataclasses.asdict(rp), lr=lr, weight_decay=wd, runs=models),
         flat=flat,

@@ -5,7 +5,6 @@ study reports it as diverged."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import dataclasses
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
@@ -44,29 +43,37 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # small models: one thread per process beats shared threads
 
 
-@dataclasses.dataclass
 class Pool:
     """``map(fn, jobs)`` over ``workers`` spawned processes (0: in this process); ``on_done``
-    runs in this process after each job."""
+    runs in this process after each job. Use it as a context manager: the worker processes
+    start once and serve every ``map`` inside the block."""
 
-    workers: int = 0
-    on_done: Callable[[dict], None] | None = None
+    def __init__(self, workers: int = 0, on_done: Callable[[dict], None] | None = None):
+        self.workers, self.on_done, self._executor = workers, on_done, None
+
+    def __enter__(self) -> Pool:
+        if self.workers > 0:
+            context = multiprocessing.get_context("spawn")
+            self._executor = cf.ProcessPoolExecutor(self.workers, context, initializer=_init_worker)
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._executor is not None:
+            # after Ctrl-C or a failure, queued jobs are dropped, running ones finish
+            self._executor.shutdown(wait=True, cancel_futures=kind is not None)
+            self._executor = None
 
     def map(self, fn: Callable[..., dict], jobs: Sequence[tuple]) -> list[dict]:
         results: list[dict | None] = [None] * len(jobs)
-        if self.workers <= 0:
+        if self._executor is None:
+            if self.workers > 0:
+                raise RuntimeError("use the Pool as a context manager: with Pool(n) as pool")
             for i, job in enumerate(jobs):
                 results[i] = self._done(fn(*job))
             return results
-        context = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(self.workers, context, initializer=_init_worker) as pool:
-            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
-            try:
-                for future in cf.as_completed(futures):
-                    results[futures[future]] = self._done(future.result())
-            except KeyboardInterrupt:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        futures = {self._executor.submit(fn, *job): i for i, job in enumerate(jobs)}
+        for future in cf.as_completed(futures):
+            results[futures[future]] = self._done(future.result())
         if any(r.get("interrupted") for r in results):
             raise KeyboardInterrupt
         return results
