@@ -13,6 +13,11 @@ from .protocol import LABELS
 IMAGES = "img/results"
 
 
+def _field(runs: list[dict], key: str) -> list:
+    """``summary[key]`` of every run (None for a run that failed before writing a summary)."""
+    return [(run.get("summary") or {}).get(key) for run in runs]
+
+
 def _finite(values):
     return [v for v in values if v is not None and math.isfinite(v)]
 
@@ -28,12 +33,12 @@ def mean_std(values, digits=3) -> str:
 
 def median_steps(runs: list[dict]) -> float:
     """Median steps to target over seeds; a seed that never reached it counts as ∞."""
-    steps = [(r.get("summary") or {}).get("steps_to_target") for r in runs]
+    steps = _field(runs, "steps_to_target")
     return statistics.median([math.inf if s is None else s for s in steps]) if steps else math.inf
 
 
 def _ms(runs):
-    return _finite([(r.get("summary") or {}).get("ms_per_step") for r in runs])
+    return _finite(_field(runs, "ms_per_step"))
 
 
 def _seed_value(run: dict, criterion: str, cap: int) -> str:
@@ -86,8 +91,8 @@ def task_section(task: str, entry: dict, image_dir: Path) -> list[str]:
             value = f"{med:g}" if math.isfinite(med) else f">{cap}"
         else:
             key = "final" if criterion == "accuracy" else "final_val_loss"
-            value = mean_std([(r.get("summary") or {}).get(key) for r in group])
-        losses = mean_std([(r.get("summary") or {}).get("final_val_loss") for r in group])
+            value = mean_std(_field(group, key))
+        losses = mean_std(_field(group, "final_val_loss"))
         ms = _ms(group)
         ms_text = f"{statistics.mean(ms):.1f}" if ms else "—"
         ratio = f"{statistics.mean(ms) / adam_ms:.2f}" if ms and adam_ms else "—"
@@ -166,19 +171,19 @@ def targets(results: dict) -> list[str]:
             )
     if "chars" in tasks:
         runs = tasks["chars"]["runs"]
-        base = _finite([(r.get("summary") or {}).get("final_val_loss") for r in runs["adamw"]])
-        base_steps = statistics.median([r["summary"]["steps"] for r in runs["adamw"]])
+        base = _finite(_field(runs["adamw"], "final_val_loss"))
+        base_steps = statistics.median(_finite(_field(runs["adamw"], "steps")) or [math.nan])
         for optim in ("qadam", "qadam-inv"):
             if optim not in runs or not base:
                 continue
-            ours = _finite([(r.get("summary") or {}).get("final_val_loss") for r in runs[optim]])
-            gain = statistics.mean(base) - statistics.mean(ours) if ours else math.nan
+            ours, base_loss = _finite(_field(runs[optim], "final_val_loss")), statistics.mean(base)
+            gain = base_loss - statistics.mean(ours) if ours else math.nan
             reach = []
             for run in runs[optim]:
                 hits = [
                     r["step"]
                     for r in run.get("records", [])
-                    if r["val_loss"] is not None and r["val_loss"] <= statistics.mean(base)
+                    if r["val_loss"] is not None and r["val_loss"] <= base_loss
                 ]
                 reach.append(hits[0] if hits else math.inf)
             frac = statistics.median(reach) / base_steps
@@ -193,8 +198,8 @@ def targets(results: dict) -> list[str]:
                 f"steps | {-gain:+.3f} nats vs AdamW; {reached} | {'met' if met else 'missed'} |"
             )
     rel = results["relational"]["runs"]
-    std = _finite([(r.get("summary") or {}).get("final_val_loss") for r in rel["transformer"]])
-    ours = _finite([(r.get("summary") or {}).get("final_val_loss") for r in rel["relational"]])
+    std = _finite(_field(rel["transformer"], "final_val_loss"))
+    ours = _finite(_field(rel["relational"], "final_val_loss"))
     if std and ours:
         gap = statistics.mean(ours) - statistics.mean(std)
         lines.append(
@@ -219,7 +224,7 @@ def relational_section(results: dict, image_dir: Path) -> list[str]:
         "| model | params | final val loss (per seed) | ms/step | val loss at equal time |",
         "|---|---|---|---|---|",
     ]
-    budget = _finite([(r.get("summary") or {}).get("ms_per_step") for r in runs["transformer"]])
+    budget = _finite(_field(runs["transformer"], "ms_per_step"))
     budget = statistics.mean(budget) * plan["steps"] / 1e3 if budget else None
     for model, group in runs.items():
         done = [r for r in group if r.get("summary")]
