@@ -61,7 +61,15 @@ class HeadQK(Bundle):
 
     n_tensors = 2
 
-    def __init__(self, n_heads: int, d_model: int, d_head: int, metric: str = "euclidean"):
+    def __init__(
+        self,
+        n_heads: int,
+        d_model: int,
+        d_head: int,
+        metric: str = "euclidean",
+        *,
+        factor_rows: tuple[int, int] | None = None,
+    ):
         self.n_heads = _positive_int("n_heads", n_heads)
         self.d_model = _positive_int("d_model", d_model)
         self.d_head = _positive_int("d_head", d_head)
@@ -70,12 +78,17 @@ class HeadQK(Bundle):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.metric = metric
-        self.factor_rows = (d_model, d_model)  # rows of A and of B (subclasses may differ)
+        if factor_rows is None:
+            factor_rows = (d_model, d_model)
+        rows_a, rows_b = factor_rows
+        #: rows of the factors A and B (more than d_model where bias rows or grouped query
+        #: heads stack onto a factor)
+        self.factor_rows = (_positive_int("rows_a", rows_a), _positive_int("rows_b", rows_b))
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(n_heads={self.n_heads}, d_model={self.d_model}, "
-            f"d_head={self.d_head}, metric={self.metric!r})"
+            f"d_head={self.d_head}, metric={self.metric!r}, factor_rows={self.factor_rows})"
         )
 
     # ---- layout: the factor pair (A, B) behind a point -------------------------------
@@ -83,11 +96,12 @@ class HeadQK(Bundle):
         (rows_a, rows_b), h, r = self.factor_rows, self.n_heads, self.d_head
         return ((h, rows_a, r), (h, rows_b, r))
 
-    def _factors(self, point) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, point) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of a point or tangent vector in this bundle's layout."""
         return point[0], point[1]
 
-    def _from_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def from_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The point or tangent vector in this bundle's layout with factors (A, B)."""
         return (a, b)
 
     # ---- sizes --------------------------------------------------------------------------
@@ -122,23 +136,23 @@ class HeadQK(Bundle):
     def act(self, point: Point, g: torch.Tensor) -> Point:
         point = self.check_point(point)
         self.check_group_element(point, g)
-        a, b = self._factors(point)
+        a, b = self.factors(point)
         # B g⁻ᵀ = (g⁻¹ Bᵀ)ᵀ: a solve, not an explicit inverse
         work = torch.float64 if g.dtype == torch.float64 else torch.float32  # no bf16 LU
         b_new = torch.linalg.solve(g.to(work), b.mT.to(work)).mT.to(b.dtype)
-        return self._from_factors(a @ g, b_new)
+        return self.from_factors(a @ g, b_new)
 
     def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
         point = self.check_point(point)
         self.check_group_element(point, xi, "Lie-algebra element")
-        a, b = self._factors(point)
-        return self._from_factors(a @ xi, -(b @ xi.mT))
+        a, b = self.factors(point)
+        return self.from_factors(a @ xi, -(b @ xi.mT))
 
     # ---- metric -----------------------------------------------------------------------------
     def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:
-        a, b = self._factors(self.check_point(point))
-        u1, u2 = self._factors(self.check_tangent(point, u, "u"))
-        v1, v2 = self._factors(self.check_tangent(point, v, "v"))
+        a, b = self.factors(self.check_point(point))
+        u1, u2 = self.factors(self.check_tangent(point, u, "u"))
+        v1, v2 = self.factors(self.check_tangent(point, v, "v"))
         if self.metric == "euclidean":
             return (u1 * v1).sum() + (u2 * v2).sum()
         self._check_full_rank(a, b, "the invariant metric")
@@ -147,10 +161,10 @@ class HeadQK(Bundle):
     def riemannian_gradient(self, point: Point, egrad: Tangent) -> Tangent:
         if self.metric == "euclidean":
             return tuple(egrad)
-        a, b = self._factors(self.check_point(point))
-        g1, g2 = self._factors(self.check_tangent(point, egrad, "gradient"))
+        a, b = self.factors(self.check_point(point))
+        g1, g2 = self.factors(self.check_tangent(point, egrad, "gradient"))
         self._check_full_rank(a, b, "the invariant metric")
-        return self._from_factors(spd_solve_right(g1, gram(b)), spd_solve_right(g2, gram(a)))
+        return self.from_factors(spd_solve_right(g1, gram(b)), spd_solve_right(g2, gram(a)))
 
     def _vertical_generator(self, a, b, z1, z2) -> torch.Tensor:
         """ξ such that (Aξ, -Bξᵀ) is the metric-orthogonal vertical part of (Z₁, Z₂)."""
@@ -162,17 +176,17 @@ class HeadQK(Bundle):
         return 0.5 * (left - right)
 
     def project_vertical(self, point: Point, v: Tangent) -> Tangent:
-        a, b = self._factors(self.check_point(point))
-        z1, z2 = self._factors(self.check_tangent(point, v))
+        a, b = self.factors(self.check_point(point))
+        z1, z2 = self.factors(self.check_tangent(point, v))
         xi = self._vertical_generator(a, b, z1, z2)
-        return self._from_factors(a @ xi, -(b @ xi.mT))
+        return self.from_factors(a @ xi, -(b @ xi.mT))
 
     def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
-        a, b = self._factors(self.check_point(point))
-        z1, z2 = self._factors(self.check_tangent(point, v))
+        a, b = self.factors(self.check_point(point))
+        z1, z2 = self.factors(self.check_tangent(point, v))
         xi = self._vertical_generator(a, b, z1, z2)
         # Z - (Aξ, -Bξᵀ) as fused multiply-adds: one memory pass over each factor, not three
-        return self._from_factors(torch.baddbmm(z1, a, xi, alpha=-1), torch.baddbmm(z2, b, xi.mT))
+        return self.from_factors(torch.baddbmm(z1, a, xi, alpha=-1), torch.baddbmm(z2, b, xi.mT))
 
     def moment_sq(self, point: Point, v: Tangent) -> Tangent:
         """Per-row mean squared magnitude of each factor under the metric, (H, d, 1) per factor.
@@ -181,13 +195,13 @@ class HeadQK(Bundle):
         norms u_i (BᵀB) u_iᵀ are GL-invariant, under the Euclidean one only O(r)-invariant.
         Divided by r so that the Euclidean case is Adam's per-coordinate mean square.
         """
-        a, b = self._factors(self.check_point(point))
-        u1, u2 = self._factors(self.check_tangent(point, v))
+        a, b = self.factors(self.check_point(point))
+        u1, u2 = self.factors(self.check_tangent(point, v))
         if self.metric == "euclidean":
             w1, w2 = u1, u2
         else:
             w1, w2 = u1 @ gram(b), u2 @ gram(a)
-        return self._from_factors(
+        return self.from_factors(
             (w1 * u1).mean(-1, keepdim=True), (w2 * u2).mean(-1, keepdim=True)
         )
 
@@ -211,21 +225,21 @@ class HeadQK(Bundle):
         return (u * signs).to(a.dtype), (u_inv_t * signs).to(a.dtype), s.to(a.dtype)
 
     def dressing(self, point: Point) -> torch.Tensor:
-        a, b = self._factors(self.check_point(point))
+        a, b = self.factors(self.check_point(point))
         return self._balanced_frames(a, b)[0]
 
     def dress(self, point: Point) -> Point:
-        a, b = self._factors(self.check_point(point))
+        a, b = self.factors(self.check_point(point))
         u, u_inv_t, _ = self._balanced_frames(a, b)
-        return self._from_factors(a @ u, b @ u_inv_t)
+        return self.from_factors(a @ u, b @ u_inv_t)
 
     def ambiguity(self, point: Point) -> torch.Tensor:
         """Per head: smallest relative gap between the singular values of M = A Bᵀ."""
-        a, b = self._factors(self.check_point(point))
+        a, b = self.factors(self.check_point(point))
         return relative_gaps(self._balanced_frames(a, b)[2])
 
     def invariants(self, point: Point) -> tuple[torch.Tensor, ...]:
-        a, b = self._factors(self.check_point(point))
+        a, b = self.factors(self.check_point(point))
         return (a @ b.mT,)
 
     # ---- sampling -----------------------------------------------------------------------------
@@ -234,7 +248,7 @@ class HeadQK(Bundle):
         [1, ``condition``] (distinct almost surely) and scaled by 1/√d like a Gaussian init."""
         dtype, device = self._dtype_device(dtype, device)
         rows_a, rows_b = self.factor_rows
-        return self._from_factors(
+        return self.from_factors(
             self._random_factor(rows_a, generator, dtype, device, condition),
             self._random_factor(rows_b, generator, dtype, device, condition),
         )
@@ -267,10 +281,10 @@ class HeadOV(HeadQK):
         (rows_a, rows_b), h, r = self.factor_rows, self.n_heads, self.d_head
         return ((h, rows_a, r), (h, r, rows_b))
 
-    def _factors(self, point):
+    def factors(self, point):
         return point[0], point[1].mT
 
-    def _from_factors(self, a, b):
+    def from_factors(self, a, b):
         return (a, b.mT)
 
     def _factor_names(self) -> tuple[str, str]:

@@ -29,8 +29,8 @@ class PositiveRescaling(HeadQK):
     """R_{>0} rescaling of each of ``n_units`` ReLU units (see the module docstring)."""
 
     def __init__(self, n_units: int, d_in: int, d_out: int, metric: str = "euclidean"):
-        super().__init__(n_units, max(d_in, d_out), 1, metric=metric)
-        self.factor_rows = (_positive_int("d_in", d_in), _positive_int("d_out", d_out))
+        rows = (_positive_int("d_in", d_in), _positive_int("d_out", d_out))
+        super().__init__(n_units, max(rows), 1, metric=metric, factor_rows=rows)
 
     def __repr__(self) -> str:
         rows_a, rows_b = self.factor_rows
@@ -43,7 +43,7 @@ class PositiveRescaling(HeadQK):
         return ("fan-in", "fan-out")
 
     def dressing(self, point: Point) -> torch.Tensor:
-        a, b = self._factors(self.check_point(point))
+        a, b = self.factors(self.check_point(point))
         self._check_full_rank(a, b, "dressing")
         norm_a = a.square().sum(dim=(-2, -1), keepdim=True).sqrt()
         norm_b = b.square().sum(dim=(-2, -1), keepdim=True).sqrt()
@@ -53,7 +53,7 @@ class PositiveRescaling(HeadQK):
         return self.act(point, self.dressing(point))
 
     def ambiguity(self, point: Point) -> torch.Tensor:
-        a, _ = self._factors(self.check_point(point))
+        a, _ = self.factors(self.check_point(point))
         return torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
 
     def random_group_element(self, *, generator=None, dtype=None, device=None, condition=10.0):

@@ -108,7 +108,7 @@ class RotaryQK(HeadQK):
         pairing: str = "half",
         factor_rows: tuple[int, int] | None = None,
     ):
-        super().__init__(n_heads, d_model, d_head, metric)
+        super().__init__(n_heads, d_model, d_head, metric, factor_rows=factor_rows)
         if d_head % 2:
             raise ValueError(
                 f"RoPE rotates pairs of coordinates: d_head must be even, got {d_head}"
@@ -117,9 +117,6 @@ class RotaryQK(HeadQK):
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
         self.pairing = pairing
         self.n_pairs = d_head // 2
-        if factor_rows is not None:
-            rows_a, rows_b = factor_rows
-            self.factor_rows = (_positive_int("rows_a", rows_a), _positive_int("rows_b", rows_b))
 
     def __repr__(self) -> str:
         return (
@@ -190,10 +187,10 @@ class RotaryQK(HeadQK):
     def act(self, point: Point, g: torch.Tensor) -> Point:
         point = self.check_point(point)
         self.check_group_element(point, g)
-        a, b = self._factors(point)
+        a, b = self.factors(point)
         re, im = complex_part(g)
         size = re.square() + im.square()
-        return self._from_factors(
+        return self.from_factors(
             self._multiply(a, re, im), self._multiply(b, re / size, im / size)
         )
 
@@ -205,9 +202,9 @@ class RotaryQK(HeadQK):
     def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
         point = self.check_point(point)
         self.check_group_element(point, xi, "Lie-algebra element")
-        a, b = self._factors(point)
+        a, b = self.factors(point)
         re, im = complex_part(xi)
-        return self._from_factors(self._multiply(a, re, im), -self._multiply(b, re, -im))
+        return self.from_factors(self._multiply(a, re, im), -self._multiply(b, re, -im))
 
     # ---- splitting ---------------------------------------------------------------------------
     def _vertical_coefficients(self, a, b, z1, z2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,16 +231,16 @@ class RotaryQK(HeadQK):
         return coef[..., 0], coef[..., 1]
 
     def project_vertical(self, point: Point, v: Tangent) -> Tangent:
-        a, b = self._factors(self.check_point(point))
-        z1, z2 = self._factors(self.check_tangent(point, v))
+        a, b = self.factors(self.check_point(point))
+        z1, z2 = self.factors(self.check_tangent(point, v))
         x, y = self._vertical_coefficients(a, b, z1, z2)
-        return self._from_factors(self._multiply(a, x, y), -self._multiply(b, x, -y))
+        return self.from_factors(self._multiply(a, x, y), -self._multiply(b, x, -y))
 
     def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
-        a, b = self._factors(self.check_point(point))
-        z1, z2 = self._factors(self.check_tangent(point, v))
+        a, b = self.factors(self.check_point(point))
+        z1, z2 = self.factors(self.check_tangent(point, v))
         x, y = self._vertical_coefficients(a, b, z1, z2)
-        return self._from_factors(z1 - self._multiply(a, x, y), z2 + self._multiply(b, x, -y))
+        return self.from_factors(z1 - self._multiply(a, x, y), z2 + self._multiply(b, x, -y))
 
     # ---- dressing ----------------------------------------------------------------------------
     def _dressing_scalars(self, a: torch.Tensor, b: torch.Tensor):
@@ -266,7 +263,7 @@ class RotaryQK(HeadQK):
         return re, im, gap
 
     def dressing(self, point: Point) -> torch.Tensor:
-        a, b = self._factors(self.check_point(point))
+        a, b = self.factors(self.check_point(point))
         re, im, _ = self._dressing_scalars(a, b)
         return complex_blocks(re, im)
 
@@ -275,12 +272,12 @@ class RotaryQK(HeadQK):
 
     def ambiguity(self, point: Point) -> torch.Tensor:
         """Per head: the smallest phase gap (σ₁² − σ₂²)/(σ₁² + σ₂²) over the query planes."""
-        a, b = self._factors(self.check_point(point))
+        a, b = self.factors(self.check_point(point))
         return self._dressing_scalars(a, b)[2].amin(dim=-1)
 
     def invariants(self, point: Point) -> tuple[torch.Tensor, ...]:
         """(M, N), each (H, m, rows_a, rows_b): Mᵢ = AᵢBᵢᵀ and Nᵢ = AᵢKBᵢᵀ per plane."""
-        a, b = self._factors(self.check_point(point))
+        a, b = self.factors(self.check_point(point))
         pa, pb = self._planes(a), self._planes(b)  # (H, rows, m, 2)
         m_forms = torch.einsum("hxia,hyia->hixy", pa, pb)
         n_forms = torch.einsum("hxi,hyi->hixy", pa[..., 0], pb[..., 1]) - torch.einsum(

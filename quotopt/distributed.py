@@ -97,16 +97,16 @@ class RowShardedHeads:
         return 0.5 * (left - spd_solve_right(z2b, gram_b))
 
     def project_horizontal(self, point_shard, v_shard) -> tuple[torch.Tensor, ...]:
-        a, b = self.bundle._factors(point_shard)
-        z1, z2 = self.bundle._factors(v_shard)
+        a, b = self.bundle.factors(point_shard)
+        z1, z2 = self.bundle.factors(v_shard)
         xi = self._generator(*self._reduced_products(a, b, z1, z2))
-        return self.bundle._from_factors(z1 - a @ xi, z2 + b @ xi.mT)
+        return self.bundle.from_factors(z1 - a @ xi, z2 + b @ xi.mT)
 
     def horizontal_gradient(self, point_shard, egrad_shard) -> tuple[torch.Tensor, ...]:
         """P_H(Riemannian gradient) — one all-reduce for both metrics: under the invariant one
         Z = (∇_A (BᵀB)⁻¹, ∇_B (AᵀA)⁻¹), so AᵀZ₁ = (Aᵀ∇_A)(BᵀB)⁻¹ and Z₂ᵀB = (AᵀA)⁻¹(∇_BᵀB)."""
-        a, b = self.bundle._factors(point_shard)
-        g1, g2 = self.bundle._factors(egrad_shard)
+        a, b = self.bundle.factors(point_shard)
+        g1, g2 = self.bundle.factors(egrad_shard)
         gram_a, gram_b, ag1, g2b = self._reduced_products(a, b, g1, g2)
         if self.bundle.metric == "euclidean":
             z1, z2, az1, z2b = g1, g2, ag1, g2b
@@ -115,16 +115,16 @@ class RowShardedHeads:
             az1 = spd_solve_right(ag1, gram_b)
             z2b = spd_solve_right(g2b.mT, gram_a).mT
         xi = self._generator(gram_a, gram_b, az1, z2b)
-        return self.bundle._from_factors(z1 - a @ xi, z2 + b @ xi.mT)
+        return self.bundle.from_factors(z1 - a @ xi, z2 + b @ xi.mT)
 
     def inner(self, point_shard, u_shard, v_shard) -> torch.Tensor:
         """The metric, summed over the ranks."""
         if self.bundle.metric == "euclidean":
             local = sum((x * y).sum() for x, y in zip(u_shard, v_shard))
             return all_reduce_sum([local.reshape(1)], self.group)[0][0]
-        a, b = self.bundle._factors(point_shard)
-        u1, u2 = self.bundle._factors(u_shard)
-        v1, v2 = self.bundle._factors(v_shard)
+        a, b = self.bundle.factors(point_shard)
+        u1, u2 = self.bundle.factors(u_shard)
+        v1, v2 = self.bundle.factors(v_shard)
         gram_a, gram_b, uv1, uv2 = all_reduce_sum(
             [gram(a), gram(b), u1.mT @ v1, u2.mT @ v2], self.group
         )
@@ -133,7 +133,7 @@ class RowShardedHeads:
     def dressing(self, point_shard) -> torch.Tensor:
         """u(p), replicated: the balanced frames of ``HeadQK`` from the reduced Gram matrices;
         the sign of each column from the entry of largest magnitude over all ranks."""
-        a, b = self.bundle._factors(point_shard)
+        a, b = self.bundle.factors(point_shard)
         gram_a, gram_b = all_reduce_sum([gram(a), gram(b)], self.group)
         chol_a = torch.linalg.cholesky_ex(gram_a)[0]
         chol_b = torch.linalg.cholesky_ex(gram_b)[0]

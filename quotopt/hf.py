@@ -228,10 +228,9 @@ def _gpt2_attention(prefix: str, module: nn.Module, metric: str) -> list[dict]:
         return []
     e, h = module.embed_dim, module.num_heads
     r = e // h
-    qk = M.HeadQK(h, e + 1, r, metric)
-    qk.factor_rows = (e + 1, e)  # the key bias is not a row (see the module docstring)
-    ov = M.HeadOV(h, e + 1, r, metric)
-    ov.factor_rows = (e + 1, e)  # c_proj reads no bias row
+    # the key bias is not a row (see the module docstring); c_proj reads no bias row
+    qk = M.HeadQK(h, e + 1, r, metric, factor_rows=(e + 1, e))
+    ov = M.HeadOV(h, e + 1, r, metric, factor_rows=(e + 1, e))
     return [
         {
             "params": [module.c_attn.weight, module.c_attn.bias, module.c_proj.weight],
@@ -266,8 +265,7 @@ def _rotary_attention(prefix: str, module: nn.Module, metric: str, pairing: str)
     rows = d + int(bias)
     n_rep = n_heads // n_kv
     qk = RotaryQK(n_kv, rows, r, metric, pairing=pairing, factor_rows=(n_rep * rows, rows))
-    ov = M.HeadOV(n_kv, rows, r, metric)
-    ov.factor_rows = (rows, n_rep * d)  # o_proj reads no bias row
+    ov = M.HeadOV(n_kv, rows, r, metric, factor_rows=(rows, n_rep * d))  # o_proj: no bias row
     return [
         {
             "params": _weight_and_bias(q) + _weight_and_bias(k),

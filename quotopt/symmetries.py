@@ -106,8 +106,7 @@ def _multihead_attention(prefix, module, metric):
     e, h = module.embed_dim, module.num_heads
     bias = module.in_proj_bias is not None
     rows = e + int(bias)  # a bias is one more row of each input factor
-    ov = M.HeadOV(h, rows, e // h, metric)
-    ov.factor_rows = (rows, e)  # the output projection reads no bias row
+    ov = M.HeadOV(h, rows, e // h, metric, factor_rows=(rows, e))  # out_proj reads no bias row
     bundle = M.ProductBundle([M.HeadQK(h, rows, e // h, metric), ov])
     params = [module.in_proj_weight] + ([module.in_proj_bias] if bias else [])
     return [

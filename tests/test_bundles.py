@@ -102,7 +102,7 @@ def test_gradient_of_invariant_loss_is_horizontal(bundle, seed):
 def test_dressed_heads_are_balanced(bundle, seed):
     """p·u(p) has AᵀA = BᵀB = diag(S) with S descending."""
     gen = torch.Generator().manual_seed(seed)
-    a, b = bundle._factors(bundle.dress(bundle.random_point(generator=gen, dtype=torch.float64)))
+    a, b = bundle.factors(bundle.dress(bundle.random_point(generator=gen, dtype=torch.float64)))
     ga, gb = a.mT @ a, b.mT @ b
     s = torch.diagonal(ga, dim1=-2, dim2=-1)
     assert relative_error(ga, gb) <= 1e-10

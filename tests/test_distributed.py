@@ -77,8 +77,8 @@ def _sharded_case(metric: str, cls):
 def _row_slices(bundle, tensors, rank):
     """This rank's rows of each tensor in the bundle's layout (rows of A and of B)."""
     start = sum(ROWS[:rank])
-    a, b = bundle._factors(tensors)
-    return bundle._from_factors(a[:, start : start + ROWS[rank]], b[:, start : start + ROWS[rank]])
+    a, b = bundle.factors(tensors)
+    return bundle.from_factors(a[:, start : start + ROWS[rank]], b[:, start : start + ROWS[rank]])
 
 
 SHARDED_CASES = [(metric, cls) for metric in M.METRICS for cls in (M.HeadQK, M.HeadOV)]
@@ -176,8 +176,8 @@ def test_row_sharded_geometry_matches_the_unsharded_bundle(ranks, metric, cls):
     key = (metric, cls.__name__)
     for name, full in expected.items():
         pieces = [r["sharded"][key][name] for r in ranks]
-        a_parts, b_parts = zip(*(bundle._factors(p) for p in pieces))
-        joined = bundle._from_factors(torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=1))
+        a_parts, b_parts = zip(*(bundle.factors(p) for p in pieces))
+        joined = bundle.from_factors(torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=1))
         assert relative_error(joined, full) <= 1e-12, name
     for r in ranks:
         assert float(r["sharded"][key]["inner"]) == pytest.approx(

@@ -344,8 +344,7 @@ def test_full_gl_element_changes_llama(transformers, exact_norms):
     qk = groups[0]
     assert isinstance(qk["bundle"], RotaryQK)
     bundle = qk["bundle"]
-    heads = M.HeadQK(bundle.n_heads, bundle.d_model, bundle.d_head)
-    heads.factor_rows = bundle.factor_rows
+    heads = M.HeadQK(bundle.n_heads, bundle.d_model, bundle.d_head, factor_rows=bundle.factor_rows)
     with torch.no_grad():
         before = model(ids, **OUTPUTS)[0]
         point = tuple(t.clone() for t in group_point(qk))  # B is a view of k_proj.weight

@@ -164,11 +164,11 @@ def _closed_form(kind: str, bundle: Bundle, point: Point, x: Tangent, y: Tangent
     if bundle.metric == "euclidean":
         return _zeros(point)
     if isinstance(bundle, HeadQK) and bundle.metric == "invariant":
-        (pa, pb), (x1, x2), (y1, y2) = (bundle._factors(t) for t in (point, x, y))
+        (pa, pb), (x1, x2), (y1, y2) = (bundle.factors(t) for t in (point, x, y))
         if kind == "derivative":  # (2 y₁ sym(Bᵀx₂), 2 y₂ sym(Aᵀx₁))
-            return bundle._from_factors(2 * y1 @ sym(pb.mT @ x2), 2 * y2 @ sym(pa.mT @ x1))
+            return bundle.from_factors(2 * y1 @ sym(pb.mT @ x2), 2 * y2 @ sym(pa.mT @ x1))
         # (2 A sym(x₂ᵀy₂), 2 B sym(x₁ᵀy₁))
-        return bundle._from_factors(2 * pa @ sym(x2.mT @ y2), 2 * pb @ sym(x1.mT @ y1))
+        return bundle.from_factors(2 * pa @ sym(x2.mT @ y2), 2 * pb @ sym(x1.mT @ y1))
     return None
 
 

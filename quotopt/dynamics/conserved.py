@@ -40,7 +40,7 @@ def _head_factors(bundle: Bundle, point, what: str):
             f"{what} is defined for GL(r) head bundles (HeadQK, HeadOV), got {bundle!r}; "
             f"apply it to each head component of a ProductBundle"
         )
-    a, b = bundle._factors(bundle.check_point(point))
+    a, b = bundle.factors(bundle.check_point(point))
     return a, b
 
 
