@@ -93,8 +93,8 @@ class GaugeFixedAdamW(EditedAdamW):
     weight decay cannot shrink it). The free coordinates are W[:, r:, :]; other groups are plain
     AdamW. The blocks must already be I (call ``fix_head_gauge`` first), else ``ValueError``.
 
-    Args: as in ``torch.optim.AdamW`` (``params``, ``lr``, ``betas``, ``eps``,
-        ``weight_decay``, ``amsgrad``, ``maximize``, ``foreach``, ``fused``).
+    The arguments are those of ``torch.optim.AdamW`` (``params``, ``lr``, ``betas``, ``eps``,
+    ``weight_decay``, ``amsgrad``, ``maximize``, ``foreach``, ``fused``).
     """
 
     group_options = ("identity_block",)
