@@ -1,0 +1,158 @@
+"""What a run is built from, by name: tasks at their sizes, the two architectures, and the
+optimiser registry (a factory and default (lr, weight decay) per optimiser, per task).
+
+``register_optimizer(name, factory, lr, weight_decay, **per_task)`` makes a new optimiser
+available to ``build_optimizer``, ``quotopt train --optim`` and ``quotopt compare --optims``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import baselines
+from ..models import RelationalTransformer, Transformer
+from ..optim import QuotientAdam, QuotientSGD
+from ..symmetries import symmetries
+from ..tasks import TASKS, get_task
+
+MODELS = ("transformer", "relational")
+D_GAUGE = 4  # gauge dimension of relational models; their channel count matches the budget
+_TINY = (dict(d_model=8, n_layers=1, n_heads=2, d_mlp=16, activation="relu"), {})
+_RELU = dict(n_layers=1, n_heads=4, activation="relu")
+#: task -> size -> (Transformer keyword arguments, task options); the first size is the default.
+SIZES: dict[str, dict[str, tuple[dict, dict]]] = {
+    "modadd": {  # "nanda": Nanda et al. 2023 (1 layer, d=128, 4 heads of 32, ReLU MLP 512)
+        "nanda": (dict(_RELU, d_model=128, d_mlp=512), {}),
+        "small": (dict(_RELU, d_model=32, d_mlp=128), {"p": 31}),
+        "tiny": (_TINY[0], {"p": 11}),
+        "quick": (dict(_RELU, d_model=32, d_mlp=128), {"p": 31, "frac_train": 0.5}),
+    },
+    "sort": {  # small: minGPT's sorting model
+        "small": (dict(d_model=48, n_layers=3, n_heads=3), {}),
+        "tiny": _TINY,
+        "quick": (dict(d_model=32, n_layers=2, n_heads=2), {}),
+    },
+    "chars": {  # nanoGPT's CPU configuration; tiny: the first 20k characters, context 16
+        "small": (dict(d_model=128, n_layers=4, n_heads=4), {}),
+        "tiny": (_TINY[0], {"max_chars": 20_000, "seq_len": 16}),
+        "quick": (dict(d_model=64, n_layers=2, n_heads=4), {"seq_len": 32}),
+    },
+    "digits": {
+        "small": (dict(d_model=64, n_layers=2, n_heads=4), {}),
+        "tiny": _TINY,
+        "quick": (dict(d_model=32, n_layers=2, n_heads=2), {}),
+    },
+}
+#: batch size (0: full batch), steps between evaluations, examples per evaluated split (None:
+#: all), Adam betas (Nanda's for modadd, minGPT's for sort).
+TASK_DEFAULTS = {
+    "modadd": dict(batch_size=0, eval_every=100, eval_examples=None, betas=(0.9, 0.98)),
+    "sort": dict(batch_size=64, eval_every=100, eval_examples=None, betas=(0.9, 0.95)),
+    "chars": dict(batch_size=12, eval_every=250, eval_examples=256, betas=(0.9, 0.99)),
+    "digits": dict(batch_size=64, eval_every=100, eval_examples=None, betas=(0.9, 0.999)),
+}
+
+
+def check_name(kind: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; valid names are {', '.join(sorted(valid))}")
+
+
+def default_size(task_name: str) -> str:
+    check_name("task", task_name, TASKS)
+    return next(iter(SIZES[task_name]))
+
+
+def size_options(task_name: str, size: str | None) -> tuple[dict, dict]:
+    """(Transformer keyword arguments, task options) of ``size`` (None: the default size)."""
+    size = size or default_size(task_name)
+    check_name(f"size for task {task_name}", size, SIZES[task_name])
+    return SIZES[task_name][size]
+
+
+def build_task(name: str, size: str | None = None, seed: int = 0):
+    """The task ``name`` with the options of ``size`` (modadd ``tiny`` uses p = 11)."""
+    return get_task(name, seed=seed, **size_options(name, size)[1])
+
+
+def build_model(task, model_name: str = "transformer", size: str | None = None) -> nn.Module:
+    """A ``Transformer`` of ``size`` for ``task``, or the ``RelationalTransformer`` (d_gauge
+    ``D_GAUGE``) whose channel count k gives the closest parameter count to it."""
+    check_name("model", model_name, MODELS)
+    kw = dict(size_options(task.name, size)[0], vocab_size=task.vocab_size, max_len=task.seq_len)
+    kw["n_classes"] = task.n_classes if task.kind == "classify" else None
+    if model_name == "transformer":
+        return Transformer(**kw)
+    rel = {k: v for k, v in kw.items() if k not in ("d_model", "d_mlp", "activation")}
+    rel["d_gauge"] = D_GAUGE
+
+    def count(module_fn, **extra):  # parameter count without allocating (meta device)
+        with torch.device("meta"):
+            return sum(p.numel() for p in module_fn(**extra).parameters())
+
+    budget, h, best = count(Transformer, **kw), kw["n_heads"], None
+    for k in range(h, 64 * kw["d_model"], h):  # the count grows with k: stop past the budget
+        n = count(RelationalTransformer, n_channels=k, **rel)
+        best = (k, n) if best is None or abs(n - budget) < abs(best[1] - budget) else best
+        if n >= budget:
+            break
+    return RelationalTransformer(n_channels=best[0], **rel)
+
+
+# ---- optimisers: name -> factory(model, lr, weight_decay, betas) and default (lr, wd) ---------
+Factory = Callable[[nn.Module, float, float, tuple], torch.optim.Optimizer]
+OPTIMIZERS: dict[str, Factory] = {}
+HPARAMS: dict[str, dict[str, tuple[float, float]]] = {}  # name -> task or "*" -> (lr, wd)
+
+
+def register_optimizer(name: str, factory: Factory, lr: float, weight_decay: float, **per_task):
+    """Make ``name`` available to ``build_optimizer`` and the CLI; ``per_task`` maps a task
+    name to its own ``(lr, weight_decay)`` defaults."""
+    OPTIMIZERS[name] = factory
+    HPARAMS[name] = {"*": (lr, weight_decay), **per_task}
+
+
+def default_hparams(name: str, task: str | None) -> tuple[float, float]:
+    check_name("optimiser", name, OPTIMIZERS)
+    return HPARAMS[name].get(task, HPARAMS[name]["*"])
+
+
+def build_optimizer(name, model, lr=None, weight_decay=None, betas=(0.9, 0.999), task=None):
+    """The optimiser ``name`` over ``model``; lr / weight decay default to ``HPARAMS``."""
+    d_lr, d_wd = default_hparams(name, task)
+    lr, weight_decay = d_lr if lr is None else lr, d_wd if weight_decay is None else weight_decay
+    return OPTIMIZERS[name](model, lr, weight_decay, tuple(betas))
+
+
+def _qadam(metric: str) -> Factory:
+    return lambda m, lr, wd, betas: QuotientAdam(
+        symmetries(m, metric=metric), lr=lr, betas=betas, weight_decay=wd
+    )
+
+
+def _adamw(model, lr, wd, betas):
+    return torch.optim.AdamW(model.parameters(), lr, betas, weight_decay=wd)
+
+
+def _sgd(model, lr, wd, betas):
+    return torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=wd)
+
+
+def _qsgd(model, lr, wd, betas):
+    return QuotientSGD(symmetries(model), lr, momentum=0.9, weight_decay=wd)
+
+
+_ADAM = dict(modadd=(1e-3, 1.0), sort=(5e-4, 0.1), chars=(2e-3, 0.1))  # Nanda, minGPT, DESIGN
+register_optimizer("adamw", _adamw, 1e-3, 0.1, **_ADAM)
+register_optimizer("qadam", _qadam("euclidean"), 1e-3, 0.1, **_ADAM)
+register_optimizer("qadam-inv", _qadam("invariant"), 1e-3, 0.1, **_ADAM)
+register_optimizer("sgd", _sgd, 0.1, 0.0)
+register_optimizer("qsgd", _qsgd, 0.1, 0.0)
+# baselines of the study (quotopt.baselines); each may change the model before optimising it
+register_optimizer("geoopt-stiefel", baselines.geoopt_stiefel_adam, 1e-3, 0.1, **_ADAM)
+register_optimizer("randbias", baselines.random_bias_adamw, 1e-3, 0.1, **_ADAM)
+register_optimizer("gaugefix", baselines.gauge_fixed_adamw, 1e-3, 0.1, **_ADAM)
+register_optimizer("grokfast", baselines.grokfast, 1e-3, 0.1, **_ADAM)
