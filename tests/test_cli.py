@@ -3,7 +3,9 @@ checkpoints, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import quotopt
 from quotopt import training
 from quotopt.cli.main import main
 
@@ -231,3 +234,130 @@ def test_console_entry_point_subprocess(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("quotopt: error:") and done.stderr.count("\n") == 1
     assert "modadd" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- robustness: each case below printed a traceback, crashed or lost data before -----------
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.startswith("quotopt: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def _no_temporary_files(out):
+    assert not [p.name for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"quotopt {quotopt.__version__}\n"
+
+
+def test_diverged_run_logs_null_and_stops_with_a_verdict(tmp_path, capsys):
+    assert _train(tmp_path, 40, "--lr", "1e4") == 0  # AdamW at lr 1e4 blows up
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "diverged at step" in out
+    records = training.read_records(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["diverged"]["step"] == records[-1]["step"] == summary["steps"] < 40
+    assert summary["diverged"]["reason"] == "non-finite parameters"
+    metrics = {k: v for k, v in records[-1].items() if k not in ("step", "wall_time", "train_time")}
+    assert metrics and all(v is None for v in metrics.values())
+    assert all(v is not None for v in records[0].values())  # the control: a finite model
+
+
+@pytest.mark.parametrize(
+    "option", [["--lr", "inf"], ["--lr", "nan"], ["--lr", "0"], ["--weight-decay", "-1"]]
+)
+def test_non_finite_or_negative_hyperparameters_are_usage_errors(tmp_path, capsys, option):
+    assert _train(tmp_path / "out", 2, *option) == 2
+    _one_line_error(capsys, f"argument {option[0]}")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="finite lr"):  # the library refuses them too
+        training.RunConfig("sort", lr=math.inf).resolved()
+
+
+def test_too_many_threads_is_a_usage_error(tmp_path, capsys):
+    argv = ["train", "--task", "sort", "--steps", "2", "--quiet", "--threads", "100000"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "argument --threads", "100000 threads exceed")
+
+
+def test_resume_with_another_thread_count_is_refused(tmp_path, capsys):
+    assert _train(tmp_path, 2) == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["threads"] == 1  # recorded (TINY runs with --threads 1)
+    ckpt["threads"] = 7
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    assert _train(tmp_path, 4, "--resume") == 1
+    _one_line_error(capsys, "written with 7 torch threads", "--threads 7")
+    assert training.read_records(tmp_path)[-1]["step"] == 2  # nothing was touched
+
+
+def test_checkpoint_without_its_optimizer_is_one_line(tmp_path, capsys):
+    assert _train(tmp_path, 2) == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del ckpt["optimizer"]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    assert _train(tmp_path, 4, "--resume") == 1
+    _one_line_error(capsys, "incomplete", "optimizer")
+
+
+def test_existing_run_directory_needs_resume_or_force(tmp_path, capsys):
+    assert _train(tmp_path, 2) == 0
+    stamp = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert _train(tmp_path, 4) == 1
+    _one_line_error(capsys, "already holds a run", "--resume", "--force")
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == stamp  # untouched
+    assert _train(tmp_path, 4, "--resume", "--force") == 1
+    _one_line_error(capsys, "give one of them")
+    assert _train(tmp_path, 4, "--force") == 0  # a fresh run replaces the old one
+    assert [r["step"] for r in training.read_records(tmp_path)] == [0, 2, 4]
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "report.md").write_text("an earlier comparison")
+    argv = ["compare", "--task", "sort", "--size", "tiny", "--steps", "2", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "cmp")]) == 1
+    _one_line_error(capsys, "already holds a run (report.md)")
+
+
+def _full_disk(error):
+    def save(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")  # the writer got this far
+        raise error
+
+    return save
+
+
+@pytest.mark.parametrize(
+    "error, needle",
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), os.strerror(errno.ENOSPC)),
+        # torch's C++ stream writer reports a failed write as a RuntimeError assertion
+        (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64"), "full"),
+    ],
+)
+def test_full_disk_is_one_line_and_leaves_no_temporary_file(
+    tmp_path, capsys, monkeypatch, error, needle
+):
+    monkeypatch.setattr(torch, "save", _full_disk(error))
+    assert _train(tmp_path, 2) == 1
+    err = _one_line_error(capsys, "checkpoint.pt", needle)
+    assert "enforce fail" not in err
+    _no_temporary_files(tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_spectrum_refuses_an_analysis_beyond_its_memory_limit(tmp_path, capsys):
+    argv = ["spectrum", "--task", "modadd", "--size", "nanda", "--steps", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "nanda")]) == 1  # before: tens of GB
+    _one_line_error(capsys, "lanczos", "226,176 parameters", "would need at least", "GB")
+    assert not (tmp_path / "nanda").exists()  # refused before training
+    argv = ["spectrum", "--task", "modadd", "--steps", "1", "--quiet", "--max-memory", "0.001"]
+    assert main([*argv, "--out", str(tmp_path / "tiny")]) == 1
+    _one_line_error(capsys, "dense", "above --max-memory 0.001")

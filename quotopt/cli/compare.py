@@ -79,6 +79,8 @@ def run(args) -> int:
     from . import plots
     from .train import config_from_args
 
+    files = ("report.md", "metrics.json", "runs")
+    training.claim_out(args.out, resume=args.resume, force=args.force, files=files)
     out = training.prepare_out(args.out)
     base = config_from_args(args, optim=args.optims[0])
     configs = [dataclasses.replace(base, optim=o, seed=s) for o in args.optims for s in args.seeds]

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .. import __version__
 from . import bench, compare, spectrum, study, train
 
 COMMANDS = {
@@ -30,6 +31,7 @@ def build_parser() -> Parser:
         prog="quotopt",
         description="Optimisation on quotient manifolds of neural-network parameter symmetries.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     checkpoint)."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as stop:  # --help or a usage error (already reported)
+    except SystemExit as stop:  # --help, --version or a usage error (already reported)
         return stop.code if isinstance(stop.code, int) else 2
     module = COMMANDS[args.command][0]
     try:

@@ -10,8 +10,13 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 from .. import training
 from ..dynamics import model_flat_directions
+from .train import positive_float
+
+MAX_MEMORY_GB = 8.0  # default --max-memory
 
 
 def add_arguments(parser) -> None:
@@ -26,6 +31,43 @@ def add_arguments(parser) -> None:
         "float64 round-off; see flat_by_tolerance in the JSON for other choices)",
     )
     parser.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    parser.add_argument(
+        "--max-memory",
+        type=positive_float,
+        default=MAX_MEMORY_GB,
+        help="refuse an analysis whose matrices would need more than this many GB "
+        "(default: %(default)g)",
+    )
+
+
+def memory_estimate(n_params: int, orbit_dim: int, dense_max: int) -> tuple[str, int]:
+    """(route, bytes) of the float64 matrices ``model_flat_directions`` forms for a model
+    with ``n_params`` parameters and orbit dimension ``orbit_dim``: the dense route
+    (n ≤ ``dense_max``) holds the identity, the Hessian and its symmetrised copy (n² each)
+    and its eigenvectors; the Lanczos route holds the vertical basis, its Hessian products
+    and the columns they are stacked from (n × orbit_dim each). A lower bound: the autograd
+    graph of the full-batch loss comes on top."""
+    if n_params <= dense_max:
+        return "dense", 8 * 4 * n_params**2
+    return "lanczos", 8 * 3 * n_params * orbit_dim
+
+
+def _check_memory(cfg, limit_gb: float) -> None:
+    from ..dynamics import model_flat
+    from ..symmetries import symmetries
+
+    task = training.build_task(cfg.task, cfg.size, cfg.seed)
+    with torch.device("meta"):  # sizes only: nothing is allocated
+        model = training.build_model(task, cfg.model, cfg.size)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    orbit = sum(g["bundle"].group_dim for g in symmetries(model) if "bundle" in g)
+    route, need = memory_estimate(n, orbit, model_flat.DENSE_MAX)
+    if need > limit_gb * 1e9:
+        raise ValueError(
+            f"the {route} Hessian analysis of {cfg.task} {cfg.size} ({n:,} parameters, orbit "
+            f"dimension {orbit:,}) would need at least {need / 1e9:.1f} GB, above --max-memory "
+            f"{limit_gb:g}; choose a smaller --size or raise --max-memory"
+        )
 
 
 def run(args) -> int:
@@ -37,10 +79,13 @@ def run(args) -> int:
         weight_decay=0.0 if args.weight_decay is None else None,
         batch_size=0 if args.batch_size is None else None,
     )
+    cfg = cfg.resolved()
+    _check_memory(cfg, args.max_memory)
+    files = (*training.RUN_FILES, "spectrum.json", "spectrum.png")
+    training.claim_out(args.out, resume=args.resume, force=args.force, files=files)
     out = Path(args.out)
     with progress(args, cfg.steps, f"{cfg.task} {cfg.optim}") as hooks:
         training.train(cfg, out, resume=args.resume, **hooks)
-    cfg = cfg.resolved()
     task = training.build_task(cfg.task, cfg.size, cfg.seed)
     model = training.build_model(task, cfg.model, cfg.size)
     model.load_state_dict(training.load_checkpoint(out / "checkpoint.pt")["model"])

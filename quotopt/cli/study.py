@@ -37,6 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="reuse finished runs in OUT, resume interrupted ones"
     )
+    parser.add_argument("--force", action="store_true", help="replace a previous study in OUT")
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -49,7 +50,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..study import PLANS, n_runs, run_study, write_report
-    from ..training import write_json
+    from ..training import claim_out, write_json
 
     plan = PLANS[args.plan]
     saved = Path(args.out) / "study.json"
@@ -60,6 +61,8 @@ def run(args) -> int:
         page = write_report(results, args.docs, results["command"])
         print(f"wrote {page} from {saved}")
         return 0
+    files = ("study.json", "runs", "flat", "relational")
+    claim_out(args.out, resume=args.resume, force=args.force, files=files)
     with tqdm(total=n_runs(plan), desc=f"study ({plan.name})", unit="run",
               disable=args.quiet, file=sys.stderr) as bar:  # fmt: skip
         results = run_study(

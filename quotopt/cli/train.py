@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
+import os
 import sys
 
 import torch
@@ -23,9 +25,44 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _number(text: str, *, positive: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        rule = "a finite number > 0" if positive else "a finite number >= 0"
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``--lr``: inf and nan are refused)."""
+    return _number(text, positive=True)
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (``--weight-decay``)."""
+    return _number(text, positive=False)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def thread_count(text: str) -> int:
+    """A positive integer no larger than ``available_cpus()``: more threads than CPUs cannot
+    speed anything up, and torch allocates per-thread state for every one."""
+    value, cpus = positive_int(text), available_cpus()
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"{value} threads exceed the {cpus} CPUs available")
+    return value
+
+
 def add_common_arguments(parser, *, steps, task=None, size=None, threads=None, single=True):
     """Options shared by ``train``, ``spectrum`` and (``single=False``: no --optim, --seed,
-    --lr, --weight-decay, --resume) ``compare``."""
+    --lr, --weight-decay, --resume) ``compare``; all three have ``--force``."""
     sizes = ", ".join(f"{t} {next(iter(s))}" for t, s in training.SIZES.items())
     opt = parser.add_argument
     # fmt: off
@@ -41,17 +78,20 @@ def add_common_arguments(parser, *, steps, task=None, size=None, threads=None, s
         opt("--optim", choices=sorted(training.OPTIMIZERS), default="adamw",
             help="optimiser (default: %(default)s)")
         opt("--seed", type=int, default=0, help="seed of the split, init and batches (default 0)")
-        opt("--lr", type=float, help="learning rate (default: per optimiser and task)")
-        opt("--weight-decay", type=float, help="weight decay (default: per optimiser and task)")
+        opt("--lr", type=positive_float, help="learning rate (default: per optimiser and task)")
+        opt("--weight-decay", type=nonnegative_float,
+            help="weight decay (default: per optimiser and task)")
     opt("--batch-size", type=int, help="batch size, 0 for full batch (default: per task)")
     opt("--eval-every", type=positive_int, help="steps between evaluations (default: per task)")
     opt("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: cpu)")
-    opt("--threads", type=positive_int, default=threads,
+    opt("--threads", type=thread_count, default=threads,
         help=f"torch CPU threads (default: {threads or 'torch' + chr(39) + 's'}; one is "
         "fastest for small models and on a busy CPU)")
     opt("--out", required=True, help="output directory")
     if single:
-        opt("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit-exact")
+        opt("--resume", action="store_true",
+            help="continue from OUT/checkpoint.pt, bit-exact (same --threads)")
+    opt("--force", action="store_true", help="replace a previous run in OUT")
     opt("--quiet", action="store_true", help="no progress bar")
     # fmt: on
 
@@ -89,7 +129,8 @@ def progress(args, total: int, label: str, bar=None):
 
     def on_eval(record):
         bar.update(base + record["step"] - bar.n)
-        bar.set_postfix(val_loss=f"{record['val_loss']:.4f}")
+        loss = record["val_loss"]
+        bar.set_postfix(val_loss="n/a" if loss is None else f"{loss:.4f}")
 
     try:
         yield dict(on_step=on_step, on_eval=on_eval)
@@ -105,8 +146,15 @@ def describe(summary: dict) -> str:
     final, best = (
         f"{v:.4f}" if v is not None else "n/a" for v in (summary["final"], summary["best"])
     )
+    run = f"{c['task']} {c['model']} {c['optim']} seed {c['seed']}"
+    stop = summary.get("diverged")
+    if stop:
+        return (
+            f"{run}: diverged at step {stop['step']} ({stop['reason']}); stopped there "
+            f"(best {summary['metric']} {best})"
+        )
     return (
-        f"{c['task']} {c['model']} {c['optim']} seed {c['seed']}: {summary['metric']} {final} "
+        f"{run}: {summary['metric']} {final} "
         f"(best {best}), {target if summary['target'] is not None else 'no target'}, "
         f"{summary['ms_per_step']:.1f} ms/step"
     )
@@ -114,6 +162,7 @@ def describe(summary: dict) -> str:
 
 def run(args) -> int:
     cfg = config_from_args(args)
+    training.claim_out(args.out, resume=args.resume, force=args.force)
     with progress(args, cfg.steps, f"{cfg.task} {cfg.optim}") as hooks:
         summary = training.train(cfg, args.out, resume=args.resume, **hooks)
     print(f"{describe(summary)}; wrote {args.out}")

@@ -98,7 +98,7 @@ class StudyPlan:
 
 def score(summary: dict | None, criterion: str) -> tuple[float, ...]:
     """Sort key of a run (smaller is better); a missing, diverged or non-finite run sorts last."""
-    if summary is None:
+    if summary is None or summary.get("diverged"):
         return (math.inf, math.inf)
     loss = summary.get("final_val_loss")
     loss = math.inf if loss is None or not math.isfinite(loss) else loss

@@ -45,6 +45,8 @@ def _seed_value(run: dict, criterion: str, cap: int) -> str:
     s = run.get("summary")
     if s is None:
         return f"failed ({run.get('error', '?')[:60]})"
+    if s.get("diverged"):
+        return f"diverged at {s['diverged']['step']}"
     if criterion == "steps":
         return str(s["steps_to_target"]) if s["steps_to_target"] is not None else f">{cap}"
     if criterion == "accuracy":
