@@ -211,7 +211,7 @@ def test_relational_attention_probabilities_are_gauge_invariant():
     # the SDPA path equals the explicit one: y = Σ_h P_h V_h Wo_h
     _, _, v = attn.qkv(x)  # (B, H, T, D·r)
     ref = (p @ v).unflatten(-1, (7, 3)).permute(0, 2, 3, 1, 4).flatten(3) @ attn.wo.flatten(0, 1)
-    assert rel_err(attn(x, bias), ref) < 1e-12
+    assert rel_err(attn(x, bias=bias), ref) < 1e-12
 
 
 def test_relational_exact_head_gl():
@@ -234,7 +234,8 @@ def test_relational_uses_one_sdpa_call_per_layer(monkeypatch):
     for positional in ("alibi", "gauge"):
         calls.clear()
         small_relational(positional=positional)(tokens())
-        assert calls == [(3, 2, 9, 3 * 7)] * 2  # (B, H, T, r·D), one call per layer
+        features = 3 * 7 + (2 if positional == "alibi" else 0)  # r·D (+ 2 ALiBi features)
+        assert calls == [(3, 2, 9, features)] * 2  # (B, H, T, ·), one call per layer
 
 
 def test_relational_dressed_reports_ambiguity():

@@ -16,14 +16,16 @@ Blocks (pre-norm, N = RMS over (D, k) without gains, which commutes with O(D)):
 * Attention. Per head, q_i = X_i Wq, k_j = X_j Wk, v_j = X_j Wv (each D×r) with ``wq, wk, wv``
   (H, k, r); the score ⟨q_i, k_j⟩_F / √(rD) = Σ_ab (Wq Wkᵀ)_ab ⟨x_iᵃ, x_jᵇ⟩ / √(rD) is a linear
   functional of the token-channel Gram matrix, hence O(D)-invariant. q, k, v are flattened to
-  r·D features and sent through ONE ``scaled_dot_product_attention`` call, so this code builds
-  no per-head T×T tensor (the ALiBi variant builds one (1, H, T, T) bias per forward, shared by
-  the layers and broadcast over the batch: O(H·T²) memory, independent of B and n_layers).
+  r·D features and sent through ONE ``scaled_dot_product_attention`` call with
+  ``is_causal=True``, so this code builds no T×T tensor. ALiBi enters as two extra query/key
+  features (``_relational_attention``: exact, fused kernel and causal skipping kept); with
+  ``alibi="bias"`` (and in half precision) a materialised (1, H, T, T) bias is used instead.
   The output Σ_j p_ij v_j is mixed back with ``wo`` (H, r, k). GL(r) per head is exact:
   (Wq g, Wk g⁻ᵀ) and (Wv g, g⁻¹ Wo).
 * MLP. h = X W_in, g = X W_gate (D × m per token); each hidden channel vector is gated by a
   learned channel-Gram entry, h_c ↦ h_c · σ(⟨g_c, h_c⟩/√D), then mixed back with ``w_out``; the
-  gate is an invariant scalar multiplying a vector, so the map is O(D)-equivariant.
+  gate is an invariant scalar multiplying a vector, so the map is O(D)-equivariant. Its
+  backward recomputes h and g from X (``_relational_mlp``), so it keeps no hidden-width tensor.
 * Read-out. logit_v = α ⟨N(X_T), E_v⟩ over (D, k) with the tied token embedding E_v and a
   learnable scalar α (``logit_scale``); a scalar commutes with O(D). Classification uses the
   channel Gram matrix X_Tᵀ X_T / D of the last token (k² invariant features) and ``cls_head``.
@@ -55,8 +57,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import check_positive, check_tokens, rms_norm
+from ._relational_attention import (
+    EXACT_DTYPES,
+    alibi_attention,
+    alibi_bias,
+    alibi_slopes,
+    explicit_probs,
+    reference_attention,
+)
+from ._relational_mlp import gram_gated_mlp
 
 POSITIONAL = ("alibi", "gauge")
+ALIBI = ("features", "bias")
+__all__ = ["RelationalConfig", "RelationalTransformer", "alibi_bias", "alibi_slopes"]
 
 
 @dataclass
@@ -73,24 +86,8 @@ class RelationalConfig:
     positional: str = "alibi"  # "alibi" (gauge-free biases) or "gauge" (pos_emb in gauge space)
     dressed: bool = False  # work in the embedding tables' canonical frame (see module docstring)
     strict_inputs: bool = True  # range-check token ids (one host sync per forward)
-
-
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """Geometric per-head slopes 2^(-8(h+1)/H) (Press, Smith, Lewis 2022)."""
-    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)])
-
-
-def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Additive causal ALiBi bias (1, H, T, T): −m_h·(i − j) for j ≤ i, −inf for j > i.
-
-    Four-dimensional on purpose: torch 2.13's CPU dispatcher sends SDPA with a 4-D float mask to
-    the fused flash kernel, a 3-D one to the math path that materialises (B, H, T, T) probabilities
-    (measured at T = 1024: 2.4x the saved activations and 1.7x the time).
-    """
-    pos = torch.arange(seq_len, device=slopes.device)
-    rel = (pos[None, :] - pos[:, None]).to(slopes.dtype)  # (T, T), j − i
-    bias = slopes[:, None, None] * rel  # (H, T, T)
-    return bias.masked_fill(rel > 0, float("-inf")).unsqueeze(0)  # (1, H, T, T)
+    alibi: str = "features"  # "features" (exact, no T×T tensor) or "bias" (materialised reference)
+    lean_mlp: bool = True  # MLP backward recomputes h, g from its input instead of keeping them
 
 
 class RelationalAttention(nn.Module):
@@ -103,38 +100,39 @@ class RelationalAttention(nn.Module):
         self.wv = nn.Parameter(torch.empty(n_heads, n_channels, d_head))
         self.wo = nn.Parameter(torch.empty(n_heads, d_head, n_channels))
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-head queries, keys, values of a channels-last stream x (B, T, D, k)."""
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head (queries / √(rD), keys, values) (3, B, H, T, D·r) of a stream x (B, T, D, k).
+
+        The score scale 1/√(rD) is folded into Wq (a scalar: GL(r) and O(D) are unaffected)."""
         B, T, D, k = x.shape
         H, _, r = self.wq.shape
-        w = torch.stack((self.wq, self.wk, self.wv))  # (3, H, k, r)
+        w = torch.stack((self.wq / math.sqrt(r * D), self.wk, self.wv))  # (3, H, k, r)
         w = w.permute(2, 0, 1, 3).reshape(k, 3 * H * r)  # (k, 3·H·r)
         qkv = (x @ w).view(B, T, D, 3, H, r).permute(3, 0, 4, 1, 2, 5)  # (3, B, H, T, D, r)
-        return qkv.reshape(3, B, H, T, D * r).unbind(0)  # each (B, H, T, D·r)
+        return qkv.reshape(3, B, H, T, D * r)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, slopes: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Causal attention; ALiBi with ``slopes`` (H,) by the feature route, or with a
+        materialised ``bias`` (1, H, T, T) (which also carries the causal mask)."""
         B, T, D, k = x.shape
         H, r, _ = self.wo.shape
-        q, key, v = self.qkv(x)
-        if bias is None:
-            y = F.scaled_dot_product_attention(q, key, v, is_causal=True)  # (B, H, T, D·r)
-        else:  # bias (1, H, T, T) carries the causal mask; SDPA broadcasts it over the batch
-            y = F.scaled_dot_product_attention(q, key, v, attn_mask=bias.to(q.dtype))
-        y = y.view(B, H, T, D, r).permute(0, 2, 3, 1, 4).reshape(B, T, D, H * r)  # (B,T,D,H·r)
+        qkv = self.qkv(x)  # (3, B, H, T, D·r)
+        if slopes is not None and bias is None and qkv.dtype not in EXACT_DTYPES:
+            bias = alibi_bias(slopes, T)  # half precision cannot hold the position features
+        if slopes is not None and bias is None:
+            y = alibi_attention(qkv, slopes)  # (B, H, T, D·r)
+        else:
+            y = reference_attention(qkv, bias)
+        y = y.unflatten(-1, (D, r)).permute(0, 2, 3, 1, 4).reshape(B, T, D, H * r)  # (B,T,D,H·r)
         return y @ self.wo.reshape(H * r, k)  # (B, T, D, k)
 
     def probs(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Attention probabilities (B, H, T, T), materialised explicitly; for tests and analysis.
 
-        ``bias`` is what :meth:`forward` gets: an ``alibi_bias`` (1, H, T, T), or None for the
-        plain causal mask."""
-        q, key, _ = self.qkv(x)
-        T = q.shape[2]
-        if bias is None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-            bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill(causal, -math.inf)
-        scores = q @ key.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-        return torch.softmax(scores + bias.to(q.dtype), dim=-1)
+        ``bias``: an ``alibi_bias`` (1, H, T, T), or None for the plain causal mask."""
+        return explicit_probs(self.qkv(x), bias)
 
 
 class ChannelMLP(nn.Module):
@@ -152,32 +150,33 @@ class ChannelMLP(nn.Module):
     gate is instead the coordinate-wise GELU of h, a gauge-dependent op, and ``w_gate`` is absent.
     """
 
-    def __init__(self, n_channels: int, d_mlp: int, coordinate: bool = False) -> None:
+    def __init__(
+        self, n_channels: int, d_mlp: int, coordinate: bool = False, recompute: bool = True
+    ) -> None:
         super().__init__()
         self.w_in = nn.Parameter(torch.empty(n_channels, d_mlp))
         if not coordinate:
             self.w_gate = nn.Parameter(torch.empty(n_channels, d_mlp))
         self.w_out = nn.Parameter(torch.empty(d_mlp, n_channels))
         self.coordinate = coordinate
+        self.recompute = recompute  # backward recomputes h, g (``_relational_mlp``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.coordinate:
             return F.gelu(x @ self.w_in) @ self.w_out  # (B, T, D, k)
-        h, g = (x @ torch.cat((self.w_in, self.w_gate), 1)).chunk(2, -1)  # (B, T, D, m) each
-        s = (g * h).sum(-2, keepdim=True) / math.sqrt(x.shape[-2])  # (B, T, 1, m), invariant
-        return (h * torch.sigmoid(s)) @ self.w_out  # (B, T, D, k)
+        return gram_gated_mlp(x, self.w_in, self.w_gate, self.w_out, self.recompute)
 
 
 class RelationalBlock(nn.Module):
     """Pre-norm block on the channels-last stream; N = RMS over (D, k) without gains."""
 
-    def __init__(self, n_channels: int, n_heads: int, d_head: int, d_mlp: int, dressed: bool):
+    def __init__(self, n_channels, n_heads, d_head, d_mlp, dressed: bool, lean_mlp: bool = True):
         super().__init__()
         self.attn = RelationalAttention(n_channels, n_heads, d_head)
-        self.mlp = ChannelMLP(n_channels, d_mlp, coordinate=dressed)
+        self.mlp = ChannelMLP(n_channels, d_mlp, coordinate=dressed, recompute=lean_mlp)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, 2), bias)
+    def forward(self, x: torch.Tensor, slopes=None, bias=None) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, 2), slopes, bias)
         return x + self.mlp(rms_norm(x, 2))
 
 
@@ -209,6 +208,8 @@ class RelationalTransformer(nn.Module):
         positional: str = "alibi",
         dressed: bool = False,
         strict_inputs: bool = True,
+        alibi: str = "features",
+        lean_mlp: bool = True,
     ) -> None:
         super().__init__()
         check_positive(
@@ -218,11 +219,13 @@ class RelationalTransformer(nn.Module):
         )  # fmt: skip
         if positional not in POSITIONAL:
             raise ValueError(f"positional must be one of {POSITIONAL}, got {positional!r}")
+        if alibi not in ALIBI:
+            raise ValueError(f"alibi must be one of {ALIBI}, got {alibi!r}")
         d_head = max(1, n_channels // n_heads) if d_head is None else d_head
         d_mlp = 4 * n_channels if d_mlp_channels is None else d_mlp_channels
         self.config = RelationalConfig(
             vocab_size, n_channels, d_gauge, n_layers, n_heads, max_len, d_head, d_mlp,
-            n_classes, positional, dressed, strict_inputs,
+            n_classes, positional, dressed, strict_inputs, alibi, lean_mlp,
         )  # fmt: skip
         k, D = n_channels, d_gauge
         self.tok_emb = nn.Parameter(torch.empty(vocab_size, k, D))
@@ -231,7 +234,7 @@ class RelationalTransformer(nn.Module):
         else:
             self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
         self.blocks = nn.ModuleList(
-            RelationalBlock(k, n_heads, d_head, d_mlp, dressed) for _ in range(n_layers)
+            RelationalBlock(k, n_heads, d_head, d_mlp, dressed, lean_mlp) for _ in range(n_layers)
         )
         if n_classes is not None:
             self.cls_head = nn.Parameter(torch.empty(n_classes, k * k))
@@ -303,9 +306,10 @@ class RelationalTransformer(nn.Module):
         if pos is not None:
             x = x + pos
         x = x.transpose(-1, -2).contiguous()  # (B, T, D, k) channels-last
-        bias = None if pos is not None else alibi_bias(self.alibi_slopes, T)  # (1, H, T, T)
+        slopes = None if pos is not None else self.alibi_slopes  # (H,)
+        bias = alibi_bias(slopes, T) if slopes is not None and cfg.alibi == "bias" else None
         for block in self.blocks:
-            x = block(x, bias)
+            x = block(x, slopes, bias)  # bias (1, H, T, T): built once, shared by the layers
         if cfg.n_classes is not None:
             x = rms_norm(x[:, -1], 2)  # (B, D, k)
             gram = x.transpose(-1, -2) @ x / cfg.d_gauge  # (B, k, k) channel Gram, invariant
