@@ -1,3 +1,4 @@
 """The ``quotopt`` command line (``quotopt.cli.main:main``): ``train``, ``compare``,
-``spectrum`` and ``bench``. Thin: parse arguments, call ``quotopt.training`` and
-``quotopt.dynamics``, write files and plots (``plots``, matplotlib's Agg backend)."""
+``spectrum``, ``study`` and ``bench``. Thin: parse arguments, call ``quotopt.training``,
+``quotopt.dynamics`` and ``quotopt.study``, write files and figures (``plots``, drawn with
+``quotopt.plotting``)."""

@@ -1,14 +1,15 @@
-"""The study's PNG figures (matplotlib, Agg): curves at each optimiser's best setting, gauge
-dynamics, relational vs standard by training time, flat-direction counts by tolerance."""
+"""The study's PNG figures, drawn with ``quotopt.plotting``: curves at each optimiser's best
+setting, gauge dynamics, relational vs standard by training time, flat-direction counts by
+tolerance."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import plots  # selects the Agg backend before pyplot is imported
+import numpy as np
 
-plt = plots.plt
-np = plots.np
+from ..plotting import curves, new_figure, save_figure
+
 CURVE_KEY = {"steps": None, "loss": "val_loss", "accuracy": "val_accuracy"}
 
 
@@ -28,35 +29,33 @@ def task_curves(task: str, entry: dict, path: Path) -> None:
     metric = entry["metric"]
     keys = [f"val_{metric}"] if metric != "loss" else []
     keys.append("val_loss")
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    fig, axes = new_figure(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     runs = _labelled(entry["runs"])
     for ax, key in zip(axes[0], keys):
-        plots._curves(ax, runs, key, log=key == "val_loss")
+        curves(ax, runs, key, log=key == "val_loss")
         ax.set_title(f"{task}: {key.replace('_', ' ')} (faint: seeds; bold: mean)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def dynamics(task: str, entry: dict, path: Path) -> None:
     """Gauge drift, per-head imbalance and balance gap over training (every seed's mean)."""
     keys = ("gauge_drift", "head_imbalance", "balance_gap")
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4))
+    fig, axes = new_figure(1, 3, figsize=(17, 4))
     runs = _labelled(entry["runs"])
     for ax, key in zip(axes, keys):
-        plots._curves(ax, runs, key, log=True)
+        curves(ax, runs, key, log=True)
         ax.set_title(f"{task}: {key.replace('_', ' ')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def relational(runs: dict[str, list[dict]], path: Path) -> None:
     """Validation loss against training time (seconds) for both architectures."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     for index, (model, group) in enumerate(runs.items()):
         for seed_index, run in enumerate(r for r in group if r.get("summary")):
             pts = [(r["train_time"], r["val_loss"]) for r in run["records"] if r["val_loss"]]
+            if not pts:  # diverged from the start: nothing to draw
+                continue
             t, v = np.array(pts).T
             label = f"{model} ({run['summary']['n_params']:,} params)" if not seed_index else None
             ax.plot(t, v, color=f"C{index}", lw=1.2, label=label)
@@ -65,14 +64,12 @@ def relational(runs: dict[str, list[dict]], path: Path) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def flat_counts(reports: list[dict], path: Path) -> None:
     """Flat directions (total and horizontal) against the relative tolerance, per decay."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     for index, report in enumerate(r for r in reports if "flat_by_tolerance" in r):
         tols = sorted(report["flat_by_tolerance"], key=float)
         counts = np.array([report["flat_by_tolerance"][t] for t in tols])
@@ -85,9 +82,7 @@ def flat_counts(reports: list[dict], path: Path) -> None:
     ax.set_ylabel("near-null eigenvalues")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 __all__ = ["dynamics", "flat_counts", "relational", "task_curves"]
