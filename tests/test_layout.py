@@ -1,0 +1,150 @@
+"""The shape of the source tree: no file of ``quotopt/`` or ``manifolds/`` over 400 lines, and
+every module of both packages imports on its own and in any order (no import cycle).
+
+An import cycle shows only when one of its modules is imported *first*: importing
+``quotopt`` (which pulls in most modules in one fixed order) hides it. So every module is
+imported first in an interpreter where no module of either package is loaded yet: by default in
+one child process that unloads both packages between imports (third-party modules such as
+torch stay loaded; they take no part in a cycle of ours), and, marked slow, in a fresh
+``python -c "import X"`` per module. Shuffled orders of all modules are imported too. Each check
+has a control: a planted two-module cycle that the same helper must report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("quotopt", "manifolds")
+MAX_LINES = 400
+
+
+def modules(root: Path = ROOT, packages=PACKAGES) -> list[str]:
+    """Dotted names of every module of ``packages`` under ``root`` (packages included)."""
+    names = []
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_no_source_file_over_the_line_limit():
+    sizes = {
+        path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+    }
+    assert len(sizes) > 20  # the walk found the tree
+    over = {path: n for path, n in sorted(sizes.items()) if n > MAX_LINES}
+    assert not over, f"files over {MAX_LINES} lines: {over}"
+
+
+# the child: for each order, unload both packages, import the order, report the first failure
+_CHILD = """
+import importlib, json, random, sys, traceback
+names, prefixes, seeds = (json.loads(arg) for arg in sys.argv[1:4])
+prefixes = tuple(prefixes)
+orders = [[n] for n in names] + [random.Random(s).sample(names, len(names)) for s in seeds]
+failures = []
+for order in orders:
+    for loaded in [m for m in sys.modules if m.split(".")[0] in prefixes]:
+        del sys.modules[loaded]
+    for name in order:
+        try:
+            importlib.import_module(name)
+        except Exception as err:
+            last = traceback.extract_tb(err.__traceback__)[-1]
+            where = f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno}"
+            failures.append(dict(order=order[:order.index(name) + 1], module=name,
+                                 error=f"{type(err).__name__}: {err} ({where})"))
+            break
+print(json.dumps(failures))
+"""
+
+
+def import_failures(names, root: Path = ROOT, packages=PACKAGES, seeds=(0, 1, 2)) -> list[dict]:
+    """Failures of importing each of ``names`` first, then of ``len(seeds)`` shuffled orders
+    of all of them (each failure: the order up to the module that failed, and the error)."""
+    argv = [json.dumps(list(names)), json.dumps(list(packages)), json.dumps(list(seeds))]
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, *argv],
+        cwd=root, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _describe(failures: list[dict]) -> str:
+    lines = [f"{f['module']} (after {f['order'][:-1][-3:]}): {f['error']}" for f in failures]
+    return "\n".join(lines)
+
+
+def test_every_module_imports_first_and_in_shuffled_orders():
+    names = modules()
+    assert {"quotopt.training.loop", "quotopt.plotting", "manifolds.heads"} <= set(names)
+    failures = import_failures(names)
+    assert not failures, _describe(failures)
+
+
+def _planted_cycle(tmp_path: Path) -> Path:
+    """A package ``cyc`` whose modules ``a`` and ``b`` import a name from each other."""
+    package = tmp_path / "cyc"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .b import B\n\nA = 1\n")
+    (package / "b.py").write_text("from .a import A\n\nB = 2\n")
+    return tmp_path
+
+
+def test_a_planted_import_cycle_is_reported(tmp_path):
+    """The control: the same helper on a two-module cycle reports both modules."""
+    root = _planted_cycle(tmp_path)
+    failures = import_failures(modules(root, ("cyc",)), root, ("cyc",), seeds=(0,))
+    assert {f["module"] for f in failures} >= {"cyc.a", "cyc.b"}
+    assert all("partially initialized" in f["error"] for f in failures)
+
+
+def _fresh_import(name: str, root: Path = ROOT) -> str | None:
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {name}"], cwd=root, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {done.returncode}"
+
+
+@pytest.mark.slow
+def test_every_module_imports_in_a_fresh_interpreter(tmp_path):
+    names = modules()
+    with ThreadPoolExecutor(2) as pool:
+        errors = dict(zip(names, pool.map(_fresh_import, names)))
+    failed = {name: error for name, error in errors.items() if error}
+    assert not failed, "\n".join(f"{n}: {e}" for n, e in failed.items())
+    control = _planted_cycle(tmp_path)
+    assert "partially initialized" in (_fresh_import("cyc.a", control) or "")
+
+
+def test_plotting_selects_no_backend_and_leaves_pyplot_alone(tmp_path):
+    """``quotopt.plotting`` imports matplotlib only when drawing and never ``pyplot``."""
+    code = (
+        "import sys, quotopt.plotting as qp\n"
+        "assert 'matplotlib' not in sys.modules\n"
+        "fig, ax = qp.new_figure()\n"
+        "run = dict(summary=dict(config=dict(optim='adamw')),\n"
+        "           records=[dict(step=0, val_loss=1.0), dict(step=1, val_loss=None)])\n"
+        "qp.curves(ax, [run], 'val_loss', log=True)\n"
+        f"qp.save_figure(fig, {str(tmp_path / 'f.png')!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
