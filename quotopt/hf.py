@@ -1,352 +1,290 @@
-r"""Hugging Face ``transformers`` models: their parameter symmetries as quotopt param groups.
+r"""Hugging Face ``transformers`` models: their head and unit symmetries, found by structure.
 
-Optional extra ``hf`` (``pip install quotopt[hf]``). This module never imports ``transformers``:
-it recognises the library's modules by class name, so importing it (and calling its detectors
-on other models) costs nothing. ``symmetries_hf(model)`` is ``quotopt.symmetries(model)`` with
-these detectors added; ``hf_attention`` and ``hf_units`` have the signature of the detectors in
-``quotopt.symmetries``, ``(prefix, module, metric) -> list[group dict]``.
+Optional extra ``hf``. This module never imports ``transformers``: it reads module *structure* —
+which linear maps a module holds under which role names, their shapes, the head counts the module
+or its config states — and proposes candidate groups (``quotopt.detect.Slot``); ``quotopt.
+symmetries`` keeps each candidate only once it verifies numerically on a float64 copy of the
+module. One description covers the families:
 
-What is detected (float64 checks in ``tests/test_hf.py``: logits unchanged to round-off):
+* **separate projections** q/k/v/o (names ``q_proj|query|q|q_lin``, ``k_proj|key|k|k_lin``,
+  ``v_proj|value|v|v_lin``, ``o_proj|out_proj|o|out_lin|dense|c_proj``, children or grandchildren
+  — BERT's ``self.query`` and ``output.dense``): BERT, RoBERTa, DistilBERT, ViT, OPT, BART, T5,
+  Whisper, Gemma, Phi, GPT-J, LLaMA/Mistral/Qwen2, cross-attention of encoder–decoders;
+* **fused** q/k/v (``query_key_value|qkv_proj|c_attn|Wqkv``, ``nn.Linear`` or GPT-2's transposed
+  ``Conv1D``) in either order the families use — blocks [Q | K | V] (Phi-3, GPT-BigCode, GPT-2,
+  Falcon multi-query) or per key/value group [q₁ … q_n, k, v] (GPT-NeoX, BLOOM, Falcon's new
+  architecture) — the one that verifies is kept;
+* **grouped/multi-query** attention: query heads h = j·n_rep … (j+1)·n_rep − 1 share key/value
+  head j, so they share its g: the query factor stacks them along its rows (n_kv, n_rep·d, r), the
+  output factor puts their blocks side by side (n_kv, r, n_rep·d);
+* **RoPE**: full GL(r) does not commute with the rotations; the commutant (one complex scalar per
+  rotary plane, ``manifolds.RotaryQK``, pairing ``half`` or ``interleaved``) is tried next.
+  Partial rotary and QK-norm with gains leave no group quotopt has a bundle for on the query/key
+  pair (reported); the value/output pair keeps GL(r);
+* **MLPs**: two-layer (``fc1/fc2``, ``lin1/lin2``, ``wi/wo``, ``c_fc/c_proj``,
+  ``dense_h_to_4h/dense_4h_to_h``, ``fc_in/fc_out``, ``intermediate.dense/output.dense``) offered
+  positive rescaling, which verifies for ReLU (OPT, T5) and is rejected for GELU/SiLU; gated
+  (``gate_proj/up_proj/down_proj``, ``wi_0/wi_1/wo``, ``w1/w3/w2``, fused ``gate_up_proj``):
+  rescaling of (up row j, down column j), exact whatever the activation; **mixture-of-experts**
+  experts stored as (E, 2m, d) / (E, d, m) tensors: the same per expert and unit.
 
-* **GPT-2** (``GPT2Attention``): one fused ``c_attn`` ``Conv1D`` (weight (d, 3d), y = x W + b)
-  holds q, k and v; ``c_proj`` (d, d) reads the concatenated heads. Per head GL(r) on
-  (W_q, W_k) and on (W_v, W_o), the query and value biases folded in as one more row of their
-  input factors ([W; b] acts on [x, 1]). A tensor may sit in one optimiser group only, so the
-  layer is ONE group, ``ProductBundle([HeadQK, HeadOV])`` (layout ``Conv1DHeads``;
-  ``c_proj.bias`` is written into the residual stream and stays plain).
-  The key bias b_k is left out of the point (``Conv1DHeads(..., key_bias=False)``): it enters
-  the scores only as q·b_k, the same for every key, which the softmax ignores — it has no effect
-  on the output and its gradient is identically zero, so the action may leave it alone (still
-  an exact symmetry). Folded into W_k, it is a flat row inside the GL(r) bundle: per-row Adam
-  moments blow its round-off-level gradient up to O(1) steps, and ``QuotientAdam`` with
-  ``metric="invariant"`` diverged within 3–7 steps at lr 1e-3 (factors growing ×10³ per step),
-  while without it the same run trains. (With RoPE the key bias is rotated by the key's
-  position and matters, so the LLaMA-family layouts fold it.)
-* **LLaMA family** (``LlamaAttention``, ``MistralAttention``, ``Qwen2Attention``): separate
-  ``nn.Linear`` q/k/v/o projections (weights (out, in), optional q/k/v biases folded in as rows),
-  grouped-query attention (n_rep = n_heads / n_kv query heads share one key/value head: head h
-  uses key/value head h // n_rep) and RoPE in the ``rotate_half`` convention (coordinate i pairs
-  with i + r/2). Per key/value head j:
+Biases by role: a query or value bias is the last row of its factor, a key bias is frozen
+(no RoPE) or a row of the key factor (RoPE), see ``quotopt.detect``.
 
-  - Q/K: ``manifolds.RotaryQK`` — RoPE shrinks GL(r) to the commutant of the rotations,
-    (C*)^{r/2}; every query head of the group must use the same g (the key is shared), so A
-    stacks the group's query heads along its rows, A = [W_q,h₁; W_q,h₂; …] (n_kv, n_rep·d, r),
-    B = W_k (n_kv, d, r) (layout ``GroupedQueryKey``);
-  - V/O: ``manifolds.HeadOV`` with full GL(r) (RoPE does not touch values): W_v (n_kv, d, r)
-    gets g, and the n_rep output blocks W_o,h (r, d) of the group's query heads all get g⁻¹,
-    stacked as W_o (n_kv, r, n_rep·d) (layout ``GroupedValueOutput``).
-
-  With n_rep > 1 (or biases) the stacked coordinates are copies that the layouts scatter back.
-* **Gated MLPs** (``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``): down(act(gate(x)) ⊙ up(x)) is
-  unchanged by (up row j × s, down column j / s) for any s ≠ 0, whatever the activation: a
-  ``PositiveRescaling`` group (its identity component s > 0) on ``up_proj``/``down_proj``
-  (``gate_proj`` stays plain).
-
-What is not reduced, and why:
-
-* **GPT-2's MLP** uses GELU: no rescaling symmetry.
-* **Norms.** LayerNorm's centering breaks O(d) of the residual stream down to the stabiliser of
-  the all-ones vector, O(d-1). RMSNorm (LLaMA) keeps all of O(d), and neither norm's gains γ
-  remove what is left: with D = diag(γ) of the norm feeding a weight, x ↦ xR on the stream
-  together with W ↦ W·D R D⁻¹ on the ``nn.Linear`` weights that read the norm (and the LayerNorm
-  bias β ↦ β D⁻¹RD) is exact — but that action is not orthogonal on those weights, so it is not
-  ``manifolds.ResidualRotation``. Folding the gains into the next weights (W ← W D, γ ← 1; for
-  the final norm, into an *untied* lm_head) is a reparametrisation that changes parameters;
-  after it, O(d) (RMSNorm) or O(d-1) (LayerNorm) acts by plain rotation of every tensor's
-  model-space axis (SliceGPT's computational invariance). With tied embeddings and a
-  non-constant final gain only the rotations commuting with D survive (generically a finite
-  group). Either way that group acts jointly with the heads' GL(r) on q/k/v/o — the joint
-  reduction quotopt does not implement — so norms are left as they are, in the plain group.
-  (Likewise the diagonal rescaling γⱼ ↦ γⱼsⱼ, W[:, j] ↦ W[:, j]/sⱼ between a gain and the
-  weights reading it is exact but overlaps the head groups.)
-* Cross-attention GPT-2 blocks, partial rotary embeddings and q/k norms (Qwen3, OLMo-2) are not
-  recognised: their parameters stay in the plain group.
+``example_inputs(model)`` builds the inputs the detection probes the model with, from its config.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 import manifolds as M
-from manifolds.rotary import RotaryQK
 
-from .layouts import Layout, UnitsOfLinear, _linear_rows_as_heads
+from .detect import Option, Slot, head_options
+from .layouts import Conv1DHeads, GroupedQueryKey, GroupedValueOutput, ProjectionHeads, Rows
+from .layouts import feature_blocks as blocks
+from .structure import conv1d, mlp_slots, out_features, projection
 
 __all__ = [
     "Conv1DHeads",
     "GroupedQueryKey",
     "GroupedValueOutput",
-    "ROTARY_ATTENTION",
-    "GATED_MLP",
-    "hf_attention",
-    "hf_units",
-    "symmetries_hf",
+    "example_inputs",
+    "hf_slots",
 ]
 
-#: Attention classes with separate q/k/v/o ``nn.Linear`` projections and full-width RoPE, by
-#: class name, with the RoPE pairing they use (``"half"``: HF's ``rotate_half``).
-ROTARY_ATTENTION = {"LlamaAttention": "half", "MistralAttention": "half", "Qwen2Attention": "half"}
-#: Gated MLPs down(act(gate(x)) * up(x)) with ``nn.Linear`` projections, by class name.
-GATED_MLP = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
-_GPT2_ATTENTION = ("GPT2Attention",)
+Q, K, V = (
+    ("q_proj", "query", "q", "q_lin"),
+    ("k_proj", "key", "k", "k_lin"),
+    ("v_proj", "value", "v", "v_lin"),
+)
+O = ("o_proj", "out_proj", "o", "out_lin", "dense", "c_proj")
+FUSED = ("query_key_value", "qkv_proj", "c_attn", "Wqkv")
+QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm")
 
 
-# ---- layouts ----------------------------------------------------------------------------------
-def _with_bias_row(heads: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(H, d, r) factors and a (H·r,) bias → (H, d+1, r) ([W; b] acts on [x, 1]); no bias: as is."""
-    if bias is None:
-        return heads
-    return torch.cat([heads, bias.view(heads.shape[0], 1, -1)], dim=1)
+def _attr(objects, names):
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
 
 
-def _write_heads(weight_heads: torch.Tensor, bias: torch.Tensor | None, factor: torch.Tensor):
-    """Inverse of ``_with_bias_row``: copy a (H, d[+1], r) factor into its weight view and bias."""
-    if bias is None:
-        weight_heads.copy_(factor)
-        return
-    weight_heads.copy_(factor[:, :-1])
-    bias.view(factor.shape[0], 1, -1).copy_(factor[:, -1:])
-
-
-class Conv1DHeads(Layout):
-    """GPT-2 attention: params ``[c_attn.weight (d, 3d), c_attn.bias (3d,), c_proj.weight (d, d)]``
-    → point (W_q (H, d+1, r), W_k (H, d[+1], r), W_v (H, d+1, r), W_o (H, r, d)) of
-    ``ProductBundle([HeadQK, HeadOV])``.
-
-    ``Conv1D`` computes x W + b, so head h of q reads columns h·r:(h+1)·r of the first third of
-    ``c_attn.weight``; its bias entries become the last row. The key bias is a row of W_k only
-    with ``key_bias=True`` (see the module docstring for why the default leaves it alone). The
-    input factors with a bias row are copies (scattered back); W_k without one and W_o are
-    views.
-    """
-
-    needs_scatter = True
-
-    def __init__(self, embed_dim: int, n_heads: int, key_bias: bool = False):
-        self.embed_dim, self.n_heads, self.key_bias = embed_dim, n_heads, key_bias
-        self.description = f"E={embed_dim}, H={n_heads}, key_bias={key_bias}"
-
-    def _input_heads(self, weight: torch.Tensor) -> list[torch.Tensor]:
-        e, h = self.embed_dim, self.n_heads
-        return [weight[:, i * e : (i + 1) * e].view(e, h, -1).transpose(0, 1) for i in range(3)]
-
-    def _biases(self, bias: torch.Tensor) -> list[torch.Tensor | None]:
-        """The q, k, v biases that are rows of their factors (k's only with ``key_bias``)."""
-        e = self.embed_dim
-        thirds = [bias[i * e : (i + 1) * e] for i in range(3)]
-        return [thirds[0], thirds[1] if self.key_bias else None, thirds[2]]
-
-    def _out(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.view(self.n_heads, -1, self.embed_dim)  # (H, r, E)
-
-    def gather(self, tensors):
-        weight, bias, out = tensors
-        inputs = self._input_heads(weight)  # 3 × (H, E, r) views
-        factors = [_with_bias_row(w, b) for w, b in zip(inputs, self._biases(bias))]
-        return (*factors, self._out(out))
-
-    def scatter(self, params, point) -> None:
-        weight, bias, out = params
-        for heads, b, factor in zip(self._input_heads(weight), self._biases(bias), point[:3]):
-            _write_heads(heads, b, factor)
-        self._out(out).copy_(point[3])
-
-
-class GroupedQueryKey(Layout):
-    """Grouped-query Q/K: params ``[q_proj.weight, (q_proj.bias), k_proj.weight, (k_proj.bias)]``
-    → point (A (n_kv, n_rep·(d[+1]), r), B (n_kv, d[+1], r)) of ``RotaryQK``.
-
-    A stacks the query heads h = j·n_rep, …, (j+1)·n_rep − 1 of key head j along its rows. Views
-    when n_rep = 1 and there is no bias; otherwise copies, written back by ``scatter``.
-    """
-
-    def __init__(self, n_heads: int, n_kv: int, has_bias: bool):
-        self.n_heads, self.n_kv, self.has_bias = n_heads, n_kv, has_bias
-        self.needs_scatter = has_bias or n_heads != n_kv
-        self.description = f"H={n_heads}, H_kv={n_kv}, bias={has_bias}"
-
-    def _split(self, tensors):
-        """(q weight, q bias | None, k weight, k bias | None)."""
-        if self.has_bias:
-            return tuple(tensors)
-        q, k = tensors
-        return q, None, k, None
-
-    def gather(self, tensors):
-        q, q_bias, k, k_bias = self._split(tensors)
-        a = _with_bias_row(_linear_rows_as_heads(q, self.n_heads), q_bias)  # (H, d[+1], r)
-        b = _with_bias_row(_linear_rows_as_heads(k, self.n_kv), k_bias)  # (H_kv, d[+1], r)
-        return (a.reshape(self.n_kv, -1, a.shape[-1]), b)
-
-    def scatter(self, params, point) -> None:
-        q, q_bias, k, k_bias = self._split(params)
-        a = point[0].reshape(self.n_heads, -1, point[0].shape[-1])
-        _write_heads(_linear_rows_as_heads(q, self.n_heads), q_bias, a)
-        _write_heads(_linear_rows_as_heads(k, self.n_kv), k_bias, point[1])
-
-
-class GroupedValueOutput(Layout):
-    """Grouped-query V/O: params ``[v_proj.weight, (v_proj.bias), o_proj.weight (d, H·r)]`` →
-    point (W_v (n_kv, d[+1], r), W_o (n_kv, r, n_rep·d)) of ``HeadOV`` with factor rows
-    (d[+1], n_rep·d).
-
-    W_o of key/value head j puts the output blocks W_o,h = o_proj.weight[:, h·r:(h+1)·r]ᵀ of its
-    query heads side by side. Views when n_rep = 1 and there is no bias.
-    """
-
-    def __init__(self, n_heads: int, n_kv: int, has_bias: bool):
-        self.n_heads, self.n_kv, self.has_bias = n_heads, n_kv, has_bias
-        self.needs_scatter = has_bias or n_heads != n_kv
-        self.description = f"H={n_heads}, H_kv={n_kv}, bias={has_bias}"
-
-    def _out_blocks(self, weight: torch.Tensor) -> torch.Tensor:
-        d = weight.shape[0]
-        n_rep = self.n_heads // self.n_kv
-        return weight.view(d, self.n_kv, n_rep, -1).permute(1, 3, 2, 0)  # (H_kv, r, n_rep, d)
-
-    def gather(self, tensors):
-        v, *rest = tensors
-        v_bias = rest[0] if self.has_bias else None
-        wv = _with_bias_row(_linear_rows_as_heads(v, self.n_kv), v_bias)
-        blocks = self._out_blocks(rest[-1])
-        return (wv, blocks.reshape(self.n_kv, blocks.shape[1], -1))
-
-    def scatter(self, params, point) -> None:
-        v, *rest = params
-        v_bias = rest[0] if self.has_bias else None
-        _write_heads(_linear_rows_as_heads(v, self.n_kv), v_bias, point[0])
-        blocks = self._out_blocks(rest[-1])
-        blocks.copy_(point[1].view(blocks.shape))
-
-
-# ---- detectors ----------------------------------------------------------------------------
-def _gpt2_attention(prefix: str, module: nn.Module, metric: str) -> list[dict]:
-    if getattr(module, "is_cross_attention", False):
-        return []
-    e, h = module.embed_dim, module.num_heads
-    r = e // h
-    # the key bias is not a row (see the module docstring); c_proj reads no bias row
-    qk = M.HeadQK(h, e + 1, r, metric, factor_rows=(e + 1, e))
-    ov = M.HeadOV(h, e + 1, r, metric, factor_rows=(e + 1, e))
-    return [
-        {
-            "params": [module.c_attn.weight, module.c_attn.bias, module.c_proj.weight],
-            "bundle": M.ProductBundle([qk, ov]),
-            "layout": Conv1DHeads(e, h),
-            "name": f"{prefix}heads",
-        }
-    ]
-
-
-def _linear(module: nn.Module, name: str) -> nn.Linear | None:
-    layer = getattr(module, name, None)
-    return layer if isinstance(layer, nn.Linear) else None
-
-
-def _weight_and_bias(layer: nn.Linear) -> list[nn.Parameter]:
-    return [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
-
-
-def _rotary_attention(prefix: str, module: nn.Module, metric: str, pairing: str) -> list[dict]:
-    q, k, v, o = (_linear(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+def _sizes(module, q_out, hidden):
     config = getattr(module, "config", None)
-    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
-    if None in (q, k, v, o) or partial != 1.0 or hasattr(module, "q_norm"):
+    where = [module] + ([config] if config is not None else [])
+    n_heads = _attr(where, ("num_heads", "num_attention_heads", "n_heads", "n_head"))
+    r = _attr(where, ("head_dim", "head_size", "attention_head_size", "key_value_proj_dim"))
+    if n_heads is None:
+        return None
+    r = r or (hidden // n_heads)
+    n_kv = _attr(where, ("num_key_value_heads", "num_kv_heads", "n_head_kv"))
+    return n_heads, r, n_kv
+
+
+def _rotary_hint(module) -> str:
+    config = getattr(module, "config", None)
+    rope = getattr(config, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    partial = partial or getattr(config, "partial_rotary_factor", None)
+    rot = getattr(module, "rotary_dim", None) or getattr(module, "rotary_ndims", None)
+    if (partial is not None and partial < 1) or (rot and rot < getattr(module, "head_dim", 10**9)):
+        return "partial rotary: the commutant mixes RoPE planes with a GL block; no bundle"
+    return ""
+
+
+def _qk_note(module) -> str:
+    norms = [n for n in QK_NORMS if getattr(module, n, None) is not None]
+    if norms:
+        return f"QK-norm ({', '.join(norms)}) with per-coordinate gains: only sign flips survive"
+    return _rotary_hint(module) or "no query/key group verified"
+
+
+def _separate(path, module, metric, proj) -> list[Slot]:
+    (qn, q), (kn, k), (vn, v), (on, o) = proj
+    d, conv = (q.weight.shape[0] if conv1d(q) else q.weight.shape[1]), conv1d(q)
+    sizes = _sizes(module, out_features(q), d)
+    if sizes is None:
         return []
-    r = module.head_dim
-    d = q.in_features
-    n_heads, n_kv = q.out_features // r, k.out_features // r
-    bias = q.bias is not None
-    if (k.bias is not None) != bias or (v.bias is not None) != bias:
-        return []  # mixed biases: not a layout we have
-    rows = d + int(bias)
-    n_rep = n_heads // n_kv
-    qk = RotaryQK(n_kv, rows, r, metric, pairing=pairing, factor_rows=(n_rep * rows, rows))
-    ov = M.HeadOV(n_kv, rows, r, metric, factor_rows=(rows, n_rep * d))  # o_proj: no bias row
-    return [
-        {
-            "params": _weight_and_bias(q) + _weight_and_bias(k),
-            "bundle": qk,
-            "layout": GroupedQueryKey(n_heads, n_kv, bias),
-            "name": f"{prefix}qk",
-        },
-        {
-            "params": _weight_and_bias(v) + [o.weight],
-            "bundle": ov,
-            "layout": GroupedValueOutput(n_heads, n_kv, bias),
-            "name": f"{prefix}ov",
-        },
-    ]
-
-
-def _known_class(module: nn.Module, names) -> str | None:
-    """The first class of ``type(module)``'s MRO named in ``names`` (so subclasses such as older
-    releases' ``LlamaSdpaAttention(LlamaAttention)`` are recognised), or None."""
-    return next((c.__name__ for c in type(module).__mro__ if c.__name__ in names), None)
-
-
-def hf_attention(prefix: str, module: nn.Module, metric: str) -> list[dict]:
-    """Head groups of one Hugging Face attention module (GPT-2, LLaMA family); [] otherwise."""
-    if _known_class(module, _GPT2_ATTENTION):
-        return _gpt2_attention(prefix, module, metric)
-    name = _known_class(module, ROTARY_ATTENTION)
-    if name is not None:
-        return _rotary_attention(prefix, module, metric, ROTARY_ATTENTION[name])
-    return []
-
-
-def hf_units(prefix: str, module: nn.Module, metric: str) -> list[dict]:
-    """Rescaling of the hidden units of a gated MLP (up row × s, down column / s); [] otherwise."""
-    if _known_class(module, GATED_MLP) is None:
+    n_heads, r, _ = sizes
+    if out_features(q) != n_heads * r or out_features(k) % r or out_features(k) != out_features(v):
         return []
-    up, down = _linear(module, "up_proj"), _linear(module, "down_proj")
-    if up is None or down is None or _linear(module, "gate_proj") is None:
+    n_kv = out_features(k) // r
+    if n_heads % n_kv:
         return []
-    bias = up.bias is not None
-    m, d = up.weight.shape
-    return [
-        {
-            "params": [up.weight] + ([up.bias] if bias else []) + [down.weight],
-            "bundle": M.PositiveRescaling(m, d + int(bias), down.out_features, metric),
-            "layout": UnitsOfLinear(bias),
-            "name": f"{prefix}units",
-        }
-    ]
-
-
-def symmetries_hf(
-    model: nn.Module,
-    *,
-    metric: str = "euclidean",
-    heads: bool = True,
-    rescaling: bool = True,
-    declared: Sequence[dict] = (),
-    **kwargs,
-) -> list[dict]:
-    """``quotopt.symmetries(model, ...)`` with the Hugging Face detectors of this module.
-
-    The detected groups are passed as declared groups after ``declared`` (which win on
-    overlap); other keyword arguments go to ``quotopt.symmetries``.
-    """
-    from .symmetries import symmetries
-
-    found: list[dict] = []
-    for prefix, module in model.named_modules():
-        prefix = f"{prefix}." if prefix else ""
-        if heads:
-            found += hf_attention(prefix, module, metric)
-        if rescaling:
-            found += hf_units(prefix, module, metric)
-    taken = {id(p) for g in declared for p in g["params"]}
-    found = [g for g in found if not taken & {id(p) for p in g["params"]}]
-    return symmetries(
-        model,
-        metric=metric,
-        heads=heads,
-        rescaling=rescaling,
-        declared=[*declared, *found],
-        **kwargs,
+    n_rep, family = n_heads // n_kv, f"separate q/k/v ({qn}, {kn}, {vn}, {on})"
+    if n_kv != n_heads:
+        family += f", {n_heads} query / {n_kv} key heads"
+    qb, kb, vb = (x.bias is not None for x in (q, k, v))
+    q_params = [q.weight] + ([q.bias] if qb else [])
+    q_spec = Rows(0, blocks(0, n_kv, n_rep, r), bias=1 if qb else None, transposed=conv)
+    k_pos = len(q_params)
+    k_plain = Rows(k_pos, blocks(0, n_kv, 1, r), transposed=conv)
+    k_rot = Rows(k_pos, blocks(0, n_kv, 1, r), bias=k_pos + 1, transposed=conv) if kb else None
+    rows_q = n_rep * (d + int(qb))
+    frozen = ((f"{path}{kn}.bias", k.bias),) if kb else ()
+    qk = head_options(
+        f"{path}qk", q_params + [k.weight], (q_spec, k_plain), (n_kv, rows_q, r, d), metric, frozen
     )
+    rot_params = q_params + [k.weight] + ([k.bias] if kb else [])
+    qk += head_options(
+        f"{path}qk",
+        rot_params,
+        (q_spec, k_plain, k_rot),
+        (n_kv, rows_q, r, d),
+        metric,
+        rotary=("half", "interleaved"),
+    )[1:]
+    v_params = [v.weight] + ([v.bias] if vb else [])
+    v_spec = Rows(0, blocks(0, n_kv, 1, r), bias=1 if vb else None, transposed=conv)
+    o_spec = Rows(len(v_params), blocks(0, n_kv, n_rep, r), transposed=not conv1d(o), writes=True)
+    d_out = o.weight.shape[1] if conv1d(o) else o.weight.shape[0]
+    ov = M.HeadOV(n_kv, d + int(vb), r, metric, factor_rows=(d + int(vb), n_rep * d_out))
+    ov_group = {
+        "params": v_params + [o.weight],
+        "bundle": ov,
+        "name": f"{path}ov",
+        "layout": ProjectionHeads([v_spec, o_spec], "value/output heads"),
+    }
+    return [
+        Slot(module, path, "attention", "qk", qk, note=_qk_note(module), family=family),
+        Slot(module, path, "attention", "ov", [Option(ov_group, "GL(r) per head")], family=family),
+    ]
+
+
+def _fused_orders(n_heads, n_kv, r):
+    """(name, q index, k index, v index) of each fused order, features of (H + 2·n_kv)·r."""
+    n_rep = n_heads // n_kv
+    width = (n_rep + 2) * r
+    orders = [
+        (
+            "blocks [Q|K|V]",
+            blocks(0, n_kv, n_rep, r),
+            blocks(n_heads * r, n_kv, 1, r),
+            blocks((n_heads + n_kv) * r, n_kv, 1, r),
+        )
+    ]
+    if n_kv > 1:
+        orders.append(
+            (
+                "per group [q..q,k,v]",
+                blocks(0, n_kv, n_rep, r, width),
+                blocks(n_rep * r, n_kv, 1, r, width),
+                blocks((n_rep + 1) * r, n_kv, 1, r, width),
+            )
+        )
+    return orders
+
+
+def _fused(path, module, metric, fused, out) -> list[Slot]:
+    (fn, qkv), (on, o) = fused, out
+    conv = conv1d(qkv)
+    d = qkv.weight.shape[0] if conv else qkv.weight.shape[1]
+    sizes = _sizes(module, None, d)
+    if sizes is None:
+        return []
+    n_heads, r, n_kv = sizes
+    total = out_features(qkv)
+    n_kv = n_kv or (total // r - n_heads) // 2
+    if total != (n_heads + 2 * n_kv) * r or n_heads % n_kv:
+        return []
+    n_rep, has_bias = n_heads // n_kv, qkv.bias is not None
+    base = [qkv.weight] + ([qkv.bias] if has_bias else [])
+    b = 1 if has_bias else None
+    family = f"fused q/k/v ({fn}, {on})" + (f", {n_heads}/{n_kv} heads" if n_rep > 1 else "")
+    qk, ov = [], []
+    d_out = o.weight.shape[1] if conv1d(o) else o.weight.shape[0]
+    rows = d + int(has_bias)
+    for order, qi, ki, vi in _fused_orders(n_heads, n_kv, r):
+        q_spec = Rows(0, qi, bias=b, transposed=conv)
+        k_plain, k_rot = Rows(0, ki, transposed=conv), Rows(0, ki, bias=b, transposed=conv)
+        for option in head_options(
+            f"{path}qk",
+            base,
+            (q_spec, k_plain, k_rot if b else None),
+            (n_kv, n_rep * rows, r, d),
+            metric,
+            rotary=("half", "interleaved"),
+        ):
+            option.structure += f", {order}"
+            qk.append(option)
+        o_spec = Rows(len(base), blocks(0, n_kv, n_rep, r), transposed=not conv1d(o), writes=True)
+        layout = ProjectionHeads([Rows(0, vi, bias=b, transposed=conv), o_spec], "value/output")
+        bundle = M.HeadOV(n_kv, rows, r, metric, factor_rows=(rows, n_rep * d_out))
+        group = {
+            "params": base + [o.weight],
+            "bundle": bundle,
+            "layout": layout,
+            "name": f"{path}ov",
+        }
+        ov.append(Option(group, f"GL(r) per head, {order}"))
+    compose = f"{path}heads"
+    return [
+        Slot(
+            module,
+            path,
+            "attention",
+            "qk",
+            qk,
+            note=_qk_note(module),
+            family=family,
+            compose=compose,
+        ),
+        Slot(module, path, "attention", "ov", ov, family=family, compose=compose),
+    ]
+
+
+def attention_slots(path: str, module: nn.Module, metric: str) -> list[Slot]:
+    out = projection(module, O)
+    if out is None:
+        return []
+    fused = projection(module, FUSED)
+    if fused is not None and fused[0] != out[0]:
+        return _fused(path, module, metric, fused, out)
+    found = [projection(module, names) for names in (Q, K, V)]
+    if None in found or len({p for p, _ in found + [out]}) < 4:
+        return []
+    return _separate(path, module, metric, (*found, out))
+
+
+def hf_slots(path: str, module: nn.Module, metric: str, heads=True, rescaling=True):
+    """Attention and MLP slots of one module (``path`` ends with a dot); [] if none."""
+    found = attention_slots(path, module, metric) if heads else []
+    if not found and rescaling:
+        found = mlp_slots(path, module, metric)
+    return found
+
+
+# ---- probing the model ---------------------------------------------------------------------
+def example_inputs(model: nn.Module, batch: int = 2, length: int = 8):
+    """``(args, kwargs)`` for one forward of a Hugging Face model, from its config (token ids,
+    pixels or audio features; decoder ids for encoder–decoders); None if it is not one."""
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    if config is None or main is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None) or 16
+    ids = lambda n: torch.randint(0, min(vocab, 1000), (batch, n), generator=gen)  # noqa: E731
+    dtype = next(model.parameters()).dtype
+    if main == "input_ids":
+        kwargs = {"input_ids": ids(length)}
+    elif main == "pixel_values":
+        size = getattr(config, "image_size", 32)
+        channels = getattr(config, "num_channels", 3)
+        kwargs = {"pixel_values": torch.randn(batch, channels, size, size, generator=gen)}
+    elif main == "input_features":
+        frames = 2 * getattr(config, "max_source_positions", 16)
+        bins = getattr(config, "num_mel_bins", 80)
+        kwargs = {"input_features": torch.randn(batch, bins, frames, generator=gen)}
+    else:
+        return None
+    kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
+    if getattr(config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids(length - 2)
+    kwargs["use_cache"] = False
+    return (), kwargs

@@ -4,176 +4,183 @@
 once. Groups with a symmetry carry ``"bundle"`` (a ``manifolds.Bundle``), ``"name"`` and, where
 the model's storage differs from the bundle's coordinates, ``"layout"`` (``quotopt.layouts``);
 their ``"params"`` are the model's own ``nn.Parameter``s. The result plugs straight into
-``QuotientAdam(groups, ...)``.
+``QuotientAdam(groups, ...)``. Where the groups come from, in order of precedence:
 
-What is detected:
+1. ``declared=[...]``: the user's groups. Several declared groups that share a tensor on disjoint
+   entries (the query/key and value/output heads of one fused projection) are composed into one
+   ``ProductBundle`` group; on the same entries they are refused. A module owning a declared
+   parameter is never detected.
+2. The model's own declaration: the outermost modules with a ``symmetry_groups`` method
+   (``quotopt.models.Transformer``, ``RelationalTransformer``; see ``quotopt.declare``). Nothing
+   inside them is detected.
+3. Detection by structure, for code quotopt does not own: ``torch.nn.MultiheadAttention`` and
+   encoder/decoder layers (``quotopt.detect``), Hugging Face families (``quotopt.hf``), LoRA
+   adapters (``quotopt.lora``). Every candidate is **verified before it is returned**: on a
+   float64 copy of the smallest module holding it, with every parameter of that module
+   randomised, random inputs and random group elements (``quotopt.checks.check_in_module``); a
+   candidate that changes the output by more than ``tolerance`` is dropped and reported. A key
+   bias that is a pure gauge direction gets its own group with ``lr = 0`` and no decay.
 
-* attention with per-head factors ``wq, wk, wv`` (H, d, r) and ``wo`` (H, r, d) —
-  ``quotopt.models.Transformer`` and ``RelationalTransformer`` — as ``HeadQK`` + ``HeadOV``
-  (each pair only while its fixed ``q_bias`` / ``v_bias`` is unset);
-* ``torch.nn.MultiheadAttention`` (packed projections, also inside ``nn.TransformerEncoderLayer``
-  / ``DecoderLayer``): GL(r) per head on the fused ``in_proj_weight`` and ``out_proj.weight``;
-  biases are folded into the factors as one more row ([W; b] acts on [x, 1]);
-* ReLU MLPs (``act(X @ w_in) @ w_out`` with ReLU, and ``linear1``/``linear2`` of ReLU
-  ``nn.TransformerEncoderLayer``/``DecoderLayer``): positive rescaling of each hidden unit;
-* Hugging Face GPT-2 and LLaMA-family attention and gated MLPs (``quotopt.hf``; RoPE shrinks
-  each head's GL(r) to the rotary commutant, ``manifolds.rotary.RotaryQK``);
-* O(d_gauge) on the embedding tables of ``RelationalTransformer`` — the only tensors that carry
-  the gauge axis, disjoint from the heads, so both reductions hold at once;
-* O(d_model) on every tensor of ``Transformer`` (``residual=True, heads=False``). O(d) and the
-  heads' GL(r) act *jointly* on the attention weights there (the vertical space is a sum, not a
-  direct sum); that joint reduction is not implemented, so ask for one or the other.
+``describe(model)`` (or ``symmetries(model, report=True)``) gives the table of what was found, the
+group's dimension and verified change, or why there is none, and the share of parameters covered.
+A model in which nothing is found warns.
 
-Not detected, by design: LayerNorm models' O(d) (gains and centering break it; at most the
-stabiliser of the all-ones vector survives), GELU/SiLU MLP rescaling (not a symmetry). Custom
-modules: pass ``declared=[{"params": [...], "bundle": ..., "layout": ..., "name": ...}]``; those
-parameters are taken out of detection.
+Not reduced, by design: the O(d) of LayerNorm models (centring breaks it to the stabiliser of
+the all-ones vector), GELU/SiLU MLPs without a gate (no rescaling), O(d) together with the heads
+on the same tensors (the joint reduction is not implemented; ``docs/guides/combinations.md``).
 """
 
 from __future__ import annotations
 
-import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import manifolds as M
+from .checks import check_in_module, gauge_transform, group_point, verify, write_point
+from .detect import compose_groups, torch_slots
+from .hf import example_inputs as hf_example_inputs
+from .hf import hf_slots
+from .lora import lora_slots, stack_adapters
+from .report import SymmetryReport
 
-from .hf import hf_attention, hf_units
-from .layouts import MultiheadAttentionHeads, UnitsOfLinear, UnitsOfMatmul
+__all__ = ["describe", "gauge_transform", "group_point", "symmetries", "verify", "write_point"]
 
-__all__ = ["symmetries", "gauge_transform", "verify", "group_point"]
-
-# Model-space axis of each parameter of quotopt.models.Transformer, by name suffix.
-_TRANSFORMER_AXES = {
-    "tok_emb": 1,
-    "pos_emb": 1,
-    "wq": 1,
-    "wk": 1,
-    "wv": 1,
-    "wo": 2,
-    "w_in": 0,
-    "w_out": 1,
-    "lm_head": 1,
-    "cls_head": 1,
-}
+DEFAULT_TOLERANCE = 1e-6  # float32 steps inside HF modules leave ≈1e-7; a wrong group ≥ 1e-3
 
 
-def _own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    return dict(module.named_parameters(recurse=False))
+def _declaring_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if any(path == p or path.startswith(p + ".") or p == "" for p, _ in found):
+            continue
+        if callable(getattr(module, "symmetry_groups", None)):
+            found.append((path, module))
+    return found
 
 
-def _factored_attention(prefix, module, metric):
-    """quotopt-style attention: parameters wq, wk, wv (H, d, r) and wo (H, r, d).
-
-    A fixed query (value) bias b shrinks the QK (OV) group to the stabiliser {g : b g = b},
-    which no bundle models, so that pair is left to the plain group.
-    """
-    own = _own_parameters(module)
-    if not {"wq", "wk", "wv", "wo"} <= own.keys():
-        return []
-    h, d, r = own["wq"].shape
-    groups = []
-    if getattr(module, "q_bias", None) is None:
-        groups.append(
-            {
-                "params": [own["wq"], own["wk"]],
-                "bundle": M.HeadQK(h, d, r, metric),
-                "name": f"{prefix}qk",
-            }
-        )
-    if getattr(module, "v_bias", None) is None:
-        groups.append(
-            {
-                "params": [own["wv"], own["wo"]],
-                "bundle": M.HeadOV(h, d, r, metric),
-                "name": f"{prefix}ov",
-            }
-        )
-    return groups
-
-
-def _multihead_attention(prefix, module, metric):
-    if not isinstance(module, nn.MultiheadAttention):
-        return []
-    if not module._qkv_same_embed_dim or module.bias_k is not None:
+def _model_groups(model, metric, heads, residual, rescaling):
+    groups, covered_paths = [], []
+    for path, module in _declaring_modules(model):
+        own = module.symmetry_groups(metric, heads=heads, residual=residual, rescaling=rescaling)
+        prefix = f"{path}." if path else ""
+        groups += [dict(g, name=prefix + g["name"]) for g in own]
+        covered_paths.append(path)
+    if residual is True and not groups:
         raise ValueError(
-            f"{prefix.rstrip('.')}: nn.MultiheadAttention with separate q/k/v dimensions or "
-            "add_bias_kv is not supported; declare its bundles with declared=[...]"
+            f"residual=True: no module of {type(model).__name__} declares its O(d) (a "
+            "symmetry_groups method); declare it with manifolds.ResidualRotation in declared=[...]"
         )
-    e, h = module.embed_dim, module.num_heads
-    bias = module.in_proj_bias is not None
-    rows = e + int(bias)  # a bias is one more row of each input factor
-    ov = M.HeadOV(h, rows, e // h, metric, factor_rows=(rows, e))  # out_proj reads no bias row
-    bundle = M.ProductBundle([M.HeadQK(h, rows, e // h, metric), ov])
-    params = [module.in_proj_weight] + ([module.in_proj_bias] if bias else [])
-    return [
-        {
-            "params": params + [module.out_proj.weight],
-            "bundle": bundle,
-            "layout": MultiheadAttentionHeads(e, h, bias),
-            "name": f"{prefix}heads",
-        }
-    ]
+    return groups, covered_paths
 
 
-def _relu_units(prefix, module, metric):
-    own = _own_parameters(module)
-    if {"w_in", "w_out"} <= own.keys() and getattr(module, "act", None) is F.relu:
-        d, m = own["w_in"].shape
-        bundle = M.PositiveRescaling(m, d, own["w_out"].shape[1], metric)
-        layout = UnitsOfMatmul()
-        return [
-            {
-                "params": [own["w_in"], own["w_out"]],
-                "bundle": bundle,
-                "layout": layout,
-                "name": f"{prefix}units",
-            }
-        ]
-    layer_types = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-    if isinstance(module, layer_types) and module.activation is F.relu:
-        lin1, lin2 = module.linear1, module.linear2
-        bias = lin1.bias is not None
-        params = [lin1.weight] + ([lin1.bias] if bias else []) + [lin2.weight]
-        m, d = lin1.weight.shape
-        bundle = M.PositiveRescaling(m, d + int(bias), lin2.weight.shape[0], metric)
-        return [
-            {
-                "params": params,
-                "bundle": bundle,
-                "layout": UnitsOfLinear(bias),
-                "name": f"{prefix}units",
-            }
-        ]
-    return []
+def _slots(model, metric, heads, rescaling, skip_paths, declared_ids):
+    owners = {}
+    for _, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = module
+    blocked = {id(owners[i]) for i in declared_ids if i in owners}
+    order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
+    claimed: set[int] = set(declared_ids)
+    slots = []
+    for path, module in reversed(list(model.named_modules())):  # children before parents
+        if any(path == p or path.startswith(p + ".") or p == "" for p in skip_paths):
+            continue
+        prefix = f"{path}." if path else ""
+        found = torch_slots(prefix, module, metric, heads, rescaling)
+        found = found or lora_slots(prefix, module, metric)
+        found = found or hf_slots(prefix, module, metric, heads, rescaling)
+        taken = set()
+        for slot in found:
+            slot.options = [
+                o for o in slot.options if all(p.requires_grad for p in o.group["params"])
+            ]
+            ids = {id(p) for o in slot.options for p in o.group["params"]}
+            ids |= {id(p) for o in slot.options for _, p in o.frozen}
+            if not slot.options and not slot.note:
+                continue
+            if ids & claimed or id(module) in blocked or {id(owners.get(i)) for i in ids} & blocked:
+                continue
+            taken |= ids
+            slots.append(slot)
+        claimed |= taken
+    return sorted(slots, key=lambda s: order[id(s.module)])
 
 
-def _relational_gauge(model, metric):
-    from .models import RelationalTransformer
+def _record_calls(model, modules, inputs) -> dict[int, tuple]:
+    """The first (args, kwargs) each module is called with in one forward of ``model``."""
+    calls: dict[int, tuple] = {}
 
-    if not isinstance(model, RelationalTransformer):
-        return []
-    tables = [(n, p) for n, p in model.named_parameters() if "emb" in n and p.requires_grad]
-    d_gauge = tables[0][1].shape[-1]
-    bundle = M.ResidualRotation(d_gauge, [-1] * len(tables), shapes=[p.shape for _, p in tables])
-    return [{"params": [p for _, p in tables], "bundle": bundle, "name": "gauge"}]
+    def hook(module, args, kwargs):
+        calls.setdefault(id(module), (args, dict(kwargs)))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    was_training = model.training
+    args, kwargs = inputs
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls
 
 
-def _transformer_residual(model):
-    from .models import Transformer
+def _check_slots(model, slots, report, example, tolerance, generator):
+    needs = [s.module for s in slots if s.probe is None and s.options]
+    calls = _record_calls(model, needs, example) if needs and example is not None else {}
+    accepted, frozen = [], []
+    for slot in slots:
+        call = slot.probe(generator) if slot.probe is not None else calls.get(id(slot.module))
+        if not slot.options:
+            report.add(slot.path, slot.part, "detected", structure=slot.family, note=slot.note)
+            continue
+        if call is None:
+            why = (
+                "not called by the example inputs"
+                if example is not None
+                else "not verified: pass example_inputs=(args, kwargs)"
+            )
+            report.add(slot.path, slot.part, "detected", structure=slot.family, note=why)
+            continue
+        tried = []
+        for option in slot.options:
+            try:
+                change, _ = check_in_module(slot.module, option.group, call, generator)
+            except (ValueError, RuntimeError) as error:
+                tried.append(f"{option.structure}: {error}")
+                continue
+            if change <= tolerance:
+                option.group["compose"] = slot.compose
+                accepted.append(option.group)
+                frozen += [(label, p, slot) for label, p in option.frozen]
+                report.add(
+                    slot.path,
+                    slot.part,
+                    "detected",
+                    option.group,
+                    change=change,
+                    structure=f"{slot.family}; {option.structure}",
+                )
+                break
+            tried.append(f"{option.structure}: change {change:.0e}")
+        else:
+            note = slot.note or "no candidate verified"
+            report.add(
+                slot.path,
+                slot.part,
+                "detected",
+                structure=slot.family,
+                note=f"{note} (tried {'; '.join(tried)})",
+            )
+    return accepted, frozen
 
-    if not isinstance(model, Transformer):
-        raise ValueError(
-            f"residual=True: O(d) is detected for quotopt.models.Transformer only, got "
-            f"{type(model).__name__}; declare it with manifolds.ResidualRotation"
-        )
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    axes = [_TRANSFORMER_AXES[n.rsplit(".", 1)[-1]] for n, _ in named]
-    bundle = M.ResidualRotation(model.config.d_model, axes, shapes=[p.shape for _, p in named])
-    return [{"params": [p for _, p in named], "bundle": bundle, "name": "residual"}]
+
+def _composed_name(members: list[dict]) -> str:
+    return members[0].get("compose") or members[0]["name"]
 
 
 def symmetries(
@@ -185,61 +192,99 @@ def symmetries(
     rescaling: bool = True,
     declared: Sequence[dict] = (),
     plain: bool = True,
-) -> list[dict]:
+    example_inputs=None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    generator: torch.Generator | None = None,
+    report: bool = False,
+):
     """Param groups of ``model`` by symmetry (see the module docstring).
 
     Args:
         metric: metric of the head and rescaling bundles (``"euclidean"`` or ``"invariant"``).
-        heads: detect GL(r) per attention head.
-        residual: O(d) — ``"auto"`` reduces it where it is disjoint from the heads
-            (``RelationalTransformer``'s embeddings); ``True`` also for ``Transformer`` (then
+        heads: GL(r) per attention head; ``rescaling``: rescaling of MLP units (and LoRA).
+        residual: O(d) — ``"auto"`` where the model declares it disjoint from the heads
+            (``RelationalTransformer``'s embeddings); ``True`` also where it is not (then
             ``heads`` must be False); ``False`` never.
-        rescaling: detect positive rescaling of ReLU units.
         declared: user-declared groups, taken first.
         plain: put every remaining trainable parameter in one group without a bundle
             (``name="plain"``); with ``False`` a remaining parameter is an error.
+        example_inputs: ``(args, kwargs)`` for one forward of ``model``, from which the modules
+            detected candidates live in are called when they are verified; default: built from
+            a Hugging Face config (``quotopt.hf.example_inputs``); torch's own layers and LoRA
+            layers need none.
+        tolerance: largest relative output change a detected candidate may cause.
+        report: also return the ``SymmetryReport`` (``(groups, report)``).
 
     Raises ``ValueError`` naming any parameter covered twice or (``plain=False``) not at all.
     """
-    from .models import RelationalTransformer, Transformer
-
-    if residual is True and heads and isinstance(model, Transformer):
-        raise ValueError(
-            "O(d_model) and the heads' GL(r) act jointly on Transformer's attention weights; "
-            "the joint reduction is not supported: pass heads=False or residual=False"
+    names = {id(p): n for n, p in model.named_parameters()}
+    table = SymmetryReport(type(model).__name__)
+    user, _ = compose_groups([dict(g) for g in declared], names, refuse=True)
+    for g in user:
+        table.add(g["name"], "declared", "declared", g)
+    own, skip = _model_groups(model, metric, heads, residual, rescaling)
+    user_ids = {id(p) for g in user for p in g["params"]}
+    own = [g for g in own if not user_ids & {id(p) for p in g["params"]}]
+    for g in own:
+        table.add(g["name"], "model", "model", g)
+    declared_ids = {id(p) for g in user + own for p in g["params"]}
+    slots = _slots(model, metric, heads, rescaling, skip, declared_ids)
+    example = example_inputs if example_inputs is not None else hf_example_inputs(model)
+    found, frozen = _check_slots(model, slots, table, example, tolerance, generator)
+    found, dropped = compose_groups(found, names, refuse=False, compose_name=_composed_name)
+    found = stack_adapters(found, metric)
+    for g, reason in dropped:
+        table.add(g["name"], "-", "detected", note=f"dropped: {reason}")
+    keys = [
+        {"params": [p], "name": label, "lr": 0.0, "weight_decay": 0.0} for label, p, _ in frozen
+    ]
+    for label, _, slot in frozen:
+        table.add(
+            slot.path,
+            "key bias",
+            "frozen",
+            group=None,
+            note=f"{label}: softmax shift (pure gauge), own group with lr 0",
         )
-    groups = [dict(g) for g in declared]
-    if residual is True and not isinstance(model, RelationalTransformer):
-        groups += _transformer_residual(model)
-    elif residual in (True, "auto"):
-        groups += _relational_gauge(model, metric)
-    for prefix, module in model.named_modules():
-        prefix = f"{prefix}." if prefix else ""
-        if heads:
-            groups += _factored_attention(prefix, module, metric)
-            groups += _multihead_attention(prefix, module, metric)
-            groups += hf_attention(prefix, module, metric)
-        if rescaling:
-            groups += _relu_units(prefix, module, metric)
-            groups += hf_units(prefix, module, metric)
-    groups = _drop_claimed(groups, n_declared=len(declared))
-    return _complete(model, groups, plain)
+    groups = _complete(model, user + own + [_clean(g) for g in found] + keys, plain)
+    _summarise(model, groups, table)
+    return (groups, table) if report else groups
 
 
-def _drop_claimed(groups: list[dict], n_declared: int) -> list[dict]:
-    """Detected groups overlapping an earlier group are dropped (declared groups win; the
-    O(d) group of ``residual=True`` claims whole models before the heads are seen)."""
-    claimed: set[int] = set()
-    kept = []
-    for index, group in enumerate(groups):
-        ids = {id(p) for p in group["params"]}
-        if ids & claimed:
-            if index < n_declared:
-                raise ValueError(f"declared group {group.get('name', index)} overlaps another")
-            continue
-        claimed |= ids
-        kept.append(group)
-    return kept
+def _clean(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in ("compose", "lora")}
+
+
+def describe(model: nn.Module, **kwargs) -> SymmetryReport:
+    """The ``SymmetryReport`` of ``symmetries(model, **kwargs)``; ``print`` it for the table."""
+    return symmetries(model, report=True, **kwargs)[1]
+
+
+def _summarise(model, groups, table: SymmetryReport) -> None:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    in_bundles = {id(p) for g in groups if g.get("bundle") is not None for p in g["params"]}
+    table.total = sum(p.numel() for p in trainable)
+    table.covered = sum(p.numel() for p in trainable if id(p) in in_bundles)
+    if not in_bundles:
+        unrecognised = sorted(
+            {
+                type(m).__name__
+                for m in model.modules()
+                if "Attention" in type(m).__name__ or "MLP" in type(m).__name__
+            }
+        )
+        hint = (
+            f" (modules that look like attention or MLPs: {', '.join(unrecognised)})"
+            if unrecognised
+            else ""
+        )
+        warnings.warn(
+            f"quotopt.symmetries found no symmetry in {type(model).__name__}{hint}: every "
+            "parameter is in the plain group and QuotientAdam is AdamW. Declare the bundles "
+            "with declared=[...] (docs/guides/wrap-your-model.md); quotopt.describe(model) "
+            "says what was tried",
+            stacklevel=3,
+        )
 
 
 def _complete(model: nn.Module, groups: list[dict], plain: bool) -> list[dict]:
@@ -258,91 +303,3 @@ def _complete(model: nn.Module, groups: list[dict], plain: bool) -> list[dict]:
     if rest:
         groups.append({"params": rest, "name": "plain"})
     return groups
-
-
-# ---- acting on a model ----------------------------------------------------------------------
-
-
-def group_point(group: dict) -> tuple[torch.Tensor, ...]:
-    """The bundle point of a group (views of the parameters where the layout allows)."""
-    layout = group.get("layout")
-    params = list(group["params"])
-    return tuple(layout(params)) if layout is not None else tuple(params)
-
-
-def _write_point(group: dict, point: Sequence[torch.Tensor]) -> None:
-    layout = group.get("layout")
-    if getattr(layout, "needs_scatter", False):
-        layout.scatter(list(group["params"]), tuple(point))
-    else:
-        for target, value in zip(group_point(group), point):
-            target.copy_(value)
-
-
-@torch.no_grad()
-def gauge_transform(
-    model: nn.Module, groups: Sequence[dict], generator=None, condition: float = 10.0
-) -> dict:
-    """Apply a random element of every bundle group's group to the model, in place.
-
-    Returns ``{group name: group element}``. Elements of non-compact groups have condition
-    number ``condition``.
-    """
-    del model  # the groups hold the model's own parameters
-    applied = {}
-    for group in groups:
-        bundle = group.get("bundle")
-        if bundle is None:
-            continue
-        point = group_point(group)
-        g = bundle.random_group_element(
-            generator=generator, dtype=point[0].dtype, device=point[0].device, condition=condition
-        )
-        _write_point(group, bundle.act(point, g))
-        applied[group["name"]] = g
-    return applied
-
-
-def _outputs(model, inputs, kwargs):
-    out = model(*inputs, **kwargs)
-    return out if isinstance(out, tuple) else (out,)
-
-
-@torch.no_grad()
-def verify(
-    model: nn.Module,
-    groups: Sequence[dict],
-    *inputs,
-    generator=None,
-    condition: float = 10.0,
-    trials: int = 1,
-    **kwargs,
-) -> dict[str, float]:
-    """Largest relative output change per group under random group elements.
-
-    Works on a deep copy: the model itself is left untouched. Returns ``{group name: change}``;
-    a true symmetry gives round-off (≈1e-15 in float64, ≈1e-6 in float32).
-    """
-    twin = copy.deepcopy(model)
-    twin_params = dict(twin.named_parameters())
-    by_id = {id(p): twin_params[n] for n, p in model.named_parameters()}
-    reference = _outputs(twin, inputs, kwargs)
-    scale = torch.sqrt(sum((r.double() ** 2).sum() for r in reference))
-    changes = {}
-    for group in groups:
-        if group.get("bundle") is None:
-            continue
-        twin_group = dict(group, params=[by_id[id(p)] for p in group["params"]])
-        saved = [p.detach().clone() for p in twin_group["params"]]
-        worst = 0.0
-        for _ in range(trials):
-            gauge_transform(twin, [twin_group], generator=generator, condition=condition)
-            moved = _outputs(twin, inputs, kwargs)
-            diff = torch.sqrt(
-                sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(moved, reference))
-            )
-            worst = max(worst, float(diff / scale.clamp_min(1e-300)))
-            for p, s in zip(twin_group["params"], saved):
-                p.copy_(s)
-        changes[group["name"]] = worst
-    return changes

@@ -246,7 +246,7 @@ def _build(transformers, case, seed=0):
 @pytest.mark.parametrize("case", sorted(MODELS))
 def test_every_group_is_an_exact_symmetry(transformers, exact_norms, case):
     model, ids = _build(transformers, case)
-    groups = qhf.symmetries_hf(model)
+    groups = quotopt.symmetries(model)
     changes = quotopt.verify(model, groups, ids, generator=_gen(1), **OUTPUTS)
     assert len(changes) == (2 if case == "gpt2" else 6)
     assert max(changes.values()) <= 1e-12, changes
@@ -265,14 +265,14 @@ def test_every_group_is_an_exact_symmetry(transformers, exact_norms, case):
 def test_verify_on_stock_models(transformers, case):
     """Without the float64 norm: still unchanged to 1e-9 (HF's float32 norms round to it)."""
     model, ids = _build(transformers, case)
-    changes = quotopt.verify(model, qhf.symmetries_hf(model), ids, generator=_gen(1), **OUTPUTS)
+    changes = quotopt.verify(model, quotopt.symmetries(model), ids, generator=_gen(1), **OUTPUTS)
     assert max(changes.values()) <= 1e-9
 
 
 def test_gpt2_groups(transformers):
     """One ProductBundle group per layer holds c_attn (weight and bias) and c_proj.weight."""
     model, _ = _build(transformers, "gpt2")
-    groups = qhf.symmetries_hf(model)
+    groups = quotopt.symmetries(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert [g["name"] for g in groups] == [
         "transformer.h.0.attn.heads", "transformer.h.1.attn.heads", "plain",
@@ -299,7 +299,7 @@ def test_gpt2_key_bias(transformers):
     for block in model.transformer.h:
         grad = block.attn.c_attn.bias.grad
         assert grad[e : 2 * e].abs().max() <= 1e-14 * grad.abs().max()
-    groups = qhf.symmetries_hf(model)
+    groups = quotopt.symmetries(model)
     snapshot = [g["params"][1][e : 2 * e].detach().clone() for g in groups[:2]]
     quotopt.gauge_transform(model, groups, generator=_gen(3))
     assert all(torch.equal(g["params"][1][e : 2 * e], s) for g, s in zip(groups[:2], snapshot))
@@ -318,7 +318,7 @@ def test_gpt2_key_bias(transformers):
 def test_llama_layouts_round_trip(transformers, case):
     """gather then scatter restores the parameters; without GQA or biases the points are views."""
     model, _ = _build(transformers, case)
-    for group in qhf.symmetries_hf(model):
+    for group in quotopt.symmetries(model):
         layout = group.get("layout")
         if layout is None:
             continue
@@ -340,7 +340,7 @@ def test_full_gl_element_changes_llama(transformers, exact_norms):
     """RoPE's restriction is real: a GL(r) element outside the commutant changes the logits,
     one inside it does not."""
     model, ids = _build(transformers, "llama-gqa")
-    groups = qhf.symmetries_hf(model)
+    groups = quotopt.symmetries(model)
     qk = groups[0]
     assert isinstance(qk["bundle"], RotaryQK)
     bundle = qk["bundle"]
@@ -400,7 +400,7 @@ def test_llama_residual_rotation_with_conjugated_gains(transformers, exact_norms
 def test_quotient_adam_trains(transformers, case, metric, lr):
     model, _ = _build(transformers, case)
     ids = torch.randint(0, VOCAB, (4, 16), generator=_gen(11))
-    optimiser = quotopt.QuotientAdam(qhf.symmetries_hf(model, metric=metric), lr=lr)
+    optimiser = quotopt.QuotientAdam(quotopt.symmetries(model, metric=metric), lr=lr)
     losses = []
     for _ in range(12):
         loss = model(ids, labels=ids, use_cache=False).loss
@@ -416,5 +416,4 @@ def test_detectors_ignore_other_modules(transformers):
     """The hook functions return nothing for modules they do not know."""
     model = quotopt.models.Transformer(11, 8, 1, 2, 8)
     for prefix, module in model.named_modules():
-        assert qhf.hf_attention(prefix, module, "euclidean") == []
-        assert qhf.hf_units(prefix, module, "euclidean") == []
+        assert qhf.hf_slots(prefix, module, "euclidean") == []

@@ -247,6 +247,13 @@ class RelationalTransformer(nn.Module):
     def from_config(cls, config: RelationalConfig) -> RelationalTransformer:
         return cls(**asdict(config))
 
+    def symmetry_groups(self, metric: str = "euclidean", **options) -> list[dict]:
+        """O(d_gauge) on the ``*emb`` tables and GL(r) per head, for ``quotopt.symmetries``
+        (``quotopt.declare.relational_groups``: options ``heads``, ``residual``, ``rescaling``)."""
+        from ..declare import relational_groups
+
+        return relational_groups(self, metric, **options)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         # Channel weights ~ N(0, 1/fan_in): every channel mix preserves the O(1) entries that the

@@ -39,9 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..declare import factored_heads, matmul_units, rotation
 from ._common import check_positive, check_tokens, rms_norm
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+# Model-space axis of each parameter, by name suffix (the table of the module docstring).
+MODEL_AXES = {"tok_emb": 1, "pos_emb": 1, "wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_in": 0,
+              "w_out": 1, "lm_head": 1, "cls_head": 1}  # fmt: skip
 
 
 @dataclass
@@ -189,6 +193,35 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.attn.wo.mul_(1.0 / math.sqrt(2 * self.config.n_layers))
             block.mlp.w_out.mul_(1.0 / math.sqrt(2 * self.config.n_layers))
+
+    def symmetry_groups(
+        self, metric: str = "euclidean", *, heads=True, residual=False, rescaling=True
+    ) -> list[dict]:
+        """This model's symmetry groups, for ``quotopt.symmetries`` (see the module docstring).
+
+        ``heads``: GL(r) per head (``HeadQK`` + ``HeadOV`` per block); ``rescaling``: positive
+        rescaling of ReLU units; ``residual=True``: O(d) on every tensor instead. O(d) and the
+        heads' GL(r) act jointly on the attention weights (the vertical space is a sum, not a
+        direct sum), a reduction that is not implemented, so ``residual=True`` needs
+        ``heads=False``; ``"auto"`` means no O(d) here (it is not disjoint from the heads).
+        """
+        if residual is True:
+            if heads:
+                raise ValueError(
+                    "O(d_model) and the heads' GL(r) act jointly on Transformer's attention "
+                    "weights; the joint reduction is not supported: pass heads=False or "
+                    "residual=False"
+                )
+            named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+            axes = [MODEL_AXES[n.rsplit(".", 1)[-1]] for n, _ in named]
+            return [rotation("residual", named, self.config.d_model, axes)]
+        groups = []
+        for i, block in enumerate(self.blocks):
+            if heads:
+                groups += factored_heads(f"blocks.{i}.attn.", block.attn, metric)
+            if rescaling:
+                groups += matmul_units(f"blocks.{i}.mlp.", block.mlp, metric)
+        return groups
 
     @property
     def readout(self) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""Helpers with which a model declares its own symmetry groups (``symmetry_groups``).
+
+A model that knows its symmetries says so, as nanoGPT's model owns ``configure_optimizers``:
+``quotopt.symmetries`` calls ``module.symmetry_groups(metric=..., heads=..., residual=...,
+rescaling=...)`` on the outermost module that has it, takes the groups it returns as declared, and
+does not look inside that module. These helpers build the usual groups from a module's own
+parameters, so a model's method is a few lines.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+import manifolds as M
+
+from .layouts import UnitsOfMatmul
+
+__all__ = ["factored_heads", "matmul_units", "rotation"]
+
+
+def factored_heads(prefix: str, attn: nn.Module, metric: str) -> list[dict]:
+    """GL(r) per head of an attention with factors ``wq, wk, wv`` (H, d, r) and ``wo`` (H, r, d).
+
+    A fixed query (value) bias b shrinks the QK (OV) group to the stabiliser {g : b g = b}, which
+    no bundle models, so that pair is left out (to the plain group)."""
+    h, d, r = attn.wq.shape
+    groups = []
+    if getattr(attn, "q_bias", None) is None:
+        groups.append(
+            {
+                "params": [attn.wq, attn.wk],
+                "bundle": M.HeadQK(h, d, r, metric),
+                "name": f"{prefix}qk",
+            }
+        )
+    if getattr(attn, "v_bias", None) is None:
+        groups.append(
+            {
+                "params": [attn.wv, attn.wo],
+                "bundle": M.HeadOV(h, d, r, metric),
+                "name": f"{prefix}ov",
+            }
+        )
+    return groups
+
+
+def matmul_units(prefix: str, mlp: nn.Module, metric: str) -> list[dict]:
+    """Positive rescaling of the units of ``act(X @ w_in) @ w_out`` when ``act`` is ReLU."""
+    if getattr(mlp, "act", None) is not F.relu:
+        return []
+    d, m = mlp.w_in.shape
+    bundle = M.PositiveRescaling(m, d, mlp.w_out.shape[1], metric)
+    return [
+        {
+            "params": [mlp.w_in, mlp.w_out],
+            "bundle": bundle,
+            "layout": UnitsOfMatmul(),
+            "name": f"{prefix}units",
+        }
+    ]
+
+
+def rotation(name: str, named: list[tuple[str, nn.Parameter]], d: int, axes: list[int]) -> dict:
+    """O(d) acting on axis ``axes[i]`` of each tensor (``manifolds.ResidualRotation``)."""
+    bundle = M.ResidualRotation(d, axes, shapes=[p.shape for _, p in named])
+    return {"params": [p for _, p in named], "bundle": bundle, "name": name}
+
+
+def relational_groups(model, metric="euclidean", *, heads=True, residual="auto", rescaling=True):
+    """``RelationalTransformer``'s groups: O(d_gauge) on its ``*emb`` tables — the only tensors
+    with the gauge axis (``model.gauge_axis``), disjoint from the heads, so both reductions hold at
+    once (``residual`` "auto" or True) — and GL(r) per head of each block's channel attention.
+    Its MLPs' GELU units have no rescaling (``rescaling`` has nothing to add)."""
+    del rescaling
+    groups = []
+    if residual in (True, "auto"):
+        tables = [(n, p) for n, p in model.named_parameters() if "emb" in n and p.requires_grad]
+        d_gauge = tables[0][1].shape[model.gauge_axis]
+        groups.append(rotation("gauge", tables, d_gauge, [model.gauge_axis] * len(tables)))
+    if heads:
+        for i, block in enumerate(model.blocks):
+            groups += factored_heads(f"blocks.{i}.attn.", block.attn, metric)
+    return groups
