@@ -5,7 +5,8 @@ where needed) and is usable on its own.
 """
 
 from .base import AMBIGUITY_TOLERANCE, Bundle, Point, Tangent, checks_enabled, unchecked
-from .heads import METRICS, HeadOV, HeadQK
+from .factored import FactoredBundle, FactorFrame
+from .heads import METRICS, GeneralLinearPair, HeadOV, HeadQK
 from .product import ProductBundle
 from .rescaling import PositiveRescaling
 from .residual import ResidualRotation
@@ -14,6 +15,9 @@ from .rotary import RotaryQK
 __all__ = [
     "AMBIGUITY_TOLERANCE",
     "Bundle",
+    "FactoredBundle",
+    "FactorFrame",
+    "GeneralLinearPair",
     "HeadOV",
     "HeadQK",
     "METRICS",

@@ -82,24 +82,65 @@ class Bundle(abc.ABC):
 
     Subclasses set ``n_tensors`` (the arity of a point) and ``metric`` and implement the
     abstract methods. All methods are batched over leading head/layer axes and are device- and
-    dtype-agnostic.
+    dtype-agnostic. Methods that need a factorisation of the point (projections, gradients,
+    second moments, transport) accept the ``frame`` that ``factorise(point)`` returns, so that
+    one factorisation serves every operation at a point; without it they factorise themselves.
+    Optional members raise ``NotImplementedError`` naming the bundle and the member.
     """
 
     n_tensors: int
     metric: str
-    #: Compact groups (O(d)) preserve the Euclidean metric; GL(r) does not.
-    group_is_compact: bool = False
+    #: whether every tensor of a point carries a leading head (or unit) axis of one orbit each
+    per_head: bool = False
 
-    # ---- sizes -------------------------------------------------------------------------
+    def missing(self, member: str) -> NotImplementedError:
+        """The uniform error of an optional member this bundle does not provide."""
+        return NotImplementedError(f"{type(self).__name__} does not provide {member}")
+
+    # ---- sizes and the group -------------------------------------------------------------
     @property
     @abc.abstractmethod
     def group_dim(self) -> int:
         """Dimension of the structure group G (the orbit dimension at a free point)."""
 
     @property
+    def compact_dim(self) -> int:
+        """Dimension of the subgroup of G that preserves the Euclidean norm of a point (its
+        orbits stay level sets of an L2-regularised objective): r(r−1)/2 per GL(r) head,
+        0 per rescaled unit, all of a compact G."""
+        raise self.missing("compact_dim")
+
+    @property
+    def metric_is_invariant(self) -> bool:
+        """Whether the metric is G-invariant (then it descends to P/G and projections,
+        gradients and second moments commute with the action)."""
+        return False
+
+    @property
     @abc.abstractmethod
     def algebra_shape(self) -> tuple[int, ...]:
         """Shape of a Lie-algebra element ξ accepted by ``vertical``."""
+
+    def algebra_basis(self, *, dtype=None, device=None) -> torch.Tensor:
+        """A basis of the Lie algebra stacked on a leading axis of length ``group_dim``.
+
+        The default serves full matrix algebras (``prod(algebra_shape) == group_dim``): the
+        unit matrices. Other algebras override it."""
+        shape, dim = tuple(self.algebra_shape), self.group_dim
+        if math.prod(shape) != dim:
+            raise self.missing("algebra_basis")
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        return torch.eye(dim, dtype=dtype, device=device).reshape(dim, *shape)
+
+    def random_algebra_element(self, *, generator=None, dtype=None, device=None):
+        """A Gaussian element of the Lie algebra (the default: of a full matrix algebra)."""
+        if math.prod(tuple(self.algebra_shape)) != self.group_dim:
+            raise self.missing("random_algebra_element")
+        return randn(self.algebra_shape, generator, dtype, device)
+
+    def group_exp(self, xi):
+        """The group exponential exp(ξ) (matrix exponential of matrix groups)."""
+        return torch.linalg.matrix_exp(xi)
 
     @abc.abstractmethod
     def point_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -128,37 +169,43 @@ class Bundle(abc.ABC):
         """d/dt p·exp(tξ) at t = 0."""
 
     # ---- metric and splitting --------------------------------------------------------
+    def factorise(self, point: Point):
+        """The factorisation of ``point`` that projections, gradients and moments reuse (a
+        frame), or None for bundles that need none. Recompute it whenever the point moves."""
+        return None
+
     @abc.abstractmethod
-    def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:
+    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
         """The metric on P at ``point`` (a scalar tensor)."""
 
     @abc.abstractmethod
-    def project_vertical(self, point: Point, v: Tangent) -> Tangent:
+    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
         """Metric-orthogonal projection onto the vertical space (tangent to the orbit)."""
 
-    def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
+    def project_horizontal(self, point: Point, v: Tangent, frame=None) -> Tangent:
         """Metric-orthogonal projection onto the horizontal space, v - P_V v."""
-        vert = self.project_vertical(point, v)
+        vert = self.project_vertical(point, v, frame)
         return tuple(a - b for a, b in zip(v, vert))
 
-    def riemannian_gradient(self, point: Point, egrad: Tangent) -> Tangent:
+    def riemannian_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
         """The metric's gradient from the Euclidean one (identity for the Euclidean metric)."""
         return tuple(egrad)
 
-    def horizontal_gradient(self, point: Point, egrad: Tangent) -> Tangent:
+    def horizontal_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
         """Horizontal lift of the quotient gradient: the Riemannian gradient, projected.
 
         For a G-invariant loss the Riemannian gradient is already horizontal; the projection
         removes the round-off and makes the result exact for non-invariant losses too.
         """
         self.check_tangent(point, egrad, "gradient")
-        return self.project_horizontal(point, self.riemannian_gradient(point, egrad))
+        frame = self.factorise(point) if frame is None else frame
+        return self.project_horizontal(point, self.riemannian_gradient(point, egrad, frame), frame)
 
-    def norm(self, point: Point, v: Tangent) -> torch.Tensor:
+    def norm(self, point: Point, v: Tangent, frame=None) -> torch.Tensor:
         """The metric norm of a tangent vector."""
-        return self.inner(point, v, v).clamp_min(0).sqrt()
+        return self.inner(point, v, v, frame).clamp_min(0).sqrt()
 
-    def moment_sq(self, point: Point, v: Tangent) -> Tangent:
+    def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
         """Gauge-invariant mean squared magnitudes of v, one per slice that no symmetry mixes.
 
         Returns a tuple of tensors broadcastable to the point's tensors, normalised per
@@ -167,7 +214,7 @@ class Bundle(abc.ABC):
         preconditioner commutes with the group action (per-coordinate second moments would pick
         a basis the symmetry rotates). The default is one magnitude for the whole point.
         """
-        mean = self.inner(point, v, v) / sum(t.numel() for t in point)
+        mean = self.inner(point, v, v, frame) / sum(t.numel() for t in point)
         return tuple(mean.reshape((1,) * t.dim()) for t in point)
 
     # ---- moving along the bundle -------------------------------------------------------
@@ -175,16 +222,31 @@ class Bundle(abc.ABC):
         """Retraction: p + v (the total space is an open subset of a vector space)."""
         return tuple(p + d for p, d in zip(point, v))
 
-    def transport(self, point: Point, new_point: Point, v: Tangent) -> Tangent:
-        """Vector transport by horizontal projection at the new point."""
-        return self.project_horizontal(new_point, v)
+    def transport(self, point: Point, new_point: Point, v: Tangent, frame=None) -> Tangent:
+        """Vector transport by horizontal projection at the new point (``frame``: its frame)."""
+        return self.project_horizontal(new_point, v, frame)
 
-    def decay(self, point: Point, factor) -> Point:
+    def limit_step(self, point: Point, step: Tangent, frame=None) -> Tangent:
+        """The step an optimiser may take from ``point`` along ``-step``: the bundle's bound on
+        how far one step may move the invariants (default: no bound)."""
+        return tuple(step)
+
+    def scale_invariants(self, point: Point, factor) -> Point:
         """Weight decay on the orbit: the invariant linear maps are multiplied by ``factor``.
 
         The default scales every tensor, which commutes with any linear action.
         """
         return tuple(p * factor for p in point)
+
+    def deficient_heads(self, frame):
+        """Per head (bool), whether the point behind ``frame`` is rank-deficient to working
+        precision; None for bundles without such a notion."""
+        return None
+
+    def balance_gap(self, point: Point):
+        """Relative distance of ``point`` from the dressed section measured without dressing:
+        the norm of the bundle's moment map (or its analogue), relative."""
+        raise self.missing("balance_gap")
 
     # ---- canonical representatives ----------------------------------------------------
     @abc.abstractmethod
@@ -194,6 +256,31 @@ class Bundle(abc.ABC):
     def dress(self, point: Point) -> Point:
         """The canonical representative p·u(p); constant on each orbit."""
         return self.act(point, self.dressing(point))
+
+    def gauge_drift(self, point: Point):
+        """‖p − dress(p)‖ / ‖p‖: per head (H,) where ``per_head``, else a scalar."""
+        point = self.check_point(point)
+        dressed = self.dress(point)
+        dims = lambda t: tuple(range(1, t.dim())) if self.per_head else tuple(range(t.dim()))  # noqa: E731
+        diff = sum((p - q).square().sum(dims(p)) for p, q in zip(point, dressed))
+        size = sum(p.square().sum(dims(p)) for p in point)
+        return (diff / size.clamp_min(torch.finfo(size.dtype).tiny)).sqrt()
+
+    def with_row_reduction(self, sum_rows, signs_of_rows) -> Bundle:
+        """This bundle on points whose rows are split across processes (factored bundles)."""
+        raise self.missing("with_row_reduction")
+
+    def factors(self, point: Point):
+        """(A, B) of a factored bundle's point (two-factor bundles only)."""
+        raise self.missing("factors")
+
+    def dressing_or_identity(self, point: Point):
+        """(u, dressable): the dressing where it is defined and the identity elsewhere, with a
+        boolean tensor saying where (per head for head bundles). Never synchronises: what
+        optimisers use. The default: every point is dressable."""
+        u = self.dressing(point)
+        ref = point[0]
+        return u, torch.ones((), dtype=torch.bool, device=ref.device)
 
     @abc.abstractmethod
     def ambiguity(self, point: Point) -> torch.Tensor:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "work_dtype",
+    "positive_int",
+    "pinv_spectrum",
+    "divide_spectral",
     "sym",
     "skew",
     "gram",
@@ -17,14 +21,23 @@ __all__ = [
     "solve_lyapunov_spd",
     "spd_solve_right",
     "orthonormal_columns_sign_fixed",
+    "sign_fix_columns",
     "relative_gaps",
     "numerical_rank",
 ]
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype used for small dense factorisations: float32 at least."""
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype used for small dense factorisations: float32 at least (the one working-precision
+    rule of the package; bf16/fp16 factorisations are not available and would be too coarse)."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` if it is a positive int, else a ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def sym(x: torch.Tensor) -> torch.Tensor:
@@ -43,21 +56,29 @@ def gram(a: torch.Tensor) -> torch.Tensor:
 
 
 def _eigh(spd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    work = _work_dtype(spd.dtype)
+    work = work_dtype(spd.dtype)
     evals, evecs = torch.linalg.eigh(spd.to(work))
     return evals, evecs
 
 
-def _divide_spectral(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+def divide_spectral(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """numerator ⊘ denominator, zero where the denominator vanishes (pseudo-inverse).
 
     A vanishing λᵢ + μⱼ means the corresponding group direction does not move the point (a
     stabiliser direction); the minimum-norm solution puts nothing there.
     """
     scale = denominator.abs().amax(dim=(-2, -1), keepdim=True)
-    tiny = scale * (torch.finfo(denominator.dtype).eps * denominator.shape[-1] * 8)
+    tiny = scale * (torch.finfo(denominator.dtype).eps * max(denominator.shape[-2:]) * 8)
     safe = torch.where(denominator > tiny, denominator, torch.ones_like(denominator))
     return torch.where(denominator > tiny, numerator / safe, torch.zeros_like(numerator))
+
+
+def pinv_spectrum(evals: torch.Tensor, evecs: torch.Tensor) -> torch.Tensor:
+    """U diag(1/λ)⁺ Uᵀ from an eigendecomposition: the pseudo-inverse of a symmetric positive
+    semi-definite matrix, zero on eigenvalues at round-off level (as ``divide_spectral``)."""
+    column = evals.unsqueeze(-1)  # (…, n, 1): the threshold is relative to the largest
+    inverse = divide_spectral(torch.ones_like(column), column).squeeze(-1)
+    return (evecs * inverse.unsqueeze(-2)) @ evecs.mT
 
 
 def solve_sylvester_spd(p: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -70,7 +91,7 @@ def solve_sylvester_spd(p: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> to
     mu, v = _eigh(q)
     work = u.dtype
     rotated = u.mT @ c.to(work) @ v
-    xi = u @ _divide_spectral(rotated, lam.unsqueeze(-1) + mu.unsqueeze(-2)) @ v.mT
+    xi = u @ divide_spectral(rotated, lam.unsqueeze(-1) + mu.unsqueeze(-2)) @ v.mT
     return xi.to(c.dtype)
 
 
@@ -82,7 +103,7 @@ def solve_lyapunov_spd(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     lam, u = _eigh(p)
     work = u.dtype
     rotated = u.mT @ c.to(work) @ u
-    omega = u @ _divide_spectral(rotated, lam.unsqueeze(-1) + lam.unsqueeze(-2)) @ u.mT
+    omega = u @ divide_spectral(rotated, lam.unsqueeze(-1) + lam.unsqueeze(-2)) @ u.mT
     return omega.to(c.dtype)
 
 
@@ -92,10 +113,18 @@ def spd_solve_right(x: torch.Tensor, spd: torch.Tensor) -> torch.Tensor:
     A singular spd gives non-finite entries; callers that must not see them check the rank
     first (``Bundle`` does so unless checks are disabled).
     """
-    work = _work_dtype(x.dtype)
+    work = work_dtype(x.dtype)
     chol, _ = torch.linalg.cholesky_ex(spd.to(work))
     # x spd⁻¹ = (spd⁻¹ xᵀ)ᵀ since spd is symmetric
     return torch.cholesky_solve(x.mT.to(work), chol).mT.to(x.dtype)
+
+
+def sign_fix_columns(coords: torch.Tensor) -> torch.Tensor:
+    """The signs (…, 1, n) that make the entry of largest magnitude of every column of
+    ``coords`` positive (+1 for a zero column): the package's one sign convention."""
+    index = coords.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(coords, -2, index))
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def orthonormal_columns_sign_fixed(frame: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -105,10 +134,7 @@ def orthonormal_columns_sign_fixed(frame: torch.Tensor, coords: torch.Tensor) ->
     This is the deterministic convention that removes the sign ambiguity of eigen- and singular
     vectors; it is invariant because ``coords`` are (up to these signs) gauge-invariant.
     """
-    index = coords.abs().argmax(dim=-2, keepdim=True)
-    signs = torch.sign(torch.gather(coords, -2, index))
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return frame * signs
+    return frame * sign_fix_columns(coords)
 
 
 def relative_gaps(values: torch.Tensor) -> torch.Tensor:
@@ -125,7 +151,7 @@ def relative_gaps(values: torch.Tensor) -> torch.Tensor:
 
 def numerical_rank(a: torch.Tensor) -> torch.Tensor:
     """Numerical rank of each matrix (singular values above max(m, n)·eps·s_max)."""
-    work = _work_dtype(a.dtype)
+    work = work_dtype(a.dtype)
     s = torch.linalg.svdvals(a.to(work))
     tol = s[..., :1] * max(a.shape[-2:]) * torch.finfo(work).eps
     return (s > tol).sum(dim=-1)

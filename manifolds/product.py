@@ -31,6 +31,7 @@ class ProductBundle(Bundle):
         self.n_tensors = sum(c.n_tensors for c in self.components)
         metrics = {c.metric for c in self.components}
         self.metric = metrics.pop() if len(metrics) == 1 else "mixed"
+        self.per_head = False  # components have heads of their own; a product is one orbit
 
     def __repr__(self) -> str:
         return f"ProductBundle({list(self.components)!r})"
@@ -67,8 +68,41 @@ class ProductBundle(Bundle):
         return sum(c.group_dim for c in self.components)
 
     @property
+    def compact_dim(self) -> int:
+        return sum(c.compact_dim for c in self.components)
+
+    @property
+    def metric_is_invariant(self) -> bool:
+        return all(c.metric_is_invariant for c in self.components)
+
+    @property
     def algebra_shape(self):
         return tuple(c.algebra_shape for c in self.components)
+
+    def algebra_basis(self, *, dtype=None, device=None):
+        """A tuple with one stacked basis per component, zero outside that component's block:
+        the basis of 𝔤₁ × … × 𝔤_k, each entry with a leading axis of length ``group_dim``."""
+        parts = [c.algebra_basis(dtype=dtype, device=device) for c in self.components]
+        sizes = [c.group_dim for c in self.components]
+        total, out, start = sum(sizes), [], 0
+        for part, size in zip(parts, sizes):
+            out.append(_pad_leading(part, start, total - start - size))
+            start += size
+        return tuple(out)
+
+    def random_algebra_element(self, *, generator=None, dtype=None, device=None):
+        return tuple(
+            c.random_algebra_element(generator=generator, dtype=dtype, device=device)
+            for c in self.components
+        )
+
+    def group_exp(self, xi):
+        xi = self._check_group_tuple(xi, "Lie-algebra element")
+        return tuple(c.group_exp(x) for c, x in zip(self.components, xi))
+
+    def components_of(self, tensors) -> list[tuple[torch.Tensor, ...]]:
+        """The components' parts of a point or tangent vector, in component order."""
+        return self._split(tensors)
 
     def point_shapes(self):
         return tuple(s for c in self.components for s in c.point_shapes())
@@ -101,28 +135,71 @@ class ProductBundle(Bundle):
             t for c, p, x in zip(self.components, self._split(point), xi) for t in c.vertical(p, x)
         )
 
-    def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:
+    def factorise(self, point: Point):
         point = self.check_point(point)
-        parts = zip(self.components, self._split(point), self._split(u), self._split(v))
-        return sum(c.inner(p, a, b) for c, p, a, b in parts)
+        return tuple(c.factorise(p) for c, p in zip(self.components, self._split(point)))
 
-    def project_vertical(self, point: Point, v: Tangent) -> Tangent:
-        return self._per_component("project_vertical", point, tuple(v))
+    def _frames(self, point, frame):
+        return self.factorise(point) if frame is None else frame
 
-    def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
-        return self._per_component("project_horizontal", point, tuple(v))
+    def _with_frames(self, method: str, point, v, frame) -> tuple:
+        """Concatenate ``component.method(p_i, v_i, frame_i)`` over the components."""
+        point = self.check_point(point)
+        frames = self._frames(point, frame)
+        parts = zip(self.components, self._split(point), self._split(tuple(v)), frames)
+        return tuple(t for c, p, x, f in parts for t in getattr(c, method)(p, x, f))
 
-    def riemannian_gradient(self, point: Point, egrad: Tangent) -> Tangent:
-        return self._per_component("riemannian_gradient", point, tuple(egrad))
+    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
+        point = self.check_point(point)
+        frames = self._frames(point, frame)
+        parts = zip(self.components, self._split(point), self._split(u), self._split(v), frames)
+        return sum(c.inner(p, a, b, f) for c, p, a, b, f in parts)
 
-    def horizontal_gradient(self, point: Point, egrad: Tangent) -> Tangent:
-        return self._per_component("horizontal_gradient", point, tuple(egrad))
+    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
+        return self._with_frames("project_vertical", point, v, frame)
 
-    def moment_sq(self, point: Point, v: Tangent) -> Tangent:
-        return self._per_component("moment_sq", point, tuple(v))
+    def project_horizontal(self, point: Point, v: Tangent, frame=None) -> Tangent:
+        return self._with_frames("project_horizontal", point, v, frame)
 
-    def decay(self, point: Point, factor) -> Point:
-        return self._per_component("decay", point, factor)
+    def riemannian_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
+        return self._with_frames("riemannian_gradient", point, egrad, frame)
+
+    def horizontal_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
+        return self._with_frames("horizontal_gradient", point, egrad, frame)
+
+    def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
+        return self._with_frames("slice_mean_square", point, v, frame)
+
+    def limit_step(self, point: Point, step: Tangent, frame=None) -> Tangent:
+        return self._with_frames("limit_step", point, step, frame)
+
+    def transport(self, point: Point, new_point: Point, v: Tangent, frame=None) -> Tangent:
+        return self.project_horizontal(new_point, v, frame)
+
+    def scale_invariants(self, point: Point, factor) -> Point:
+        return self._per_component("scale_invariants", point, factor)
+
+    def deficient_heads(self, frame):
+        """The components' flags, concatenated (components without heads contribute none)."""
+        parts = [c.deficient_heads(f) for c, f in zip(self.components, frame)]
+        parts = [p.reshape(-1) for p in parts if p is not None]
+        return torch.cat(parts) if parts else None
+
+    def balance_gap(self, point: Point):
+        """A tuple: each component's ``balance_gap``."""
+        point = self.check_point(point)
+        return tuple(c.balance_gap(p) for c, p in zip(self.components, self._split(point)))
+
+    def gauge_drift(self, point: Point):
+        """A tuple: each component's ``gauge_drift``."""
+        point = self.check_point(point)
+        return tuple(c.gauge_drift(p) for c, p in zip(self.components, self._split(point)))
+
+    def dressing_or_identity(self, point: Point):
+        """((u₁, …), (dressable₁, …)) per component."""
+        point = self.check_point(point)
+        parts = [c.dressing_or_identity(p) for c, p in zip(self.components, self._split(point))]
+        return tuple(u for u, _ in parts), tuple(ok for _, ok in parts)
 
     def dressing(self, point: Point):
         point = self.check_point(point)
@@ -155,3 +232,11 @@ class ProductBundle(Bundle):
             )
             for c in self.components
         )
+
+
+def _pad_leading(tree, before: int, after: int):
+    """Zero rows before and after a stacked basis (or a tuple of them) along axis 0."""
+    if isinstance(tree, tuple):
+        return tuple(_pad_leading(t, before, after) for t in tree)
+    zeros = tree.new_zeros
+    return torch.cat([zeros((before, *tree.shape[1:])), tree, zeros((after, *tree.shape[1:]))])

@@ -32,11 +32,12 @@ import torch
 
 from .base import Bundle, Point, Tangent, randn, random_orthogonal
 from .linalg import (
+    divide_spectral,
     orthonormal_columns_sign_fixed,
     relative_gaps,
     skew,
-    solve_lyapunov_spd,
     sym,
+    work_dtype,
 )
 
 __all__ = ["ResidualRotation"]
@@ -50,7 +51,7 @@ class ResidualRotation(Bundle):
     """
 
     metric = "euclidean"
-    group_is_compact = True
+    metric_is_invariant = True  # the Euclidean metric is O(d)-invariant
 
     def __init__(
         self,
@@ -86,8 +87,26 @@ class ResidualRotation(Bundle):
         return self.d_model * (self.d_model - 1) // 2
 
     @property
+    def compact_dim(self) -> int:
+        return self.group_dim  # O(d) is compact
+
+    @property
     def algebra_shape(self) -> tuple[int, ...]:
         return (self.d_model, self.d_model)
+
+    def algebra_basis(self, *, dtype=None, device=None) -> torch.Tensor:
+        """E_ij − E_ji for i < j, stacked: (d(d−1)/2, d, d)."""
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        d = self.d_model
+        i, j = torch.triu_indices(d, d, offset=1, device=device)
+        basis = torch.zeros((i.numel(), d, d), dtype=dtype, device=device)
+        rows = torch.arange(i.numel(), device=device)
+        basis[rows, i, j], basis[rows, j, i] = 1.0, -1.0
+        return basis
+
+    def random_algebra_element(self, *, generator=None, dtype=None, device=None):
+        xi = randn(self.algebra_shape, generator, dtype, device)
+        return xi - xi.mT
 
     def point_shapes(self):
         if self.shapes is None:
@@ -140,28 +159,32 @@ class ResidualRotation(Bundle):
         self.check_group_element(point, xi, "Lie-algebra element")
         return self._times(point, xi)
 
-    def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:
+    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
         point = self.check_point(point)
         u = self.check_tangent(point, u, "u")
         v = self.check_tangent(point, v, "v")
         return sum((a * b).sum() for a, b in zip(u, v))
 
-    def _vertical_generator(self, point: Point, v: Tangent) -> torch.Tensor:
-        c = sym(self._cross(point, point))
-        return solve_lyapunov_spd(c, 2 * skew(self._cross(point, v)))
+    def factorise(self, point: Point):
+        """(C, λ, U): the model-space Gram C = Σ T̂ᵀT̂ and its eigendecomposition (ascending)."""
+        point = self.check_point(point)
+        c = sym(self._cross(point, point)).to(work_dtype(point[0].dtype))
+        evals, evecs = torch.linalg.eigh(c)
+        return c, evals, evecs
 
-    def project_vertical(self, point: Point, v: Tangent) -> Tangent:
+    def _vertical_generator(self, point: Point, v: Tangent, frame) -> torch.Tensor:
+        """Ω solving the Lyapunov equation C Ω + Ω C = 2 skew(Σ T̂ᵀẐ) (minimum norm)."""
+        _, lam, u = self.factorise(point) if frame is None else frame
+        rhs = 2 * skew(self._cross(point, v)).to(u.dtype)
+        omega = u @ divide_spectral(u.mT @ rhs @ u, lam.unsqueeze(-1) + lam.unsqueeze(-2)) @ u.mT
+        return omega.to(point[0].dtype)
+
+    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
         point = self.check_point(point)
         v = self.check_tangent(point, v)
-        return self._times(point, self._vertical_generator(point, v))
+        return self._times(point, self._vertical_generator(point, v, frame))
 
-    def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
-        point = self.check_point(point)
-        v = self.check_tangent(point, v)
-        vert = self._times(point, self._vertical_generator(point, v))
-        return tuple(a - b for a, b in zip(v, vert))
-
-    def moment_sq(self, point: Point, v: Tangent) -> Tangent:
+    def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
         """Mean square of every model-space row of v (O(d)-invariant), keepdim on the axis."""
         point = self.check_point(point)
         v = self.check_tangent(point, v)
@@ -177,6 +200,14 @@ class ResidualRotation(Bundle):
 
     def dressing(self, point: Point) -> torch.Tensor:
         return self._eigenframe(self.check_point(point))[0]
+
+    def balance_gap(self, point: Point) -> torch.Tensor:
+        """‖C − diag C‖_F / ‖C‖_F with C = Σ T̂ᵀT̂: zero where the frame diagonalises C, as the
+        dressing does (O(d) has no moment map for the Euclidean metric: C is symmetric)."""
+        c = self._cross(*(self.check_point(point),) * 2)
+        off = c - torch.diag_embed(torch.diagonal(c))
+        norm = torch.linalg.matrix_norm(c)
+        return torch.linalg.matrix_norm(off) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
     def ambiguity(self, point: Point) -> torch.Tensor:
         """Smallest relative gap between the eigenvalues of C = Σ T̂ᵀT̂ (a scalar)."""

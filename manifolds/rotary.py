@@ -58,9 +58,9 @@ import math
 
 import torch
 
-from .base import Point, Tangent, checks_enabled
-from .heads import HeadQK, _positive_int
-from .linalg import gram, spd_solve_right
+from .base import Point, Tangent, checks_enabled, randn
+from .factored import FactoredBundle, FactorFrame
+from .linalg import spd_solve_right
 
 __all__ = ["RotaryQK", "PAIRINGS"]
 
@@ -89,14 +89,17 @@ def complex_blocks(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
     return torch.stack((torch.stack((re, im), -1), torch.stack((-im, re), -1)), -2)
 
 
-class RotaryQK(HeadQK):
+class RotaryQK(FactoredBundle):
     """(C*)^{d_head/2} symmetry of RoPE query/key heads; see the module docstring.
 
     Point ``(Wq, Wk)``: ``(n_heads, rows_a, d_head)`` and ``(n_heads, rows_b, d_head)`` with
     ``factor_rows = (rows_a, rows_b)`` (default ``(d_model, d_model)``). ``pairing`` names which
     coordinates RoPE rotates together: ``"half"`` (i, i + d_head/2) or ``"interleaved"``
-    (2i, 2i + 1). Group elements: ``(n_heads, d_head // 2, 2, 2)`` real blocks.
+    (2i, 2i + 1). Group elements: ``(n_heads, d_head // 2, 2, 2)`` real blocks. The damped
+    invariant metric of ``FactoredBundle`` is not offered here (``damping`` must be 0).
     """
+
+    factor_names = ("Wq", "Wk")
 
     def __init__(
         self,
@@ -119,10 +122,7 @@ class RotaryQK(HeadQK):
         self.n_pairs = d_head // 2
 
     def __repr__(self) -> str:
-        return (
-            f"RotaryQK(n_heads={self.n_heads}, d_model={self.d_model}, d_head={self.d_head}, "
-            f"metric={self.metric!r}, pairing={self.pairing!r}, factor_rows={self.factor_rows})"
-        )
+        return f"RotaryQK({self._repr_fields()}, pairing={self.pairing!r})"
 
     # ---- planes: the head axis r as m complex coordinates --------------------------------------
     def _planes(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,14 +166,37 @@ class RotaryQK(HeadQK):
         return self.n_heads * self.d_head
 
     @property
+    def compact_dim(self) -> int:
+        return self.n_heads * self.n_pairs  # U(1) per plane: the unit complex scalars
+
+    @property
     def algebra_shape(self) -> tuple[int, ...]:
         return (self.n_heads, self.n_pairs, 2, 2)
+
+    def algebra_basis(self, *, dtype=None, device=None) -> torch.Tensor:
+        """(group_dim, H, m, 2, 2): E₀ = I and E₁ = K in one plane of one head, zero elsewhere
+        (the basis of C^m per head, in (head, plane, {I, K}) order)."""
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        h, m = self.n_heads, self.n_pairs
+        blocks = _basis(torch.empty((), dtype=dtype, device=device))  # (2, 2, 2)
+        basis = torch.zeros((h, m, 2, h, m, 2, 2), dtype=dtype, device=device)
+        heads, planes = torch.meshgrid(
+            torch.arange(h, device=device), torch.arange(m, device=device), indexing="ij"
+        )
+        basis[heads, planes, :, heads, planes] = blocks
+        return basis.reshape(self.group_dim, h, m, 2, 2)
+
+    def random_algebra_element(self, *, generator=None, dtype=None, device=None):
+        shape = (self.n_heads, self.n_pairs)
+        return complex_blocks(
+            randn(shape, generator, dtype, device), randn(shape, generator, dtype, device)
+        )
 
     def _check_planes_nonzero(self, a: torch.Tensor, b: torch.Tensor, purpose: str) -> None:
         """ValueError naming the first vanishing plane (skipped when checks are disabled)."""
         if not checks_enabled():
             return
-        for name, factor in zip(self._factor_names(), (a, b)):
+        for name, factor in zip(self.factor_names, (a, b)):
             norms = self._planes(factor).square().sum(dim=(-3, -1))  # (H, m)
             zero = torch.nonzero(norms <= torch.finfo(norms.dtype).tiny)
             if zero.numel():
@@ -190,9 +213,7 @@ class RotaryQK(HeadQK):
         a, b = self.factors(point)
         re, im = complex_part(g)
         size = re.square() + im.square()
-        return self.from_factors(
-            self._multiply(a, re, im), self._multiply(b, re / size, im / size)
-        )
+        return self.from_factors(self._multiply(a, re, im), self._multiply(b, re / size, im / size))
 
     def inverse_transpose(self, g: torch.Tensor) -> torch.Tensor:
         re, im = complex_part(g)
@@ -207,19 +228,26 @@ class RotaryQK(HeadQK):
         return self.from_factors(self._multiply(a, re, im), -self._multiply(b, re, -im))
 
     # ---- splitting ---------------------------------------------------------------------------
-    def _vertical_coefficients(self, a, b, z1, z2) -> tuple[torch.Tensor, torch.Tensor]:
+    def vertical_generator(self, point: Point, v: Tangent, frame: FactorFrame) -> torch.Tensor:
+        """Σ xᵢI + yᵢK (blocks (H, m, 2, 2)) with V(·) the vertical part of v."""
+        a, b = self.factors(point)
+        z1, z2 = self.factors(v)
+        return complex_blocks(*self._vertical_coefficients(a, b, z1, z2, frame))
+
+    def _vertical_coefficients(self, a, b, z1, z2, frame) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each (H, m): the vertical part of (Z₁, Z₂) is V(Σ xᵢI + yᵢK)."""
         if self.metric == "euclidean":
             pa, pb = self._planes(a), self._planes(b)  # (H, rows, m, 2)
             c = torch.einsum("hnia,hnib->hiab", pa, self._planes(z1))
             c = c - torch.einsum("hnia,hnib->hiab", self._planes(z2), pb)  # Cᵢᵢ (H, m, 2, 2)
             size = pa.square().sum(dim=(-3, -1)) + pb.square().sum(dim=(-3, -1))  # (H, m)
+            c, size = self.row_sums(c, size)
             x = (c[..., 0, 0] + c[..., 1, 1]) / size
             y = (c[..., 0, 1] - c[..., 1, 0]) / size
             return x, y
-        self._check_full_rank(a, b, "the invariant metric")
-        p, q = gram(a), gram(b)
-        d = a.mT @ z1 @ q - p @ z2.mT @ b  # (H, r, r)
+        p, q = frame.p.to(a.dtype), frame.q.to(a.dtype)
+        az1, z2b = self.row_sums(a.mT @ z1, z2.mT @ b)
+        d = az1 @ q - p @ z2b  # (H, r, r)
         basis = _basis(a)
         pb, qb = self._plane_blocks(p), self._plane_blocks(q)  # (H, m, 2, m, 2)
         system = 2 * torch.einsum("sac,hiajb,tbe,hjeic->hisjt", basis, pb, basis, qb)
@@ -230,34 +258,21 @@ class RotaryQK(HeadQK):
         coef = coef.view(h, m, 2)
         return coef[..., 0], coef[..., 1]
 
-    def project_vertical(self, point: Point, v: Tangent) -> Tangent:
-        a, b = self.factors(self.check_point(point))
-        z1, z2 = self.factors(self.check_tangent(point, v))
-        x, y = self._vertical_coefficients(a, b, z1, z2)
-        return self.from_factors(self._multiply(a, x, y), -self._multiply(b, x, -y))
-
-    def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
-        a, b = self.factors(self.check_point(point))
-        z1, z2 = self.factors(self.check_tangent(point, v))
-        x, y = self._vertical_coefficients(a, b, z1, z2)
-        return self.from_factors(z1 - self._multiply(a, x, y), z2 + self._multiply(b, x, -y))
-
     # ---- dressing ----------------------------------------------------------------------------
-    def _dressing_scalars(self, a: torch.Tensor, b: torch.Tensor):
+    def _dressing_scalars(self, a: torch.Tensor, b: torch.Tensor, check: bool = True):
         """(re, im) of u(p) per plane and the phase gaps |αᵢᵀαᵢ|/‖αᵢ‖² (each (H, m))."""
-        self._check_planes_nonzero(a, b, "dressing")
+        if check:
+            self._check_planes_nonzero(a, b, "dressing")
         pa, pb = self._planes(a), self._planes(b)  # (H, rows, m, 2)
-        sq_a = pa.square().sum(dim=(-3, -1))
-        sq_b = pb.square().sum(dim=(-3, -1))
+        sq_a, sq_b = self.row_sums(pa.square().sum(dim=(-3, -1)), pb.square().sum(dim=(-3, -1)))
         modulus = (sq_b / sq_a).pow(0.25)  # |c|² = ‖β‖/‖α‖
         x0, x1 = pa[..., 0], pa[..., 1]
-        s_re = (x0.square() - x1.square()).sum(-2)  # αᵀα = Σ (x0 + i x1)²
-        s_im = 2 * (x0 * x1).sum(-2)
+        s_re, s_im = self.row_sums(
+            (x0.square() - x1.square()).sum(-2), 2 * (x0 * x1).sum(-2)
+        )  # αᵀα = Σ (x0 + i x1)²
         phase = -0.5 * torch.atan2(s_im, s_re)  # makes e^{2iφ} αᵀα real positive
         first = x0 * torch.cos(phase).unsqueeze(-2) - x1 * torch.sin(phase).unsqueeze(-2)
-        index = first.abs().argmax(dim=-2, keepdim=True)
-        sign = torch.sign(torch.gather(first, -2, index)).squeeze(-2)
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        sign = self.column_signs(first).squeeze(-2)
         re, im = modulus * sign * torch.cos(phase), modulus * sign * torch.sin(phase)
         gap = torch.sqrt(s_re.square() + s_im.square()) / sq_a
         return re, im, gap
@@ -267,8 +282,30 @@ class RotaryQK(HeadQK):
         re, im, _ = self._dressing_scalars(a, b)
         return complex_blocks(re, im)
 
-    def dress(self, point: Point) -> Point:
-        return self.act(point, self.dressing(point))
+    def dressing_or_identity(self, point: Point):
+        a, b = self.factors(self.check_point(point))
+        planes_a, planes_b = self._planes(a), self._planes(b)
+        tiny = torch.finfo(a.dtype).tiny
+        nonzero = (planes_a.square().sum(dim=(-3, -1)) > tiny) & (
+            planes_b.square().sum(dim=(-3, -1)) > tiny
+        )  # (H, m)
+        safe_a = self._unplanes(torch.where(nonzero[:, None, :, None], planes_a, 1.0))
+        safe_b = self._unplanes(torch.where(nonzero[:, None, :, None], planes_b, 1.0))
+        re, im, _ = self._dressing_scalars(safe_a, safe_b, check=False)
+        re, im = torch.where(nonzero, re, 1.0), torch.where(nonzero, im, 0.0)
+        return complex_blocks(re, im), nonzero.all(dim=-1)
+
+    def _moment(self, symmetric: torch.Tensor) -> torch.Tensor:
+        """(H, m, 2): the I and K coordinates of each plane's diagonal block, orthonormalised."""
+        blocks = torch.diagonal(self._plane_blocks(symmetric), dim1=-4, dim2=-2)  # (H, 2, 2, m)
+        trace = blocks[:, 0, 0] + blocks[:, 1, 1]
+        turn = blocks[:, 0, 1] - blocks[:, 1, 0]
+        return torch.stack((trace, turn), -1) / 2**0.5
+
+    def moment_map(self, point: Point) -> torch.Tensor:
+        """Per head and plane the (I, K) components of AᵀA − BᵀB: (‖αᵢ‖² − ‖βᵢ‖²)·√2, 0."""
+        a, b = self.factors(self.check_point(point))
+        return self._moment(a.mT @ a - b.mT @ b)
 
     def ambiguity(self, point: Point) -> torch.Tensor:
         """Per head: the smallest phase gap (σ₁² − σ₂²)/(σ₁² + σ₂²) over the query planes."""

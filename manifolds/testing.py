@@ -45,37 +45,12 @@ def relative_error(x, y) -> float:
 
 
 def random_algebra_element(bundle: Bundle, *, generator=None, dtype=None, device=None):
-    """A Gaussian Lie-algebra element (skew-symmetric for orthogonal groups)."""
-    from .product import ProductBundle
-    from .residual import ResidualRotation
-
-    if isinstance(bundle, ProductBundle):
-        return tuple(
-            random_algebra_element(c, generator=generator, dtype=dtype, device=device)
-            for c in bundle.components
-        )
-    xi = randn(bundle.algebra_shape, generator, dtype, device)
-    return xi - xi.mT if isinstance(bundle, ResidualRotation) else xi
-
-
-def _exp(bundle: Bundle, xi):
-    from .product import ProductBundle
-
-    if isinstance(bundle, ProductBundle):
-        return tuple(_exp(c, x) for c, x in zip(bundle.components, xi))
-    return torch.linalg.matrix_exp(xi)
+    """A Gaussian Lie-algebra element (``bundle.random_algebra_element``)."""
+    return bundle.random_algebra_element(generator=generator, dtype=dtype, device=device)
 
 
 def _scale(xi, t):
     return tuple(_scale(x, t) for x in xi) if isinstance(xi, tuple) else xi * t
-
-
-def _metric_is_invariant(bundle: Bundle) -> bool:
-    from .product import ProductBundle
-
-    if isinstance(bundle, ProductBundle):
-        return all(_metric_is_invariant(c) for c in bundle.components)
-    return bundle.metric != "euclidean" or bundle.group_is_compact
 
 
 def _gradient_covariance_error(bundle: Bundle, p, g, q, generator) -> float:
@@ -112,8 +87,8 @@ def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device
     out["gradient_covariant"] = _gradient_covariance_error(bundle, p, g, q, generator)
 
     step = 1e-5 if dtype == torch.float64 else 1e-2
-    plus = bundle.act(p, _exp(bundle, _scale(xi, step)))
-    minus = bundle.act(p, _exp(bundle, _scale(xi, -step)))
+    plus = bundle.act(p, bundle.group_exp(_scale(xi, step)))
+    minus = bundle.act(p, bundle.group_exp(_scale(xi, -step)))
     fd = tuple((a - b) / (2 * step) for a, b in zip(plus, minus))
     vert = bundle.vertical(p, xi)
     out["vertical_fd"] = relative_error(fd, vert)
@@ -137,7 +112,7 @@ def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device
     out["transport_horizontal"] = _ratio(
         bundle.norm(p_next, bundle.project_vertical(p_next, moved)), bundle.norm(p_next, moved)
     )
-    if _metric_is_invariant(bundle):
+    if bundle.metric_is_invariant:
         gv, gw = bundle.act(v, g), bundle.act(w, g)
         out["metric_invariant"] = _ratio(
             (bundle.inner(q, gv, gw) - bundle.inner(p, v, w)).abs(),
@@ -148,7 +123,9 @@ def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device
             bundle.project_horizontal(q, gv), bundle.act(bundle.project_horizontal(p, v), g)
         )
         # so do the adaptive optimisers' second moments
-        out["moment_invariant"] = relative_error(bundle.moment_sq(q, gv), bundle.moment_sq(p, v))
+        out["moment_invariant"] = relative_error(
+            bundle.slice_mean_square(q, gv), bundle.slice_mean_square(p, v)
+        )
     return out
 
 

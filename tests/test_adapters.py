@@ -124,7 +124,7 @@ def test_geoopt_members_delegate_to_the_bundle(geoopt):
     assert torch.equal(y2, y) and torch.equal(moved2, moved)
     assert torch.equal(man.transp_follow_retr(x, 0.1 * hu, fv), moved)
 
-    # component_inner: packed per-slice moment_sq, polarised for two vectors
+    # component_inner: packed per-slice slice_mean_square, polarised for two vectors
     second = man.component_inner(x, fu)
     assert second.shape == x.shape and bool((second >= 0).all())
     assert torch.allclose(man.component_inner(x, fu, fu), second)

@@ -26,7 +26,7 @@ geoopt                      bundle
                             horizontal geodesic projects to a geodesic); otherwise a first-order
                             retraction, as geoopt allows
 ``transp``                  ``bundle.transport``: horizontal projection at the new point
-``component_inner``         ``bundle.moment_sq`` broadcast to every tensor and packed: one
+``component_inner``         ``bundle.slice_mean_square`` broadcast to every tensor and packed: one
                             gauge-invariant magnitude per slice that no symmetry mixes (per row
                             of each head factor, per model-space row of a rotated tensor)
 ``random`` / ``origin``     ``bundle.random_point`` (``origin`` draws it with a fixed seed)
@@ -38,7 +38,7 @@ geoopt                      bundle
 pick a basis that G rotates; the per-slice invariant magnitudes make the preconditioner commute
 with the action, so RiemannianAdam on this manifold with an invariant metric is
 gauge-equivariant. For ``v ≠ u`` the bilinear form is recovered by polarisation,
-¼[m(u+v) − m(u−v)] with m = ``moment_sq``.
+¼[m(u+v) − m(u−v)] with m = ``slice_mean_square``.
 
 Where geoopt 0.5.1's algorithms lose gauge equivariance. Measured: run 50 steps from p and from
 p·g (g of condition 10) on ½‖A Bᵀ − M*‖² with HeadQK(2, 6, 2), invariant metric, float64,
@@ -149,16 +149,15 @@ class GeooptManifold(geoopt.Manifold):
         return value.reshape(1) if keepdim else value
 
     def component_inner(self, x, u, v=None):
-        """Gauge-invariant per-slice magnitudes of u (``bundle.moment_sq``), packed: shape of x.
-
-        For ``v`` given, the polarisation ¼[m(u+v) − m(u−v)] of the quadratic ``moment_sq``.
+        """Gauge-invariant per-slice magnitudes of u (``bundle.slice_mean_square``), packed:
+        shape of x. For ``v`` given, the polarisation ¼[m(u+v) − m(u−v)] of that quadratic.
         """
         point = self.unpack(x)
         if v is None:
-            parts = self.bundle.moment_sq(point, self.unpack(u))
+            parts = self.bundle.slice_mean_square(point, self.unpack(u))
         else:
-            plus = self.bundle.moment_sq(point, self.unpack(u + v))
-            minus = self.bundle.moment_sq(point, self.unpack(u - v))
+            plus = self.bundle.slice_mean_square(point, self.unpack(u + v))
+            minus = self.bundle.slice_mean_square(point, self.unpack(u - v))
             parts = tuple(0.25 * (a - b) for a, b in zip(plus, minus))
         return self._pack(m.expand(s) for m, s in zip(parts, self.shapes))
 

@@ -68,7 +68,7 @@ import torch
 from pymanopt.manifolds.manifold import Manifold as _PymanoptManifoldBase
 
 from ..base import Bundle, Point, Tangent
-from ..heads import HeadQK
+from ..factored import FactoredBundle
 from ..linalg import sym
 from ..product import ProductBundle
 
@@ -163,7 +163,7 @@ def _closed_form(kind: str, bundle: Bundle, point: Point, x: Tangent, y: Tangent
         return tuple(t for c, (p, a, b) in parts for t in fn(c, p, a, b))
     if bundle.metric == "euclidean":
         return _zeros(point)
-    if isinstance(bundle, HeadQK) and bundle.metric == "invariant":
+    if isinstance(bundle, FactoredBundle) and bundle.metric_is_invariant:
         (pa, pb), (x1, x2), (y1, y2) = (bundle.factors(t) for t in (point, x, y))
         if kind == "derivative":  # (2 y₁ sym(Bᵀx₂), 2 y₂ sym(Aᵀx₁))
             return bundle.from_factors(2 * y1 @ sym(pb.mT @ x2), 2 * y2 @ sym(pa.mT @ x1))

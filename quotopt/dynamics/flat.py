@@ -27,7 +27,7 @@ Hw = 0. Thus ker(QᵀHQ) ≅ ker H ∩ W and, because ker H ⊇ V, dim ker(QᵀH
 for *every* complement W (Sylvester's law of inertia: H defines a quadratic form on Rⁿ/V, and
 every complement is a copy of Rⁿ/V). The non-zero eigenvalues do depend on W and on the metric;
 with a relative threshold the numerical count is the same for any well-conditioned complement.
-Where the metric is the Euclidean one and G-invariant (O(d), ``group_is_compact``), π is a
+Where the metric is the Euclidean one and G-invariant (O(d), ``metric_is_invariant``), π is a
 Riemannian submersion at free points and QᵀHQ with the Euclidean complement *is* the Riemannian
 Hessian of the induced function on the quotient in an orthonormal basis, at every point (Absil,
 Mahony, Sepulchre 2008, ch. 5: the Hessian of a Riemannian quotient lifts to P_H ∇²f on H). For
@@ -53,7 +53,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from manifolds import Bundle, ProductBundle, unchecked
+from manifolds import Bundle, unchecked
 
 from .hessian import dense_hessian, flatten, unflatten
 
@@ -72,48 +72,21 @@ COMPLEMENTS = ("euclidean", "metric")
 
 # ---- the Lie algebra and the vertical space --------------------------------------------
 def algebra_basis(bundle: Bundle, *, dtype=None, device=None):
-    """A basis of the Lie algebra, stacked on a leading axis of length ``group_dim``.
-
-    GL-type algebras (``prod(algebra_shape) == group_dim``, e.g. gl(r) per head): the unit
-    matrices. Orthogonal algebras (trailing (d, d) with d(d−1)/2 per matrix, e.g. so(d) of
-    ``ResidualRotation``): E_ij − E_ji for i < j. ``ProductBundle``: a tuple with one stacked
-    tensor (or nested tuple) per component, zero outside that component's block — the basis of
-    𝔤₁ × … × 𝔤_k. Other bundles raise ``ValueError``.
-    """
-    dtype = dtype if dtype is not None else torch.get_default_dtype()
-    if isinstance(bundle, ProductBundle):
-        parts = [algebra_basis(c, dtype=dtype, device=device) for c in bundle.components]
-        sizes = [c.group_dim for c in bundle.components]
-        total, out, start = sum(sizes), [], 0
-        for part, size in zip(parts, sizes):
-            out.append(_pad_leading(part, start, total - start - size))
-            start += size
-        return tuple(out)
-    shape = tuple(bundle.algebra_shape)
-    numel, dim = math.prod(shape), bundle.group_dim
-    if numel == dim:
-        return torch.eye(numel, dtype=dtype, device=device).reshape(numel, *shape)
-    if len(shape) >= 2 and shape[-1] == shape[-2]:
-        d, batch = shape[-1], math.prod(shape[:-2])
-        i, j = torch.triu_indices(d, d, offset=1, device=device)
-        if batch * i.numel() == dim:
-            one = torch.zeros((i.numel(), d, d), dtype=dtype, device=device)
-            rows = torch.arange(i.numel(), device=device)
-            one[rows, i, j], one[rows, j, i] = 1.0, -1.0
-            basis = torch.zeros((batch, i.numel(), batch, d, d), dtype=dtype, device=device)
-            basis[torch.arange(batch), :, torch.arange(batch)] = one
-            return basis.reshape(dim, *shape)
-    raise ValueError(
-        f"cannot infer a Lie-algebra basis for {bundle!r}: algebra_shape {shape} with "
-        f"group_dim {dim} is neither a full matrix algebra nor skew-symmetric"
-    )
-
-
-def _pad_leading(tree, before: int, after: int):
-    if isinstance(tree, tuple):
-        return tuple(_pad_leading(t, before, after) for t in tree)
-    zeros = tree.new_zeros
-    return torch.cat([zeros((before, *tree.shape[1:])), tree, zeros((after, *tree.shape[1:]))])
+    """A basis of the bundle's Lie algebra stacked on a leading axis of length ``group_dim``
+    (``bundle.algebra_basis``: unit matrices of gl(r), E_ij − E_ji of so(d), the I/K blocks of
+    the RoPE commutant, a padded tuple per component of a product). Raises ``ValueError`` for
+    an object that provides none."""
+    member = getattr(bundle, "algebra_basis", None)
+    try:
+        if member is None:
+            raise NotImplementedError
+        return member(dtype=dtype, device=device)
+    except NotImplementedError:
+        raise ValueError(
+            f"cannot infer a Lie-algebra basis for {bundle!r}: algebra_shape "
+            f"{getattr(bundle, 'algebra_shape', None)} with group_dim "
+            f"{getattr(bundle, 'group_dim', None)} provides no algebra_basis"
+        ) from None
 
 
 def _map_rows(fn: Callable, stacked, n_rows: int) -> torch.Tensor:

@@ -22,8 +22,6 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from manifolds import HeadQK, PositiveRescaling, ProductBundle, ResidualRotation
-
 from ..symmetries import group_point, symmetries
 from .flat import flat_directions, vertical_basis
 from .hessian import dense_hessian, flatten, hessian_operator, lanczos_extremes, unflatten
@@ -43,17 +41,12 @@ NOTE = (
 
 def compact_orbit_dimension(bundle) -> int:
     """Dimension of the subgroup of ``bundle``'s group that preserves ‖θ‖² (its orbits stay
-    level sets of an L2-regularised objective): r(r−1)/2 per GL(r) head, 0 per rescaled unit,
-    d(d−1)/2 for O(d)."""
-    if isinstance(bundle, ProductBundle):
-        return sum(compact_orbit_dimension(c) for c in bundle.components)
-    if isinstance(bundle, PositiveRescaling):
-        return 0
-    if isinstance(bundle, HeadQK) and type(bundle).group_dim is HeadQK.group_dim:
-        return bundle.n_heads * bundle.d_head * (bundle.d_head - 1) // 2
-    if isinstance(bundle, ResidualRotation):
-        return bundle.group_dim
-    raise ValueError(f"no compact-subgroup dimension known for {bundle!r}")
+    level sets of an L2-regularised objective; ``bundle.compact_dim``): r(r−1)/2 per GL(r) head,
+    0 per rescaled unit, d(d−1)/2 for O(d)."""
+    try:
+        return bundle.compact_dim
+    except NotImplementedError:
+        raise ValueError(f"no compact-subgroup dimension known for {bundle!r}") from None
 
 
 @torch.no_grad()

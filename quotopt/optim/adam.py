@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import validation as rules
 from .base import QuotientOptimizer, _check_nonnegative, _reject_unsupported
 from .functional import adam_bundle_update, adam_plain_update
 
@@ -17,14 +18,19 @@ class QuotientAdam(QuotientOptimizer):
     p and Euclidean gradient ∇f, one step is (``quotopt.optim.functional``):
 
     * every ``dress_every`` steps, starting with the first: p ← p·u(p), the first moment
-      pushed forward by u(p), ∇f carried as a covector;
-    * ξ = P_H(grad_metric f) — the Riemannian gradient under the bundle's metric, projected on
-      the horizontal space;
+      pushed forward by u(p), ∇f carried as a covector (heads that cannot be dressed — rank
+      deficient to working precision — stay where they are);
+    * ξ = grad_metric f — the Riemannian gradient under the bundle's metric, horizontal for a
+      G-invariant loss (one factorisation of p serves this step's gradient, moments and
+      projection, and the next step reuses the new point's);
     * m ← β₁m + (1-β₁)ξ (m lives in the horizontal space at p);
-      v ← β₂v + (1-β₂)·moment_sq(p, ξ), the bundle's **gauge-invariant mean squares per slice
-      no symmetry mixes**: per row of each head factor (for GL(r) heads, weighted by the other
-      factor's Gram matrix under the invariant metric), per model-space row for O(d);
-    * d = P_H(m̂ / (√v̂ + ε)); p ← retract(decay(p, 1 - lr·wd), -lr·d); m ← P_H at the new point.
+      v ← β₂v + (1-β₂)·slice_mean_square(p, ξ), the bundle's **gauge-invariant mean squares
+      per slice no symmetry mixes**: per row of each head factor (for GL(r) heads, weighted by
+      the other factor's Gram matrix under the invariant metric), per model-space row for O(d);
+    * d = P_H(m̂ / (√v̂ + ε)), bounded by ``bundle.limit_step`` (invariant head metric: a head's
+      step is shortened where its second-order change of W_q W_kᵀ would exceed half the
+      first-order one — only at ill-conditioned factors);
+      p ← retract(scale_invariants(p, 1 - lr·wd), -lr·d); m ← P_H at the new point.
 
     Why per-slice second moments (option (b) of the design notes) rather than per-coordinate
     moments in dressed coordinates (option (a)): a per-coordinate moment picks a basis that the
@@ -33,16 +39,21 @@ class QuotientAdam(QuotientOptimizer):
     (v is not a tensor that GL acts on). Per-slice moments are invariant by construction, cost
     one fused reduction, and keep per-row adaptivity where no symmetry acts.
 
-    Weight decay acts on the orbit: ``bundle.decay`` multiplies every invariant linear map by
-    (1 - lr·wd) — each head's W_q W_kᵀ and W_v W_o (so each factor by √(1 - lr·wd)), and
+    Weight decay acts on the orbit: ``bundle.scale_invariants`` multiplies every invariant linear
+    map by (1 - lr·wd) — each head's W_q W_kᵀ and W_v W_o (so each factor by √(1 - lr·wd)), and
     O(d)-rotated tensors directly. Scalar scaling commutes with the action, so the decay is
     gauge-equivariant. Note that on heads this is half AdamW's decay of the product
     (AdamW shrinks both factors, so the product by (1 - lr·wd)²): tune wd per optimiser.
 
-    Gauge equivariance: with a G-invariant metric (``"invariant"`` heads, O(d)) every operation
-    commutes with the action, so runs from p and p·g stay on the same orbits. With the
-    Euclidean head metric, equivariance comes from dressing before the first step (the default
-    ``dress_every``); ``dress_every=None`` turns dressing off.
+    Gauge equivariance: with a G-invariant metric (``"invariant"`` heads without damping, O(d))
+    every operation commutes with the action — the step bound included, since it is computed
+    from gauge-invariant norms — so runs from p and p·g stay on the same orbits up to
+    round-off. With the Euclidean head metric, equivariance comes from dressing before the first
+    step (the default ``dress_every``); ``dress_every=None`` turns dressing off. A damped
+    invariant metric (``HeadQK(..., metric="invariant", damping=δ)``, the choice for rank-
+    deficient starts such as LoRA's B = 0) is only O(r)-invariant: equivariance is then exact
+    for orthogonal g and approximate, to O(δ), for general g (dressing restores it for runs
+    that start from the same orbit through full-rank points).
 
     Args:
         params: tensors or param groups; a group may carry ``"bundle"`` (a
@@ -100,11 +111,23 @@ class QuotientAdam(QuotientOptimizer):
             zeros = torch.zeros_like(param, memory_format=torch.preserve_format)
             return {"step": self._zero_step(param), "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
         zeros = tuple(torch.zeros_like(t) for t in point)
-        second = tuple(torch.zeros_like(s) for s in bundle.moment_sq(point, zeros))
+        second = tuple(torch.zeros_like(s) for s in bundle.slice_mean_square(point, zeros))
         return {"step": self._zero_step(point[0]), "exp_avg": zeros, "exp_avg_sq": second}
 
     _plain_update = staticmethod(adam_plain_update)
     _bundle_update = staticmethod(adam_bundle_update)
+
+    def _check_hyperparameters(self, name: str, group: dict) -> None:
+        rules.number(name, "learning rate", group["lr"])
+        rules.number(name, "epsilon value", group["eps"])
+        rules.number(name, "weight_decay value", group["weight_decay"])
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{name}: Invalid betas: {betas!r} (expected a pair)")
+        for index, beta in enumerate(betas):
+            rules.unit_interval(name, f"beta parameter at index {index}", beta)
+        rules.decoupled_decay(name, group["lr"], group["weight_decay"])
+        rules.dress_every(name, group["dress_every"])
 
     def _hyperparameters(self, group: dict) -> dict:
         beta1, beta2 = group["betas"]

@@ -4,34 +4,46 @@ A param group with a ``"bundle"`` key (a ``manifolds.Bundle``) is updated on the
 quotient; its ``"params"`` are either the bundle's point, in order, or the model's own
 parameters together with a ``"layout"``: a callable mapping a list of tensors shaped like the
 params (the params themselves, or their gradients) to views in the bundle's point order. Writes
-go through those views, so fused or transposed storage (``nn.MultiheadAttention``'s
-``in_proj_weight``, ``nn.Linear``'s (out, in) weights) is updated in place.
+go through those views (and the layout's ``write_back`` where it has one), so fused or
+transposed storage (``nn.MultiheadAttention``'s ``in_proj_weight``, ``nn.Linear``'s (out, in)
+weights) is updated in place.
 
-Steps are computed out of place and committed only when every new value is finite. On the CPU
-the check is a plain host read. On accelerators the commit is masked with ``torch.where`` (no
-host synchronisation) and the finiteness flags are inspected at the start of the next
-``step()`` — or at once by ``raise_if_nonfinite()`` — so a skipped step raises one call late but
-never corrupts parameters or state.
+The contract of ``step()``: steps are computed out of place and committed only when every new
+value is finite (``quotopt.optim.guard``). Anything that goes numerically wrong — non-finite
+values, a factorisation that fails — is a ``NonFiniteStepError`` naming the group (or, with
+``nonfinite="skip"``, a skipped step), and leaves parameters, state, lazily created state and
+clocks exactly as they were. Heads that lose rank during training are reported with a
+``RankDeficiencyWarning`` naming group and head (on the CPU at once; on accelerators, whose
+flags are read without blocking, through ``rank_deficient_heads()``). Bundle groups whose
+parameters have ``requires_grad=False`` are never changed.
+
+Each bundle group keeps the factorisation of its point (``bundle.factorise``) between steps:
+the step that moves the point computes the new one, and the next step reuses it as long as the
+parameters were not modified in between (tracked by their version counters).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
 
 import torch
 
 from manifolds import Bundle, unchecked
 
-__all__ = ["QuotientOptimizer", "NonFiniteStepError"]
+from .guard import FlagCopy, NonFiniteStepError, Plan, finiteness
+from .validation import check_state_dict
+
+__all__ = ["QuotientOptimizer", "NonFiniteStepError", "RankDeficiencyWarning"]
 
 _NONFINITE_MODES = ("raise", "skip")
 _STRUCTURAL_KEYS = ("bundle", "layout")
 _UNSUPPORTED = ("foreach", "fused", "capturable", "differentiable")
 
 
-class NonFiniteStepError(ValueError):
-    """A step produced non-finite parameters or state; nothing was written."""
+class RankDeficiencyWarning(UserWarning):
+    """A head of a bundle group lost rank during training (its Grams became singular to
+    working precision): the quotient is singular there and the head is no longer re-dressed."""
 
 
 def _check_nonnegative(name: str, value, upper: float | None = None) -> None:
@@ -51,72 +63,64 @@ def _reject_unsupported(cls_name: str, options: dict) -> None:
             )
 
 
-class _FlagCopy:
-    """Finiteness flags copied to the host without blocking (CUDA: pinned memory + event)."""
-
-    def __init__(self, flags: torch.Tensor, names: list[str]):
-        self.names = names
-        if flags.device.type == "cuda":
-            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            self._host.copy_(flags, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host, self._event = flags, None
-
-    def ready(self) -> bool:
-        return self._event is None or self._event.query()
-
-    def host(self) -> torch.Tensor:
-        if self._event is not None:
-            self._event.synchronize()
-        return self._host.cpu()
+def _versions(tensors) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors)
 
 
 class QuotientOptimizer(torch.optim.Optimizer):
     """Common machinery: group validation, views, lazy state, guarded commits, state_dict.
 
-    Subclasses define ``_init_state(group, tensors)``, ``_hyperparameters(group)`` and the pure
+    Subclasses define ``_init_state(group, tensors)``, ``_hyperparameters(group)``, the rules
+    ``_check_hyperparameters(name, group)`` (with ``quotopt.optim.validation``) and the pure
     updates ``_plain_update`` / ``_bundle_update`` (``quotopt.optim.functional``).
     """
 
     def __init__(self, params, defaults: dict, nonfinite: str = "raise"):
         if nonfinite not in _NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
-        dress_every = defaults.get("dress_every")
-        if dress_every is not None and (not isinstance(dress_every, int) or dress_every < 1):
-            raise ValueError(f"dress_every must be None or a positive integer, got {dress_every!r}")
         self.nonfinite = nonfinite
-        self._pending: list[tuple[torch.Tensor, list[str]]] = []
+        self._pending: list[FlagCopy] = []
+        self._frames: dict[int, tuple[tuple[int, ...], object]] = {}
+        self._deficient: dict[int, object] = {}
         super().__init__(params, defaults)
 
     # ---- groups -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         index = len(self.param_groups)
+        param_group = dict(param_group)
         param_group.setdefault("name", f"param group {index}")
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        self._check_hyperparameters(param_group["name"], param_group)
         param_group.setdefault("dress_clock", 0)
         bundle = param_group.get("bundle")
         if bundle is not None:
+            name = param_group["name"]
             if not isinstance(bundle, Bundle):
                 raise ValueError(
-                    f"{param_group['name']}: 'bundle' must be a manifolds.Bundle, "
-                    f"got {type(bundle).__name__}"
+                    f"{name}: 'bundle' must be a manifolds.Bundle, got {type(bundle).__name__}"
                 )
             layout = param_group.get("layout")
             if layout is not None and not callable(layout):
-                raise ValueError(f"{param_group['name']}: 'layout' must be callable")
+                raise ValueError(f"{name}: 'layout' must be callable")
             params = param_group["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
-            point = self._views(param_group, params)
+            frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+            if frozen and len(frozen) < len(params):
+                raise ValueError(
+                    f"{name}: params {frozen} have requires_grad=False but the others do not; a "
+                    "quotient step moves every tensor of a bundle together — freeze the whole "
+                    "group or none of it"
+                )
             try:
-                bundle.check_point(point)
+                bundle.check_point(self._views(param_group, params))
             except ValueError as error:
-                raise ValueError(f"{param_group['name']}: {error}") from None
+                raise ValueError(f"{name}: {error}") from None
         super().add_param_group(param_group)
 
     @staticmethod
     def _views(group: dict, tensors: list) -> tuple[torch.Tensor, ...]:
-        layout: Callable | None = group.get("layout")
+        layout = group.get("layout")
         return tuple(layout(tensors)) if layout is not None else tuple(tensors)
 
     # ---- state_dict: bundles are structure, not state -----------------------------------
@@ -126,26 +130,29 @@ class QuotientOptimizer(torch.optim.Optimizer):
             if group.get("bundle") is not None:
                 group["bundle"] = repr(group["bundle"])
             group.pop("layout", None)
+        state["optimizer"] = type(self).__name__
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups, this optimiser has "
-                f"{len(self.param_groups)}"
-            )
-        for saved, current in zip(saved_groups, self.param_groups):
-            expected = repr(current["bundle"]) if current.get("bundle") is not None else None
-            if saved.get("bundle") != expected:
-                raise ValueError(
-                    f"{current['name']}: state_dict was saved for bundle {saved.get('bundle')}, "
-                    f"this group has {expected}"
-                )
+        """Load a state saved by ``state_dict``; every mismatch (optimiser class, groups, bundles,
+        state keys, tensor shapes) is refused with a ValueError before anything is written."""
+        check_state_dict(self, state_dict)
         structure = [{k: g.get(k) for k in _STRUCTURAL_KEYS} for g in self.param_groups]
+        state_dict = {k: v for k, v in state_dict.items() if k != "optimizer"}
         super().load_state_dict(state_dict)
         for group, keys in zip(self.param_groups, structure):
             group.update(keys)
+        self._frames.clear()
+        self._deficient.clear()
+
+    def expected_state(self, group: dict) -> dict:
+        """The state a fresh step would create for ``group`` (shapes and dtypes to check a
+        loaded state against), keyed like ``self.state`` entries."""
+        params = list(group["params"])
+        if group.get("bundle") is not None:
+            with unchecked():
+                return {id(params[0]): self._init_state(group, self._views(group, params))}
+        return {id(p): self._init_state(group, (p,)) for p in params}
 
     # ---- the step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -156,80 +163,121 @@ class QuotientOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.raise_if_nonfinite(wait=False)
-        writes: list[tuple[list[torch.Tensor], list[torch.Tensor], str]] = []
-        with unchecked():
-            for group in self.param_groups:
-                if group.get("bundle") is not None:
-                    writes.extend(self._bundle_group_step(group))
-                else:
-                    writes.extend(self._plain_group_step(group))
-        self._commit(writes)
+        plans: list[Plan] = []
+        group = None
+        try:
+            with unchecked():
+                for index, group in enumerate(self.param_groups):
+                    self._check_hyperparameters(group["name"], group)  # a scheduler may change it
+                    if group.get("bundle") is not None:
+                        plans.extend(self._bundle_group_step(index, group))
+                    else:
+                        plans.extend(self._plain_group_step(group))
+        except torch.linalg.LinAlgError as error:
+            if self.nonfinite == "skip":
+                return loss
+            message = str(error).splitlines()[0]
+            raise NonFiniteStepError(
+                f"{group['name']}: a factorisation failed inside the step ({message}); "
+                "parameters and optimiser state are unchanged"
+            ) from None
+        self._commit(plans)
         return loss
 
-    def _bundle_group_step(self, group: dict):
+    def _bundle_group_step(self, index: int, group: dict) -> list[Plan]:
         params = list(group["params"])
-        if all(p.grad is None for p in params):
+        name = group["name"]
+        if all(p.grad is None for p in params) or not all(p.requires_grad for p in params):
             return []
         for p in params:
             if p.grad is not None and p.grad.is_sparse:
-                raise ValueError(f"{group['name']}: sparse gradients are not supported")
+                raise ValueError(f"{name}: sparse gradients are not supported")
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         point, grad = self._views(group, params), self._views(group, grads)
-        state = self.state[params[0]]
-        if not state:
-            state.update(self._init_state(group, point))
+        bundle = group["bundle"]
+        fresh = params[0] not in self.state
+        state = self._init_state(group, point) if fresh else self.state[params[0]]
         every = group["dress_every"]
         dress = every is not None and group["dress_clock"] % every == 0
-        group["dress_clock"] += 1
-        new_point, new_state = self._update(group, point, grad, dict(state), dress)
-        layout = group.get("layout")
-        after = None
-        if getattr(layout, "needs_scatter", False):
-            after = lambda: layout.scatter(params, point)  # noqa: E731 - coordinates are copies
-        return [self._write_plan(list(point), list(new_point), group["name"], after)] + [
-            self._state_plan(state, key, value, group["name"]) for key, value in new_state.items()
-        ]
+        cached = self._frames.get(index)
+        frame = cached[1] if cached is not None and cached[0] == _versions(params) else None
+        hyper = self._hyperparameters(group)
+        new_point, new_state, new_frame = self._bundle_update(
+            bundle, point, grad, dict(state), dress=dress, frame=frame, **hyper
+        )
+        plan = Plan(name)
+        plan.add(point, new_point)
+        for key, value in new_state.items():
+            plan.add(
+                state[key] if isinstance(value, tuple) else [state[key]],
+                value if isinstance(value, tuple) else [value],
+            )
 
-    def _plain_group_step(self, group: dict):
-        writes = []
+        def on_commit(ok: torch.Tensor | None) -> None:
+            layout = group.get("layout")
+            if hasattr(layout, "write_back"):
+                layout.write_back(params, point)
+            if fresh:
+                self.state[params[0]].update(state)
+            group["dress_clock"] += 1
+            if ok is None:  # values are known to be finite: the new frame is this point's
+                self._frames[index] = (_versions(params), new_frame)
+            else:  # masked commit: the frame is known good only where the step was taken
+                self._frames.pop(index, None)
+
+        plan.on_commit.append(on_commit)
+        self._watch_rank(index, group, bundle, new_frame, plan)
+        return [plan]
+
+    def _watch_rank(self, index, group, bundle, frame, plan: Plan) -> None:
+        """Flag heads that were full rank before this step and are not after it."""
+        now = bundle.deficient_heads(frame)
+        if now is None:
+            return
+        before = self._deficient.get(index)
+        plan.on_commit.append(lambda ok: self._deficient.__setitem__(index, now))
+        if before is None or before.shape != now.shape:
+            return
+        lost = now & ~before
+
+        def message(heads: list[int]) -> str:
+            return (
+                f"{group['name']}: heads {heads} of {bundle!r} lost rank (their factor Grams "
+                "are singular to working precision); they are no longer re-dressed"
+            )
+
+        plan.watch.append((lost, message))
+
+    def _plain_group_step(self, group: dict) -> list[Plan]:
+        plans = []
+        hyper = self._hyperparameters(group)
         for param in group["params"]:
             if param.grad is None:
                 continue
             if param.grad.is_sparse:
                 raise ValueError(f"{group['name']}: sparse gradients are not supported")
-            state = self.state[param]
-            if not state:
-                state.update(self._init_state(group, (param,)))
-            new, new_state = self._update(group, (param,), (param.grad,), dict(state), False)
-            writes.append(self._write_plan([param], list(new), group["name"]))
-            writes.extend(
-                self._state_plan(state, k, v, group["name"]) for k, v in new_state.items()
-            )
-        return writes
+            fresh = param not in self.state
+            state = self._init_state(group, (param,)) if fresh else self.state[param]
+            new, new_state = self._plain_update(param, param.grad, dict(state), **hyper)
+            plan = Plan(group["name"])
+            plan.add([param], [new])
+            for key, value in new_state.items():
+                plan.add([state[key]], [value])
+            if fresh:
+                plan.on_commit.append(lambda ok, p=param, s=state: self.state[p].update(s))
+            plans.append(plan)
+        return plans
 
-    @staticmethod
-    def _write_plan(targets, values, name, after=None):
-        """Copy ``values`` into ``targets``, then call ``after`` (a layout's scatter)."""
-        return (list(targets), list(values), name, after)
-
-    @staticmethod
-    def _state_plan(state: dict, key: str, value, name: str):
-        """Targets and values for one state entry (a tensor or a tuple of tensors)."""
-        if isinstance(value, tuple):
-            return (list(state[key]), list(value), name, None)
-        return ([state[key]], [value], name, None)
-
-    def _commit(self, writes) -> None:
-        if not writes:
+    def _commit(self, plans: list[Plan]) -> None:
+        if not plans:
             return
-        # A NaN or inf anywhere makes the tensor's sum non-finite: one reduction per tensor and
-        # one isfinite over the sums, instead of an isfinite pass over every element. (A finite
-        # tensor whose sum overflows is refused too: such a step is useless anyway.)
-        finite = torch.stack([v.sum().isfinite() for _, values, *_ in writes for v in values])
-        names = [name for _, values, name, _ in writes for _ in values]
-        on_host = finite.device.type == "cpu"
-        if on_host:
-            if not bool(finite.all()):
+        finite, names = finiteness(plans)
+        watched = [flags for plan in plans for flags, _ in plan.watch]
+        if finite.device.type == "cpu":
+            # one host read: bit 0 says some value is non-finite, bit 1 that a head lost rank
+            lost = torch.cat([w.reshape(-1) for w in watched]) if watched else finite[:0]
+            code = int((~finite.all()).long() + 2 * lost.any().long())
+            if code & 1:
                 if self.nonfinite == "raise":
                     bad = names[int((~finite).nonzero()[0, 0])]
                     raise NonFiniteStepError(
@@ -237,20 +285,43 @@ class QuotientOptimizer(torch.optim.Optimizer):
                         "rank-deficient point); parameters and optimiser state are unchanged"
                     )
                 return
-            for targets, values, _, after in writes:
-                for target, value in zip(targets, values):
+            for plan in plans:
+                for target, value in zip(plan.targets, plan.values):
                     target.copy_(value)
-                if after is not None:
-                    after()
+                for action in plan.on_commit:
+                    action(None)
+            if code & 2:  # rare: read which heads
+                self._warn_rank(plans, lost.tolist())
             return
         ok = finite.all()
-        for targets, values, _, after in writes:
-            for target, value in zip(targets, values):
+        for plan in plans:
+            for target, value in zip(plan.targets, plan.values):
                 target.copy_(torch.where(ok, value, target))
-            if after is not None:
-                after()
+            for action in plan.on_commit:
+                action(ok)
         if self.nonfinite == "raise":
-            self._pending.append(_FlagCopy(finite, names))
+            self._pending.append(FlagCopy(finite, names))
+
+    @staticmethod
+    def _warn_rank(plans: list[Plan], flags: list[bool]) -> None:
+        start = 0
+        for plan in plans:
+            for lost, message in plan.watch:
+                count = lost.numel()
+                heads = [i for i, bad in enumerate(flags[start : start + count]) if bad]
+                start += count
+                if heads:
+                    warnings.warn(message(heads), RankDeficiencyWarning, stacklevel=4)
+
+    def rank_deficient_heads(self) -> dict[str, list[int]]:
+        """Per bundle group (by name), the heads whose factor Grams were singular to working
+        precision at the last committed step (reads device flags: synchronises)."""
+        out = {}
+        for index, flags in self._deficient.items():
+            heads = torch.nonzero(flags.reshape(-1)).flatten().tolist()
+            if heads:
+                out[self.param_groups[index]["name"]] = heads
+        return out
 
     def raise_if_nonfinite(self, wait: bool = True) -> None:
         """Raise ``NonFiniteStepError`` if an earlier (skipped) accelerator step was non-finite.
@@ -278,15 +349,8 @@ class QuotientOptimizer(torch.optim.Optimizer):
     def _hyperparameters(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _update(self, group, point, grad, state, dress):
-        """Dispatch to the subclass's pure update: ``_bundle_update`` on bundle groups,
-        ``_plain_update`` (torch's rule, one tensor) elsewhere."""
-        hyper = self._hyperparameters(group)
-        bundle = group.get("bundle")
-        if bundle is None:
-            new, new_state = self._plain_update(point[0], grad[0], state, **hyper)
-            return (new,), new_state
-        return self._bundle_update(bundle, point, grad, state, dress=dress, **hyper)
+    def _check_hyperparameters(self, name: str, group: dict) -> None:  # pragma: no cover
+        raise NotImplementedError
 
     @staticmethod
     def _zero_step(reference: torch.Tensor) -> torch.Tensor:

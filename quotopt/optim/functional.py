@@ -8,13 +8,22 @@ non-finite guard) and the functions are testable alone.
 Bundle groups follow one pipeline (Absil, Mahony & Sepulchre 2008, ch. 3-4; Bécigneul & Ganea
 2019 for the adaptive part):
 
-    [re-dressing] → Euclidean gradient → Riemannian gradient (metric) → horizontal projection
-    → moments → direction → decay on the invariants → retraction → transport of the moment.
+    [re-dressing] → factorise → Euclidean gradient → Riemannian gradient (metric) → moments
+    → direction (projected) → bound → decay on the invariants → retraction → factorise
+    → transport of the moment.
+
+One factorisation of the point (``bundle.factorise``: per head the eigendecompositions of the
+two factor Grams) serves the Riemannian gradient, the second moments and the projection of the
+direction; the factorisation of the new point serves the transport and is returned for the next
+step. The Riemannian gradient of a G-invariant loss is horizontal already (g(grad f, V) =
+df(V) = 0 on vertical V), so it is not projected; the preconditioned direction and the
+transported moment are not horizontal and are. ``bundle.limit_step`` bounds how far one step
+moves the invariants (the invariant metric's trust rule).
 
 Every operation commutes with the group action when the metric is G-invariant, so the iterates
 from p and from p·g lie on the same orbits (gauge equivariance). Adam's second moments are the
-bundle's ``moment_sq``: gauge-invariant mean squares per slice that no symmetry mixes (per row
-of a head factor, per model-space row of an O(d) tensor), never per coordinate — a
+bundle's ``slice_mean_square``: gauge-invariant mean squares per slice that no symmetry mixes
+(per row of a head factor, per model-space row of an O(d) tensor), never per coordinate — a
 per-coordinate second moment picks a basis the symmetry rotates. The preconditioned direction is
 projected back onto the horizontal space.
 
@@ -59,10 +68,18 @@ def _bias_corrections(step: torch.Tensor, beta1: float, beta2: float):
 
 def redress(bundle: Bundle, point: Tensors, grad: Tensors, tangents: tuple[Tensors, ...]):
     """Move ``point`` to its dressed representative p·u; carry the Euclidean gradient (a
-    covector) and the ``tangents`` (moments) with it."""
-    u = bundle.dressing(point)
+    covector) and the ``tangents`` (moments) with it. Parts of the point where the dressing is
+    undefined (rank-deficient heads) stay where they are (u = identity)."""
+    u, _ = bundle.dressing_or_identity(point)
     moved = tuple(bundle.act(t, u) for t in tangents)
     return bundle.act(point, u), bundle.act_dual(grad, u), moved
+
+
+def _descend(bundle: Bundle, point: Tensors, frame, direction: Tensors, lr: float, weight_decay):
+    """The new point: decay on the invariants, then the bounded step -lr·direction."""
+    step = bundle.limit_step(point, tuple(lr * d for d in direction), frame)
+    base = bundle.scale_invariants(point, 1 - lr * weight_decay) if weight_decay else point
+    return bundle.retract(base, tuple(-d for d in step))
 
 
 # ---- Adam -------------------------------------------------------------------------------------
@@ -81,29 +98,38 @@ def adam_bundle_update(
     weight_decay: float,
     maximize: bool = False,
     dress: bool = False,
+    frame=None,
 ):
-    """One QuotientAdam step on a bundle group (see the module docstring)."""
+    """One QuotientAdam step on a bundle group (see the module docstring).
+
+    ``frame`` is ``bundle.factorise(point)`` if the caller has it (it is recomputed otherwise
+    and after re-dressing). Returns ``(new_point, new_state, new_frame)``, the last being the
+    factorisation of the new point, which the next step reuses.
+    """
     if maximize:
         grad = tuple(-g for g in grad)
     exp_avg = state["exp_avg"]
     if dress:
         point, grad, (exp_avg,) = redress(bundle, point, grad, (exp_avg,))
+        frame = None
+    frame = bundle.factorise(point) if frame is None else frame
     step = state["step"] + 1
-    rgrad = bundle.horizontal_gradient(point, grad)
+    # the Riemannian gradient of a G-invariant loss is horizontal: no projection needed
+    rgrad = bundle.riemannian_gradient(point, grad, frame)
     exp_avg = _lerp(exp_avg, rgrad, 1 - beta1)
     exp_avg_sq = tuple(
         beta2 * v + (1 - beta2) * s
-        for v, s in zip(state["exp_avg_sq"], bundle.moment_sq(point, rgrad))
+        for v, s in zip(state["exp_avg_sq"], bundle.slice_mean_square(point, rgrad, frame))
     )
     bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2)
     direction = tuple(
         (m / bc1) / ((v.sqrt() / bc2_sqrt) + eps) for m, v in zip(exp_avg, exp_avg_sq)
     )
-    direction = bundle.project_horizontal(point, direction)
-    base = bundle.decay(point, 1 - lr * weight_decay) if weight_decay else point
-    new_point = bundle.retract(base, tuple(-lr * d for d in direction))
-    exp_avg = bundle.transport(point, new_point, exp_avg)
-    return new_point, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    direction = bundle.project_horizontal(point, direction, frame)
+    new_point = _descend(bundle, point, frame, direction, lr, weight_decay)
+    new_frame = bundle.factorise(new_point)
+    exp_avg = bundle.transport(point, new_point, exp_avg, new_frame)
+    return new_point, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, new_frame
 
 
 def adam_plain_update(
@@ -159,26 +185,30 @@ def sgd_bundle_update(
     weight_decay: float,
     maximize: bool = False,
     dress: bool = False,
+    frame=None,
 ):
     """One QuotientSGD step on a bundle group. Weight decay is decoupled and acts on the
-    invariants (``bundle.decay``), the only form that commutes with the group action."""
+    invariants (``bundle.scale_invariants``), the only form that commutes with the group
+    action. ``frame`` and the returned triple as in ``adam_bundle_update``."""
     if maximize:
         grad = tuple(-g for g in grad)
     buf = state.get("momentum_buffer")
     if dress:
         point, grad, moved = redress(bundle, point, grad, (buf,) if momentum else ())
         buf = moved[0] if momentum else None
-    rgrad = bundle.horizontal_gradient(point, grad)
+        frame = None
+    frame = bundle.factorise(point) if frame is None else frame
+    rgrad = bundle.riemannian_gradient(point, grad, frame)  # horizontal for invariant losses
     new_state = {"step": state["step"] + 1}
     direction = rgrad
     if momentum:
         buf = _momentum_buffer(buf, rgrad, state["step"], momentum, dampening)
         direction = _axpy(rgrad, buf, momentum) if nesterov else buf
-    base = bundle.decay(point, 1 - lr * weight_decay) if weight_decay else point
-    new_point = bundle.retract(base, tuple(-lr * d for d in direction))
+    new_point = _descend(bundle, point, frame, direction, lr, weight_decay)
+    new_frame = bundle.factorise(new_point)
     if momentum:
-        new_state["momentum_buffer"] = bundle.transport(point, new_point, buf)
-    return new_point, new_state
+        new_state["momentum_buffer"] = bundle.transport(point, new_point, buf, new_frame)
+    return new_point, new_state, new_frame
 
 
 def sgd_plain_update(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import validation as rules
 from .base import QuotientOptimizer, _check_nonnegative, _reject_unsupported
 from .functional import sgd_bundle_update, sgd_plain_update
 
@@ -73,6 +74,17 @@ class QuotientSGD(QuotientOptimizer):
 
     _plain_update = staticmethod(sgd_plain_update)
     _bundle_update = staticmethod(sgd_bundle_update)
+
+    def _check_hyperparameters(self, name: str, group: dict) -> None:
+        rules.number(name, "learning rate", group["lr"])
+        rules.number(name, "momentum value", group["momentum"])
+        rules.number(name, "dampening value", group["dampening"])
+        rules.number(name, "weight_decay value", group["weight_decay"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"{name}: Nesterov momentum requires a momentum and zero dampening")
+        if group.get("bundle") is not None:  # decoupled decay on the invariants
+            rules.decoupled_decay(name, group["lr"], group["weight_decay"])
+        rules.dress_every(name, group["dress_every"])
 
     def _hyperparameters(self, group: dict) -> dict:
         names = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")

@@ -1,0 +1,323 @@
+r"""Two-factor bundles: the shared geometry of head and unit symmetries.
+
+A *factored* bundle has points that are, per head h, two factors A_h ∈ R^{rows_a×r} and
+B_h ∈ R^{rows_b×r} (stored in a layout: ``HeadOV`` keeps B transposed), with a subgroup
+G ⊆ GL(r) per head acting on the right as (A g, B g⁻ᵀ), so M = A Bᵀ is invariant. ``HeadQK`` /
+``HeadOV`` (G = GL(r)), ``RotaryQK`` (the RoPE commutant) and ``PositiveRescaling`` (r = 1,
+G = R_{>0}) are siblings of ``FactoredBundle``; each defines only its group. What they share
+lives here, once:
+
+* metrics      ``"euclidean"``: ⟨U, V⟩ = tr(U₁ᵀV₁) + tr(U₂ᵀV₂), O(r)-invariant only;
+  ``"invariant"`` (Mishra, Meyer, Bonnabel & Sepulchre 2014): with P = AᵀA, Q = BᵀB,
+  ⟨U, V⟩ = tr((Q + δ_Q) U₁ᵀV₁) + tr((P + δ_P) U₂ᵀV₂), δ_P = ``damping``·tr(P)/r (likewise Q).
+  With ``damping = 0`` it is GL(r)-invariant and descends to P/G (gradient steps are gauge-
+  equivariant exactly); with ``damping > 0`` it is only O(r)-invariant, but stays positive
+  definite at rank-deficient points (a LoRA adapter at B = 0) — the scaled-GD preconditioner
+  of Zhang & Pilanci (2024), relative so that it commutes with scaling;
+* gradient     Euclidean: (∇_A, ∇_B); invariant: (∇_A (Q + δ_Q)⁺, ∇_B (P + δ_P)⁺);
+* second moments  ``slice_mean_square``: per row of each factor the metric's squared row norm
+  divided by r — rows are never mixed by the group (invariant metric: GL-invariant);
+* decay        ``scale_invariants(p, c)``: M ↦ c·M by scaling both factors by √c;
+* frames       ``factorise(p)``: one symmetric eigendecomposition P = UΛUᵀ, Q = VMVᵀ per head,
+  shared by every projection, gradient and dressing at p (``FactorFrame``);
+* step bound   ``limit_step(p, v)`` (invariant metric): the new invariant is
+  M' = M − (V₁Bᵀ + AV₂ᵀ) + V₁V₂ᵀ for the step −v; per head the step is scaled by
+  s = min(1, ½‖L‖/‖N‖) with L = V₁Bᵀ + AV₂ᵀ, N = V₁V₂ᵀ, so the second-order change never
+  exceeds half the first-order one. Both norms are traces of r×r products (no d×d matrix) and
+  are gauge-invariant, so the rule commutes with the action. It only acts where the factors
+  are ill-conditioned (the invariant metric's gradient scales like the inverse Grams);
+* balance      ``moment_map(p)``: the moment map of G at p, AᵀA − BᵀB projected onto G's Lie
+  algebra (Noether charge of gradient flow; zero exactly on the dressed section).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .base import Bundle, Point, Tangent, checks_enabled, random_orthogonal
+from .linalg import gram, numerical_rank, pinv_spectrum, positive_int, sign_fix_columns, work_dtype
+
+__all__ = ["FactoredBundle", "FactorFrame", "METRICS", "frame_from_grams"]
+
+METRICS = ("euclidean", "invariant")
+
+
+class FactorFrame(NamedTuple):
+    """The factorisation of a factored point that every operation at that point reuses.
+
+    ``p``, ``q``: the Grams AᵀA, BᵀB (H, r, r) in the working precision; ``lam, u`` and
+    ``mu, v``: their eigendecompositions (ascending); ``damp_p``, ``damp_q``: the damping added
+    to each (H, 1) (zero without damping).
+    """
+
+    p: torch.Tensor
+    q: torch.Tensor
+    lam: torch.Tensor
+    u: torch.Tensor
+    mu: torch.Tensor
+    v: torch.Tensor
+    damp_p: torch.Tensor
+    damp_q: torch.Tensor
+
+
+def frame_from_grams(p: torch.Tensor, q: torch.Tensor, damping: float) -> FactorFrame:
+    """The frame of a factored point from its Grams P = AᵀA, Q = BᵀB (distributed callers sum
+    them over row shards first): their eigendecompositions and the relative damping."""
+    lam, u = torch.linalg.eigh(p)
+    mu, v = torch.linalg.eigh(q)
+    r = p.shape[-1]
+    damp_p = damping * lam.sum(-1, keepdim=True) / r
+    damp_q = damping * mu.sum(-1, keepdim=True) / r
+    return FactorFrame(p, q, lam, u, mu, v, damp_p, damp_q)
+
+
+class FactoredBundle(Bundle):
+    """Per-head factor pairs (A, B) with a subgroup of GL(r) acting as (A g, B g⁻ᵀ).
+
+    Subclasses set ``factor_names``, ``b_transposed`` (the layout of the second tensor) and the
+    group: ``act``, ``vertical``, the vertical generator, dressing, ``moment_map`` and sampling.
+    """
+
+    n_tensors = 2
+    per_head = True
+    #: whether the second tensor of a point stores Bᵀ (H, r, rows_b) instead of B
+    b_transposed = False
+    factor_names: tuple[str, str] = ("A", "B")
+    #: hooks for factors whose rows are split across processes (set by ``with_row_reduction``
+    #: where a sibling offers it; the shared formulas route every row sum through them)
+    _sum_rows = None
+    _signs_of_rows = None
+
+    def __init__(
+        self,
+        n_heads: int,
+        d_model: int,
+        d_head: int,
+        metric: str = "euclidean",
+        *,
+        factor_rows: tuple[int, int] | None = None,
+        damping: float = 0.0,
+    ):
+        self.n_heads = positive_int("n_heads", n_heads)
+        self.d_model = positive_int("d_model", d_model)
+        self.d_head = positive_int("d_head", d_head)
+        if d_head > d_model:
+            raise ValueError(f"d_head ({d_head}) must not exceed d_model ({d_model})")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if not isinstance(damping, (int, float)) or not 0.0 <= float(damping) < float("inf"):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+        if damping and metric != "invariant":
+            raise ValueError(f"damping applies to the invariant metric only (metric={metric!r})")
+        self.metric = metric
+        self.damping = float(damping)
+        rows_a, rows_b = (d_model, d_model) if factor_rows is None else factor_rows
+        #: rows of A and of B (more than d_model where bias rows or grouped query heads stack)
+        self.factor_rows = (positive_int("rows_a", rows_a), positive_int("rows_b", rows_b))
+
+    def _repr_fields(self) -> str:
+        extra = f", damping={self.damping:g}" if self.damping else ""
+        return (
+            f"n_heads={self.n_heads}, d_model={self.d_model}, d_head={self.d_head}, "
+            f"metric={self.metric!r}, factor_rows={self.factor_rows}{extra}"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_fields()})"
+
+    # ---- rows held by several processes ---------------------------------------------------
+    def row_sums(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Sums over the factor rows, completed across processes for sharded rows."""
+        return tensors if self._sum_rows is None else tuple(self._sum_rows(list(tensors)))
+
+    def column_signs(self, coords: torch.Tensor) -> torch.Tensor:
+        """The sign rule over all rows of ``coords`` (largest-|entry| of each column positive)."""
+        return (
+            sign_fix_columns(coords) if self._signs_of_rows is None else self._signs_of_rows(coords)
+        )
+
+    def _shape_problem(self, index: int, shape: tuple[int, ...]):
+        if self._sum_rows is None:
+            return super()._shape_problem(index, shape)
+        expected = list(self.point_shapes()[index])
+        row_axis = 2 if (index == 1 and self.b_transposed) else 1
+        expected[row_axis] = shape[row_axis] if len(shape) == 3 else -1
+        return None if tuple(expected) == shape else f"{tuple(expected)} (rows sharded)"
+
+    # ---- layout ---------------------------------------------------------------------------
+    def point_shapes(self):
+        (rows_a, rows_b), h, r = self.factor_rows, self.n_heads, self.d_head
+        second = (h, r, rows_b) if self.b_transposed else (h, rows_b, r)
+        return ((h, rows_a, r), second)
+
+    def factors(self, point) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B), each (H, rows, r), of a point or tangent vector in this bundle's layout."""
+        return (point[0], point[1].mT) if self.b_transposed else (point[0], point[1])
+
+    def from_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The point or tangent vector in this bundle's layout with factors (A, B)."""
+        return (a, b.mT) if self.b_transposed else (a, b)
+
+    @property
+    def metric_is_invariant(self) -> bool:
+        return self.metric == "invariant" and self.damping == 0.0
+
+    # ---- checks -----------------------------------------------------------------------------
+    def check_full_rank(self, point: Point, purpose: str) -> None:
+        """ValueError naming the first rank-deficient head (synchronises; skipped when
+        checks are disabled, and on row-sharded factors, whose rank needs every row)."""
+        if not checks_enabled() or self._sum_rows is not None:
+            return
+        for name, factor in zip(self.factor_names, self.factors(point)):
+            ranks = numerical_rank(factor)
+            deficient = torch.nonzero(ranks < self.d_head)
+            if deficient.numel():
+                head = int(deficient[0, 0])
+                raise ValueError(
+                    f"{type(self).__name__}: {purpose} needs full rank d_head={self.d_head}, but "
+                    f"head {head} of {name} has rank {int(ranks[head])}"
+                )
+
+    # ---- the frame: one factorisation per head ------------------------------------------------
+    def factorise(self, point: Point) -> FactorFrame:
+        point = self.check_point(point)
+        if self.metric == "invariant" and not self.damping:
+            self.check_full_rank(point, "the invariant metric")  # undefined at a rank drop
+        a, b = self.factors(point)
+        work = work_dtype(a.dtype)
+        p, q = self.row_sums(gram(a), gram(b))
+        return frame_from_grams(p.to(work), q.to(work), self.damping)
+
+    def deficient_heads(self, frame: FactorFrame) -> torch.Tensor:
+        """(H,) bool: a factor Gram with smallest eigenvalue at round-off level of its largest
+        (8·r·eps of the working precision)."""
+        tol = 8 * self.d_head * torch.finfo(frame.lam.dtype).eps
+        low_p = frame.lam[..., 0] <= tol * frame.lam[..., -1].abs()
+        low_q = frame.mu[..., 0] <= tol * frame.mu[..., -1].abs()
+        return low_p | low_q
+
+    def _frame(self, point: Point, frame) -> FactorFrame:
+        return self.factorise(point) if frame is None else frame
+
+    # ---- metric ------------------------------------------------------------------------------
+    def _metric_grams(self, frame: FactorFrame):
+        """(Q + δ_Q, P + δ_P): the Grams weighting the first and the second factor."""
+        eye = torch.eye(self.d_head, dtype=frame.p.dtype, device=frame.p.device)
+        return frame.q + frame.damp_q.unsqueeze(-1) * eye, frame.p + frame.damp_p.unsqueeze(
+            -1
+        ) * eye
+
+    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
+        point = self.check_point(point)
+        u1, u2 = self.factors(self.check_tangent(point, u, "u"))
+        v1, v2 = self.factors(self.check_tangent(point, v, "v"))
+        if self.metric == "euclidean":
+            local = (u1 * v1).sum() + (u2 * v2).sum()
+        else:
+            weights = self._metric_grams(self._frame(point, frame))
+            weight_1, weight_2 = (w.to(u1.dtype) for w in weights)
+            local = ((u1 @ weight_1) * v1).sum() + ((u2 @ weight_2) * v2).sum()
+        return self.row_sums(local.reshape(1))[0][0]
+
+    def riemannian_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
+        if self.metric == "euclidean":
+            return tuple(egrad)
+        point = self.check_point(point)
+        g1, g2 = self.factors(self.check_tangent(point, egrad, "gradient"))
+        f = self._frame(point, frame)
+        inv_q = pinv_spectrum(f.mu + f.damp_q, f.v)  # (Q + δ)⁺
+        inv_p = pinv_spectrum(f.lam + f.damp_p, f.u)
+        return self.from_factors(g1 @ inv_q.to(g1.dtype), g2 @ inv_p.to(g2.dtype))
+
+    def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
+        """Per-row mean squared magnitude of each factor under the metric, (H, rows, 1) per
+        factor (transposed like the layout). Divided by r so that the Euclidean case is
+        Adam's per-coordinate mean square."""
+        point = self.check_point(point)
+        u1, u2 = self.factors(self.check_tangent(point, v))
+        if self.metric == "euclidean":
+            w1, w2 = u1, u2
+        else:
+            weight_1, weight_2 = self._metric_grams(self._frame(point, frame))
+            w1, w2 = u1 @ weight_1.to(u1.dtype), u2 @ weight_2.to(u2.dtype)
+        return self.from_factors((w1 * u1).mean(-1, keepdim=True), (w2 * u2).mean(-1, keepdim=True))
+
+    def scale_invariants(self, point: Point, factor) -> Point:
+        """Multiply every head's M = A Bᵀ by ``factor``: each factor by √factor."""
+        root = factor.sqrt() if isinstance(factor, torch.Tensor) else factor**0.5
+        return tuple(t * root for t in point)
+
+    def limit_step(self, point: Point, step: Tangent, frame=None) -> Tangent:
+        """Scale each head's step so its second-order change of M is ≤ ½ its first-order one
+        (module docstring); the identity under the Euclidean metric."""
+        if self.metric == "euclidean":
+            return tuple(step)
+        a, b = self.factors(point)
+        v1, v2 = self.factors(step)
+        f = self._frame(point, frame)
+        work = f.p.dtype
+        vv1, vv2, av1, bv2 = (
+            t.to(work) for t in self.row_sums(gram(v1), gram(v2), a.mT @ v1, b.mT @ v2)
+        )  # V₁ᵀV₁, V₂ᵀV₂, AᵀV₁, BᵀV₂
+        trace = lambda x, y: (x * y.mT).sum((-2, -1))  # noqa: E731 - tr(x y)
+        # ‖V₁Bᵀ + AV₂ᵀ‖² = tr(V₁ᵀV₁ Q) + tr(P V₂ᵀV₂) + 2 tr(V₁ᵀA V₂ᵀB)
+        linear = trace(vv1, f.q) + trace(f.p, vv2) + 2 * trace(av1.mT, bv2.mT)
+        quadratic = trace(vv1, vv2)  # ‖V₁V₂ᵀ‖² = tr(V₁ᵀV₁ V₂ᵀV₂)
+        lin, quad = linear.clamp_min(0).sqrt(), quadratic.clamp_min(0).sqrt()
+        scale = torch.where(quad > 0.5 * lin, 0.5 * lin / quad.clamp_min(1e-300), 1.0)
+        scale = scale.to(v1.dtype).view(-1, 1, 1)
+        return tuple(t * scale for t in step)
+
+    # ---- the group part shared by the siblings ------------------------------------------------
+    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
+        point = self.check_point(point)
+        v = self.check_tangent(point, v)
+        xi = self.vertical_generator(point, v, self._frame(point, frame))
+        return self.vertical(point, xi)
+
+    def project_horizontal(self, point: Point, v: Tangent, frame=None) -> Tangent:
+        vert = self.project_vertical(point, v, frame)
+        return tuple(x - y for x, y in zip(v, vert))
+
+    def vertical_generator(self, point: Point, v: Tangent, frame: FactorFrame):
+        """The Lie-algebra element ξ with V(ξ) the metric-orthogonal vertical part of v."""
+        raise self.missing("vertical_generator")
+
+    def moment_map(self, point: Point) -> torch.Tensor:
+        """AᵀA − BᵀB projected onto the group's Lie algebra, per head (subclass defines)."""
+        raise self.missing("moment_map")
+
+    def balance_gap(self, point: Point) -> torch.Tensor:
+        """Per head ‖μ(A, B)‖ / ‖μ₊(A, B)‖: the moment map relative to the same projection of
+        AᵀA + BᵀB. Zero exactly where the moment map vanishes (the dressed section up to the
+        compact part of G); independent of the dressing, so smooth where it is ambiguous."""
+        point = self.check_point(point)
+        a, b = self.factors(point)
+        p, q = self.row_sums(gram(a), gram(b))
+        gap = self._moment(p - q).flatten(1).norm(dim=-1)
+        size = self._moment(p + q).flatten(1).norm(dim=-1)
+        return gap / size.clamp_min(torch.finfo(size.dtype).tiny)
+
+    def _moment(self, symmetric: torch.Tensor) -> torch.Tensor:
+        """The orthogonal projection of (H, r, r) matrices onto the Lie algebra (per head)."""
+        raise self.missing("moment_map")
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def random_point(self, *, generator=None, dtype=None, device=None, condition=4.0) -> Point:
+        """Factors Q diag(s) Q' per head: Haar frames, singular values log-spaced in
+        [1, ``condition``] (distinct almost surely) and scaled by 1/√d like a Gaussian init."""
+        dtype, device = self._dtype_device(dtype, device)
+        rows_a, rows_b = self.factor_rows
+        return self.from_factors(
+            self._random_factor(rows_a, generator, dtype, device, condition),
+            self._random_factor(rows_b, generator, dtype, device, condition),
+        )
+
+    def _random_factor(self, d, generator, dtype, device, condition) -> torch.Tensor:
+        h, r = self.n_heads, self.d_head
+        frame = random_orthogonal((h,), d, generator, dtype, device)[..., :r]
+        s = self._log_spaced((h,), r, condition, generator, dtype, device)
+        rotation = random_orthogonal((h,), r, generator, dtype, device)
+        return (frame * s.unsqueeze(-2)) @ rotation * (r / d) ** 0.5
