@@ -3,9 +3,20 @@
 What is measured (issue: models). Equal width: ``Transformer`` with d_model = 128, 4 layers,
 4 heads of 32, against ``RelationalTransformer`` with k = 32 channels in a gauge space of
 d_gauge = 4 (k·d_gauge = 128), 4 layers, 4 heads (channel rank 8, so both attend over 32
-features per head), vocabulary 256, batch 1, float32. Two relational variants: ``alibi``
-positions (the default; one additive (H, T, T) bias per forward) and ``gauge`` positions (a
-position table in the gauge space; causal SDPA without a bias).
+features per head), vocabulary 256, batch 1, float32. Two relational position schemes:
+``alibi`` (the default; ALiBi as two extra query/key features, fused causal SDPA without a mask)
+and ``gauge`` (a position table in the gauge space). Each also at **equal FLOPs**: the channel
+count k (a multiple of the 4 heads, d_gauge = 4) whose training FLOPs per token at that T
+(``quotopt.models.flops``) are closest to the standard model's; the table prints both FLOP
+counts. ``--reference`` adds the materialised-bias ALiBi (``alibi="bias"``) as a before row.
+
+Denormals. ALiBi drives far-away scores to exp(−m·(i − j)) ≈ 1e-38…1e-45, subnormal floats that
+x86 cores process ~100× slower; measured at T = 2,048, one thread, one layer's attention:
+fused SDPA 66 ms, with ALiBi features 269 ms, 85 ms once denormals are flushed to zero. Such
+probabilities are 30 orders below float32 resolution, so flushing them changes nothing
+measurable. The script therefore calls ``torch.set_flush_denormal(True)`` at start-up, before any
+parallel region (worker threads inherit the setting), for every model alike; ``--keep-denormals``
+measures without it. Users training ALiBi models on a CPU should do the same.
 
 * **Time** of one forward + backward (cross-entropy on every position) at T = 256 ... 4096
   (``--quick``: up to 1024). Per T, the models run once per round in a fixed order (ABAB...);
@@ -36,7 +47,8 @@ position table in the gauge space; causal SDPA without a bias).
 * ``--optim``: the train-step ratio QuotientAdam / AdamW on both equal-width models (context
   128, batch 8), with ``bench_optimizer.compare_optimisers``.
 
-Targets at T = 2048: relational memory <= 1.3x and time <= 1.5x the standard model's.
+Targets at T = 2048: ALiBi relational time and memory <= 1.3x, gauge positions memory <= 1.3x
+the standard model's (equal width).
 """
 
 from __future__ import annotations
@@ -69,29 +81,69 @@ from benchmarks._timing import (
     setup_threads,
 )
 from quotopt.models import RelationalTransformer, Transformer
+from quotopt.models.flops import training_flops_per_token
+from quotopt.models.relational import RelationalConfig
 
 MODULE = "benchmarks.bench_models"
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
-KINDS = ("standard", "relational", "relational gauge-pos")
+KINDS = (
+    "standard", "relational", "relational gauge-pos", "relational eq-FLOPs",
+    "relational gauge-pos eq-FLOPs",
+)  # fmt: skip
+REFERENCE = "relational bias-alibi"  # --reference: ALiBi by a materialised (1, H, T, T) bias
 
 
 # ---- models -------------------------------------------------------------------------------------
 
 
+def _sizes(tiny: bool) -> tuple[int, int, int, int]:
+    return (1, 2, 16, 4) if tiny else (4, 4, 128, 4)  # layers, heads, width, d_gauge
+
+
+def relational_config(k: int, max_len: int, tiny: bool, vocab: int = VOCAB, **overrides):
+    """The ``RelationalConfig`` of k channels at this script's depth, heads and d_gauge."""
+    layers, heads, _, d_gauge = _sizes(tiny)
+    cfg = dict(
+        vocab_size=vocab, n_channels=k, d_gauge=d_gauge, n_layers=layers, n_heads=heads,
+        max_len=max_len, d_head=max(1, k // heads), d_mlp_channels=4 * k,
+    )  # fmt: skip
+    return RelationalConfig(**{**cfg, **overrides})
+
+
+def equal_flops_channels(seq_len: int, tiny: bool, vocab: int = VOCAB, **overrides) -> int:
+    """The channel count k (a multiple of the heads) whose relational model's training FLOPs
+    per token at ``seq_len`` are closest to the equal-width standard model's."""
+    target = training_flops_per_token(build("standard", seq_len, tiny, vocab).config, seq_len)
+    heads = _sizes(tiny)[1]
+    best = None
+    for k in range(heads, 4097, heads):
+        flops = training_flops_per_token(relational_config(k, seq_len, tiny, vocab, **overrides),
+                                         seq_len)  # fmt: skip
+        if best is not None and abs(flops - target) > best[0]:
+            break
+        best = (abs(flops - target), k)
+    return best[1]
+
+
 def build(kind: str, max_len: int, tiny: bool = False, vocab: int = VOCAB, seed=0, **overrides):
-    """One of ``KINDS`` at equal width (d_model = k·d_gauge = 128; tiny: 16), 4 layers, 4 heads."""
+    """One of ``KINDS`` (or ``REFERENCE``): equal width (d_model = k·d_gauge = 128; tiny: 16),
+    4 layers, 4 heads; the ``eq-FLOPs`` kinds take k from ``equal_flops_channels(max_len)``."""
     torch.manual_seed(seed)
-    layers, heads, width, d_gauge = (1, 2, 16, 4) if tiny else (4, 4, 128, 4)
+    layers, heads, width, d_gauge = _sizes(tiny)
     if kind == "standard":
         cfg = dict(d_model=width, n_layers=layers, n_heads=heads, max_len=max_len, **overrides)
         return Transformer(vocab, **cfg)
-    positional = "gauge" if kind == "relational gauge-pos" else "alibi"
-    cfg = dict(
-        n_channels=width // d_gauge, d_gauge=d_gauge, n_layers=layers, n_heads=heads,
-        max_len=max_len, positional=positional,
-    )  # fmt: skip
-    return RelationalTransformer(vocab, **{**cfg, **overrides})
+    k = overrides.pop("n_channels", width // d_gauge)
+    cfg = dict(positional="gauge" if "gauge-pos" in kind else "alibi")
+    if kind == REFERENCE:
+        cfg["alibi"] = "bias"
+    cfg = {**cfg, **overrides}
+    if kind.endswith("eq-FLOPs"):
+        k = equal_flops_channels(max_len, tiny, vocab, **cfg)
+    cfg = dict(n_channels=k, d_gauge=d_gauge, n_layers=layers, n_heads=heads, max_len=max_len,
+               **cfg)  # fmt: skip
+    return RelationalTransformer(vocab, **cfg)
 
 
 def n_params(model: nn.Module) -> int:
@@ -188,8 +240,9 @@ def peak_memory_subprocess(kind: str, seq_len: int, args) -> float:
     if torch.device(args.device).type == "cuda":
         return peak_memory_mib(kind, seq_len, args.device, args.tiny)
     probe = json.dumps(
-        dict(kind=kind, seq_len=seq_len, device=args.device, tiny=args.tiny, threads=args.threads)
-    )
+        dict(kind=kind, seq_len=seq_len, device=args.device, tiny=args.tiny, threads=args.threads,
+             flush_denormal=not args.keep_denormals)
+    )  # fmt: skip
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path)
     out = subprocess.run(
@@ -201,6 +254,7 @@ def peak_memory_subprocess(kind: str, seq_len: int, args) -> float:
 
 def _probe(spec: str) -> None:
     options = json.loads(spec)
+    torch.set_flush_denormal(options.pop("flush_denormal"))
     setup_threads(options.pop("threads"))
     print(peak_memory_mib(**options))
 
@@ -209,10 +263,11 @@ def _probe(spec: str) -> None:
 
 
 def scaling(seq_lens: Sequence[int], repeats: int, args) -> dict[str, dict]:
+    kinds = KINDS + ((REFERENCE,) if args.reference else ())
     rows, results = [], {}
     for seq_len in seq_lens:
         tokens, targets = _tokens(seq_len, args.device)
-        models = {kind: build(kind, seq_len, args.tiny).to(args.device) for kind in KINDS}
+        models = {kind: build(kind, seq_len, args.tiny).to(args.device) for kind in kinds}
 
         def run(model, tokens=tokens, targets=targets):
             model.zero_grad(set_to_none=True)
@@ -220,12 +275,17 @@ def scaling(seq_lens: Sequence[int], repeats: int, args) -> dict[str, dict]:
 
         candidates = {kind: (lambda m=m: run(m)) for kind, m in models.items()}
         times = alternate(candidates, repeats, warmup=1, device=args.device)
-        memory = {kind: peak_memory_subprocess(kind, seq_len, args) for kind in KINDS}
+        memory = {kind: peak_memory_subprocess(kind, seq_len, args) for kind in kinds}
         saved = {kind: saved_for_backward_mib(m, tokens, targets) for kind, m in models.items()}
+        flops = {kind: training_flops_per_token(m, seq_len) for kind, m in models.items()}
         ref = times["standard"]["total"]
-        for kind in KINDS:
+        for kind in kinds:
+            cfg = models[kind].config
             entry = {
+                "channels": getattr(cfg, "n_channels", None),
                 "params": n_params(models[kind]),
+                "mflops_per_token": flops[kind] / 1e6,
+                "flops_ratio": flops[kind] / flops["standard"],
                 "ms": 1e3 * median(times[kind]["total"]),
                 "time_ratio": paired_ratio(times[kind]["total"], ref),
                 "peak_mib": memory[kind],
@@ -235,12 +295,13 @@ def scaling(seq_lens: Sequence[int], repeats: int, args) -> dict[str, dict]:
             }
             results[f"{kind} T={seq_len}"] = entry
             rows.append([
-                seq_len, kind, entry["params"], entry["ms"], entry["time_ratio"],
-                entry["peak_mib"], entry["memory_ratio"], entry["saved_mib"], entry["saved_ratio"],
+                seq_len, kind, entry["channels"] or "-", entry["params"], entry["mflops_per_token"],
+                entry["flops_ratio"], entry["ms"], entry["time_ratio"], entry["peak_mib"],
+                entry["memory_ratio"], entry["saved_mib"], entry["saved_ratio"],
             ])  # fmt: skip
         del models
-    headers = ["T", "model", "params", "fwd+bwd ms", "time x std", "peak MiB", "memory x std"]
-    headers += ["saved MiB", "saved x std"]
+    headers = ["T", "model", "k", "params", "train MFLOP/tok", "FLOPs x std", "fwd+bwd ms",
+               "time x std", "peak MiB", "memory x std", "saved MiB", "saved x std"]  # fmt: skip
     print(format_table(headers, rows))
     return results
 
@@ -351,11 +412,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--quality", action="store_true", help="validation loss on chars")
     parser.add_argument("--optim", action="store_true", help="QuotientAdam / AdamW per model")
     parser.add_argument("--seeds", type=int, default=1, help="--quality: seeds (default 1)")
+    parser.add_argument("--seq-lens", help="comma-separated sequence lengths (default by size)")
+    parser.add_argument("--reference", action="store_true", help="add the materialised-bias ALiBi")
+    parser.add_argument(
+        "--keep-denormals", action="store_true", help="do not flush denormals (see docstring)"
+    )
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = parser.parse_args(argv)
     if args.probe:
         _probe(args.probe)
         return {}
+    flushed = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals
     setup_threads(args.threads)
     mode = "quality" if args.quality else "optimiser cost" if args.optim else "time and memory"
     print_header(f"relational vs standard transformer: {mode}", MODULE, argv, args.device)
@@ -369,7 +436,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         seq_lens = [256, 512, 1024] + ([] if args.quick else [2048, 4096])
         repeats = 3 if args.quick else 5
     repeats = args.repeats or repeats
-    print(f"# batch 1; time: {repeats} rounds (ABAB...), median of per-round ratios")
+    if args.seq_lens:
+        seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    print(f"# batch 1; time: {repeats} rounds (ABAB...), median of per-round ratios; denormals "
+          f"{'flushed to zero' if flushed else 'kept'}; eq-FLOPs: k matching the standard "
+          "model's training FLOPs per token at that T")  # fmt: skip
     return scaling(seq_lens, repeats, args)
 
 

@@ -17,8 +17,10 @@ the forward's GEMM work). With dout = ∂L/∂out:
     dh = da · σ + ds · g,   dg = ds · h,
     ∂[W_in | W_gate] = Xᵀ [dh | dg],   ∂X = [dh | dg] [W_in | W_gate]ᵀ,
 
-where every product sums over the token (and gauge) rows. The backward is written with
-differentiable torch operations, so double backward (Hessian-vector products) works as well.
+where every product sums over the token (and gauge) rows. In a plain backward pass the
+gradient [dh | dg] overwrites the recomputed [h | g] (two hidden-width buffers live at a time);
+under ``create_graph=True`` the same formulas run out of place, so double backward
+(Hessian-vector products) works as well.
 Under autocast the recomputation replays the forward's autocast state.
 """
 
@@ -54,21 +56,31 @@ class _RecomputedGate(torch.autograd.Function):
     def backward(ctx, dout):
         x, w_in, w_gate, w_out = ctx.saved_tensors
         enabled, dtype = ctx.autocast
+        need = ctx.needs_input_grad
+        root_d = math.sqrt(x.shape[-2])
         with torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
             w_cat = torch.cat((w_in, w_gate), 1)  # (k, 2m)
-            h, g = (x @ w_cat).chunk(2, -1)  # (…, D, m) each, recomputed
-            sig = torch.sigmoid((g * h).sum(-2, keepdim=True) / math.sqrt(x.shape[-2]))
-            a = h * sig  # (…, D, m)
-            da = dout @ w_out.T  # (…, D, m)
-            ds = (da * h).sum(-2, keepdim=True) * (sig * (1 - sig)) / math.sqrt(x.shape[-2])
-            d_hg = torch.cat((da * sig + ds * g, ds * h), -1)  # (…, D, 2m)
-            rows_x, rows_hg = x.reshape(-1, x.shape[-1]), d_hg.reshape(-1, d_hg.shape[-1])
-            dx = d_hg @ w_cat.T if ctx.needs_input_grad[0] else None  # (…, D, k)
-            d_w = rows_x.T @ rows_hg if any(ctx.needs_input_grad[1:3]) else None  # (k, 2m)
-            d_in, d_gate = d_w.chunk(2, -1) if d_w is not None else (None, None)
+            hg = x @ w_cat  # (…, D, 2m), recomputed
+            h, g = hg.chunk(2, -1)  # (…, D, m) each
+            sig = torch.sigmoid((g * h).sum(-2, keepdim=True) / root_d)  # (…, 1, m)
             d_out = None
-            if ctx.needs_input_grad[3]:
+            if need[3]:
+                a = h * sig  # (…, D, m), dropped as soon as ∂W_out is formed
                 d_out = a.reshape(-1, a.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])  # (m, k)
+                del a
+            da = dout @ w_out.T  # (…, D, m)
+            ds = (da * h).sum(-2, keepdim=True) * (sig * (1 - sig)) / root_d  # (…, 1, m)
+            if torch.is_grad_enabled():  # double backward: out-of-place, differentiable
+                d_hg = torch.cat((da * sig + ds * g, ds * h), -1)  # (…, D, 2m)
+            else:  # overwrite [h | g] with [dh | dg]: two hidden-width buffers in all
+                da.mul_(sig).addcmul_(g, ds)  # dh = da·σ + ds·g
+                g.copy_(h).mul_(ds)  # dg = ds·h (h is not needed after this)
+                h.copy_(da)
+                d_hg, da = hg, None
+            rows_hg = d_hg.reshape(-1, d_hg.shape[-1])  # (rows, 2m)
+            dx = d_hg @ w_cat.T if need[0] else None  # (…, D, k)
+            d_w = x.reshape(-1, x.shape[-1]).T @ rows_hg if need[1] or need[2] else None
+            d_in, d_gate = d_w.chunk(2, -1) if d_w is not None else (None, None)  # (k, m) each
         return dx, d_in, d_gate, d_out
 
 
