@@ -31,7 +31,9 @@ Blocks (pre-norm, N = RMS over (D, k) without gains, which commutes with O(D)):
   channel Gram matrix X_Tᵀ X_T / D of the last token (k² invariant features) and ``cls_head``.
 
 Positions: ``"alibi"`` (gauge-free additive biases −m_h·(i − j), fixed geometric slopes) or
-``"gauge"`` (a ``pos_emb`` (L, k, D) table in the gauge space, rotated with ``tok_emb``).
+``"gauge"`` (a ``pos_emb`` (L, k, D) table in the gauge space, rotated with ``tok_emb``). On an
+x86 CPU, train ALiBi models after ``torch.set_flush_denormal(True)``: its far-away attention
+probabilities are subnormal floats, 3–4× slower to process (``_relational_attention``).
 
 Dressing (``dressed=True``): the canonical frame U ∈ O(D) is the eigenframe of the embedding
 tables' gauge second moment C = Σ Eᵀ E (sum over every vocabulary/position row and channel;
