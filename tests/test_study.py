@@ -91,3 +91,20 @@ def test_study_command_rejects_both_modes(capsys):
 def test_report_only_needs_a_saved_study(tmp_path, capsys):
     assert main(["study", "--out", str(tmp_path), "--report-only"]) == 1
     assert "no " in capsys.readouterr().err
+
+
+def test_a_diverged_run_ranks_after_every_finished_one():
+    never = dict(steps_to_target=None, final_val_loss=2.0, final=0.1, diverged=None)
+    # refused a non-finite step after reaching the target: its last numbers are finite
+    blown = dict(steps_to_target=100, final_val_loss=0.1, final=1.0,
+                 diverged=dict(step=150, reason="NonFiniteStepError"))  # fmt: skip
+    for criterion in ("steps", "loss", "accuracy"):
+        assert sorted([blown, never], key=lambda s: score(s, criterion)) == [never, blown]
+
+
+def test_study_needs_resume_or_force_over_an_earlier_study(tmp_path, capsys):
+    (tmp_path / "study.json").write_text("{}")
+    assert main(["study", "--out", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run (study.json)" in err and err.count("\n") == 1
+    assert (tmp_path / "study.json").read_text() == "{}"  # untouched
