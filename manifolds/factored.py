@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from .base import Bundle, Point, Tangent, checks_enabled, random_orthogonal
-from .linalg import gram, numerical_rank, pinv_spectrum, positive_int, sign_fix_columns, work_dtype
+from .linalg import gram, numerical_rank, pinv_spectrum, positive_int, sign_fix_columns
 
 __all__ = ["FactoredBundle", "FactorFrame", "METRICS", "frame_from_grams"]
 
@@ -165,13 +165,13 @@ class FactoredBundle(Bundle):
         return self.metric == "invariant" and self.damping == 0.0
 
     # ---- checks -----------------------------------------------------------------------------
-    def check_full_rank(self, point: Point, purpose: str) -> None:
+    def check_full_rank(self, point: Point, purpose: str, rel_tol: float | None = None) -> None:
         """ValueError naming the first rank-deficient head (synchronises; skipped when
         checks are disabled, and on row-sharded factors, whose rank needs every row)."""
         if not checks_enabled() or self._sum_rows is not None:
             return
         for name, factor in zip(self.factor_names, self.factors(point)):
-            ranks = numerical_rank(factor)
+            ranks = numerical_rank(factor, rel_tol)
             deficient = torch.nonzero(ranks < self.d_head)
             if deficient.numel():
                 head = int(deficient[0, 0])
@@ -182,13 +182,16 @@ class FactoredBundle(Bundle):
 
     # ---- the frame: one factorisation per head ------------------------------------------------
     def factorise(self, point: Point) -> FactorFrame:
+        """The frame at ``point``, always in float64: the Grams of float32/bf16 factors are
+        formed and factorised in float64 (a working precision in which factors with smallest
+        singular value down to ~1e-7 of the largest keep their rank), which costs two d×r²
+        products per head — the geometry's r×r work stays a small share of a step."""
         point = self.check_point(point)
         if self.metric == "invariant" and not self.damping:
             self.check_full_rank(point, "the invariant metric")  # undefined at a rank drop
-        a, b = self.factors(point)
-        work = work_dtype(a.dtype)
+        a, b = (t.to(torch.float64) for t in self.factors(point))
         p, q = self.row_sums(gram(a), gram(b))
-        return frame_from_grams(p.to(work), q.to(work), self.damping)
+        return frame_from_grams(p, q, self.damping)
 
     def deficient_heads(self, frame: FactorFrame) -> torch.Tensor:
         """(H,) bool: a factor Gram with smallest eigenvalue at round-off level of its largest

@@ -46,7 +46,8 @@ __all__ = [
     "balanced_dressing",
 ]
 
-#: Relative eigenvalue floor below which a head's Gram counts as singular for dressing.
+#: Relative eigenvalue floor of the float64 Grams below which a head cannot be dressed (a
+#: relative singular value of 1e-6): the dressing's Λ^-½ would amplify round-off beyond use.
 DRESSABLE_TOLERANCE = 1e-12
 
 
@@ -173,12 +174,12 @@ class GeneralLinearPair(FactoredBundle):
 
     def dressing(self, point: Point) -> torch.Tensor:
         point = self.check_point(point)
-        self.check_full_rank(point, "dressing")
+        self.check_full_rank(point, "dressing", DRESSABLE_TOLERANCE**0.5)
         return self._dressing_parts(point)[0]
 
     def dress(self, point: Point) -> Point:
         point = self.check_point(point)
-        self.check_full_rank(point, "dressing")
+        self.check_full_rank(point, "dressing", DRESSABLE_TOLERANCE**0.5)
         a, b = self.factors(point)
         u, u_inv_t, _, _ = self._dressing_parts(point)
         return self.from_factors(a @ u, b @ u_inv_t)
@@ -186,7 +187,7 @@ class GeneralLinearPair(FactoredBundle):
     def ambiguity(self, point: Point) -> torch.Tensor:
         """Per head: smallest relative gap between the singular values of M = A Bᵀ."""
         point = self.check_point(point)
-        self.check_full_rank(point, "dressing")
+        self.check_full_rank(point, "dressing", DRESSABLE_TOLERANCE**0.5)
         return relative_gaps(self._dressing_parts(point)[2])
 
     def invariants(self, point: Point) -> tuple[torch.Tensor, ...]:

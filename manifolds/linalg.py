@@ -149,9 +149,10 @@ def relative_gaps(values: torch.Tensor) -> torch.Tensor:
     return ((values[..., :-1] - values[..., 1:]) / top).amin(dim=-1)
 
 
-def numerical_rank(a: torch.Tensor) -> torch.Tensor:
-    """Numerical rank of each matrix (singular values above max(m, n)·eps·s_max)."""
-    work = work_dtype(a.dtype)
+def numerical_rank(a: torch.Tensor, rel_tol: float | None = None) -> torch.Tensor:
+    """Numerical rank of each matrix: singular values above rel_tol·s_max, by default
+    max(m, n)·eps of the working precision; an explicit ``rel_tol`` is applied in float64."""
+    work = work_dtype(a.dtype) if rel_tol is None else torch.float64
     s = torch.linalg.svdvals(a.to(work))
-    tol = s[..., :1] * max(a.shape[-2:]) * torch.finfo(work).eps
-    return (s > tol).sum(dim=-1)
+    rel = max(a.shape[-2:]) * torch.finfo(work).eps if rel_tol is None else rel_tol
+    return (s > s[..., :1] * rel).sum(dim=-1)

@@ -6,7 +6,8 @@ import torch
 
 from . import validation as rules
 from .base import QuotientOptimizer, _check_nonnegative, _reject_unsupported
-from .functional import adam_bundle_update, adam_plain_update
+from .functional import adam_bundle_update
+from .plain import adam_plain_updates
 
 __all__ = ["QuotientAdam"]
 
@@ -114,7 +115,8 @@ class QuotientAdam(QuotientOptimizer):
         second = tuple(torch.zeros_like(s) for s in bundle.slice_mean_square(point, zeros))
         return {"step": self._zero_step(point[0]), "exp_avg": zeros, "exp_avg_sq": second}
 
-    _plain_update = staticmethod(adam_plain_update)
+    _plain_update = staticmethod(adam_plain_updates)
+    _checked_state = ("exp_avg_sq",)  # an infinite v would zero the step instead of spreading
     _bundle_update = staticmethod(adam_bundle_update)
 
     def _check_hyperparameters(self, name: str, group: dict) -> None:

@@ -63,6 +63,17 @@ def _reject_unsupported(cls_name: str, options: dict) -> None:
             )
 
 
+def _masked(ok: torch.Tensor, new: dict, old: dict) -> dict:
+    """``new`` where ``ok``, else ``old``, entry by entry (tensors or tuples of tensors)."""
+
+    def pick(a, b):
+        if isinstance(a, tuple):
+            return tuple(pick(x, y) for x, y in zip(a, b))
+        return torch.where(ok, a, b)
+
+    return {key: pick(value, old[key]) for key, value in new.items()}
+
+
 def _versions(tensors) -> tuple[int, ...]:
     return tuple(t._version for t in tensors)
 
@@ -206,19 +217,15 @@ class QuotientOptimizer(torch.optim.Optimizer):
             bundle, point, grad, dict(state), dress=dress, frame=frame, **hyper
         )
         plan = Plan(name)
-        plan.add(point, new_point)
-        for key, value in new_state.items():
-            plan.add(
-                state[key] if isinstance(value, tuple) else [state[key]],
-                value if isinstance(value, tuple) else [value],
-            )
+        plan.write(point, new_point)
+        plan.update_state(state, new_state, self._checked_state)
 
         def on_commit(ok: torch.Tensor | None) -> None:
             layout = group.get("layout")
             if hasattr(layout, "write_back"):
                 layout.write_back(params, point)
             if fresh:
-                self.state[params[0]].update(state)
+                self.state[params[0]] = state
             group["dress_clock"] += 1
             if ok is None:  # values are known to be finite: the new frame is this point's
                 self._frames[index] = (_versions(params), new_frame)
@@ -249,24 +256,25 @@ class QuotientOptimizer(torch.optim.Optimizer):
         plan.watch.append((lost, message))
 
     def _plain_group_step(self, group: dict) -> list[Plan]:
-        plans = []
-        hyper = self._hyperparameters(group)
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise ValueError(f"{group['name']}: sparse gradients are not supported")
-            fresh = param not in self.state
-            state = self._init_state(group, (param,)) if fresh else self.state[param]
-            new, new_state = self._plain_update(param, param.grad, dict(state), **hyper)
-            plan = Plan(group["name"])
-            plan.add([param], [new])
-            for key, value in new_state.items():
-                plan.add([state[key]], [value])
-            if fresh:
-                plan.on_commit.append(lambda ok, p=param, s=state: self.state[p].update(s))
-            plans.append(plan)
-        return plans
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return []
+        if any(p.grad.is_sparse for p in params):
+            raise ValueError(f"{group['name']}: sparse gradients are not supported")
+        states = [
+            self.state[p] if p in self.state else self._init_state(group, (p,)) for p in params
+        ]
+        created = {p: s for p, s in zip(params, states) if p not in self.state}
+        new_params, new_states = self._plain_update(
+            params, [p.grad for p in params], states, **self._hyperparameters(group)
+        )
+        plan = Plan(group["name"])
+        plan.write(params, new_params)
+        for state, new_state in zip(states, new_states):
+            plan.update_state(state, new_state, self._checked_state)
+        if created:
+            plan.on_commit.append(lambda ok: self.state.update(created))
+        return [plan]
 
     def _commit(self, plans: list[Plan]) -> None:
         if not plans:
@@ -288,6 +296,8 @@ class QuotientOptimizer(torch.optim.Optimizer):
             for plan in plans:
                 for target, value in zip(plan.targets, plan.values):
                     target.copy_(value)
+                for state, new_state in plan.states:
+                    state.update(new_state)
                 for action in plan.on_commit:
                     action(None)
             if code & 2:  # rare: read which heads
@@ -297,6 +307,8 @@ class QuotientOptimizer(torch.optim.Optimizer):
         for plan in plans:
             for target, value in zip(plan.targets, plan.values):
                 target.copy_(torch.where(ok, value, target))
+            for state, new_state in plan.states:
+                state.update(_masked(ok, new_state, state))
             for action in plan.on_commit:
                 action(ok)
         if self.nonfinite == "raise":
@@ -343,6 +355,9 @@ class QuotientOptimizer(torch.optim.Optimizer):
                 )
 
     # ---- to be defined by subclasses -------------------------------------------------------
+    #: state entries whose finiteness the guard checks besides the parameters
+    _checked_state: tuple[str, ...] = ()
+
     def _init_state(self, group: dict, point: tuple) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -33,7 +33,8 @@ gradient is carried as a covector (``act_dual``) and the invariant second moment
 Dressing before the first step makes the whole run gauge-equivariant even under a metric that
 is not G-invariant: runs started anywhere on an orbit continue from one representative.
 
-Plain groups reproduce ``torch.optim.AdamW`` / ``torch.optim.SGD`` exactly.
+Plain groups reproduce ``torch.optim.AdamW`` / ``torch.optim.SGD`` exactly
+(``quotopt.optim.plain``).
 """
 
 from __future__ import annotations
@@ -42,13 +43,7 @@ import torch
 
 from manifolds import Bundle
 
-__all__ = [
-    "adam_bundle_update",
-    "adam_plain_update",
-    "sgd_bundle_update",
-    "sgd_plain_update",
-    "redress",
-]
+__all__ = ["adam_bundle_update", "sgd_bundle_update", "redress"]
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -132,31 +127,6 @@ def adam_bundle_update(
     return new_point, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, new_frame
 
 
-def adam_plain_update(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-):
-    """``torch.optim.AdamW``'s update for one tensor, out of place."""
-    if maximize:
-        grad = -grad
-    step = state["step"] + 1
-    param = param * (1 - lr * weight_decay)
-    exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
-    bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2)
-    denom = exp_avg_sq.sqrt() / bc2_sqrt + eps
-    new_param = param - (lr / bc1) * exp_avg / denom
-    return new_param, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-
-
 # ---- SGD --------------------------------------------------------------------------------------
 
 
@@ -209,28 +179,3 @@ def sgd_bundle_update(
     if momentum:
         new_state["momentum_buffer"] = bundle.transport(point, new_point, buf, new_frame)
     return new_point, new_state, new_frame
-
-
-def sgd_plain_update(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool = False,
-):
-    """``torch.optim.SGD``'s update for one tensor (coupled L2 decay), out of place."""
-    if maximize:
-        grad = -grad
-    if weight_decay:
-        grad = grad + weight_decay * param
-    new_state = {"step": state["step"] + 1}
-    if momentum:
-        buf = _momentum_buffer(state["momentum_buffer"], grad, state["step"], momentum, dampening)
-        grad = grad + momentum * buf if nesterov else buf
-        new_state["momentum_buffer"] = buf
-    return param - lr * grad, new_state

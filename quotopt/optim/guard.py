@@ -24,21 +24,33 @@ class NonFiniteStepError(ValueError):
 
 @dataclass
 class Plan:
-    """What one group's step writes: ``targets[i].copy_(values[i])``, then ``on_commit``.
+    """What one group's step writes: ``targets[i].copy_(values[i])`` (the parameters), the new
+    state entries (rebound, not copied: ``state[key] = value``), then ``on_commit``.
 
-    ``watch``: extra boolean flags (per head: lost rank) read with the finiteness flags, each
-    with the message to warn with.
+    ``checked``: the new values whose finiteness decides the step — the parameters, and the
+    state entries a non-finite value could hide in without reaching them (Adam's second moment:
+    an infinite v makes the step zero). ``watch``: extra boolean flags (per head: lost rank)
+    read with the finiteness flags, each with the message to warn with.
     """
 
     name: str
     targets: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+    states: list[tuple[dict, dict]] = field(default_factory=list)
+    checked: list[torch.Tensor] = field(default_factory=list)
     on_commit: list[Callable[[torch.Tensor | None], None]] = field(default_factory=list)
     watch: list[tuple[torch.Tensor, Callable[[list[int]], str]]] = field(default_factory=list)
 
-    def add(self, targets, values) -> None:
+    def write(self, targets, values) -> None:
         self.targets.extend(targets)
         self.values.extend(values)
+        self.checked.extend(values)
+
+    def update_state(self, state: dict, new_state: dict, checked_keys) -> None:
+        self.states.append((state, new_state))
+        for key in checked_keys:
+            value = new_state[key]
+            self.checked.extend(value if isinstance(value, tuple) else (value,))
 
 
 class FlagCopy:
@@ -69,6 +81,6 @@ def finiteness(plans: list[Plan]) -> tuple[torch.Tensor, list[str]]:
     A NaN or inf anywhere makes the sum non-finite: one reduction per tensor instead of an
     elementwise isfinite pass (a finite tensor whose sum overflows is refused too: such a step
     is useless anyway)."""
-    flags = [v.sum().isfinite() for plan in plans for v in plan.values]
-    names = [plan.name for plan in plans for _ in plan.values]
+    flags = [v.sum().isfinite() for plan in plans for v in plan.checked]
+    names = [plan.name for plan in plans for _ in plan.checked]
     return torch.stack(flags), names

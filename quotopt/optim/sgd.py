@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from . import validation as rules
 from .base import QuotientOptimizer, _check_nonnegative, _reject_unsupported
-from .functional import sgd_bundle_update, sgd_plain_update
+from .functional import sgd_bundle_update
+from .plain import sgd_plain_updates
 
 __all__ = ["QuotientSGD"]
 
@@ -72,7 +73,7 @@ class QuotientSGD(QuotientOptimizer):
             state["momentum_buffer"] = buffers if group.get("bundle") is not None else buffers[0]
         return state
 
-    _plain_update = staticmethod(sgd_plain_update)
+    _plain_update = staticmethod(sgd_plain_updates)
     _bundle_update = staticmethod(sgd_bundle_update)
 
     def _check_hyperparameters(self, name: str, group: dict) -> None:

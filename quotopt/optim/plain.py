@@ -1,0 +1,83 @@
+"""torch's AdamW and SGD updates on many tensors at once, out of place.
+
+The parameter groups without a bundle follow ``torch.optim.AdamW`` / ``torch.optim.SGD``
+exactly; these functions compute their new values for every tensor of a group together, with
+torch's multi-tensor (``_foreach``) kernels where the rule allows, and write nothing: the
+optimiser commits them only if the step is finite.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["adam_plain_updates", "sgd_plain_updates"]
+
+Tensors = list[torch.Tensor]
+
+
+def adam_plain_updates(
+    params: Tensors,
+    grads: Tensors,
+    states: list[dict],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> tuple[Tensors, list[dict]]:
+    """``torch.optim.AdamW``'s update of every tensor of a group: (new params, new states)."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    steps = [state["step"] + 1 for state in states]
+    exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], grads, 1 - beta1)
+    exp_avg_sq = torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
+    bias_1 = [1 - beta1**step for step in steps]
+    bias_2_sqrt = [(1 - beta2**step).sqrt() for step in steps]
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, bias_2_sqrt)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avg, denom)
+    torch._foreach_mul_(update, [lr / b for b in bias_1])
+    new_params = torch._foreach_mul(params, 1 - lr * weight_decay)
+    torch._foreach_sub_(new_params, update)
+    new_states = [
+        {"step": step, "exp_avg": m, "exp_avg_sq": v}
+        for step, m, v in zip(steps, exp_avg, exp_avg_sq)
+    ]
+    return new_params, new_states
+
+
+def sgd_plain_updates(
+    params: Tensors,
+    grads: Tensors,
+    states: list[dict],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool = False,
+) -> tuple[Tensors, list[dict]]:
+    """``torch.optim.SGD``'s update (coupled L2 decay) of every tensor of a group."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    new_states = [{"step": state["step"] + 1} for state in states]
+    if momentum:
+        directions = []
+        for grad, state, new_state in zip(grads, states, new_states):
+            # torch's rule: the first buffer is the gradient itself (a where: no host read)
+            buf = torch.where(
+                state["step"] == 0,
+                grad,
+                momentum * state["momentum_buffer"] + (1 - dampening) * grad,
+            )
+            new_state["momentum_buffer"] = buf
+            directions.append(grad + momentum * buf if nesterov else buf)
+        grads = directions
+    return torch._foreach_add(params, grads, alpha=-lr), new_states
