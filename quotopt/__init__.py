@@ -1,7 +1,7 @@
 """quotopt: optimisation on the quotient manifolds created by parameter symmetries."""
 
 from .optim import NonFiniteStepError, QuotientAdam, QuotientSGD
-from .symmetries import gauge_transform, symmetries, verify
+from .symmetries import describe, gauge_transform, symmetries, verify
 
 __version__ = "0.1.0"
 
@@ -10,6 +10,7 @@ __all__ = [
     "QuotientAdam",
     "QuotientSGD",
     "__version__",
+    "describe",
     "gauge_transform",
     "symmetries",
     "verify",

@@ -74,8 +74,8 @@ def _attr(objects, names):
 
 
 def _sizes(module, q_out, hidden):
-    config = getattr(module, "config", None)
-    where = [module] + ([config] if config is not None else [])
+    owners = [module, *module.children()]
+    where = owners + [c for c in (getattr(m, "config", None) for m in owners) if c is not None]
     n_heads = _attr(where, ("num_heads", "num_attention_heads", "n_heads", "n_head"))
     r = _attr(where, ("head_dim", "head_size", "attention_head_size", "key_value_proj_dim"))
     if n_heads is None:
@@ -176,6 +176,15 @@ def _fused_orders(n_heads, n_kv, r):
                 blocks((n_rep + 1) * r, n_kv, 1, r, width),
             )
         )
+    if n_kv == n_heads and n_heads % 4 == 0:  # CodeGen: 4 model-parallel blocks [q | v | k]
+        local = n_heads // 4 * r
+        start = lambda off: (  # noqa: E731
+            (torch.arange(n_heads) // (n_heads // 4) * 3 * local).view(-1, 1, 1)
+            + (torch.arange(n_heads) % (n_heads // 4) * r).view(-1, 1, 1)
+            + off
+            + torch.arange(r).view(1, 1, -1)
+        )
+        orders.append(("4 blocks [q|v|k] (CodeGen)", start(0), start(2 * local), start(local)))
     return orders
 
 
@@ -252,10 +261,10 @@ def attention_slots(path: str, module: nn.Module, metric: str) -> list[Slot]:
 
 def hf_slots(path: str, module: nn.Module, metric: str, heads=True, rescaling=True):
     """Attention and MLP slots of one module (``path`` ends with a dot); [] if none."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return []
     found = attention_slots(path, module, metric) if heads else []
-    if not found and rescaling:
-        found = mlp_slots(path, module, metric)
-    return found
+    return found + (mlp_slots(path, module, metric) if rescaling else [])
 
 
 # ---- probing the model ---------------------------------------------------------------------

@@ -213,6 +213,8 @@ def symmetries(
             a Hugging Face config (``quotopt.hf.example_inputs``); torch's own layers and LoRA
             layers need none.
         tolerance: largest relative output change a detected candidate may cause.
+        generator: randomness of the checks (default: a fixed seed, so detection is
+            deterministic and leaves the global RNG alone).
         report: also return the ``SymmetryReport`` (``(groups, report)``).
 
     Raises ``ValueError`` naming any parameter covered twice or (``plain=False``) not at all.
@@ -230,6 +232,7 @@ def symmetries(
     declared_ids = {id(p) for g in user + own for p in g["params"]}
     slots = _slots(model, metric, heads, rescaling, skip, declared_ids)
     example = example_inputs if example_inputs is not None else hf_example_inputs(model)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     found, frozen = _check_slots(model, slots, table, example, tolerance, generator)
     found, dropped = compose_groups(found, names, refuse=False, compose_name=_composed_name)
     found = stack_adapters(found, metric)

@@ -16,6 +16,7 @@ import torch
 
 import manifolds as M
 import quotopt
+import quotopt.checks
 import quotopt.models
 from manifolds.rotary import RotaryQK
 from manifolds.testing import assert_bundle, relative_error
@@ -417,3 +418,134 @@ def test_detectors_ignore_other_modules(transformers):
     model = quotopt.models.Transformer(11, 8, 1, 2, 8)
     for prefix, module in model.named_modules():
         assert qhf.hf_slots(prefix, module, "euclidean") == []
+
+
+# ---- the families, by structure ------------------------------------------------------------------
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             vocab_size=VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+ENC_DEC = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+               pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)  # fmt: skip
+GPT = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+#: family: (config class, model class, config, {bundle type: number of groups}); a family whose
+#: symmetry is partial lists the subgroup it gets (Phi: partial rotary leaves Q/K plain;
+#: Qwen3: QK-norm gains leave Q/K plain; GPT-NeoX's quarter-width rotary keeps the per-plane
+#: subgroup; GELU MLPs: no units).
+FAMILIES = {
+    "bert": ("BertConfig", "BertModel", SMALL, {"HeadQK": 2, "HeadOV": 2}),
+    "roberta": ("RobertaConfig", "RobertaModel", dict(SMALL, pad_token_id=1),
+                {"HeadQK": 2, "HeadOV": 2}),
+    "distilbert": ("DistilBertConfig", "DistilBertModel",
+                   dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=VOCAB),
+                   {"HeadQK": 2, "HeadOV": 2}),
+    "vit": ("ViTConfig", "ViTModel", dict(SMALL, image_size=8, patch_size=4),
+            {"HeadQK": 2, "HeadOV": 2}),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(SMALL, ffn_dim=64, word_embed_proj_dim=32),
+            {"HeadQK": 2, "HeadOV": 2, "PositiveRescaling": 2}),
+    "bart": ("BartConfig", "BartModel", ENC_DEC, {"HeadQK": 3, "HeadOV": 3}),
+    "t5": ("T5Config", "T5Model", dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+           vocab_size=VOCAB, decoder_start_token_id=0),
+           {"HeadQK": 3, "HeadOV": 3, "PositiveRescaling": 2}),
+    "whisper": ("WhisperConfig", "WhisperModel",
+                dict(ENC_DEC, num_mel_bins=8, max_source_positions=8),
+                {"HeadQK": 3, "HeadOV": 3}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(SMALL, head_dim=8, num_key_value_heads=2),
+              {"RotaryQK": 2, "HeadOV": 2, "PositiveRescaling": 2}),
+    "phi": ("PhiConfig", "PhiForCausalLM", SMALL, {"HeadOV": 2}),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", SMALL, {"RotaryQK x HeadOV": 2}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", SMALL, {"RotaryQK x HeadOV": 2}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=32, n_layer=2, n_head=4,
+              vocab_size=VOCAB), {"HeadQK x HeadOV": 2}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(SMALL, num_key_value_heads=2),
+             {"RotaryQK x HeadOV": 2, "PositiveRescaling": 2}),
+    "gpt-bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", GPT, {"HeadQK x HeadOV": 2}),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(GPT, rotary_dim=8),
+                {"RotaryQK x HeadOV": 2}),
+    "gpt-j": ("GPTJConfig", "GPTJForCausalLM", dict(GPT, rotary_dim=8),
+              {"RotaryQK": 2, "HeadOV": 2}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(SMALL, num_key_value_heads=2, num_local_experts=4,
+                     experts_implementation="eager"),
+                {"RotaryQK": 2, "HeadOV": 2, "PositiveRescaling": 2}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(SMALL, num_key_value_heads=2, head_dim=8),
+              {"HeadOV": 2, "PositiveRescaling": 2}),
+    "qwen1.5-bias-mha": ("Qwen2Config", "Qwen2ForCausalLM", dict(SMALL, num_key_value_heads=4),
+                         {"RotaryQK": 2, "HeadOV": 2, "PositiveRescaling": 2}),
+    "llama-bias-mha": ("LlamaConfig", "LlamaForCausalLM",
+                       dict(SMALL, num_key_value_heads=4, attention_bias=True),
+                       {"RotaryQK": 2, "HeadOV": 2, "PositiveRescaling": 2}),
+}  # fmt: skip
+
+
+def _family(transformers, name, dtype=F64):
+    config_cls, model_cls, kwargs, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**kwargs)
+    return getattr(transformers, model_cls)(config).to(dtype).eval()
+
+
+def _bundle_counts(groups) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for group in groups:
+        bundle = group.get("bundle")
+        if bundle is not None:
+            parts = getattr(bundle, "components", None) or [bundle]
+            key = " x ".join(type(c).__name__ for c in parts)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_groups_verify(transformers, name):
+    """The groups found, and verify ≤ 1e-9 on the float64 model with every touched module's
+    parameters randomised (HF's float32 RMSNorm rounds some changes to exactly 0: the rejected
+    candidates in the report are the control that fails)."""
+    model = _family(transformers, name)
+    groups, report = quotopt.symmetries(model, report=True)
+    assert _bundle_counts(groups) == FAMILIES[name][3], str(report)
+    args, kwargs = qhf.example_inputs(model)
+    changes = quotopt.verify(model, groups, *args, generator=_gen(1), **kwargs)
+    assert max(changes.values()) <= 1e-9, changes
+    assert changes.randomised and changes.compared
+
+
+WHISPER_INVARIANT = pytest.param(
+    "whisper", "invariant", marks=pytest.mark.xfail(strict=True, reason=(
+        "float32 eigh in the invariant-metric step fails at step 17 once W_q's smallest "
+        "singular value falls to 6e-3 (float64 trains: loss 2.09 -> 0.43)")),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "metric"),
+    [(n, m) for n in sorted(FAMILIES) for m in M.METRICS if (n, m) != ("whisper", "invariant")]
+    + [WHISPER_INVARIANT],
+)
+def test_family_trains(transformers, name, metric):
+    """30 QuotientAdam steps on a regression of the first output tensor: no error, loss falls."""
+    model = _family(transformers, name, torch.float32)
+    groups = quotopt.symmetries(model, metric=metric)
+    args, kwargs = qhf.example_inputs(model)
+    with torch.no_grad():
+        target = torch.randn_like(quotopt.checks.output_tensors(model(*args, **kwargs))[0][1])
+    optimiser = quotopt.QuotientAdam(groups, lr=3e-3 if metric == "euclidean" else 1e-3)
+    losses = []
+    for _ in range(30):
+        out = quotopt.checks.output_tensors(model(*args, **kwargs))[0][1]
+        loss = (out - target).square().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_rope_families_reject_full_gl(transformers):
+    """The control beside the RoPE groups: full GL(r) is proposed first and fails the check."""
+    _, report = quotopt.symmetries(_family(transformers, "gemma"), report=True)
+    qk = [f for f in report.findings if f.part == "qk"]
+    assert qk and all(f.bundle == "RotaryQK" for f in qk)
+    _, phi = quotopt.symmetries(_family(transformers, "phi"), report=True)
+    notes = [f.note for f in phi.findings if f.part == "qk"]
+    assert notes and all("partial rotary" in n and "GL(r) per head: change" in n for n in notes)

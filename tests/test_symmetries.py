@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,17 @@ from torch import nn
 import manifolds as M
 import quotopt
 from manifolds.testing import relative_error
+from quotopt.layouts import ProjectionHeads, Rows, feature_blocks
 from quotopt.models import RelationalTransformer, Transformer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and on a busy machine much faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _encoder(bias=True, activation="relu"):
@@ -160,3 +172,191 @@ def test_quotient_adam_trains_both_models(case):
         optimiser.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+# ---- biases by role: nn.TransformerEncoder with PyTorch's default biases -------------------------
+def _norm_first_encoder(seed):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def _train_encoder(make_optimiser, steps=200):
+    """Regression onto a teacher of the same architecture (learnable exactly)."""
+    teacher, model = _norm_first_encoder(1).eval(), _norm_first_encoder(0).eval()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 6, 16, generator=gen)
+    with torch.no_grad():
+        y = teacher(x)
+    optimiser, key_biases = make_optimiser(model)
+    start = [b.detach().clone() for b in key_biases]
+    loss = None
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        assert all(torch.equal(b, s) for b, s in zip(key_biases, start)), "key bias moved"
+    return loss.item(), {n: p.detach().norm().item() for n, p in model.named_parameters()}
+
+
+def _key_biases(model):
+    return [layer.self_attn.in_proj_bias[16:32] for layer in model.layers]
+
+
+@functools.lru_cache(maxsize=1)
+def _adamw_baseline():
+    return _train_encoder(lambda m: (torch.optim.AdamW(m.parameters(), lr=3e-3), []))
+
+
+@pytest.mark.parametrize("metric", M.METRICS)
+def test_encoder_with_default_biases_trains_like_adamw(metric):
+    """QuotientAdam within 2× of AdamW's loss after 200 steps, no tensor's norm above 10×
+    AdamW's, and the key bias (softmax shift, not a coordinate of the heads) never moves."""
+
+    def quotient(model):
+        groups = quotopt.symmetries(model, metric=metric)
+        assert {type(g["bundle"]).__name__ for g in groups if g.get("bundle")} == {
+            "ProductBundle", "PositiveRescaling"}  # fmt: skip
+        return quotopt.QuotientAdam(groups, lr=3e-3), _key_biases(model)
+
+    base_loss, base_norms = _adamw_baseline()
+    loss, norms = _train_encoder(quotient)
+    assert loss <= 2 * base_loss, (loss, base_loss)
+    assert all(norms[n] <= 10 * base_norms[n] + 1e-6 for n in norms), (norms, base_norms)
+
+
+def test_multihead_attention_key_bias_is_not_a_coordinate():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).double()
+    (heads, plain) = quotopt.symmetries(mha)
+    layout, e = heads["layout"], 16
+    labels = [torch.arange(p.numel(), dtype=torch.float64).view(p.shape) for p in heads["params"]]
+    bias_entries = {int(v) for t in layout(labels)[:3] for v in t[:, -1:].reshape(-1)}
+    assert bias_entries.isdisjoint(range(e, 2 * e)) and set(range(e)) <= bias_entries
+    assert plain["name"] == "plain" and plain["params"] == [mha.out_proj.bias]
+
+
+def test_separate_kdim_attention_is_detected_and_verified():
+    mha = nn.MultiheadAttention(16, 4, kdim=12, vdim=10, batch_first=True).double()
+    groups, report = quotopt.symmetries(mha, report=True)
+    assert [g["name"] for g in groups] == ["heads", "plain"]
+    x, k, v = torch.randn(2, 5, 16), torch.randn(2, 7, 12), torch.randn(2, 7, 10)
+    changes = quotopt.verify(mha, groups, x.double(), k.double(), v.double())
+    assert changes["heads"] <= 1e-12 and all(f.change <= 1e-12 for f in report.groups)
+
+
+# ---- verify ------------------------------------------------------------------------------------
+class _TupleOut(nn.Module):
+    """nanoGPT-like: a fused c_attn with biases (zero-initialised), returns (logits, None)."""
+
+    def __init__(self, d=16, h=4):
+        super().__init__()
+        self.h, self.c_attn, self.c_proj = h, nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.drop = nn.Dropout(0.3)
+        nn.init.zeros_(self.c_attn.bias)
+
+    def forward(self, x, *, scale=1.0):
+        B, T, d = x.shape
+        q, k, v = (t.view(B, T, self.h, -1).transpose(1, 2) for t in self.c_attn(x).split(d, -1))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return {"out": (self.drop(self.c_proj(y.transpose(1, 2).reshape(B, T, d))) * scale, None)}
+
+
+def _qk_without_bias(model, d=16, h=4):
+    """A wrong declaration: GL(r) on the q/k rows of c_attn.weight, the bias left out."""
+    specs = [Rows(0, feature_blocks(0, h, 1, d // h)), Rows(0, feature_blocks(d, h, 1, d // h))]
+    return {"params": [model.c_attn.weight], "bundle": M.HeadQK(h, d, d // h),
+            "layout": ProjectionHeads(specs), "name": "qk"}  # fmt: skip
+
+
+def test_verify_randomises_what_a_declaration_forgot():
+    model = _TupleOut().double()
+    groups = quotopt.symmetries(model, declared=[_qk_without_bias(model)], example_inputs=None)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    blind = quotopt.verify(
+        model, groups, x, randomize=False, generator=torch.Generator().manual_seed(0)
+    )
+    assert blind["qk"] <= 1e-12  # the zero bias hides the mistake ...
+    seen = quotopt.verify(model, groups, x, generator=torch.Generator().manual_seed(0))
+    assert seen["qk"] > 1e-3  # ... randomised, it does not
+    assert "c_attn.bias" in seen.randomised and seen.compared == ["output.out[0] (2, 5, 16)"]
+
+
+def test_verify_in_train_mode_equals_eval_mode_and_forwards_kwargs():
+    model = _TupleOut().double().train()
+    with torch.no_grad():
+        model.c_attn.bias.normal_()
+    h, r = 4, 4
+    specs = [Rows(0, feature_blocks(0, h, 1, r), bias=1), Rows(0, feature_blocks(16, h, 1, r))]
+    qk = {"params": [model.c_attn.weight, model.c_attn.bias],
+          "bundle": M.HeadQK(h, 17, r, factor_rows=(17, 16)),
+          "layout": ProjectionHeads(specs), "name": "qk"}  # fmt: skip
+    groups = quotopt.symmetries(model, declared=[qk])
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    train = quotopt.verify(model, groups, x, scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert model.training
+    evald = quotopt.verify(
+        model.eval(), groups, x, scale=2.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert train == evald and train["qk"] <= 1e-12 and train.mode == "eval"
+
+
+# ---- declarations and the report ---------------------------------------------------------------
+def _fused_declarations(model, d=16, h=4):
+    r = d // h
+    qk = {
+        "params": [model.c_attn.weight, model.c_attn.bias],
+        "bundle": M.HeadQK(h, d + 1, r, factor_rows=(d + 1, d)),
+        "layout": ProjectionHeads(
+            [Rows(0, feature_blocks(0, h, 1, r), bias=1), Rows(0, feature_blocks(d, h, 1, r))]
+        ),
+        "name": "qk",
+    }
+    ov = {"params": [model.c_attn.weight, model.c_attn.bias, model.c_proj.weight],
+          "bundle": M.HeadOV(h, d + 1, r, factor_rows=(d + 1, d)),
+          "layout": ProjectionHeads([Rows(0, feature_blocks(2 * d, h, 1, r), bias=1),
+                                     Rows(2, feature_blocks(0, h, 1, r), transposed=True,
+                                          writes=True)]), "name": "ov"}  # fmt: skip
+    return qk, ov
+
+
+def test_two_declared_bundles_on_one_fused_tensor_compose():
+    model = _TupleOut().double()
+    groups = quotopt.symmetries(model, declared=_fused_declarations(model))
+    (heads,) = [g for g in groups if g.get("bundle") is not None]
+    assert type(heads["bundle"]).__name__ == "ProductBundle" and heads["members"] == ["qk", "ov"]
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    assert quotopt.verify(model, groups, x)["qk"] <= 1e-12
+    opt = quotopt.QuotientAdam(groups, lr=1e-3)
+    model(x)["out"][0].square().mean().backward()
+    opt.step()  # the composed layout writes back
+
+
+def test_declared_bundles_on_the_same_entries_are_refused_with_the_fix():
+    model = _TupleOut().double()
+    qk, _ = _fused_declarations(model)
+    with pytest.raises(ValueError, match="overlaps another .qk. on the same entries of c_attn"):
+        quotopt.symmetries(model, declared=[qk, dict(qk, name="again")])
+
+
+def test_a_declared_module_is_never_detected():
+    """MultiheadAttention with add_bias_kv has no detected layout: reported, not raised; its
+    declared groups are taken as they are."""
+    mha = nn.MultiheadAttention(16, 4, add_bias_kv=True).double()
+    with pytest.warns(UserWarning, match="found no symmetry"):
+        _, report = quotopt.symmetries(mha, report=True)
+    assert "add_bias_kv" in str(report)
+    fake = {"params": [mha.out_proj.weight], "bundle": M.ResidualRotation(16, [0]), "name": "mine"}
+    groups = quotopt.symmetries(mha, declared=[fake])
+    assert [g["name"] for g in groups] == ["mine", "plain"]
+
+
+def test_report_table_and_warning_when_nothing_is_found():
+    model, _ = _build("encoder")
+    report = quotopt.describe(model)
+    text = str(report)
+    assert "layers.0.self_attn" in text and "HeadQK x HeadOV" in text and 0 < report.share < 1
+    gelu = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match="Declare the bundles"):
+        groups = quotopt.symmetries(gelu)
+    assert [g["name"] for g in groups] == ["plain"]
