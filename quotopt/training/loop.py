@@ -66,8 +66,7 @@ def attention_heads(probes) -> list[dict]:
     out = []
     for group in probes:
         bundle = group.get("bundle")
-        per_head = getattr(bundle, "per_head", hasattr(bundle, "factors"))
-        if bundle is not None and per_head and bundle.group_dim > bundle.algebra_shape[0]:
+        if bundle is not None and bundle.per_head and bundle.group_dim > bundle.algebra_shape[0]:
             out.append(group)
     return out
 
