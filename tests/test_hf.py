@@ -420,7 +420,7 @@ def test_detectors_ignore_other_modules(transformers):
         assert qhf.hf_slots(prefix, module, "euclidean") == []
 
 
-# ---- the families, by structure ------------------------------------------------------------------
+# ---- the families, by structure ---------------------------------------------------------
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              vocab_size=VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0)  # fmt: skip
 ENC_DEC = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
