@@ -425,7 +425,8 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interme
              vocab_size=VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0)  # fmt: skip
 ENC_DEC = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-               vocab_size=VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)  # fmt: skip
+               vocab_size=VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+               decoder_start_token_id=0)  # fmt: skip
 GPT = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
 #: family: (config class, model class, config, {bundle type: number of groups}); a family whose
 #: symmetry is partial lists the subgroup it gets (Phi: partial rotary leaves Q/K plain;
