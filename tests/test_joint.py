@@ -1,0 +1,195 @@
+"""The joint quotient by O(d) and the heads' GL(r) (manifolds.JointBundle, DESIGN.md 1.5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import manifolds as M
+from manifolds.joint import JointBundle
+from manifolds.testing import assert_bundle, relative_error
+from quotopt import QuotientAdam
+from quotopt.joint_groups import joint_groups
+from quotopt.models import Transformer
+from quotopt.symmetries import gauge_transform, group_point, symmetries, verify
+
+D = 6
+# an embedding, two QK and two OV pairs (r = 2 and r = 3) and a stream-reading matrix
+SHAPES = [(7, D), (2, D, 2), (2, D, 2), (2, D, 2), (2, 2, D), (D, 5), (1, D, 3), (1, D, 3)]
+AXES = [1, 1, 1, 1, 2, 0, 1, 1]
+
+
+def _bundle(metric="euclidean", solver="auto"):
+    residual = M.ResidualRotation(D, AXES, shapes=SHAPES)
+    heads = [
+        (M.HeadQK(2, D, 2, metric), (1, 2)),
+        (M.HeadOV(2, D, 2, metric), (3, 4)),
+        (M.HeadQK(1, D, 3, metric), (6, 7)),
+    ]
+    return JointBundle(residual, heads, solver=solver)
+
+
+def _point(bundle, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return bundle.random_point(generator=gen, dtype=torch.float64), gen
+
+
+def _vertical_columns(bundle, point):
+    """Every basis vertical vector, as a list of tangents (O(d) ones first, then the heads')."""
+    basis = bundle.algebra_basis(dtype=torch.float64)
+    return [bundle.vertical(point, tuple(b[k] for b in basis)) for k in range(bundle.group_dim)]
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+@pytest.mark.parametrize("metric", ["euclidean", "invariant"])
+def test_conformance(metric, solver):
+    """The generic bundle checks, float64, tolerance 1e-9."""
+    assert_bundle(_bundle(metric, solver), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+@pytest.mark.parametrize("metric", ["euclidean", "invariant"])
+def test_projection_is_orthogonal_to_every_vertical_vector(metric, solver):
+    """Metric-orthogonal to each O(d) and each head vertical vector to 1e-10; idempotent; the
+    vertical part reconstructs; dim V = d(d−1)/2 + Σ r²."""
+    bundle = _bundle(metric, solver)
+    point, gen = _point(bundle)
+    v = bundle.random_tangent(point, generator=gen)
+    h, vert = bundle.project_horizontal(point, v), bundle.project_vertical(point, v)
+    columns = _vertical_columns(bundle, point)
+    worst = max(
+        float(bundle.inner(point, h, c).abs() / (bundle.norm(point, h) * bundle.norm(point, c)))
+        for c in columns
+    )
+    assert worst <= 1e-10
+    assert relative_error(bundle.project_horizontal(point, h), h) <= 1e-10
+    assert relative_error(tuple(a + b for a, b in zip(h, vert)), v) <= 1e-12
+    some = columns[0]  # an O(d) vector, plus a head vector: reconstructed exactly
+    mixed = tuple(a + 2 * b for a, b in zip(some, columns[-1]))
+    assert relative_error(bundle.project_vertical(point, mixed), mixed) <= 1e-10
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in c]) for c in columns], 1)
+    assert int(torch.linalg.matrix_rank(flat)) == D * (D - 1) // 2 + 2 * 4 + 2 * 4 + 9
+    assert bundle.group_dim == flat.shape[1]
+
+
+def test_direct_and_cg_solvers_agree_and_cg_meets_its_tolerance():
+    direct, cg = _bundle("invariant", "direct"), _bundle("invariant", "cg")
+    point, gen = _point(direct, seed=4)
+    v = direct.random_tangent(point, generator=gen)
+    ref = direct.project_horizontal(point, v)
+    assert relative_error(cg.project_horizontal(point, v), ref) <= 1e-10
+    assert cg.last_solve["method"] == "cg"
+    assert cg.last_solve["residual"] <= cg.last_solve["tol"] == 1e-13
+    assert cg.last_solve["iterations"] <= D * (D - 1) // 2
+
+
+def test_control_separate_projections_are_not_orthogonal():
+    """Projecting out the heads, then O(d), leaves a component along the heads' orbits: the
+    sum of vertical spaces needs the joint solve."""
+    bundle = _bundle()
+    point, gen = _point(bundle)
+    v = bundle.random_tangent(point, generator=gen)
+    out = list(v)
+    for head, slots in bundle.heads:
+        sub = head.project_horizontal(tuple(point[s] for s in slots), tuple(v[s] for s in slots))
+        for s, t in zip(slots, sub):
+            out[s] = t
+    out = bundle.residual.project_horizontal(point, tuple(out))
+    columns = _vertical_columns(bundle, point)[bundle.residual.group_dim :]
+    worst = max(
+        float(bundle.inner(point, out, c).abs() / (bundle.norm(point, out) * bundle.norm(point, c)))
+        for c in columns
+    )
+    assert worst > 1e-3
+
+
+def test_dressing_is_invariant_under_the_joint_group():
+    bundle = _bundle()
+    point, gen = _point(bundle)
+    dressed = bundle.dress(point)
+    for _ in range(10):
+        g = bundle.random_group_element(generator=gen, dtype=torch.float64, condition=10.0)
+        assert relative_error(bundle.dress(bundle.act(point, g)), dressed) <= 1e-9
+    assert 0 < float(bundle.ambiguity(point)) <= 1
+    # control: the O(d) dressing alone reads head factors, which GL(r) moves
+    g = bundle.random_group_element(generator=gen, dtype=torch.float64)
+    heads_only = (torch.eye(D, dtype=torch.float64), *g[1:])
+    moved = bundle.act(point, heads_only)
+    assert relative_error(bundle.residual.dress(moved), bundle.residual.dress(point)) > 1e-3
+
+
+def test_construction_errors_name_the_problem():
+    residual = M.ResidualRotation(D, AXES, shapes=SHAPES)
+    with pytest.raises(ValueError, match="overlap"):
+        JointBundle(residual, [(M.HeadQK(2, D, 2), (1, 2)), (M.HeadQK(2, D, 2), (2, 1))])
+    with pytest.raises(ValueError, match="shapes"):
+        JointBundle(residual, [(M.HeadQK(2, D, 2), (1, 4))])
+    with pytest.raises(ValueError, match="share one metric"):
+        JointBundle(
+            residual,
+            [(M.HeadQK(2, D, 2), (1, 2)), (M.HeadOV(2, D, 2, "invariant"), (3, 4))],
+        )
+    with pytest.raises(ValueError, match="solver"):
+        JointBundle(residual, [], solver="lu")
+
+
+# ---- on the Transformer ----------------------------------------------------------------------
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(11, 8, 2, 2, 6, d_mlp=12).double()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "invariant"])
+def test_verify_joint_group_on_transformer(metric):
+    model = _model()
+    groups = symmetries(model, residual=True, heads=True, metric=metric)
+    assert [g["name"] for g in groups if "bundle" in g] == ["joint"]
+    tokens = torch.randint(0, 11, (3, 6))
+    changes = verify(model, groups, tokens, generator=torch.Generator().manual_seed(0), trials=3)
+    assert changes["joint"] <= 1e-9
+    bundle = groups[0]["bundle"]
+    assert bundle.group_dim == 8 * 7 // 2 + 2 * 2 * (2 * 4**2)
+
+
+def test_control_verify_fails_when_a_head_is_not_symmetric():
+    """A fixed query bias breaks that pair's GL(r): the same check then fails."""
+    model = _model()
+    groups = joint_groups(model)
+    attn = model.blocks[0].attn
+    attn.q_bias = torch.randn(2, 4, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (3, 6))
+    assert verify(model, groups, tokens, generator=torch.Generator().manual_seed(0))["joint"] > 1e-6
+
+
+def _train(model, groups, steps, tokens, lr=1e-3):
+    optimiser = QuotientAdam(groups, lr=lr)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        optimiser.step()
+    return model(tokens[:, :-1])
+
+
+def _orbit_gap(metric, groups_of, steps=150):
+    """Train from p and from p·(R, g₁, …, g_n) (condition 10); relative gap of the logits (the
+    model's invariants) and of the joint invariants after ``steps`` steps."""
+    tokens = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(1))
+    a, b = _model(), _model()
+    gauge_transform(b, joint_groups(b, metric), generator=torch.Generator().manual_seed(2))
+    out_a = _train(a, groups_of(a), steps, tokens)
+    out_b = _train(b, groups_of(b), steps, tokens)
+    inv = joint_groups(a)[0]["bundle"].invariants
+    point_a, point_b = (group_point(joint_groups(m)[0]) for m in (a, b))
+    return max(relative_error(out_b, out_a), relative_error(inv(point_b), inv(point_a)))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "invariant"])
+def test_quotient_adam_is_equivariant_under_the_joint_group(metric):
+    assert _orbit_gap(metric, lambda m: joint_groups(m, metric)) <= 1e-6
+
+
+def test_control_without_the_rotation_part_is_not_equivariant():
+    gap = _orbit_gap("invariant", lambda m: symmetries(m, residual=False, metric="invariant"))
+    assert gap > 1e-3
