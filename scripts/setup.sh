@@ -26,5 +26,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         pip install torch --index-url "${QUOTOPT_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
     fi
 fi
-pip install --quiet -e ".[${EXTRAS:-dev,interop,data,cli,hf,docs}]"
+pip install --quiet -e ".[${EXTRAS:-dev,interop,data,cli,hf,lora,docs}]"
 .venv/bin/python -c "import torch, quotopt, manifolds; print('setup: torch', torch.__version__, '| quotopt', quotopt.__version__)"
