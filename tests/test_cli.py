@@ -361,3 +361,22 @@ def test_spectrum_refuses_an_analysis_beyond_its_memory_limit(tmp_path, capsys):
     argv = ["spectrum", "--task", "modadd", "--steps", "1", "--quiet", "--max-memory", "0.001"]
     assert main([*argv, "--out", str(tmp_path / "tiny")]) == 1
     _one_line_error(capsys, "dense", "above --max-memory 0.001")
+
+
+def test_lost_rank_is_a_logged_metric(tmp_path, monkeypatch):
+    from quotopt import QuotientAdam, symmetries
+
+    class Reporting(QuotientAdam):  # stands for an optimiser whose heads 0 and 2 lost rank
+        def rank_deficient_heads(self):
+            return {"blocks.0.attn.qk": [0, 2]} if self.state else {}
+
+    def factory(model, lr, weight_decay, betas):
+        return Reporting(symmetries(model), lr=lr, betas=betas, weight_decay=weight_decay)
+
+    monkeypatch.setitem(training.OPTIMIZERS, "reporting", factory)
+    monkeypatch.setitem(training.HPARAMS, "reporting", training.HPARAMS["qadam"])
+    cfg = training.RunConfig("sort", optim="reporting", steps=2, size="tiny", eval_every=2)
+    training.train(cfg, tmp_path)
+    assert [r["rank_deficient_heads"] for r in training.read_records(tmp_path)] == [0, 2]
+    training.train(dataclasses_replace(cfg, optim="adamw"), tmp_path / "adamw")
+    assert "rank_deficient_heads" not in training.read_records(tmp_path / "adamw")[-1]

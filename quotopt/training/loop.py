@@ -2,12 +2,13 @@
 (library code: no printing).
 
 ``train(RunConfig(...), out_dir)`` evaluates every ``eval_every`` steps (one JSON record per
-evaluation appended to ``metrics.jsonl``) and then writes ``checkpoint.pt`` atomically (see
-``runs``). ``resume=True`` continues bit for bit (evaluation draws no random numbers) and is
-refused when the checkpoint was written with another torch thread count. SIGINT is deferred to
-the next step boundary; a ``KeyboardInterrupt`` there, or raised inside a step before the
-optimiser writes, saves the last completed step and surfaces as ``Interrupted`` (a
-``KeyboardInterrupt``).
+evaluation appended to ``metrics.jsonl``; under a quotient optimiser it includes
+``rank_deficient_heads``, the number of heads whose factor Grams were singular at the last step)
+and then writes ``checkpoint.pt`` atomically (see ``runs``). ``resume=True`` continues bit for
+bit (evaluation draws no random numbers) and is refused when the checkpoint was written with
+another torch thread count. SIGINT is deferred to the next step boundary; a
+``KeyboardInterrupt`` there, or raised inside a step before the optimiser writes, saves the
+last completed step and surfaces as ``Interrupted`` (a ``KeyboardInterrupt``).
 
 A run *diverges* when its parameters become non-finite or the optimiser refuses a non-finite
 step (``NonFiniteStepError``). It then stops at once: the last record is logged (every metric
@@ -134,6 +135,9 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
 
     def log_eval():
         record = dict(step=step, **evaluate(task, model, probes, cfg.eval_examples))
+        if hasattr(optimizer, "rank_deficient_heads"):  # quotient optimisers report lost rank
+            lost = optimizer.rank_deficient_heads().values()
+            record["rank_deficient_heads"] = sum(len(heads) for heads in lost)
         record.update(wall_time=time.perf_counter() - origin, train_time=clock["train"])
         records.append(record)
         if out is not None:
