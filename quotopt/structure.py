@@ -73,7 +73,14 @@ def _units_option(path, metric, up, down, up_rows, structure) -> Option:
 
 
 def _activation(module) -> str:
-    for name in ("act", "act_fn", "activation_fn", "activation", "intermediate_act_fn"):
+    for name in (
+        "act",
+        "act_fn",
+        "activation_fn",
+        "activation",
+        "intermediate_act_fn",
+        "gelu_impl",
+    ):
         for owner in (module, getattr(module, "intermediate", None)):
             act = getattr(owner, name, None) if owner is not None else None
             if act is not None:

@@ -10,6 +10,7 @@ symmetry checks see round-off, not float32 quantisation.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -550,3 +551,27 @@ def test_rope_families_reject_full_gl(transformers):
     _, phi = quotopt.symmetries(_family(transformers, "phi"), report=True)
     notes = [f.note for f in phi.findings if f.part == "qk"]
     assert notes and all("partial rotary" in n and "GL(r) per head: change" in n for n in notes)
+
+
+def combinations_table(transformers) -> str:
+    """The table of ``docs/guides/combinations.md``, from detection on the tiny configs."""
+    rows = ["| family | groups found (bundle × count) | not reduced, and why |", "|---|---|---|"]
+    for name in sorted(FAMILIES):
+        model = _family(transformers, name, torch.float32)
+        groups, report = quotopt.symmetries(model, report=True)
+        found = ", ".join(f"`{k}` × {v}" for k, v in sorted(_bundle_counts(groups).items()))
+        why = []
+        for finding in report.findings:
+            note = finding.note.split(" (tried")[0]
+            if finding.source == "frozen":
+                note = "key bias: frozen (softmax shift)"
+            if note and not finding.bundle and note not in why:
+                why.append(note)
+        rows.append(f"| {name} | {found} | {'; '.join(why) or '-'} |")
+    return "\n".join(rows)
+
+
+def test_combinations_page_matches_detection(transformers):
+    page = (Path(__file__).resolve().parents[1] / "docs/guides/combinations.md").read_text()
+    table = combinations_table(transformers)
+    assert table in page, "regenerate the table: python -c 'import tests.test_hf as t; ...'\n" + table
