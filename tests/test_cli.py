@@ -380,3 +380,20 @@ def test_lost_rank_is_a_logged_metric(tmp_path, monkeypatch):
     assert [r["rank_deficient_heads"] for r in training.read_records(tmp_path)] == [0, 2]
     training.train(dataclasses_replace(cfg, optim="adamw"), tmp_path / "adamw")
     assert "rank_deficient_heads" not in training.read_records(tmp_path / "adamw")[-1]
+
+
+def test_a_bug_is_one_line_and_warnings_are_one_line_each(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    def broken(*args, **kwargs):
+        warnings.warn("heads [1] lost\nrank", UserWarning, stacklevel=1)
+        raise KeyError("optimizer")  # stands for a bug anywhere below the command
+
+    monkeypatch.setattr(training, "train", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # pytest turns warnings into errors; show this one
+        assert _train(tmp_path, 2) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "quotopt: warning: UserWarning: heads [1] lost rank"
+    assert lines[1].startswith("quotopt: internal error: KeyError: 'optimizer'")
+    assert len(lines) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from .. import __version__
 from . import bench, compare, spectrum, study, train
@@ -40,16 +41,18 @@ def build_parser() -> Parser:
 
 def main(argv=None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status:
-    0, 1 for bad input or failed work (one line on stderr; set ``QUOTOPT_DEBUG=1`` for the
-    traceback), 2 for usage errors, 130 when interrupted (after saving a resumable
-    checkpoint)."""
+    0, 1 for bad input, failed work or a bug (one line on stderr; set ``QUOTOPT_DEBUG=1`` for
+    the traceback), 2 for usage errors, 130 when interrupted (after saving a resumable
+    checkpoint). Warnings are one line each on stderr."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, --version or a usage error (already reported)
         return stop.code if isinstance(stop.code, int) else 2
     module = COMMANDS[args.command][0]
     try:
-        return module.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return module.run(args)
     except KeyboardInterrupt as stop:
         where = getattr(stop, "checkpoint", None)
         note = f"; resumable checkpoint {where} (add --resume)" if where else ""
@@ -61,6 +64,21 @@ def main(argv=None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         sys.stderr.write(f"quotopt: error: {message}\n")
         return 1
+    except Exception as err:  # a bug: still one line, the traceback on request
+        if os.environ.get("QUOTOPT_DEBUG"):
+            raise
+        message = " ".join(str(err).split())
+        sys.stderr.write(
+            f"quotopt: internal error: {type(err).__name__}: {message} (set QUOTOPT_DEBUG=1 "
+            "for the traceback and report it)\n"
+        )
+        return 1
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings during a command as ``quotopt: warning: ...`` lines on stderr."""
+    text = " ".join(str(message).split())
+    (file or sys.stderr).write(f"quotopt: warning: {category.__name__}: {text}\n")
 
 
 if __name__ == "__main__":
