@@ -171,6 +171,8 @@ def report(runs: list[dict], args, wall: float) -> str:
         s = run["summary"]
         hit = "not reached" if s["steps_to_target"] is None else str(s["steps_to_target"])
         hit = hit if target is not None else "n/a"
+        if s.get("diverged"):
+            hit = f"diverged at {s['diverged']['step']}"
         lines.append(
             f"| {s['config']['optim']} | {s['config']['seed']} | {_num(s['final'])} | "
             f"{_num(s['best'])} | {hit} | {_num(s['final_val_loss'])} | "
