@@ -63,6 +63,36 @@ SIZES = {
     "quick": dict(vocab=256, d_model=128, n_layers=2, n_heads=4, context=64, batch=8),
     "tiny": dict(vocab=32, d_model=16, n_layers=1, n_heads=2, context=8, batch=2),
 }
+#: the GPT-2-small head shape (12 layers × 12 heads of 64, d = 768), timed step-only: its
+#: gradients come from one small batch, the comparison is of the optimisers' own work
+GPT2_SMALL = dict(vocab=256, d_model=768, n_layers=12, n_heads=12, context=64, batch=1)
+
+
+def geometry_flops(cfg: dict, metric: str = "euclidean") -> float:
+    """The FLOP floor of one quotient step's geometry (DESIGN.md section 7), per step: per head
+    pair the two float64 Grams (4·d·r²), two projections — the direction's and the transported
+    moment's — of 8·d·r² each (AᵀZ₁, Z₂ᵀB and the fused update), the invariant metric's step
+    bound (8·d·r² more) and two r×r eigendecompositions (≈ 9r³ each); two pairs (QK, OV) per
+    layer."""
+    d, h = cfg["d_model"], cfg["n_heads"]
+    r = d // h
+    per_pair = 20 * d * r * r + 18 * r**3 + (8 * d * r * r if metric == "invariant" else 0)
+    return 2 * cfg["n_layers"] * h * per_pair
+
+
+def train_flops(cfg: dict) -> float:
+    """Forward + backward of the model on one batch: 6 FLOPs per parameter and token for the
+    matrices, plus the attention scores and values (12·T·d per token and layer)."""
+    d, layers, vocab = cfg["d_model"], cfg["n_layers"], cfg["vocab"]
+    tokens, context = cfg["batch"] * cfg["context"], cfg["context"]
+    matrices = layers * 12 * d * d + vocab * d
+    return 6 * tokens * matrices + layers * 12 * tokens * context * d
+
+
+def floor_ratio(cfg: dict, metric: str = "euclidean") -> float:
+    """The train-step ratio an ideal quotient step would reach: 1 + geometry / fwd+bwd."""
+    return 1 + geometry_flops(cfg, metric) / train_flops(cfg)
+
 
 OptimiserFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -226,12 +256,56 @@ TABLE_HEADERS = [
 ]
 
 
+TABLE_HEADERS = TABLE_HEADERS + ["floor x AdamW"]
+
+
+def _model_factory(cfg: dict) -> Callable[[], nn.Module]:
+    def make_model() -> nn.Module:
+        torch.manual_seed(0)
+        return Transformer(
+            cfg["vocab"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"], cfg["context"]
+        )
+
+    return make_model
+
+
+def _with_floor(rows, cfg: dict):
+    """Append each row's floor: its metric's geometry FLOPs over the train step's."""
+    out = []
+    for row in rows:
+        metric = "invariant" if "invariant" in row[0] else "euclidean"
+        quotient = row[0].startswith("q")
+        out.append(row + [floor_ratio(cfg, metric) if quotient else 1.0])
+    return out
+
+
+def step_only(cfg: dict, optimisers: dict[str, OptimiserFactory], repeats: int, device):
+    """Time ``step()`` alone, per optimiser on its own copy of one model with fixed gradients."""
+    make_model = _model_factory(cfg)
+    ((x, y),) = random_batches(cfg["vocab"], cfg["batch"], cfg["context"], 1, device)
+    base = make_model().to(device)
+    lm_loss(base(x), y).backward()
+    candidates = {}
+    for name, factory in optimisers.items():
+        model = copy.deepcopy(base)
+        for p, q in zip(model.parameters(), base.parameters()):
+            p.grad = q.grad.clone()
+        candidates[name] = factory(model).step
+    return alternate(candidates, repeats, warmup=2, device=device)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, repeats=20)
     parser.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")
     parser.add_argument("--profile", action="store_true", help="top operators of qadam's step")
+    parser.add_argument(
+        "--only-default",
+        action="store_true",
+        help="skip the 8x-tokens and GPT-2-small runs (implied by --tiny)",
+    )
     args = parser.parse_args(argv)
+    args.only_default = args.only_default or args.tiny
     setup_threads(args.threads)
     size = "tiny" if args.tiny else "quick" if args.quick else "default"
     cfg = dict(SIZES[size])
@@ -245,23 +319,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         argv,
         args.device,
     )
-
-    def make_model() -> nn.Module:
-        torch.manual_seed(0)
-        return Transformer(
-            cfg["vocab"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"], cfg["context"]
+    optimisers = default_optimisers()
+    plans = [("default size", cfg)]
+    if not args.only_default:
+        plans.append(("8x the tokens per step", dict(cfg, batch=8 * cfg["batch"])))
+    results = {}  # the default size's rows (the others are printed)
+    for title, plan_cfg in plans:
+        make_model = _model_factory(plan_cfg)
+        batches = random_batches(
+            plan_cfg["vocab"], plan_cfg["batch"], plan_cfg["context"], 4, args.device
         )
-
-    batches = random_batches(cfg["vocab"], cfg["batch"], cfg["context"], 4, args.device)
-    times = compare_optimisers(
-        make_model, default_optimisers(), batches, repeats, device=args.device
-    )
-    rows, results = summarise(times)
-    print(f"# {repeats} rounds after 2 warm-up rounds; ratios = medians of per-round ratios")
-    print(format_table(TABLE_HEADERS, rows))
+        times = compare_optimisers(make_model, optimisers, batches, repeats, device=args.device)
+        rows, result = summarise(times)
+        print(f"\n## {title}: batch {plan_cfg['batch']} x context {plan_cfg['context']}")
+        print(f"# {repeats} rounds after 2 warm-up rounds; ratios = medians of per-round ratios;")
+        print("# floor = 1 + FLOPs of the ideal quotient geometry / FLOPs of fwd+bwd")
+        print(format_table(TABLE_HEADERS, _with_floor(rows, plan_cfg)))
+        results = results or result
+    if not args.only_default:
+        shape = dict(GPT2_SMALL) if size == "default" else dict(cfg, n_layers=2)
+        names = ("adamw", "qadam", "qadam invariant", "qsgd")
+        quotient = {k: v for k, v in optimisers.items() if k in names}
+        times = step_only(shape, quotient, max(3, repeats // 4), args.device)
+        ref = times["adamw"]["total"]
+        rows = [
+            [name, 1e3 * median(t["total"]), paired_ratio(t["total"], ref)]
+            for name, t in times.items()
+        ]
+        print(
+            "\n## step only at "
+            + ", ".join(f"{k}={v}" for k, v in shape.items() if k != "batch")
+            + "  (fixed gradients)"
+        )
+        print(format_table(["optimiser", "step ms", "step x AdamW"], rows))
     if args.profile:
+        batches = random_batches(cfg["vocab"], cfg["batch"], cfg["context"], 4, args.device)
         for name in ("qadam", "qadam invariant"):
-            profile_step(make_model, default_optimisers()[name], batches, name)
+            profile_step(_model_factory(cfg), optimisers[name], batches, name)
     return results
 
 

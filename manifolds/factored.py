@@ -47,30 +47,77 @@ METRICS = ("euclidean", "invariant")
 class FactorFrame(NamedTuple):
     """The factorisation of a factored point that every operation at that point reuses.
 
-    ``p``, ``q``: the Grams AᵀA, BᵀB (H, r, r) in the working precision; ``lam, u`` and
-    ``mu, v``: their eigendecompositions (ascending); ``damp_p``, ``damp_q``: the damping added
-    to each (H, 1) (zero without damping).
+    ``p``, ``q``: the Grams AᵀA, BᵀB (H, r, r), float64; ``inv_p``, ``inv_q``: the inverses of
+    the metric's Grams (P + δ_P)⁺, (Q + δ_Q)⁺. A *spectral* frame also holds the
+    eigendecompositions ``lam, u`` and ``mu, v`` (ascending) and the dampings (H, 1) — what the
+    Euclidean and the damped metrics' projections need; the undamped invariant metric's closed
+    form needs only Cholesky factors (``lam`` … ``v`` are None, ``deficient`` flags heads whose
+    Cholesky factorisation failed or whose Gram is singular to working precision).
     """
 
     p: torch.Tensor
     q: torch.Tensor
-    lam: torch.Tensor
-    u: torch.Tensor
-    mu: torch.Tensor
-    v: torch.Tensor
+    inv_p: torch.Tensor
+    inv_q: torch.Tensor
     damp_p: torch.Tensor
     damp_q: torch.Tensor
+    deficient: torch.Tensor
+    lam: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    mu: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
-def frame_from_grams(p: torch.Tensor, q: torch.Tensor, damping: float) -> FactorFrame:
+def _low(values: torch.Tensor, top: torch.Tensor, r: int) -> torch.Tensor:
+    """values ≤ 8·r·eps·top: an eigenvalue (or squared pivot) at round-off level."""
+    return values <= 8 * r * torch.finfo(values.dtype).eps * top.abs()
+
+
+def _cholesky_inverse(gram_: torch.Tensor):
+    """((G + δ)⁻¹, δ (H, 1), singular (H,)) by Cholesky, without host synchronisation.
+
+    δ = 0 except on heads whose factorisation fails or whose pivots are at round-off level:
+    there the undamped metric is undefined, and the head is given the damping δ = tr(G)/r
+    (flagged, so the optimiser reports it)."""
+    chol, info = torch.linalg.cholesky_ex(gram_)
+    pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
+    r = gram_.shape[-1]
+    singular = (info > 0) | _low(pivots.amin(-1), pivots.amax(-1), r)
+    singular |= ~pivots.isfinite().all(-1)
+    eye = torch.eye(r, dtype=gram_.dtype, device=gram_.device)
+    mean = torch.diagonal(gram_, dim1=-2, dim2=-1).sum(-1, keepdim=True) / r
+    damp = torch.where(singular.unsqueeze(-1), mean.clamp_min(torch.finfo(gram_.dtype).tiny), 0.0)
+    chol, _ = torch.linalg.cholesky_ex(gram_ + damp.unsqueeze(-1) * eye)
+    return torch.cholesky_solve(eye.expand_as(gram_), chol), damp, singular
+
+
+def frame_from_grams(p: torch.Tensor, q: torch.Tensor, damping: float, spectral: bool = True):
     """The frame of a factored point from its Grams P = AᵀA, Q = BᵀB (distributed callers sum
-    them over row shards first): their eigendecompositions and the relative damping."""
+    them over row shards first): eigendecompositions and pseudo-inverses (``spectral``), or
+    Cholesky inverses (the undamped invariant metric)."""
+    r = p.shape[-1]
+    if not spectral:
+        inv_p, damp_p, low_p = _cholesky_inverse(p)
+        inv_q, damp_q, low_q = _cholesky_inverse(q)
+        return FactorFrame(p, q, inv_p, inv_q, damp_p, damp_q, low_p | low_q)
     lam, u = torch.linalg.eigh(p)
     mu, v = torch.linalg.eigh(q)
-    r = p.shape[-1]
     damp_p = damping * lam.sum(-1, keepdim=True) / r
     damp_q = damping * mu.sum(-1, keepdim=True) / r
-    return FactorFrame(p, q, lam, u, mu, v, damp_p, damp_q)
+    deficient = _low(lam[..., 0], lam[..., -1], r) | _low(mu[..., 0], mu[..., -1], r)
+    return FactorFrame(
+        p,
+        q,
+        pinv_spectrum(lam + damp_p, u),
+        pinv_spectrum(mu + damp_q, v),
+        damp_p,
+        damp_q,
+        deficient,
+        lam,
+        u,
+        mu,
+        v,
+    )
 
 
 class FactoredBundle(Bundle):
@@ -191,15 +238,13 @@ class FactoredBundle(Bundle):
             self.check_full_rank(point, "the invariant metric")  # undefined at a rank drop
         a, b = (t.to(torch.float64) for t in self.factors(point))
         p, q = self.row_sums(gram(a), gram(b))
-        return frame_from_grams(p, q, self.damping)
+        closed_form = self.metric == "invariant" and not self.damping
+        return frame_from_grams(p, q, self.damping, spectral=not closed_form)
 
     def deficient_heads(self, frame: FactorFrame) -> torch.Tensor:
-        """(H,) bool: a factor Gram with smallest eigenvalue at round-off level of its largest
-        (8·r·eps of the working precision)."""
-        tol = 8 * self.d_head * torch.finfo(frame.lam.dtype).eps
-        low_p = frame.lam[..., 0] <= tol * frame.lam[..., -1].abs()
-        low_q = frame.mu[..., 0] <= tol * frame.mu[..., -1].abs()
-        return low_p | low_q
+        """(H,) bool: a factor Gram with smallest eigenvalue (or Cholesky pivot) at round-off
+        level of its largest (8·r·eps of float64)."""
+        return frame.deficient
 
     def _frame(self, point: Point, frame) -> FactorFrame:
         return self.factorise(point) if frame is None else frame
@@ -229,10 +274,8 @@ class FactoredBundle(Bundle):
             return tuple(egrad)
         point = self.check_point(point)
         g1, g2 = self.factors(self.check_tangent(point, egrad, "gradient"))
-        f = self._frame(point, frame)
-        inv_q = pinv_spectrum(f.mu + f.damp_q, f.v)  # (Q + δ)⁺
-        inv_p = pinv_spectrum(f.lam + f.damp_p, f.u)
-        return self.from_factors(g1 @ inv_q.to(g1.dtype), g2 @ inv_p.to(g2.dtype))
+        f = self._frame(point, frame)  # (Q + δ)⁺, (P + δ)⁺
+        return self.from_factors(g1 @ f.inv_q.to(g1.dtype), g2 @ f.inv_p.to(g2.dtype))
 
     def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
         """Per-row mean squared magnitude of each factor under the metric, (H, rows, 1) per

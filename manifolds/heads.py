@@ -55,8 +55,11 @@ def gl_vertical_generator(
     metric: str, frame: FactorFrame, az1: torch.Tensor, z2b: torch.Tensor
 ) -> torch.Tensor:
     """ξ ∈ gl(r) of the vertical part of Z from AᵀZ₁ and Z₂ᵀB (module docstring)."""
-    lam, mu = frame.lam.unsqueeze(-1), frame.mu.unsqueeze(-2)
     az1, z2b = az1.to(frame.p.dtype), z2b.to(frame.p.dtype)
+    if frame.u is None:  # undamped invariant metric: ξ = ½[P⁻¹AᵀZ₁ − Z₂ᵀBQ⁻¹] (closed form;
+        # on heads the frame had to damp, the same formula with the damped inverses)
+        return 0.5 * (frame.inv_p @ az1 - z2b @ frame.inv_q)
+    lam, mu = frame.lam.unsqueeze(-1), frame.mu.unsqueeze(-2)
     if metric == "euclidean":
         rhs, denominator = az1 - z2b, lam + mu
     else:
