@@ -360,3 +360,44 @@ def test_report_table_and_warning_when_nothing_is_found():
     with pytest.warns(UserWarning, match="Declare the bundles"):
         groups = quotopt.symmetries(gelu)
     assert [g["name"] for g in groups] == ["plain"]
+
+
+class _NanoBlock(nn.Module):
+    """nanoGPT's CausalSelfAttention with biases: fused ``c_attn`` (nn.Linear), ``c_proj``."""
+
+    def __init__(self, d=16, n_head=4):
+        super().__init__()
+        self.n_head, self.n_embd = n_head, d
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.c_proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+def test_nanogpt_attention_with_biases_is_found_and_trains_with_redressing():
+    """Detected by structure once example inputs are given (the key bias is not a coordinate),
+    and QuotientAdam with the invariant metric re-dresses every 5 steps without a LinAlgError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_NanoBlock(), _NanoBlock())
+    x = torch.randn(8, 6, 16)
+    assert all(g.get("bundle") is None for g in _quiet(quotopt.symmetries, model))  # unverified
+    groups = quotopt.symmetries(model, metric="invariant", example_inputs=((x,), {}))
+    assert [g["name"] for g in groups] == ["0.heads", "1.heads", "plain"]
+    key = [block.c_attn.bias[16:32].detach().clone() for block in model]
+    optimiser = quotopt.QuotientAdam(groups, lr=1e-3, dress_every=5)
+    y = torch.randn(8, 6, 16)
+    for _ in range(20):
+        loss = nn.functional.mse_loss(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert all(torch.equal(b.c_attn.bias[16:32], k) for b, k in zip(model, key))
+
+
+def _quiet(fn, *args, **kwargs):
+    with pytest.warns(UserWarning, match="found no symmetry"):
+        return fn(*args, **kwargs)
