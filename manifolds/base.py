@@ -22,6 +22,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .linalg import work_dtype
+from .sampling import randn, random_orthogonal
+
 Point = tuple[torch.Tensor, ...]
 Tangent = tuple[torch.Tensor, ...]
 
@@ -41,21 +44,6 @@ __all__ = [
 AMBIGUITY_TOLERANCE = 1e-6
 
 _CHECKS = contextvars.ContextVar("manifolds_rank_checks", default=True)
-
-
-def randn(shape, generator=None, dtype=None, device=None) -> torch.Tensor:
-    """Standard normal samples drawn in float64 on the generator's device, then cast and moved:
-    the same generator gives the same numbers on every device and dtype."""
-    gen_device = generator.device if generator is not None else "cpu"
-    sample = torch.randn(tuple(shape), generator=generator, dtype=torch.float64, device=gen_device)
-    return sample.to(dtype=dtype or torch.get_default_dtype(), device=device or "cpu")
-
-
-def random_orthogonal(batch: tuple[int, ...], n: int, generator=None, dtype=None, device=None):
-    """Haar-distributed orthogonal n x n matrices (QR of a Gaussian with the sign fix)."""
-    q, r = torch.linalg.qr(randn((*batch, n, n), generator, torch.float64))
-    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    return q.to(dtype=dtype or torch.get_default_dtype(), device=device or "cpu")
 
 
 def checks_enabled() -> bool:
@@ -161,7 +149,7 @@ class Bundle(abc.ABC):
 
     def inverse_transpose(self, g):
         """g⁻ᵀ (batched); orthogonal groups override with the identity map."""
-        work = torch.float64 if g.dtype == torch.float64 else torch.float32  # no bf16 inverse
+        work = work_dtype(g.dtype)
         return torch.linalg.inv(g.to(work)).mT.to(g.dtype)
 
     @abc.abstractmethod

@@ -35,7 +35,7 @@ import torch
 
 from .base import Point, Tangent, random_orthogonal
 from .factored import METRICS, FactoredBundle, FactorFrame, frame_from_grams
-from .linalg import divide_spectral, gram, relative_gaps
+from .linalg import divide_spectral, gram, relative_gaps, work_dtype
 
 __all__ = [
     "HeadQK",
@@ -124,7 +124,7 @@ class GeneralLinearPair(FactoredBundle):
         self.check_group_element(point, g)
         a, b = self.factors(point)
         # B g⁻ᵀ = (g⁻¹ Bᵀ)ᵀ: a solve, not an explicit inverse
-        work = torch.float64 if g.dtype == torch.float64 else torch.float32  # no bf16 LU
+        work = work_dtype(g.dtype)
         b_new = torch.linalg.solve(g.to(work), b.mT.to(work)).mT.to(b.dtype)
         return self.from_factors(a @ g, b_new)
 

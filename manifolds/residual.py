@@ -191,7 +191,7 @@ class ResidualRotation(Bundle):
         return tuple((t * t).mean(dim=a, keepdim=True) for t, a in zip(v, self.axes))
 
     def _eigenframe(self, point: Point) -> tuple[torch.Tensor, torch.Tensor]:
-        work = torch.float64 if point[0].dtype == torch.float64 else torch.float32
+        work = work_dtype(point[0].dtype)
         work_point = tuple(t.to(work) for t in point)
         evals, evecs = torch.linalg.eigh(sym(self._cross(work_point, work_point)))
         evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from manifolds.linalg import work_dtype
+
 from ._edited_adamw import EditedAdamW
 from ._heads import factored_attention
 
@@ -37,7 +39,7 @@ def _write_identity(w: torch.Tensor) -> None:
 
 
 def _work_dtype(w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if w.dtype == torch.float64 else torch.float32  # no half-precision LU
+    return work_dtype(w.dtype)  # no half-precision LU
 
 
 def _check_top_blocks(label: str, w: torch.Tensor, max_condition: float) -> None:
