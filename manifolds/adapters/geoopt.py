@@ -40,25 +40,21 @@ with the action, so RiemannianAdam on this manifold with an invariant metric is
 gauge-equivariant. For ``v ≠ u`` the bilinear form is recovered by polarisation,
 ¼[m(u+v) − m(u−v)] with m = ``slice_mean_square``.
 
-Where geoopt 0.5.1's algorithms lose gauge equivariance. Measured: run 50 steps from p and from
-p·g (g of condition 10) on ½‖A Bᵀ − M*‖² with HeadQK(2, 6, 2), invariant metric, float64,
-lr 0.05, and compare the invariants A Bᵀ of the two runs (relative error; the tests in
-``tests/test_adapters.py`` assert these regimes):
+Where geoopt 0.5.1's algorithms lose gauge equivariance (runs from p and p·g compared on their
+invariants; ``tests/test_adapters.py`` asserts each regime, ``docs/guides/adapters.md`` gives
+the measured gaps):
 
-* ``RiemannianSGD`` without momentum: 2.5e-15 (equivariant to round-off).
-* ``RiemannianSGD`` with momentum 0.9: 0.54 (final loss 0.71 from p, 9.6 from p·g); with
-  ``nesterov=True``: 0.084. geoopt seeds the buffer with the *raw Euclidean* gradient
-  (``state["momentum_buffer"] = grad.clone()`` before ``egrad2rgrad``) and then adds the
-  Riemannian one, so the first step is lr·(m·∇f + grad f): under the invariant metric ∇f
+* ``RiemannianSGD`` without momentum is equivariant to round-off.
+* ``RiemannianSGD`` with momentum is not: geoopt seeds the buffer with the *raw Euclidean*
+  gradient (``state["momentum_buffer"] = grad.clone()`` before ``egrad2rgrad``) and then adds
+  the Riemannian one, so the first step is lr·(m·∇f + grad f): under the invariant metric ∇f
   transforms with g⁻ᵀ while grad f is pushed forward by g, and the sum is not equivariant.
-  (Under the Euclidean metric ∇f = grad f for invariant losses and the first step is merely
-  (1+m)·lr·grad f.) Seeding the buffer with zeros before the first step (the torch way,
-  ``opt.state[param]["momentum_buffer"] = torch.zeros_like(param)``) gives 4.1e-14.
+  Seeding the buffer with zeros before the first step (the torch way,
+  ``opt.state[param]["momentum_buffer"] = torch.zeros_like(param)``) restores it.
 * ``weight_decay`` (both optimisers) adds wd·p to the Euclidean gradient: p transforms with g,
-  ∇f with g⁻ᵀ, so decay on the representative breaks GL(r) equivariance (O(d) is unaffected):
-  wd 0.1 gives 9.0 with SGD (the run from p·g diverges) and 0.56 with Adam.
-* ``RiemannianAdam`` with this ``component_inner``: 1.3e-14. With geoopt's ``Euclidean``
-  manifold instead (plain Adam: per-coordinate moments, Euclidean gradient): 0.53.
+  ∇f with g⁻ᵀ, so decay on the representative breaks GL(r) equivariance (O(d) is unaffected).
+* ``RiemannianAdam`` with this ``component_inner`` is equivariant; with geoopt's ``Euclidean``
+  manifold instead (plain Adam: per-coordinate moments, Euclidean gradient) it is not.
 * Under the Euclidean metric on GL(r) heads nothing is equivariant: the metric does not descend
   to the quotient (gradient steps from p·g with a badly conditioned g may even diverge).
 """
