@@ -42,14 +42,11 @@ from torch import nn
 import manifolds as M
 
 from .detect import Option, Slot, head_options
-from .layouts import Conv1DHeads, GroupedQueryKey, GroupedValueOutput, ProjectionHeads, Rows
+from .layouts import ProjectionHeads, Rows
 from .layouts import feature_blocks as blocks
 from .structure import conv1d, mlp_slots, out_features, projection
 
 __all__ = [
-    "Conv1DHeads",
-    "GroupedQueryKey",
-    "GroupedValueOutput",
     "example_inputs",
     "hf_slots",
 ]

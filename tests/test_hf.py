@@ -22,6 +22,7 @@ import quotopt.models
 from manifolds.rotary import RotaryQK
 from manifolds.testing import assert_bundle, relative_error
 from quotopt import hf as qhf
+from quotopt.layouts import ProjectionHeads, Rows, feature_blocks
 from quotopt.symmetries import group_point
 
 F64 = torch.float64
@@ -310,7 +311,10 @@ def test_gpt2_key_bias(transformers):
         h = model.config.n_head
         qk, ov = group["bundle"].components
         qk_folded = M.HeadQK(h, e + 1, e // h)  # factor rows (e + 1, e + 1)
-        layout = qhf.Conv1DHeads(e, h, key_bias=True)
+        blocks = [feature_blocks(i * e, h, 1, e // h) for i in range(3)]  # q, k, v features
+        specs = [Rows(0, b, bias=1, transposed=True) for b in blocks]  # Conv1D: (in, out)
+        specs.append(Rows(2, feature_blocks(0, h, 1, e // h), writes=True))
+        layout = ProjectionHeads(specs, "key bias folded into W_k")
         folded.append(dict(group, bundle=M.ProductBundle([qk_folded, ov]), layout=layout))
     changes = quotopt.verify(model, folded, ids, generator=_gen(4), **OUTPUTS)
     assert max(changes.values()) <= 1e-12

@@ -2,21 +2,18 @@
 
 ``Layout`` (``base``) is the contract: ``layout(tensors) -> point`` and one write-back,
 ``layout.write_back(params, point)``. ``ProjectionHeads`` (``projections``) covers the attention
-heads and MLP units of every family by index; ``units`` and ``hf`` hold the older special cases.
+heads and MLP units of every family by index; ``units`` holds two-layer MLP special
+cases, ``lora`` adapter pairs, ``compose`` the products of layouts on shared tensors.
 """
 
 from .base import Layout, copy_into
 from .compose import ComposedLayout
-from .hf import Conv1DHeads, GroupedQueryKey, GroupedValueOutput, linear_rows_as_heads
 from .lora import LoRAPairs
 from .projections import MultiheadAttentionHeads, ProjectionHeads, Rows, feature_blocks
 from .units import UnitsOfLinear, UnitsOfMatmul
 
 __all__ = [
     "ComposedLayout",
-    "Conv1DHeads",
-    "GroupedQueryKey",
-    "GroupedValueOutput",
     "Layout",
     "LoRAPairs",
     "MultiheadAttentionHeads",
@@ -26,5 +23,4 @@ __all__ = [
     "UnitsOfMatmul",
     "copy_into",
     "feature_blocks",
-    "linear_rows_as_heads",
 ]
