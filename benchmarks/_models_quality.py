@@ -132,7 +132,7 @@ def sweep_grid(tiny: bool, quick: bool) -> list[dict]:
     if quick:
         base = [dict(n_channels=k, d_gauge=4) for k in (32, 64)]
         extra = [dict(positional="gauge"), dict(d_gauge=2), dict(dressed=True)]
-        return base + [dict(n_channels=64, d_gauge=4, **e) for e in extra]
+        return base + [{"n_channels": 64, "d_gauge": 4, **e} for e in extra]
     grid = []
     for k, D, rank, mult, pos in itertools.product(
         (32, 64, 128), (2, 4, 8), (1, 2), (2, 4), ("alibi", "gauge")

@@ -71,7 +71,6 @@ from ._relational_mlp import gram_gated_mlp
 
 POSITIONAL = ("alibi", "gauge")
 ALIBI = ("features", "bias")
-__all__ = ["RelationalConfig", "RelationalTransformer", "alibi_bias", "alibi_slopes"]
 
 
 @dataclass
