@@ -12,7 +12,8 @@ Forward, per token and layer, standard ``Transformer`` (width d, H heads of size
 
 relational ``RelationalTransformer`` (k channels, gauge D, H heads of channel rank r, m hidden
 channels; a head's feature size is F = D·r, plus the 2 ALiBi position features on the
-``alibi="features"`` route, which pads the values too):
+``alibi="features"`` route, which pads the values too; the further zero coordinates of the
+CUDA route are not counted):
 
     qkv 2·D·k·3Hr,  scores 2·H·F·(T+1)/2,  values 2·H·F·(T+1)/2,  out 2·D·Hr·k,
     mlp 2·D·k·2m + 2·D·m (gate Gram entries) + 2·D·m·k   (dressed: 2·D·k·m + 2·D·m·k).
