@@ -48,9 +48,9 @@ class Slot:
     """Where a symmetry may be: ``module`` (the smallest module holding every option's
     parameters, run to verify), its ``path``, ``kind`` (attention, mlp, experts, lora), ``part``
     (qk, ov, units, adapters), ``options``; ``probe(generator) -> (args, kwargs)`` calls the
-    module on its own (else a call recorded from the model is used); ``note`` explains a slot
-    without options or whose options all fail; ``compose`` names the group that accepted slots of
-    one module sharing tensors become."""
+    module on its own (else a call recorded from the model is used, else ``fallback``); ``note``
+    explains a slot without options or whose options all fail; ``compose`` names the group that
+    accepted slots of one module sharing tensors become."""
 
     module: nn.Module
     path: str
@@ -58,6 +58,7 @@ class Slot:
     part: str
     options: list[Option] = field(default_factory=list)
     probe: Callable | None = None
+    fallback: Callable | None = None
     note: str = ""
     family: str = ""
     compose: str = ""

@@ -88,6 +88,13 @@ def _activation(module) -> str:
     return "unknown"
 
 
+def _one_input(layer):
+    """Call a module on one random (2, 3, d_in) tensor (an expert no example token reached)."""
+    d_in = layer.weight.shape[0] if conv1d(layer) else layer.weight.shape[1]
+    dtype = layer.weight.dtype
+    return lambda gen: ((torch.randn(2, 3, d_in, generator=gen, dtype=dtype),), {})
+
+
 def mlp_slots(path: str, module: nn.Module, metric: str) -> list[Slot]:
     for gate_n, up_n, down_n in GATED:
         gate, up, down = (projection(module, (n,)) for n in (gate_n, up_n, down_n))
@@ -101,7 +108,10 @@ def mlp_slots(path: str, module: nn.Module, metric: str) -> list[Slot]:
                 torch.arange(m),
                 f"gated ({gate_n}, {up_n}, {down_n}): up × s, down / s",
             )
-            return [Slot(module, path, "mlp", "units", [option], family="gated MLP")]
+            fallback = _one_input(up[1])
+            return [
+                Slot(module, path, "mlp", "units", [option], family="gated MLP", fallback=fallback)
+            ]
     fused, down = projection(module, ("gate_up_proj",)), projection(module, ("down_proj",))
     if fused and down and "." not in fused[0]:
         m = out_features(fused[1]) // 2
@@ -116,7 +126,17 @@ def mlp_slots(path: str, module: nn.Module, metric: str) -> list[Slot]:
             )
             for off, half in ((m, "second"), (0, "first"))
         ]
-        return [Slot(module, path, "mlp", "units", options, family="gated MLP, fused gate/up")]
+        return [
+            Slot(
+                module,
+                path,
+                "mlp",
+                "units",
+                options,
+                family="gated MLP, fused gate/up",
+                fallback=_one_input(fused[1]),
+            )
+        ]
     for up_n, down_n in PAIRS:
         up, down = projection(module, (up_n,)), projection(module, (down_n,))
         if (

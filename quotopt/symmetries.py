@@ -131,15 +131,22 @@ def _record_calls(model, modules, inputs) -> dict[int, tuple]:
 
 def _check_slots(model, slots, report, example, tolerance, generator):
     needs = [s.module for s in slots if s.probe is None and s.options]
-    calls = _record_calls(model, needs, example) if needs and example is not None else {}
+    calls, failure = {}, ""
+    if needs and example is not None:
+        try:
+            calls = _record_calls(model, needs, example)
+        except Exception as error:  # noqa: BLE001 - reported: the user's inputs did not fit
+            failure = f"the example forward failed ({type(error).__name__}: {error})"
     accepted, frozen = [], []
     for slot in slots:
         call = slot.probe(generator) if slot.probe is not None else calls.get(id(slot.module))
+        if call is None and slot.fallback is not None:
+            call = slot.fallback(generator)
         if not slot.options:
             report.add(slot.path, slot.part, "detected", structure=slot.family, note=slot.note)
             continue
         if call is None:
-            why = (
+            why = failure or (
                 "not called by the example inputs"
                 if example is not None
                 else "not verified: pass example_inputs=(args, kwargs)"
@@ -150,7 +157,7 @@ def _check_slots(model, slots, report, example, tolerance, generator):
         for option in slot.options:
             try:
                 change, _ = check_in_module(slot.module, option.group, call, generator)
-            except (ValueError, RuntimeError) as error:
+            except (ValueError, RuntimeError, TypeError) as error:
                 tried.append(f"{option.structure}: {error}")
                 continue
             if change <= tolerance:

@@ -401,3 +401,43 @@ def test_nanogpt_attention_with_biases_is_found_and_trains_with_redressing():
 def _quiet(fn, *args, **kwargs):
     with pytest.warns(UserWarning, match="found no symmetry"):
         return fn(*args, **kwargs)
+
+
+class _Expert(nn.Module):
+    def __init__(self, d=8, m=16):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, m, bias=False), nn.Linear(d, m, bias=False)
+        self.down_proj = nn.Linear(m, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _MoE(nn.Module):
+    """Experts as a ModuleList; the example routes no token to the last expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts, self.router = nn.ModuleList(_Expert() for _ in range(3)), nn.Linear(8, 3)
+
+    def forward(self, x):
+        w = self.router(x).softmax(-1)
+        return sum(w[..., i : i + 1] * e(x) for i, e in enumerate(self.experts[:2]))
+
+
+def test_mixture_of_experts_units_including_an_expert_no_token_reached():
+    model = _MoE().double()
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    groups, report = quotopt.symmetries(model, example_inputs=((x,), {}), report=True)
+    assert [g["name"] for g in groups] == [f"experts.{i}.units" for i in range(3)] + ["plain"]
+    assert all(f.change <= 1e-12 for f in report.groups)
+    assert max(quotopt.verify(model, groups, x).values()) <= 1e-12
+
+
+def test_a_failing_example_forward_is_reported_not_raised():
+    model = nn.Sequential(_NanoBlock())
+    with pytest.warns(UserWarning, match="found no symmetry"):
+        _, report = quotopt.symmetries(
+            model, example_inputs=((torch.randn(2, 3, 5),), {}), report=True
+        )
+    assert "the example forward failed (RuntimeError" in str(report)
