@@ -7,6 +7,7 @@ where needed) and is usable on its own.
 from .base import AMBIGUITY_TOLERANCE, Bundle, Point, Tangent, checks_enabled, unchecked
 from .factored import FactoredBundle, FactorFrame
 from .heads import METRICS, GeneralLinearPair, HeadOV, HeadQK
+from .joint import JointBundle
 from .product import ProductBundle
 from .rescaling import PositiveRescaling
 from .residual import ResidualRotation
@@ -20,6 +21,7 @@ __all__ = [
     "GeneralLinearPair",
     "HeadOV",
     "HeadQK",
+    "JointBundle",
     "METRICS",
     "Point",
     "PositiveRescaling",

@@ -15,24 +15,8 @@ from __future__ import annotations
 from torch import nn
 
 import manifolds as M
-from manifolds.joint import JointBundle
 
-__all__ = ["joint_groups", "TRANSFORMER_AXES"]
-
-#: Model-space axis of each parameter of ``quotopt.models.Transformer``, by name suffix (the
-#: table of its module docstring).
-TRANSFORMER_AXES = {
-    "tok_emb": 1,
-    "pos_emb": 1,
-    "wq": 1,
-    "wk": 1,
-    "wv": 1,
-    "wo": 2,
-    "w_in": 0,
-    "w_out": 1,
-    "lm_head": 1,
-    "cls_head": 1,
-}
+__all__ = ["joint_groups"]
 
 
 def joint_groups(model: nn.Module, metric: str = "euclidean", solver: str = "auto") -> list[dict]:
@@ -43,6 +27,7 @@ def joint_groups(model: nn.Module, metric: str = "euclidean", solver: str = "aut
     ``ValueError`` for other models, naming the model and what is supported.
     """
     from .models import Transformer
+    from .models.transformer import MODEL_AXES
 
     if not isinstance(model, Transformer):
         raise ValueError(
@@ -51,7 +36,7 @@ def joint_groups(model: nn.Module, metric: str = "euclidean", solver: str = "aut
         )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     index = {n: i for i, (n, _) in enumerate(named)}
-    axes = [TRANSFORMER_AXES[n.rsplit(".", 1)[-1]] for n, _ in named]
+    axes = [MODEL_AXES[n.rsplit(".", 1)[-1]] for n, _ in named]
     residual = M.ResidualRotation(
         model.config.d_model, axes, shapes=[tuple(p.shape) for _, p in named]
     )
@@ -66,5 +51,5 @@ def joint_groups(model: nn.Module, metric: str = "euclidean", solver: str = "aut
             heads.append((M.HeadQK(h, d, r, metric), (index[at + "wq"], index[at + "wk"])))
         if getattr(module, "v_bias", None) is None and own["wv"].requires_grad:
             heads.append((M.HeadOV(h, d, r, metric), (index[at + "wv"], index[at + "wo"])))
-    bundle = JointBundle(residual, heads, solver=solver)
+    bundle = M.JointBundle(residual, heads, solver=solver)
     return [{"params": [p for _, p in named], "bundle": bundle, "name": "joint"}]

@@ -206,12 +206,10 @@ class Transformer(nn.Module):
         ``heads=False``; ``"auto"`` means no O(d) here (it is not disjoint from the heads).
         """
         if residual is True:
-            if heads:
-                raise ValueError(
-                    "O(d_model) and the heads' GL(r) act jointly on Transformer's attention "
-                    "weights; the joint reduction is not supported: pass heads=False or "
-                    "residual=False"
-                )
+            if heads:  # O(d) and the heads' GL(r) act jointly: one JointBundle group
+                from ..joint_groups import joint_groups
+
+                return joint_groups(self, metric)
             named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
             axes = [MODEL_AXES[n.rsplit(".", 1)[-1]] for n, _ in named]
             return [rotation("residual", named, self.config.d_model, axes)]
