@@ -114,3 +114,84 @@ def test_control_counts_away_from_a_critical_point_are_not_the_orbit():
     groups = joint_groups(model)
     counts = critical_point_counts(objective, start, model_orbit_basis(model, groups, start))
     assert counts["flat_total"] < 22
+
+
+# ---- the relational transformer ---------------------------------------------------------------
+# Channel axis of its channel-space weights: O(k) rotating the k channels of every token is an
+# exact symmetry too (every weight reads or writes channels linearly; the norm is over (k, D)),
+# acting jointly with the heads' GL(r) on W_q, W_k, W_v, W_o. The model does not declare it.
+CHANNEL_AXES = {
+    "tok_emb": 1,
+    "wq": 1,
+    "wk": 1,
+    "wv": 1,
+    "wo": 2,
+    "w_in": 0,
+    "w_gate": 0,
+    "w_out": 1,
+}
+
+
+def _relational_problem(seed=0):
+    import manifolds as M
+    from quotopt.models import RelationalTransformer
+
+    torch.manual_seed(seed)
+    model = RelationalTransformer(
+        5, n_channels=3, d_gauge=3, n_layers=1, n_heads=1, max_len=4, d_head=2,
+        d_mlp_channels=3, lean_mlp=False,
+    ).double()  # fmt: skip
+    declared = [g for g in symmetries(model) if "bundle" in g]  # gauge O(3) and the heads
+    named = [(n, p) for n, p in model.named_parameters() if n.split(".")[-1] in CHANNEL_AXES]
+    channel = M.ResidualRotation(
+        3, [CHANNEL_AXES[n.split(".")[-1]] for n, _ in named], shapes=[p.shape for _, p in named]
+    )
+    channel = {"params": [p for _, p in named], "bundle": channel, "name": "channel"}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+        for group in declared:
+            write_point(group, group["bundle"].dress(tuple(t.detach() for t in group_point(group))))
+        mlp = model.blocks[
+            0
+        ].mlp  # balance each hidden channel's rescaling (w_in·s, w_gate/s, w_out/s)
+        scale = (mlp.w_gate.square().sum(0) + mlp.w_out.square().sum(1)) / mlp.w_in.square().sum(0)
+        (
+            mlp.w_in.mul_(scale**0.25),
+            mlp.w_gate.div_(scale**0.25),
+            mlp.w_out.div_(scale[:, None] ** 0.25),
+        )
+    tokens = torch.randint(0, 5, (10, 4), generator=torch.Generator().manual_seed(1))
+    names = [n for n, _ in model.named_parameters()]
+    teacher = tuple(p.detach().clone() for p in model.parameters())
+
+    def outputs(*ps):
+        return functional_call(model, dict(zip(names, ps)), (tokens,))
+
+    target = teacher_targets(outputs, teacher, 1e-2)
+    objective = model_objective(
+        model, lambda forward: 0.5 * ((forward(tokens).reshape(-1) - target) ** 2).sum(), 1e-2
+    )
+    gen = torch.Generator().manual_seed(2)
+    start = tuple(p + 1e-5 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in teacher)
+    return model, objective, start, declared, channel
+
+
+def test_relational_counts_gauge_heads_and_the_channel_rotations():
+    """λ > 0 at a refined critical point: flat_total = so(3) gauge + 2·so(2) heads + so(3)
+    channel = 8, at every tolerance from 1e-7 to 1e-13. The declared reduction (gauge + heads)
+    leaves the k(k−1)/2 = 3 channel rotations flat; adding them leaves none."""
+    model, objective, start, declared, channel = _relational_problem()
+    full = declared + [channel]
+    refined = refine_critical_point(
+        objective, start, lambda ps: model_orbit_basis(model, full, ps, compact=True)
+    )
+    assert refined.grad_rel <= 1e-12
+    for groups, expected, left in ((declared, 5, 3), (full, 8, 0)):
+        basis = model_orbit_basis(model, groups, refined.params, compact=True)
+        counts = critical_point_counts(objective, refined.params, basis)
+        assert (counts["expected_flat"], counts["flat_total"], counts["flat_horizontal"]) == (
+            expected, 8, left,
+        )  # fmt: skip
+        for tol in ("1e-07", "1e-10", "1e-13"):
+            assert counts["flat_by_tolerance"][tol] == [8, left]
