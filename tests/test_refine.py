@@ -152,15 +152,13 @@ def _relational_problem(seed=0):
             p.normal_(0.0, 0.3)
         for group in declared:
             write_point(group, group["bundle"].dress(tuple(t.detach() for t in group_point(group))))
-        mlp = model.blocks[
-            0
-        ].mlp  # balance each hidden channel's rescaling (w_in·s, w_gate/s, w_out/s)
-        scale = (mlp.w_gate.square().sum(0) + mlp.w_out.square().sum(1)) / mlp.w_in.square().sum(0)
-        (
-            mlp.w_in.mul_(scale**0.25),
-            mlp.w_gate.div_(scale**0.25),
-            mlp.w_out.div_(scale[:, None] ** 0.25),
-        )
+        # balance each hidden channel's rescaling (w_in·s, w_gate/s, w_out/s) of the gated MLP
+        mlp = model.blocks[0].mlp
+        root = (mlp.w_gate.square().sum(0) + mlp.w_out.square().sum(1)) / mlp.w_in.square().sum(0)
+        root = root**0.25
+        mlp.w_in.mul_(root)
+        mlp.w_gate.div_(root)
+        mlp.w_out.div_(root[:, None])
     tokens = torch.randint(0, 5, (10, 4), generator=torch.Generator().manual_seed(1))
     names = [n for n, _ in model.named_parameters()]
     teacher = tuple(p.detach().clone() for p in model.parameters())
