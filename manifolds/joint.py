@@ -31,7 +31,8 @@ the point (with ``shapes``); ``heads`` lists ``(head_bundle, (i, j))``: a GL(r)-
 * invariants X Xᵀ and X M_h Xᵀ per head, X the stacked model-space rows of the other tensors
   (they identify the orbit where X has rank d).
 
-Heads are stacked over bundles of equal r, so every operation is batched over all heads at once.
+Heads are stacked over bundles of equal r, so every operation is batched over all heads at once
+(the kernels are in ``manifolds.joint_linalg``).
 """
 
 from __future__ import annotations
@@ -41,73 +42,14 @@ from collections.abc import Sequence
 import torch
 
 from .base import Bundle, Point, Tangent, randn, random_orthogonal
-from .linalg import gram, orthonormal_columns_sign_fixed, relative_gaps, skew, sym
+from .joint_linalg import HeadStack, JointFrame, solve_cg, solve_direct, spectral_solve
+from .linalg import orthonormal_columns_sign_fixed, relative_gaps, skew, sym
 
 __all__ = ["JointBundle", "DIRECT_MAX_D"]
 
 #: Largest d for which the Schur system on so(d) is formed and solved directly.
 DIRECT_MAX_D = 12
 SOLVERS = ("auto", "direct", "cg")
-
-
-def _spectral_solve(evals_l, u, evals_r, v, c, scale):
-    """U[(Uᵀ c V) ⊘ (λᵢ + μⱼ)]Vᵀ / scale, zero where λᵢ + μⱼ vanishes (minimum norm)."""
-    den = evals_l.unsqueeze(-1) + evals_r.unsqueeze(-2)
-    tiny = den.abs().amax(dim=(-2, -1), keepdim=True) * torch.finfo(den.dtype).eps * 64
-    safe = torch.where(den > tiny, den, torch.ones_like(den))
-    core = torch.where(den > tiny, (u.mT @ c @ v) / safe, torch.zeros_like(safe))
-    return u @ core @ v.mT / scale
-
-
-class _Heads:
-    """The stacked factors (N, d, r) of every head of one r, with the metric and L_h⁻¹."""
-
-    def __init__(self, a, b, metric):
-        self.a, self.b = a, b
-        if metric == "invariant":
-            self.wa, self.wb = gram(a), gram(b)
-        else:
-            self.wa = self.wb = None
-        self.spec_a = torch.linalg.eigh(gram(a))
-        self.spec_b = torch.linalg.eigh(gram(b))
-
-    def metric(self, z1, z2):
-        """G Z = (Z₁ W_B, Z₂ W_A)."""
-        return (z1, z2) if self.wa is None else (z1 @ self.wb, z2 @ self.wa)
-
-    def adjoint(self, z1, z2):
-        """V_h* Z = Aᵀ(Z₁W_B) − (Z₂W_A)ᵀB."""
-        g1, g2 = self.metric(z1, z2)
-        return self.a.mT @ g1 - g2.mT @ self.b
-
-    def solve(self, c):
-        """L_h⁻¹ c: Sylvester (Euclidean) or ½ (AᵀA)⁻¹ c (BᵀB)⁻¹ (invariant)."""
-        (la, ua), (lb, ub) = self.spec_a, self.spec_b
-        if self.wa is None:
-            return _spectral_solve(la, ua, lb, ub, c, 1.0)
-        return 0.5 * (ua / la.unsqueeze(-2)) @ ua.mT @ c @ (ub / lb.unsqueeze(-2)) @ ub.mT
-
-    def horizontal(self, z1, z2):
-        """(I − P_h) Z and ξ, for Z of shape (..., N, d, r)."""
-        xi = self.solve(self.adjoint(z1, z2))
-        return (z1 - self.a @ xi, z2 + self.b @ xi.mT), xi
-
-    def rotate(self, omega):
-        """V_O(Ω) on the factors: (−ΩA, −ΩB), Ω (..., d, d) → (..., N, d, r)."""
-        om = omega.unsqueeze(-3)
-        return -(om @ self.a), -(om @ self.b)
-
-    def cross(self, z1, z2):
-        """Σ_N A (Z₁W_B)ᵀ + B (Z₂W_A)ᵀ (the head part of Σ T̂ᵀ(GZ)^), (..., d, d)."""
-        g1, g2 = self.metric(z1, z2)
-        return (self.a @ g1.mT + self.b @ g2.mT).sum(-3)
-
-
-class _Frame:
-    """What ``JointBundle.factorise`` returns: reused by every projection at one point."""
-
-    def __init__(self, blocks, rows, c_other, spectrum):
-        self.blocks, self.rows, self.c_other, self.spectrum = blocks, rows, c_other, spectrum
 
 
 class JointBundle(Bundle):
@@ -300,17 +242,19 @@ class JointBundle(Bundle):
         return tuple(out)
 
     # ---- metric and projection ---------------------------------------------------------------
-    def factorise(self, point: Point) -> _Frame:
+    def factorise(self, point: Point) -> JointFrame:
         """Stacked head factors with their Grams' eigendecompositions, the Gram of the other
         tensors' rows and the eigendecomposition of C (the Lyapunov preconditioner)."""
         point = self.check_point(point)
-        blocks = {r: (_Heads(a, b, self.metric), m) for r, (a, b, m) in self._blocks(point).items()}
+        blocks = {
+            r: (HeadStack(a, b, self.metric), m) for r, (a, b, m) in self._blocks(point).items()
+        }
         rows = self._rows(point)
         c_other = sym(rows.mT @ rows)
         c_full = c_other + sum(sym(hd.cross(hd.a, hd.b)) for hd, _ in blocks.values())
-        return _Frame(blocks, rows, c_other, torch.linalg.eigh(c_full))
+        return JointFrame(blocks, rows, c_other, torch.linalg.eigh(c_full))
 
-    def _factorised(self, point, frame) -> _Frame:
+    def _factorised(self, point, frame) -> JointFrame:
         return self.factorise(point) if frame is None else frame
 
     def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
@@ -351,48 +295,23 @@ class JointBundle(Bundle):
         if method == "auto":
             method = "direct" if self.d_model <= DIRECT_MAX_D else "cg"
         if method == "direct":
-            omega = self._direct(schur, rhs)
+            basis = self.algebra_basis(dtype=rhs.dtype, device=rhs.device)[0]
+            omega, self.last_solve = solve_direct(schur, rhs, basis[: self.residual.group_dim])
         else:
             lam, u = f.spectrum
-            omega = self._cg(schur, lambda k: _spectral_solve(lam, u, lam, u, 2 * k, 1.0), rhs)
+            tol = self.cg_tol or (1e-13 if rhs.dtype == torch.float64 else 1e-6)
+            omega, self.last_solve = solve_cg(
+                schur,
+                lambda k: spectral_solve(lam, u, lam, u, 2 * k, 1.0),
+                rhs,
+                tol,
+                2 * self.residual.group_dim + 20,
+            )
         xis = {}
         for r, (hd, _) in f.blocks.items():
             w1, w2 = hd.rotate(omega)
             xis[r] = hd.solve(hd.adjoint(zs[r][0] - w1, zs[r][1] - w2))
         return omega, xis
-
-    def _direct(self, schur, rhs):
-        basis = self.algebra_basis(dtype=rhs.dtype, device=rhs.device)[0][: self.residual.group_dim]
-        if basis.shape[0] == 0:
-            return torch.zeros_like(rhs)
-        matrix = (basis.unsqueeze(1) * schur(basis).unsqueeze(0)).sum((-2, -1))
-        evals, evecs = torch.linalg.eigh(sym(matrix))
-        keep = evals > evals.abs().max() * torch.finfo(evals.dtype).eps * matrix.shape[0] * 8
-        coef = evecs @ torch.where(keep, (evecs.mT @ (basis * rhs).sum((-2, -1))) / torch.where(
-            keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))  # fmt: skip
-        self.last_solve = {"method": "direct", "iterations": 0, "residual": 0.0}
-        return (coef.reshape(-1, 1, 1) * basis).sum(0)
-
-    def _cg(self, schur, precondition, rhs):
-        tol = self.cg_tol or (1e-13 if rhs.dtype == torch.float64 else 1e-6)
-        x, res = torch.zeros_like(rhs), rhs.clone()
-        norm_b = float(rhs.norm())
-        z = precondition(res)
-        p, rz = z, (res * z).sum()
-        its, rel = 0, 0.0
-        while norm_b > 0 and its < 2 * self.residual.group_dim + 20:
-            its += 1
-            sp = schur(p)
-            alpha = rz / (p * sp).sum()
-            x, res = x + alpha * p, res - alpha * sp
-            rel = float(res.norm()) / norm_b
-            if rel <= tol:
-                break
-            z = precondition(res)
-            rz_new = (res * z).sum()
-            p, rz = z + (rz_new / rz) * p, rz_new
-        self.last_solve = {"method": "cg", "iterations": its, "residual": rel, "tol": tol}
-        return x
 
     def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
         point = self.check_point(point)
@@ -429,15 +348,11 @@ class JointBundle(Bundle):
                     out[slot] = m
         return tuple(out)
 
-    moment_sq = slice_mean_square
-
     def scale_invariants(self, point: Point, factor) -> Point:
         """Scale every head composite and every other tensor by ``factor``."""
         root = factor.sqrt() if isinstance(factor, torch.Tensor) else factor**0.5
         heads = {s for _, slots in self.heads for s in slots}
         return tuple(t * (root if i in heads else factor) for i, t in enumerate(point))
-
-    decay = scale_invariants
 
     # ---- dressing and invariants ----------------------------------------------------------------
     def _composites(self, point):

@@ -1,0 +1,113 @@
+r"""Kernels of the joint O(d) × GL(r) projection (``manifolds.joint``): stacked head factors
+with their metric and Sylvester solves, and the two solvers of the Schur system on so(d).
+
+``HeadStack`` holds the factors A, B (N, d, r) of every head of one r and reuses one ``eigh`` of
+AᵀA and of BᵀB for every solve at a point. ``solve_direct`` forms the Schur operator on the
+basis E_ij − E_ji and applies its pseudo-inverse (eigenvalues below 8·n·eps·max dropped: the
+stabiliser); ``solve_cg`` runs preconditioned conjugate gradients to ‖r‖ ≤ tol·‖b‖.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linalg import gram, sym
+
+__all__ = ["HeadStack", "JointFrame", "spectral_solve", "solve_direct", "solve_cg"]
+
+
+def spectral_solve(evals_l, u, evals_r, v, c, scale):
+    """U[(Uᵀ c V) ⊘ (λᵢ + μⱼ)]Vᵀ / scale, zero where λᵢ + μⱼ vanishes (minimum norm)."""
+    den = evals_l.unsqueeze(-1) + evals_r.unsqueeze(-2)
+    tiny = den.abs().amax(dim=(-2, -1), keepdim=True) * torch.finfo(den.dtype).eps * 64
+    safe = torch.where(den > tiny, den, torch.ones_like(den))
+    core = torch.where(den > tiny, (u.mT @ c @ v) / safe, torch.zeros_like(safe))
+    return u @ core @ v.mT / scale
+
+
+class HeadStack:
+    """The stacked factors (N, d, r) of every head of one r, with the metric and L_h⁻¹."""
+
+    def __init__(self, a, b, metric):
+        self.a, self.b = a, b
+        if metric == "invariant":
+            self.wa, self.wb = gram(a), gram(b)
+        else:
+            self.wa = self.wb = None
+        self.spec_a = torch.linalg.eigh(gram(a))
+        self.spec_b = torch.linalg.eigh(gram(b))
+
+    def metric(self, z1, z2):
+        """G Z = (Z₁ W_B, Z₂ W_A)."""
+        return (z1, z2) if self.wa is None else (z1 @ self.wb, z2 @ self.wa)
+
+    def adjoint(self, z1, z2):
+        """V_h* Z = Aᵀ(Z₁W_B) − (Z₂W_A)ᵀB."""
+        g1, g2 = self.metric(z1, z2)
+        return self.a.mT @ g1 - g2.mT @ self.b
+
+    def solve(self, c):
+        """L_h⁻¹ c: Sylvester (Euclidean) or ½ (AᵀA)⁻¹ c (BᵀB)⁻¹ (invariant)."""
+        (la, ua), (lb, ub) = self.spec_a, self.spec_b
+        if self.wa is None:
+            return spectral_solve(la, ua, lb, ub, c, 1.0)
+        return 0.5 * (ua / la.unsqueeze(-2)) @ ua.mT @ c @ (ub / lb.unsqueeze(-2)) @ ub.mT
+
+    def horizontal(self, z1, z2):
+        """(I − P_h) Z and ξ, for Z of shape (..., N, d, r)."""
+        xi = self.solve(self.adjoint(z1, z2))
+        return (z1 - self.a @ xi, z2 + self.b @ xi.mT), xi
+
+    def rotate(self, omega):
+        """V_O(Ω) on the factors: (−ΩA, −ΩB), Ω (..., d, d) → (..., N, d, r)."""
+        om = omega.unsqueeze(-3)
+        return -(om @ self.a), -(om @ self.b)
+
+    def cross(self, z1, z2):
+        """Σ_N A (Z₁W_B)ᵀ + B (Z₂W_A)ᵀ (the head part of Σ T̂ᵀ(GZ)^), (..., d, d)."""
+        g1, g2 = self.metric(z1, z2)
+        return (self.a @ g1.mT + self.b @ g2.mT).sum(-3)
+
+
+class JointFrame:
+    """What ``JointBundle.factorise`` returns: reused by every projection at one point."""
+
+    def __init__(self, blocks, rows, c_other, spectrum):
+        self.blocks, self.rows, self.c_other, self.spectrum = blocks, rows, c_other, spectrum
+
+
+def solve_direct(schur, rhs, basis):
+    """Ω with S Ω = rhs by the pseudo-inverse of S on ``basis`` (n, d, d) of so(d)."""
+    if basis.shape[0] == 0:
+        return torch.zeros_like(rhs), {"method": "direct", "iterations": 0, "residual": 0.0}
+    matrix = sym((basis.unsqueeze(1) * schur(basis).unsqueeze(0)).sum((-2, -1)))
+    evals, evecs = torch.linalg.eigh(matrix)
+    keep = evals > evals.abs().max() * torch.finfo(evals.dtype).eps * matrix.shape[0] * 8
+    coef = (evecs.mT @ (basis * rhs).sum((-2, -1))) / torch.where(
+        keep, evals, torch.ones_like(evals)
+    )
+    coef = evecs @ torch.where(keep, coef, torch.zeros_like(coef))
+    omega = (coef.reshape(-1, 1, 1) * basis).sum(0)
+    return omega, {"method": "direct", "iterations": 0, "residual": 0.0}
+
+
+def solve_cg(schur, precondition, rhs, tol: float, max_iterations: int):
+    """Preconditioned conjugate gradients for S Ω = rhs on skew matrices (Frobenius inner
+    product), from Ω = 0, until ‖r‖ ≤ tol·‖rhs‖ or ``max_iterations``."""
+    x, res = torch.zeros_like(rhs), rhs.clone()
+    norm_b = float(rhs.norm())
+    z = precondition(res)
+    p, rz = z, (res * z).sum()
+    its, rel = 0, 0.0
+    while norm_b > 0 and its < max_iterations:
+        its += 1
+        sp = schur(p)
+        alpha = rz / (p * sp).sum()
+        x, res = x + alpha * p, res - alpha * sp
+        rel = float(res.norm()) / norm_b
+        if rel <= tol:
+            break
+        z = precondition(res)
+        rz_new = (res * z).sum()
+        p, rz = z + (rz_new / rz) * p, rz_new
+    return x, {"method": "cg", "iterations": its, "residual": rel, "tol": tol}
