@@ -186,6 +186,30 @@ def _check_slots(model, slots, report, example, tolerance, generator):
     return accepted, frozen
 
 
+def _unrecognised(model, slots, skip_paths, table: SymmetryReport) -> None:
+    """Report rows for attention/MLP-looking modules no slot covers, and for LayerNorm's O(d)."""
+    covered = [s.path.rstrip(".") for s in slots] + list(skip_paths)
+
+    def related(path):
+        return any(
+            c == "" or path == c or path.startswith(c + ".") or c.startswith(path + ".")
+            for c in covered
+        )
+
+    for path, module in model.named_modules():
+        name = type(module).__name__
+        if ("Attention" in name or name.endswith(("MLP", "FeedForward"))) and not related(path):
+            table.add(path, "-", "detected", note=f"unrecognised layout ({name}): declare it")
+    norms = {type(m).__name__ for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    if norms and not skip_paths:
+        table.add(
+            "",
+            "residual",
+            "detected",
+            note=f"O(d) not reduced: {', '.join(sorted(norms))} centring breaks it",
+        )
+
+
 def _composed_name(members: list[dict]) -> str:
     return members[0].get("compose") or members[0]["name"]
 
@@ -241,6 +265,7 @@ def symmetries(
     example = example_inputs if example_inputs is not None else hf_example_inputs(model)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     found, frozen = _check_slots(model, slots, table, example, tolerance, generator)
+    _unrecognised(model, slots, skip, table)
     found, dropped = compose_groups(found, names, refuse=False, compose_name=_composed_name)
     found = stack_adapters(found, metric)
     for g, reason in dropped:

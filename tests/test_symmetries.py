@@ -441,3 +441,19 @@ def test_a_failing_example_forward_is_reported_not_raised():
             model, example_inputs=((torch.randn(2, 3, 5),), {}), report=True
         )
     assert "the example forward failed (RuntimeError" in str(report)
+
+
+def test_report_names_unrecognised_modules_and_layernorm():
+    class OddAttention(nn.Module):  # no projection under a known role name
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.mix(x)
+
+    model = nn.Sequential(OddAttention(), nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match="OddAttention"):
+        text = str(quotopt.describe(model))
+    assert "unrecognised layout (OddAttention): declare it" in text
+    assert "O(d) not reduced: LayerNorm centring breaks it" in text
