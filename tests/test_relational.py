@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 
 import pytest
@@ -347,3 +348,9 @@ def test_equal_compute_sweep_runs_and_resumes(tmp_path, capsys):
     assert bench_models.main(argv).keys() == results.keys()  # resumed: nothing retrained
     assert out.read_text().splitlines() == lines
     assert "- standard" in capsys.readouterr().out
+    more = bench_models.main([*argv, "--seeds", "2"])  # seed 1: the standard and the best only
+    added = [json.loads(line) for line in out.read_text().splitlines()[len(lines) :]]
+    assert {r["seed"] for r in added} == {1} and 3 <= len(added) <= 5
+    assert sum(r["name"] == "standard" for r in added) == 1
+    assert len(more) == len(results) + len(added)
+    assert "best configuration per budget" in capsys.readouterr().out
