@@ -143,8 +143,9 @@ def test_residual_rotation_of_the_whole_transformer():
     groups = quotopt.symmetries(model, heads=False, residual=True)
     assert [g["name"] for g in groups] == ["residual"]
     assert quotopt.verify(model, groups, *inputs)["residual"] <= 1e-9
-    with pytest.raises(ValueError, match="act jointly"):
-        quotopt.symmetries(model, residual=True)
+    joint = quotopt.symmetries(model, residual=True)  # O(d) and the heads together
+    assert [g["name"] for g in joint] == ["joint"]
+    assert quotopt.verify(model, joint, *inputs)["joint"] <= 1e-9
 
 
 def test_relational_gauge_group_holds_only_embeddings():

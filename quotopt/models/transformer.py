@@ -200,10 +200,10 @@ class Transformer(nn.Module):
         """This model's symmetry groups, for ``quotopt.symmetries`` (see the module docstring).
 
         ``heads``: GL(r) per head (``HeadQK`` + ``HeadOV`` per block); ``rescaling``: positive
-        rescaling of ReLU units; ``residual=True``: O(d) on every tensor instead. O(d) and the
-        heads' GL(r) act jointly on the attention weights (the vertical space is a sum, not a
-        direct sum), a reduction that is not implemented, so ``residual=True`` needs
-        ``heads=False``; ``"auto"`` means no O(d) here (it is not disjoint from the heads).
+        rescaling of ReLU units; ``residual=True``: O(d) on every tensor — with ``heads`` one
+        joint O(d) × GL(r) group (``quotopt.joint_groups``: the actions share the attention
+        weights, the vertical space is a sum), without it O(d) alone; ``"auto"`` means no O(d)
+        here (it is not disjoint from the heads).
         """
         if residual is True:
             if heads:  # O(d) and the heads' GL(r) act jointly: one JointBundle group
