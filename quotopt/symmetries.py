@@ -26,8 +26,9 @@ group's dimension and verified change, or why there is none, and the share of pa
 A model in which nothing is found warns.
 
 Not reduced, by design: the O(d) of LayerNorm models (centring breaks it to the stabiliser of
-the all-ones vector), GELU/SiLU MLPs without a gate (no rescaling), O(d) together with the heads
-on the same tensors (the joint reduction is not implemented; ``docs/guides/combinations.md``).
+the all-ones vector), GELU/SiLU MLPs without a gate (no rescaling). O(d) together with the heads
+on the same tensors is one joint group where the model declares it (``Transformer`` with
+``residual=True``; ``docs/guides/combinations.md``).
 """
 
 from __future__ import annotations
@@ -234,8 +235,9 @@ def symmetries(
         metric: metric of the head and rescaling bundles (``"euclidean"`` or ``"invariant"``).
         heads: GL(r) per attention head; ``rescaling``: rescaling of MLP units (and LoRA).
         residual: O(d) — ``"auto"`` where the model declares it disjoint from the heads
-            (``RelationalTransformer``'s embeddings); ``True`` also where it is not (then
-            ``heads`` must be False); ``False`` never.
+            (``RelationalTransformer``'s embeddings); ``True`` also where it is not
+            (``Transformer``: jointly with the heads, or alone with ``heads=False``); ``False``
+            never.
         declared: user-declared groups, taken first.
         plain: put every remaining trainable parameter in one group without a bundle
             (``name="plain"``); with ``False`` a remaining parameter is an error.
