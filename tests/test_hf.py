@@ -540,6 +540,9 @@ def test_family_trains(transformers, name, metric):
     with torch.no_grad():
         target = torch.randn_like(quotopt.checks.output_tensors(model(*args, **kwargs))[0][1])
     optimiser = quotopt.QuotientAdam(groups, lr=3e-3 if metric == "euclidean" else 1e-3)
+    frozen = [(p, p.detach().clone()) for g in groups if g.get("lr") == 0.0 for p in g["params"]]
+    assert all(g["name"].endswith("k_proj.bias") or "key" in g["name"] or "k_lin" in g["name"]
+               for g in groups if g.get("lr") == 0.0)  # fmt: skip
     losses = []
     for _ in range(30):
         out = quotopt.checks.output_tensors(model(*args, **kwargs))[0][1]
@@ -550,6 +553,7 @@ def test_family_trains(transformers, name, metric):
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.95 * losses[0], losses
+    assert all(torch.equal(p, before) for p, before in frozen)  # key biases never move
 
 
 def test_rope_families_reject_full_gl(transformers):
