@@ -260,6 +260,31 @@ def test_lean_mlp_keeps_only_its_input_for_backward():
     assert extra[gate_reference] >= 3 * 2 * 6 * 7 * 11 * 4  # [h, g] and h·σ (control)
 
 
+def _batched_hvps(model, x, n: int = 3) -> torch.Tensor:
+    """n Hessian-vector products (n, n_params) of the LM loss, as quotopt.dynamics forms them:
+    create_graph, then one vmapped backward (is_grads_batched), on the SDPA math path (the
+    fused CPU kernels have no double backward)."""
+    params = list(model.parameters())
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        vs = [torch.randn(n, *p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(i))
+              for i, p in enumerate(params)]  # fmt: skip
+        dot = sum((gi[None] * v).reshape(n, -1).sum(1) for gi, v in zip(g, vs))  # (n,) ⟨g, v⟩
+        eye = torch.eye(n, dtype=dot.dtype)
+        hv = torch.autograd.grad(dot, params, eye, is_grads_batched=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(v) if h is None else h).reshape(n, -1)
+                      for h, v in zip(hv, vs)], 1)  # fmt: skip
+
+
+def test_lean_mlp_batched_hessian_vector_products_equal_the_plain_ones():
+    x = torch.randint(V, (2, 6))
+    lean, plain = relational().double(), relational(lean_mlp=False).double()
+    plain.load_state_dict(lean.state_dict())
+    ref = _batched_hvps(plain, x)
+    assert ref.abs().max() > 1e-3 and rel_err(_batched_hvps(lean, x), ref) < 1e-10
+
+
 def test_model_lean_mlp_equals_plain_model():
     lean, plain = relational().double(), relational(lean_mlp=False).double()
     plain.load_state_dict(lean.state_dict())

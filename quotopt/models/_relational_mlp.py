@@ -17,10 +17,10 @@ the forward's GEMM work). With dout = ∂L/∂out:
     dh = da · σ + ds · g,   dg = ds · h,
     ∂[W_in | W_gate] = Xᵀ [dh | dg],   ∂X = [dh | dg] [W_in | W_gate]ᵀ,
 
-where every product sums over the token (and gauge) rows. In a plain backward pass the
-gradient [dh | dg] overwrites the recomputed [h | g] (two hidden-width buffers live at a time);
-under ``create_graph=True`` the same formulas run out of place, so double backward
-(Hessian-vector products) works as well.
+where every product sums over the token (and gauge) rows. In a plain backward pass dh is
+formed in place in da, so at most four hidden-width buffers (h, g, da, dg) live at once; under
+``create_graph=True`` the same formulas run out of place, so double backward (Hessian-vector
+products, batched ones with ``is_grads_batched=True`` included) works as well.
 Under autocast the recomputation replays the forward's autocast state.
 """
 
@@ -70,17 +70,16 @@ class _RecomputedGate(torch.autograd.Function):
                 del a
             da = dout @ w_out.T  # (…, D, m)
             ds = (da * h).sum(-2, keepdim=True) * (sig * (1 - sig)) / root_d  # (…, 1, m)
-            if torch.is_grad_enabled():  # double backward: out-of-place, differentiable
-                d_hg = torch.cat((da * sig + ds * g, ds * h), -1)  # (…, D, 2m)
-            else:  # overwrite [h | g] with [dh | dg]: two hidden-width buffers in all
-                da.mul_(sig).addcmul_(g, ds)  # dh = da·σ + ds·g
-                g.copy_(h).mul_(ds)  # dg = ds·h (h is not needed after this)
-                h.copy_(da)
-                d_hg, da = hg, None
-            rows_hg = d_hg.reshape(-1, d_hg.shape[-1])  # (rows, 2m)
-            dx = d_hg @ w_cat.T if need[0] else None  # (…, D, k)
-            d_w = x.reshape(-1, x.shape[-1]).T @ rows_hg if need[1] or need[2] else None
-            d_in, d_gate = d_w.chunk(2, -1) if d_w is not None else (None, None)  # (k, m) each
+            dg = ds * h  # (…, D, m)
+            if torch.is_grad_enabled():  # double backward: out of place, differentiable
+                dh = da * sig + ds * g
+            else:  # in place in da, a fresh tensor (vmap-safe: is_grads_batched batches it)
+                dh = da.mul_(sig).addcmul_(g, ds)
+            del hg, h, g, da
+            rows_x = x.reshape(-1, x.shape[-1])  # (rows, k)
+            dx = dh @ w_in.T + dg @ w_gate.T if need[0] else None  # (…, D, k)
+            d_in = rows_x.T @ dh.reshape(-1, dh.shape[-1]) if need[1] else None  # (k, m)
+            d_gate = rows_x.T @ dg.reshape(-1, dg.shape[-1]) if need[2] else None  # (k, m)
         return dx, d_in, d_gate, d_out
 
 
