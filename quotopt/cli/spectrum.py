@@ -89,7 +89,8 @@ def run(args) -> int:
     task = training.build_task(cfg.task, cfg.size, cfg.seed)
     model = training.build_model(task, cfg.model, cfg.size)
     model.load_state_dict(training.load_checkpoint(out / "checkpoint.pt")["model"])
-    report = model_flat_directions(task, model, args.rel_tol)
+    decay = cfg.weight_decay or 0.0  # refine to a critical point where one exists (λ > 0)
+    report = model_flat_directions(task, model, args.rel_tol, decay, refine=decay > 0)
     result = dict(
         task=cfg.task,
         model=cfg.model,

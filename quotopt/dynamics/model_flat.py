@@ -81,9 +81,18 @@ def model_vertical_basis(model, groups) -> tuple[torch.Tensor, dict[str, int]]:
     return torch.stack(columns, 1) if columns else params[0].new_zeros(start, 0), dims
 
 
-def model_flat_directions(task, model, rel_tol: float = 1e-8, weight_decay: float = 0.0) -> dict:
+def model_flat_directions(
+    task, model, rel_tol: float = 1e-8, weight_decay: float = 0.0, *, refine: bool = False
+) -> dict:
     """The flat-direction report (a JSON-ready dict) of the full-batch objective of the module
-    docstring at ``model``'s parameters; converts ``model`` to float64 in place."""
+    docstring at ``model``'s parameters; converts ``model`` to float64 in place.
+
+    ``refine=True`` (dense route only) first moves the model to a true critical point of F
+    (``quotopt.dynamics.refine``: Newton on the complement of the level orbit directions — the
+    compact ones when ``weight_decay > 0``, all of them otherwise) and adds ``critical``: the
+    refinement (‖∇F‖ before and after, steps, converged) and the counts against the level
+    directions (``expected_flat``, ``flat_total``, ``flat_horizontal``, ``flat_by_tolerance``).
+    """
     model = model.double()
     groups = symmetries(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -96,6 +105,8 @@ def model_flat_directions(task, model, rel_tol: float = 1e-8, weight_decay: floa
         penalty = sum(p.square().sum() for p in ps) if weight_decay else 0.0
         return task.loss(logits, y) + 0.5 * weight_decay * penalty
 
+    critical = _refine(model, groups, objective, params, rel_tol, weight_decay) if refine else None
+    params = tuple(p.detach() for p in model.parameters() if p.requires_grad)
     vertical, dims = model_vertical_basis(model, groups)
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no double backward
         report = _report(objective, params, vertical, dims, rel_tol)
@@ -114,7 +125,26 @@ def model_flat_directions(task, model, rel_tol: float = 1e-8, weight_decay: floa
         vertical_flat=int((rayleigh <= rel_tol).sum()),
         note=NOTE,
     )
+    if critical is not None:
+        report["critical"] = critical
     return report
+
+
+def _refine(model, groups, objective, params, rel_tol, weight_decay) -> dict | None:
+    """Refine ``model`` in place to a critical point of ``objective``; counts there."""
+    from .refine import critical_point_counts, model_orbit_basis, refine_critical_point
+
+    if sum(p.numel() for p in params) > DENSE_MAX:
+        return None
+    level = lambda ps: model_orbit_basis(model, groups, ps, compact=weight_decay > 0)  # noqa: E731
+    refined = refine_critical_point(objective, params, level, max_params=DENSE_MAX)
+    with torch.no_grad():
+        for p, value in zip([p for p in model.parameters() if p.requires_grad], refined.params):
+            p.copy_(value)
+    counts = critical_point_counts(
+        objective, refined.params, level(refined.params), rel_tol=rel_tol
+    )
+    return dict(refine=refined.summary(), level="compact" if weight_decay > 0 else "all", **counts)
 
 
 def _report(objective, params, vertical, dims, rel_tol) -> dict:

@@ -9,10 +9,13 @@ geometry. ``refine_critical_point`` first drives ‖∇F‖ to round-off by Newt
 with H the dense float64 Hessian, Q an orthonormal basis of the Euclidean complement of the
 *level* orbit directions (those along which F is constant: the whole vertical space when F is
 invariant, only the compact subgroup's — O(d), O(r) per head pair, none for rescaling — under
-L2 weight decay), the pseudo-inverse dropping eigenvalues below ``rcond``·max|λ(H)| and t
-halved from 1 until ‖∇F‖ decreases by the Armijo factor (1 − 10⁻⁴t). Restricting to Q keeps
-the step off the exactly flat orbit (where the Newton system is singular); the level
-directions are recomputed at every iterate.
+L2 weight decay) and the pseudo-inverse dropping eigenvalues below ``rcond``·max|λ(H)|. The
+full step (t = 1) is taken when it reduces ‖∇F‖ by the Armijo factor (1 − 10⁻⁴): quadratic
+convergence near the critical point. Otherwise (far from it, or at negative curvature) the step
+is saddle-free Newton, |λ| in place of λ (Dauphin et al. 2014), a descent direction of F, with
+t halved from 1 until F decreases by the Armijo amount. Restricting to Q keeps the step off the
+exactly flat orbit (where the Newton system is singular); the level directions are recomputed
+at every iterate.
 
 Stopping rule (the relative gradient): ‖∇F‖ ≤ ``rel_tol`` · max|λ(H)| · ‖θ‖, i.e. the gradient
 is below what the curvature produces over the point's own scale.
@@ -54,7 +57,7 @@ TOLERANCES = tuple(10.0**-k for k in range(4, 14))
 
 @dataclasses.dataclass
 class Refined:
-    """A refined point: ``params`` (tuple shaped like the input), ``grad_norm`` ‖∇F‖,
+    """A refined point: ``params`` (the iterate of smallest ‖∇F‖), ``grad_norm`` its ‖∇F‖,
     ``grad_rel`` ‖∇F‖ / (max|λ(H)|·‖θ‖), ``history`` of ‖∇F‖ per iterate (the first is the
     input's), ``converged`` (grad_rel ≤ rel_tol), ``steps`` (Newton steps taken)."""
 
@@ -103,10 +106,10 @@ def _newton_step(evals, evecs, q, grad, cutoff, saddle_free):
     return -(q @ (evecs @ torch.where(keep, coef, torch.zeros_like(coef))))
 
 
-def _line_search(objective, params, value, grad, step, on_value):
+def _line_search(objective, params, value, grad, step, on_value, halvings=40):
     """Halve t from 1 until ‖∇F‖ (or, ``on_value``, F) decreases by the Armijo factor."""
     norm, slope = float(grad.norm()), float(grad @ step)
-    for halving in range(40):
+    for halving in range(halvings):
         t = 0.5**halving
         trial = tuple(p + t * s for p, s in zip(params, unflatten(step, params)))
         trial_value, trial_grad = _value_and_gradient(objective, trial)
@@ -148,25 +151,30 @@ def refine_critical_point(
         )
     value, grad = _value_and_gradient(objective, params)
     history, steps, rel = [float(grad.norm())], 0, math.inf
+    best = (history[0], params, rel)
     while True:
         hessian = _hessian(objective, params, max_params)
         q = _complement(_as_basis(level, params), hessian.shape[0], hessian)
         evals, evecs = torch.linalg.eigh(q.mT @ hessian @ q)
         scale = float(torch.linalg.eigvalsh(hessian).abs().max())
         rel = history[-1] / max(scale * float(flatten(params).norm()), 1e-300)
+        if history[-1] <= best[0]:
+            best = (history[-1], params, rel)
         if rel <= rel_tol or steps >= max_steps:
             break
-        accepted = None
-        for saddle_free in (False, True):
-            step = _newton_step(evals, evecs, q, grad, rcond * scale, saddle_free)
-            accepted = _line_search(objective, params, value, grad, step, saddle_free)
-            if accepted is not None:
-                break
+        # a full Newton step where it reduces ‖∇F‖ (quadratic convergence near the critical
+        # point); else saddle-free Newton with a line search on F (far from it)
+        step = _newton_step(evals, evecs, q, grad, rcond * scale, False)
+        accepted = _line_search(objective, params, value, grad, step, False, halvings=1)
+        if accepted is None:
+            step = _newton_step(evals, evecs, q, grad, rcond * scale, True)
+            accepted = _line_search(objective, params, value, grad, step, True)
         if accepted is None:
             break
         (params, value, grad), steps = accepted, steps + 1
         history.append(float(grad.norm()))
-    return Refined(params, history[-1], rel, history, rel <= rel_tol, steps)
+    norm, params, rel = best  # saddle-free steps descend F but may raise ‖∇F‖ on the way
+    return Refined(params, norm, rel, history, rel <= rel_tol, steps)
 
 
 def critical_point_counts(
