@@ -1,6 +1,6 @@
 """quotopt: optimisation on the quotient manifolds created by parameter symmetries."""
 
-from .optim import NonFiniteStepError, QuotientAdam, QuotientSGD
+from .optim import NonFiniteStepError, QuotientAdam, QuotientMuon, QuotientSGD
 from .symmetries import describe, gauge_transform, symmetries, verify
 
 __version__ = "0.1.0"
@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 __all__ = [
     "NonFiniteStepError",
     "QuotientAdam",
+    "QuotientMuon",
     "QuotientSGD",
     "__version__",
     "describe",

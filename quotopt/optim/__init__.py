@@ -2,6 +2,7 @@
 
 from .adam import QuotientAdam
 from .base import NonFiniteStepError, QuotientOptimizer
+from .muon import QuotientMuon
 from .sgd import QuotientSGD
 
-__all__ = ["NonFiniteStepError", "QuotientAdam", "QuotientOptimizer", "QuotientSGD"]
+__all__ = ["NonFiniteStepError", "QuotientAdam", "QuotientMuon", "QuotientOptimizer", "QuotientSGD"]

@@ -1,0 +1,174 @@
+r"""Muon's pure updates: Newton–Schulz orthogonalisation, plain groups, bundle groups.
+
+``newton_schulz`` is the quintic iteration of ``torch.optim.Muon`` (Keller Jordan's Muon,
+coefficients (3.4445, −4.7750, 2.0315), five steps), batched over leading axes. On a 2-D
+bfloat16 input it performs torch's operations in torch's order, so ``muon_plain_updates``
+reproduces ``torch.optim.Muon`` bit for bit; bundle groups run it in the parameters' precision
+(float32 at least), batched over heads with ``baddbmm``.
+
+The iteration is O(m)×O(n)-equivariant: for orthogonal Q, K, NS(Q X K) = Q NS(X) K, because
+each step is X ↦ aX + (bXXᵀ + c(XXᵀ)²)X and the Frobenius normalisation is orthogonally
+invariant. This is what makes QuotientMuon's step commute with the part of a head's GL(r) that
+survives dressing (``quotopt.optim.muon``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from manifolds import Bundle
+
+from .functional import redress
+
+__all__ = [
+    "NS_COEFFICIENTS",
+    "SCOPES",
+    "adjust_lr",
+    "muon_bundle_update",
+    "muon_plain_updates",
+    "newton_schulz",
+    "orthogonalise_factors",
+]
+
+#: torch.optim.Muon's defaults (Keller Jordan's Muon post)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+NS_STEPS = 5
+#: what one orthogonalised matrix of a bundle group is: one head's factor (rows, r), or a
+#: factor of all heads side by side (rows, H·r), the whole projection as a torch layer holds it
+SCOPES = ("head", "tensor")
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+def newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float, dtype=torch.bfloat16):
+    """The approximate polar factor U S'Vᵀ (S' ≈ 1) of each matrix of ``x`` (..., m, n),
+    computed in ``dtype`` and returned in it; zero singular values stay zero."""
+    if steps >= 100:
+        raise ValueError(f"ns_steps must be < 100, got {steps}")
+    a, b, c = coefficients
+    y = x.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        y = y.mT
+    if y.dim() == 2:  # torch.optim.Muon's operations, in its order
+        y = y / y.norm().clamp(min=eps)
+        for _ in range(steps):
+            gram = y @ y.T
+            update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            y = torch.addmm(y, update, y, beta=a)
+    else:
+        shape = y.shape
+        y = y.reshape(-1, *shape[-2:])
+        y = y / torch.linalg.matrix_norm(y, keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram = y @ y.mT
+            update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            y = torch.baddbmm(y, update, y, beta=a)
+        y = y.reshape(shape)
+    return y.mT if tall else y
+
+
+def adjust_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
+    """torch.optim.Muon's learning-rate adjustment for a matrix of ``shape`` (out, in)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
+
+
+def muon_plain_updates(
+    params,
+    grads,
+    states,
+    *,
+    lr,
+    weight_decay,
+    momentum,
+    nesterov,
+    ns_coefficients,
+    eps,
+    ns_steps,
+    adjust_lr_fn,
+    maximize=False,
+    scope=None,  # bundle groups only
+):
+    """``torch.optim.Muon``'s update of every (2-D) tensor of a group, out of place."""
+    new_params, new_states = [], []
+    for param, grad, state in zip(params, grads, states):
+        grad = -grad if maximize else grad
+        buf = state["momentum_buffer"].lerp(grad, 1 - momentum)
+        update = grad.lerp(buf, momentum) if nesterov else buf
+        update = newton_schulz(update, ns_coefficients, ns_steps, eps)
+        new = param.mul(1 - lr * weight_decay)
+        new.add_(update, alpha=-adjust_lr(lr, adjust_lr_fn, param.shape))
+        new_params.append(new)
+        new_states.append({"momentum_buffer": buf})
+    return new_params, new_states
+
+
+def orthogonalise_factors(bundle: Bundle, v: Tensors, scope: str, **ns) -> Tensors:
+    """Newton–Schulz on each factor of the tangent ``v`` (``bundle.factors``), per head
+    (``scope="head"``: (H, rows, r) as H matrices) or per tensor (``"tensor"``: the (rows, H·r)
+    matrix of all heads side by side), in v's precision (float32 at least)."""
+    dtype = torch.promote_types(v[0].dtype, torch.float32)
+    out = []
+    for f in bundle.factors(v):  # (H, rows, r)
+        if scope == "head":
+            o = newton_schulz(f, dtype=dtype, **ns)
+        else:
+            h, rows, r = f.shape
+            o = newton_schulz(f.transpose(0, 1).reshape(rows, h * r), dtype=dtype, **ns)
+            o = o.reshape(rows, h, r).transpose(0, 1)
+        out.append(o.to(f.dtype))
+    return bundle.from_factors(*out)
+
+
+def muon_bundle_update(
+    bundle: Bundle,
+    point: Tensors,
+    grad: Tensors,
+    state: dict,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients,
+    eps: float,
+    ns_steps: int,
+    adjust_lr_fn: str | None,
+    scope: str,
+    maximize: bool = False,
+    dress: bool = False,
+    frame=None,
+):
+    """One QuotientMuon step on a bundle group (``quotopt.optim.muon``): re-dress, momentum of
+    the Riemannian gradient, Newton–Schulz per factor, horizontal projection, bounded
+    retraction from the decayed point, momentum transported. Returns ``(new_point,
+    new_state, new_frame)`` like ``quotopt.optim.functional.adam_bundle_update``."""
+    if maximize:
+        grad = tuple(-g for g in grad)
+    buf = state["momentum_buffer"]
+    if dress:
+        point, grad, (buf,) = redress(bundle, point, grad, (buf,))
+        frame = None
+    frame = bundle.factorise(point) if frame is None else frame
+    rgrad = bundle.riemannian_gradient(point, grad, frame)  # horizontal for invariant losses
+    buf = tuple(torch.lerp(m, g, 1 - momentum) for m, g in zip(buf, rgrad))
+    update = tuple(torch.lerp(g, m, momentum) for g, m in zip(rgrad, buf)) if nesterov else buf
+    ns = dict(coefficients=ns_coefficients, steps=ns_steps, eps=eps)
+    direction = orthogonalise_factors(bundle, update, scope, **ns)
+    direction = bundle.project_horizontal(point, direction, frame)
+    a, b = bundle.factors(point)
+    step_lr = adjust_lr(lr, adjust_lr_fn, (b.shape[-2], a.shape[-2]))  # M: R^rows_a → R^rows_b
+    step = bundle.limit_step(point, tuple(step_lr * d for d in direction), frame)
+    base = bundle.scale_invariants(point, 1 - lr * weight_decay) if weight_decay else point
+    new_point = bundle.retract(base, tuple(-s for s in step))
+    new_frame = bundle.factorise(new_point)
+    buf = bundle.transport(point, new_point, buf, new_frame)
+    return new_point, {"momentum_buffer": buf}, new_frame
