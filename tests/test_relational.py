@@ -379,3 +379,11 @@ def test_equal_compute_sweep_runs_and_resumes(tmp_path, capsys):
     assert sum(r["name"] == "standard" for r in added) == 1
     assert len(more) == len(results) + len(added)
     assert "best configuration per budget" in capsys.readouterr().out
+
+
+def test_unknown_alibi_route_is_rejected_and_config_round_trips():
+    with pytest.raises(ValueError, match="alibi must be one of.*'flex'"):
+        relational(alibi="flex")
+    m = relational(alibi="bias", lean_mlp=False)
+    again = RelationalTransformer.from_config(m.config)
+    assert again.config == m.config and not again.blocks[0].mlp.recompute
