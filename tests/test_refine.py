@@ -193,3 +193,43 @@ def test_relational_counts_gauge_heads_and_the_channel_rotations():
         )  # fmt: skip
         for tol in ("1e-07", "1e-10", "1e-13"):
             assert counts["flat_by_tolerance"][tol] == [8, left]
+
+
+class _TeacherTask:
+    """The minimal task interface of ``model_flat_directions``: the teacher regression."""
+
+    def __init__(self, tokens, target):
+        self.tokens, self.target = tokens, target
+
+    def batch(self, split, size):
+        return self.tokens, self.target
+
+    def logits(self, call, x):
+        return call(x)
+
+    def loss(self, logits, y):
+        return 0.5 * ((logits.reshape(-1) - y) ** 2).sum()
+
+
+def test_model_flat_directions_refines_and_counts_against_the_level_orbits():
+    """``refine=True``: the report gains ``critical`` with ‖∇F‖ at round-off and the counts of
+    the model's own reduction (the heads' GL(r): 4 compact directions, 6 O(d) ones left)."""
+    from quotopt.dynamics import model_flat_directions
+
+    model, objective, start = _problem(1e-2, 1e-4)
+    tokens = torch.randint(0, 5, (10, 4), generator=torch.Generator().manual_seed(1))
+    names = [n for n, _ in model.named_parameters()]
+    teacher = tuple(p.detach().clone() for p in model.parameters())
+    target = teacher_targets(
+        lambda *ps: functional_call(model, dict(zip(names, ps)), (tokens,)), teacher, 1e-2
+    )
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start):
+            p.copy_(s)
+    report = model_flat_directions(_TeacherTask(tokens, target), model, 1e-8, 1e-2, refine=True)
+    critical = report["critical"]
+    assert critical["refine"]["converged"] and critical["level"] == "compact"
+    assert (critical["expected_flat"], critical["flat_total"], critical["flat_horizontal"]) == (
+        4, 10, 6,
+    )  # fmt: skip
+    assert report["compact_orbit_dim"] == 4 and report["grad_norm"] <= 1e-6
