@@ -43,10 +43,12 @@ class QuotientMuon(QuotientOptimizer):
        m ← μm + (1−μ)ξ; X = (1−μ)ξ + μm with ``nesterov``, else X = m (torch's rule);
     3. D = (NS(X_A), NS(X_B)) per factor — Newton–Schulz with torch's coefficients, per head
        (``scope="head"``: each rows×r factor) or per tensor (``"tensor"``: the rows×(H·r)
-       matrix of all heads, the projection as a torch layer stores it) — then D ← P_H(D);
-    4. p' = retract(scale_invariants(p̄, 1 − lr·wd), −limit_step(lr'·D)) with lr' torch's
-       ``adjust_lr_fn`` applied to the shape (rows_b, rows_a) of M = ABᵀ read as a map
-       R^rows_a → R^rows_b (``None``/``"original"``: lr' = lr for square heads);
+       matrix of all heads, the projection as a torch layer stores it), each factor scaled
+       by torch's ``adjust_lr_fn`` ratio for a (k, rows) weight, k = r or H·r
+       (``None``/``"original"``: √max(1, k/rows), 1 for heads with H·r ≤ d;
+       ``"match_rms_adamw"``: 0.2·√max(k, rows), for which AdamW's lr and wd carry over);
+       then D ← P_H(D);
+    4. p' = retract(scale_invariants(p̄, 1 − lr·wd), −limit_step(lr·D));
        m ← transport to p' (horizontal projection there).
 
     **Why it is a step on the quotient.** The dressing field satisfies u(p·g) = g⁻¹u(p), so

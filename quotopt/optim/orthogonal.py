@@ -111,20 +111,22 @@ def muon_plain_updates(
     return new_params, new_states
 
 
-def orthogonalise_factors(bundle: Bundle, v: Tensors, scope: str, **ns) -> Tensors:
+def orthogonalise_factors(bundle: Bundle, v: Tensors, scope: str, adjust_lr_fn, **ns) -> Tensors:
     """Newton–Schulz on each factor of the tangent ``v`` (``bundle.factors``), per head
     (``scope="head"``: (H, rows, r) as H matrices) or per tensor (``"tensor"``: the (rows, H·r)
-    matrix of all heads side by side), in v's precision (float32 at least)."""
+    matrix of all heads side by side), in v's precision (float32 at least); each factor scaled
+    by torch's ``adjust_lr_fn`` ratio for a (k, rows) weight, k = r or H·r (a factor's columns
+    are the k-dimensional side, as in a query weight (H·r, d))."""
     dtype = torch.promote_types(v[0].dtype, torch.float32)
     out = []
     for f in bundle.factors(v):  # (H, rows, r)
+        h, rows, r = f.shape
         if scope == "head":
-            o = newton_schulz(f, dtype=dtype, **ns)
+            o, k = newton_schulz(f, dtype=dtype, **ns), r
         else:
-            h, rows, r = f.shape
             o = newton_schulz(f.transpose(0, 1).reshape(rows, h * r), dtype=dtype, **ns)
-            o = o.reshape(rows, h, r).transpose(0, 1)
-        out.append(o.to(f.dtype))
+            o, k = o.reshape(rows, h, r).transpose(0, 1), h * r
+        out.append(o.to(f.dtype) * adjust_lr(1.0, adjust_lr_fn, (k, rows)))
     return bundle.from_factors(*out)
 
 
@@ -162,11 +164,9 @@ def muon_bundle_update(
     buf = tuple(torch.lerp(m, g, 1 - momentum) for m, g in zip(buf, rgrad))
     update = tuple(torch.lerp(g, m, momentum) for g, m in zip(rgrad, buf)) if nesterov else buf
     ns = dict(coefficients=ns_coefficients, steps=ns_steps, eps=eps)
-    direction = orthogonalise_factors(bundle, update, scope, **ns)
+    direction = orthogonalise_factors(bundle, update, scope, adjust_lr_fn, **ns)
     direction = bundle.project_horizontal(point, direction, frame)
-    a, b = bundle.factors(point)
-    step_lr = adjust_lr(lr, adjust_lr_fn, (b.shape[-2], a.shape[-2]))  # M: R^rows_a → R^rows_b
-    step = bundle.limit_step(point, tuple(step_lr * d for d in direction), frame)
+    step = bundle.limit_step(point, tuple(lr * d for d in direction), frame)
     base = bundle.scale_invariants(point, 1 - lr * weight_decay) if weight_decay else point
     new_point = bundle.retract(base, tuple(-s for s in step))
     new_frame = bundle.factorise(new_point)
