@@ -19,7 +19,7 @@ This module knows ``torch.nn``'s own layers; ``quotopt.hf`` and ``quotopt.lora``
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +64,12 @@ class Slot:
     compose: str = ""
 
 
-def head_options(name, params, specs_qk, bundle_args, metric, frozen=(), rotary=()):
-    """Options of a query/key slot: full GL(r) (``HeadQK``) first, then the RoPE commutant for
-    each pairing in ``rotary`` (key bias folded in as a row: ``specs_qk`` is (without, with))."""
+def head_options(name, params, specs_qk, bundle_args, metric, frozen=(), rotary=(), partial=None):
+    """Options of a query/key slot, the larger group first: full GL(r) (``HeadQK``); with
+    ``partial`` = k rotary coordinates of r, the commutant of rotations on the first k only —
+    RoPE's on those, GL(r − k) on the rest (a ``ProductBundle``); then the RoPE commutant on all
+    r, for each pairing in ``rotary``. Under RoPE the key bias is a row (``specs_qk`` is (q, k
+    without bias, k with bias))."""
     n, rows_a, r, rows_b = bundle_args
     (q_spec, k_plain), k_rotary = specs_qk[:2], specs_qk[2] if len(specs_qk) > 2 else None
     options = [
@@ -81,17 +84,42 @@ def head_options(name, params, specs_qk, bundle_args, metric, frozen=(), rotary=
             frozen,
         )
     ]
+    k_spec, rows_k = (k_rotary, rows_b + 1) if k_rotary is not None else (k_plain, rows_b)
+    full = []
     for pairing in rotary if r % 2 == 0 else ():
-        k_spec, rows_k = (k_rotary, rows_b + 1) if k_rotary is not None else (k_plain, rows_b)
         bundle = M.RotaryQK(n, rows_a, r, metric, pairing=pairing, factor_rows=(rows_a, rows_k))
         layout = ProjectionHeads([q_spec, k_spec], f"query/key heads, RoPE {pairing}")
-        options.append(
+        full.append(
             Option(
                 {"params": params, "bundle": bundle, "layout": layout, "name": name},
                 f"RoPE commutant ({pairing})",
             )
         )
-    return options
+    if partial is not None and 0 < partial < r and partial % 2 == 0:
+
+        def cut(spec: Rows, rotated: bool) -> Rows:  # the rotated or the passed coordinates
+            return replace(
+                spec, index=spec.index[..., :partial] if rotated else spec.index[..., partial:]
+            )
+
+        for pairing in rotary:
+            rope = M.RotaryQK(n, rows_a, partial, metric, pairing=pairing,
+                              factor_rows=(rows_a, rows_k))  # fmt: skip
+            rest = M.HeadQK(n, rows_a, r - partial, metric, factor_rows=(rows_a, rows_b))
+            specs = [cut(q_spec, True), cut(k_spec, True), cut(q_spec, False), cut(k_plain, False)]
+            layout = ProjectionHeads(specs, f"query/key heads, partial RoPE {pairing}")
+            options.append(
+                Option(
+                    {
+                        "params": params,
+                        "bundle": M.ProductBundle([rope, rest]),
+                        "layout": layout,
+                        "name": name,
+                    },  # fmt: skip
+                    f"partial RoPE commutant ({pairing} on {partial} of {r}) x GL({r - partial})",
+                )
+            )
+    return options + full  # the larger group first: GL(r), partial commutant, (C*)^(r/2)
 
 
 def _mha_probe(module: nn.MultiheadAttention):
@@ -307,7 +335,10 @@ def _product(members: list[dict], compose_name) -> dict:
         point = g["layout"](list(g["params"])) if g.get("layout") is not None else g["params"]
         parts.append((g.get("layout"), tuple(position[id(p)] for p in g["params"]), len(point)))
     name = compose_name(members) if compose_name else members[0]["name"]
-    bundle = M.ProductBundle([g["bundle"] for g in members])
+    factors = [
+        c for g in members for c in getattr(g["bundle"], "components", None) or [g["bundle"]]
+    ]
+    bundle = M.ProductBundle(factors)  # a product of products, flattened: the same point order
     return {
         "params": params,
         "bundle": bundle,

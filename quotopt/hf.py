@@ -19,8 +19,10 @@ module. One description covers the families:
   output factor puts their blocks side by side (n_kv, r, n_rep·d);
 * **RoPE**: full GL(r) does not commute with the rotations; the commutant (one complex scalar per
   rotary plane, ``manifolds.RotaryQK``, pairing ``half`` or ``interleaved``) is tried next.
-  Partial rotary and QK-norm with gains leave no group quotopt has a bundle for on the query/key
-  pair (reported); the value/output pair keeps GL(r);
+  Partial rotary (``rotary_ndims``, ``rotary_dim``, ``partial_rotary_factor``): the commutant of
+  rotations on the first k coordinates only, RoPE's there and GL(r − k) on the rest (a
+  ``ProductBundle`` on the two parts of each head). QK-norm with per-coordinate gains leaves
+  only sign flips on the query/key pair (reported); the value/output pair keeps GL(r);
 * **MLPs**: two-layer (``fc1/fc2``, ``lin1/lin2``, ``wi/wo``, ``c_fc/c_proj``,
   ``dense_h_to_4h/dense_4h_to_h``, ``fc_in/fc_out``, ``intermediate.dense/output.dense``) offered
   positive rescaling, which verifies for ReLU (OPT, T5) and is rejected for GELU/SiLU; gated
@@ -82,22 +84,25 @@ def _sizes(module, q_out, hidden):
     return n_heads, r, n_kv
 
 
-def _rotary_hint(module) -> str:
+def rotary_dims(module, r: int) -> int | None:
+    """How many of a head's r coordinates RoPE rotates, where the module or its config says it
+    rotates fewer than r (``rotary_ndims``, ``rotary_dim``, ``partial_rotary_factor``)."""
     config = getattr(module, "config", None)
-    rope = getattr(config, "rope_parameters", None) or {}
-    partial = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
-    partial = partial or getattr(config, "partial_rotary_factor", None)
-    rot = getattr(module, "rotary_dim", None) or getattr(module, "rotary_ndims", None)
-    if (partial is not None and partial < 1) or (rot and rot < getattr(module, "head_dim", 10**9)):
-        return "partial rotary: the commutant mixes RoPE planes with a GL block; no bundle"
-    return ""
+    rope = getattr(config, "rope_parameters", None)
+    factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    factor = factor or getattr(config, "partial_rotary_factor", None)
+    rot = getattr(module, "rotary_ndims", None) or getattr(module, "rotary_dim", None)
+    rot = rot or getattr(config, "rotary_dim", None)
+    if not rot and factor is not None and factor < 1:
+        rot = int(r * factor)
+    return rot if isinstance(rot, int) and 0 < rot < r else None
 
 
 def _qk_note(module) -> str:
     norms = [n for n in QK_NORMS if getattr(module, n, None) is not None]
     if norms:
         return f"QK-norm ({', '.join(norms)}) with per-coordinate gains: only sign flips survive"
-    return _rotary_hint(module) or "no query/key group verified"
+    return "no query/key group verified"
 
 
 def _separate(path, module, metric, proj) -> list[Slot]:
@@ -134,6 +139,7 @@ def _separate(path, module, metric, proj) -> list[Slot]:
         (n_kv, rows_q, r, d),
         metric,
         rotary=("half", "interleaved"),
+        partial=rotary_dims(module, r),
     )[1:]
     v_params = [v.weight] + ([v.bias] if vb else [])
     v_spec = Rows(0, blocks(0, n_kv, 1, r), bias=1 if vb else None, transposed=conv)
@@ -214,6 +220,7 @@ def _fused(path, module, metric, fused, out) -> list[Slot]:
             (n_kv, n_rep * rows, r, d),
             metric,
             rotary=("half", "interleaved"),
+            partial=rotary_dims(module, r),
         ):
             option.structure += f", {order}"
             qk.append(option)

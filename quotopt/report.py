@@ -10,7 +10,8 @@ __all__ = ["Finding", "SymmetryReport"]
 @dataclass
 class Finding:
     """One row: a module part, where its group came from (``declared``, ``model``, ``detected``,
-    ``frozen``), the group, its dimension, the verified change, or why there is none."""
+    ``frozen``), the group, its dimension, the verified change, or why there is none, and the
+    candidates rejected on the way (the control beside each accepted group)."""
 
     path: str
     part: str
@@ -21,6 +22,7 @@ class Finding:
     dim: int | None = None
     change: float | None = None
     note: str = ""
+    tried: tuple = ()  # candidates rejected before this one (structure: change)
 
 
 def _bundle_name(bundle) -> str:

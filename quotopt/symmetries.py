@@ -172,6 +172,7 @@ def _check_slots(model, slots, report, example, tolerance, generator):
                     option.group,
                     change=change,
                     structure=f"{slot.family}; {option.structure}",
+                    tried=tuple(tried),
                 )
                 break
             tried.append(f"{option.structure}: change {change:.0e}")

@@ -434,9 +434,9 @@ ENC_DEC = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention
                decoder_start_token_id=0)  # fmt: skip
 GPT = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
 #: family: (config class, model class, config, {bundle type: number of groups}); a family whose
-#: symmetry is partial lists the subgroup it gets (Phi: partial rotary leaves Q/K plain;
-#: Qwen3: QK-norm gains leave Q/K plain; GPT-NeoX's quarter-width rotary keeps the per-plane
-#: subgroup; GELU MLPs: no units).
+#: symmetry is partial lists the subgroup it gets (partial rotary, Phi and GPT-NeoX: RoPE's
+#: commutant on the rotated coordinates x GL on the rest; Qwen3: QK-norm gains leave Q/K plain;
+#: GELU MLPs: no units).
 FAMILIES = {
     "bert": ("BertConfig", "BertModel", SMALL, {"HeadQK": 2, "HeadOV": 2}),
     "roberta": ("RobertaConfig", "RobertaModel", dict(SMALL, pad_token_id=1),
@@ -457,8 +457,9 @@ FAMILIES = {
                 {"HeadQK": 3, "HeadOV": 3}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(SMALL, head_dim=8, num_key_value_heads=2),
               {"RotaryQK": 2, "HeadOV": 2, "PositiveRescaling": 2}),
-    "phi": ("PhiConfig", "PhiForCausalLM", SMALL, {"HeadOV": 2}),
-    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", SMALL, {"RotaryQK x HeadOV": 2}),
+    "phi": ("PhiConfig", "PhiForCausalLM", SMALL, {"RotaryQK x HeadQK": 2, "HeadOV": 2}),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", SMALL,
+                 {"RotaryQK x HeadQK x HeadOV": 2}),
     "falcon": ("FalconConfig", "FalconForCausalLM", SMALL, {"RotaryQK x HeadOV": 2}),
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=32, n_layer=2, n_head=4,
               vocab_size=VOCAB), {"HeadQK x HeadOV": 2}),
@@ -558,12 +559,15 @@ def test_family_trains(transformers, name, metric):
 
 def test_rope_families_reject_full_gl(transformers):
     """The control beside the RoPE groups: full GL(r) is proposed first and fails the check."""
-    _, report = quotopt.symmetries(_family(transformers, "gemma"), report=True)
-    qk = [f for f in report.findings if f.part == "qk"]
-    assert qk and all(f.bundle == "RotaryQK" for f in qk)
-    _, phi = quotopt.symmetries(_family(transformers, "phi"), report=True)
-    notes = [f.note for f in phi.findings if f.part == "qk"]
-    assert notes and all("partial rotary" in n and "GL(r) per head: change" in n for n in notes)
+    for name, bundle, structure in [
+        ("gemma", "RotaryQK", "RoPE commutant (half)"),
+        ("phi", "RotaryQK x HeadQK", "partial RoPE commutant (half on 4 of 8) x GL(4)"),
+    ]:
+        _, report = quotopt.symmetries(_family(transformers, name), report=True)
+        qk = [f for f in report.findings if f.part == "qk"]
+        assert qk and all(f.bundle == bundle and structure in f.structure for f in qk)
+        assert all(f.tried and f.tried[0].startswith("GL(r) per head: change") for f in qk)
+        assert all(float(f.tried[0].rsplit(" ", 1)[1]) > 1e-4 for f in qk)
 
 
 def combinations_table(transformers) -> str:
