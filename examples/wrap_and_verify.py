@@ -107,9 +107,8 @@ def declared_heads(attn: SeparateProjectionAttention, metric: str = "euclidean")
 def _describe(bundle) -> str:
     if bundle is None:
         return "(plain)"
-    if isinstance(bundle, manifolds.ProductBundle):
-        return " x ".join(type(c).__name__ for c in bundle.components)
-    return type(bundle).__name__
+    components = getattr(bundle, "components", (bundle,))  # a ProductBundle lists its parts
+    return " x ".join(type(c).__name__ for c in components)
 
 
 def _table(title: str, groups: list[dict], changes: dict[str, float]) -> None:
