@@ -76,7 +76,7 @@ class SymmetryReport:
             rows.append((f.path, f.part, f.source, found, dim, change, f.note or f.structure))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
         lines = [
-            f"symmetries of {self.model}: {len(self.groups)} group(s), "
+            f"symmetries of {self.model}: {len(self.groups)} symmetric part(s), "
             f"{100 * self.share:.1f}% of {self.total} trainable entries covered"
         ]
         for row in rows:

@@ -84,7 +84,7 @@ def _slots(model, metric, heads, rescaling, skip_paths, declared_ids):
     blocked = {id(owners[i]) for i in declared_ids if i in owners}
     order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
     claimed: set[int] = set(declared_ids)
-    slots = []
+    slots, frozen_paths = [], []
     for path, module in reversed(list(model.named_modules())):  # children before parents
         if any(path == p or path.startswith(p + ".") or p == "" for p in skip_paths):
             continue
@@ -94,9 +94,13 @@ def _slots(model, metric, heads, rescaling, skip_paths, declared_ids):
         found = found or hf_slots(prefix, module, metric, heads, rescaling)
         taken = set()
         for slot in found:
+            proposed = bool(slot.options)
             slot.options = [
                 o for o in slot.options if all(p.requires_grad for p in o.group["params"])
             ]
+            if proposed and not slot.options:
+                frozen_paths.append(slot.path.rstrip("."))  # a frozen base: nothing to optimise
+                continue
             ids = {id(p) for o in slot.options for p in o.group["params"]}
             ids |= {id(p) for o in slot.options for _, p in o.frozen}
             if not slot.options and not slot.note:
@@ -106,7 +110,7 @@ def _slots(model, metric, heads, rescaling, skip_paths, declared_ids):
             taken |= ids
             slots.append(slot)
         claimed |= taken
-    return sorted(slots, key=lambda s: order[id(s.module)])
+    return sorted(slots, key=lambda s: order[id(s.module)]), frozen_paths
 
 
 def _record_calls(model, modules, inputs) -> dict[int, tuple]:
@@ -188,9 +192,9 @@ def _check_slots(model, slots, report, example, tolerance, generator):
     return accepted, frozen
 
 
-def _unrecognised(model, slots, skip_paths, table: SymmetryReport) -> None:
+def _unrecognised(model, slots, skip_paths, frozen_paths, table: SymmetryReport) -> None:
     """Report rows for attention/MLP-looking modules no slot covers, and for LayerNorm's O(d)."""
-    covered = [s.path.rstrip(".") for s in slots] + list(skip_paths)
+    covered = [s.path.rstrip(".") for s in slots] + list(skip_paths) + list(frozen_paths)
 
     def related(path):
         return any(
@@ -264,11 +268,11 @@ def symmetries(
     for g in own:
         table.add(g["name"], "model", "model", g)
     declared_ids = {id(p) for g in user + own for p in g["params"]}
-    slots = _slots(model, metric, heads, rescaling, skip, declared_ids)
+    slots, frozen_paths = _slots(model, metric, heads, rescaling, skip, declared_ids)
     example = example_inputs if example_inputs is not None else hf_example_inputs(model)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     found, frozen = _check_slots(model, slots, table, example, tolerance, generator)
-    _unrecognised(model, slots, skip, table)
+    _unrecognised(model, slots, skip, frozen_paths, table)
     found, dropped = compose_groups(found, names, refuse=False, compose_name=_composed_name)
     found = stack_adapters(found, metric)
     for g, reason in dropped:
