@@ -41,14 +41,14 @@ from collections.abc import Sequence
 
 import torch
 
+from . import joint_linalg as jl
 from .base import Bundle, Point, Tangent, randn, random_orthogonal
-from .joint_linalg import HeadStack, JointFrame, solve_cg, solve_direct, spectral_solve
 from .linalg import orthonormal_columns_sign_fixed, relative_gaps, skew, sym
 
 __all__ = ["JointBundle", "DIRECT_MAX_D"]
 
 #: Largest d for which the Schur system on so(d) is formed and solved directly.
-DIRECT_MAX_D = 12
+DIRECT_MAX_D = 8
 SOLVERS = ("auto", "direct", "cg")
 
 
@@ -224,11 +224,7 @@ class JointBundle(Bundle):
         """A basis of so(d) × Π gl(r), stacked on a leading axis of length ``group_dim``: a
         tuple with one stacked tensor per factor, zero outside that factor's block."""
         dtype = dtype or torch.get_default_dtype()
-        d = self.d_model
-        i, j = torch.triu_indices(d, d, offset=1, device=device)
-        rows = torch.arange(i.numel(), device=device)
-        so = torch.zeros((i.numel(), d, d), dtype=dtype, device=device)
-        so[rows, i, j], so[rows, j, i] = 1.0, -1.0
+        so = jl.skew_basis(self.d_model, dtype, device)
         parts = [so] + [
             torch.eye(h.group_dim, dtype=dtype, device=device).reshape(-1, *h.algebra_shape)
             for h, _ in self.heads
@@ -242,19 +238,19 @@ class JointBundle(Bundle):
         return tuple(out)
 
     # ---- metric and projection ---------------------------------------------------------------
-    def factorise(self, point: Point) -> JointFrame:
+    def factorise(self, point: Point) -> jl.JointFrame:
         """Stacked head factors with their Grams' eigendecompositions, the Gram of the other
         tensors' rows and the eigendecomposition of C (the Lyapunov preconditioner)."""
         point = self.check_point(point)
         blocks = {
-            r: (HeadStack(a, b, self.metric), m) for r, (a, b, m) in self._blocks(point).items()
+            r: (jl.HeadStack(a, b, self.metric), m) for r, (a, b, m) in self._blocks(point).items()
         }
         rows = self._rows(point)
         c_other = sym(rows.mT @ rows)
         c_full = c_other + sum(sym(hd.cross(hd.a, hd.b)) for hd, _ in blocks.values())
-        return JointFrame(blocks, rows, c_other, torch.linalg.eigh(c_full))
+        return jl.JointFrame(blocks, rows, c_other, torch.linalg.eigh(c_full))
 
-    def _factorised(self, point, frame) -> JointFrame:
+    def _factorised(self, point, frame) -> jl.JointFrame:
         return self.factorise(point) if frame is None else frame
 
     def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
@@ -295,14 +291,14 @@ class JointBundle(Bundle):
         if method == "auto":
             method = "direct" if self.d_model <= DIRECT_MAX_D else "cg"
         if method == "direct":
-            basis = self.algebra_basis(dtype=rhs.dtype, device=rhs.device)[0]
-            omega, self.last_solve = solve_direct(schur, rhs, basis[: self.residual.group_dim])
+            basis = jl.skew_basis(self.d_model, rhs.dtype, rhs.device)
+            omega, self.last_solve = jl.solve_direct(schur, rhs, basis)
         else:
             lam, u = f.spectrum
             tol = self.cg_tol or (1e-13 if rhs.dtype == torch.float64 else 1e-6)
-            omega, self.last_solve = solve_cg(
+            omega, self.last_solve = jl.solve_cg(
                 schur,
-                lambda k: spectral_solve(lam, u, lam, u, 2 * k, 1.0),
+                lambda k: jl.spectral_solve(lam, u, lam, u, 2 * k, 1.0),
                 rhs,
                 tol,
                 2 * self.residual.group_dim + 20,

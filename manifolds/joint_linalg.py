@@ -13,7 +13,16 @@ import torch
 
 from .linalg import gram, sym
 
-__all__ = ["HeadStack", "JointFrame", "spectral_solve", "solve_direct", "solve_cg"]
+__all__ = ["HeadStack", "JointFrame", "skew_basis", "spectral_solve", "solve_direct", "solve_cg"]
+
+
+def skew_basis(d: int, dtype=None, device=None) -> torch.Tensor:
+    """E_ij − E_ji for i < j, stacked: (d(d−1)/2, d, d)."""
+    i, j = torch.triu_indices(d, d, offset=1, device=device)
+    rows = torch.arange(i.numel(), device=device)
+    basis = torch.zeros((i.numel(), d, d), dtype=dtype, device=device)
+    basis[rows, i, j], basis[rows, j, i] = 1.0, -1.0
+    return basis
 
 
 def spectral_solve(evals_l, u, evals_r, v, c, scale):
@@ -80,14 +89,15 @@ def solve_direct(schur, rhs, basis):
     """Ω with S Ω = rhs by the pseudo-inverse of S on ``basis`` (n, d, d) of so(d)."""
     if basis.shape[0] == 0:
         return torch.zeros_like(rhs), {"method": "direct", "iterations": 0, "residual": 0.0}
-    matrix = sym((basis.unsqueeze(1) * schur(basis).unsqueeze(0)).sum((-2, -1)))
+    flat = basis.flatten(1)  # (n, d²)
+    matrix = sym(flat @ schur(basis).flatten(1).mT)  # ⟨E_k, S E_l⟩
     evals, evecs = torch.linalg.eigh(matrix)
     keep = evals > evals.abs().max() * torch.finfo(evals.dtype).eps * matrix.shape[0] * 8
     coef = (evecs.mT @ (basis * rhs).sum((-2, -1))) / torch.where(
         keep, evals, torch.ones_like(evals)
     )
     coef = evecs @ torch.where(keep, coef, torch.zeros_like(coef))
-    omega = (coef.reshape(-1, 1, 1) * basis).sum(0)
+    omega = (coef @ flat).reshape(rhs.shape)
     return omega, {"method": "direct", "iterations": 0, "residual": 0.0}
 
 
