@@ -121,14 +121,15 @@ def _record_calls(model, modules, inputs) -> dict[int, tuple]:
         calls.setdefault(id(module), (args, dict(kwargs)))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     args, kwargs = inputs
     try:
         model.eval()
         with torch.no_grad():
             model(*args, **kwargs)
     finally:
-        model.train(was_training)
+        for m, training in modes:  # every module's own mode, not one flag for all
+            m.training = training
         for h in handles:
             h.remove()
     return calls

@@ -458,3 +458,13 @@ def test_report_names_unrecognised_modules_and_layernorm():
         text = str(quotopt.describe(model))
     assert "unrecognised layout (OddAttention): declare it" in text
     assert "O(d) not reduced: LayerNorm centring breaks it" in text
+
+
+def test_detection_restores_every_module_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(_NanoBlock(), _NanoBlock()).train()
+    model[1].eval()
+    x = torch.randn(2, 5, 16)
+    groups = quotopt.symmetries(model, example_inputs=((x,), {}))
+    assert [g["name"] for g in groups] == ["0.heads", "1.heads", "plain"]
+    assert model.training and model[0].training and not model[1].training
