@@ -468,3 +468,38 @@ def test_detection_restores_every_module_mode():
     groups = quotopt.symmetries(model, example_inputs=((x,), {}))
     assert [g["name"] for g in groups] == ["0.heads", "1.heads", "plain"]
     assert model.training and model[0].training and not model[1].training
+
+
+# ---- layouts: one write-back --------------------------------------------------------------------
+def test_copy_into_skips_aliases_that_copy_refuses():
+    """The Qwen1.5 crash: a coordinate that is a view of the parameter with another stride on a
+    size-1 axis made ``copy_`` refuse the overlap; ``copy_into`` sees it is the same entries."""
+    from quotopt.layouts import copy_into
+
+    weight = torch.randn(6, 4)
+    view = weight.view(2, 3, 1, 4).permute(0, 1, 3, 2)  # (2, 3, 4, 1)
+    same = view.reshape(2, 3, 4).view(2, 3, 4, 1)  # same entries, another size-1 stride
+    assert view.stride() != same.stride()
+    with pytest.raises(RuntimeError, match="single memory location"):
+        view.copy_(same)  # the control: torch refuses
+    copy_into(view, same)
+    shifted = weight[1:].clone()
+    copy_into(weight[:-1], weight[1:])  # a true partial overlap is cloned first
+    assert torch.equal(weight[:-1], shifted)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_projection_heads_write_back_round_trip(bias):
+    """gather ∘ write_back is the identity on the selected entries and leaves the others (the
+    key bias inside a fused bias) alone; view coordinates need no copy."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, bias=bias).double()
+    (heads, *_) = quotopt.symmetries(mha)
+    layout, params = heads["layout"], heads["params"]
+    saved = [p.detach().clone() for p in params]
+    new = tuple(torch.randn_like(t) for t in layout(params))
+    layout.write_back(params, new)
+    assert all(torch.equal(a, b) for a, b in zip(layout(params), new))
+    if bias:
+        assert torch.equal(params[1][16:32], saved[1][16:32])  # the key bias did not move
+    assert layout.needs_scatter == bias
