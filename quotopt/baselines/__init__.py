@@ -18,17 +18,21 @@ Each factory has the signature ``factory(model, lr, weight_decay, betas)`` and r
 
 from .gauge_fixing import GaugeFixedAdamW, fix_head_gauge, gauge_fixed_adamw
 from .grokfast import GrokfastAdamW, grokfast
+from .muon import MuonWithAdamW, muon_adamw, quotient_muon_adamw
 from .random_bias import add_random_biases, random_bias_adamw
 from .stiefel import geoopt_stiefel_adam, stiefel_heads
 
 __all__ = [
     "GaugeFixedAdamW",
     "GrokfastAdamW",
+    "MuonWithAdamW",
     "add_random_biases",
     "fix_head_gauge",
     "gauge_fixed_adamw",
     "geoopt_stiefel_adam",
     "grokfast",
+    "muon_adamw",
+    "quotient_muon_adamw",
     "random_bias_adamw",
     "stiefel_heads",
 ]

@@ -156,3 +156,6 @@ register_optimizer("geoopt-stiefel", baselines.geoopt_stiefel_adam, 1e-3, 0.1, *
 register_optimizer("randbias", baselines.random_bias_adamw, 1e-3, 0.1, **_ADAM)
 register_optimizer("gaugefix", baselines.gauge_fixed_adamw, 1e-3, 0.1, **_ADAM)
 register_optimizer("grokfast", baselines.grokfast, 1e-3, 0.1, **_ADAM)
+# Muon's update is scaled to AdamW's RMS (match_rms_adamw), so AdamW's (lr, wd) carry over
+register_optimizer("muon", baselines.muon_adamw, 1e-3, 0.1, **_ADAM)
+register_optimizer("qmuon", baselines.quotient_muon_adamw, 1e-3, 0.1, **_ADAM)
