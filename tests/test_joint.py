@@ -193,3 +193,75 @@ def test_quotient_adam_is_equivariant_under_the_joint_group(metric):
 def test_control_without_the_rotation_part_is_not_equivariant():
     gap = _orbit_gap("invariant", lambda m: symmetries(m, residual=False, metric="invariant"))
     assert gap > 1e-3
+
+
+# ---- LLaMA family: fold the RMSNorm gains, then the joint group -------------------------------
+def _llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=17, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture
+def float64_rms_norm(monkeypatch):
+    """HF's LlamaRMSNorm computes in float32 even on float64 inputs (round-off ≈ 1e-7 once the
+    stream is rotated); the same map in the input's precision, for tight checks."""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, h):
+        return (
+            self.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+
+
+def test_fold_rms_gains_leaves_the_logits_unchanged(float64_rms_norm):
+    from quotopt.joint_groups import fold_rms_gains
+
+    model = _llama()
+    tokens = torch.randint(0, 17, (2, 6))
+    before = model(tokens, use_cache=False).logits.detach()
+    fold_rms_gains(model)
+    after = model(tokens, use_cache=False).logits.detach()
+    assert relative_error(after, before) <= 1e-10
+    assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "norm" in n)
+
+
+def test_verify_joint_group_on_folded_llama(float64_rms_norm):
+    from quotopt.joint_groups import fold_rms_gains, llama_joint_groups
+
+    model = fold_rms_gains(_llama())
+    groups = symmetries(model, declared=llama_joint_groups(model))
+    assert [g["name"] for g in groups if "bundle" in g] == ["joint"]
+    tokens = torch.randint(0, 17, (2, 6))
+    gen = torch.Generator().manual_seed(0)
+    change = verify(model, groups, tokens, use_cache=False, generator=gen, trials=3)["joint"]
+    assert change <= 1e-9
+    assert groups[0]["bundle"].group_dim == 8 * 7 // 2 + 2 * 2 * 4**2  # O(8) + V/O GL(4) heads
+    with torch.no_grad():  # control: a gain that is not folded breaks O(d)
+        model.model.layers[0].input_layernorm.weight.copy_(torch.linspace(0.5, 1.5, 8))
+    gen = torch.Generator().manual_seed(0)
+    assert verify(model, groups, tokens, use_cache=False, generator=gen)["joint"] > 1e-6
+
+
+def test_unfolded_gains_and_layernorm_models_are_refused():
+    from quotopt.joint_groups import llama_joint_groups
+
+    with pytest.raises(ValueError, match="fold_rms_gains"):
+        llama_joint_groups(_llama())
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="LayerNorm.*O\\(d-1\\)"):
+        llama_joint_groups(gpt2)
