@@ -12,8 +12,11 @@ plain ``nn.Linear`` layers where ``peft`` is absent (``add_lora``). Each pair is
 detected candidate (a float64 copy of the layer, everything randomised).
 
 The usual start B = 0 is rank-deficient: the quotient is singular there and the invariant metric
-undefined (``docs/theory/bundles.md``); dressing also needs full rank, so start QuotientAdam with
-``dress_every=None`` or the Euclidean metric until the adapter has rank r.
+undefined. Start with the Euclidean metric, or damp the invariant one
+(``symmetries(..., metric="invariant", lora_damping=1e-3)``: ⟨U, V⟩ = tr((AAᵀ + δ)U_BᵀV_B) +
+tr((BᵀB + δ)U_A V_Aᵀ), positive definite at B = 0, the scaled-GD preconditioner of Zhang &
+Pilanci 2024), which is only O(r)-invariant: exact gauge equivariance needs ``lora_damping=0``
+and a full-rank adapter.
 """
 
 from __future__ import annotations
@@ -99,12 +102,19 @@ def _probe(module: nn.Module, d_in: int, dtype):
     return lambda gen: ((torch.randn(2, 3, d_in, generator=gen, dtype=dtype),), {})
 
 
-def lora_slots(path: str, module: nn.Module, metric: str) -> list[Slot]:
-    """One slot per trainable adapter pair of a LoRA layer (``path`` ends with a dot)."""
+def _bundle(n: int, shape: tuple[int, int, int], metric: str, damping: float) -> M.HeadOV:
+    d_out, r, d_in = shape
+    damping = damping if metric == "invariant" else 0.0
+    return M.HeadOV(n, d_out, r, metric, factor_rows=(d_out, d_in), damping=damping)
+
+
+def lora_slots(path: str, module: nn.Module, metric: str, damping: float = 0.0) -> list[Slot]:
+    """One slot per trainable adapter pair of a LoRA layer (``path`` ends with a dot);
+    ``damping`` > 0 damps the invariant metric (admissible at B = 0, O(r)-invariant only)."""
     slots = []
     for name, b, a in _pairs(module):
         (d_out, r), d_in = b.shape, a.shape[1]
-        bundle = M.HeadOV(1, d_out, r, metric, factor_rows=(d_out, d_in))
+        bundle = _bundle(1, (d_out, r, d_in), metric, damping)
         group = {
             "params": [b, a],
             "bundle": bundle,
@@ -127,7 +137,7 @@ def lora_slots(path: str, module: nn.Module, metric: str) -> list[Slot]:
     return slots
 
 
-def stack_adapters(groups: list[dict], metric: str) -> list[dict]:
+def stack_adapters(groups: list[dict], metric: str, damping: float = 0.0) -> list[dict]:
     """Adapter groups of one shape (d_out, r, d_in) → one ``HeadOV`` group with one head each,
     named ``lora.{d_out}x{r}x{d_in}``; other groups pass through, in order."""
     by_shape: dict[tuple, list[dict]] = {}
@@ -148,7 +158,7 @@ def stack_adapters(groups: list[dict], metric: str) -> list[dict]:
             continue
         members = by_shape[item]
         d_out, r, d_in = item
-        bundle = M.HeadOV(len(members), d_out, r, metric, factor_rows=(d_out, d_in))
+        bundle = _bundle(len(members), item, metric, damping)
         params = [p for g in members for p in g["params"]]
         result.append(
             {

@@ -76,7 +76,7 @@ def _model_groups(model, metric, heads, residual, rescaling):
     return groups, covered_paths
 
 
-def _slots(model, metric, heads, rescaling, skip_paths, declared_ids):
+def _slots(model, metric, heads, rescaling, skip_paths, declared_ids, lora_damping=0.0):
     owners = {}
     for _, module in model.named_modules():
         for p in module.parameters(recurse=False):
@@ -90,7 +90,7 @@ def _slots(model, metric, heads, rescaling, skip_paths, declared_ids):
             continue
         prefix = f"{path}." if path else ""
         found = torch_slots(prefix, module, metric, heads, rescaling)
-        found = found or lora_slots(prefix, module, metric)
+        found = found or lora_slots(prefix, module, metric, lora_damping)
         found = found or hf_slots(prefix, module, metric, heads, rescaling)
         taken = set()
         for slot in found:
@@ -233,6 +233,7 @@ def symmetries(
     example_inputs=None,
     tolerance: float = DEFAULT_TOLERANCE,
     generator: torch.Generator | None = None,
+    lora_damping: float = 0.0,
     report: bool = False,
 ):
     """Param groups of ``model`` by symmetry (see the module docstring).
@@ -254,6 +255,9 @@ def symmetries(
         tolerance: largest relative output change a detected candidate may cause.
         generator: randomness of the checks (default: a fixed seed, so detection is
             deterministic and leaves the global RNG alone).
+        lora_damping: damping of the invariant metric on LoRA adapter pairs (``quotopt.lora``):
+            > 0 makes the rank-deficient start B = 0 admissible, at the price of exact gauge
+            equivariance (the damped metric is O(r)-invariant only).
         report: also return the ``SymmetryReport`` (``(groups, report)``).
 
     Raises ``ValueError`` naming any parameter covered twice or (``plain=False``) not at all.
@@ -269,13 +273,13 @@ def symmetries(
     for g in own:
         table.add(g["name"], "model", "model", g)
     declared_ids = {id(p) for g in user + own for p in g["params"]}
-    slots, frozen_paths = _slots(model, metric, heads, rescaling, skip, declared_ids)
+    slots, frozen_paths = _slots(model, metric, heads, rescaling, skip, declared_ids, lora_damping)
     example = example_inputs if example_inputs is not None else hf_example_inputs(model)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     found, frozen = _check_slots(model, slots, table, example, tolerance, generator)
     _unrecognised(model, slots, skip, frozen_paths, table)
     found, dropped = compose_groups(found, names, refuse=False, compose_name=_composed_name)
-    found = stack_adapters(found, metric)
+    found = stack_adapters(found, metric, lora_damping)
     for g, reason in dropped:
         table.add(g["name"], "-", "detected", note=f"dropped: {reason}")
     keys = [

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import manifolds as M
 import quotopt
 from manifolds.testing import relative_error
 from quotopt.checks import group_point, write_point
@@ -84,18 +85,13 @@ def test_peft_groups_verify_after_the_adapters_leave_zero(peft):
     assert max(changes.values()) <= 1e-9 and any("lora_B" in n for n in changes.randomised)
 
 
-INVARIANT_AT_ZERO = pytest.param("invariant", marks=pytest.mark.xfail(strict=True, reason=(
-    "the invariant metric needs B^T B invertible: at B = 0 the step's Cholesky fails "
-    "(NonFiniteStepError) until the damped metric lands")))  # fmt: skip
-
-
-@pytest.mark.parametrize("metric", ["euclidean", INVARIANT_AT_ZERO])
+@pytest.mark.parametrize("metric", M.METRICS)
 def test_quotient_adam_steps_from_b_zero(peft, metric):
-    """B = 0 is rank-deficient (no dressing there): QuotientAdam without re-dressing steps from
-    it, the loss falls and merge_and_unload gives the same function."""
+    """B = 0 is rank-deficient: QuotientAdam steps from it (the invariant metric damped), the
+    loss falls and merge_and_unload gives the same function."""
     model = _lora_model(peft, dtype=torch.float32)
-    groups = quotopt.symmetries(model, metric=metric)
-    optimiser = quotopt.QuotientAdam(groups, lr=1e-2, dress_every=None)
+    groups = quotopt.symmetries(model, metric=metric, lora_damping=1e-3)
+    optimiser = quotopt.QuotientAdam(groups, lr=1e-2)
     losses = []
     for _ in range(15):
         loss = model(IDS, labels=IDS, use_cache=False).loss
@@ -111,6 +107,15 @@ def test_quotient_adam_steps_from_b_zero(peft, metric):
         merged = model.merge_and_unload()
         after = merged(IDS, use_cache=False).logits
     assert relative_error(after, before) < 1e-5
+
+
+def test_the_undamped_invariant_metric_refuses_b_zero(peft):
+    """The control: without damping the invariant metric is undefined at B = 0."""
+    model = _lora_model(peft, dtype=torch.float32)
+    optimiser = quotopt.QuotientAdam(quotopt.symmetries(model, metric="invariant"), lr=1e-2)
+    model(IDS, labels=IDS, use_cache=False).loss.backward()
+    with pytest.raises(quotopt.NonFiniteStepError):
+        optimiser.step()
 
 
 def _train(model, groups, steps, make):
