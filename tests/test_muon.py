@@ -169,24 +169,25 @@ def test_matrix_sensing_with_gl_heads(metric):
 
 
 @pytest.mark.parametrize(
-    "hyper",
+    "hyper, dtype",
     [
-        {},
-        dict(nesterov=False, momentum=0.9, weight_decay=0.0),
-        dict(adjust_lr_fn="match_rms_adamw"),
+        ({}, torch.float64),
+        (dict(nesterov=False, momentum=0.9, weight_decay=0.0), torch.float64),
+        (dict(adjust_lr_fn="match_rms_adamw"), torch.float64),
+        ({}, torch.bfloat16),  # bfloat16 without Nesterov: see the class docstring
     ],
 )
-def test_plain_groups_match_torch_muon_bitwise(hyper):
+def test_plain_groups_match_torch_muon_bitwise(hyper, dtype):
     gen = torch.Generator().manual_seed(0)
     shapes = [(6, 4), (3, 7), (5, 5)]
-    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    start = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
     ours = [torch.nn.Parameter(t.clone()) for t in start]
     theirs = [torch.nn.Parameter(t.clone()) for t in start]
     opts = [QuotientMuon(ours, lr=0.02, **hyper), torch.optim.Muon(theirs, lr=0.02, **hyper)]
     for _ in range(10):
         for opt, params in zip(opts, (ours, theirs)):
             opt.zero_grad()
-            sum((p**3).sum() + p.sin().sum() for p in params).backward()
+            sum((p.double() ** 3).sum() + p.double().sin().sum() for p in params).backward()
             opt.step()
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     for a, b in zip(ours, theirs):

@@ -27,7 +27,10 @@ class QuotientMuon(QuotientOptimizer):
     r"""Muon on quotient manifolds (a ``torch.optim.Optimizer``).
 
     Groups without a ``"bundle"`` are exactly ``torch.optim.Muon`` (same hyperparameters,
-    defaults and bits) and, like it, take 2-D parameters only: embeddings, norms, biases and
+    defaults and bits; one deliberate exception: for bfloat16 parameters with
+    ``nesterov=False`` torch's Newton–Schulz divides its own momentum buffer in place, since
+    ``buf.bfloat16()`` is ``buf``, and QuotientMuon leaves the buffer alone) and, like it, take
+    2-D parameters only: embeddings, norms, biases and
     the read-out belong in an AdamW (or ``QuotientAdam``) optimiser beside it, as Muon's
     authors recommend (``quotopt.baselines.muon`` wraps the pair as one optimiser). Bundle
     groups must be factored bundles — two factors per head, (A g, B g⁻ᵀ) with g in a subgroup
