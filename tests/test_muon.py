@@ -301,6 +301,11 @@ def test_hidden_matrices_are_the_whole_projections_in_torch_layout():
     writes = torch.einsum("bhr,hrd->bd", heads.reshape(3, 2, 8), attn.wo.detach())
     torch.testing.assert_close(heads @ by_param[id(attn.wo)].T, writes)
     torch.testing.assert_close(x @ by_param[id(mlp.w_in)].T, x @ mlp.w_in.detach())
+    schedule = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    opt.step()  # no gradients yet: nothing moves
+    schedule.step()  # reaches the inner optimisers' groups
+    inner = [g["lr"] for o in opt.optimizers.values() for g in o.param_groups]
+    assert len(inner) == 2 and inner == [5e-4, 5e-4]
 
 
 @pytest.mark.parametrize(
@@ -311,6 +316,7 @@ def test_hidden_matrices_are_the_whole_projections_in_torch_layout():
 def test_baselines_train_a_tiny_transformer_and_resume(factory, activation):
     model = _tiny(activation)
     opt = factory(model, 1e-2, 0.1, (0.9, 0.98))
+    assert isinstance(opt, torch.optim.Optimizer)
     names = {type(o).__name__ for o in opt.optimizers.values()}
     assert "AdamW" in names and ({"Muon", "QuotientMuon"} & names)
     tokens = torch.randint(0, 11, (16, 6), generator=torch.Generator().manual_seed(1))

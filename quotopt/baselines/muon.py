@@ -87,21 +87,17 @@ def hidden_matrices(model: nn.Module) -> list[tuple[str, nn.Parameter, str | Non
     return [(f"{n}.weight", m.weight, None) for n, m in linears[:-1] if m.weight.requires_grad]
 
 
-class MuonWithAdamW:
+class MuonWithAdamW(torch.optim.Optimizer):
     """Several optimisers over disjoint parameters stepped as one: ``torch.optim.Muon`` on the
-    proxies of the hidden matrices, AdamW on the rest, and optionally a ``QuotientMuon``."""
+    proxies of the hidden matrices, AdamW on the rest, and optionally a ``QuotientMuon``.
+
+    A ``torch.optim.Optimizer`` whose ``param_groups`` are the inner optimisers' own group
+    dicts (so LR schedulers and per-group changes reach them); its state lives in the inner
+    optimisers (``optimizers``), and ``state_dict`` holds one entry per inner optimiser."""
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer], proxies: list[_Proxy]):
-        self.optimizers, self._proxies = optimizers, proxies
-
-    @property
-    def param_groups(self) -> list[dict]:
-        """Every group of every optimiser (the same dicts: a change of ``lr`` takes effect)."""
-        return [g for opt in self.optimizers.values() for g in opt.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
+        self.optimizers, self._proxies = dict(optimizers), list(proxies)
+        super().__init__([g for opt in self.optimizers.values() for g in opt.param_groups], {})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():
