@@ -26,15 +26,14 @@ _ADJUST = (None, "original", "match_rms_adamw")
 class QuotientMuon(QuotientOptimizer):
     r"""Muon on quotient manifolds (a ``torch.optim.Optimizer``).
 
-    Groups without a ``"bundle"`` are exactly ``torch.optim.Muon`` (same hyperparameters,
-    defaults and bits; one deliberate exception: for bfloat16 parameters with
-    ``nesterov=False`` torch's Newton–Schulz divides its own momentum buffer in place, since
-    ``buf.bfloat16()`` is ``buf``, and QuotientMuon leaves the buffer alone) and, like it, take
-    2-D parameters only: embeddings, norms, biases and
-    the read-out belong in an AdamW (or ``QuotientAdam``) optimiser beside it, as Muon's
-    authors recommend (``quotopt.baselines.muon`` wraps the pair as one optimiser). Bundle
-    groups must be factored bundles — two factors per head, (A g, B g⁻ᵀ) with g in a subgroup
-    of GL(r): ``HeadQK``, ``HeadOV``, ``RotaryQK``, ``PositiveRescaling`` (``bundle.factors``).
+    Groups without a ``"bundle"`` are exactly ``torch.optim.Muon`` (same hyperparameters, defaults
+    and bits; one deliberate exception: for bfloat16 parameters with ``nesterov=False`` torch's
+    Newton–Schulz divides its own momentum buffer in place, since ``buf.bfloat16()`` is ``buf``, and
+    QuotientMuon leaves the buffer alone) and, like it, take 2-D parameters only: embeddings, norms,
+    biases and the read-out belong in an AdamW (or ``QuotientAdam``) optimiser beside it, as Muon's
+    authors recommend (``quotopt.baselines.muon`` wraps the pair as one optimiser). Bundle groups
+    must be factored bundles — two factors per head, (A g, B g⁻ᵀ) with g in a subgroup of GL(r):
+    ``HeadQK``, ``HeadOV``, ``RotaryQK``, ``PositiveRescaling`` (``bundle.factors``).
 
     **The step** (``quotopt.optim.orthogonal.muon_bundle_update``), on a group at p with
     Euclidean gradient ∇f and momentum m:
@@ -81,21 +80,23 @@ class QuotientMuon(QuotientOptimizer):
     sign rule, and rotations inside groups of equal singular values of M, where the dressing
     is ambiguous and round-off picks the representative), and Newton–Schulz (NS(XK) = NS(X)K
     for orthogonal K), both metrics, P_H, ``limit_step``, the decay and the transport all
-    commute with orthogonal K — the two runs then differ by K, on the same orbits. With
+    commute with orthogonal K (step(p̄K) = step(p̄)·K for every orthogonal K, so near-ties,
+    where u amplifies round-off, are harmless too) — the two runs then differ by K, on the same
+    orbits. With
     ``dress_every = k > 1`` runs still coincide (dressing at step 1) but between dressings
     the step depends on the representative, so it is no longer a map on the quotient;
     ``dress_every=None`` is the gauge-dependent control.
 
-    **Newton–Schulz, not an exact polar factor** (SVD of the rows×r factor or r×r eigen-
-    decomposition of its Gram): NS is matmuls only (5 × (4·rows·r² + 2r³) flops per factor and
-    head, batched by ``baddbmm``; the dressing adds one r×r eigendecomposition pair and SVD
-    per head and a factorisation of the dressed point — the cost of a QuotientAdam step with
-    dressing), maps null directions to zero without a threshold, and has bounded gain (the
-    five-fold quintic's slope at 0 is a⁵ ≈ 490), whereas the exact polar factor's derivative grows
-    like 1/σ_min of the momentum, amplifying the round-off difference of two gauge-equivalent
-    runs without bound. It runs in the parameters' precision (float32 at least), not torch's
-    bfloat16: bfloat16 rounding (≈ 4e-3) of two inputs equal to round-off can differ by an ulp
-    and would break equivariance at 1e-6. Like torch's, it returns US'Vᵀ with S' ≈ 1, not UVᵀ.
+    **Newton–Schulz, not an exact polar factor** (SVD of the rows×r factor or r×r
+    eigendecomposition of its Gram): NS is matmuls only (5 × (4·rows·r² + 2r³) flops per factor
+    and head, batched by ``baddbmm``; the dressing adds one r×r eigendecomposition pair and SVD
+    per head and a factorisation of the dressed point), maps null directions to zero without a
+    threshold, and has bounded gain (the five-fold quintic's slope at 0 is a⁵ ≈ 485), whereas the
+    exact polar factor's derivative grows like 1/σ_min of the momentum, amplifying the round-off
+    difference of two gauge-equivalent runs without bound. It runs in the parameters' precision
+    (float32 at least), not torch's bfloat16: bfloat16 rounding (≈ 4e-3) of two inputs equal to
+    round-off can differ by an ulp and would break equivariance at 1e-6. Like torch's, it returns
+    US'Vᵀ with S' between about 0.5 and 1.5, not UVᵀ.
 
     Weight decay is decoupled and acts on the invariants (M ↦ (1 − lr·wd)M, each factor by
     √(1 − lr·wd)); torch's Muon on both factors would shrink M by (1 − lr·wd)².
