@@ -12,7 +12,7 @@ import manifolds as M
 from manifolds.testing import relative_error
 from quotopt import NonFiniteStepError, QuotientMuon, gauge_transform, symmetries
 from quotopt.baselines.muon import hidden_matrices, muon_adamw, quotient_muon_adamw
-from quotopt.models import Transformer
+from quotopt.models import RelationalTransformer, Transformer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -197,6 +197,8 @@ def test_plain_groups_match_torch_muon_bitwise(hyper, dtype):
 def test_non_matrix_plain_parameters_are_refused():
     with pytest.raises(ValueError, match=r"params\[1\] has shape \(3,\).*AdamW"):
         QuotientMuon([torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="complex"):
+        QuotientMuon([torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.complex64))])
     residual = M.ResidualRotation(4, (0,), shapes=((4, 3),))
     with pytest.raises(ValueError, match="has none"):
         QuotientMuon([{"params": [torch.nn.Parameter(torch.randn(4, 3))], "bundle": residual}])
@@ -352,6 +354,26 @@ def test_baselines_train_a_tiny_transformer_and_resume(factory, activation):
         ).backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_qmuon_on_the_relational_model_sends_unfactored_groups_to_quotient_adam():
+    torch.manual_seed(0)
+    model = RelationalTransformer(
+        vocab_size=11, n_layers=1, n_heads=2, max_len=6, n_channels=4, d_gauge=4
+    )
+    opt = quotient_muon_adamw(model, 1e-2, 0.1)
+    kinds = {k: type(o).__name__ for k, o in opt.optimizers.items()}
+    assert kinds == {"qmuon": "QuotientMuon", "muon": "Muon", "adamw": "QuotientAdam"}
+    tokens = torch.randint(0, 11, (16, 6), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        logits = model(tokens)[:, :-1].reshape(-1, 11)
+        loss = torch.nn.functional.cross_entropy(logits, tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
 
 
 @pytest.mark.parametrize("factory, equivariant", [(quotient_muon_adamw, True), (muon_adamw, False)])

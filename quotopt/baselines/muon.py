@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ..models.transformer import MODEL_AXES
-from ..optim import QuotientMuon
-from ..symmetries import symmetries
+from ..optim import QuotientAdam, QuotientMuon
+from ..symmetries import group_point, symmetries
 
 __all__ = ["MuonWithAdamW", "hidden_matrices", "muon_adamw", "quotient_muon_adamw"]
 
@@ -169,6 +169,14 @@ def muon_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.9
     return MuonWithAdamW(optimizers, proxies)
 
 
+def _has_factors(group: dict) -> bool:
+    try:
+        group["bundle"].factors(group_point(group))
+    except NotImplementedError:
+        return False
+    return True
+
+
 def quotient_muon_adamw(
     model: nn.Module,
     lr: float,
@@ -178,22 +186,29 @@ def quotient_muon_adamw(
     metric: str = "euclidean",
     scope: str = "tensor",
 ):
-    """QuotientMuon on the model's symmetry groups (``quotopt.symmetries``; scope ``"tensor"``:
-    whole projections, like the Muon baseline, and the whole MLP matrices of rescaled ReLU
-    units), the Muon baseline on the hidden matrices no symmetry covers, AdamW on the rest —
-    so the two differ only where the geometry acts."""
+    """QuotientMuon on the model's factored symmetry groups (``quotopt.symmetries``; scope
+    ``"tensor"``: whole projections, like the Muon baseline, and the whole MLP matrices of
+    rescaled ReLU units), the Muon baseline on the hidden matrices no symmetry covers, AdamW on
+    the rest — so the two differ only where the geometry acts. Symmetry groups without two
+    factors (the relational model's O(d_gauge) on its embedding) go to ``QuotientAdam`` with
+    the rest, whose plain groups are AdamW exactly."""
     groups = [g for g in symmetries(model, metric=metric) if g.get("bundle") is not None]
+    factored = [g for g in groups if _has_factors(g)]
+    others = [g for g in groups if not _has_factors(g)]
     covered = [p for g in groups for p in g["params"]]
     proxies, targets, rest = _split(model, exclude=covered)
     optimizers = {}
-    if groups:
+    if factored:
         optimizers["qmuon"] = QuotientMuon(
-            groups, lr=lr, weight_decay=weight_decay, scope=scope, adjust_lr_fn="match_rms_adamw"
+            factored, lr=lr, weight_decay=weight_decay, scope=scope, adjust_lr_fn="match_rms_adamw"
         )
     if targets:
         optimizers["muon"] = torch.optim.Muon(
             targets, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"
         )
-    if rest:
+    if others:
+        plain = [{"params": rest, "name": "plain"}] if rest else []
+        optimizers["adamw"] = QuotientAdam(others + plain, lr, betas, weight_decay=weight_decay)
+    elif rest:
         optimizers["adamw"] = torch.optim.AdamW(rest, lr, betas, weight_decay=weight_decay)
     return MuonWithAdamW(optimizers, proxies)

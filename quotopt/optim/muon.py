@@ -159,6 +159,8 @@ class QuotientMuon(QuotientOptimizer):
         bundle = param_group.get("bundle")
         if bundle is None:
             for i, p in enumerate(params):
+                if isinstance(p, torch.Tensor) and p.is_complex():
+                    raise ValueError(f"{name}: params[{i}] is complex; Muon takes real matrices")
                 if isinstance(p, torch.Tensor) and p.dim() != 2:
                     raise ValueError(
                         f"{name}: QuotientMuon (like torch.optim.Muon) updates 2-D parameters "
