@@ -350,6 +350,11 @@ class JointBundle(Bundle):
         heads = {s for _, slots in self.heads for s in slots}
         return tuple(t * (root if i in heads else factor) for i, t in enumerate(point))
 
+    def limit_step(self, point: Point, step: Tangent, frame=None) -> Tangent:
+        """Each head bundle's bound on its slots (traces of r×r products: O(d)-invariant too)."""
+        parts = [(s, h.limit_step(self._sub(point, s), self._sub(step, s))) for h, s in self.heads]
+        return self._with(step, parts)
+
     # ---- dressing and invariants ----------------------------------------------------------------
     def _composites(self, point):
         return [a @ b.mT for a, b, _ in self._blocks(point).values()]  # (N, d, d) per r
