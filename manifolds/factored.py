@@ -48,7 +48,9 @@ class FactorFrame(NamedTuple):
     """The factorisation of a factored point that every operation at that point reuses.
 
     ``p``, ``q``: the Grams AᵀA, BᵀB (H, r, r), float64; ``inv_p``, ``inv_q``: the inverses of
-    the metric's Grams (P + δ_P)⁺, (Q + δ_Q)⁺. A *spectral* frame also holds the
+    the metric's Grams (P + δ_P)⁺, (Q + δ_Q)⁺; ``root_p``, ``root_q``: square-root factors
+    R Rᵀ = P + δ_P (likewise Q), so that metric norms are sums of squares ‖u R‖² — never
+    negative, without the cancellation of u (P + δ) uᵀ in float32. A *spectral* frame also holds the
     eigendecompositions ``lam, u`` and ``mu, v`` (ascending) and the dampings (H, 1) — what the
     Euclidean and the damped metrics' projections need; the undamped invariant metric's closed
     form needs only Cholesky factors (``lam`` … ``v`` are None, ``deficient`` flags heads whose
@@ -59,6 +61,8 @@ class FactorFrame(NamedTuple):
     q: torch.Tensor
     inv_p: torch.Tensor
     inv_q: torch.Tensor
+    root_p: torch.Tensor
+    root_q: torch.Tensor
     damp_p: torch.Tensor
     damp_q: torch.Tensor
     deficient: torch.Tensor
@@ -74,7 +78,8 @@ def _low(values: torch.Tensor, top: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _cholesky_inverse(gram_: torch.Tensor):
-    """((G + δ)⁻¹, δ (H, 1), singular (H,)) by Cholesky, without host synchronisation.
+    """((G + δ)⁻¹, L with L Lᵀ = G + δ, δ (H, 1), singular (H,)) by Cholesky, without host
+    synchronisation.
 
     δ = 0 except on heads whose factorisation fails or whose pivots are at round-off level:
     there the undamped metric is undefined, and the head is given the damping δ = tr(G)/r
@@ -88,7 +93,7 @@ def _cholesky_inverse(gram_: torch.Tensor):
     mean = torch.diagonal(gram_, dim1=-2, dim2=-1).sum(-1, keepdim=True) / r
     damp = torch.where(singular.unsqueeze(-1), mean.clamp_min(torch.finfo(gram_.dtype).tiny), 0.0)
     chol, _ = torch.linalg.cholesky_ex(gram_ + damp.unsqueeze(-1) * eye)
-    return torch.cholesky_solve(eye.expand_as(gram_), chol), damp, singular
+    return torch.cholesky_solve(eye.expand_as(gram_), chol), chol, damp, singular
 
 
 def frame_from_grams(p: torch.Tensor, q: torch.Tensor, damping: float, spectral: bool = True):
@@ -97,9 +102,9 @@ def frame_from_grams(p: torch.Tensor, q: torch.Tensor, damping: float, spectral:
     Cholesky inverses (the undamped invariant metric)."""
     r = p.shape[-1]
     if not spectral:
-        inv_p, damp_p, low_p = _cholesky_inverse(p)
-        inv_q, damp_q, low_q = _cholesky_inverse(q)
-        return FactorFrame(p, q, inv_p, inv_q, damp_p, damp_q, low_p | low_q)
+        inv_p, root_p, damp_p, low_p = _cholesky_inverse(p)
+        inv_q, root_q, damp_q, low_q = _cholesky_inverse(q)
+        return FactorFrame(p, q, inv_p, inv_q, root_p, root_q, damp_p, damp_q, low_p | low_q)
     lam, u = torch.linalg.eigh(p)
     mu, v = torch.linalg.eigh(q)
     damp_p = damping * lam.sum(-1, keepdim=True) / r
@@ -110,6 +115,8 @@ def frame_from_grams(p: torch.Tensor, q: torch.Tensor, damping: float, spectral:
         q,
         pinv_spectrum(lam + damp_p, u),
         pinv_spectrum(mu + damp_q, v),
+        u * (lam + damp_p).clamp_min(0).sqrt().unsqueeze(-2),
+        v * (mu + damp_q).clamp_min(0).sqrt().unsqueeze(-2),
         damp_p,
         damp_q,
         deficient,
@@ -250,13 +257,6 @@ class FactoredBundle(Bundle):
         return self.factorise(point) if frame is None else frame
 
     # ---- metric ------------------------------------------------------------------------------
-    def _metric_grams(self, frame: FactorFrame):
-        """(Q + δ_Q, P + δ_P): the Grams weighting the first and the second factor."""
-        eye = torch.eye(self.d_head, dtype=frame.p.dtype, device=frame.p.device)
-        return frame.q + frame.damp_q.unsqueeze(-1) * eye, frame.p + frame.damp_p.unsqueeze(
-            -1
-        ) * eye
-
     def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
         point = self.check_point(point)
         u1, u2 = self.factors(self.check_tangent(point, u, "u"))
@@ -264,9 +264,9 @@ class FactoredBundle(Bundle):
         if self.metric == "euclidean":
             local = (u1 * v1).sum() + (u2 * v2).sum()
         else:
-            weights = self._metric_grams(self._frame(point, frame))
-            weight_1, weight_2 = (w.to(u1.dtype) for w in weights)
-            local = ((u1 @ weight_1) * v1).sum() + ((u2 @ weight_2) * v2).sum()
+            f = self._frame(point, frame)
+            root_1, root_2 = f.root_q.to(u1.dtype), f.root_p.to(u1.dtype)
+            local = ((u1 @ root_1) * (v1 @ root_1)).sum() + ((u2 @ root_2) * (v2 @ root_2)).sum()
         return self.row_sums(local.reshape(1))[0][0]
 
     def riemannian_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
@@ -283,12 +283,12 @@ class FactoredBundle(Bundle):
         Adam's per-coordinate mean square."""
         point = self.check_point(point)
         u1, u2 = self.factors(self.check_tangent(point, v))
-        if self.metric == "euclidean":
-            w1, w2 = u1, u2
-        else:
-            weight_1, weight_2 = self._metric_grams(self._frame(point, frame))
-            w1, w2 = u1 @ weight_1.to(u1.dtype), u2 @ weight_2.to(u2.dtype)
-        return self.from_factors((w1 * u1).mean(-1, keepdim=True), (w2 * u2).mean(-1, keepdim=True))
+        if self.metric != "euclidean":  # ‖u_i R‖² with R Rᵀ the metric's Gram
+            f = self._frame(point, frame)
+            u1, u2 = u1 @ f.root_q.to(u1.dtype), u2 @ f.root_p.to(u2.dtype)
+        return self.from_factors(
+            u1.square().mean(-1, keepdim=True), u2.square().mean(-1, keepdim=True)
+        )
 
     def scale_invariants(self, point: Point, factor) -> Point:
         """Multiply every head's M = A Bᵀ by ``factor``: each factor by √factor."""

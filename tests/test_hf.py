@@ -521,17 +521,9 @@ def test_family_groups_verify(transformers, name):
     assert changes.randomised and changes.compared
 
 
-WHISPER_INVARIANT = pytest.param(
-    "whisper", "invariant", marks=pytest.mark.xfail(strict=True, reason=(
-        "float32 eigh in the invariant-metric step fails at step 17 once W_q's smallest "
-        "singular value falls to 6e-3 (float64 trains: loss 2.09 -> 0.43)")),
-)  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("name", "metric"),
-    [(n, m) for n in sorted(FAMILIES) for m in M.METRICS if (n, m) != ("whisper", "invariant")]
-    + [WHISPER_INVARIANT],
+    [(n, m) for n in sorted(FAMILIES) for m in M.METRICS],
 )
 def test_family_trains(transformers, name, metric):
     """30 QuotientAdam steps on a regression of the first output tensor: no error, loss falls."""
