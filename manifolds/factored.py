@@ -18,10 +18,12 @@ lives here, once:
 * second moments  ``slice_mean_square``: per row of each factor the metric's squared row norm
   divided by r — rows are never mixed by the group (invariant metric: GL-invariant);
 * decay        ``scale_invariants(p, c)``: M ↦ c·M by scaling both factors by √c;
-* frames       ``factorise(p)``: one symmetric eigendecomposition P = UΛUᵀ, Q = VMVᵀ per head,
-  shared by every projection, gradient and dressing at p (``FactorFrame``);
-* step bound   ``limit_step(p, v)`` (invariant metric): the new invariant is
-  M' = M − (V₁Bᵀ + AV₂ᵀ) + V₁V₂ᵀ for the step −v; per head the step is scaled by
+* frames       ``factorise(p)``: per head the float64 Grams P = AᵀA, Q = BᵀB and one
+  factorisation of each — eigendecompositions P = UΛUᵀ, Q = VMVᵀ for the Euclidean and the
+  damped metrics, Cholesky factors for the undamped invariant one — shared by every
+  projection, gradient and second moment at p (``FactorFrame``);
+* step bound   ``limit_step(p, v)`` (invariant metric): the new invariant after the step
+  p ↦ p + v is M' = M + (V₁Bᵀ + AV₂ᵀ) + V₁V₂ᵀ; per head the step is scaled by
   s = min(1, ½‖L‖/‖N‖) with L = V₁Bᵀ + AV₂ᵀ, N = V₁V₂ᵀ, so the second-order change never
   exceeds half the first-order one. Both norms are traces of r×r products (no d×d matrix) and
   are gauge-invariant, so the rule commutes with the action. It only acts where the factors
@@ -105,8 +107,8 @@ def frame_from_grams(p: torch.Tensor, q: torch.Tensor, damping: float, spectral:
         inv_p, root_p, damp_p, low_p = _cholesky_inverse(p)
         inv_q, root_q, damp_q, low_q = _cholesky_inverse(q)
         return FactorFrame(p, q, inv_p, inv_q, root_p, root_q, damp_p, damp_q, low_p | low_q)
-    lam, u = torch.linalg.eigh(p)
-    mu, v = torch.linalg.eigh(q)
+    evals, evecs = torch.linalg.eigh(torch.cat((p, q)))  # one batched call for both Grams
+    (lam, mu), (u, v) = evals.chunk(2), evecs.chunk(2)
     damp_p = damping * lam.sum(-1, keepdim=True) / r
     damp_q = damping * mu.sum(-1, keepdim=True) / r
     deficient = _low(lam[..., 0], lam[..., -1], r) | _low(mu[..., 0], mu[..., -1], r)

@@ -43,7 +43,7 @@ import torch
 
 from manifolds import Bundle
 
-__all__ = ["adam_bundle_update", "sgd_bundle_update", "redress"]
+__all__ = ["adam_bundle_update", "sgd_bundle_update", "redress", "begin_step", "descend"]
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -70,11 +70,24 @@ def redress(bundle: Bundle, point: Tensors, grad: Tensors, tangents: tuple[Tenso
     return bundle.act(point, u), bundle.act_dual(grad, u), moved
 
 
-def _descend(bundle: Bundle, point: Tensors, frame, direction: Tensors, lr: float, weight_decay):
-    """The new point: decay on the invariants, then the bounded step -lr·direction."""
-    step = bundle.limit_step(point, tuple(lr * d for d in direction), frame)
+def begin_step(bundle: Bundle, point, grad, moments: tuple, *, maximize, dress, frame):
+    """The start every bundle update shares: the gradient's sign, the re-dressing (carrying
+    the ``moments``, tangent vectors at the point) and the frame of the point the step starts
+    from. Returns ``(point, grad, moments, frame)``."""
+    if maximize:
+        grad = tuple(-g for g in grad)
+    if dress:
+        point, grad, moments = redress(bundle, point, grad, moments)
+        frame = None
+    return point, grad, moments, bundle.factorise(point) if frame is None else frame
+
+
+def descend(bundle: Bundle, point: Tensors, frame, direction: Tensors, lr: float, weight_decay):
+    """The new point: decay on the invariants, then the bounded step -lr·direction (the bound
+    is even in the step, so it is applied to -lr·direction directly)."""
+    step = bundle.limit_step(point, tuple(d * -lr for d in direction), frame)
     base = bundle.scale_invariants(point, 1 - lr * weight_decay) if weight_decay else point
-    return bundle.retract(base, tuple(-d for d in step))
+    return bundle.retract(base, step)
 
 
 # ---- Adam -------------------------------------------------------------------------------------
@@ -101,13 +114,9 @@ def adam_bundle_update(
     and after re-dressing). Returns ``(new_point, new_state, new_frame)``, the last being the
     factorisation of the new point, which the next step reuses.
     """
-    if maximize:
-        grad = tuple(-g for g in grad)
-    exp_avg = state["exp_avg"]
-    if dress:
-        point, grad, (exp_avg,) = redress(bundle, point, grad, (exp_avg,))
-        frame = None
-    frame = bundle.factorise(point) if frame is None else frame
+    point, grad, (exp_avg,), frame = begin_step(
+        bundle, point, grad, (state["exp_avg"],), maximize=maximize, dress=dress, frame=frame
+    )
     step = state["step"] + 1
     # the Riemannian gradient of a G-invariant loss is horizontal: no projection needed
     rgrad = bundle.riemannian_gradient(point, grad, frame)
@@ -117,11 +126,10 @@ def adam_bundle_update(
         for v, s in zip(state["exp_avg_sq"], bundle.slice_mean_square(point, rgrad, frame))
     )
     bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2)
-    direction = tuple(
-        (m / bc1) / ((v.sqrt() / bc2_sqrt) + eps) for m, v in zip(exp_avg, exp_avg_sq)
-    )
+    # m̂ / (√v̂ + ε) with both bias corrections folded into the (per-slice, small) denominator
+    direction = tuple(m / ((v.sqrt() / bc2_sqrt + eps) * bc1) for m, v in zip(exp_avg, exp_avg_sq))
     direction = bundle.project_horizontal(point, direction, frame)
-    new_point = _descend(bundle, point, frame, direction, lr, weight_decay)
+    new_point = descend(bundle, point, frame, direction, lr, weight_decay)
     new_frame = bundle.factorise(new_point)
     exp_avg = bundle.transport(point, new_point, exp_avg, new_frame)
     return new_point, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, new_frame
@@ -160,21 +168,18 @@ def sgd_bundle_update(
     """One QuotientSGD step on a bundle group. Weight decay is decoupled and acts on the
     invariants (``bundle.scale_invariants``), the only form that commutes with the group
     action. ``frame`` and the returned triple as in ``adam_bundle_update``."""
-    if maximize:
-        grad = tuple(-g for g in grad)
-    buf = state.get("momentum_buffer")
-    if dress:
-        point, grad, moved = redress(bundle, point, grad, (buf,) if momentum else ())
-        buf = moved[0] if momentum else None
-        frame = None
-    frame = bundle.factorise(point) if frame is None else frame
+    moments = (state["momentum_buffer"],) if momentum else ()
+    point, grad, moments, frame = begin_step(
+        bundle, point, grad, moments, maximize=maximize, dress=dress, frame=frame
+    )
+    buf = moments[0] if momentum else None
     rgrad = bundle.riemannian_gradient(point, grad, frame)  # horizontal for invariant losses
     new_state = {"step": state["step"] + 1}
     direction = rgrad
     if momentum:
         buf = _momentum_buffer(buf, rgrad, state["step"], momentum, dampening)
         direction = _axpy(rgrad, buf, momentum) if nesterov else buf
-    new_point = _descend(bundle, point, frame, direction, lr, weight_decay)
+    new_point = descend(bundle, point, frame, direction, lr, weight_decay)
     new_frame = bundle.factorise(new_point)
     if momentum:
         new_state["momentum_buffer"] = bundle.transport(point, new_point, buf, new_frame)

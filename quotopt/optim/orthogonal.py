@@ -20,7 +20,7 @@ import torch
 
 from manifolds import Bundle
 
-from .functional import redress
+from .functional import begin_step, descend
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -153,22 +153,22 @@ def muon_bundle_update(
     the Riemannian gradient, Newton–Schulz per factor, horizontal projection, bounded
     retraction from the decayed point, momentum transported. Returns ``(new_point,
     new_state, new_frame)`` like ``quotopt.optim.functional.adam_bundle_update``."""
-    if maximize:
-        grad = tuple(-g for g in grad)
-    buf = state["momentum_buffer"]
-    if dress:
-        point, grad, (buf,) = redress(bundle, point, grad, (buf,))
-        frame = None
-    frame = bundle.factorise(point) if frame is None else frame
+    point, grad, (buf,), frame = begin_step(
+        bundle,
+        point,
+        grad,
+        (state["momentum_buffer"],),
+        maximize=maximize,
+        dress=dress,
+        frame=frame,
+    )
     rgrad = bundle.riemannian_gradient(point, grad, frame)  # horizontal for invariant losses
     buf = tuple(torch.lerp(m, g, 1 - momentum) for m, g in zip(buf, rgrad))
     update = tuple(torch.lerp(g, m, momentum) for g, m in zip(rgrad, buf)) if nesterov else buf
     ns = dict(coefficients=ns_coefficients, steps=ns_steps, eps=eps)
     direction = orthogonalise_factors(bundle, update, scope, adjust_lr_fn, **ns)
     direction = bundle.project_horizontal(point, direction, frame)
-    step = bundle.limit_step(point, tuple(lr * d for d in direction), frame)
-    base = bundle.scale_invariants(point, 1 - lr * weight_decay) if weight_decay else point
-    new_point = bundle.retract(base, tuple(-s for s in step))
+    new_point = descend(bundle, point, frame, direction, lr, weight_decay)
     new_frame = bundle.factorise(new_point)
     buf = bundle.transport(point, new_point, buf, new_frame)
     return new_point, {"momentum_buffer": buf}, new_frame
