@@ -35,7 +35,7 @@ import torch
 
 from .base import Point, Tangent, random_orthogonal
 from .factored import METRICS, FactoredBundle, FactorFrame, frame_from_grams
-from .linalg import divide_spectral, gram, relative_gaps, work_dtype
+from .linalg import gram, relative_gaps, solve_in_eigenbases, work_dtype
 
 __all__ = [
     "HeadQK",
@@ -69,8 +69,7 @@ def gl_vertical_generator(
         rhs = az1 @ q_damped - p_damped @ z2b
         dq, dp = frame.damp_q.unsqueeze(-1), frame.damp_p.unsqueeze(-1)
         denominator = 2 * lam * mu + lam * dq + dp * mu
-    rotated = frame.u.mT @ rhs @ frame.v
-    return frame.u @ divide_spectral(rotated, denominator) @ frame.v.mT
+    return solve_in_eigenbases(frame.u, frame.v, rhs, denominator)
 
 
 def balanced_dressing(frame: FactorFrame):

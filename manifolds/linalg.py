@@ -17,6 +17,7 @@ __all__ = [
     "sym",
     "skew",
     "gram",
+    "solve_in_eigenbases",
     "solve_sylvester_spd",
     "solve_lyapunov_spd",
     "spd_solve_right",
@@ -81,6 +82,15 @@ def pinv_spectrum(evals: torch.Tensor, evecs: torch.Tensor) -> torch.Tensor:
     return (evecs * inverse.unsqueeze(-2)) @ evecs.mT
 
 
+def solve_in_eigenbases(u, v, c, denominator) -> torch.Tensor:
+    """U [(Uᵀ c V) ⊘ D] Vᵀ: the solution of an equation that is diagonal in the eigenbases U, V
+    of two symmetric matrices, with D its (…, r, r) diagonal (zero entries: minimum norm). With
+    p = UΛUᵀ, q = VMVᵀ and Dᵢⱼ = λᵢ + μⱼ it solves the Sylvester equation pξ + ξq = c; the
+    bundles pass the factorisations of their frames and their metrics' own D."""
+    rotated = u.mT @ c.to(u.dtype) @ v
+    return u @ divide_spectral(rotated, denominator) @ v.mT
+
+
 def solve_sylvester_spd(p: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Solve p ξ + ξ q = c for symmetric positive (semi-)definite p and q.
 
@@ -89,10 +99,7 @@ def solve_sylvester_spd(p: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> to
     """
     lam, u = _eigh(p)
     mu, v = _eigh(q)
-    work = u.dtype
-    rotated = u.mT @ c.to(work) @ v
-    xi = u @ divide_spectral(rotated, lam.unsqueeze(-1) + mu.unsqueeze(-2)) @ v.mT
-    return xi.to(c.dtype)
+    return solve_in_eigenbases(u, v, c, lam.unsqueeze(-1) + mu.unsqueeze(-2)).to(c.dtype)
 
 
 def solve_lyapunov_spd(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -101,10 +108,7 @@ def solve_lyapunov_spd(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     For skew c the solution is skew. Minimum-norm where p is singular.
     """
     lam, u = _eigh(p)
-    work = u.dtype
-    rotated = u.mT @ c.to(work) @ u
-    omega = u @ divide_spectral(rotated, lam.unsqueeze(-1) + lam.unsqueeze(-2)) @ u.mT
-    return omega.to(c.dtype)
+    return solve_in_eigenbases(u, u, c, lam.unsqueeze(-1) + lam.unsqueeze(-2)).to(c.dtype)
 
 
 def spd_solve_right(x: torch.Tensor, spd: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,10 @@ import torch
 
 from .base import Bundle, Point, Tangent, randn, random_orthogonal
 from .linalg import (
-    divide_spectral,
     orthonormal_columns_sign_fixed,
     relative_gaps,
     skew,
+    solve_in_eigenbases,
     sym,
     work_dtype,
 )
@@ -176,7 +176,7 @@ class ResidualRotation(Bundle):
         """Ω solving the Lyapunov equation C Ω + Ω C = 2 skew(Σ T̂ᵀẐ) (minimum norm)."""
         _, lam, u = self.factorise(point) if frame is None else frame
         rhs = 2 * skew(self._cross(point, v)).to(u.dtype)
-        omega = u @ divide_spectral(u.mT @ rhs @ u, lam.unsqueeze(-1) + lam.unsqueeze(-2)) @ u.mT
+        omega = solve_in_eigenbases(u, u, rhs, lam.unsqueeze(-1) + lam.unsqueeze(-2))
         return omega.to(point[0].dtype)
 
     def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
