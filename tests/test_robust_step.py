@@ -323,3 +323,28 @@ def test_invariant_second_moments_are_never_negative_in_float32():
     assert float((naive.double() - exact).abs().max() / exact.abs().max()) > 1e-6
     # float32 at Gram condition 1e6 keeps a few digits: agreement to 5 %
     assert torch.allclose(moments[0].squeeze(-1).double(), exact, rtol=5e-2)
+
+
+def test_a_parameter_written_between_steps_is_refactorised():
+    """The cached frame follows the parameters: a write between steps (version counter) is
+    seen, and a write through ``.data`` is seen after ``forget_factorisations()``; the steps
+    then equal those of an optimiser that never cached (the control: a stale frame differs)."""
+
+    def run(write, forget):
+        groups = _group(M.HeadQK(2, 6, 3, metric="invariant"))
+        optimiser = QuotientAdam(groups, lr=1e-2, dress_every=None)
+        _set_grads(groups, 0)
+        optimiser.step()
+        with torch.no_grad():
+            target = groups[0]["params"][0]
+            (target.data if write == "data" else target).mul_(3.0)
+        if forget:
+            optimiser.forget_factorisations()
+        _set_grads(groups, 1)
+        optimiser.step()
+        return [p.detach().clone() for p in groups[0]["params"]]
+
+    fresh = run("inplace", forget=True)
+    assert all(torch.equal(a, b) for a, b in zip(run("inplace", forget=False), fresh))
+    assert all(torch.equal(a, b) for a, b in zip(run("data", forget=True), fresh))
+    assert not all(torch.equal(a, b) for a, b in zip(run("data", forget=False), fresh))

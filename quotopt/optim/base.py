@@ -19,7 +19,10 @@ parameters have ``requires_grad=False`` are never changed.
 
 Each bundle group keeps the factorisation of its point (``bundle.factorise``) between steps:
 the step that moves the point computes the new one, and the next step reuses it as long as the
-parameters were not modified in between (tracked by their version counters).
+parameters were not modified in between (tracked by their version counters: every in-place
+write — ``copy_`` under ``no_grad``, ``load_state_dict``, ``torch.nn.init`` — is seen). Writes
+through ``param.data`` bypass version counters: after such a write call
+``forget_factorisations()``.
 """
 
 from __future__ import annotations
@@ -324,6 +327,11 @@ class QuotientOptimizer(torch.optim.Optimizer):
                 start += count
                 if heads:
                     warnings.warn(message(heads), RankDeficiencyWarning, stacklevel=4)
+
+    def forget_factorisations(self) -> None:
+        """Drop the cached factorisations (needed only after writing parameters through
+        ``.data``, which version counters do not see)."""
+        self._frames.clear()
 
     def rank_deficient_heads(self) -> dict[str, list[int]]:
         """Per bundle group (by name), the heads whose factor Grams were singular to working
