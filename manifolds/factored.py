@@ -61,10 +61,10 @@ class FactorFrame(NamedTuple):
 
     p: torch.Tensor
     q: torch.Tensor
-    inv_p: torch.Tensor
-    inv_q: torch.Tensor
-    root_p: torch.Tensor
-    root_q: torch.Tensor
+    inv_p: torch.Tensor | None
+    inv_q: torch.Tensor | None
+    root_p: torch.Tensor | None
+    root_q: torch.Tensor | None
     damp_p: torch.Tensor
     damp_q: torch.Tensor
     deficient: torch.Tensor
@@ -98,10 +98,14 @@ def _cholesky_inverse(gram_: torch.Tensor):
     return torch.cholesky_solve(eye.expand_as(gram_), chol), chol, damp, singular
 
 
-def frame_from_grams(p: torch.Tensor, q: torch.Tensor, damping: float, spectral: bool = True):
+def frame_from_grams(
+    p: torch.Tensor, q: torch.Tensor, damping: float, spectral: bool = True, weighted: bool = True
+):
     """The frame of a factored point from its Grams P = AᵀA, Q = BᵀB (distributed callers sum
     them over row shards first): eigendecompositions and pseudo-inverses (``spectral``), or
-    Cholesky inverses (the undamped invariant metric)."""
+    Cholesky inverses (the undamped invariant metric). ``weighted=False`` (the Euclidean
+    metric, whose projection needs only the eigendecompositions) skips the inverses and
+    square-root factors."""
     r = p.shape[-1]
     if not spectral:
         inv_p, root_p, damp_p, low_p = _cholesky_inverse(p)
@@ -112,6 +116,8 @@ def frame_from_grams(p: torch.Tensor, q: torch.Tensor, damping: float, spectral:
     damp_p = damping * lam.sum(-1, keepdim=True) / r
     damp_q = damping * mu.sum(-1, keepdim=True) / r
     deficient = _low(lam[..., 0], lam[..., -1], r) | _low(mu[..., 0], mu[..., -1], r)
+    if not weighted:
+        return FactorFrame(p, q, None, None, None, None, damp_p, damp_q, deficient, lam, u, mu, v)
     return FactorFrame(
         p,
         q,
@@ -248,7 +254,8 @@ class FactoredBundle(Bundle):
         a, b = (t.to(torch.float64) for t in self.factors(point))
         p, q = self.row_sums(gram(a), gram(b))
         closed_form = self.metric == "invariant" and not self.damping
-        return frame_from_grams(p, q, self.damping, spectral=not closed_form)
+        weighted = self.metric != "euclidean"
+        return frame_from_grams(p, q, self.damping, spectral=not closed_form, weighted=weighted)
 
     def deficient_heads(self, frame: FactorFrame) -> torch.Tensor:
         """(H,) bool: a factor Gram with smallest eigenvalue (or Cholesky pivot) at round-off

@@ -162,7 +162,8 @@ class GeneralLinearPair(FactoredBundle):
     def _dressing_parts(self, point: Point):
         """(u, u⁻ᵀ, S, dressable) with the sign rule applied, in the point's dtype."""
         a, b = self.factors(point)
-        frame = frame_from_grams(*self.row_sums(gram(a.double()), gram(b.double())), 0.0)
+        grams = self.row_sums(gram(a.double()), gram(b.double()))
+        frame = frame_from_grams(*grams, 0.0, weighted=False)
         u, u_inv_t, s, dressable = balanced_dressing(frame)
         signs = self.column_signs(a.double() @ u)
         dtype = a.dtype
