@@ -32,7 +32,7 @@ import manifolds as M
 from .detect import Option, Slot
 from .layouts import LoRAPairs
 
-__all__ = ["LoRALinear", "add_lora", "lora_slots", "stack_adapters"]
+__all__ = ["LoRALinear", "add_lora", "lora_pairs", "lora_slots", "stack_adapters"]
 
 
 class LoRALinear(nn.Module):
@@ -81,6 +81,15 @@ def add_lora(model: nn.Module, targets: Iterable[str], r: int = 8, alpha: float 
     if not hits:
         raise ValueError(f"add_lora: no nn.Linear named one of {sorted(targets)} in the model")
     return model
+
+
+def lora_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """(module path and adapter name, B, A) of every trainable adapter pair in ``model``."""
+    return [
+        (f"{path}:{name}", b, a)
+        for path, module in model.named_modules()
+        for name, b, a in _pairs(module)
+    ]
 
 
 def _pairs(module: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:

@@ -11,6 +11,8 @@ Each factory has the signature ``factory(model, lr, weight_decay, betas)`` and r
 * ``random_bias_adamw`` — fixed random query and value biases (``add_random_biases``), then
   AdamW: Silverstein–Kunin–Shyam 2026, "Symmetry Breaking in Transformers for Efficient and
   Interpretable Training", arXiv:2601.22257.
+* ``lora_plus`` — AdamW on LoRA adapters with η_B = λ·η_A: Hayou, Ghosh & Yu, "LoRA+:
+  Efficient Low Rank Adaptation of Large Models", ICML 2024 (keyword ``ratio``).
 * ``geoopt_stiefel_adam`` — W_Q, W_K, W_V on the Stiefel manifold (``stiefel_heads``) with
   geoopt's ``RiemannianAdam`` (Bécigneul & Ganea, "Riemannian Adaptive Optimization Methods",
   arXiv:1810.00760); a constrained model, not a quotient. Needs geoopt.
@@ -18,6 +20,7 @@ Each factory has the signature ``factory(model, lr, weight_decay, betas)`` and r
 
 from .gauge_fixing import GaugeFixedAdamW, fix_head_gauge, gauge_fixed_adamw
 from .grokfast import GrokfastAdamW, grokfast
+from .loraplus import lora_plus
 from .muon import MuonWithAdamW, muon_adamw, quotient_muon_adamw
 from .random_bias import add_random_biases, random_bias_adamw
 from .stiefel import geoopt_stiefel_adam, stiefel_heads
@@ -31,6 +34,7 @@ __all__ = [
     "gauge_fixed_adamw",
     "geoopt_stiefel_adam",
     "grokfast",
+    "lora_plus",
     "muon_adamw",
     "quotient_muon_adamw",
     "random_bias_adamw",
