@@ -1,5 +1,6 @@
-"""LoRA+ (Hayou, Ghosh & Yu 2024) as a baseline: ratio 1 is AdamW on the adapters; a ratio λ
-scales B's steps by λ; everything but the adapters must be frozen."""
+"""LoRA baselines: LoRA+ (Hayou, Ghosh & Yu 2024) — ratio 1 is AdamW on the adapters, a ratio λ
+scales B's steps by λ, everything but the adapters must be frozen — and scaled GD (Zhang &
+Pilanci 2024), which is QuotientSGD under the invariant metric."""
 
 from __future__ import annotations
 
@@ -68,3 +69,43 @@ def test_lora_plus_refuses_what_it_cannot_train():
         lora_plus(net)
     with pytest.raises(ValueError, match="ratio must be a positive number"):
         lora_plus(_model(), ratio=0)
+
+
+def test_scaled_gd_is_quotient_sgd_under_the_invariant_metric():
+    """Zhang & Pilanci's scaled GD for ΔW = B A — B ← B − η∇_B(AAᵀ)⁻¹, A ← A − η(BᵀB)⁻¹∇_A,
+    their δ = 0 — is QuotientSGD on the adapter's HeadOV bundle (point (B, A), action
+    (B g, g⁻¹A)) with the undamped invariant metric, no momentum, no re-dressing: equal to
+    1e-12 over 20 steps (the step bound stays inactive at this step size). The control: the
+    Euclidean metric is plain GD and differs."""
+    import manifolds as M
+    from quotopt import QuotientSGD
+
+    gen = torch.Generator().manual_seed(0)
+    b0 = torch.randn(1, 8, 3, generator=gen, dtype=F64) / 3
+    a0 = torch.randn(1, 3, 6, generator=gen, dtype=F64) / 3
+    target = torch.randn(8, 6, generator=gen, dtype=F64)
+
+    def loss(b, a):
+        return 0.5 * (b[0] @ a[0] - target).square().sum()
+
+    def quotient(metric):
+        b, a = b0.clone().requires_grad_(), a0.clone().requires_grad_()
+        bundle = M.HeadOV(1, 8, 3, metric=metric, factor_rows=(8, 6))
+        opt = QuotientSGD([{"params": [b, a], "bundle": bundle}], lr=1e-2, dress_every=None)
+        for _ in range(20):
+            opt.zero_grad()
+            loss(b, a).backward()
+            opt.step()
+        return b.detach(), a.detach()
+
+    b, a = b0.clone(), a0.clone()
+    for _ in range(20):
+        bg, ag = (t.requires_grad_() for t in (b.clone(), a.clone()))
+        grad_b, grad_a = torch.autograd.grad(loss(bg, ag), (bg, ag))
+        b = b - 1e-2 * grad_b @ torch.linalg.inv(a @ a.mT)
+        old_b = bg.detach()
+        a = a - 1e-2 * torch.linalg.inv(old_b.mT @ old_b) @ grad_a
+    qb, qa = quotient("invariant")
+    assert torch.allclose(qb, b, rtol=0, atol=1e-12) and torch.allclose(qa, a, rtol=0, atol=1e-12)
+    eb, _ = quotient("euclidean")
+    assert not torch.allclose(eb, b, rtol=0, atol=1e-6)
