@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import validation as rules
-from .base import QuotientOptimizer, _check_nonnegative, _reject_unsupported
+from .base import QuotientOptimizer, _reject_unsupported
 from .functional import adam_bundle_update
 from .plain import adam_plain_updates
 
@@ -90,11 +90,6 @@ class QuotientAdam(QuotientOptimizer):
                 foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable
             ),
         )
-        _check_nonnegative("learning rate", lr)
-        _check_nonnegative("epsilon value", eps)
-        _check_nonnegative("weight_decay value", weight_decay)
-        for index, beta in enumerate(betas):
-            _check_nonnegative(f"beta parameter at index {index}", beta, upper=1.0)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

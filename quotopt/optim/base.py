@@ -27,7 +27,6 @@ through ``param.data`` bypass version counters: after such a write call
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -47,14 +46,6 @@ _UNSUPPORTED = ("foreach", "fused", "capturable", "differentiable")
 class RankDeficiencyWarning(UserWarning):
     """A head of a bundle group lost rank during training (its Grams became singular to
     working precision): the quotient is singular there and the head is no longer re-dressed."""
-
-
-def _check_nonnegative(name: str, value, upper: float | None = None) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number)")
-    if value < 0 or (upper is not None and value >= upper):
-        rule = f"0 <= {name} < {upper}" if upper is not None else f"{name} >= 0"
-        raise ValueError(f"Invalid {name}: {value} (expected {rule})")
 
 
 def _reject_unsupported(cls_name: str, options: dict) -> None:

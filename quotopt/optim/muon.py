@@ -8,7 +8,7 @@ import torch
 from manifolds import Bundle
 
 from . import validation as rules
-from .base import QuotientOptimizer, _check_nonnegative
+from .base import QuotientOptimizer
 from .orthogonal import (
     NS_COEFFICIENTS,
     NS_EPS,
@@ -131,9 +131,6 @@ class QuotientMuon(QuotientOptimizer):
         dress_every: int | None = 1,
         nonfinite: str = "raise",
     ):
-        _check_nonnegative("learning rate", lr)
-        _check_nonnegative("momentum value", momentum)
-        _check_nonnegative("weight_decay value", weight_decay)
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import validation as rules
-from .base import QuotientOptimizer, _check_nonnegative, _reject_unsupported
+from .base import QuotientOptimizer, _reject_unsupported
 from .functional import sgd_bundle_update
 from .plain import sgd_plain_updates
 
@@ -49,12 +49,6 @@ class QuotientSGD(QuotientOptimizer):
         _reject_unsupported(
             "QuotientSGD", dict(foreach=foreach, fused=fused, differentiable=differentiable)
         )
-        _check_nonnegative("learning rate", lr)
-        _check_nonnegative("momentum value", momentum)
-        _check_nonnegative("weight_decay value", weight_decay)
-        _check_nonnegative("dampening value", dampening)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(
             lr=lr,
             momentum=momentum,

@@ -68,7 +68,6 @@ def check_state_dict(optimizer, state_dict: dict) -> None:
             f"{len(optimizer.param_groups)}"
         )
     expected: dict[int, dict] = {}
-    index = 0
     for saved, current in zip(saved_groups, optimizer.param_groups):
         name = current["name"]
         if len(saved["params"]) != len(current["params"]):
@@ -86,7 +85,6 @@ def check_state_dict(optimizer, state_dict: dict) -> None:
         for saved_id, param in zip(saved["params"], current["params"]):
             if id(param) in by_id:
                 expected[saved_id] = (name, by_id[id(param)])
-        index += len(current["params"])
     for key, entry in state_dict["state"].items():
         if key not in expected:
             raise ValueError(f"{cls}: state_dict holds state for param {key}, which has none here")
