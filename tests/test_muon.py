@@ -13,6 +13,7 @@ from manifolds.testing import relative_error
 from quotopt import NonFiniteStepError, QuotientMuon, gauge_transform, symmetries
 from quotopt.baselines.muon import hidden_matrices, muon_adamw, quotient_muon_adamw
 from quotopt.models import RelationalTransformer, Transformer
+from tests.problems import matrix_sensing
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -143,21 +144,14 @@ class _PerHeadMuon:
 def test_matrix_sensing_with_gl_heads(metric):
     """Recover rank-2 matrices M*_h from 40 random linear measurements each (the toy problem
     of tests/test_optim.py): the loss falls by 100x in 120 steps."""
-    torch.manual_seed(0)
-    h, d, r, n = 2, 6, 2, 40
-    bundle = M.HeadQK(h, d, r, metric=metric)
-    truth = bundle.invariants(bundle.random_point(dtype=torch.float64))[0]
-    sensing = torch.randn(n, d, d, dtype=torch.float64)
-    measure = lambda m: torch.einsum("nij,hij->hn", sensing, m)  # noqa: E731
-    observed = measure(truth)
-    params = [torch.nn.Parameter(t) for t in bundle.random_point(dtype=torch.float64)]
+    bundle, params, sensing_loss = matrix_sensing(metric)
     opt = QuotientMuon([{"params": params, "bundle": bundle}], lr=0.1, weight_decay=0)
     # Muon's steps have a fixed size: a decaying learning rate lets them settle
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / 120)
     first = None
     for _ in range(120):
         opt.zero_grad()
-        loss = ((measure(bundle.invariants(params)[0]) - observed) ** 2).mean()
+        loss = sensing_loss()
         loss.backward()
         opt.step()
         sched.step()

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import manifolds as M
 from manifolds.testing import relative_error
 from quotopt import NonFiniteStepError, QuotientAdam, QuotientSGD
+from tests.problems import matrix_sensing
 
 BUNDLES = {
     "qk-euclidean": lambda: M.HeadQK(3, 8, 3),
@@ -112,14 +113,7 @@ def test_control_euclidean_heads_without_dressing_are_not_equivariant():
 @pytest.mark.parametrize("optimiser", ["qadam", "qsgd"])
 def test_matrix_sensing_with_gl_heads(metric, optimiser):
     """Recover rank-2 matrices M*_h from 40 random linear measurements each."""
-    torch.manual_seed(0)
-    h, d, r, n = 2, 6, 2, 40
-    bundle = M.HeadQK(h, d, r, metric=metric)
-    truth = bundle.invariants(bundle.random_point(dtype=torch.float64))[0]
-    sensing = torch.randn(n, d, d, dtype=torch.float64)
-    measure = lambda m: torch.einsum("nij,hij->hn", sensing, m)  # noqa: E731
-    observed = measure(truth)
-    params = [torch.nn.Parameter(t) for t in bundle.random_point(dtype=torch.float64)]
+    bundle, params, sensing_loss = matrix_sensing(metric)
     make = {
         "qadam": lambda: QuotientAdam(
             [{"params": params, "bundle": bundle}], lr=2e-2, weight_decay=0
@@ -130,7 +124,7 @@ def test_matrix_sensing_with_gl_heads(metric, optimiser):
     first = None
     for _ in range(400):
         opt.zero_grad()
-        loss = ((measure(bundle.invariants(params)[0]) - observed) ** 2).mean()
+        loss = sensing_loss()
         loss.backward()
         opt.step()
         first = loss.item() if first is None else first
