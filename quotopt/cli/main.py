@@ -8,7 +8,7 @@ import sys
 import warnings
 
 from .. import __version__
-from . import bench, compare, spectrum, study, train
+from . import bench, compare, finetune, spectrum, study, train
 
 COMMANDS = {
     "train": (train, "train one model, logging metrics and resumable checkpoints"),
@@ -16,6 +16,7 @@ COMMANDS = {
     "spectrum": (spectrum, "Hessian flat directions of a tiny trained model vs its symmetries"),
     "study": (study, "the benchmark study: tune, compare, write docs/results.md"),
     "bench": (bench, "run the benchmark scripts in benchmarks/ and print their tables"),
+    "finetune": (finetune, "LoRA fine-tuning study: ranks x optimisers, tuned, then seeds"),
 }
 
 

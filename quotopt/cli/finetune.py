@@ -1,0 +1,180 @@
+"""``quotopt finetune``: LoRA fine-tuning of a small pretrained byte decoder on the standard
+library's source, per rank and optimiser, tuned then seeded (``quotopt.finetune``); writes
+``report.md``, ``curves.png``, ``lr.png`` and ``results.json``; runs live in ``OUT/runs``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+import time
+
+import torch
+
+from .. import training
+from .compare import _seeds
+from .train import positive_int, thread_count
+
+QUICK_PRETRAIN = dict(hidden_size=32, layers=1, heads=2, intermediate_size=64, seq_len=32,
+                      steps=20, batch_size=4, warmup=5, max_bytes=50_000)  # fmt: skip
+QUICK = dict(steps=10, seq_len=32, eval_every=5, n_eval=8, max_bytes=100_000)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1e-3,3e-3, got {text!r}") from None
+    if not values or not all(v > 0 and v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite positive numbers, got {text!r}")
+    return sorted(dict.fromkeys(values))
+
+
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be positive integers, got {text!r}")
+    return list(dict.fromkeys(ranks))
+
+
+def _optims(text: str) -> list[str]:
+    from ..finetune import FINETUNE_OPTIMIZERS
+
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in FINETUNE_OPTIMIZERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimiser {', '.join(unknown) or '(none)'}; valid names are "
+            f"{', '.join(sorted(FINETUNE_OPTIMIZERS))}"
+        )
+    return names
+
+
+def add_arguments(parser) -> None:
+    opt = parser.add_argument
+    # fmt: off
+    opt("--ranks", type=_ranks, help="LoRA ranks (default 4,16,64; --quick: 2,4)")
+    opt("--optims", type=_optims, default="adamw,loraplus,qadam-inv,scaledgd",
+        help="optimisers (default: %(default)s; from adamw, loraplus, qadam, qadam-inv, "
+        "scaledgd, qsgd-inv)")
+    opt("--seeds", type=_seeds, help="seeds; the first tunes (default 0,1,2; --quick: 0,1)")
+    opt("--lrs", type=_floats, help="learning-rate grid, grown past a best edge "
+        "(default 1e-3,3e-3,1e-2; --quick: 1e-3,1e-2)")
+    opt("--ratios", type=_floats, default="4,16,64", help="LoRA+ ratio grid (default %(default)s)")
+    opt("--dampings", type=_floats, default="1e-3,1e-2,1e-1",
+        help="damping grid of qadam-inv / qsgd-inv (default %(default)s; scaledgd uses the "
+        "middle value)")
+    opt("--steps", type=positive_int, help="fine-tuning steps (default 300; --quick: 10)")
+    opt("--pretrain-steps", type=positive_int, help="pretraining steps (default 700)")
+    opt("--max-extend", type=int, default=3, help="grid growths per side (default 3)")
+    opt("--quick", action="store_true", help="tiny sizes: the whole protocol in seconds")
+    opt("--cache", help="pretrained-model cache (default $QUOTOPT_CACHE or ~/.cache/quotopt)")
+    opt("--threads", type=thread_count, default=1, help="torch CPU threads (default 1)")
+    opt("--out", required=True, help="output directory")
+    opt("--resume", action="store_true", help="reuse finished runs")
+    opt("--force", action="store_true", help="replace a previous study in OUT")
+    opt("--quiet", action="store_true", help="no progress bar")
+    # fmt: on
+
+
+class _Progress:
+    """One tqdm bar per run on stderr (off when not a TTY or --quiet); without a bar, one
+    line per finished run on stdout unless --quiet."""
+
+    def __init__(self, args):
+        from tqdm import tqdm
+
+        self.quiet, self.lines = args.quiet or not sys.stderr.isatty(), not args.quiet
+        self.bar = tqdm(disable=self.quiet, file=sys.stderr, dynamic_ncols=True, unit="step")
+        self.label = ""
+
+    def start(self, label: str, steps: int):
+        self.label = label
+        self.bar.reset(total=steps)
+        self.bar.set_description(label)
+        return lambda step: self.bar.update(step - self.bar.n)
+
+    def finish(self, summary: dict) -> None:
+        loss = summary["final_val_loss"]
+        text = "diverged" if loss is None else f"val {loss:.4f}"
+        self.bar.set_postfix_str(text)
+        if self.quiet and self.lines:
+            print(f"{self.label}: {text}", flush=True)
+
+
+def run(args) -> int:
+    from .. import finetune as ft
+
+    torch.set_num_threads(args.threads)
+    files = ("report.md", "results.json", "runs")
+    training.claim_out(args.out, resume=args.resume, force=args.force, files=files)
+    out = training.prepare_out(args.out)
+    quick = args.quick
+    ranks = args.ranks or ([2, 4] if quick else [4, 16, 64])
+    seeds = args.seeds or ([0, 1] if quick else [0, 1, 2])
+    lrs = args.lrs or ([1e-3, 1e-2] if quick else [1e-3, 3e-3, 1e-2])
+    pre = dict(QUICK_PRETRAIN) if quick else {}
+    if args.pretrain_steps:
+        pre["steps"] = args.pretrain_steps
+    pretrain = ft.PretrainConfig(**pre)
+    template = ft.FinetuneConfig(**(QUICK if quick else {}),
+                                 pretrain=dataclasses.asdict(pretrain))  # fmt: skip
+    if args.steps:
+        template = dataclasses.replace(template, steps=args.steps)
+    dampings = args.dampings
+    template = dataclasses.replace(template, damping=dampings[len(dampings) // 2])
+    tic = time.perf_counter()
+    base, facts = ft.pretrained(pretrain, args.cache)
+    data = ft.ByteCorpus.stdlib(template.seq_len, template.max_bytes)
+    progress = _Progress(args)
+    try:
+        results = ft.study(out, base, data, template, ranks=ranks, optims=args.optims,
+                           lrs=lrs, seeds=seeds, seconds=dict(ratio=args.ratios,
+                           damping=dampings), resume=args.resume, progress=progress,
+                           max_extend=args.max_extend)  # fmt: skip
+    finally:
+        progress.bar.close()
+    wall = time.perf_counter() - tic
+    training.write_json(out / "results.json", dict(wall_time=wall, pretrained=facts,
+                        results={str(k): v for k, v in results.items()}))  # fmt: skip
+    ft.figures(results, out / "curves.png", out / "lr.png")
+    meta = dict(title="quotopt finetune: LoRA on the quotient", lines=_describe(
+        args, facts, data, template, ranks, seeds, lrs, wall))  # fmt: skip
+    images = {"validation loss at the best settings": "curves.png", "lr sweeps": "lr.png"}
+    training.write_text(out / "report.md", ft.report(results, meta, images))
+    print(f"fine-tuned {len(ranks)} ranks x {len(args.optims)} optimisers in {wall:.0f} s; "
+          f"wrote {out / 'report.md'}")  # fmt: skip
+    return 0
+
+
+def _describe(args, facts, data, template, ranks, seeds, lrs, wall) -> list[str]:
+    from ..finetune import STDLIB_MODULES, TARGETS, stdlib_corpus
+
+    p, c = facts["config"], template
+    corpus = stdlib_corpus()
+    return [
+        f"pretrained: LLaMA-style byte decoder, {p['layers']} layers, width {p['hidden_size']}, "
+        f"{p['heads']} heads, context {p['seq_len']}; AdamW {p['steps']} steps of "
+        f"{p['batch_size']}×{p['seq_len']} bytes of the plays, lr {p['lr']:g}; val loss "
+        f"{facts['val_loss']:.4f} nats/byte; cache key {facts['key']}"
+        + (f" (trained in {facts['seconds']:.0f} s)" if facts.get("seconds") else ""),
+        f"fine-tuning data: {len(STDLIB_MODULES)} standard-library modules of Python "
+        f"{platform.python_version()}, {len(corpus['train_files'])} train files "
+        f"({data.sizes['train']:,} bytes used), {len(corpus['val_files'])} validation files "
+        f"({data.sizes['val']:,} bytes used: {', '.join(corpus['val_files'])})",
+        f"LoRA on {', '.join(TARGETS)}, α = {c.alpha:g} at every rank, dropout 0, B = 0; "
+        f"everything else frozen; ranks {', '.join(map(str, ranks))}",
+        f"{c.steps} steps of {c.batch_size}×{c.seq_len} bytes, constant lr, no weight decay; "
+        f"validation every {c.eval_every} steps on {c.n_eval} windows",
+        f"tuning on seed {seeds[0]}: lr grid {', '.join(f'{x:g}' for x in lrs)} grown past a "
+        f"best edge (up to {args.max_extend}×), then LoRA+ ratio "
+        f"{', '.join(f'{x:g}' for x in args.ratios)} / damping "
+        f"{', '.join(f'{x:g}' for x in args.dampings)} at the best lr; seeds "
+        f"{', '.join(map(str, seeds))} at the best",
+        f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()}; "
+        f"total wall time {wall:.0f} s",
+    ]

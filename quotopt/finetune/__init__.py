@@ -1,0 +1,42 @@
+"""LoRA fine-tuning on the quotient, end to end (``quotopt finetune``).
+
+A small LLaMA-style byte decoder pretrained on the plays (``pretrain``, cached by a content
+hash), LoRA adapters on q/k/v/o fine-tuned on the Python standard library's source (``data``,
+``run``) with the optimisers of ``optimizers``, tuned and seeded by ``protocol``, reported by
+``report``. See ``docs/guides/finetune-peft.md``.
+"""
+
+from .data import STDLIB_MODULES, VAL_FRACTION, ByteCorpus, play_bytes, stdlib_corpus
+from .optimizers import FINETUNE_OPTIMIZERS, SECONDARY, build_optimizer
+from .pretrain import PretrainConfig, cache_key, default_cache_dir, lm_loss, pretrained
+from .protocol import run_dir, study, tune
+from .report import figures, median_curve, report, steps_to
+from .run import TARGETS, FinetuneConfig, add_adapters, finetune, finished
+
+__all__ = [
+    "FINETUNE_OPTIMIZERS",
+    "SECONDARY",
+    "STDLIB_MODULES",
+    "TARGETS",
+    "VAL_FRACTION",
+    "ByteCorpus",
+    "FinetuneConfig",
+    "PretrainConfig",
+    "add_adapters",
+    "build_optimizer",
+    "cache_key",
+    "default_cache_dir",
+    "figures",
+    "finetune",
+    "finished",
+    "lm_loss",
+    "median_curve",
+    "play_bytes",
+    "pretrained",
+    "report",
+    "run_dir",
+    "stdlib_corpus",
+    "steps_to",
+    "study",
+    "tune",
+]

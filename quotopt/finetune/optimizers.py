@@ -1,0 +1,112 @@
+r"""Optimisers of the fine-tuning runs, by name, over the trainable LoRA adapters of a model.
+
+Every factory is ``factory(model, lr, *, ratio, damping, weight_decay)`` and sees a model whose
+only trainable parameters are adapter factors (B, A), B = 0 at the start:
+
+* ``adamw`` — ``torch.optim.AdamW`` on the adapters.
+* ``loraplus`` — LoRA+ (Hayou, Ghosh & Yu, ICML 2024): AdamW with η_B = ``ratio``·η_A
+  (``quotopt.baselines.loraplus.lora_plus``).
+* ``qadam`` / ``qadam-inv`` — ``QuotientAdam`` over ``quotopt.symmetries(model, ...)``: one
+  GL(r) bundle group per adapter shape, the Euclidean metric (dressed) or the invariant metric
+  damped by ``damping``: ⟨U, V⟩ = tr((AAᵀ + δI)U_BᵀV_B) + tr((BᵀB + δI)U_A V_Aᵀ).
+* ``scaledgd`` — Riemannian-preconditioned AdamW of Zhang & Pilanci (ICML 2024) as published
+  and as ``peft`` ships it (``peft.optimizers.create_riemannian_optimizer``): the gradients are
+  replaced by (∇_B (AAᵀ + δI)⁻¹, (BᵀB + δI)⁻¹ ∇_A), δ = ``damping``, then AdamW runs on them
+  per coordinate. This is *not* a quotopt configuration: QuotientAdam keeps the second moments
+  per row (weighted by the other factor's Gram) and projects the step horizontally, where this
+  rule's per-coordinate normalisation undoes most of the r × r scaling. (Its SGD form with
+  δ = 0 is QuotientSGD under the invariant metric: ``tests/test_loraplus.py``.)
+* ``qsgd-inv`` — ``QuotientSGD`` (momentum 0.9) under the damped invariant metric: scaled GD
+  with momentum on the quotient.
+
+LoRA-RITE (Yen et al., ICLR 2025) is not provided: a faithful implementation (its unmagnified
+basis, the escaped-mass correction of the second moment across changing bases and the
+first-moment transport) was not written and checked against the paper here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..baselines.loraplus import lora_plus
+from ..lora import lora_pairs
+from ..optim import QuotientAdam, QuotientSGD
+from ..symmetries import symmetries
+
+__all__ = ["FINETUNE_OPTIMIZERS", "SECONDARY", "build_optimizer"]
+
+BETAS = (0.9, 0.999)
+
+
+def _adapters(model: nn.Module) -> list[nn.Parameter]:
+    pairs = lora_pairs(model)
+    if not pairs:
+        raise ValueError("the model has no trainable LoRA adapters to optimise")
+    return [p for _, b, a in pairs for p in (a, b)]
+
+
+def _adamw(model, lr, *, ratio, damping, weight_decay):
+    return torch.optim.AdamW(_adapters(model), lr, BETAS, weight_decay=weight_decay)
+
+
+def _loraplus(model, lr, *, ratio, damping, weight_decay):
+    return lora_plus(model, lr, weight_decay, BETAS, ratio=ratio)
+
+
+def _qadam(metric):
+    def make(model, lr, *, ratio, damping, weight_decay):
+        groups = symmetries(model, metric=metric, lora_damping=damping, plain=False)
+        return QuotientAdam(groups, lr, BETAS, weight_decay=weight_decay)
+
+    return make
+
+
+def _scaledgd(model, lr, *, ratio, damping, weight_decay):
+    from peft.optimizers import create_riemannian_optimizer
+
+    _adapters(model)
+    return create_riemannian_optimizer(
+        model, torch.optim.AdamW, lr=lr, reg=damping, betas=BETAS, weight_decay=weight_decay
+    )
+
+
+def _qsgd(model, lr, *, ratio, damping, weight_decay):
+    groups = symmetries(model, metric="invariant", lora_damping=damping, plain=False)
+    return QuotientSGD(groups, lr, momentum=0.9, weight_decay=weight_decay)
+
+
+Factory = Callable[..., torch.optim.Optimizer]
+FINETUNE_OPTIMIZERS: dict[str, Factory] = {
+    "adamw": _adamw,
+    "loraplus": _loraplus,
+    "qadam": _qadam("euclidean"),
+    "qadam-inv": _qadam("invariant"),
+    "scaledgd": _scaledgd,
+    "qsgd-inv": _qsgd,
+}
+#: the second hyperparameter of an optimiser, tuned after its learning rate: name -> field
+SECONDARY = {"loraplus": "ratio", "qadam-inv": "damping", "qsgd-inv": "damping"}
+
+
+def build_optimizer(
+    name: str,
+    model: nn.Module,
+    lr: float,
+    *,
+    ratio: float = 16.0,
+    damping: float = 1e-2,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """The optimiser ``name`` over the adapters of ``model`` (module docstring); ``ValueError``
+    for an unknown name or a model without trainable adapters."""
+    if name not in FINETUNE_OPTIMIZERS:
+        raise ValueError(
+            f"unknown fine-tuning optimiser {name!r}; valid names are "
+            f"{', '.join(sorted(FINETUNE_OPTIMIZERS))}"
+        )
+    return FINETUNE_OPTIMIZERS[name](
+        model, lr, ratio=ratio, damping=damping, weight_decay=weight_decay
+    )

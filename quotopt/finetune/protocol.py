@@ -1,0 +1,150 @@
+"""The fine-tuning protocol: per rank, each optimiser tuned on seed 0, then every seed at its best.
+
+Tuning (seed 0, score: final validation loss; a diverged run scores +∞):
+
+1. the learning rate over ``lrs`` at the middle value of the optimiser's second hyperparameter
+   grid (LoRA+'s ratio, the damping of ``qadam-inv`` / ``qsgd-inv``; none for the others);
+   while the best lr is an edge of the grid, the grid grows by one point beyond that edge (the
+   grid's own spacing), at most ``max_extend`` times per side — so the reported best is
+   bracketed unless the report says otherwise;
+2. at that lr, the other values of the second grid; if one wins, the lr is bracketed again
+   around it (its two neighbours, extended as in 1).
+
+Then the runs of the other seeds at the best setting. Run directories are
+``out/runs/r{rank}/{optim}/lr{lr}-{ratio|damping}{value}-seed{seed}``; ``resume`` reuses every
+finished run (``run.finished``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from ..training.runs import read_records
+from .optimizers import SECONDARY
+from .run import FinetuneConfig, finetune, finished
+
+__all__ = ["run_dir", "study", "tune"]
+
+
+def run_dir(out, config: FinetuneConfig) -> Path:
+    """The directory of one run under ``out`` (module docstring)."""
+    field = SECONDARY.get(config.optim)
+    extra = f"-{field}{getattr(config, field):g}" if field else ""
+    name = f"lr{config.lr:g}{extra}-seed{config.seed}"
+    return Path(out) / "runs" / f"r{config.rank}" / config.optim / name
+
+
+def _score(summary: dict) -> float:
+    value = summary.get("final_val_loss")
+    return math.inf if value is None else value
+
+
+class _Runner:
+    """Runs (or reuses) configurations, remembering every summary."""
+
+    def __init__(self, out, base, data, resume: bool, progress=None):
+        self.out, self.base, self.data, self.resume = out, base, data, resume
+        self.progress, self.done = progress, {}
+
+    def __call__(self, config: FinetuneConfig) -> dict:
+        key = run_dir(self.out, config)
+        if key in self.done:
+            return self.done[key]
+        summary = finished(config, key) if self.resume else None
+        on_step = None
+        if self.progress is not None:
+            on_step = self.progress.start(key.relative_to(Path(self.out) / "runs").as_posix(),
+                                          config.steps)  # fmt: skip
+        if summary is None:
+            summary = finetune(config, key, self.base, self.data, on_step=on_step)
+        if self.progress is not None:
+            self.progress.finish(summary)
+        self.done[key] = summary
+        return summary
+
+
+def _neighbour(grid: list[float], lr: float, side: int) -> float:
+    """The next lr beyond ``lr`` on ``side`` (-1 smaller, +1 larger), at the grid's spacing."""
+    factor = grid[1] / grid[0] if len(grid) > 1 else 3.0
+    return lr * factor**side
+
+
+def _bracket(run, config, grid: list[float], max_extend: int) -> tuple[float, list[float]]:
+    """Best lr of ``config`` over ``grid``, growing the grid past a best edge."""
+    grid = sorted(grid)
+    scores = {lr: _score(run(dataclasses.replace(config, lr=lr))) for lr in grid}
+    for side in (-1, 1):
+        for _ in range(max_extend):
+            best = min(scores, key=scores.get)
+            edge = grid[0] if side < 0 else grid[-1]
+            if best != edge:
+                break
+            lr = float(f"{_neighbour(grid, edge, side):.3g}")
+            scores[lr] = _score(run(dataclasses.replace(config, lr=lr)))
+            grid = sorted(scores)
+    return min(scores, key=scores.get), grid
+
+
+def tune(run, config: FinetuneConfig, lrs, seconds: dict, max_extend: int = 3) -> dict:
+    """The best setting of ``config.optim`` at ``config.rank`` on ``config.seed`` (module
+    docstring); ``seconds`` maps a hyperparameter field to its grid. Returns ``{"lr", field:
+    value, "edge": whether the lr is still a grid edge}``."""
+    field = SECONDARY.get(config.optim)
+    values = sorted(seconds.get(field, ())) if field else []
+    if values:
+        config = dataclasses.replace(config, **{field: values[len(values) // 2]})
+    lr, grid = _bracket(run, config, list(lrs), max_extend)
+    best = dataclasses.replace(config, lr=lr)
+    others = [v for v in values if v != getattr(best, field, None)] if field else []
+    scored = {getattr(best, field): _score(run(best))} if field else {}
+    for value in others:
+        scored[value] = _score(run(dataclasses.replace(best, **{field: value})))
+    if field:
+        winner = min(scored, key=scored.get)
+        if winner != getattr(best, field):
+            moved = dataclasses.replace(best, **{field: winner})
+            around = [_neighbour(grid, lr, -1), lr, _neighbour(grid, lr, 1)]
+            lr, grid = _bracket(run, moved, [float(f"{x:.3g}") for x in around], max_extend)
+            best = dataclasses.replace(moved, lr=lr)
+    setting = {"lr": best.lr, "edge": best.lr in (min(grid), max(grid))}
+    if field:
+        setting[field] = getattr(best, field)
+    return setting
+
+
+def study(
+    out,
+    base,
+    data,
+    template: FinetuneConfig,
+    *,
+    ranks,
+    optims,
+    lrs,
+    seeds,
+    seconds: dict,
+    resume: bool = False,
+    progress=None,
+    max_extend: int = 3,
+) -> dict:
+    """``{rank: {optim: {"best", "tuning": [summary, ...], "runs": [{"summary", "records"}]}}}``:
+    the protocol of the module docstring, every run under ``out``."""
+    run = _Runner(out, base, data, resume, progress)
+    results: dict = {}
+    for rank in ranks:
+        results[rank] = {}
+        for optim in optims:
+            first = len(run.done)
+            config = dataclasses.replace(template, rank=rank, optim=optim, seed=seeds[0])
+            setting = tune(run, config, lrs, seconds, max_extend)
+            tuning = list(run.done.values())[first:]
+            best = dataclasses.replace(config, **{k: v for k, v in setting.items() if k != "edge"})
+            runs = []
+            for seed in seeds:
+                seeded = dataclasses.replace(best, seed=seed)
+                summary = run(seeded)
+                runs.append(dict(summary=summary, records=read_records(run_dir(out, seeded))))
+            results[rank][optim] = dict(best=setting, tuning=tuning, runs=runs)
+    return results
