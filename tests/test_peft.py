@@ -135,8 +135,8 @@ def _train(model, groups, steps, make):
     ],
 )
 def test_lora_training_is_gauge_equivariant_at_full_rank(peft, name, make, equivariant):
-    """From a full-rank adapter p and from p·g (invariant metric), 5 steps land on the same
-    orbit: the products B A agree to 1e-9. AdamW (the control) does not."""
+    """From a full-rank adapter p and from p·g (invariant metric, zero damping), 150 steps land
+    on the same orbit: the products B A agree to 1e-6 (float64). AdamW (the control) does not."""
     model = _lora_model(peft)
     gen = torch.Generator().manual_seed(4)
     groups = quotopt.symmetries(model, metric="invariant")
@@ -147,12 +147,12 @@ def test_lora_training_is_gauge_equivariant_at_full_rank(peft, name, make, equiv
     twin = copy.deepcopy(model)
     twin_groups = quotopt.symmetries(twin, metric="invariant")
     quotopt.gauge_transform(twin, _lora_groups(twin_groups), generator=gen, condition=3.0)
-    _train(model, groups, 5, make)
-    _train(twin, twin_groups, 5, make)
+    _train(model, groups, 150, make)
+    _train(twin, twin_groups, 150, make)
     products = [g["bundle"].invariants(group_point(g)) for g in _lora_groups(groups)]
     twins = [g["bundle"].invariants(group_point(g)) for g in _lora_groups(twin_groups)]
     gap = max(relative_error(a, b) for a, b in zip(products, twins))
-    assert (gap <= 1e-9) if equivariant else (gap > 1e-4), gap
+    assert (gap <= 1e-6) if equivariant else (gap > 1e-4), gap
 
 
 def test_several_peft_adapters_are_all_grouped(peft):
