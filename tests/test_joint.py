@@ -11,7 +11,7 @@ from manifolds.testing import assert_bundle, relative_error
 from quotopt import QuotientAdam, QuotientSGD
 from quotopt.joint_groups import joint_groups
 from quotopt.models import Transformer
-from quotopt.symmetries import gauge_transform, group_point, symmetries, verify
+from quotopt.symmetries import gauge_transform, group_point, symmetries, verify, write_point
 
 D = 6
 # an embedding, two QK and two OV pairs (r = 2 and r = 3) and a stream-reading matrix
@@ -278,3 +278,82 @@ def test_unfolded_gains_and_layernorm_models_are_refused():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="LayerNorm.*O\\(d-1\\)"):
         llama_joint_groups(gpt2)
+
+
+# ---- with a further rotation: the relational model's channels, heads and gauge ----------------
+def _relational(**extra):
+    from quotopt.models import RelationalTransformer
+
+    torch.manual_seed(0)
+    cfg = dict(n_channels=5, d_gauge=3, n_layers=2, n_heads=2, max_len=6, d_head=2)
+    return RelationalTransformer(7, **{**cfg, "positional": "gauge", **extra}).double()
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+@pytest.mark.parametrize("metric", ["euclidean", "invariant"])
+def test_joint_with_rotations_conformance_and_orthogonality(metric, solver):
+    """The generic checks (1e-9) and horizontal ⟂ every O(k), head and O(D) vertical vector to
+    1e-10; dim V = so(5) + 2·2·2·gl(2) + so(3) = 10 + 32 + 3 (compact 10 + 8 + 3)."""
+    from manifolds.joint_rotations import JointWithRotations
+
+    (group,) = [g for g in symmetries(_relational(), metric=metric) if "bundle" in g]
+    b = group["bundle"]
+    bundle = JointWithRotations(b.residual, b.heads, b.rotations, solver=solver)
+    assert_bundle(bundle, generator=torch.Generator().manual_seed(3))
+    assert (bundle.group_dim, bundle.compact_dim) == (45, 21)
+    point, gen = _point(bundle)
+    v = bundle.random_tangent(point, generator=gen)
+    h = bundle.project_horizontal(point, v)
+    columns = _vertical_columns(bundle, point)
+    worst = max(
+        float(bundle.inner(point, h, c).abs() / (bundle.norm(point, h) * bundle.norm(point, c)))
+        for c in columns
+    )
+    assert worst <= 1e-10
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in c]) for c in columns], 1)
+    assert int(torch.linalg.matrix_rank(flat)) == 45
+    # control: the joint projection without the rotation leaves the gauge directions in
+    plain = JointBundle(b.residual, b.heads, solver=solver).project_horizontal(point, v)
+    gauge = columns[-b.rotations[0][0].group_dim :]
+    assert max(float(bundle.inner(point, plain, c).abs()) for c in gauge) > 1e-3
+
+
+def test_relational_joint_group_is_exact_and_trains():
+    """verify ≤ 1e-9 (float64); control: the same group element without its action on the
+    embedding table is no symmetry; QuotientAdam on the joint group lowers a next-token loss."""
+    model = _relational()
+    groups = symmetries(model)
+    tokens = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(1))
+    assert verify(model, groups, tokens)["joint"] <= 1e-9
+    (group,) = [g for g in groups if "bundle" in g]
+    bundle, point = group["bundle"], tuple(t.detach().clone() for t in group_point(group))
+    g = bundle.random_group_element(generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        before = model(tokens)
+        moved = bundle.act(point, g)
+        write_point(group, (point[0], *moved[1:]))  # tok_emb left where it was
+        assert relative_error(model(tokens), before) > 1e-3
+        write_point(group, moved)
+        assert relative_error(model(tokens), before) <= 1e-9
+    opt = QuotientAdam(groups, lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        logits = model(tokens)[:, :-1].reshape(-1, 7)
+        loss = torch.nn.functional.cross_entropy(logits, tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_relational_channel_rotation_refusals_name_the_reason():
+    """n_classes and dressed models: "auto" leaves O(k) out (gauge + heads), True refuses."""
+    for extra, reason in (({"n_classes": 3}, "cls_head"), ({"dressed": True}, "third moments")):
+        model = _relational(**extra)
+        names = [g["name"] for g in symmetries(model) if "bundle" in g]
+        assert "joint" not in names and "gauge" in names
+        with pytest.raises(ValueError, match=reason):
+            model.symmetry_groups(channels=True)
+    with pytest.raises(ValueError, match="channels must be"):
+        _relational().symmetry_groups(channels="yes")

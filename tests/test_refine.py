@@ -117,23 +117,12 @@ def test_control_counts_away_from_a_critical_point_are_not_the_orbit():
 
 
 # ---- the relational transformer ---------------------------------------------------------------
-# Channel axis of its channel-space weights: O(k) rotating the k channels of every token is an
-# exact symmetry too (every weight reads or writes channels linearly; the norm is over (k, D)),
-# acting jointly with the heads' GL(r) on W_q, W_k, W_v, W_o. The model does not declare it.
-CHANNEL_AXES = {
-    "tok_emb": 1,
-    "wq": 1,
-    "wk": 1,
-    "wv": 1,
-    "wo": 2,
-    "w_in": 0,
-    "w_gate": 0,
-    "w_out": 1,
-}
+# The model declares all its modelled symmetries in one joint group: O(k) on the channel axis of
+# every tensor, GL(r) per head on the same tensors, O(D) on the embedding's gauge axis
+# (``quotopt.models._relational_groups``). ``channels=False`` is the control: gauge + heads.
 
 
-def _relational_problem(seed=0):
-    import manifolds as M
+def _relational_problem(weight_decay=1e-2, seed=0):
     from quotopt.models import RelationalTransformer
 
     torch.manual_seed(seed)
@@ -141,12 +130,8 @@ def _relational_problem(seed=0):
         5, n_channels=3, d_gauge=3, n_layers=1, n_heads=1, max_len=4, d_head=2,
         d_mlp_channels=3, lean_mlp=False,
     ).double()  # fmt: skip
-    declared = [g for g in symmetries(model) if "bundle" in g]  # gauge O(3) and the heads
-    named = [(n, p) for n, p in model.named_parameters() if n.split(".")[-1] in CHANNEL_AXES]
-    channel = M.ResidualRotation(
-        3, [CHANNEL_AXES[n.split(".")[-1]] for n, _ in named], shapes=[p.shape for _, p in named]
-    )
-    channel = {"params": [p for _, p in named], "bundle": channel, "name": "channel"}
+    declared = [g for g in symmetries(model) if "bundle" in g]  # the joint group
+    control = [g for g in model.symmetry_groups(channels=False) if "bundle" in g]
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -166,26 +151,39 @@ def _relational_problem(seed=0):
     def outputs(*ps):
         return functional_call(model, dict(zip(names, ps)), (tokens,))
 
-    target = teacher_targets(outputs, teacher, 1e-2)
+    target = teacher_targets(outputs, teacher, weight_decay)
     objective = model_objective(
-        model, lambda forward: 0.5 * ((forward(tokens).reshape(-1) - target) ** 2).sum(), 1e-2
-    )
+        model, lambda forward: 0.5 * ((forward(tokens).reshape(-1) - target) ** 2).sum(),
+        weight_decay,
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(2)
     start = tuple(p + 1e-5 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in teacher)
-    return model, objective, start, declared, channel
+    return model, objective, start, declared, control
+
+
+def test_relational_declares_the_channel_rotations_jointly():
+    """One joint group, so(3) gauge + 2·gl(2) heads + so(3) channels = 14 (compact 8), exact
+    to 1e-12 in float64; the control (channels=False) declares 3 + 8 = 11."""
+    from quotopt.symmetries import verify
+
+    model, _, _, declared, control = _relational_problem()
+    (joint,) = declared
+    assert (joint["bundle"].group_dim, joint["bundle"].compact_dim) == (14, 8)
+    assert sum(g["bundle"].group_dim for g in control) == 11
+    tokens = torch.randint(0, 5, (3, 4), generator=torch.Generator().manual_seed(5))
+    assert verify(model, declared, tokens)["joint"] <= 1e-12
 
 
 def test_relational_counts_gauge_heads_and_the_channel_rotations():
     """λ > 0 at a refined critical point: flat_total = so(3) gauge + 2·so(2) heads + so(3)
-    channel = 8, at every tolerance from 1e-7 to 1e-13. The declared reduction (gauge + heads)
-    leaves the k(k−1)/2 = 3 channel rotations flat; adding them leaves none."""
-    model, objective, start, declared, channel = _relational_problem()
-    full = declared + [channel]
+    channel = 8, at every tolerance from 1e-7 to 1e-13. The declared reduction leaves none;
+    the control without the channel part leaves the k(k−1)/2 = 3 channel rotations flat."""
+    model, objective, start, declared, control = _relational_problem()
     refined = refine_critical_point(
-        objective, start, lambda ps: model_orbit_basis(model, full, ps, compact=True)
+        objective, start, lambda ps: model_orbit_basis(model, declared, ps, compact=True)
     )
     assert refined.grad_rel <= 1e-12
-    for groups, expected, left in ((declared, 5, 3), (full, 8, 0)):
+    for groups, expected, left in ((declared, 8, 0), (control, 5, 3)):
         basis = model_orbit_basis(model, groups, refined.params, compact=True)
         counts = critical_point_counts(objective, refined.params, basis)
         assert (counts["expected_flat"], counts["flat_total"], counts["flat_horizontal"]) == (
@@ -193,6 +191,21 @@ def test_relational_counts_gauge_heads_and_the_channel_rotations():
         )  # fmt: skip
         for tol in ("1e-07", "1e-10", "1e-13"):
             assert counts["flat_by_tolerance"][tol] == [8, left]
+
+
+def test_relational_interpolating_minimum_leaves_only_the_mlp_rescalings():
+    """λ = 0 at F = 0: the whole declared orbit (14) is flat, and so are four exact
+    non-compact symmetries that no bundle declares (``quotopt.models._relational_groups``):
+    the m = 3 gated-MLP rescalings (w_in·s, w_gate/s, w_out/s) and the stream scale
+    (tok_emb, wo, w_out)·c with logit_scale/c. flat_total = 18, flat_horizontal = 4, at every
+    tolerance from 1e-9 to 1e-13."""
+    model, objective, start, declared, _ = _relational_problem(0.0)
+    level = lambda ps: model_orbit_basis(model, declared, ps)  # noqa: E731
+    refined = refine_critical_point(objective, start, level)
+    counts = critical_point_counts(objective, refined.params, level(refined.params), rel_tol=1e-10)
+    assert (counts["expected_flat"], counts["flat_total"], counts["flat_horizontal"]) == (14, 18, 4)
+    for tol in ("1e-09", "1e-11", "1e-13"):
+        assert counts["flat_by_tolerance"][tol] == [18, 4]
 
 
 class _TeacherTask:

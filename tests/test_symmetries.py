@@ -150,7 +150,8 @@ def test_residual_rotation_of_the_whole_transformer():
 
 def test_relational_gauge_group_holds_only_embeddings():
     model, _ = _build("relational")
-    (gauge,) = [g for g in quotopt.symmetries(model) if g["name"] == "gauge"]
+    # channels=False: O(d_gauge) as its own group (by default it is part of the joint group)
+    (gauge,) = [g for g in model.symmetry_groups(channels=False) if g["name"] == "gauge"]
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("emb" in names[id(p)] for p in gauge["params"])
 

@@ -249,11 +249,14 @@ class RelationalTransformer(nn.Module):
         return cls(**asdict(config))
 
     def symmetry_groups(self, metric: str = "euclidean", **options) -> list[dict]:
-        """O(d_gauge) on the ``*emb`` tables and GL(r) per head, for ``quotopt.symmetries``
-        (``quotopt.declare.relational_groups``: options ``heads``, ``residual``, ``rescaling``)."""
-        from ..declare import relational_groups
+        """Every modelled exact symmetry, for ``quotopt.symmetries``: O(k) on the channel axis
+        of every tensor jointly with GL(r) per head and O(d_gauge) on the ``*emb`` tables, one
+        ``JointWithRotations`` group (``_relational_groups``: options ``heads``, ``residual``,
+        ``rescaling``, ``channels``; with ``n_classes`` or ``dressed`` O(k) is not a modelled
+        symmetry and the groups are O(d_gauge) and the heads)."""
+        from ._relational_groups import relational_symmetry_groups
 
-        return relational_groups(self, metric, **options)
+        return relational_symmetry_groups(self, metric, **options)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
