@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
         const="quick",
         help="small sizes and grids, under 20 minutes on 2 cores (default)",
     )
+    mode.add_argument("--standard", dest="plan", action="store_const", const="standard",
+                      help="sizes that mean something, about two hours on 2 cores")  # fmt: skip
     mode.add_argument("--full", dest="plan", action="store_const", const="full",
                       help="paper sizes, larger grids (many CPU hours; see docs)")  # fmt: skip
     parser.set_defaults(plan="quick")
@@ -46,6 +48,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
 
 
+def _grow(bar, n: int) -> None:
+    """Bracketing added ``n`` runs: the bar's total grows by as many."""
+    bar.total += n
+    bar.refresh()
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -67,7 +75,7 @@ def run(args) -> int:
               disable=args.quiet, file=sys.stderr) as bar:  # fmt: skip
         results = run_study(
             plan, args.out, workers=args.workers, resume=args.resume,
-            on_done=lambda _: bar.update(1),
+            on_done=lambda _: bar.update(1), on_planned=lambda n: _grow(bar, n),
         )  # fmt: skip
     results["command"] = f"quotopt study --{plan.name} --workers {args.workers}"
     write_json(saved, results)

@@ -85,4 +85,27 @@ def flat_counts(reports: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-__all__ = ["dynamics", "flat_counts", "relational", "task_curves"]
+def gauge(task: str, entry: dict, key: str, path: Path) -> None:
+    """The outcome (``summary[key]``) against the condition number κ of the gauge-transformed
+    start, one line per optimiser (an unfinished or diverged start is left out)."""
+    fig, ax = new_figure(figsize=(7, 4))
+    for index, (optim, runs) in enumerate(entry.get("gauge", {}).items()):
+        pts = [
+            (r["gauge_condition"], r["summary"][key])
+            for r in runs
+            if r.get("summary") and not r["summary"].get("diverged") and r["summary"][key]
+        ]
+        if pts:
+            x, y = np.array(sorted(pts), dtype=float).T
+            ax.plot(x, y, f"C{index}o-", label=optim)
+    ax.set_xscale("log")
+    ax.set_xlabel("condition number κ of the head gauge at the start")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(f"{task}: one initial function in gauges of growing condition number")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    save_figure(fig, path, dpi=110)
+
+
+__all__ = ["dynamics", "flat_counts", "gauge", "relational", "task_curves"]

@@ -1,11 +1,23 @@
 """What the study runs: tasks, sizes, step budgets, optimisers and their (lr, weight decay)
-grids, for the ``quick`` and ``full`` plans.
+grids, for the ``quick``, ``standard`` and ``full`` plans.
 
 Every optimiser is tuned on the same budget: the whole (lr, wd) grid of its family on the
 tuning seed, the best setting by the task's criterion (``score``), then every other seed at
 that setting. Decay numbers mean different things in different parametrisations (decoupled
 decay on balanced factors shrinks the head product relatively harder), so decay is tuned like
 the learning rate and each optimiser is reported at its own best.
+
+*Bracketing* (``TaskPlan.extensions`` > 0): while an optimiser's best setting sits on the edge
+of an axis of its grid, the grid grows past that edge by the axis's own ratio (one more value
+at the best value of the other axis), up to ``extensions`` times per edge; a decay of 0 is a
+bound, not an edge. ``tuning.bracket`` says, for the final best, whether each axis is
+``interior``, at a ``bound``, or still on an ``edge`` after the allowed extensions.
+
+*Gauge robustness* (``TaskPlan.gauge_conditions``): at its best setting on the tuning seed,
+every optimiser also starts from gauge-transformed copies of the same initial function (a
+random element of every symmetry group, of condition number κ for each κ listed; the same
+seed, batches and function otherwise); ``robustness.gauge_spread`` measures how far the
+outcomes spread.
 """
 
 from __future__ import annotations
@@ -15,7 +27,10 @@ import math
 
 #: Adam-like optimisers (decoupled decay or decay on invariants) share one grid, SGD-like
 #: (coupled L2 decay) another. Names are ``quotopt.training.OPTIMIZERS`` keys.
-ADAM_LIKE = ("adamw", "qadam", "qadam-inv", "geoopt-stiefel", "randbias", "gaugefix", "grokfast")
+ADAM_LIKE = (
+    "adamw", "qadam", "qadam-inv", "geoopt-stiefel", "randbias", "gaugefix", "grokfast", "muon",
+    "qmuon",
+)  # fmt: skip
 SGD_LIKE = ("sgd", "qsgd")
 LABELS = {
     "adamw": "AdamW",
@@ -27,7 +42,11 @@ LABELS = {
     "randbias": "AdamW + random fixed q/v biases",
     "gaugefix": "AdamW, gauge fixed W_Q = I, W_V = I",
     "grokfast": "Grokfast-EMA AdamW",
+    "muon": "Muon (+ AdamW)",
+    "qmuon": "QuotientMuon (+ Muon, AdamW)",
 }
+#: the quotient optimisers whose targets the page checks against AdamW and Muon
+QUOTIENT = ("qadam", "qadam-inv", "qmuon")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +75,9 @@ class TaskPlan:
     seeds: tuple[int, ...] = (0, 1, 2)
     tune_seed: int = 0
     stop_at_target: bool = False
+    schedule: str = "constant"  # learning-rate schedule of every run (training.schedule)
+    extensions: int = 0  # bracketing: how many times the grid may grow past each edge
+    gauge_conditions: tuple[float, ...] = ()  # gauge-transformed starts at the best setting
 
     def grid(self, optim: str) -> Grid:
         return self.sgd_grid if optim in SGD_LIKE else self.adam_grid
@@ -153,14 +175,43 @@ FULL = StudyPlan(
     flat=FlatPlan("tiny", 20_000, lr=3e-3, weight_decays=(0.0, 1e-3, 1e-2)),
 )
 # fmt: on
-PLANS = {"quick": QUICK, "full": FULL}
+
+# ``standard``: sizes that mean something, in about two hours on 2 cores. modadd at p = 59 with
+# Nanda et al.'s one-layer ReLU model at half width (d = 64, 4 heads of 16, MLP 256; full batch,
+# 30 % of pairs for training); chars at nanoGPT's CPU configuration (d = 128, 4 layers, context
+# 64, batch 12) with its cosine schedule, decay fixed at nanoGPT's 0.1 (tuning it moved the loss
+# by ~0.01 nats in the quick plan); digits at 64 wide. Sort is left out: every optimiser solves
+# it, so it does not rank them. The optimisers: the two baselines and the two quotient
+# optimisers that won somewhere in the quick plan (QuotientAdam with the invariant metric lost
+# on chars and diverged on modadd there; the quick and full plans keep it).
+_STANDARD = ("adamw", "muon", "qadam", "qmuon")
+_KAPPAS = (1.0, 10.0, 100.0, 1000.0)
+# fmt: off
+STANDARD = StudyPlan(
+    name="standard",
+    tasks=(
+        TaskPlan("modadd", "standard", 2500, _STANDARD, Grid((1e-3, 3e-3, 1e-2), (0.3, 1.0, 3.0)),
+                 _MODADD_SGD, "steps", eval_every=50, stop_at_target=True, extensions=2,
+                 gauge_conditions=_KAPPAS),
+        TaskPlan("chars", "small", 2000, _STANDARD, Grid((1e-3, 2e-3, 4e-3), (0.1,)), _SGD,
+                 "loss", eval_every=100, schedule="cosine", extensions=2,
+                 gauge_conditions=_KAPPAS),
+        TaskPlan("digits", "small", 1000, _STANDARD, Grid((1e-3, 3e-3, 1e-2), (0.01, 0.1, 1.0)),
+                 _SGD, "accuracy", eval_every=100, extensions=2, gauge_conditions=_KAPPAS),
+    ),
+    relational=RelationalPlan("chars", "small", 2000, eval_every=100),
+    flat=FlatPlan("tiny", 6000, lr=3e-3, weight_decays=(0.0, 1e-3, 1e-2)),
+)
+# fmt: on
+PLANS = {"quick": QUICK, "standard": STANDARD, "full": FULL}
 
 
 def n_runs(plan: StudyPlan) -> int:
-    """Jobs in ``plan``: tuning grid + every seed at the best setting (the tuning seed's run is
-    reused there, not trained again), relational, flat."""
+    """Jobs in ``plan`` before bracketing adds any: tuning grid + every seed at the best
+    setting (the tuning seed's run is reused there, not trained again) + gauge-transformed
+    starts, relational, flat."""
     total = 0
     for t in plan.tasks:
         for optim in t.optims:
-            total += len(t.grid(optim).settings()) + len(t.seeds)
+            total += len(t.grid(optim).settings()) + len(t.seeds) + len(t.gauge_conditions)
     return total + 2 * len(plan.relational.seeds) + len(plan.flat.weight_decays)

@@ -1,5 +1,6 @@
-"""``docs/results.md`` from the study's results: one table per task (every seed), the tuning
-grids, target verdicts computed from the data, relational vs standard, flat directions."""
+"""``docs/results.md`` from the study's results: the target verdicts, one table per task (every
+seed, robustness to hyperparameters and to the gauge), the tuning grids, relational vs standard,
+flat directions."""
 
 from __future__ import annotations
 
@@ -8,37 +9,13 @@ import statistics
 from pathlib import Path
 
 from . import figures
-from .protocol import LABELS
+from .protocol import LABELS, Grid
+from .robustness import LOSS_MARGIN, STEPS_FACTOR, basin_share, gauge_spread, seeds_reaching
+from .summaries import field, finite, mean_ms, mean_std, median_steps, spread_text, steps_text
+from .targets import targets
+from .tuning import bracket
 
 IMAGES = "img/results"
-
-
-def _field(runs: list[dict], key: str) -> list:
-    """``summary[key]`` of every run (None for a run that failed before writing a summary)."""
-    return [(run.get("summary") or {}).get(key) for run in runs]
-
-
-def _finite(values):
-    return [v for v in values if v is not None and math.isfinite(v)]
-
-
-def mean_std(values, digits=3) -> str:
-    values = _finite(values)
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def median_steps(runs: list[dict]) -> float:
-    """Median steps to target over seeds; a seed that never reached it counts as ∞."""
-    steps = _field(runs, "steps_to_target")
-    return statistics.median([math.inf if s is None else s for s in steps]) if steps else math.inf
-
-
-def _ms(runs):
-    return _finite(_field(runs, "ms_per_step"))
 
 
 def _seed_value(run: dict, criterion: str, cap: int) -> str:
@@ -58,157 +35,155 @@ def _metric(summary_list: list[dict]) -> str:
     return next((s["metric"] for s in summary_list if s), "loss")
 
 
+def _grid(plan: dict, optim: str) -> Grid:
+    from .protocol import SGD_LIKE
+
+    g = plan["sgd_grid" if optim in SGD_LIKE else "adam_grid"]
+    return Grid(tuple(g["lrs"]), tuple(g["weight_decays"]))
+
+
+def _brackets(entry: dict, optim: str) -> dict[str, str]:
+    tuned = entry["tuning"][optim]
+    settings = [(t["lr"], t["weight_decay"]) for t in tuned]
+    return bracket(_grid(entry["plan"], optim), settings, tuple(entry["best"][optim]))
+
+
+def _robustness(entry: dict, optim: str, criterion: str) -> tuple[str, str, str]:
+    """(seeds reaching the target, basin share, gauge spread) as table cells."""
+    runs = entry["runs"][optim]
+    reached, n = seeds_reaching(runs)
+    seeds = f"{reached}/{n}" if entry["plan"]["stop_at_target"] or criterion != "loss" else "—"
+    initial = _grid(entry["plan"], optim).settings()
+    share, k = basin_share(entry["tuning"][optim], initial, criterion)
+    basin = f"{share:.0%} of {k}" if k else "—"
+    gauge = entry.get("gauge", {}).get(optim)
+    if not gauge:
+        return seeds, basin, "—"
+    spread = gauge_spread(gauge)
+    text = f"loss {spread_text(spread['loss'])}"
+    if "steps" in spread:
+        text += f"; steps {spread_text(spread['steps'])}"
+    return seeds, basin, text
+
+
 def task_section(task: str, entry: dict, image_dir: Path) -> list[str]:
     plan, runs, best = entry["plan"], entry["runs"], entry["best"]
     criterion, cap = plan["criterion"], plan["steps"]
     summaries = [r.get("summary") for group in runs.values() for r in group]
     entry["metric"] = metric = _metric(summaries)
-    adam_ms = statistics.mean(_ms(runs["adamw"])) if _ms(runs.get("adamw", [])) else None
+    adam_ms = mean_ms(runs["adamw"]) if "adamw" in runs else math.nan
     head = {
         "steps": f"steps to val {metric} ≥ target (median; per seed)",
         "loss": "final val loss (mean ± std; per seed)",
         "accuracy": "final val accuracy (mean ± std; per seed)",
     }[criterion]
+    basin_rule = (
+        f"reached the target in ≤ {STEPS_FACTOR:g}× the best setting's steps"
+        if criterion == "steps"
+        else f"ended within {LOSS_MARGIN:g} nats of the best setting's validation loss"
+    )
     lines = [
         f"## {task}",
         "",
         f"Size `{plan['size']}`, {cap} steps"
         + (", stopped at the target" if plan["stop_at_target"] else "")
-        + f", evaluated every {plan['eval_every']}; tuned on seed {plan['tune_seed']}, "
-        f"seeds {', '.join(map(str, plan['seeds']))} at the best setting. A grid axis with "
-        "two values has every setting on an edge: read a best setting there as a bracket.",
+        + f", {plan.get('schedule', 'constant')} learning rate, evaluated every "
+        f"{plan['eval_every']}; tuned on seed {plan['tune_seed']}, seeds "
+        f"{', '.join(map(str, plan['seeds']))} at the best setting. *Basin*: the share of the "
+        f"starting grid's settings that {basin_rule}. *Gauge spread*: relative spread "
+        "(max − min)/median over starts from the same initial function in gauges of condition "
+        f"number κ ∈ {{{', '.join(f'{k:g}' for k in plan.get('gauge_conditions', ()))}}}.",
         "",
-        f"| optimiser | lr | wd | {head} | final val loss | ms/step | × AdamW |",
-        "|---|---|---|---|---|---|---|",
+        f"| optimiser | lr | wd | {head} | final val loss | ms/step | × AdamW | seeds at target "
+        "| basin | gauge spread |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    edges = []
+    edges, bounds = [], []
     for optim, group in runs.items():
         lr, wd = best[optim]
-        edge = _grid_edge(entry["tuning"][optim], lr, wd)
+        where = _brackets(entry, optim)
+        edge = [axis for axis, w in where.items() if w == "edge"]
         if edge:
-            edges.append(f"{LABELS.get(optim, optim)} ({edge})")
+            edges.append(f"{LABELS.get(optim, optim)} ({', '.join(edge)})")
+        bounds += [
+            f"{LABELS.get(optim, optim)} ({a} {w})"
+            for a, w in where.items()
+            if w in ("bound", "fixed")
+        ]
         per_seed = ", ".join(_seed_value(r, criterion, cap) for r in group)
         if criterion == "steps":
-            med = median_steps(group)
-            value = f"{med:g}" if math.isfinite(med) else f">{cap}"
+            value = steps_text(median_steps(group), cap)
         else:
-            key = "final" if criterion == "accuracy" else "final_val_loss"
-            value = mean_std(_field(group, key))
-        losses = mean_std(_field(group, "final_val_loss"))
-        ms = _ms(group)
-        ms_text = f"{statistics.mean(ms):.1f}" if ms else "—"
-        ratio = f"{statistics.mean(ms) / adam_ms:.2f}" if ms and adam_ms else "—"
+            value = mean_std(field(group, "final" if criterion == "accuracy" else "final_val_loss"))
+        ms = mean_ms(group)
+        ms_text = f"{ms:.1f}" if math.isfinite(ms) else "—"
+        ratio = f"{ms / adam_ms:.2f}" if math.isfinite(ms / adam_ms) else "—"
+        seeds, basin, spread = _robustness(entry, optim, criterion)
         lines.append(
             f"| {LABELS.get(optim, optim)}{' †' if edge else ''} | {lr:g} | {wd:g} "
-            f"| {value} ({per_seed}) | {losses} "
-            f"| {ms_text} | {ratio} |"
+            f"| {value} ({per_seed}) | {mean_std(field(group, 'final_val_loss'))} "
+            f"| {ms_text} | {ratio} | {seeds} | {basin} | {spread} |"
         )
+    notes = []
     if edges:
-        lines += [
-            "",
-            "† best setting on the edge of the grid, so a wider grid may do better: "
-            + "; ".join(edges)
-            + ". A tie on the edge counts too (the first setting in grid order wins a tie).",
-        ]
+        notes.append(
+            "† best setting still on an edge of its grid after the allowed extensions, so a "
+            "wider grid may do better: " + "; ".join(edges) + "."
+        )
+    if bounds:
+        notes.append("At a bound or fixed by the plan (not an edge): " + "; ".join(bounds) + ".")
+    lines += ["", *notes] if notes else []
     image = image_dir / f"{task}.png"
     figures.task_curves(task, entry, image)
     lines += ["", f"![{task} curves]({IMAGES}/{image.name})", ""]
+    lines += _gauge_table(task, entry, criterion, cap, image_dir)
     lines += _tuning_table(entry, criterion, cap)
     return lines
 
 
-def _grid_edge(tuned: list[dict], lr: float, wd: float) -> str:
-    """Which of lr / wd is at the top or bottom of a grid axis with three or more values (with
-    two values every setting is on an edge; the page says so once)."""
-    out = []
-    for name, value, key in (("lr", lr, "lr"), ("wd", wd, "weight_decay")):
-        values = sorted({t[key] for t in tuned})
-        if len(values) > 2 and value in (values[0], values[-1]):
-            out.append(f"{name} {'lowest' if value == values[0] else 'highest'}")
-    return ", ".join(out)
+def _gauge_table(task: str, entry: dict, criterion: str, cap: int, image_dir: Path) -> list[str]:
+    gauge = entry.get("gauge")
+    if not gauge:
+        return []
+    kappas = [r["gauge_condition"] for r in next(iter(gauge.values()))]
+    lines = [
+        "Outcome from gauge-transformed starts (tuning seed, best setting; κ = condition number "
+        "of the random head elements applied to the initial parameters):",
+        "",
+        "| optimiser | " + " | ".join(f"κ = {k:g}" for k in kappas) + " | spread |",
+        "|---|" + "---|" * (len(kappas) + 1),
+    ]
+    for optim, runs in gauge.items():
+        cells = [_seed_value(r, criterion, cap) for r in runs]
+        spread = gauge_spread(runs)
+        lines.append(
+            f"| {LABELS.get(optim, optim)} | {' | '.join(cells)} | {spread_text(spread['loss'])} |"
+        )
+    image = image_dir / f"{task}-gauge.png"
+    key = "steps_to_target" if criterion == "steps" else "final_val_loss"
+    figures.gauge(task, entry, key, image)
+    return lines + ["", f"![{task} gauge robustness]({IMAGES}/{image.name})", ""]
 
 
 def _tuning_table(entry: dict, criterion: str, cap: int) -> list[str]:
     lines = [
-        "<details><summary>Tuning grid (tuning seed; the chosen setting in bold)</summary>",
+        "<details><summary>Tuning grid (tuning seed; the chosen setting in bold; settings "
+        "added by bracketing in italics)</summary>",
         "",
         "| optimiser | lr / wd: result |",
         "|---|---|",
     ]
     for optim, tuned in entry["tuning"].items():
+        initial = set(_grid(entry["plan"], optim).settings())
         cells = []
         for t in tuned:
             text = f"{t['lr']:g}/{t['weight_decay']:g}: {_seed_value(t, criterion, cap)}"
+            if (t["lr"], t["weight_decay"]) not in initial:
+                text = f"*{text}*"
             chosen = (t["lr"], t["weight_decay"]) == tuple(entry["best"][optim])
             cells.append(f"**{text}**" if chosen else text)
         lines.append(f"| {LABELS.get(optim, optim)} | {'; '.join(cells)} |")
     return lines + ["", "</details>", ""]
-
-
-def _steps(value: float, cap: int) -> str:
-    return f"{value:g}" if math.isfinite(value) else f">{cap}"
-
-
-def targets(results: dict) -> list[str]:
-    """The issue's targets, each with the measured figures and met / missed."""
-    tasks, lines = results["tasks"], ["## Targets", ""]
-    lines += ["| target | measured | verdict |", "|---|---|---|"]
-    if "modadd" in tasks:
-        runs = tasks["modadd"]["runs"]
-        cap = tasks["modadd"]["plan"]["steps"]
-        base, base_ms = median_steps(runs["adamw"]), _ms(runs["adamw"])
-        for optim in ("qadam", "qadam-inv"):
-            if optim not in runs:
-                continue
-            steps, ms = median_steps(runs[optim]), _ms(runs[optim])
-            ratio = steps / base if math.isfinite(steps) and math.isfinite(base) else math.nan
-            wall = statistics.mean(ms) / statistics.mean(base_ms) if ms and base_ms else math.nan
-            met = ratio <= 0.5 and wall <= 1.5
-            lines.append(
-                f"| modadd: {LABELS[optim]} ≤ 0.5× AdamW's steps to 99 % at ≤ 1.5× time/step "
-                f"| {_steps(steps, cap)} vs {_steps(base, cap)} steps"
-                f"{f' (×{ratio:.2f})' if math.isfinite(ratio) else ''}; "
-                f"×{wall:.2f} time/step "
-                f"| {'met' if met else 'missed'} |"
-            )
-    if "chars" in tasks:
-        runs = tasks["chars"]["runs"]
-        base = _finite(_field(runs["adamw"], "final_val_loss"))
-        base_steps = statistics.median(_finite(_field(runs["adamw"], "steps")) or [math.nan])
-        for optim in ("qadam", "qadam-inv"):
-            if optim not in runs or not base:
-                continue
-            ours, base_loss = _finite(_field(runs[optim], "final_val_loss")), statistics.mean(base)
-            gain = base_loss - statistics.mean(ours) if ours else math.nan
-            reach = []
-            for run in runs[optim]:
-                hits = [
-                    r["step"]
-                    for r in run.get("records", [])
-                    if r["val_loss"] is not None and r["val_loss"] <= base_loss
-                ]
-                reach.append(hits[0] if hits else math.inf)
-            frac = statistics.median(reach) / base_steps
-            met = gain >= 0.03 or frac <= 0.8
-            reached = (
-                f"AdamW's final loss at ×{frac:.2f} of the steps"
-                if math.isfinite(frac)
-                else "AdamW's final loss not reached (median over seeds)"
-            )
-            lines.append(
-                f"| chars: {LABELS[optim]} ≥ 0.03 nats below AdamW, or AdamW's loss in ≤ 0.8× "
-                f"steps | {-gain:+.3f} nats vs AdamW; {reached} | {'met' if met else 'missed'} |"
-            )
-    rel = results["relational"]["runs"]
-    std = _finite(_field(rel["transformer"], "final_val_loss"))
-    ours = _finite(_field(rel["relational"], "final_val_loss"))
-    if std and ours:
-        gap = statistics.mean(ours) - statistics.mean(std)
-        lines.append(
-            f"| relational within 0.05 nats of the standard model at equal parameters "
-            f"| {gap:+.3f} nats | {'met' if gap <= 0.05 else 'missed'} |"
-        )
-    return lines + [""]
 
 
 def relational_section(results: dict, image_dir: Path) -> list[str]:
@@ -226,7 +201,7 @@ def relational_section(results: dict, image_dir: Path) -> list[str]:
         "| model | params | final val loss (per seed) | ms/step | val loss at equal time |",
         "|---|---|---|---|---|",
     ]
-    budget = _finite(_field(runs["transformer"], "ms_per_step"))
+    budget = finite(field(runs["transformer"], "ms_per_step"))
     budget = statistics.mean(budget) * plan["steps"] / 1e3 if budget else None
     for model, group in runs.items():
         done = [r for r in group if r.get("summary")]

@@ -1,5 +1,7 @@
-"""Run a ``StudyPlan``: tune every optimiser on every task, rerun each at its best setting on
-every seed, compare the relational model with the standard one, count flat directions.
+"""Run a ``StudyPlan``: tune every optimiser on every task (growing each grid until it brackets
+its best setting, where the plan allows), rerun each at its best setting on every seed and from
+gauge-transformed starts, compare the relational model with the standard one, count flat
+directions.
 
 Returns the results as one JSON-ready dict (also written to ``OUT/study.json``)."""
 
@@ -15,15 +17,17 @@ import torch
 
 from .. import training
 from .flat import flat_job
-from .protocol import StudyPlan, TaskPlan, score
+from .protocol import StudyPlan, TaskPlan
 from .runner import Pool, run_dir, train_job
+from .tuning import best_setting, bracket, extend
 
 
-def _config(t: TaskPlan, optim: str, lr: float, wd: float, seed: int) -> training.RunConfig:
+def _config(t: TaskPlan, optim: str, lr: float, wd: float, seed: int, gauge=None):
     # fmt: off
     return training.RunConfig(
         task=t.task, size=t.size, optim=optim, steps=t.steps, seed=seed, lr=lr, weight_decay=wd,
-        eval_every=t.eval_every, stop_at_target=t.stop_at_target,
+        eval_every=t.eval_every, stop_at_target=t.stop_at_target, schedule=t.schedule,
+        gauge_condition=gauge,
     ).resolved()
     # fmt: on
 
@@ -32,19 +36,13 @@ def _jobs(configs, root: Path, resume: bool) -> list[tuple]:
     return [(cfg, str(run_dir(root, cfg)), resume) for cfg in configs]
 
 
-def _best(t: TaskPlan, optim: str, tuned: list[dict]) -> tuple[float, float]:
-    """The (lr, wd) of the best-scoring tuning run; ties go to the first in grid order."""
-    settings = t.grid(optim).settings()
-    scores = [score(r.get("summary"), t.criterion) for r in tuned]
-    return settings[min(range(len(settings)), key=lambda i: scores[i])]
-
-
-def run_study(plan: StudyPlan, out, *, workers: int = 1, resume: bool = False, on_done=None):
-    """Run ``plan`` with runs under ``OUT/runs``; ``on_done(result)`` after every run."""
+def run_study(plan: StudyPlan, out, *, workers=1, resume=False, on_done=None, on_planned=None):
+    """Run ``plan`` with runs under ``OUT/runs``; ``on_done(result)`` after every run,
+    ``on_planned(n)`` when bracketing adds ``n`` runs to the plan."""
     out = training.prepare_out(out)
     started = time.perf_counter()
     with Pool(workers, on_done) as pool:
-        results = _run_phases(plan, out, pool, resume)
+        results = _run_phases(plan, out, pool, resume, on_planned or (lambda n: None))
     machine = dict(
         cpu=platform.processor() or platform.machine(),
         cpus=os.cpu_count(),
@@ -57,41 +55,70 @@ def run_study(plan: StudyPlan, out, *, workers: int = 1, resume: bool = False, o
     # fmt: on
 
 
-def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool) -> dict:
+def _tune(plan: StudyPlan, root: Path, pool: Pool, resume: bool, on_planned, before) -> dict:
+    """Phase 1: every optimiser's grid on the tuning seed (``before()`` is mapped alongside the
+    first round), then rounds of bracketing until no best sits on an extendable edge."""
+    keys = [(t, optim) for t in plan.tasks for optim in t.optims]
+    settings = {k: list(k[0].grid(k[1]).settings()) for k in keys}
+    runs = {k: [] for k in keys}
+    used = {k: {} for k in keys}
+    pending, first = {k: list(settings[k]) for k in keys}, True
+    while pending:
+        batch = [(k, lr, wd) for k, new in pending.items() for lr, wd in new]
+        configs = [_config(t, o, lr, wd, t.tune_seed) for (t, o), lr, wd in batch]
+        done = pool.map(train_job, _jobs(configs, root, resume))
+        if first:
+            extra, first = before(), False
+        for (k, *_), r in zip(batch, done):
+            runs[k].append(r)
+        pending = {}
+        for k in keys:
+            t, optim = k
+            summaries = [r.get("summary") for r in runs[k]]
+            new = extend(t.grid(optim), settings[k], summaries, t.criterion, t.extensions, used[k])
+            if new:
+                settings[k] += new
+                pending[k] = new
+        if pending:
+            on_planned(sum(len(v) for v in pending.values()))
+
+    tasks = {}
+    for t, optim in keys:
+        entry = tasks.setdefault(t.task, dict(plan=dataclasses.asdict(t), tuning={}, best={}))
+        k = (t, optim)
+        entry["tuning"][optim] = [
+            dict(lr=lr, weight_decay=wd, summary=r.get("summary"), error=r.get("error"))
+            for (lr, wd), r in zip(settings[k], runs[k])
+        ]
+        best = best_setting(settings[k], [r.get("summary") for r in runs[k]], t.criterion)
+        entry["best"][optim] = best
+        entry.setdefault("bracket", {})[optim] = bracket(t.grid(optim), settings[k], best)
+    return dict(tasks=tasks, before=extra)
+
+
+def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool, on_planned) -> dict:
     root = out / "runs"
-    # phase 1: every optimiser's grid on the tuning seed, and the flat-direction runs
-    tuning = [
-        (t, optim, _config(t, optim, lr, wd, t.tune_seed))
-        for t in plan.tasks
-        for optim in t.optims
-        for lr, wd in t.grid(optim).settings()
-    ]
     f = plan.flat
     flat_jobs = [
         (f.size, f.steps, f.lr, wd, f.seed, str(out / "flat" / f"wd{wd:g}"))
         for wd in f.weight_decays
     ]
-    tuned = pool.map(train_job, _jobs([c for *_, c in tuning], root, resume))
-    flat = pool.map(flat_job, flat_jobs)
+    tuned = _tune(plan, root, pool, resume, on_planned, lambda: pool.map(flat_job, flat_jobs))
+    tasks, flat = tuned["tasks"], tuned["before"]
 
-    tasks = {}
-    for t in plan.tasks:
-        entry = tasks.setdefault(t.task, dict(plan=dataclasses.asdict(t), tuning={}, best={}))
-        for optim in t.optims:
-            runs = [r for (tp, o, _), r in zip(tuning, tuned) if tp is t and o == optim]
-            grid = t.grid(optim).settings()
-            entry["tuning"][optim] = [
-                dict(lr=lr, weight_decay=wd, summary=r.get("summary"), error=r.get("error"))
-                for (lr, wd), r in zip(grid, runs)
-            ]
-            entry["best"][optim] = _best(t, optim, runs)
-
-    # phase 2: the other seeds at each optimiser's best setting; the relational comparison
+    # phase 2: the other seeds and the gauge-transformed starts at each optimiser's best
+    # setting; the relational comparison
     seeded = [
         (t, optim, _config(t, optim, *tasks[t.task]["best"][optim], seed))
         for t in plan.tasks
         for optim in t.optims
         for seed in t.seeds
+    ]
+    gauged = [
+        (t, optim, _config(t, optim, *tasks[t.task]["best"][optim], t.tune_seed, kappa))
+        for t in plan.tasks
+        for optim in t.optims
+        for kappa in t.gauge_conditions
     ]
     rp = plan.relational
     lr, wd = tasks[rp.task]["best"]["adamw"] if rp.task in tasks else (None, None)
@@ -107,6 +134,7 @@ def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool) -> dict:
             steps=rp.steps,
             seed=seed,
             eval_every=rp.eval_every,
+            schedule=next((t.schedule for t in plan.tasks if t.task == rp.task), "constant"),
         ).resolved()
         # fmt: on
         for model in training.MODELS
@@ -114,11 +142,16 @@ def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool) -> dict:
     ]
     # the tuning seed's run is reused (same directory: resume=True picks it up)
     jobs = _jobs([c for *_, c in seeded], root, True)
-    done = pool.map(train_job, jobs + _jobs(relational, out / "relational", resume))
-    final, rel = done[: len(jobs)], done[len(jobs) :]
+    gauge_jobs = _jobs([c for *_, c in gauged], root, resume)
+    done = pool.map(train_job, jobs + gauge_jobs + _jobs(relational, out / "relational", resume))
+    final, gauge_runs = done[: len(jobs)], done[len(jobs) : len(jobs) + len(gauge_jobs)]
+    rel = done[len(jobs) + len(gauge_jobs) :]
 
     for (t, optim, _), r in zip(seeded, final):
         tasks[t.task].setdefault("runs", {}).setdefault(optim, []).append(r)
+    for (t, optim, cfg), r in zip(gauged, gauge_runs):
+        r = dict(r, gauge_condition=cfg.gauge_condition)
+        tasks[t.task].setdefault("gauge", {}).setdefault(optim, []).append(r)
     models = {m: [r for c, r in zip(relational, rel) if c.model == m] for m in training.MODELS}
     return dict(
         tasks=tasks,

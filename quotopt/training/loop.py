@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import gauge_transform
 from ..dynamics import balance_gap, gauge_drift, head_imbalance
 from ..optim import NonFiniteStepError
 from ..symmetries import group_point, symmetries
@@ -44,6 +45,11 @@ from .runs import (
     write_json,
     write_text,
 )
+from .schedule import lr_factor, set_rates
+
+#: seeds the generator of a gauge-transformed start (``RunConfig.gauge_condition``) with
+#: ``GAUGE_SALT + seed``, apart from the batch generator (``seed + 1``)
+GAUGE_SALT = 7919
 
 
 class Interrupted(KeyboardInterrupt):
@@ -117,9 +123,13 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
     out = None if out_dir is None else prepare_out(out_dir)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, cfg.size, cfg.seed)
-    model = build_model(task, cfg.model, cfg.size).to(cfg.device)
+    model = build_model(task, cfg.model, cfg.size, cfg.variant).to(cfg.device)
+    if cfg.gauge_condition is not None:  # the same function in another gauge (same RNG after)
+        gauge = torch.Generator().manual_seed(GAUGE_SALT + cfg.seed)
+        gauge_transform(model, symmetries(model), gauge, condition=cfg.gauge_condition)
     betas = TASK_DEFAULTS[cfg.task]["betas"]
     optimizer = build_optimizer(cfg.optim, model, cfg.lr, cfg.weight_decay, betas, cfg.task)
+    base_rates = [group["lr"] for group in optimizer.param_groups]
     probes, gen = symmetries(model), torch.Generator().manual_seed(cfg.seed + 1)
     step, clock, records, diverged = 0, {"wall": 0.0, "train": 0.0}, [], None
     if ckpt is not None:
@@ -167,6 +177,7 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
                 phase, snapshot = "step", (gen.get_state(), torch.get_rng_state())
                 tic = time.perf_counter()
                 x, y = task.batch("train", cfg.batch_size or None, generator=gen, device=cfg.device)
+                set_rates(optimizer, base_rates, lr_factor(cfg.schedule, step, cfg.steps))
                 try:
                     _train_step(model, optimizer, task, x, y)
                 except NonFiniteStepError as err:  # refused: nothing was written

@@ -26,6 +26,7 @@ _RELU = dict(n_layers=1, n_heads=4, activation="relu")
 SIZES: dict[str, dict[str, tuple[dict, dict]]] = {
     "modadd": {  # "nanda": Nanda et al. 2023 (1 layer, d=128, 4 heads of 32, ReLU MLP 512)
         "nanda": (dict(_RELU, d_model=128, d_mlp=512), {}),
+        "standard": (dict(_RELU, d_model=64, d_mlp=256), {"p": 59}),  # Nanda-like at half width
         "small": (dict(_RELU, d_model=32, d_mlp=128), {"p": 31}),
         "tiny": (_TINY[0], {"p": 11}),
         "quick": (dict(_RELU, d_model=32, d_mlp=128), {"p": 31, "frac_train": 0.5}),
@@ -78,9 +79,16 @@ def build_task(name: str, size: str | None = None, seed: int = 0):
     return get_task(name, seed=seed, **size_options(name, size)[1])
 
 
-def build_model(task, model_name: str = "transformer", size: str | None = None) -> nn.Module:
+#: named RelationalTransformer configurations (``RunConfig.variant``): keyword arguments that
+#: replace the defaults of ``build_model``'s relational model (``n_channels`` fixes k instead
+#: of matching the standard model's parameter count)
+VARIANTS: dict[str, dict] = {}
+
+
+def build_model(task, model_name="transformer", size=None, variant=None) -> nn.Module:
     """A ``Transformer`` of ``size`` for ``task``, or the ``RelationalTransformer`` (d_gauge
-    ``D_GAUGE``) whose channel count k gives the closest parameter count to it."""
+    ``D_GAUGE``, or the ``VARIANTS[variant]`` settings) whose channel count k gives the closest
+    parameter count to it, unless the variant fixes k."""
     check_name("model", model_name, MODELS)
     kw = dict(size_options(task.name, size)[0], vocab_size=task.vocab_size, max_len=task.seq_len)
     kw["n_classes"] = task.n_classes if task.kind == "classify" else None
@@ -88,6 +96,11 @@ def build_model(task, model_name: str = "transformer", size: str | None = None) 
         return Transformer(**kw)
     rel = {k: v for k, v in kw.items() if k not in ("d_model", "d_mlp", "activation")}
     rel["d_gauge"] = D_GAUGE
+    if variant is not None:
+        check_name("relational variant", variant, VARIANTS)
+        rel.update(VARIANTS[variant])
+        if "n_channels" in rel:
+            return RelationalTransformer(**rel)
 
     def count(module_fn, **extra):  # parameter count without allocating (meta device)
         with torch.device("meta"):

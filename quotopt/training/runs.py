@@ -20,7 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .registry import MODELS, TASK_DEFAULTS, check_name, default_hparams, default_size, size_options
+from .registry import (
+    MODELS,
+    TASK_DEFAULTS,
+    VARIANTS,
+    check_name,
+    default_hparams,
+    default_size,
+    size_options,
+)
+from .schedule import SCHEDULES
 
 #: files of one training run in its directory
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
@@ -32,6 +41,7 @@ CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "data_rng", "torch_rn
 class RunConfig:
     task: str
     model: str = "transformer"
+    variant: str | None = None  # a named relational configuration (registry.VARIANTS)
     optim: str = "adamw"
     steps: int = 1000  # total optimiser steps (a resumed run continues up to this count)
     seed: int = 0  # task split, initialisation (global torch RNG) and batch order
@@ -43,6 +53,8 @@ class RunConfig:
     eval_examples: int | None = None  # examples per evaluated split; None: the task's default
     device: str = "cpu"
     stop_at_target: bool = False  # end at the first evaluation that reaches the task's target
+    schedule: str = "constant"  # learning-rate schedule (training.schedule.SCHEDULES)
+    gauge_condition: float | None = None  # start from a gauge-transformed copy of the init
 
     def resolved(self) -> RunConfig:
         """A copy with the defaults filled in; raises ``ValueError`` on bad names or numbers."""
@@ -60,6 +72,16 @@ class RunConfig:
             eval_examples=self.eval_examples or d["eval_examples"],
         )
         # fmt: on
+        check_name("schedule", out.schedule, SCHEDULES)
+        if out.variant is not None:
+            if out.model != "relational":
+                raise ValueError(
+                    f"variant {out.variant!r} needs model 'relational', not {out.model!r}"
+                )
+            check_name("relational variant", out.variant, VARIANTS)
+        gauge = out.gauge_condition
+        if gauge is not None and not (math.isfinite(gauge) and gauge >= 1):
+            raise ValueError(f"gauge_condition must be None or a finite number >= 1, got {gauge}")
         if out.steps < 1 or out.eval_every < 1 or out.batch_size < 0:
             raise ValueError(f"steps and eval_every must be positive, batch_size >= 0: {out}")
         finite = math.isfinite(out.lr) and math.isfinite(out.weight_decay)
@@ -167,8 +189,13 @@ def check_resumable(ckpt: dict, cfg: RunConfig, path) -> None:
     needs the same count: a different one changes the order of floating-point sums)."""
     saved = ckpt["config"]
     keys = ("task", "model", "optim", "seed", "size", "lr", "weight_decay", "batch_size")
-    diff = [f"{k}={saved.get(k)!r}, not {getattr(cfg, k)!r}" for k in keys]
-    diff = [d for k, d in zip(keys, diff) if saved.get(k) != getattr(cfg, k)]
+    keys += ("variant", "schedule", "gauge_condition")
+    default = {"schedule": "constant"}  # checkpoints from before schedules were configurable
+    diff = [
+        f"{k}={saved.get(k, default.get(k))!r}, not {getattr(cfg, k)!r}"
+        for k in keys
+        if saved.get(k, default.get(k)) != getattr(cfg, k)
+    ]
     if diff:
         raise ValueError(f"checkpoint {path} is from another run: {'; '.join(diff)}")
     if ckpt["step"] > cfg.steps:

@@ -1,0 +1,52 @@
+"""Reading the study's runs: fields of their summaries, means, medians and their text forms,
+shared by the results page's tables and its target verdicts."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def field(runs: list[dict], key: str) -> list:
+    """``summary[key]`` of every run (None for a run that failed before writing a summary)."""
+    return [(run.get("summary") or {}).get(key) for run in runs]
+
+
+def finite(values) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def mean_std(values, digits=3) -> str:
+    values = finite(values)
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def median_steps(runs: list[dict]) -> float:
+    """Median steps to target over seeds; a seed that never reached it counts as ∞."""
+    steps = field(runs, "steps_to_target")
+    return statistics.median([math.inf if s is None else s for s in steps]) if steps else math.inf
+
+
+def mean_ms(runs: list[dict]) -> float:
+    """Mean milliseconds per training step over the finished runs (NaN without any)."""
+    ms = finite(field(runs, "ms_per_step"))
+    return statistics.mean(ms) if ms else math.nan
+
+
+def mean_loss(runs: list[dict]) -> float:
+    losses = finite(field(runs, "final_val_loss"))
+    return statistics.mean(losses) if losses else math.nan
+
+
+def steps_text(value: float, cap: int) -> str:
+    return f"{value:g}" if math.isfinite(value) else f">{cap}"
+
+
+def spread_text(value: float) -> str:
+    if math.isnan(value):
+        return "—"
+    return "∞ (a start failed)" if math.isinf(value) else f"{value:.1e}"

@@ -1,0 +1,98 @@
+"""The study's targets, each with the measured figures and a verdict computed from the runs.
+
+* modadd: a quotient optimiser reaches 99 % validation accuracy in ≤ 0.5× the steps of the
+  baseline (tuned AdamW, then tuned Muon; medians over seeds) at ≤ 1.5× its time per step;
+* chars: a quotient optimiser ends ≥ 0.03 nats below the baseline (means over seeds) at ≤ 1.5×
+  its time per step;
+* gauge: the relative spread of the final validation loss over the gauge-transformed starts
+  is ≤ 1e-3 for every quotient optimiser (the baselines' spreads are reported beside it);
+* relational: the relational model within 0.05 nats of the standard one at equal parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .protocol import LABELS, QUOTIENT
+from .robustness import gauge_spread
+from .summaries import mean_loss, mean_ms, median_steps, spread_text, steps_text
+
+BASELINES = ("adamw", "muon")
+GAUGE_TARGET = 1e-3
+
+
+def _label(optim: str) -> str:
+    return LABELS.get(optim, optim)
+
+
+def _modadd(entry: dict) -> list[str]:
+    runs, cap, lines = entry["runs"], entry["plan"]["steps"], []
+    for base in (b for b in BASELINES if b in runs):
+        b_steps, b_ms = median_steps(runs[base]), mean_ms(runs[base])
+        for optim in (q for q in QUOTIENT if q in runs):
+            steps, wall = median_steps(runs[optim]), mean_ms(runs[optim]) / b_ms
+            ratio = steps / b_steps if math.isfinite(steps) and math.isfinite(b_steps) else math.nan
+            met = ratio <= 0.5 and wall <= 1.5
+            shown = f" (×{ratio:.2f})" if math.isfinite(ratio) else ""
+            lines.append(
+                f"| modadd: {_label(optim)} ≤ 0.5× {_label(base)}'s steps to 99 % at ≤ 1.5× "
+                f"time/step | {steps_text(steps, cap)} vs {steps_text(b_steps, cap)} steps{shown}; "
+                f"×{wall:.2f} time/step | {'met' if met else 'missed'} |"
+            )
+    return lines
+
+
+def _chars(entry: dict) -> list[str]:
+    runs, lines = entry["runs"], []
+    for base in (b for b in BASELINES if b in runs):
+        b_loss, b_ms = mean_loss(runs[base]), mean_ms(runs[base])
+        for optim in (q for q in QUOTIENT if q in runs):
+            gain, wall = b_loss - mean_loss(runs[optim]), mean_ms(runs[optim]) / b_ms
+            met = gain >= 0.03 and wall <= 1.5
+            lines.append(
+                f"| chars: {_label(optim)} ≥ 0.03 nats below {_label(base)} at ≤ 1.5× "
+                f"time/step | {-gain:+.3f} nats; ×{wall:.2f} time/step "
+                f"| {'met' if met else 'missed'} |"
+            )
+    return lines
+
+
+def _gauge(task: str, entry: dict) -> list[str]:
+    gauge, lines = entry.get("gauge", {}), []
+    spreads = {optim: gauge_spread(runs)["loss"] for optim, runs in gauge.items()}
+    baselines = "; ".join(
+        f"{_label(b)} {spread_text(spreads[b])}" for b in BASELINES if b in spreads
+    )
+    for optim in (q for q in QUOTIENT if q in spreads):
+        met = spreads[optim] <= GAUGE_TARGET
+        kappas = ", ".join(f"{r['gauge_condition']:g}" for r in gauge[optim])
+        lines.append(
+            f"| {task}: {_label(optim)}'s final loss spread over gauges κ ∈ {{{kappas}}} ≤ 1e-3 "
+            f"| {spread_text(spreads[optim])} (baselines: {baselines or '—'}) "
+            f"| {'met' if met else 'missed'} |"
+        )
+    return lines
+
+
+def _relational(results: dict) -> list[str]:
+    runs = results["relational"]["runs"]
+    gap = mean_loss(runs.get("relational", [])) - mean_loss(runs.get("transformer", []))
+    if math.isnan(gap):
+        return []
+    return [
+        f"| relational within 0.05 nats of the standard model at equal parameters "
+        f"| {gap:+.3f} nats | {'met' if gap <= 0.05 else 'missed'} |"
+    ]
+
+
+def targets(results: dict) -> list[str]:
+    """The "Targets" section of the results page."""
+    tasks = results["tasks"]
+    lines = ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    if "modadd" in tasks:
+        lines += _modadd(tasks["modadd"])
+    if "chars" in tasks:
+        lines += _chars(tasks["chars"])
+    for task, entry in tasks.items():
+        lines += _gauge(task, entry)
+    return lines + _relational(results) + [""]
