@@ -74,7 +74,7 @@ def test_resume_is_bit_exact(tmp_path, optim):
 def test_ctrl_c_mid_step_leaves_a_resumable_checkpoint(tmp_path, monkeypatch, capsys):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert _train(straight, 6) == 0
-    real, calls = training.loop._train_step, []
+    real, calls = training.loop.train_step, []
 
     def interrupting(*args):
         calls.append(1)
@@ -82,12 +82,12 @@ def test_ctrl_c_mid_step_leaves_a_resumable_checkpoint(tmp_path, monkeypatch, ca
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(training.loop, "_train_step", interrupting)
+    monkeypatch.setattr(training.loop, "train_step", interrupting)
     assert _train(stopped, 6) == 130
     err = capsys.readouterr().err
     assert "interrupted at step 3" in err and "checkpoint.pt" in err
     assert torch.load(stopped / "checkpoint.pt", weights_only=True)["step"] == 3
-    monkeypatch.setattr(training.loop, "_train_step", real)
+    monkeypatch.setattr(training.loop, "train_step", real)
     assert _train(stopped, 6, "--resume") == 0
     _assert_same(_params(straight), _params(stopped))
 

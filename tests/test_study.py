@@ -179,7 +179,9 @@ def _micro_plan() -> StudyPlan:
             TaskPlan("sort", "tiny", 10, ("adamw", "qadam"), grid, sgd, "loss", eval_every=5,
                      seeds=(0, 1), schedule="cosine"),
         ),
-        relational=RelationalPlan("sort", "tiny", 10, eval_every=5, seeds=(0,)),
+        relational=RelationalPlan("sort", "tiny", 10, eval_every=5, seeds=(0, 1),
+                                  variants=("k4-D2", "k6-D2-gauge"), lr_factors=(2.0,),
+                                  dressed=True, equal_param_seeds=(0,)),
         flat=FlatPlan("tiny", 30, lr=3e-3, weight_decays=(0.0, 1e-2)),
     )
     # fmt: on
@@ -207,6 +209,16 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
             (*best_of(modadd, optim), 0)
         }
     assert "gauge" not in results["tasks"]["sort"]
+    assert set(modadd["timing"]) == {"adamw", "qadam", "sgd"}  # side by side, every optimiser
+    rel = results["relational"]
+    assert [s["variant"] for s in rel["sweep"]] == ["k4-D2", "k6-D2-gauge"]
+    assert rel["best"]["variant"] in ("k4-D2", "k6-D2-gauge") and len(rel["seeds"]) == 2
+    assert {r["summary"]["config"]["variant"] for r in rel["dressed"]} == {
+        rel["best"]["variant"] + "-dressed"
+    }
+    # equal FLOPs: steps scale inversely with the training FLOPs per token
+    for s in rel["sweep"]:
+        assert s["steps"] == round(10 * rel["reference_flops"] / s["flops"])
     flat = results["flat"]
     assert [f["objective_weight_decay"] for f in flat] == [0.0, 1e-2]
     assert all(f["orbit_dim"] == 80 and f["compact_orbit_dim"] == 24 for f in flat)
@@ -217,6 +229,10 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
         assert heading in text
     assert "QuotientAdam ≤ 0.5× AdamW's steps" in text and "| basin | gauge spread |" in text
     assert "final loss spread over gauges κ ∈ {1, 100} ≤ 1e-3" in text
+    assert (
+        "The sweep at equal FLOPs" in text
+        and "within 0.05 nats of the standard model at equal training time" in text
+    )
     for name in ("modadd", "sort", "relational", "flat", "dynamics", "modadd-gauge"):
         assert (tmp_path / "docs" / "img" / "results" / f"{name}.png").read_bytes()[:4] == (
             b"\x89PNG"

@@ -85,28 +85,42 @@ class TaskPlan:
 
 @dataclasses.dataclass(frozen=True)
 class RelationalPlan:
-    """Transformer vs RelationalTransformer on ``task`` at equal parameters (the relational
-    channel count chosen by ``training.build_model``) and at equal compute (the relational run's
-    validation loss at the standard run's training time), both with AdamW at the standard
-    model's tuned setting."""
+    """Transformer vs RelationalTransformer on ``task``, every run with AdamW at the standard
+    model's tuned setting (``lr_factors`` then tune the best variant's rate around it).
+
+    * *Equal parameters*: the relational channel count chosen by ``training.build_model`` so
+      that the parameter counts match, on ``equal_param_seeds`` (None: ``seeds``).
+    * *Equal compute*: each of ``variants`` (``training.parse_variant`` names) trains for the
+      standard run's training FLOPs (``steps`` × the standard model's training FLOPs per token
+      ÷ its own), on the tuning seed; the best by final validation loss is retuned over
+      ``lr_factors`` × the rate, then rerun on every seed, beside its dressed twin when
+      ``dressed``. The page also reads every run's loss at the standard run's training time.
+    """
 
     task: str
     size: str
     steps: int
     eval_every: int
     seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[str, ...] = ()
+    lr_factors: tuple[float, ...] = ()
+    dressed: bool = False
+    equal_param_seeds: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class FlatPlan:
-    """Flat directions of modadd at ``size``, trained full batch with Adam (L2 decay coupled,
-    so the trained point is near a critical point of f + (λ/2)‖θ‖²) for each λ."""
+    """Flat directions. ``settings``: ``quotopt.dynamics.critical.SETTINGS`` names, each a model
+    that learns its task, counted at a refined critical point (``study.flat.critical_job``).
+    ``size, steps, lr, weight_decays``: the earlier experiment (modadd at ``size`` after
+    full-batch Adam with coupled L2 decay, unrefined: ``study.flat.flat_job``), one per λ."""
 
     size: str
     steps: int
     lr: float
     weight_decays: tuple[float, ...]
     seed: int = 0
+    settings: tuple[str, ...] = ("modadd", "regression", "relational")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +199,13 @@ FULL = StudyPlan(
 # optimisers that won somewhere in the quick plan (QuotientAdam with the invariant metric lost
 # on chars and diverged on modadd there; the quick and full plans keep it).
 _STANDARD = ("adamw", "muon", "qadam", "qmuon")
+# relational variants within ±20 % of the standard chars model's training FLOPs per token: the
+# gauge dimension D, channels k, head rank r, MLP width m and the positions vary one at a time
+# around k64-D4-r16-m128 (the equal-parameter model, k = 112, costs 4.7× the FLOPs)
+_EQUAL_FLOPS = (
+    "k64-D4-r16-m128", "k96-D2-r24-m192", "k48-D8-r12-m96", "k48-D4-r12-m192", "k64-D4-r8-m128",
+    "k64-D4-r16-m128-gauge",
+)  # fmt: skip
 _KAPPAS = (1.0, 10.0, 100.0, 1000.0)
 # fmt: off
 STANDARD = StudyPlan(
@@ -199,7 +220,10 @@ STANDARD = StudyPlan(
         TaskPlan("digits", "small", 1000, _STANDARD, Grid((1e-3, 3e-3, 1e-2), (0.01, 0.1, 1.0)),
                  _SGD, "accuracy", eval_every=100, extensions=2, gauge_conditions=_KAPPAS),
     ),
-    relational=RelationalPlan("chars", "small", 2000, eval_every=100),
+    relational=RelationalPlan(
+        "chars", "small", 2000, eval_every=100, variants=_EQUAL_FLOPS, lr_factors=(0.5, 2.0),
+        dressed=True, equal_param_seeds=(0,),
+    ),
     flat=FlatPlan("tiny", 6000, lr=3e-3, weight_decays=(0.0, 1e-3, 1e-2)),
 )
 # fmt: on
@@ -208,10 +232,16 @@ PLANS = {"quick": QUICK, "standard": STANDARD, "full": FULL}
 
 def n_runs(plan: StudyPlan) -> int:
     """Jobs in ``plan`` before bracketing adds any: tuning grid + every seed at the best
-    setting (the tuning seed's run is reused there, not trained again) + gauge-transformed
-    starts, relational, flat."""
-    total = 0
+    setting (the tuning seed's run is reused there, not trained again, but counts as a job) +
+    gauge-transformed starts + one timing job per task; the relational phase (standard and
+    equal-parameter runs; the sweep, the retuned rates, every seed of the best variant and its
+    dressed twin, and their timing job); flat."""
+    total = len(plan.tasks)
     for t in plan.tasks:
         for optim in t.optims:
             total += len(t.grid(optim).settings()) + len(t.seeds) + len(t.gauge_conditions)
-    return total + 2 * len(plan.relational.seeds) + len(plan.flat.weight_decays)
+    rp = plan.relational
+    total += len(rp.seeds) + len(rp.seeds if rp.equal_param_seeds is None else rp.equal_param_seeds)
+    if rp.variants:
+        total += len(rp.variants) + len(rp.lr_factors) + 1 + len(rp.seeds) * (1 + rp.dressed)
+    return total + len(plan.flat.weight_decays)

@@ -5,13 +5,13 @@ flat directions."""
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 from . import figures
-from .protocol import LABELS, Grid
+from .protocol import LABELS, SGD_LIKE, Grid
+from .relational_report import relational_section
 from .robustness import LOSS_MARGIN, STEPS_FACTOR, basin_share, gauge_spread, seeds_reaching
-from .summaries import field, finite, mean_ms, mean_std, median_steps, spread_text, steps_text
+from .summaries import field, mean_std, median_steps, spread_text, step_ms, steps_text
 from .targets import targets
 from .tuning import bracket
 
@@ -36,8 +36,6 @@ def _metric(summary_list: list[dict]) -> str:
 
 
 def _grid(plan: dict, optim: str) -> Grid:
-    from .protocol import SGD_LIKE
-
     g = plan["sgd_grid" if optim in SGD_LIKE else "adam_grid"]
     return Grid(tuple(g["lrs"]), tuple(g["weight_decays"]))
 
@@ -71,7 +69,7 @@ def task_section(task: str, entry: dict, image_dir: Path) -> list[str]:
     criterion, cap = plan["criterion"], plan["steps"]
     summaries = [r.get("summary") for group in runs.values() for r in group]
     entry["metric"] = metric = _metric(summaries)
-    adam_ms = mean_ms(runs["adamw"]) if "adamw" in runs else math.nan
+    adam_ms = step_ms(entry, "adamw") if "adamw" in runs else math.nan
     head = {
         "steps": f"steps to val {metric} ≥ target (median; per seed)",
         "loss": "final val loss (mean ± std; per seed)",
@@ -115,7 +113,7 @@ def task_section(task: str, entry: dict, image_dir: Path) -> list[str]:
             value = steps_text(median_steps(group), cap)
         else:
             value = mean_std(field(group, "final" if criterion == "accuracy" else "final_val_loss"))
-        ms = mean_ms(group)
+        ms = step_ms(entry, optim)
         ms_text = f"{ms:.1f}" if math.isfinite(ms) else "—"
         ratio = f"{ms / adam_ms:.2f}" if math.isfinite(ms / adam_ms) else "—"
         seeds, basin, spread = _robustness(entry, optim, criterion)
@@ -184,44 +182,6 @@ def _tuning_table(entry: dict, criterion: str, cap: int) -> list[str]:
             cells.append(f"**{text}**" if chosen else text)
         lines.append(f"| {LABELS.get(optim, optim)} | {'; '.join(cells)} |")
     return lines + ["", "</details>", ""]
-
-
-def relational_section(results: dict, image_dir: Path) -> list[str]:
-    rel = results["relational"]
-    plan, runs = rel["plan"], rel["runs"]
-    lines = [
-        "## Transformer vs RelationalTransformer",
-        "",
-        f"Task `{plan['task']}` size `{plan['size']}`, {plan['steps']} steps, AdamW at the "
-        f"standard model's tuned setting (lr {rel['lr']:g}, wd {rel['weight_decay']:g}) for "
-        "both. *Equal parameters*: the relational channel count is chosen so its parameter "
-        "count is closest to the standard model's. *Equal compute*: the relational run's "
-        "validation loss at the last evaluation within the standard run's training time.",
-        "",
-        "| model | params | final val loss (per seed) | ms/step | val loss at equal time |",
-        "|---|---|---|---|---|",
-    ]
-    budget = finite(field(runs["transformer"], "ms_per_step"))
-    budget = statistics.mean(budget) * plan["steps"] / 1e3 if budget else None
-    for model, group in runs.items():
-        done = [r for r in group if r.get("summary")]
-        if not done:
-            lines.append(f"| {model} | — | failed | — | — |")
-            continue
-        finals = [r["summary"]["final_val_loss"] for r in done]
-        per_seed = ", ".join(f"{v:.3f}" for v in finals)
-        at_time = []
-        for run in done:
-            within = [r for r in run["records"] if budget and r["train_time"] <= budget * 1.001]
-            at_time.append(within[-1]["val_loss"] if within else None)
-        ms = statistics.mean(r["summary"]["ms_per_step"] for r in done)
-        lines.append(
-            f"| {model} | {done[0]['summary']['n_params']:,} | {mean_std(finals)} ({per_seed}) "
-            f"| {ms:.1f} | {mean_std(at_time)} |"
-        )
-    image = image_dir / "relational.png"
-    figures.relational(runs, image)
-    return lines + ["", f"![relational vs standard]({IMAGES}/{image.name})", ""]
 
 
 def flat_section(results: dict, image_dir: Path) -> list[str]:

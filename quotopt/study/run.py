@@ -18,7 +18,9 @@ import torch
 from .. import training
 from .flat import flat_job
 from .protocol import StudyPlan, TaskPlan
+from .relational import run_relational
 from .runner import Pool, run_dir, train_job
+from .timing import timing_job
 from .tuning import best_setting, bracket, extend
 
 
@@ -107,7 +109,7 @@ def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool, on_planned
     tasks, flat = tuned["tasks"], tuned["before"]
 
     # phase 2: the other seeds and the gauge-transformed starts at each optimiser's best
-    # setting; the relational comparison
+    # setting; then the relational phase
     seeded = [
         (t, optim, _config(t, optim, *tasks[t.task]["best"][optim], seed))
         for t in plan.tasks
@@ -120,41 +122,26 @@ def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool, on_planned
         for optim in t.optims
         for kappa in t.gauge_conditions
     ]
-    rp = plan.relational
-    lr, wd = tasks[rp.task]["best"]["adamw"] if rp.task in tasks else (None, None)
-    relational = [
-        # fmt: off
-        training.RunConfig(
-            task=rp.task,
-            size=rp.size,
-            model=model,
-            optim="adamw",
-            lr=lr,
-            weight_decay=wd,
-            steps=rp.steps,
-            seed=seed,
-            eval_every=rp.eval_every,
-            schedule=next((t.schedule for t in plan.tasks if t.task == rp.task), "constant"),
-        ).resolved()
-        # fmt: on
-        for model in training.MODELS
-        for seed in rp.seeds
-    ]
     # the tuning seed's run is reused (same directory: resume=True picks it up)
     jobs = _jobs([c for *_, c in seeded], root, True)
     gauge_jobs = _jobs([c for *_, c in gauged], root, resume)
-    done = pool.map(train_job, jobs + gauge_jobs + _jobs(relational, out / "relational", resume))
-    final, gauge_runs = done[: len(jobs)], done[len(jobs) : len(jobs) + len(gauge_jobs)]
-    rel = done[len(jobs) + len(gauge_jobs) :]
-
+    done = pool.map(train_job, jobs + gauge_jobs)
+    final, gauge_runs = done[: len(jobs)], done[len(jobs) :]
     for (t, optim, _), r in zip(seeded, final):
         tasks[t.task].setdefault("runs", {}).setdefault(optim, []).append(r)
     for (t, optim, cfg), r in zip(gauged, gauge_runs):
         r = dict(r, gauge_condition=cfg.gauge_condition)
         tasks[t.task].setdefault("gauge", {}).setdefault(optim, []).append(r)
-    models = {m: [r for c, r in zip(relational, rel) if c.model == m] for m in training.MODELS}
-    return dict(
-        tasks=tasks,
-        relational=dict(plan=dataclasses.asdict(rp), lr=lr, weight_decay=wd, runs=models),
-        flat=flat,
-    )
+    # time per step of every optimiser at its best setting, side by side in one process
+    timing_jobs = [
+        (t.task, t.size, [("transformer", None, o, *tasks[t.task]["best"][o]) for o in t.optims])
+        for t in plan.tasks
+    ]
+    for t, timed in zip(plan.tasks, pool.map(timing_job, timing_jobs)):
+        if "ms_per_step" in timed:
+            tasks[t.task]["timing"] = dict(zip(t.optims, timed["ms_per_step"]))
+        else:
+            tasks[t.task]["timing_error"] = timed["error"]
+    known = [c for *_, c in seeded]
+    relational = run_relational(plan, tasks, known, root, out, pool, resume)
+    return dict(tasks=tasks, relational=relational, flat=flat)

@@ -16,11 +16,12 @@ from .. import training
 
 
 def run_dir(root: Path, cfg: training.RunConfig) -> Path:
-    """``root/TASK/MODEL-OPTIM/lrLR-wdWD-seedS[-gaugeK]`` of a resolved config."""
+    """``root/TASK/MODEL[-VARIANT]-OPTIM/lrLR-wdWD-seedS[-gaugeK]`` of a resolved config."""
     name = f"lr{cfg.lr:g}-wd{cfg.weight_decay:g}-seed{cfg.seed}"
     if cfg.gauge_condition is not None:
         name += f"-gauge{cfg.gauge_condition:g}"
-    return Path(root) / cfg.task / f"{cfg.model}-{cfg.optim}" / name
+    model = cfg.model if cfg.variant is None else f"{cfg.model}-{cfg.variant}"
+    return Path(root) / cfg.task / f"{model}-{cfg.optim}" / name
 
 
 def train_job(cfg: training.RunConfig, directory: str, resume: bool) -> dict:

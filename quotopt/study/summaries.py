@@ -50,3 +50,10 @@ def spread_text(value: float) -> str:
     if math.isnan(value):
         return "—"
     return "∞ (a start failed)" if math.isinf(value) else f"{value:.1e}"
+
+
+def step_ms(entry: dict, optim: str) -> float:
+    """An optimiser's ms per training step on a task: the side-by-side timing
+    (``study.timing``) where the study measured one, else the mean of its runs' logs."""
+    timed = (entry.get("timing") or {}).get(optim)
+    return timed if timed is not None else mean_ms(entry["runs"].get(optim, []))

@@ -60,7 +60,8 @@ class Interrupted(KeyboardInterrupt):
         self.step, self.checkpoint = step, checkpoint
 
 
-def _train_step(model, optimizer, task, x, y) -> None:
+def train_step(model, optimizer, task, x, y) -> None:
+    """One optimiser step on the batch ``(x, y)``."""
     optimizer.zero_grad(set_to_none=True)
     task.loss(task.logits(model, x), y).backward()
     optimizer.step()
@@ -179,7 +180,7 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
                 x, y = task.batch("train", cfg.batch_size or None, generator=gen, device=cfg.device)
                 set_rates(optimizer, base_rates, lr_factor(cfg.schedule, step, cfg.steps))
                 try:
-                    _train_step(model, optimizer, task, x, y)
+                    train_step(model, optimizer, task, x, y)
                 except NonFiniteStepError as err:  # refused: nothing was written
                     phase = "boundary"
                     diverged = dict(step=step + 1, reason=" ".join(str(err).split()))

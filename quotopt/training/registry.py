@@ -79,16 +79,36 @@ def build_task(name: str, size: str | None = None, seed: int = 0):
     return get_task(name, seed=seed, **size_options(name, size)[1])
 
 
-#: named RelationalTransformer configurations (``RunConfig.variant``): keyword arguments that
-#: replace the defaults of ``build_model``'s relational model (``n_channels`` fixes k instead
-#: of matching the standard model's parameter count)
-VARIANTS: dict[str, dict] = {}
+_VARIANT_FIELDS = {"k": "n_channels", "D": "d_gauge", "r": "d_head", "m": "d_mlp_channels"}
+_VARIANT_FLAGS = {"gauge": ("positional", "gauge"), "dressed": ("dressed", True)}
+
+
+def parse_variant(name: str) -> dict:
+    """RelationalTransformer keyword arguments named by a variant such as ``k64-D4-r16-m128``:
+    dash-separated parts ``k<channels>``, ``D<gauge dim>``, ``r<head rank>``,
+    ``m<MLP hidden channels>``, ``gauge`` (gauge-space positions instead of ALiBi) and
+    ``dressed`` (the dressed model); unnamed settings keep ``build_model``'s defaults."""
+    out = {}
+    for part in name.split("-"):
+        if part in _VARIANT_FLAGS:
+            key, value = _VARIANT_FLAGS[part]
+        elif part[:1] in _VARIANT_FIELDS and part[1:].isdigit() and int(part[1:]) > 0:
+            key, value = _VARIANT_FIELDS[part[:1]], int(part[1:])
+        else:
+            raise ValueError(
+                f"relational variant {name!r}: cannot read {part!r}; parts are k<int>, D<int>, "
+                "r<int>, m<int>, 'gauge' and 'dressed', joined by '-'"
+            )
+        if key in out:
+            raise ValueError(f"relational variant {name!r} sets {key} twice")
+        out[key] = value
+    return out
 
 
 def build_model(task, model_name="transformer", size=None, variant=None) -> nn.Module:
     """A ``Transformer`` of ``size`` for ``task``, or the ``RelationalTransformer`` (d_gauge
-    ``D_GAUGE``, or the ``VARIANTS[variant]`` settings) whose channel count k gives the closest
-    parameter count to it, unless the variant fixes k."""
+    ``D_GAUGE``, or the settings of ``variant``) whose channel count k gives the closest
+    parameter count to it, unless the variant (``parse_variant``) fixes k."""
     check_name("model", model_name, MODELS)
     kw = dict(size_options(task.name, size)[0], vocab_size=task.vocab_size, max_len=task.seq_len)
     kw["n_classes"] = task.n_classes if task.kind == "classify" else None
@@ -97,8 +117,7 @@ def build_model(task, model_name="transformer", size=None, variant=None) -> nn.M
     rel = {k: v for k, v in kw.items() if k not in ("d_model", "d_mlp", "activation")}
     rel["d_gauge"] = D_GAUGE
     if variant is not None:
-        check_name("relational variant", variant, VARIANTS)
-        rel.update(VARIANTS[variant])
+        rel.update(parse_variant(variant))
         if "n_channels" in rel:
             return RelationalTransformer(**rel)
 

@@ -23,10 +23,10 @@ import torch
 from .registry import (
     MODELS,
     TASK_DEFAULTS,
-    VARIANTS,
     check_name,
     default_hparams,
     default_size,
+    parse_variant,
     size_options,
 )
 from .schedule import SCHEDULES
@@ -41,7 +41,7 @@ CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "data_rng", "torch_rn
 class RunConfig:
     task: str
     model: str = "transformer"
-    variant: str | None = None  # a named relational configuration (registry.VARIANTS)
+    variant: str | None = None  # a relational configuration (registry.parse_variant)
     optim: str = "adamw"
     steps: int = 1000  # total optimiser steps (a resumed run continues up to this count)
     seed: int = 0  # task split, initialisation (global torch RNG) and batch order
@@ -78,7 +78,7 @@ class RunConfig:
                 raise ValueError(
                     f"variant {out.variant!r} needs model 'relational', not {out.model!r}"
                 )
-            check_name("relational variant", out.variant, VARIANTS)
+            parse_variant(out.variant)
         gauge = out.gauge_condition
         if gauge is not None and not (math.isfinite(gauge) and gauge >= 1):
             raise ValueError(f"gauge_condition must be None or a finite number >= 1, got {gauge}")

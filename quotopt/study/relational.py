@@ -1,0 +1,113 @@
+"""The study's relational phase (``RelationalPlan``): the standard model against the relational
+model at equal parameters, and a sweep of relational variants at equal training FLOPs.
+
+The standard runs are the task's own AdamW runs at its tuned setting when the settings match
+(same directory, reused); every relational run uses the same rate, schedule, batches and
+evaluation cadence. The sweep picks its best variant by final validation loss on the tuning
+seed (all variants spent the same FLOPs), retunes its rate over ``lr_factors``, and reruns it —
+and its dressed twin — on every seed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .. import training
+from ..models.flops import training_flops_per_token
+from .protocol import StudyPlan
+from .runner import Pool, run_dir, train_job
+from .timing import timing_job
+from .tuning import best_setting
+
+
+def _flops(task, model: str, size: str, variant: str | None) -> float:
+    with torch.device("meta"):
+        net = training.build_model(task, model, size, variant)
+    return training_flops_per_token(net, task.seq_len)
+
+
+def _job(fn, args):
+    """Run ``fn(*args)`` (lets one pool map mix training and timing jobs)."""
+    return fn(*args)
+
+
+def _jobs(configs, root: Path, resume: bool) -> list[tuple]:
+    return [(cfg, str(run_dir(root, cfg)), resume) for cfg in configs]
+
+
+def run_relational(
+    plan: StudyPlan, tasks: dict, known: list, root: Path, out: Path, pool: Pool, resume
+):
+    """The relational phase's results: ``runs`` (transformer / relational at equal parameters),
+    and with variants ``sweep``, ``best`` (variant, lr), ``seeds`` and ``dressed``. ``known``:
+    the configs of the runs under ``root`` (a standard run among them is reused)."""
+    rp = plan.relational
+    lr, wd = tasks[rp.task]["best"]["adamw"] if rp.task in tasks else (None, None)
+    schedule = next((t.schedule for t in plan.tasks if t.task == rp.task), "constant")
+    # fmt: off
+    base = training.RunConfig(task=rp.task, size=rp.size, optim="adamw", lr=lr, weight_decay=wd,
+                              steps=rp.steps, eval_every=rp.eval_every, schedule=schedule)
+    # fmt: on
+    cfg = lambda **kw: dataclasses.replace(base, **kw).resolved()  # noqa: E731
+    rel_root = out / "relational"
+    standard = [cfg(model="transformer", seed=s) for s in rp.seeds]
+    equal = rp.seeds if rp.equal_param_seeds is None else rp.equal_param_seeds
+    equal_params = [cfg(model="relational", seed=s) for s in equal]
+    task = training.build_task(rp.task, rp.size)
+    reference = _flops(task, "transformer", rp.size, None)
+    steps = {
+        v: round(rp.steps * reference / _flops(task, "relational", rp.size, v)) for v in rp.variants
+    }
+    tune = rp.seeds[0]
+    sweep = [cfg(model="relational", variant=v, steps=steps[v], seed=tune) for v in rp.variants]
+    # the standard runs: the task's AdamW runs when identical (same directory), else here
+    own = [
+        (c, str(run_dir(root if c in known else rel_root, c)), c in known or resume)
+        for c in standard
+    ]
+    done = pool.map(train_job, own + _jobs(equal_params + sweep, rel_root, resume))
+    n = len(standard) + len(equal_params)
+    result = dict(
+        plan=dataclasses.asdict(rp), lr=lr, weight_decay=wd,
+        runs=dict(transformer=done[: len(standard)], relational=done[len(standard) : n]),
+        reference_flops=reference,
+    )  # fmt: skip
+    if not rp.variants:
+        return result
+    swept = done[n:]
+    result["sweep"] = [
+        dict(variant=v, steps=steps[v], flops=_flops(task, "relational", rp.size, v), **r)
+        for v, r in zip(rp.variants, swept)
+    ]
+    names = list(rp.variants)
+    variant = best_setting(names, [r.get("summary") for r in swept], "loss")
+    # retune the best variant's rate around the standard model's
+    first = swept[names.index(variant)]
+    retune = [cfg(model="relational", variant=variant, steps=steps[variant], seed=tune,
+                  lr=lr * f) for f in rp.lr_factors]  # fmt: skip
+    contenders = [("transformer", None), ("relational", None)] + [("relational", v) for v in names]
+    timing = (rp.task, rp.size, [(m, v, "adamw", lr, wd) for m, v in contenders])
+    *retuned, timed = pool.map(
+        _job, [(train_job, j) for j in _jobs(retune, rel_root, resume)] + [(timing_job, timing)]
+    )
+    if "ms_per_step" in timed:
+        result["timing"] = dict(zip(["transformer", "equal_params", *names], timed["ms_per_step"]))
+    rates = [lr] + [c.lr for c in retune]
+    best_lr = best_setting(rates, [r.get("summary") for r in [first, *retuned]], "loss")
+    result["lr_tuning"] = [
+        dict(lr=rate, **r) for rate, r in zip(rates, [first, *retuned])
+    ]  # fmt: skip
+    names_by_seed = [variant] + ([f"{variant}-dressed"] if rp.dressed else [])
+    final = [
+        cfg(model="relational", variant=v, steps=steps[variant], seed=s, lr=best_lr)
+        for v in names_by_seed
+        for s in rp.seeds
+    ]
+    runs = pool.map(train_job, _jobs(final, rel_root, True))  # the tuning seed's run is reused
+    k = len(rp.seeds)
+    result.update(best=dict(variant=variant, lr=best_lr, steps=steps[variant]), seeds=runs[:k])
+    if rp.dressed:
+        result["dressed"] = runs[k:]
+    return result
