@@ -1,7 +1,16 @@
 """``quotopt spectrum``: train a tiny model without weight decay, then count the flat
 directions of the Hessian of the full-batch training loss over ALL its parameters, and how
 many of them the symmetries explain (the vertical tangents of every bundle group, embedded in
-the flattened parameter vector)."""
+the flattened parameter vector); with weight decay the point is first refined to a critical
+point (``critical`` in the JSON). ``val_loss``/``val_accuracy`` are the task's validation
+metrics at the counted point.
+
+``--setting NAME`` runs one of ``quotopt.dynamics.critical.SETTINGS`` instead — a model that
+learns its task (modadd at λ > 0, a teacher regression at λ = 0, the relational model),
+refined to ‖∇F‖ at round-off — and reports ``grad_norm``, ``grad_rel``, ``orbit_dim``,
+``compact_orbit_dim``, ``flat_total``, ``flat_horizontal``, ``tolerance_rule`` and
+``flat_by_tolerance`` of its widest reduction, every reduction under ``counts`` and the
+validation metric beside them."""
 
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import torch
 
 from .. import training
 from ..dynamics import model_flat_directions
+from ..dynamics.critical import SETTINGS, count_setting
 from .train import positive_float
 
 MAX_MEMORY_GB = 8.0  # default --max-memory
@@ -31,6 +41,13 @@ def add_arguments(parser) -> None:
         "float64 round-off; see flat_by_tolerance in the JSON for other choices)",
     )
     parser.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    parser.add_argument(
+        "--setting",
+        choices=sorted(SETTINGS),
+        help="instead of the registry model: train the model of this setting "
+        "(quotopt.dynamics.critical; --task, --size, --steps, --lr and --weight-decay do not "
+        "apply), refine it to a critical point and count there against each reduction",
+    )
     parser.add_argument(
         "--max-memory",
         type=positive_float,
@@ -70,9 +87,34 @@ def _check_memory(cfg, limit_gb: float) -> None:
         )
 
 
+def _run_setting(args) -> int:
+    """``--setting``: counts at a refined critical point; spectrum.json holds the widest
+    reduction's counts at the top level and every reduction's under ``counts``."""
+    torch.set_num_threads(args.threads)
+    training.claim_out(args.out, resume=False, force=args.force, files=("spectrum.json",))
+    result = count_setting(args.setting, seed=args.seed, rel_tol=args.rel_tol)
+    widest = max(result["counts"].values(), key=lambda c: c["orbit_dim"])
+    keys = ("orbit_dim", "compact_orbit_dim", "expected_flat", "flat_total", "flat_horizontal",
+            "tolerance_rule", "flat_by_tolerance")  # fmt: skip
+    result = dict(result, **{k: widest[k] for k in keys})
+    result["grad_norm"] = result["refine"]["grad_norm"]
+    result["grad_rel"] = result["refine"]["grad_rel"]
+    training.write_json(Path(args.out) / "spectrum.json", result)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        metric = {k: v for k, v in result.items() if k.startswith("val_")}
+        shown = ("orbit_dim", "compact_orbit_dim", "flat_total", "flat_horizontal", "grad_rel")
+        print(", ".join(f"{k} {result[k]}" for k in shown) + f", {metric}; wrote {args.out}")
+    return 0
+
+
 def run(args) -> int:
     from . import plots
     from .train import config_from_args, progress
+
+    if args.setting is not None:
+        return _run_setting(args)
 
     cfg = config_from_args(  # full batch: the trained loss is the analysed one
         args,
@@ -91,6 +133,8 @@ def run(args) -> int:
     model.load_state_dict(training.load_checkpoint(out / "checkpoint.pt")["model"])
     decay = cfg.weight_decay or 0.0  # refine to a critical point where one exists (λ > 0)
     report = model_flat_directions(task, model, args.rel_tol, decay, refine=decay > 0)
+    metrics = task.evaluate(model, "val")  # at the counted (refined, if λ > 0) point
+    report.update({f"val_{k}": v for k, v in metrics.items()})
     result = dict(
         task=cfg.task,
         model=cfg.model,

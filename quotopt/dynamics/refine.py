@@ -12,10 +12,13 @@ invariant, only the compact subgroup's — O(d), O(r) per head pair, none for re
 L2 weight decay) and the pseudo-inverse dropping eigenvalues below ``rcond``·max|λ(H)|. The
 full step (t = 1) is taken when it reduces ‖∇F‖ by the Armijo factor (1 − 10⁻⁴): quadratic
 convergence near the critical point. Otherwise (far from it, or at negative curvature) the step
-is saddle-free Newton, |λ| in place of λ (Dauphin et al. 2014), a descent direction of F, with
-t halved from 1 until F decreases by the Armijo amount. Restricting to Q keeps the step off the
-exactly flat orbit (where the Newton system is singular); the level directions are recomputed
-at every iterate.
+is a trust-region step on the same quadratic model (Nocedal & Wright 2006, ch. 4): s =
+−Σ gᵢ/(λᵢ + μ) vᵢ in the eigenbasis of QᵀHQ, μ ≥ max(0, −λ_min) chosen so that ‖s‖ is the
+radius, accepted when F falls by more than 10⁻⁴ of the predicted decrease, the radius adapted
+by that ratio (retries reuse the eigendecomposition). It descends F, escapes saddles along
+negative curvature and never jumps far along nearly flat directions. Restricting to Q keeps
+the step off the exactly flat orbit (where the Newton system is singular); the level
+directions are recomputed at every iterate.
 
 Stopping rule (the relative gradient): ‖∇F‖ ≤ ``rel_tol`` · max|λ(H)| · ‖θ‖, i.e. the gradient
 is below what the curvature produces over the point's own scale.
@@ -59,7 +62,8 @@ TOLERANCES = tuple(10.0**-k for k in range(4, 14))
 class Refined:
     """A refined point: ``params`` (the iterate of smallest ‖∇F‖), ``grad_norm`` its ‖∇F‖,
     ``grad_rel`` ‖∇F‖ / (max|λ(H)|·‖θ‖), ``history`` of ‖∇F‖ per iterate (the first is the
-    input's), ``converged`` (grad_rel ≤ rel_tol), ``steps`` (Newton steps taken)."""
+    input's), ``converged`` (grad_rel ≤ rel_tol), ``steps`` (Newton steps taken),
+    ``hessian`` (the dense Hessian at ``params``, for ``critical_point_counts``)."""
 
     params: tuple[torch.Tensor, ...]
     grad_norm: float
@@ -67,6 +71,7 @@ class Refined:
     history: list[float]
     converged: bool
     steps: int
+    hessian: torch.Tensor | None = None  # the dense Hessian at ``params``
 
     def summary(self) -> dict:
         """JSON-ready fields (no tensors)."""
@@ -104,6 +109,48 @@ def _newton_step(evals, evecs, q, grad, cutoff, saddle_free):
     curvature = evals.abs() if saddle_free else evals
     coef = (evecs.mT @ (q.mT @ grad)) / torch.where(keep, curvature, torch.ones_like(evals))
     return -(q @ (evecs @ torch.where(keep, coef, torch.zeros_like(coef))))
+
+
+def _trust_step(evals, g, radius):
+    """argmin gᵀs + ½ Σλᵢsᵢ² over ‖s‖ ≤ radius in the eigenbasis: sᵢ = −gᵢ/(λᵢ + μ) with
+    μ ≥ max(0, −λ_min) by bisection so that ‖s‖ = radius (μ = 0 when the Newton step of a
+    positive definite model fits). The "hard case" (g ⟂ the lowest eigenvector) is ignored."""
+    lowest = float(evals.min())
+    if lowest > 0:
+        newton = -g / evals
+        if float(newton.norm()) <= radius:
+            return newton
+    lo = max(0.0, -lowest)
+    hi = lo + float(g.norm()) / radius + abs(lowest) + 1e-300
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if float((g / (evals + mid)).norm()) > radius:
+            lo = mid
+        else:
+            hi = mid
+    return -g / (evals + hi)
+
+
+def _trust_region(objective, params, value, evals, evecs, q, grad, radius, tries=30):
+    """One accepted trust-region step on the model at ``params`` (ρ = actual/predicted
+    decrease of F > 10⁻⁴; the radius shrinks ×¼ when ρ < ¼, doubles when ρ > ¾ at the
+    boundary), reusing the eigendecomposition for every retry. ((params, F, ∇F) | None, radius)."""
+    g = evecs.mT @ (q.mT @ grad)
+    for _ in range(tries):
+        coef = _trust_step(evals, g, radius)
+        predicted = float(g @ coef + 0.5 * (evals * coef * coef).sum())
+        step = q @ (evecs @ coef)
+        trial = tuple(p + s for p, s in zip(params, unflatten(step, params)))
+        trial_value, trial_grad = _value_and_gradient(objective, trial)
+        rho = (trial_value - value) / predicted if predicted < 0 else -1.0
+        length = float(coef.norm())
+        if rho < 0.25:
+            radius = 0.25 * length
+        elif rho > 0.75 and length >= 0.99 * radius:
+            radius = 2.0 * radius
+        if rho > 1e-4:
+            return (trial, trial_value, trial_grad), radius
+    return None, radius
 
 
 def _line_search(objective, params, value, grad, step, on_value, halvings=40):
@@ -150,31 +197,36 @@ def refine_critical_point(
             f"rcond={rcond}, max_steps={max_steps}"
         )
     value, grad = _value_and_gradient(objective, params)
-    history, steps, rel = [float(grad.norm())], 0, math.inf
-    best = (history[0], params, rel)
+    history, steps, rel, radius = [float(grad.norm())], 0, math.inf, None
+    best = (history[0], params, rel, None)
     while True:
         hessian = _hessian(objective, params, max_params)
         q = _complement(_as_basis(level, params), hessian.shape[0], hessian)
         evals, evecs = torch.linalg.eigh(q.mT @ hessian @ q)
-        scale = float(torch.linalg.eigvalsh(hessian).abs().max())
+        # max|λ(H)| read on the complement (by interlacing at most H's): the level
+        # directions' own curvature is O(‖∇F‖), far below it near a critical point
+        scale = float(evals.abs().max())
         rel = history[-1] / max(scale * float(flatten(params).norm()), 1e-300)
         if history[-1] <= best[0]:
-            best = (history[-1], params, rel)
+            best = (history[-1], params, rel, hessian)
         if rel <= rel_tol or steps >= max_steps:
             break
         # a full Newton step where it reduces ‖∇F‖ (quadratic convergence near the critical
-        # point); else saddle-free Newton with a line search on F (far from it)
+        # point); else a trust-region step on F (far from it, or at negative curvature)
         step = _newton_step(evals, evecs, q, grad, rcond * scale, False)
         accepted = _line_search(objective, params, value, grad, step, False, halvings=1)
         if accepted is None:
-            step = _newton_step(evals, evecs, q, grad, rcond * scale, True)
-            accepted = _line_search(objective, params, value, grad, step, True)
+            if radius is None:
+                radius = min(float(step.norm()), 0.1 * float(flatten(params).norm()))
+            accepted, radius = _trust_region(
+                objective, params, value, evals, evecs, q, grad, radius
+            )
         if accepted is None:
             break
         (params, value, grad), steps = accepted, steps + 1
         history.append(float(grad.norm()))
-    norm, params, rel = best  # saddle-free steps descend F but may raise ‖∇F‖ on the way
-    return Refined(params, norm, rel, history, rel <= rel_tol, steps)
+    norm, params, rel, hessian = best  # trust-region steps descend F but may raise ‖∇F‖
+    return Refined(params, norm, rel, history, rel <= rel_tol, steps, hessian)
 
 
 def critical_point_counts(
@@ -185,6 +237,7 @@ def critical_point_counts(
     rel_tol: float = 1e-8,
     tolerances=TOLERANCES,
     max_params: int = 5000,
+    hessian: torch.Tensor | None = None,
 ) -> dict:
     """Flat-direction counts at ``params`` against the level directions ``level`` (n, k).
 
@@ -192,10 +245,12 @@ def critical_point_counts(
     ``flat_horizontal``, ``tolerance_rule``, ``grad_norm``, ``scale`` (max|λ(H)|),
     ``flat_by_tolerance`` {tol: [flat_total, flat_horizontal]}, ``gap`` (the smallest
     |λ|/max|λ| of the horizontal Hessian: how far the non-flat spectrum sits from the
-    tolerances) and ``max_abs_vertical_rayleigh``.
+    tolerances) and ``max_abs_vertical_rayleigh``. ``hessian``: the dense Hessian at ``params``
+    if already formed (``Refined.hessian``).
     """
     params = tuple(p.detach() for p in params)
-    hessian = _hessian(objective, params, max_params)
+    if hessian is None:
+        hessian = _hessian(objective, params, max_params)
     grad_norm = float(_value_and_gradient(objective, params)[1].norm())
     report = flat_directions(hessian, level, rel_tol=rel_tol, grad_norm=grad_norm).to_dict()
     total = torch.tensor(report["eigenvalues"]).abs()

@@ -1,0 +1,285 @@
+r"""Flat directions counted at a refined critical point of a model that learns its task.
+
+``count_setting(name)`` trains the model of one of ``SETTINGS`` full batch in float64, checks
+its validation metric, refines the trained point to a true critical point of
+
+    F(θ) = L(θ) + (λ/2)‖θ‖²
+
+(``refine.refine_critical_point``: Newton on the complement of the level orbit directions)
+and counts the Hessian's flat directions there against each reduction
+(``refine.critical_point_counts``).
+Which orbits are level sets of F (``model_flat``): with λ > 0 only the compact subgroup's — O(d),
+O(k), O(D), O(r) per head pair — so ``expected_flat`` = ``compact_orbit_dim``; with λ = 0 at a
+critical point every orbit, ``expected_flat`` = ``orbit_dim``. Cross-entropy at λ = 0 has no
+finite critical point (the logits grow without bound), so the λ = 0 setting is a regression.
+
+Settings (``SETTINGS``; every one smooth — GELU or the relational gate, no ReLU kinks — so
+Newton converges quadratically):
+
+* ``modadd``: (a + b) mod 23 on 60 % of the pairs, a 1-layer GELU ``Transformer`` (d = 12,
+  2 heads of r = 6, MLP 24, tied embeddings; 1,476 parameters), λ = 1e-2; reductions
+  ``heads`` (GL(r) per head: the d(d−1)/2 = 66 rotations of the stream stay flat and
+  horizontal) and ``joint`` (O(d) with the heads: none left);
+* ``regression``: a teacher–student regression at λ = 0. The teacher is a random tied-embedding
+  ``Transformer`` (entries N(0, 0.2²)); the student, the same architecture from its default
+  initialisation, learns the teacher's logits on 96 random sequences and is scored by R² on 96
+  others. Tied embeddings remove the stream-scale symmetry that the gain-free final norm would
+  add (``tests/test_refine.py``). Reduction ``joint``: the whole orbit, so(d) + Σ gl(r);
+* ``relational``: modadd (same split) with a ``RelationalTransformer`` (k = 6 channels in
+  R^D, D = 4, 2 heads of r = 3, 12 hidden channels), λ = 1e-2; reductions ``declared``
+  (O(k) channels, GL(r) heads, O(D) gauge: ``symmetries(model)``) and ``no-channels`` (the
+  control: gauge and heads only, which leaves the k(k−1)/2 = 15 channel rotations flat).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from ..joint_groups import joint_groups
+from ..symmetries import symmetries
+from .refine import critical_point_counts, model_objective, model_orbit_basis, refine_critical_point
+
+__all__ = ["SETTINGS", "count_setting", "TeacherRegression"]
+
+_MODADD = dict(task="modadd", p=23, frac_train=0.6, steps=3000, lr=1e-2, weight_decay=1e-2)
+#: name -> the setting: task and its options, model and its sizes, Adam steps and lr, λ.
+SETTINGS: dict[str, dict] = {
+    "modadd": dict(
+        _MODADD,
+        model="transformer",
+        d_model=12,
+        n_heads=2,
+        d_mlp=24,
+        tie_embeddings=True,
+        reductions=("heads", "joint"),
+    ),  # fmt: skip
+    "regression": dict(
+        task="regression",
+        vocab=8,
+        seq_len=4,
+        n_train=96,
+        n_val=96,
+        teacher_std=0.2,
+        model="transformer",
+        d_model=8,
+        n_heads=2,
+        d_mlp=16,
+        tie_embeddings=True,
+        steps=3000,
+        lr=1e-2,
+        weight_decay=0.0,
+        reductions=("joint",),
+    ),  # fmt: skip
+    "relational": dict(
+        _MODADD,
+        model="relational",
+        n_channels=6,
+        d_gauge=4,
+        n_heads=2,
+        d_head=3,
+        d_mlp_channels=12,
+        reductions=("declared", "no-channels"),
+    ),  # fmt: skip
+}
+
+
+class TeacherRegression:
+    """Regress a model's outputs on a random teacher's, ½ Σ ‖y − y*‖² over full batches.
+
+    ``batch(split, None)`` gives (tokens, teacher outputs) of the ``"train"`` or ``"val"``
+    sequences; ``evaluate(model, split)`` returns the loss per output and ``r2`` = 1 −
+    Σ(y − y*)² / Σ(y* − ȳ*)² (the validation metric)."""
+
+    kind = "regression"
+
+    def __init__(self, teacher: nn.Module, vocab, seq_len, n_train, n_val, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab, (n_train + n_val, seq_len), generator=gen)
+        with torch.no_grad():
+            targets = teacher(tokens)
+        self.data = {
+            "train": (tokens[:n_train], targets[:n_train]),
+            "val": (tokens[n_train:], targets[n_train:]),
+        }
+
+    def batch(self, split, batch_size=None):
+        return self.data[split]
+
+    def logits(self, model, x):
+        return model(x)
+
+    def loss(self, outputs, y):
+        return 0.5 * (outputs - y).square().sum()
+
+    @torch.no_grad()
+    def evaluate(self, model, split="val") -> dict[str, float]:
+        x, y = self.data[split]
+        residual = (model(x) - y).square().sum()
+        spread = (y - y.mean()).square().sum()
+        return {"loss": float(residual) / y.numel(), "r2": float(1 - residual / spread)}
+
+
+def _build(setting: dict, seed: int):
+    from ..models import RelationalTransformer, Transformer
+    from ..tasks import get_task
+
+    torch.manual_seed(seed)
+    if setting["task"] == "modadd":
+        task = get_task("modadd", seed, p=setting["p"], frac_train=setting["frac_train"])
+        vocab, seq_len = setting["p"] + 1, 3
+    else:
+        vocab, seq_len = setting["vocab"], setting["seq_len"]
+    if setting["model"] == "relational":
+        keys = ("n_channels", "d_gauge", "n_heads", "d_head", "d_mlp_channels")
+        kw = {k: setting[k] for k in keys}
+        model = RelationalTransformer(vocab, n_layers=1, max_len=seq_len, lean_mlp=False, **kw)
+    else:
+        kw = dict(d_mlp=setting["d_mlp"], tie_embeddings=setting.get("tie_embeddings", False))
+        model = Transformer(vocab, setting["d_model"], 1, setting["n_heads"], seq_len, **kw)
+    model = model.double()
+    if setting["task"] == "regression":
+        teacher = Transformer(vocab, setting["d_model"], 1, setting["n_heads"], seq_len, **kw)
+        teacher = teacher.double()
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.normal_(0.0, setting["teacher_std"])
+        task = TeacherRegression(
+            teacher, vocab, seq_len, setting["n_train"], setting["n_val"], seed + 1
+        )
+    return task, model
+
+
+def _objective(task, model, weight_decay):
+    x, y = task.batch("train", None)
+    return model_objective(
+        model, lambda forward: task.loss(task.logits(forward, x), y), weight_decay
+    )
+
+
+def _train(task, model, setting) -> dict:
+    """Full-batch Adam with coupled L2 decay (its fixed points are F's critical points) and a
+    cosine schedule to zero, then L-BFGS (strong Wolfe) towards the critical point nearby, so
+    that Newton starts close; returns the wall time and ‖∇F‖ after each stage."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    objective = _objective(task, model, setting["weight_decay"])
+    adam = torch.optim.Adam(params, lr=setting["lr"], betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(adam, setting["steps"])
+    start = time.perf_counter()
+    for _ in range(setting["steps"]):
+        adam.zero_grad(set_to_none=True)
+        objective(*params).backward()
+        adam.step()
+        schedule.step()
+    adam.zero_grad(set_to_none=True)
+    objective(*params).backward()
+    adam_grad = float(torch.cat([p.grad.reshape(-1) for p in params]).norm())
+    lbfgs = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=setting.get("lbfgs_iterations", 2000), history_size=50,
+        tolerance_grad=1e-12, tolerance_change=0.0, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure():
+        lbfgs.zero_grad(set_to_none=True)
+        value = objective(*params)
+        value.backward()
+        return value
+
+    lbfgs.step(closure)
+    closure()
+    grad = float(torch.cat([p.grad.reshape(-1) for p in params]).norm())
+    seconds = time.perf_counter() - start
+    return {"train_seconds": seconds, "adam_grad_norm": adam_grad, "grad_norm": grad}
+
+
+def _reduction(model, name: str) -> list[dict]:
+    groups = {
+        "heads": lambda: symmetries(model, residual=False),
+        "joint": lambda: joint_groups(model),
+        "declared": lambda: symmetries(model),
+        "no-channels": lambda: model.symmetry_groups(channels=False),
+    }
+    if name not in groups:
+        raise ValueError(f"reduction must be one of {sorted(groups)}, got {name!r}")
+    return [g for g in groups[name]() if g.get("bundle") is not None]
+
+
+def _rank(basis: torch.Tensor) -> int:
+    return int(torch.linalg.matrix_rank(basis)) if basis.shape[1] else 0
+
+
+def _metric(task, model) -> dict[str, float]:
+    name = "r2" if task.kind == "regression" else "accuracy"
+    out = {f"val_{name}": task.evaluate(model, "val")[name]}
+    out[f"train_{name}"] = task.evaluate(model, "train")[name]
+    return out
+
+
+def count_setting(
+    name_or_setting, *, seed: int = 0, rel_tol: float = 1e-8, refine_steps: int = 30, **overrides
+) -> dict:
+    """Train, refine and count for one setting (a ``SETTINGS`` name or a dict like them, with
+    ``overrides`` applied); a JSON-ready dict. See the module docstring.
+
+    Fields: ``setting``, ``n_params``, ``val_<metric>``/``train_<metric>`` at the trained and
+    (``refined``) at the counted point, ``trained`` (‖∇F‖, seconds), ``refine`` (‖∇F‖ history,
+    ``grad_rel`` = ‖∇F‖/(max|λ(H)|·‖θ‖), converged), ``level`` ("compact" for λ > 0, else
+    "all") and per reduction ``orbit_dim``, ``compact_orbit_dim``, ``expected_flat``,
+    ``flat_total``, ``flat_horizontal``, ``tolerance_rule``, ``flat_by_tolerance``, ``gap``.
+    ``refine_steps``: most Newton steps (0 counts at the trained point, a control).
+    """
+    setting = dict(SETTINGS[name_or_setting]) if isinstance(name_or_setting, str) else {}
+    setting.update({} if isinstance(name_or_setting, str) else dict(name_or_setting))
+    setting.update(overrides)
+    setting.setdefault("name", name_or_setting if isinstance(name_or_setting, str) else "custom")
+    task, model = _build(setting, seed)
+    trained = _train(task, model, setting)
+    before = _metric(task, model)
+    decay = setting["weight_decay"]
+    compact = decay > 0
+    reductions = {r: _reduction(model, r) for r in setting["reductions"]}
+    widest = max(reductions.values(), key=lambda gs: sum(g["bundle"].group_dim for g in gs))
+    objective = _objective(task, model, decay)
+    params = tuple(p.detach() for p in model.parameters() if p.requires_grad)
+    level = lambda ps: model_orbit_basis(model, widest, ps, compact=compact)  # noqa: E731
+    start = time.perf_counter()
+    refined = refine_critical_point(
+        objective, params, level, max_steps=refine_steps, max_params=5000
+    )
+    with torch.no_grad():
+        for p, value in zip([p for p in model.parameters() if p.requires_grad], refined.params):
+            p.copy_(value)
+    result = dict(
+        setting=setting,
+        seed=seed,
+        n_params=sum(p.numel() for p in params),
+        trained=dict(trained, **before),
+        refine=dict(refined.summary(), seconds=time.perf_counter() - start),
+        level="compact" if compact else "all",
+        **_metric(task, model),
+    )
+    counts = {}
+    for name, groups in reductions.items():
+        full = model_orbit_basis(model, groups, refined.params)
+        small = model_orbit_basis(model, groups, refined.params, compact=True)
+        c = critical_point_counts(
+            objective, refined.params, small if compact else full, rel_tol=rel_tol,
+            hessian=refined.hessian,
+        )  # fmt: skip
+        counts[name] = dict(orbit_dim=_rank(full), compact_orbit_dim=_rank(small), **c)
+    result["counts"] = counts
+    return _finite(result)
+
+
+def _finite(value):
+    """JSON-ready: non-finite floats as None, tuples as lists."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
