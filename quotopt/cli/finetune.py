@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import sys
 import time
@@ -143,7 +144,7 @@ def run(args) -> int:
                         results={str(k): v for k, v in results.items()}))  # fmt: skip
     ft.figures(results, out / "curves.png", out / "lr.png")
     meta = dict(title="quotopt finetune: LoRA on the quotient", lines=_describe(
-        args, facts, data, template, ranks, seeds, lrs, wall))  # fmt: skip
+        args, facts, data, template, ranks, seeds, lrs, wall, results))  # fmt: skip
     images = {"validation loss at the best settings": "curves.png", "lr sweeps": "lr.png"}
     training.write_text(out / "report.md", ft.report(results, meta, images))
     print(f"fine-tuned {len(ranks)} ranks x {len(args.optims)} optimisers in {wall:.0f} s; "
@@ -151,10 +152,17 @@ def run(args) -> int:
     return 0
 
 
-def _describe(args, facts, data, template, ranks, seeds, lrs, wall) -> list[str]:
+def _describe(args, facts, data, template, ranks, seeds, lrs, wall, results) -> list[str]:
     from ..finetune import STDLIB_MODULES, TARGETS, stdlib_corpus
 
     p, c = facts["config"], template
+    summaries = {
+        json.dumps(s["config"], sort_keys=True): s
+        for entries in results.values()
+        for e in entries.values()
+        for s in e["tuning"] + [r["summary"] for r in e["runs"]]
+    }
+    summaries = list(summaries.values())
     corpus = stdlib_corpus()
     return [
         f"pretrained: LLaMA-style byte decoder, {p['layers']} layers, width {p['hidden_size']}, "
@@ -176,5 +184,6 @@ def _describe(args, facts, data, template, ranks, seeds, lrs, wall) -> list[str]
         f"{', '.join(f'{x:g}' for x in args.dampings)} at the best lr; seeds "
         f"{', '.join(map(str, seeds))} at the best",
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()}; "
-        f"total wall time {wall:.0f} s",
+        f"{len(summaries)} runs, {sum(s['wall_time'] for s in summaries):.0f} s of training "
+        f"(this invocation {wall:.0f} s)",
     ]

@@ -1,8 +1,9 @@
 """The fine-tuning study's report: tables, the issue's targets, and the figures.
 
 Figures of a study (``protocol.study``'s result) are drawn with ``quotopt.plotting``: the
-validation curves at the best setting per rank (faint: seeds, bold: mean) and the tuning
-sweeps (final validation loss against the learning rate, seed 0).
+validation curves at the best setting per rank (faint: seeds, bold: mean; the y-axis spans the
+evaluations from the third on) and the tuning sweeps (final validation loss against the
+learning rate at the best second hyperparameter, seed 0).
 
 *Steps to reach AdamW's final loss*: the first evaluation step at which the median over seeds
 of an optimiser's validation loss is at or below the median of AdamW's final losses.
@@ -56,7 +57,7 @@ def _fmt(value, fmt="{:.4f}") -> str:
 def _main_table(results: dict) -> list[str]:
     lines = [
         "| rank | optimiser | best setting (seed 0) | final val loss, median (min–max) | "
-        "Δ vs AdamW | steps to AdamW's final | ms / step |",
+        "Δ vs AdamW (< 0: below) | steps to AdamW's final | ms / step |",
         "|---|---|---|---|---|---|---|",
     ]
     for rank, entries in results.items():
@@ -122,18 +123,21 @@ def targets(results: dict) -> list[str]:
             gain, hit = adamw - q, steps_to(entries[optim]["runs"], adamw)
             ratio = None if hit is None else hit / adamw_steps
             ok = gain >= 0.02 or (ratio is not None and ratio <= 0.7)
-            lines.append(
-                f"- r = {rank}, {optim}: {gain:+.4f} nats vs tuned AdamW (target ≥ +0.02), "
-                f"AdamW's final loss at {_fmt(ratio, '{:.2f}')}× its steps (target ≤ 0.7×): "
+            line = (
+                f"- r = {rank}, {optim}: {q:.4f} vs tuned AdamW {adamw:.4f}, {_side(gain)} "
+                f"(target: ≥ 0.02 below); AdamW's final loss reached at "
+                f"{_fmt(ratio, '{:.2f}')}× its steps (target ≤ 0.7×): "
                 f"{'met' if ok else 'missed'}"
-                + (
-                    ""
-                    if plus is None
-                    else f"; vs tuned LoRA+ {plus - q:+.4f} nats "
-                    f"({'ahead' if q < plus else 'behind'})"
-                )  # fmt: skip
             )
+            if plus is not None:
+                line += f"; vs tuned LoRA+ {plus:.4f}: {_side(plus - q)}"
+            lines.append(line)
     return lines
+
+
+def _side(gap: float) -> str:
+    """``gap`` = other − ours as words: how far below (ahead) or above (behind)."""
+    return f"{abs(gap):.4f} nats {'below' if gap > 0 else 'above'}"
 
 
 def report(results: dict, meta: dict, images: dict[str, str]) -> str:
@@ -156,7 +160,11 @@ def figures(results: dict, curves_path, lr_path) -> None:
     ranks = list(results)
     fig, axes = new_figure(1, len(ranks), figsize=(4.5 * len(ranks), 3.8), squeeze=False)
     for ax, rank in zip(axes[0], ranks):
-        curves(ax, [run for entry in results[rank].values() for run in entry["runs"]], "val_loss")
+        runs = [run for entry in results[rank].values() for run in entry["runs"]]
+        curves(ax, runs, "val_loss")
+        late = [r["val_loss"] for run in runs for r in run["records"][2:] if r["val_loss"]]
+        if late:  # the first evaluations (from the pretrained model's loss) off the scale
+            ax.set_ylim(min(late) - 0.02, max(late) + 0.02)
         ax.set_title(f"r = {rank}", fontsize=10)
         ax.set_ylabel("validation loss (nats / byte)")
     save_figure(fig, curves_path)
