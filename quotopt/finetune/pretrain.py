@@ -4,8 +4,9 @@ plays, cached on disk by a content hash of everything that determines it.
 ``PretrainConfig`` holds the architecture (a ``transformers.LlamaConfig``: byte vocabulary of
 256, RMSNorm, rotary positions, SwiGLU MLP, untied embeddings), the data (the plays of
 ``quotopt.tasks.chars`` as bytes, windows of ``seq_len``) and the training (AdamW at a constant
-``lr`` after a linear warm-up, ``steps`` steps of ``batch_size`` windows, global seed ``seed``
-for the initialisation and a ``torch.Generator`` seeded with it for the batches).
+``lr`` after a linear warm-up, gradients clipped to norm 1, ``steps`` steps of ``batch_size``
+windows, global seed ``seed`` for the initialisation and a ``torch.Generator`` seeded with it
+for the batches).
 
 ``pretrained(config, cache_dir)`` returns the model in evaluation mode and a dict of facts
 (``key``, ``path``, ``trained``: whether this call trained it, ``val_loss`` in nats per byte,

@@ -9,11 +9,11 @@ directory holds a finished run of the same configuration (``--resume`` reuses it
 
 Adapters: ``peft.LoraConfig(r, lora_alpha=alpha, target_modules=q/k/v/o_proj,
 lora_dropout=0)``: A Kaiming-uniform, B = 0, ΔW = (α/r)·B A. α is fixed (16) across ranks,
-as Hu et al. (2021) do ("we set α to the first r we try and do not tune it"), so that the
+as Hu et al. (2021) do ("we simply set α to the first r we try and do not tune it"), so the
 scaling α/r spares retuning the learning rate when r changes — the premise the study tests.
 The adapters' initialisation draws from the global RNG seeded with ``seed``; batches come from
-a ``torch.Generator`` seeded with ``seed``; evaluation uses fixed windows (no randomness). No
-weight decay, no schedule (constant lr), as in the anchor papers' short fine-tuning runs.
+a ``torch.Generator`` seeded with ``seed``; evaluation uses fixed windows (no randomness).
+Constant learning rate, no weight decay, no gradient clipping: the optimisers alone differ.
 
 A run *diverges* when its loss becomes non-finite or the optimiser refuses a non-finite step;
 it stops there with ``diverged`` = ``{"step", "reason"}`` and the last finite records.
