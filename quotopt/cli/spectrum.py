@@ -92,6 +92,7 @@ def _run_setting(args) -> int:
     reduction's counts at the top level and every reduction's under ``counts``."""
     torch.set_num_threads(args.threads)
     training.claim_out(args.out, resume=False, force=args.force, files=("spectrum.json",))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     result = count_setting(args.setting, seed=args.seed, rel_tol=args.rel_tol)
     widest = max(result["counts"].values(), key=lambda c: c["orbit_dim"])
     keys = ("orbit_dim", "compact_orbit_dim", "expected_flat", "flat_total", "flat_horizontal",

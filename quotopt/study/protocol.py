@@ -120,7 +120,7 @@ class FlatPlan:
     lr: float
     weight_decays: tuple[float, ...]
     seed: int = 0
-    settings: tuple[str, ...] = ("modadd", "regression", "relational")
+    settings: tuple[str, ...] = ("modadd", "regression", "regression-teacher", "relational")
 
 
 @dataclasses.dataclass(frozen=True)
