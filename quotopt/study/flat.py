@@ -90,10 +90,15 @@ def _describe(s: dict) -> str:
                   "d_mlp_channels")
         if k in s
     )  # fmt: skip
-    return (
-        f"{task}, {model} ({sizes}), λ = {s.get('weight_decay'):g}, {s.get('steps')} full-batch "
-        f"Adam steps at lr {s.get('lr'):g} (cosine), then L-BFGS and Newton"
-    )
+    if s.get("tie_embeddings"):
+        sizes += ", tied embeddings"
+    if not s.get("steps"):
+        how = f"the student starts at the teacher plus N(0, {s.get('start_noise'):g}²) noise, "
+        how += "untrained, then Newton"
+    else:
+        how = f"{s.get('steps')} full-batch Adam steps at lr {s.get('lr'):g} (cosine), then "
+        how += "L-BFGS and Newton"
+    return f"{task}, {model} ({sizes}), λ = {s.get('weight_decay'):g}, {how}"
 
 
 def _metric(r: dict) -> str:
