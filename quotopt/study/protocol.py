@@ -120,7 +120,11 @@ class FlatPlan:
     lr: float
     weight_decays: tuple[float, ...]
     seed: int = 0
-    settings: tuple[str, ...] = ("modadd", "regression", "regression-teacher", "relational")
+    settings: tuple[str, ...] = ()
+
+
+#: every setting of ``quotopt.dynamics.critical`` (models that learn, refined before counting)
+CRITICAL = ("modadd", "regression", "regression-teacher", "relational")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +190,7 @@ FULL = StudyPlan(
                  Grid((0.03, 0.1, 0.3), (0.0, 1e-4)), "accuracy", eval_every=100),
     ),
     relational=RelationalPlan("chars", "small", 2000, eval_every=100),
-    flat=FlatPlan("tiny", 20_000, lr=3e-3, weight_decays=(0.0, 1e-3, 1e-2)),
+    flat=FlatPlan("tiny", 20_000, lr=3e-3, weight_decays=(0.0, 1e-3, 1e-2), settings=CRITICAL),
 )
 # fmt: on
 
@@ -224,7 +228,7 @@ STANDARD = StudyPlan(
         "chars", "small", 2000, eval_every=100, variants=_EQUAL_FLOPS, lr_factors=(0.5, 2.0),
         dressed=True, equal_param_seeds=(0,),
     ),
-    flat=FlatPlan("tiny", 6000, lr=3e-3, weight_decays=(0.0, 1e-3, 1e-2)),
+    flat=FlatPlan("tiny", 6000, lr=3e-3, weight_decays=(), settings=CRITICAL),
 )
 # fmt: on
 PLANS = {"quick": QUICK, "standard": STANDARD, "full": FULL}
@@ -244,4 +248,4 @@ def n_runs(plan: StudyPlan) -> int:
     total += len(rp.seeds) + len(rp.seeds if rp.equal_param_seeds is None else rp.equal_param_seeds)
     if rp.variants:
         total += len(rp.variants) + len(rp.lr_factors) + 1 + len(rp.seeds) * (1 + rp.dressed)
-    return total + len(plan.flat.weight_decays)
+    return total + len(plan.flat.weight_decays) + len(plan.flat.settings)

@@ -17,7 +17,7 @@ import torch
 from .. import training
 from ..models.flops import training_flops_per_token
 from .protocol import StudyPlan
-from .runner import Pool, run_dir, train_job
+from .runner import Pool, call, run_dir, train_job
 from .timing import timing_job
 from .tuning import best_setting
 
@@ -26,11 +26,6 @@ def _flops(task, model: str, size: str, variant: str | None) -> float:
     with torch.device("meta"):
         net = training.build_model(task, model, size, variant)
     return training_flops_per_token(net, task.seq_len)
-
-
-def _job(fn, args):
-    """Run ``fn(*args)`` (lets one pool map mix training and timing jobs)."""
-    return fn(*args)
 
 
 def _jobs(configs, root: Path, resume: bool) -> list[tuple]:
@@ -90,7 +85,7 @@ def run_relational(
     contenders = [("transformer", None), ("relational", None)] + [("relational", v) for v in names]
     timing = (rp.task, rp.size, [(m, v, "adamw", lr, wd) for m, v in contenders])
     *retuned, timed = pool.map(
-        _job, [(train_job, j) for j in _jobs(retune, rel_root, resume)] + [(timing_job, timing)]
+        call, [(train_job, j) for j in _jobs(retune, rel_root, resume)] + [(timing_job, timing)]
     )
     if "ms_per_step" in timed:
         result["timing"] = dict(zip(["transformer", "equal_params", *names], timed["ms_per_step"]))

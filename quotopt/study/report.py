@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from . import figures
+from .flat import flat_markdown
 from .protocol import LABELS, SGD_LIKE, Grid
 from .relational_report import relational_section
 from .robustness import LOSS_MARGIN, STEPS_FACTOR, basin_share, gauge_spread, seeds_reaching
@@ -185,7 +186,16 @@ def _tuning_table(entry: dict, criterion: str, cap: int) -> list[str]:
 
 
 def flat_section(results: dict, image_dir: Path) -> list[str]:
-    reports = results["flat"]
+    """The unrefined experiment (``FlatPlan.weight_decays``) where the plan ran it, then the
+    counts at refined critical points (``FlatPlan.settings``, ``flat.flat_markdown``)."""
+    lines = _unrefined(results.get("flat") or [], image_dir)
+    critical = results.get("critical") or []
+    return lines + ([flat_markdown(critical), ""] if critical else [])
+
+
+def _unrefined(reports: list[dict], image_dir: Path) -> list[str]:
+    if not reports:
+        return []
     lines = [
         "## Flat directions of modadd",
         "",

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from .. import training
-from .flat import flat_job
+from .flat import critical_job, flat_job
 from .protocol import StudyPlan, TaskPlan
 from .relational import run_relational
-from .runner import Pool, run_dir, train_job
+from .runner import Pool, call, run_dir, train_job
 from .timing import timing_job
 from .tuning import best_setting, bracket, extend
 
@@ -105,8 +105,11 @@ def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool, on_planned
         (f.size, f.steps, f.lr, wd, f.seed, str(out / "flat" / f"wd{wd:g}"))
         for wd in f.weight_decays
     ]
-    tuned = _tune(plan, root, pool, resume, on_planned, lambda: pool.map(flat_job, flat_jobs))
-    tasks, flat = tuned["tasks"], tuned["before"]
+    critical = [(s, f.seed, str(out / "flat" / "settings")) for s in f.settings]
+    jobs = [(flat_job, j) for j in flat_jobs] + [(critical_job, j) for j in critical]
+    tuned = _tune(plan, root, pool, resume, on_planned, lambda: pool.map(call, jobs))
+    tasks, flat = tuned["tasks"], tuned["before"][: len(flat_jobs)]
+    critical = tuned["before"][len(flat_jobs) :]
 
     # phase 2: the other seeds and the gauge-transformed starts at each optimiser's best
     # setting; then the relational phase
@@ -144,4 +147,4 @@ def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool, on_planned
             tasks[t.task]["timing_error"] = timed["error"]
     known = [c for *_, c in seeded]
     relational = run_relational(plan, tasks, known, root, out, pool, resume)
-    return dict(tasks=tasks, relational=relational, flat=flat)
+    return dict(tasks=tasks, relational=relational, flat=flat, critical=critical)

@@ -42,6 +42,11 @@ def train_job(cfg: training.RunConfig, directory: str, resume: bool) -> dict:
     return dict(summary=summary, records=training.read_records(directory))
 
 
+def call(fn: Callable[..., dict], args: Sequence) -> dict:
+    """``fn(*args)``: lets one ``Pool.map`` run jobs of several kinds."""
+    return fn(*args)
+
+
 def _init_worker() -> None:
     torch.set_num_threads(1)  # small models: one thread per process beats shared threads
     # subnormal floats (far-away ALiBi attention weights, tiny Adam moments) run ~100× slower

@@ -131,7 +131,10 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
     betas = TASK_DEFAULTS[cfg.task]["betas"]
     optimizer = build_optimizer(cfg.optim, model, cfg.lr, cfg.weight_decay, betas, cfg.task)
     base_rates = [group["lr"] for group in optimizer.param_groups]
-    probes, gen = symmetries(model), torch.Generator().manual_seed(cfg.seed + 1)
+    # diagnostics per attention head: the head groups alone (residual=False), which the
+    # relational model's default joint group (channels, gauge and heads together) would hide
+    probes = symmetries(model, residual=False)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, clock, records, diverged = 0, {"wall": 0.0, "train": 0.0}, [], None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
