@@ -262,10 +262,13 @@ class Bundle(abc.ABC):
         """(A, B) of a factored bundle's point (two-factor bundles only)."""
         raise self.missing("factors")
 
-    def dressing_or_identity(self, point: Point):
+    def dressing_or_identity(self, point: Point, frame=None):
         """(u, dressable): the dressing where it is defined and the identity elsewhere, with a
         boolean tensor saying where (per head for head bundles). Never synchronises: what
-        optimisers use. The default: every point is dressable."""
+        optimisers use. ``frame``: ``factorise(point)`` where the caller holds it (a bundle
+        whose dressing needs the same factorisation reuses it). The default: every point is
+        dressable."""
+        del frame
         u = self.dressing(point)
         ref = point[0]
         return u, torch.ones((), dtype=torch.bool, device=ref.device)

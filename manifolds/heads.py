@@ -159,20 +159,23 @@ class GeneralLinearPair(FactoredBundle):
         return p - q
 
     # ---- dressing ------------------------------------------------------------------------------
-    def _dressing_parts(self, point: Point):
-        """(u, u⁻ᵀ, S, dressable) with the sign rule applied, in the point's dtype."""
+    def _dressing_parts(self, point: Point, frame: FactorFrame | None = None):
+        """(u, u⁻ᵀ, S, dressable) with the sign rule applied, in the point's dtype. A spectral
+        ``frame`` of the point (``factorise``) holds the eigendecompositions of its Grams, the
+        very ones computed here otherwise, and is reused."""
         a, b = self.factors(point)
-        grams = self.row_sums(gram(a.double()), gram(b.double()))
-        frame = frame_from_grams(*grams, 0.0, weighted=False)
+        if frame is None or frame.lam is None:  # the undamped invariant metric's Cholesky frame
+            grams = self.row_sums(gram(a.double()), gram(b.double()))
+            frame = frame_from_grams(*grams, 0.0, weighted=False)
         u, u_inv_t, s, dressable = balanced_dressing(frame)
         signs = self.column_signs(a.double() @ u)
         dtype = a.dtype
         return (u * signs).to(dtype), (u_inv_t * signs).to(dtype), s.to(dtype), dressable
 
-    def dressing_or_identity(self, point: Point):
+    def dressing_or_identity(self, point: Point, frame: FactorFrame | None = None):
         """(u, dressable): the dressing where a head's factors have full rank to working
         precision, the identity (and ``dressable`` False) elsewhere. Never synchronises."""
-        u, _, _, dressable = self._dressing_parts(self.check_point(point))
+        u, _, _, dressable = self._dressing_parts(self.check_point(point), frame)
         return u, dressable
 
     def dressing(self, point: Point) -> torch.Tensor:

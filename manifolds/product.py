@@ -195,7 +195,7 @@ class ProductBundle(Bundle):
         point = self.check_point(point)
         return tuple(c.gauge_drift(p) for c, p in zip(self.components, self._split(point)))
 
-    def dressing_or_identity(self, point: Point):
+    def dressing_or_identity(self, point: Point, frame=None):
         """((u₁, …), (dressable₁, …)) per component."""
         point = self.check_point(point)
         parts = [c.dressing_or_identity(p) for c, p in zip(self.components, self._split(point))]

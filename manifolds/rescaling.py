@@ -111,7 +111,7 @@ class PositiveRescaling(FactoredBundle):
         self.check_full_rank(point, "dressing")
         return self._scales(point)[0]
 
-    def dressing_or_identity(self, point: Point):
+    def dressing_or_identity(self, point: Point, frame=None):
         return self._scales(self.check_point(point))
 
     def ambiguity(self, point: Point) -> torch.Tensor:

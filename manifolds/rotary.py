@@ -282,7 +282,7 @@ class RotaryQK(FactoredBundle):
         re, im, _ = self._dressing_scalars(a, b)
         return complex_blocks(re, im)
 
-    def dressing_or_identity(self, point: Point):
+    def dressing_or_identity(self, point: Point, frame=None):
         a, b = self.factors(self.check_point(point))
         planes_a, planes_b = self._planes(a), self._planes(b)
         tiny = torch.finfo(a.dtype).tiny

@@ -132,3 +132,21 @@ def test_load_state_dict_refuses_a_bundle_of_other_row_counts():
     after = five.state[five.param_groups[0]["params"][0]]
     for key, tensors in before.items():
         assert all(torch.equal(x, y) for x, y in zip(tensors, after[key]))
+
+
+@pytest.mark.parametrize(
+    "metric, damping", [("euclidean", 0.0), ("invariant", 0.1), ("invariant", 0.0)]
+)
+def test_the_dressing_reuses_the_points_frame_bit_for_bit(metric, damping):
+    """A spectral frame holds the eigendecompositions the dressing computes itself: passing it
+    changes nothing, to the bit (the undamped invariant metric's Cholesky frame has none, and
+    is ignored). Control: another point's frame gives another dressing."""
+    gen = torch.Generator().manual_seed(3)
+    bundle = M.HeadQK(3, 8, 4, metric=metric, damping=damping)
+    point = bundle.random_point(generator=gen, dtype=torch.float32)
+    u, ok = bundle.dressing_or_identity(point)
+    reused, ok_reused = bundle.dressing_or_identity(point, frame=bundle.factorise(point))
+    assert torch.equal(u, reused) and torch.equal(ok, ok_reused)
+    other = bundle.factorise(bundle.random_point(generator=gen, dtype=torch.float32))
+    if other.lam is not None:
+        assert not torch.allclose(bundle.dressing_or_identity(point, frame=other)[0], u)

@@ -61,11 +61,12 @@ def _bias_corrections(step: torch.Tensor, beta1: float, beta2: float):
     return 1 - beta1**step, (1 - beta2**step).sqrt()
 
 
-def redress(bundle: Bundle, point: Tensors, grad: Tensors, tangents: tuple[Tensors, ...]):
+def redress(bundle: Bundle, point: Tensors, grad: Tensors, tangents: tuple, frame=None):
     """Move ``point`` to its dressed representative p·u; carry the Euclidean gradient (a
     covector) and the ``tangents`` (moments) with it. Parts of the point where the dressing is
-    undefined (rank-deficient heads) stay where they are (u = identity)."""
-    u, _ = bundle.dressing_or_identity(point)
+    undefined (rank-deficient heads) stay where they are (u = identity). ``frame``: the
+    point's factorisation, if known (the dressing may reuse it)."""
+    u, _ = bundle.dressing_or_identity(point, frame=frame)
     moved = tuple(bundle.act(t, u) for t in tangents)
     return bundle.act(point, u), bundle.act_dual(grad, u), moved
 
@@ -77,7 +78,7 @@ def begin_step(bundle: Bundle, point, grad, moments: tuple, *, maximize, dress, 
     if maximize:
         grad = tuple(-g for g in grad)
     if dress:
-        point, grad, moments = redress(bundle, point, grad, moments)
+        point, grad, moments = redress(bundle, point, grad, moments, frame)
         frame = None
     return point, grad, moments, bundle.factorise(point) if frame is None else frame
 
