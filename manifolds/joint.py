@@ -273,6 +273,15 @@ class JointBundle(Bundle):
         ]
         return self._with(egrad, parts)
 
+    def _solve_schur(self, schur, rhs: torch.Tensor, spectrum) -> torch.Tensor:
+        """ω with S(ω) = rhs, direct or by CG (module docstring); sets ``last_solve``."""
+        direct = self.solver == "direct" or (self.solver == "auto" and self.d_model <= DIRECT_MAX_D)
+        iterations = 2 * self.residual.group_dim + 20
+        omega, self.last_solve = jl.solve_schur(
+            schur, rhs, spectrum, self.d_model if direct else None, self.cg_tol, iterations
+        )
+        return omega
+
     def vertical_generator(self, point: Point, v: Tangent, frame=None):
         """(Ω, {r: stacked ξ}): the generators of the metric-orthogonal vertical part of v."""
         f = self._factorised(point, frame)
@@ -287,22 +296,7 @@ class JointBundle(Bundle):
                 out = out + skew(hd.cross(*hd.horizontal(*hd.rotate(om))[0]))
             return out
 
-        method = self.solver
-        if method == "auto":
-            method = "direct" if self.d_model <= DIRECT_MAX_D else "cg"
-        if method == "direct":
-            basis = jl.skew_basis(self.d_model, rhs.dtype, rhs.device)
-            omega, self.last_solve = jl.solve_direct(schur, rhs, basis)
-        else:
-            lam, u = f.spectrum
-            tol = self.cg_tol or (1e-13 if rhs.dtype == torch.float64 else 1e-6)
-            omega, self.last_solve = jl.solve_cg(
-                schur,
-                lambda k: jl.spectral_solve(lam, u, lam, u, 2 * k, 1.0),
-                rhs,
-                tol,
-                2 * self.residual.group_dim + 20,
-            )
+        omega = self._solve_schur(schur, rhs, f.spectrum)
         xis = {}
         for r, (hd, _) in f.blocks.items():
             w1, w2 = hd.rotate(omega)

@@ -121,3 +121,17 @@ def solve_cg(schur, precondition, rhs, tol: float, max_iterations: int):
         rz_new = (res * z).sum()
         p, rz = z + (rz_new / rz) * p, rz_new
     return x, {"method": "cg", "iterations": its, "residual": rel, "tol": tol}
+
+
+def solve_schur(schur, rhs, spectrum, direct_d: int | None, cg_tol, max_iterations: int):
+    """(ω, report) solving S(ω) = rhs for the Schur complement ``schur`` on the O(d) generator:
+    formed on the basis E_ij − E_ji of so(``direct_d``) and pseudo-inverted, or (``direct_d``
+    None) conjugate gradients
+    preconditioned by the rotation block alone, whose eigendecomposition is ``spectrum``
+    (tolerance ``cg_tol``, default 1e-13 in float64 and 1e-6 otherwise)."""
+    if direct_d is not None:
+        return solve_direct(schur, rhs, skew_basis(direct_d, rhs.dtype, rhs.device))
+    lam, u = spectrum
+    tol = cg_tol or (1e-13 if rhs.dtype == torch.float64 else 1e-6)
+    precondition = lambda k: spectral_solve(lam, u, lam, u, 2 * k, 1.0)  # noqa: E731
+    return solve_cg(schur, precondition, rhs, tol, max_iterations)

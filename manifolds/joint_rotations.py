@@ -39,7 +39,7 @@ import torch
 
 from . import joint_linalg as jl
 from .base import Point, Tangent
-from .joint import DIRECT_MAX_D, JointBundle
+from .joint import JointBundle
 from .linalg import skew, sym
 
 __all__ = ["JointWithRotations"]
@@ -236,22 +236,7 @@ class JointWithRotations(JointBundle):
                 extra.append(skew(self._cross(point, off, rot_slots)))
             return out + torch.stack(extra).reshape(om.shape)
 
-        method = self.solver
-        if method == "auto":
-            method = "direct" if self.d_model <= DIRECT_MAX_D else "cg"
-        if method == "direct":
-            basis = jl.skew_basis(self.d_model, rhs.dtype, rhs.device)
-            omega, self.last_solve = jl.solve_direct(schur, rhs, basis)
-        else:
-            lam, u = f.spectrum
-            tol = self.cg_tol or (1e-13 if rhs.dtype == torch.float64 else 1e-6)
-            omega, self.last_solve = jl.solve_cg(
-                schur,
-                lambda k: jl.spectral_solve(lam, u, lam, u, 2 * k, 1.0),
-                rhs,
-                tol,
-                2 * self.residual.group_dim + 20,
-            )
+        omega = self._solve_schur(schur, rhs, f.spectrum)
         xis = {}
         for r, (hd, _) in f.blocks.items():
             w1, w2 = hd.rotate(omega)

@@ -50,6 +50,11 @@ from .refine import critical_point_counts, model_objective, model_orbit_basis, r
 __all__ = ["SETTINGS", "count_setting", "TeacherRegression"]
 
 _MODADD = dict(task="modadd", p=23, frac_train=0.6, steps=3000, lr=1e-2, weight_decay=1e-2)
+_REGRESSION = dict(
+    task="regression", vocab=8, seq_len=4, n_train=96, n_val=96, teacher_std=0.2,
+    model="transformer", d_model=8, n_heads=2, d_mlp=16, tie_embeddings=True, weight_decay=0.0,
+    reductions=("joint",),
+)  # fmt: skip
 #: name -> the setting: task and its options, model and its sizes, Adam steps and lr, λ.
 SETTINGS: dict[str, dict] = {
     "modadd": dict(
@@ -62,41 +67,8 @@ SETTINGS: dict[str, dict] = {
         reductions=("heads", "joint"),
         refine_steps=6,
     ),  # fmt: skip
-    "regression": dict(
-        task="regression",
-        vocab=8,
-        seq_len=4,
-        n_train=96,
-        n_val=96,
-        teacher_std=0.2,
-        model="transformer",
-        d_model=8,
-        n_heads=2,
-        d_mlp=16,
-        tie_embeddings=True,
-        steps=3000,
-        lr=1e-2,
-        weight_decay=0.0,
-        reductions=("joint",),
-    ),  # fmt: skip
-    "regression-teacher": dict(
-        task="regression",
-        vocab=8,
-        seq_len=4,
-        n_train=96,
-        n_val=96,
-        teacher_std=0.2,
-        model="transformer",
-        d_model=8,
-        n_heads=2,
-        d_mlp=16,
-        tie_embeddings=True,
-        steps=0,
-        lr=0.0,
-        start_noise=1e-4,
-        weight_decay=0.0,
-        reductions=("joint",),
-    ),  # fmt: skip
+    "regression": dict(_REGRESSION, steps=3000, lr=1e-2),
+    "regression-teacher": dict(_REGRESSION, steps=0, lr=0.0, start_noise=1e-4),
     "relational": dict(
         _MODADD,
         model="relational",
