@@ -56,14 +56,31 @@ def write_point(group: dict, point: Sequence[torch.Tensor]) -> None:
             copy_into(target, value)
 
 
+def _inverse(bundle, g):
+    """g⁻¹ from the bundle's g⁻ᵀ: matrix-valued parts transposed, vectors as they are."""
+
+    def transpose(x):
+        if isinstance(x, tuple):
+            return tuple(transpose(y) for y in x)
+        return x.mT if x.dim() >= 2 and x.shape[-1] == x.shape[-2] else x
+
+    return transpose(bundle.inverse_transpose(g))
+
+
 @torch.no_grad()
 def gauge_transform(
-    model: nn.Module, groups: Sequence[dict], generator=None, condition: float = 10.0
+    model: nn.Module,
+    groups: Sequence[dict],
+    generator=None,
+    condition: float = 10.0,
+    round_trip: bool = False,
 ) -> dict:
     """Apply a random element of every bundle group's group to the model, in place.
 
     Returns ``{group name: group element}``. Elements of non-compact groups have condition
-    number ``condition``.
+    number ``condition``. ``round_trip``: apply g, then g⁻¹ — the same gauge again, with the
+    round-off of both transformations in the parameters' precision (a control for what that
+    round-off alone does).
     """
     del model  # the groups hold the model's own parameters
     applied = {}
@@ -76,6 +93,8 @@ def gauge_transform(
             generator=generator, dtype=point[0].dtype, device=point[0].device, condition=condition
         )
         write_point(group, bundle.act(point, g))
+        if round_trip:
+            write_point(group, bundle.act(group_point(group), _inverse(bundle, g)))
         applied[group["name"]] = g
     return applied
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -154,6 +155,36 @@ def _initial_model(cfg):
     return captured["model"]
 
 
+def test_a_round_trip_start_is_the_same_gauge_up_to_round_off():
+    """g then g⁻¹: the parameters come back to float32 round-off times the conditioning (κ =
+    100), so the run is the untransformed one up to that round-off. Control: g alone moves
+    them by O(1)."""
+    params = {}
+    for trip, kappa in ((False, None), (True, 100.0), (False, 100.0)):
+        cfg = training.RunConfig("modadd", size="tiny", steps=1, gauge_condition=kappa,
+                                 gauge_round_trip=trip)  # fmt: skip
+        model = _initial_model(cfg)
+        params[trip, kappa] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    base = params[False, None]
+    back = (params[True, 100.0] - base).abs().max() / base.abs().max()
+    moved = (params[False, 100.0] - base).abs().max() / base.abs().max()
+    assert 0 < back < 1e-4 and moved > 1e-2
+    with pytest.raises(ValueError, match="gauge_round_trip needs a gauge_condition"):
+        training.RunConfig("modadd", gauge_round_trip=True).resolved()
+
+
+def test_runs_saved_before_a_config_field_existed_are_still_reused(tmp_path):
+    cfg = training.RunConfig("modadd", size="tiny", steps=2, eval_every=1).resolved()
+    training.train(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for later in ("variant", "schedule", "gauge_condition", "gauge_round_trip"):
+        del summary["config"][later]  # as written before those fields were added
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert training.finished_summary(cfg, tmp_path) is not None
+    other = dataclasses.replace(cfg, schedule="cosine")  # control: a real difference
+    assert training.finished_summary(other, tmp_path) is None
+
+
 def test_the_cosine_schedule_warms_up_then_decays_to_a_tenth():
     steps = 1000
     factors = [lr_factor("cosine", s, steps) for s in range(steps)]
@@ -202,6 +233,7 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
     seed0 = modadd["runs"]["adamw"][0]["summary"]
     assert seed0 == tuned[tuple(best)]
     # the gauge-transformed starts ran at the best setting on the tuning seed
+    assert set(modadd["gauge_round_trip"]) == set(modadd["gauge"])  # one round trip each
     for optim, runs in modadd["gauge"].items():
         assert [r["gauge_condition"] for r in runs] == [1.0, 100.0]
         configs = [r["summary"]["config"] for r in runs]
@@ -228,7 +260,8 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
     for heading in ("## Targets", "## modadd", "## sort", "## Flat directions", "## Gauge"):
         assert heading in text
     assert "QuotientAdam ≤ 0.5× AdamW's steps" in text and "| basin | gauge spread |" in text
-    assert "final loss spread over gauges κ ∈ {1, 100} ≤ 1e-3" in text
+    assert "final loss spread over gauges κ ∈ {1, 100} ≤ 1e-3" in text and "round-off floor" in text
+    assert "| round trip | floor |" in text
     assert (
         "The sweep at equal FLOPs" in text
         and "within 0.05 nats of the standard model at equal training time" in text

@@ -244,6 +244,7 @@ def n_runs(plan: StudyPlan) -> int:
     for t in plan.tasks:
         for optim in t.optims:
             total += len(t.grid(optim).settings()) + len(t.seeds) + len(t.gauge_conditions)
+            total += bool(t.gauge_conditions)  # the round trip at the largest κ
     rp = plan.relational
     total += len(rp.seeds) + len(rp.seeds if rp.equal_param_seeds is None else rp.equal_param_seeds)
     if rp.variants:

@@ -12,7 +12,15 @@ from .flat import flat_markdown
 from .protocol import LABELS, SGD_LIKE, Grid
 from .relational_report import relational_section
 from .robustness import LOSS_MARGIN, STEPS_FACTOR, basin_share, gauge_spread, seeds_reaching
-from .summaries import field, mean_std, median_steps, spread_text, step_ms, steps_text
+from .summaries import (
+    field,
+    gauge_floor,
+    mean_std,
+    median_steps,
+    spread_text,
+    step_ms,
+    steps_text,
+)
 from .targets import targets
 from .tuning import bracket
 
@@ -145,18 +153,27 @@ def _gauge_table(task: str, entry: dict, criterion: str, cap: int, image_dir: Pa
     if not gauge:
         return []
     kappas = [r["gauge_condition"] for r in next(iter(gauge.values()))]
+    trips = entry.get("gauge_round_trip", {})
     lines = [
         "Outcome from gauge-transformed starts (tuning seed, best setting; κ = condition number "
-        "of the random head elements applied to the initial parameters):",
+        "of the random head elements applied to the initial parameters). *Round trip*: the "
+        f"start transformed by g and back by g⁻¹ at κ = {max(kappas):g}, the same gauge with "
+        "the transformations' round-off; *floor*: its relative difference from the "
+        "untransformed run, the part of the spread that round-off alone causes.",
         "",
-        "| optimiser | " + " | ".join(f"κ = {k:g}" for k in kappas) + " | spread |",
-        "|---|" + "---|" * (len(kappas) + 1),
+        "| optimiser | "
+        + " | ".join(f"κ = {k:g}" for k in kappas)
+        + " | spread (final loss) | round trip | floor |",
+        "|---|" + "---|" * (len(kappas) + 3),
     ]
     for optim, runs in gauge.items():
         cells = [_seed_value(r, criterion, cap) for r in runs]
-        spread = gauge_spread(runs)
+        trip = trips.get(optim, [])
+        trip_cell = _seed_value(trip[0], criterion, cap) if trip else "—"
         lines.append(
-            f"| {LABELS.get(optim, optim)} | {' | '.join(cells)} | {spread_text(spread['loss'])} |"
+            f"| {LABELS.get(optim, optim)} | {' | '.join(cells)} "
+            f"| {spread_text(gauge_spread(runs)['loss'])} | {trip_cell} "
+            f"| {spread_text(gauge_floor(entry, optim))} |"
         )
     image = image_dir / f"{task}-gauge.png"
     key = "steps_to_target" if criterion == "steps" else "final_val_loss"

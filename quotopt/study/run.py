@@ -24,14 +24,20 @@ from .timing import timing_job
 from .tuning import best_setting, bracket, extend
 
 
-def _config(t: TaskPlan, optim: str, lr: float, wd: float, seed: int, gauge=None):
+def _config(t: TaskPlan, optim: str, lr: float, wd: float, seed: int, gauge=None, trip=False):
     # fmt: off
     return training.RunConfig(
         task=t.task, size=t.size, optim=optim, steps=t.steps, seed=seed, lr=lr, weight_decay=wd,
         eval_every=t.eval_every, stop_at_target=t.stop_at_target, schedule=t.schedule,
-        gauge_condition=gauge,
+        gauge_condition=gauge, gauge_round_trip=trip,
     ).resolved()
     # fmt: on
+
+
+def _starts(kappas: tuple[float, ...]) -> list[tuple[float, bool]]:
+    """(κ, round trip) of the gauge-transformed starts: every κ, then the round trip at the
+    largest."""
+    return [(k, False) for k in kappas] + ([(max(kappas), True)] if kappas else [])
 
 
 def _jobs(configs, root: Path, resume: bool) -> list[tuple]:
@@ -119,11 +125,13 @@ def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool, on_planned
         for optim in t.optims
         for seed in t.seeds
     ]
+    # the gauge-transformed starts, and the round trip g then g⁻¹ at the largest κ: the
+    # spread that the transformations' round-off alone leaves (the floor of the spread)
     gauged = [
-        (t, optim, _config(t, optim, *tasks[t.task]["best"][optim], t.tune_seed, kappa))
+        (t, optim, _config(t, optim, *tasks[t.task]["best"][optim], t.tune_seed, kappa, trip))
         for t in plan.tasks
         for optim in t.optims
-        for kappa in t.gauge_conditions
+        for kappa, trip in _starts(t.gauge_conditions)
     ]
     # the tuning seed's run is reused (same directory: resume=True picks it up)
     jobs = _jobs([c for *_, c in seeded], root, True)
@@ -134,7 +142,8 @@ def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool, on_planned
         tasks[t.task].setdefault("runs", {}).setdefault(optim, []).append(r)
     for (t, optim, cfg), r in zip(gauged, gauge_runs):
         r = dict(r, gauge_condition=cfg.gauge_condition)
-        tasks[t.task].setdefault("gauge", {}).setdefault(optim, []).append(r)
+        key = "gauge_round_trip" if cfg.gauge_round_trip else "gauge"
+        tasks[t.task].setdefault(key, {}).setdefault(optim, []).append(r)
     # time per step of every optimiser at its best setting, side by side in one process
     timing_jobs = [
         (t.task, t.size, [("transformer", None, o, *tasks[t.task]["best"][o]) for o in t.optims])

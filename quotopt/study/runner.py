@@ -16,10 +16,11 @@ from .. import training
 
 
 def run_dir(root: Path, cfg: training.RunConfig) -> Path:
-    """``root/TASK/MODEL[-VARIANT]-OPTIM/lrLR-wdWD-seedS[-gaugeK]`` of a resolved config."""
+    """``root/TASK/MODEL[-VARIANT]-OPTIM/lrLR-wdWD-seedS[-gaugeK[-roundtrip]]`` of a resolved
+    config."""
     name = f"lr{cfg.lr:g}-wd{cfg.weight_decay:g}-seed{cfg.seed}"
     if cfg.gauge_condition is not None:
-        name += f"-gauge{cfg.gauge_condition:g}"
+        name += f"-gauge{cfg.gauge_condition:g}" + ("-roundtrip" if cfg.gauge_round_trip else "")
     model = cfg.model if cfg.variant is None else f"{cfg.model}-{cfg.variant}"
     return Path(root) / cfg.task / f"{model}-{cfg.optim}" / name
 

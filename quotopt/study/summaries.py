@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from .robustness import round_trip_floor
+
 
 def field(runs: list[dict], key: str) -> list:
     """``summary[key]`` of every run (None for a run that failed before writing a summary)."""
@@ -57,3 +59,13 @@ def step_ms(entry: dict, optim: str) -> float:
     (``study.timing``) where the study measured one, else the mean of its runs' logs."""
     timed = (entry.get("timing") or {}).get(optim)
     return timed if timed is not None else mean_ms(entry["runs"].get(optim, []))
+
+
+def gauge_floor(entry: dict, optim: str) -> float:
+    """``robustness.round_trip_floor`` of an optimiser on a task: its round-trip start against
+    its untransformed run on the tuning seed at the best setting (NaN where either is missing)."""
+    trip = (entry.get("gauge_round_trip") or {}).get(optim)
+    seed = entry["plan"]["tune_seed"]
+    runs = entry.get("runs", {}).get(optim, [])
+    reference = [r for r in runs if (r.get("summary") or {}).get("config", {}).get("seed") == seed]
+    return round_trip_floor(reference[0], trip[0]) if trip and reference else math.nan

@@ -17,7 +17,15 @@ import statistics
 from .protocol import LABELS, QUOTIENT
 from .relational_report import equal_time_losses
 from .robustness import gauge_spread
-from .summaries import finite, mean_loss, median_steps, spread_text, step_ms, steps_text
+from .summaries import (
+    finite,
+    gauge_floor,
+    mean_loss,
+    median_steps,
+    spread_text,
+    step_ms,
+    steps_text,
+)
 
 BASELINES = ("adamw", "muon")
 GAUGE_TARGET = 1e-3
@@ -68,9 +76,11 @@ def _gauge(task: str, entry: dict) -> list[str]:
     for optim in (q for q in QUOTIENT if q in spreads):
         met = spreads[optim] <= GAUGE_TARGET
         kappas = ", ".join(f"{r['gauge_condition']:g}" for r in gauge[optim])
+        floor = spread_text(gauge_floor(entry, optim))
         lines.append(
             f"| {task}: {_label(optim)}'s final loss spread over gauges κ ∈ {{{kappas}}} ≤ 1e-3 "
-            f"| {spread_text(spreads[optim])} (baselines: {baselines or '—'}) "
+            f"| {spread_text(spreads[optim])}, round-off floor {floor} "
+            f"(baselines: {baselines or '—'}) "
             f"| {'met' if met else 'missed'} |"
         )
     return lines

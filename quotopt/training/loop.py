@@ -127,7 +127,8 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
     model = build_model(task, cfg.model, cfg.size, cfg.variant).to(cfg.device)
     if cfg.gauge_condition is not None:  # the same function in another gauge (same RNG after)
         gauge = torch.Generator().manual_seed(GAUGE_SALT + cfg.seed)
-        gauge_transform(model, symmetries(model), gauge, condition=cfg.gauge_condition)
+        groups = symmetries(model)
+        gauge_transform(model, groups, gauge, cfg.gauge_condition, cfg.gauge_round_trip)
     betas = TASK_DEFAULTS[cfg.task]["betas"]
     optimizer = build_optimizer(cfg.optim, model, cfg.lr, cfg.weight_decay, betas, cfg.task)
     base_rates = [group["lr"] for group in optimizer.param_groups]

@@ -33,6 +33,9 @@ from .schedule import SCHEDULES
 
 #: files of one training run in its directory
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
+#: fields added to ``RunConfig`` after runs were saved, with the value those runs had
+_LATER_DEFAULTS = {"variant": None, "schedule": "constant", "gauge_condition": None,
+                   "gauge_round_trip": False}  # fmt: skip
 #: keys a checkpoint must hold to be resumed (``threads`` is checked where present)
 CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "data_rng", "torch_rng", "clock")
 
@@ -55,6 +58,7 @@ class RunConfig:
     stop_at_target: bool = False  # end at the first evaluation that reaches the task's target
     schedule: str = "constant"  # learning-rate schedule (training.schedule.SCHEDULES)
     gauge_condition: float | None = None  # start from a gauge-transformed copy of the init
+    gauge_round_trip: bool = False  # ... transformed by g then g⁻¹: the round-off control
 
     def resolved(self) -> RunConfig:
         """A copy with the defaults filled in; raises ``ValueError`` on bad names or numbers."""
@@ -82,6 +86,8 @@ class RunConfig:
         gauge = out.gauge_condition
         if gauge is not None and not (math.isfinite(gauge) and gauge >= 1):
             raise ValueError(f"gauge_condition must be None or a finite number >= 1, got {gauge}")
+        if out.gauge_round_trip and gauge is None:
+            raise ValueError("gauge_round_trip needs a gauge_condition (the element to undo)")
         if out.steps < 1 or out.eval_every < 1 or out.batch_size < 0:
             raise ValueError(f"steps and eval_every must be positive, batch_size >= 0: {out}")
         finite = math.isfinite(out.lr) and math.isfinite(out.weight_decay)
@@ -189,8 +195,8 @@ def check_resumable(ckpt: dict, cfg: RunConfig, path) -> None:
     needs the same count: a different one changes the order of floating-point sums)."""
     saved = ckpt["config"]
     keys = ("task", "model", "optim", "seed", "size", "lr", "weight_decay", "batch_size")
-    keys += ("variant", "schedule", "gauge_condition")
-    default = {"schedule": "constant"}  # checkpoints from before schedules were configurable
+    keys += ("variant", "schedule", "gauge_condition", "gauge_round_trip")
+    default = _LATER_DEFAULTS  # checkpoints from before these fields existed
     diff = [
         f"{k}={saved.get(k, default.get(k))!r}, not {getattr(cfg, k)!r}"
         for k in keys
@@ -231,4 +237,5 @@ def finished_summary(config: RunConfig, out_dir) -> dict | None:
     if not done.is_file():
         return None
     summary = json.loads(done.read_text())
-    return summary if summary["config"] == dataclasses.asdict(config.resolved()) else None
+    saved = {**_LATER_DEFAULTS, **summary["config"]}  # a run from before a field existed
+    return summary if saved == dataclasses.asdict(config.resolved()) else None
