@@ -307,14 +307,16 @@ class JointBundle(Bundle):
         point = self.check_point(point)
         v = self.check_tangent(point, v)
         f = self._factorised(point, frame)
-        omega, xis = self.vertical_generator(point, v, f)
+        return tuple(self._vertical_from(point, f, *self.vertical_generator(point, v, f)))
+
+    def _vertical_from(self, point: Point, f, omega, xis) -> list:
+        """The vertical vector (as a list) of the generators Ω and ξ_r."""
         out = list(self.residual.vertical(point, omega))
         for r, (hd, members) in f.blocks.items():
-            xi = xis[r]
-            for slots, tensors in self._unstack(members, hd.a @ xi, -(hd.b @ xi.mT)):
+            for slots, tensors in self._unstack(members, hd.a @ xis[r], -(hd.b @ xis[r].mT)):
                 for s, t in zip(slots, tensors):
                     out[s] = out[s] + t
-        return tuple(out)
+        return out
 
     # ---- optimiser support ------------------------------------------------------------------
     def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:

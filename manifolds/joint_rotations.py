@@ -250,12 +250,7 @@ class JointWithRotations(JointBundle):
         v = self.check_tangent(point, v)
         f = self._factorised(point, frame)
         omega, xis, rots = self.vertical_generator(point, v, f)
-        out = list(self.residual.vertical(point, omega))
-        for r, (hd, members) in f.blocks.items():
-            xi = xis[r]
-            for slots, tensors in self._unstack(members, hd.a @ xi, -(hd.b @ xi.mT)):
-                for s, t in zip(slots, tensors):
-                    out[s] = out[s] + t
+        out = self._vertical_from(point, f, omega, xis)
         for slots, tensors in rots:
             for s, t in zip(slots, tensors):
                 out[s] = out[s] + t

@@ -13,3 +13,13 @@ def _seed_and_default_dtype():
     previous = torch.get_default_dtype()
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test, restored after it: tiny models run faster so,
+    and on a busy machine much faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

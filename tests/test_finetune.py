@@ -24,11 +24,8 @@ TINY = ft.PretrainConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread (``conftest.one_thread``)."""
 
 
 def test_split_is_by_file_and_fixed():

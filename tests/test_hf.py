@@ -29,12 +29,8 @@ F64 = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and on a busy machine much faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread (``conftest.one_thread``)."""
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -24,11 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread (``conftest.one_thread``)."""
 
 
 @pytest.fixture(scope="module")

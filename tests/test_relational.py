@@ -29,11 +29,8 @@ TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread (``conftest.one_thread``)."""
 
 
 def relational(**kw) -> RelationalTransformer:

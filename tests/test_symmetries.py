@@ -16,12 +16,8 @@ from quotopt.models import RelationalTransformer, Transformer
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and on a busy machine much faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread (``conftest.one_thread``)."""
 
 
 def _encoder(bias=True, activation="relu"):
