@@ -21,7 +21,7 @@ from .protocol import StudyPlan, TaskPlan
 from .relational import run_relational
 from .runner import Pool, call, run_dir, train_job
 from .timing import timing_job
-from .tuning import best_setting, bracket, extend
+from .tuning import best_setting, extend
 
 
 def _config(t: TaskPlan, optim: str, lr: float, wd: float, seed: int, gauge=None, trip=False):
@@ -100,7 +100,6 @@ def _tune(plan: StudyPlan, root: Path, pool: Pool, resume: bool, on_planned, bef
         ]
         best = best_setting(settings[k], [r.get("summary") for r in runs[k]], t.criterion)
         entry["best"][optim] = best
-        entry.setdefault("bracket", {})[optim] = bracket(t.grid(optim), settings[k], best)
     return dict(tasks=tasks, before=extra)
 
 

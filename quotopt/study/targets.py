@@ -31,6 +31,10 @@ BASELINES = ("adamw", "muon")
 GAUGE_TARGET = 1e-3
 
 
+def _row(target: str, measured: str, met: bool) -> str:
+    return f"| {target} | {measured} | {'met' if met else 'missed'} |"
+
+
 def _label(optim: str) -> str:
     return LABELS.get(optim, optim)
 
@@ -44,11 +48,12 @@ def _modadd(entry: dict) -> list[str]:
             ratio = steps / b_steps if math.isfinite(steps) and math.isfinite(b_steps) else math.nan
             met = ratio <= 0.5 and wall <= 1.5
             shown = f" (×{ratio:.2f})" if math.isfinite(ratio) else ""
-            lines.append(
-                f"| modadd: {_label(optim)} ≤ 0.5× {_label(base)}'s steps to 99 % at ≤ 1.5× "
-                f"time/step | {steps_text(steps, cap)} vs {steps_text(b_steps, cap)} steps{shown}; "
-                f"×{wall:.2f} time/step | {'met' if met else 'missed'} |"
-            )
+            lines.append(_row(
+                f"modadd: {_label(optim)} ≤ 0.5× {_label(base)}'s steps to 99 % at ≤ 1.5× "
+                "time/step",
+                f"{steps_text(steps, cap)} vs {steps_text(b_steps, cap)} steps{shown}; "
+                f"×{wall:.2f} time/step", met,
+            ))  # fmt: skip
     return lines
 
 
@@ -59,11 +64,10 @@ def _chars(entry: dict) -> list[str]:
         for optim in (q for q in QUOTIENT if q in runs):
             gain, wall = b_loss - mean_loss(runs[optim]), step_ms(entry, optim) / b_ms
             met = gain >= 0.03 and wall <= 1.5
-            lines.append(
-                f"| chars: {_label(optim)} ≥ 0.03 nats below {_label(base)} at ≤ 1.5× "
-                f"time/step | {-gain:+.3f} nats; ×{wall:.2f} time/step "
-                f"| {'met' if met else 'missed'} |"
-            )
+            lines.append(_row(
+                f"chars: {_label(optim)} ≥ 0.03 nats below {_label(base)} at ≤ 1.5× time/step",
+                f"{-gain:+.3f} nats; ×{wall:.2f} time/step", met,
+            ))  # fmt: skip
     return lines
 
 
@@ -77,12 +81,11 @@ def _gauge(task: str, entry: dict) -> list[str]:
         met = spreads[optim] <= GAUGE_TARGET
         kappas = ", ".join(f"{r['gauge_condition']:g}" for r in gauge[optim])
         floor = spread_text(gauge_floor(entry, optim))
-        lines.append(
-            f"| {task}: {_label(optim)}'s final loss spread over gauges κ ∈ {{{kappas}}} ≤ 1e-3 "
-            f"| {spread_text(spreads[optim])}, round-off floor {floor} "
-            f"(baselines: {baselines or '—'}) "
-            f"| {'met' if met else 'missed'} |"
-        )
+        lines.append(_row(
+            f"{task}: {_label(optim)}'s final loss spread over gauges κ ∈ {{{kappas}}} ≤ 1e-3",
+            f"{spread_text(spreads[optim])}, round-off floor {floor} "
+            f"(baselines: {baselines or '—'})", met,
+        ))  # fmt: skip
     return lines
 
 
@@ -92,18 +95,18 @@ def _relational(results: dict) -> list[str]:
     standard = mean_loss(runs.get("transformer", []))
     gap = mean_loss(runs.get("relational", [])) - standard
     if not math.isnan(gap):
-        lines.append(
-            f"| relational within 0.05 nats of the standard model at equal parameters "
-            f"| {gap:+.3f} nats | {'met' if gap <= 0.05 else 'missed'} |"
-        )
+        lines.append(_row(
+            "relational within 0.05 nats of the standard model at equal parameters",
+            f"{gap:+.3f} nats", gap <= 0.05,
+        ))  # fmt: skip
     if "best" in rel:
         at_time = finite(equal_time_losses(rel, rel["seeds"], rel["best"]["variant"]))
         gap = statistics.mean(at_time) - standard if at_time else math.nan
-        lines.append(
-            f"| the best relational configuration (`{rel['best']['variant']}`) within 0.05 nats "
-            f"of the standard model at equal training time | {gap:+.3f} nats "
-            f"| {'met' if gap <= 0.05 else 'missed'} |"
-        )
+        lines.append(_row(
+            f"the best relational configuration (`{rel['best']['variant']}`) within 0.05 nats "
+            "of the standard model at equal training time",
+            f"{gap:+.3f} nats", gap <= 0.05,
+        ))  # fmt: skip
     return lines
 
 
