@@ -82,6 +82,10 @@ _REGRESSION = dict(
     model="transformer", d_model=8, n_heads=2, d_mlp=16, tie_embeddings=True, weight_decay=0.0,
     reductions=("joint",),
 )  # fmt: skip
+_RELATIONAL = dict(
+    model="relational", n_channels=6, d_gauge=4, n_heads=2, d_head=3, d_mlp_channels=12,
+    reductions=("declared", "no-channels"),
+)  # fmt: skip
 #: name -> the setting: task and its options, model and its sizes, Adam steps and lr, λ.
 SETTINGS: dict[str, dict] = {
     "modadd": dict(
@@ -114,28 +118,12 @@ SETTINGS: dict[str, dict] = {
     ),  # fmt: skip
     "relational-teacher": dict(
         {k: v for k, v in _REGRESSION.items() if k not in ("d_model", "d_mlp", "tie_embeddings")},
-        model="relational",
-        n_channels=6,
-        d_gauge=4,
-        n_heads=2,
-        d_head=3,
-        d_mlp_channels=12,
-        reductions=("declared", "no-channels"),
+        **_RELATIONAL,
         steps=0,
         lr=0.0,
         start_noise=1e-4,
-    ),  # fmt: skip
-    "relational": dict(
-        _MODADD,
-        model="relational",
-        n_channels=6,
-        d_gauge=4,
-        n_heads=2,
-        d_head=3,
-        d_mlp_channels=12,
-        reductions=("declared", "no-channels"),
-        refine_steps=6,
-    ),  # fmt: skip
+    ),
+    "relational": dict(_MODADD, **_RELATIONAL, refine_steps=6),
 }
 
 
