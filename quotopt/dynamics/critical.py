@@ -29,8 +29,6 @@ Newton converges quadratically):
   noise and no training, so that an exact interpolating minimum (F = 0) lies next to it;
   from scratch the student fits the teacher (R² ≈ 1 on held-out sequences) but Newton from
   there does not reach round-off within its budget (a sloppy, non-convex landscape);
-  ``regression-decay``: the student trained from scratch at λ = 1e-2, reductions ``heads``
-  and ``joint``, 60 refinement steps;
   ``regression-teacher-decay``: the teacher regression at λ = 1e-2, reductions ``heads`` and
   ``joint``. The teacher is moved to its balanced point (dressed by the joint group) and the
   training targets are shifted by ``teacher_targets`` so that the teacher is an exact
@@ -100,14 +98,6 @@ SETTINGS: dict[str, dict] = {
     ),  # fmt: skip
     "regression": dict(_REGRESSION, steps=3000, lr=1e-2),
     "regression-teacher": dict(_REGRESSION, steps=0, lr=0.0, start_noise=1e-4),
-    "regression-decay": dict(
-        _REGRESSION,
-        steps=3000,
-        lr=1e-2,
-        weight_decay=1e-2,
-        reductions=("heads", "joint"),
-        refine_steps=60,
-    ),  # fmt: skip
     "regression-teacher-decay": dict(
         _REGRESSION,
         steps=0,

@@ -10,20 +10,15 @@ with H the dense float64 Hessian, Q an orthonormal basis of the Euclidean comple
 *level* orbit directions (those along which F is constant: the whole vertical space when F is
 invariant, only the compact subgroup's — O(d), O(r) per head pair, none for rescaling — under
 L2 weight decay) and the pseudo-inverse dropping eigenvalues below ``rcond``·max|λ(H)|. The
-full step is taken when it reduces ‖∇F‖ by the Armijo factor (1 − 10⁻⁴): quadratic convergence
-near the critical point. Otherwise the step is damped, Levenberg–Marquardt on the residual ∇F
-(Gauss–Newton for ½‖∇F‖², whose Jacobian is H): s = −Σ λᵢgᵢ/(λᵢ² + μ) vᵢ in the eigenbasis of
-QᵀHQ, μ raised ×10 from the last accepted value until ‖∇F‖ falls by the Armijo factor, and
-lowered ×10 after each accepted step. It heads for the nearest critical point, minimum or
-saddle: both are points where the flat-direction identity holds. Only when no damping reduces
-‖∇F‖ (far from any critical point) is the step a trust-region step on F (Nocedal & Wright 2006,
-ch. 4): s = −Σ gᵢ/(λᵢ + μ) vᵢ, μ ≥ max(0, −λ_min) chosen so that ‖s‖ is the radius, accepted
-when F falls by more than 10⁻⁴ of the predicted decrease, the radius adapted by that ratio.
-Every retry reuses the eigendecomposition. Restricting to Q keeps the step off the exactly flat
-orbit (where the Newton system is singular); the level directions are recomputed at every
-iterate. On sloppy landscapes (eigenvalues spread over many decades below max|λ|) the damped
-steps converge only linearly: the gradient left along the smallest eigenvalues shrinks by
-μ/(λᵢ² + μ) per step.
+full step (t = 1) is taken when it reduces ‖∇F‖ by the Armijo factor (1 − 10⁻⁴): quadratic
+convergence near the critical point. Otherwise (far from it, or at negative curvature) the step
+is a trust-region step on the same quadratic model (Nocedal & Wright 2006, ch. 4): s =
+−Σ gᵢ/(λᵢ + μ) vᵢ in the eigenbasis of QᵀHQ, μ ≥ max(0, −λ_min) chosen so that ‖s‖ is the
+radius, accepted when F falls by more than 10⁻⁴ of the predicted decrease, the radius adapted
+by that ratio (retries reuse the eigendecomposition). It descends F, escapes saddles along
+negative curvature and never jumps far along nearly flat directions. Restricting to Q keeps
+the step off the exactly flat orbit (where the Newton system is singular); the level
+directions are recomputed at every iterate.
 
 Stopping rule (the relative gradient): ‖∇F‖ ≤ ``rel_tol`` · max|λ(H)| · ‖θ‖, i.e. the gradient
 is below what the curvature produces over the point's own scale.
@@ -108,6 +103,14 @@ def _complement(directions: torch.Tensor | None, n: int, like: torch.Tensor) -> 
     return u[:, rank:]
 
 
+def _newton_step(evals, evecs, q, grad, cutoff, saddle_free):
+    """−Q (QᵀHQ)⁺ Qᵀ∇F, or with |λ| (saddle-free Newton, a descent direction of F)."""
+    keep = evals.abs() > cutoff
+    curvature = evals.abs() if saddle_free else evals
+    coef = (evecs.mT @ (q.mT @ grad)) / torch.where(keep, curvature, torch.ones_like(evals))
+    return -(q @ (evecs @ torch.where(keep, coef, torch.zeros_like(coef))))
+
+
 def _trust_step(evals, g, radius):
     """argmin gᵀs + ½ Σλᵢsᵢ² over ‖s‖ ≤ radius in the eigenbasis: sᵢ = −gᵢ/(λᵢ + μ) with
     μ ≥ max(0, −λ_min) by bisection so that ‖s‖ = radius (μ = 0 when the Newton step of a
@@ -150,27 +153,20 @@ def _trust_region(objective, params, value, evals, evecs, q, grad, radius, tries
     return None, radius
 
 
-def _damped_newton(objective, params, evals, evecs, q, grad, mu, scale, cutoff, tries=24):
-    """Levenberg–Marquardt on the residual ∇F (a Gauss–Newton step for ½‖∇F‖², whose
-    Jacobian is H): s = −Q V diag(λᵢ/(λᵢ² + μ)) Vᵀ Qᵀ∇F, from μ = ``mu`` (0: the Newton step,
-    with |λ| ≤ ``cutoff`` dropped) up by ×10 until ‖∇F‖ falls by the Armijo factor; the
-    retries reuse the eigendecomposition. It converges to the nearest critical point — minimum
-    or saddle — where a descent method on F would leave a saddle. ((params, F, ∇F) | None, μ)."""
-    g = evecs.mT @ (q.mT @ grad)
-    norm, floor = float(grad.norm()), 1e-12 * scale * scale
-    for _ in range(tries):
-        if mu == 0.0:
-            keep = evals.abs() > cutoff
-            coef = torch.where(keep, g / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
-        else:
-            coef = g * evals / (evals * evals + mu)
-        step = -(q @ (evecs @ coef))
-        trial = tuple(p + s for p, s in zip(params, unflatten(step, params)))
+def _line_search(objective, params, value, grad, step, on_value, halvings=40):
+    """Halve t from 1 until ‖∇F‖ (or, ``on_value``, F) decreases by the Armijo factor."""
+    norm, slope = float(grad.norm()), float(grad @ step)
+    for halving in range(halvings):
+        t = 0.5**halving
+        trial = tuple(p + t * s for p, s in zip(params, unflatten(step, params)))
         trial_value, trial_grad = _value_and_gradient(objective, trial)
-        if float(trial_grad.norm()) <= (1 - 1e-4) * norm:
-            return (trial, trial_value, trial_grad), mu
-        mu = max(10.0 * mu, floor)
-    return None, mu
+        if on_value:
+            ok = trial_value <= value + 1e-4 * t * slope
+        else:
+            ok = float(trial_grad.norm()) <= (1 - 1e-4 * t) * norm
+        if ok:
+            return trial, trial_value, trial_grad
+    return None
 
 
 def _as_basis(level, params):
@@ -201,7 +197,7 @@ def refine_critical_point(
             f"rcond={rcond}, max_steps={max_steps}"
         )
     value, grad = _value_and_gradient(objective, params)
-    history, steps, rel, radius, mu = [float(grad.norm())], 0, math.inf, None, 0.0
+    history, steps, rel, radius = [float(grad.norm())], 0, math.inf, None
     best = (history[0], params, rel, None)
     while True:
         hessian = _hessian(objective, params, max_params)
@@ -215,16 +211,13 @@ def refine_critical_point(
             best = (history[-1], params, rel, hessian)
         if rel <= rel_tol or steps >= max_steps:
             break
-        # the Newton step where it reduces ‖∇F‖ (quadratic convergence near the critical
-        # point), else the least damping that does (Levenberg–Marquardt); a trust-region step
-        # on F only when no damping helps (far from any critical point)
-        accepted, mu = _damped_newton(
-            objective, params, evals, evecs, q, grad, mu, scale, rcond * scale
-        )
-        mu = 0.0 if accepted is None or mu < 1e-11 * scale * scale else 0.1 * mu
+        # a full Newton step where it reduces ‖∇F‖ (quadratic convergence near the critical
+        # point); else a trust-region step on F (far from it, or at negative curvature)
+        step = _newton_step(evals, evecs, q, grad, rcond * scale, False)
+        accepted = _line_search(objective, params, value, grad, step, False, halvings=1)
         if accepted is None:
             if radius is None:
-                radius = 0.1 * float(flatten(params).norm())
+                radius = min(float(step.norm()), 0.1 * float(flatten(params).norm()))
             accepted, radius = _trust_region(
                 objective, params, value, evals, evecs, q, grad, radius
             )

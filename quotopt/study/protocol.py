@@ -125,8 +125,8 @@ class FlatPlan:
 
 #: every setting of ``quotopt.dynamics.critical`` (models that learn, refined before counting)
 CRITICAL = (
-    "modadd", "regression", "regression-decay", "regression-teacher", "regression-teacher-decay",
-    "relational", "relational-teacher",
+    "modadd", "regression", "regression-teacher", "regression-teacher-decay", "relational",
+    "relational-teacher",
 )  # fmt: skip
 
 
