@@ -64,3 +64,57 @@ def test_flat_markdown_renders_every_setting(tiny_result, tmp_path, monkeypatch)
     flat.run_flat(plan, tmp_path)
     assert json.loads((tmp_path / "flat.json").read_text())[0]["counts"] == tiny_result["counts"]
     assert (tmp_path / "flat.md").read_text() == flat.flat_markdown([tiny_result])
+
+
+def test_widest_gap_finds_the_flat_block_and_no_block_where_there_is_none():
+    from quotopt.dynamics.flat import widest_gap
+
+    block = [3e-15, -1e-14, 2e-13] + [1e-6, 1e-3, 0.5, 1.0]  # 3 at round-off, then curvature
+    gap = widest_gap(block)
+    assert gap["count"] == 3 and gap["ratio"] >= 1e6 and 2e-13 < gap["threshold"] < 1e-6
+    assert widest_gap([1e-8, 1e-3, 1.0])["count"] == 0  # the smallest sits far above round-off
+    spread = [10.0**-k for k in range(0, 16)]  # a decade apart down to round-off: no block
+    assert widest_gap(spread)["ratio"] <= 10.0 * (1 + 1e-9)
+    assert widest_gap([0.3, 1.0])["count"] == 0  # nothing below the 1e-4 ceiling
+
+
+def test_teacher_with_weight_decay_is_an_exact_critical_point():
+    """The λ > 0 teacher regression: dressed teacher + shifted targets give ∇F(θ₀) at
+    round-off; the control (the teacher's own outputs as targets) does not."""
+    from quotopt.dynamics.refine import _value_and_gradient
+
+    small = dict(TINY, weight_decay=1e-2, start_noise=0.0, reductions=("joint",))
+    task, model = critical._build(small, 0)
+    params = tuple(p.detach() for p in model.parameters())
+    grad = _value_and_gradient(critical._objective(task, model, 1e-2), params)[1]
+    assert float(grad.norm()) <= 1e-10
+    plain, model0 = critical._build(dict(small, weight_decay=0.0), 0)  # unshifted targets
+    grad0 = _value_and_gradient(critical._objective(plain, model0, 1e-2), params)[1]
+    assert float(grad0.norm()) >= 1e-3
+
+
+def test_a_changed_setting_is_counted_again(tiny_result, tmp_path, monkeypatch):
+    monkeypatch.setitem(critical.SETTINGS, "tiny", TINY)
+    calls = []
+    monkeypatch.setattr(critical, "count_setting", lambda s, **kw: calls.append(s) or tiny_result)
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny_result))
+    assert flat.critical_job("tiny", 0, str(tmp_path)) == tiny_result and not calls  # reused
+    stale = dict(tiny_result, setting=dict(tiny_result["setting"], d_mlp=8))
+    (tmp_path / "tiny.json").write_text(json.dumps(stale))
+    flat.critical_job("tiny", 0, str(tmp_path))
+    assert calls == ["tiny"]
+
+
+def test_verdict_separates_exact_extra_and_unconverged_counts():
+    def c(total, expected, horizontal):
+        return dict(flat_total=total, expected_flat=expected, flat_horizontal=horizontal)
+
+    text = flat._verdict(
+        [("a", "joint", c(52, 52, 0), True), ("a", "heads", c(52, 24, 28), True),
+         ("b", "joint", c(715, 126, 592), False)]
+    )  # fmt: skip
+    exact, rest = text.split("At critical points too")
+    assert "a (joint)" in exact and "as the paper claims" in exact
+    extra, unconverged = rest.split("Elsewhere")
+    assert "a (heads): flat_total 52 against 24 expected, flat_horizontal 28" in extra
+    assert "b (joint)" in unconverged and "(not converged)" in unconverged

@@ -25,14 +25,32 @@ Newton converges quadratically):
   initialisation, learns the teacher's logits on 96 random sequences and is scored by R² on 96
   others. Tied embeddings remove the stream-scale symmetry that the gain-free final norm would
   add (``tests/test_refine.py``). Reduction ``joint``: the whole orbit, so(d) + Σ gl(r).
-  ``regression-teacher``: the same with the student at the teacher's point plus N(0, 1e-8)
+  ``regression-teacher``: the same with the student at the teacher's point plus N(0, 1e-4²)
   noise and no training, so that an exact interpolating minimum (F = 0) lies next to it;
   from scratch the student fits the teacher (R² ≈ 1 on held-out sequences) but Newton from
   there does not reach round-off within its budget (a sloppy, non-convex landscape);
+  ``regression-teacher-decay``: the teacher regression at λ = 1e-2, reductions ``heads`` and
+  ``joint``. The teacher is moved to its balanced point (dressed by the joint group) and the
+  training targets are shifted by ``teacher_targets`` so that the teacher is an exact
+  critical point of F; the student starts there plus N(0, 1e-6²) noise (at 1e-4 the trust
+  region leaves the critical point, which need not be a minimum of F);
+  ``relational-teacher``: the λ = 0 teacher regression with the ``RelationalTransformer``
+  below (vocabulary 8, 553 parameters), reductions ``declared`` and ``no-channels``. Its
+  loss has symmetries the model does not declare — the rescaling of each gated hidden
+  channel, (w_in[:, c]·s, w_gate[:, c]/s, w_out[c]/s), and the overall stream scale — so at
+  λ = 0 those stay flat and horizontal: the count says how many;
 * ``relational``: modadd (same split) with a ``RelationalTransformer`` (k = 6 channels in
   R^D, D = 4, 2 heads of r = 3, 12 hidden channels), λ = 1e-2; reductions ``declared``
   (O(k) channels, GL(r) heads, O(D) gauge: ``symmetries(model)``) and ``no-channels`` (the
   control: gauge and heads only, which leaves the k(k−1)/2 = 15 channel rotations flat).
+
+Why the two modadd settings do not reach a critical point (measured): in the Transformer the
+'=' token and its position embedding only ever feed the read-out position, so weight decay
+shrinks the stream there (‖E[=] + P[2]‖ = 0.018 against 1.7 for the number tokens) and the
+gain-free RMSNorm's curvature, ∝ 1/‖x‖², reaches max|λ(H)| ≈ 2.7e6 against λ = 1e-2. In the
+relational model the overall stream scale is a symmetry broken only by the norm's ε, which
+weight decay drives towards the same collapse; a λ > 0 teacher for it is ill-posed for the
+same reason (the target shift divides by that near-zero singular value), so there is none.
 """
 
 from __future__ import annotations
@@ -42,10 +60,17 @@ import time
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ..joint_groups import joint_groups
 from ..symmetries import symmetries
-from .refine import critical_point_counts, model_objective, model_orbit_basis, refine_critical_point
+from .refine import (
+    critical_point_counts,
+    model_objective,
+    model_orbit_basis,
+    refine_critical_point,
+    teacher_targets,
+)
 
 __all__ = ["SETTINGS", "count_setting", "TeacherRegression"]
 
@@ -54,6 +79,10 @@ _REGRESSION = dict(
     task="regression", vocab=8, seq_len=4, n_train=96, n_val=96, teacher_std=0.2,
     model="transformer", d_model=8, n_heads=2, d_mlp=16, tie_embeddings=True, weight_decay=0.0,
     reductions=("joint",),
+)  # fmt: skip
+_RELATIONAL = dict(
+    model="relational", n_channels=6, d_gauge=4, n_heads=2, d_head=3, d_mlp_channels=12,
+    reductions=("declared", "no-channels"),
 )  # fmt: skip
 #: name -> the setting: task and its options, model and its sizes, Adam steps and lr, λ.
 SETTINGS: dict[str, dict] = {
@@ -69,17 +98,22 @@ SETTINGS: dict[str, dict] = {
     ),  # fmt: skip
     "regression": dict(_REGRESSION, steps=3000, lr=1e-2),
     "regression-teacher": dict(_REGRESSION, steps=0, lr=0.0, start_noise=1e-4),
-    "relational": dict(
-        _MODADD,
-        model="relational",
-        n_channels=6,
-        d_gauge=4,
-        n_heads=2,
-        d_head=3,
-        d_mlp_channels=12,
-        reductions=("declared", "no-channels"),
-        refine_steps=6,
+    "regression-teacher-decay": dict(
+        _REGRESSION,
+        steps=0,
+        lr=0.0,
+        start_noise=1e-6,
+        weight_decay=1e-2,
+        reductions=("heads", "joint"),
     ),  # fmt: skip
+    "relational-teacher": dict(
+        {k: v for k, v in _REGRESSION.items() if k not in ("d_model", "d_mlp", "tie_embeddings")},
+        **_RELATIONAL,
+        steps=0,
+        lr=0.0,
+        start_noise=1e-4,
+    ),
+    "relational": dict(_MODADD, **_RELATIONAL, refine_steps=6),
 }
 
 
@@ -92,11 +126,19 @@ class TeacherRegression:
 
     kind = "regression"
 
-    def __init__(self, teacher: nn.Module, vocab, seq_len, n_train, n_val, seed=0):
+    def __init__(
+        self, teacher: nn.Module, vocab, seq_len, n_train, n_val, seed=0, weight_decay=0.0
+    ):
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, vocab, (n_train + n_val, seq_len), generator=gen)
         with torch.no_grad():
             targets = teacher(tokens)
+        if weight_decay:  # the training targets that make the teacher critical for F
+            names = [n for n, _ in teacher.named_parameters()]
+            train = tokens[:n_train]
+            outputs = lambda *ps: functional_call(teacher, dict(zip(names, ps)), (train,))  # noqa: E731
+            shifted = teacher_targets(outputs, tuple(teacher.parameters()), weight_decay)
+            targets = torch.cat([shifted.reshape(targets[:n_train].shape), targets[n_train:]])
         self.data = {
             "train": (tokens[:n_train], targets[:n_train]),
             "val": (tokens[n_train:], targets[n_train:]),
@@ -119,8 +161,41 @@ class TeacherRegression:
         return {"loss": float(residual) / y.numel(), "r2": float(1 - residual / spread)}
 
 
-def _build(setting: dict, seed: int):
+def _model(setting: dict, vocab: int, seq_len: int) -> nn.Module:
     from ..models import RelationalTransformer, Transformer
+
+    if setting["model"] == "relational":
+        keys = ("n_channels", "d_gauge", "n_heads", "d_head", "d_mlp_channels")
+        kw = {k: setting[k] for k in keys}
+        model = RelationalTransformer(vocab, n_layers=1, max_len=seq_len, lean_mlp=False, **kw)
+    else:
+        kw = dict(d_mlp=setting["d_mlp"], tie_embeddings=setting.get("tie_embeddings", False))
+        model = Transformer(vocab, setting["d_model"], 1, setting["n_heads"], seq_len, **kw)
+    return model.double()
+
+
+def _teacher(setting: dict, vocab: int, seq_len: int) -> nn.Module:
+    """A random teacher (entries N(0, teacher_std²)); with λ > 0 at its balanced point (every
+    group of the setting's widest reduction dressed), where θ₀ ⟂ the non-compact orbit
+    directions, so that ``teacher_targets`` makes it a critical point of F."""
+    from ..symmetries import group_point, write_point
+
+    teacher = _model(setting, vocab, seq_len)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0.0, setting["teacher_std"])
+        if setting["weight_decay"]:
+            groups = max(
+                (_reduction(teacher, r) for r in setting["reductions"]),
+                key=lambda gs: sum(g["bundle"].group_dim for g in gs),
+            )
+            for group in groups:
+                point = tuple(t.detach() for t in group_point(group))
+                write_point(group, group["bundle"].dress(point))
+    return teacher
+
+
+def _build(setting: dict, seed: int):
     from ..tasks import get_task
 
     torch.manual_seed(seed)
@@ -129,23 +204,13 @@ def _build(setting: dict, seed: int):
         vocab, seq_len = setting["p"] + 1, 3
     else:
         vocab, seq_len = setting["vocab"], setting["seq_len"]
-    if setting["model"] == "relational":
-        keys = ("n_channels", "d_gauge", "n_heads", "d_head", "d_mlp_channels")
-        kw = {k: setting[k] for k in keys}
-        model = RelationalTransformer(vocab, n_layers=1, max_len=seq_len, lean_mlp=False, **kw)
-    else:
-        kw = dict(d_mlp=setting["d_mlp"], tie_embeddings=setting.get("tie_embeddings", False))
-        model = Transformer(vocab, setting["d_model"], 1, setting["n_heads"], seq_len, **kw)
-    model = model.double()
+    model = _model(setting, vocab, seq_len)
     if setting["task"] == "regression":
-        teacher = Transformer(vocab, setting["d_model"], 1, setting["n_heads"], seq_len, **kw)
-        teacher = teacher.double()
-        with torch.no_grad():
-            for p in teacher.parameters():
-                p.normal_(0.0, setting["teacher_std"])
+        teacher = _teacher(setting, vocab, seq_len)
         task = TeacherRegression(
-            teacher, vocab, seq_len, setting["n_train"], setting["n_val"], seed + 1
-        )
+            teacher, vocab, seq_len, setting["n_train"], setting["n_val"], seed + 1,
+            weight_decay=setting["weight_decay"],
+        )  # fmt: skip
         noise = setting.get("start_noise")
         if noise is not None:  # start at the teacher's point plus noise: F = 0 lies nearby
             gen = torch.Generator().manual_seed(seed + 2)

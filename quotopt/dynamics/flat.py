@@ -65,6 +65,7 @@ __all__ = [
     "FlatReport",
     "flat_directions",
     "analyse_flat_directions",
+    "widest_gap",
 ]
 
 COMPLEMENTS = ("euclidean", "metric")
@@ -255,6 +256,31 @@ def flat_directions(
         scale=scale,
         grad_norm=grad_norm,
     )
+
+
+def widest_gap(eigenvalues, ceiling: float = 1e-4, floor: float | None = None) -> dict:
+    """The tolerance read off the spectrum itself: the widest gap in log|λ| below
+    ``ceiling``·max|λ|.
+
+    With a = |λ|/max|λ| sorted ascending and a₀ = ``floor`` (default: the dtype's machine
+    epsilon, the round-off level of a relative eigenvalue), the gap is the largest ratio
+    a_{i+1}/a_i among the a_{i+1} ≤ ``ceiling``; ``count`` = i eigenvalues lie below it,
+    ``threshold`` = √(a_i a_{i+1}) (relative) splits it and ``ratio`` says how clean the split
+    is (≥ 1e3: the flat block stands apart from the curvature; ~10: there is no block). Unlike
+    a fixed ``rel_tol`` this does not assume where the round-off of the flat block ends.
+    """
+    values = torch.as_tensor(eigenvalues, dtype=torch.float64).abs().sort().values
+    floor = torch.finfo(torch.float64).eps if floor is None else float(floor)
+    scale = float(values[-1]) if values.numel() else 0.0
+    if scale <= 0:
+        return dict(count=int(values.numel()), ratio=math.inf, threshold=0.0)
+    rel = torch.cat([values.new_tensor([floor]), (values / scale).clamp_min(floor)])
+    candidates = int((rel[1:] <= ceiling).sum())
+    if candidates == 0:
+        return dict(count=0, ratio=float(rel[1] / floor), threshold=math.sqrt(floor * rel[1]))
+    ratios = rel[1 : candidates + 1] / rel[:candidates]
+    i = int(ratios.argmax())
+    return dict(count=i, ratio=float(ratios[i]), threshold=float((rel[i] * rel[i + 1]).sqrt()))
 
 
 def analyse_flat_directions(

@@ -41,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..checks import write_point
 from ..symmetries import group_point
-from .flat import flat_directions
+from .flat import flat_directions, widest_gap
 from .hessian import dense_hessian, flatten, unflatten
 
 __all__ = [
@@ -245,7 +245,9 @@ def critical_point_counts(
     ``flat_horizontal``, ``tolerance_rule``, ``grad_norm``, ``scale`` (max|λ(H)|),
     ``flat_by_tolerance`` {tol: [flat_total, flat_horizontal]}, ``gap`` (the smallest
     |λ|/max|λ| of the horizontal Hessian: how far the non-flat spectrum sits from the
-    tolerances) and ``max_abs_vertical_rayleigh``. ``hessian``: the dense Hessian at ``params``
+    tolerances), ``by_gap`` (the counts at the widest spectral gap of the total Hessian,
+    ``flat.widest_gap``: ``flat_total``, ``flat_horizontal``, ``ratio``, relative
+    ``threshold``) and ``max_abs_vertical_rayleigh``. ``hessian``: the dense Hessian at ``params``
     if already formed (``Refined.hessian``).
     """
     params = tuple(p.detach() for p in params)
@@ -260,6 +262,13 @@ def critical_point_counts(
         f"{tol:.0e}": [int((total <= tol * scale).sum()), int((horizontal <= tol * scale).sum())]
         for tol in tolerances
     }
+    gap = widest_gap(total)
+    by_gap = dict(
+        flat_total=gap["count"],
+        flat_horizontal=int((horizontal <= gap["threshold"] * scale).sum()),
+        ratio=gap["ratio"],
+        threshold=gap["threshold"],
+    )
     return dict(
         n_params=report["n_params"],
         expected_flat=report["orbit_dim"],
@@ -270,6 +279,7 @@ def critical_point_counts(
         grad_norm=grad_norm,
         scale=scale,
         flat_by_tolerance=ladder,
+        by_gap=by_gap,
         gap=float(horizontal.min() / scale) if horizontal.numel() and scale > 0 else None,
         max_abs_vertical_rayleigh=report["max_abs_vertical_rayleigh"],
     )
@@ -339,13 +349,18 @@ def model_orbit_basis(model, groups, params=None, *, compact: bool = False) -> t
     return torch.stack(columns, 1) if columns else values[0].new_zeros(start, 0)
 
 
-def teacher_targets(outputs: Callable, params, weight_decay: float = 0.0) -> torch.Tensor:
+def teacher_targets(
+    outputs: Callable, params, weight_decay: float = 0.0, *, rtol: float = 1e-10
+) -> torch.Tensor:
     """Regression targets y* that make ``params`` a critical point of
     F(θ) = ½‖y(θ) − y*‖² + (λ/2)‖θ‖², y = ``outputs(*params)``: y* = y(θ₀) + (J₀ᵀ)⁺ λθ₀
     (J₀ the Jacobian at θ₀). With λ = 0 the teacher θ₀ is an exact interpolating minimum
     (its whole orbit is flat); with λ > 0, ∇F(θ₀) = λ(I − P)θ₀ with P the projection onto
     range J₀ᵀ, which vanishes where θ₀ is orthogonal to ker J₀ (balanced heads) — refine
-    from there."""
+    from there. The pseudo-inverse drops singular values below ``rtol``·σ_max: J₀'s exact
+    kernel (every orbit direction, declared or not) shows up as round-off singular values,
+    which would otherwise blow the targets up along any unbalanced symmetry; ∇F(θ₀) then keeps
+    λ times θ₀'s component along them, which refinement removes."""
     params = tuple(p.detach() for p in params)
     with sdpa_kernel(SDPBackend.MATH):
         y0 = outputs(*params).detach().reshape(-1)
@@ -357,4 +372,4 @@ def teacher_targets(outputs: Callable, params, weight_decay: float = 0.0) -> tor
         except RuntimeError:
             jac = torch.autograd.functional.jacobian(flat_outputs, params)
     jac = torch.cat([j.reshape(y0.numel(), -1) for j in jac], 1)  # (m, n)
-    return y0 + torch.linalg.pinv(jac.mT) @ (weight_decay * flatten(params))
+    return y0 + torch.linalg.pinv(jac.mT, rtol=rtol) @ (weight_decay * flatten(params))

@@ -124,7 +124,10 @@ class FlatPlan:
 
 
 #: every setting of ``quotopt.dynamics.critical`` (models that learn, refined before counting)
-CRITICAL = ("modadd", "regression", "regression-teacher", "relational")
+CRITICAL = (
+    "modadd", "regression", "regression-teacher", "regression-teacher-decay", "relational",
+    "relational-teacher",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
