@@ -111,10 +111,16 @@ def test_sigint_is_deferred_to_the_step_boundary(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # the handler only flags it
 
     cfg = training.RunConfig("sort", steps=5, size="tiny", eval_every=5)
-    with pytest.raises(training.Interrupted) as info:
-        training.train(cfg, tmp_path, on_step=ctrl_c)
-    assert info.value.step == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # a known disposition to restore: a shell without job control starts background jobs
+    # with SIGINT ignored, which the run would (rightly) restore instead
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(training.Interrupted) as info:
+            training.train(cfg, tmp_path, on_step=ctrl_c)
+        assert info.value.step == 2
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def dataclasses_replace(cfg, **changes):
