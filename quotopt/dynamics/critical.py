@@ -185,11 +185,7 @@ def _teacher(setting: dict, vocab: int, seq_len: int) -> nn.Module:
         for p in teacher.parameters():
             p.normal_(0.0, setting["teacher_std"])
         if setting["weight_decay"]:
-            groups = max(
-                (_reduction(teacher, r) for r in setting["reductions"]),
-                key=lambda gs: sum(g["bundle"].group_dim for g in gs),
-            )
-            for group in groups:
+            for group in _widest(_reduction(teacher, r) for r in setting["reductions"]):
                 point = tuple(t.detach() for t in group_point(group))
                 write_point(group, group["bundle"].dress(point))
     return teacher
@@ -278,6 +274,11 @@ def _reduction(model, name: str) -> list[dict]:
     return [g for g in groups[name]() if g.get("bundle") is not None]
 
 
+def _widest(reductions) -> list[dict]:
+    """The reduction (a list of bundle groups) whose groups have the largest total dimension."""
+    return max(reductions, key=lambda groups: sum(g["bundle"].group_dim for g in groups))
+
+
 def _rank(basis: torch.Tensor) -> int:
     return int(torch.linalg.matrix_rank(basis)) if basis.shape[1] else 0
 
@@ -312,7 +313,7 @@ def count_setting(
     decay = setting["weight_decay"]
     compact = decay > 0
     reductions = {r: _reduction(model, r) for r in setting["reductions"]}
-    widest = max(reductions.values(), key=lambda gs: sum(g["bundle"].group_dim for g in gs))
+    widest = _widest(reductions.values())
     objective = _objective(task, model, decay)
     params = tuple(p.detach() for p in model.parameters() if p.requires_grad)
     level = lambda ps: model_orbit_basis(model, widest, ps, compact=compact)  # noqa: E731

@@ -357,10 +357,11 @@ def teacher_targets(
     (J₀ the Jacobian at θ₀). With λ = 0 the teacher θ₀ is an exact interpolating minimum
     (its whole orbit is flat); with λ > 0, ∇F(θ₀) = λ(I − P)θ₀ with P the projection onto
     range J₀ᵀ, which vanishes where θ₀ is orthogonal to ker J₀ (balanced heads) — refine
-    from there. The pseudo-inverse drops singular values below ``rtol``·σ_max: J₀'s exact
-    kernel (every orbit direction, declared or not) shows up as round-off singular values,
-    which would otherwise blow the targets up along any unbalanced symmetry; ∇F(θ₀) then keeps
-    λ times θ₀'s component along them, which refinement removes."""
+    from there. The pseudo-inverse drops singular values below ``rtol``·σ_max, so that J₀'s
+    exact kernel (every orbit direction, declared or not, at round-off) is never divided by;
+    ∇F(θ₀) then keeps λ times θ₀'s component along it, which refinement removes. A symmetry
+    broken only weakly (the relational model's stream scale, σ ≈ 8e-7·σ_max) stays above any
+    such cut and makes the shifted targets blow up: no λ > 0 teacher is offered for it."""
     params = tuple(p.detach() for p in params)
     with sdpa_kernel(SDPBackend.MATH):
         y0 = outputs(*params).detach().reshape(-1)
