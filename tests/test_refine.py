@@ -15,6 +15,7 @@ import torch
 from torch.func import functional_call
 
 from quotopt.dynamics.refine import (
+    balance_teacher,
     critical_point_counts,
     model_objective,
     model_orbit_basis,
@@ -135,15 +136,8 @@ def _relational_problem(weight_decay=1e-2, seed=0):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
-        for group in declared:
-            write_point(group, group["bundle"].dress(tuple(t.detach() for t in group_point(group))))
-        # balance each hidden channel's rescaling (w_in·s, w_gate/s, w_out/s) of the gated MLP
-        mlp = model.blocks[0].mlp
-        root = (mlp.w_gate.square().sum(0) + mlp.w_out.square().sum(1)) / mlp.w_in.square().sum(0)
-        root = root**0.25
-        mlp.w_in.mul_(root)
-        mlp.w_gate.div_(root)
-        mlp.w_out.div_(root[:, None])
+    # the balanced point of the declared group, the gated MLP's rescalings and the stream scale
+    balance_teacher(model, declared)
     tokens = torch.randint(0, 5, (10, 4), generator=torch.Generator().manual_seed(1))
     names = [n for n, _ in model.named_parameters()]
     teacher = tuple(p.detach().clone() for p in model.parameters())
@@ -198,14 +192,57 @@ def test_relational_interpolating_minimum_leaves_only_the_mlp_rescalings():
     non-compact symmetries that no bundle declares (``quotopt.models._relational_groups``):
     the m = 3 gated-MLP rescalings (w_in·s, w_gate/s, w_out/s) and the stream scale
     (tok_emb, wo, w_out)·c with logit_scale/c. flat_total = 18, flat_horizontal = 4, at every
-    tolerance from 1e-9 to 1e-13."""
+    tolerance from 1e-9 to 1e-12 and at the widest gap; the stream scale, whose curvature only
+    the norm's ε gives, drops out below 1e-12·max|λ| (at the balanced point)."""
     model, objective, start, declared, _ = _relational_problem(0.0)
     level = lambda ps: model_orbit_basis(model, declared, ps)  # noqa: E731
     refined = refine_critical_point(objective, start, level)
     counts = critical_point_counts(objective, refined.params, level(refined.params), rel_tol=1e-10)
     assert (counts["expected_flat"], counts["flat_total"], counts["flat_horizontal"]) == (14, 18, 4)
-    for tol in ("1e-09", "1e-11", "1e-13"):
+    for tol in ("1e-09", "1e-11", "1e-12"):
         assert counts["flat_by_tolerance"][tol] == [18, 4]
+    assert (counts["by_gap"]["flat_total"], counts["by_gap"]["flat_horizontal"]) == (18, 4)
+
+
+@torch.no_grad()
+def _imbalances(model) -> list[float]:
+    """½ d‖θ‖²/d log s along each undeclared generator: per hidden channel ‖w_in[:, c]‖² −
+    ‖w_gate[:, c]‖² − ‖w_out[c]‖², and Σ‖(tok_emb, wo, w_out)‖² − α² for the stream scale."""
+    mlp, attn = model.blocks[0].mlp, model.blocks[0].attn
+    rescale = mlp.w_in.square().sum(0) - mlp.w_gate.square().sum(0) - mlp.w_out.square().sum(1)
+    scaled = model.tok_emb.square().sum() + attn.wo.square().sum() + mlp.w_out.square().sum()
+    return [*rescale.tolist(), float(scaled - model.logit_scale.square())]
+
+
+def test_balance_teacher_reaches_the_minimal_norm_point_and_keeps_the_function(monkeypatch):
+    """``balance_teacher`` (declared dressing alternated with ``balance_undeclared``) ends where
+    θ is orthogonal to every undeclared generator (imbalances ≤ 1e-12·‖θ‖², from O(1) before:
+    the control) and the declared dressing is a fixed point; with the norm's ε set to 0 (its
+    only breaker of the stream scale) the logits are unchanged to 1e-12 (float64)."""
+    from quotopt.models import RelationalTransformer
+
+    monkeypatch.setattr("quotopt.models._common.RMS_EPS", 0.0)
+    torch.manual_seed(3)
+    model = RelationalTransformer(
+        5, n_channels=3, d_gauge=3, n_layers=1, n_heads=1, max_len=4, d_head=2, d_mlp_channels=3,
+    ).double()  # fmt: skip
+    declared = [g for g in symmetries(model) if "bundle" in g]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    tokens = torch.randint(0, 5, (6, 4), generator=torch.Generator().manual_seed(1))
+    before = model(tokens)
+    assert max(abs(x) for x in _imbalances(model)) >= 1e-2  # the control: unbalanced
+    passes = balance_teacher(model, declared)
+    norm2 = sum(float(p.detach().square().sum()) for p in model.parameters())
+    assert 1 < passes < 500
+    assert max(abs(x) for x in _imbalances(model)) <= 1e-12 * norm2
+    assert model.balance_undeclared() <= 1e-12
+    (joint,) = declared
+    point = tuple(t.detach() for t in group_point(joint))
+    for a, b in zip(joint["bundle"].dress(point), point):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model(tokens), before, rtol=0, atol=1e-12)
 
 
 class _TeacherTask:

@@ -39,6 +39,9 @@ Newton converges quadratically):
   loss has symmetries the model does not declare — the rescaling of each gated hidden
   channel, (w_in[:, c]·s, w_gate[:, c]/s, w_out[c]/s), and the overall stream scale — so at
   λ = 0 those stay flat and horizontal: the count says how many;
+  ``relational-teacher-decay``: the same at λ = 1e-2, the teacher balanced along its declared
+  groups *and* those undeclared rescalings (``refine.balance_teacher``; their compact parts
+  are discrete, so none is level under decay), the student at the teacher plus N(0, 1e-6²);
 * ``relational``: modadd (same split) with a ``RelationalTransformer`` (k = 6 channels in
   R^D, D = 4, 2 heads of r = 3, 12 hidden channels), λ = 1e-2; reductions ``declared``
   (O(k) channels, GL(r) heads, O(D) gauge: ``symmetries(model)``) and ``no-channels`` (the
@@ -49,8 +52,9 @@ Why the two modadd settings do not reach a critical point (measured): in the Tra
 shrinks the stream there (‖E[=] + P[2]‖ = 0.018 against 1.7 for the number tokens) and the
 gain-free RMSNorm's curvature, ∝ 1/‖x‖², reaches max|λ(H)| ≈ 2.7e6 against λ = 1e-2. In the
 relational model the overall stream scale is a symmetry broken only by the norm's ε, which
-weight decay drives towards the same collapse; a λ > 0 teacher for it is ill-posed for the
-same reason (the target shift divides by that near-zero singular value), so there is none.
+weight decay drives towards the same collapse. A λ > 0 teacher needs its balanced point along
+that scale (θ₀ orthogonal to its generator): unbalanced, the target shift divides λθ₀'s
+component along it by J₀'s near-zero singular value (≈ 8e-7·σ_max).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from torch.func import functional_call
 from ..joint_groups import joint_groups
 from ..symmetries import symmetries
 from .refine import (
+    balance_teacher,
     critical_point_counts,
     model_objective,
     model_orbit_basis,
@@ -112,6 +117,14 @@ SETTINGS: dict[str, dict] = {
         steps=0,
         lr=0.0,
         start_noise=1e-4,
+    ),
+    "relational-teacher-decay": dict(
+        {k: v for k, v in _REGRESSION.items() if k not in ("d_model", "d_mlp", "tie_embeddings")},
+        **_RELATIONAL,
+        steps=0,
+        lr=0.0,
+        start_noise=1e-6,
+        weight_decay=1e-2,
     ),
     "relational": dict(_MODADD, **_RELATIONAL, refine_steps=6),
 }
@@ -175,19 +188,16 @@ def _model(setting: dict, vocab: int, seq_len: int) -> nn.Module:
 
 
 def _teacher(setting: dict, vocab: int, seq_len: int) -> nn.Module:
-    """A random teacher (entries N(0, teacher_std²)); with λ > 0 at its balanced point (every
-    group of the setting's widest reduction dressed), where θ₀ ⟂ the non-compact orbit
-    directions, so that ``teacher_targets`` makes it a critical point of F."""
-    from ..symmetries import group_point, write_point
-
+    """A random teacher (entries N(0, teacher_std²)); with λ > 0 moved to its balanced point
+    by the setting's widest reduction and the model's undeclared rescalings
+    (``refine.balance_teacher``), so that ``teacher_targets`` makes it a critical point of F."""
     teacher = _model(setting, vocab, seq_len)
     with torch.no_grad():
         for p in teacher.parameters():
             p.normal_(0.0, setting["teacher_std"])
-        if setting["weight_decay"]:
-            for group in _widest(_reduction(teacher, r) for r in setting["reductions"]):
-                point = tuple(t.detach() for t in group_point(group))
-                write_point(group, group["bundle"].dress(point))
+    if setting["weight_decay"]:
+        widest = _widest(_reduction(teacher, r) for r in setting["reductions"])
+        balance_teacher(teacher, widest)
     return teacher
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "model_orbit_basis",
     "TOLERANCES",
     "teacher_targets",
+    "balance_teacher",
 ]
 
 #: The tolerance ladder of ``critical_point_counts`` (relative to max|λ(H)|).
@@ -361,7 +362,8 @@ def teacher_targets(
     exact kernel (every orbit direction, declared or not, at round-off) is never divided by;
     ∇F(θ₀) then keeps λ times θ₀'s component along it, which refinement removes. A symmetry
     broken only weakly (the relational model's stream scale, σ ≈ 8e-7·σ_max) stays above any
-    such cut and makes the shifted targets blow up: no λ > 0 teacher is offered for it."""
+    such cut: θ₀ must be balanced along it (``balance_teacher``), or the shift divides λθ₀'s
+    component along it by σ and the targets blow up."""
     params = tuple(p.detach() for p in params)
     with sdpa_kernel(SDPBackend.MATH):
         y0 = outputs(*params).detach().reshape(-1)
@@ -374,3 +376,26 @@ def teacher_targets(
             jac = torch.autograd.functional.jacobian(flat_outputs, params)
     jac = torch.cat([j.reshape(y0.numel(), -1) for j in jac], 1)  # (m, n)
     return y0 + torch.linalg.pinv(jac.mT, rtol=rtol) @ (weight_decay * flatten(params))
+
+
+@torch.no_grad()
+def balance_teacher(model, groups, *, max_passes: int = 500, tol: float = 1e-13) -> int:
+    """Move ``model`` (in place) to its balanced point, where θ is orthogonal to every
+    non-compact orbit direction of its loss — the point that ``teacher_targets`` needs for
+    λ > 0. Alternates the dressing of every group in ``groups`` with the model's own
+    ``balance_undeclared`` where it has one (the relational model's MLP rescalings and
+    stream scale, which share tensors with the declared groups) until a pass moves θ by at
+    most ``tol``·‖θ‖. Each stage lowers ‖θ‖ along its orbit, so the alternation converges;
+    returns the number of passes (ValueError if ``max_passes`` did not reach ``tol``)."""
+    undeclared = getattr(model, "balance_undeclared", None)
+    for passes in range(1, max_passes + 1):
+        before = torch.cat([p.reshape(-1) for p in model.parameters()])
+        for group in groups:
+            write_point(group, group["bundle"].dress(tuple(t.detach() for t in group_point(group))))
+        if undeclared is None:
+            return passes  # the groups' dressings alone: one pass is the balanced point
+        undeclared()
+        after = torch.cat([p.reshape(-1) for p in model.parameters()])
+        if float((after - before).norm()) <= tol * float(after.norm()):
+            return passes
+    raise ValueError(f"balance_teacher: {max_passes} passes did not move θ by under {tol:g}")

@@ -35,10 +35,17 @@ It acts on three tensors at once, while the joint bundle composes O(k) with two-
 (A g, B g⁻ᵀ) and with rotations only; and its w_in, w_gate, w_out are the only tensors that O(k)
 alone would act on, which the joint frame needs for its signs. Its compact part is {±1}
 (discrete), so under weight decay λ > 0 it leaves no flat direction; at λ = 0 its m directions
-per block stay flat and undeclared (``tests/test_refine.py`` counts them).
+per block stay flat and undeclared (``tests/test_refine.py`` counts them). Nor the stream scale,
+(``tok_emb``, ``pos_emb``, every ``wo`` and ``w_out``)·c with ``logit_scale``/c, c > 0: every
+norm N removes c from the stream it reads, and the tied read-out α⟨N(X_T), E_v⟩ takes c from
+E and gives it back through α; only the norm's ε breaks it. ``balance_undeclared`` moves a
+model to the minimal-norm point of both orbits, where θ is orthogonal to their generators (with
+λ > 0 the balanced point is where weight decay leaves them, ``quotopt.dynamics.critical``).
 """
 
 from __future__ import annotations
+
+import torch
 
 import manifolds as M
 from manifolds.joint_rotations import JointWithRotations
@@ -124,3 +131,37 @@ def _joint_group(model, metric, heads) -> dict:
         rotations.append((gauge_rot, tuple(tables)))
     bundle = JointWithRotations(channel, pairs, rotations)
     return {"params": [p for _, p in named], "bundle": bundle, "name": "joint"}
+
+
+@torch.no_grad()
+def balance_undeclared(model) -> float:
+    """One pass of minimal-norm balancing along the undeclared non-compact symmetries of a
+    ``RelationalTransformer`` (see the module docstring), in place; returns max |log s| of the
+    scales applied (0 at a balanced point). Function unchanged up to round-off (and ε).
+
+    Each gated hidden channel c: (w_in[:, c]·s, w_gate[:, c]/s, w_out[c]/s) with
+    s⁴ = (‖w_gate[:, c]‖² + ‖w_out[c]‖²)/‖w_in[:, c]‖², the minimiser of ‖θ‖² along the orbit.
+    Then the stream scale: (tables, wo, w_out)·c, logit_scale/c with c⁴ = α²/Σ‖scaled‖².
+    The two act on ``w_out`` both: repeat until the return value is at round-off (the norm is
+    convex in the log-scales, so the alternation converges). The stream scale is skipped where
+    it is not a symmetry with a balanced point (``n_classes`` set: nothing compensates c)."""
+    logs = []
+    for block in model.blocks:
+        mlp = block.mlp
+        if not hasattr(mlp, "w_gate"):  # dressed: a coordinate GELU, no rescaling
+            continue
+        rest = mlp.w_gate.square().sum(0) + mlp.w_out.square().sum(1)
+        s = (rest / mlp.w_in.square().sum(0)) ** 0.25  # (m,)
+        mlp.w_in.mul_(s)
+        mlp.w_gate.div_(s)
+        mlp.w_out.div_(s[:, None])
+        logs.append(s.log().abs().max())
+    if model.config.n_classes is None:
+        scaled = [model.tok_emb] + ([model.pos_emb] if hasattr(model, "pos_emb") else [])
+        scaled += [w for b in model.blocks for w in (b.attn.wo, b.mlp.w_out)]
+        c = (model.logit_scale.square() / sum(w.square().sum() for w in scaled)) ** 0.25
+        for w in scaled:
+            w.mul_(c)
+        model.logit_scale.div_(c)
+        logs.append(c.log().abs())
+    return float(torch.stack(logs).max()) if logs else 0.0

@@ -258,6 +258,14 @@ class RelationalTransformer(nn.Module):
 
         return relational_symmetry_groups(self, metric, **options)
 
+    def balance_undeclared(self) -> float:
+        """One pass to the minimal-norm point along the symmetries no bundle declares — the
+        gated MLP's per-channel rescalings and the stream scale — in place; returns the largest
+        |log| of the scales applied (``_relational_groups.balance_undeclared``)."""
+        from ._relational_groups import balance_undeclared
+
+        return balance_undeclared(self)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         # Channel weights ~ N(0, 1/fan_in): every channel mix preserves the O(1) entries that the

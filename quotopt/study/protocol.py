@@ -126,7 +126,7 @@ class FlatPlan:
 #: every setting of ``quotopt.dynamics.critical`` (models that learn, refined before counting)
 CRITICAL = (
     "modadd", "regression", "regression-teacher", "regression-teacher-decay", "relational",
-    "relational-teacher",
+    "relational-teacher", "relational-teacher-decay",
 )  # fmt: skip
 
 
