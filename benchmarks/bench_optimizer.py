@@ -12,6 +12,11 @@ each on its own copy of the same initial model, fed the same batches:
   ``qadam dress every step``: ``dress_every=1`` (the default re-dresses every 100 steps, so the
   median step of the other rows is a step without dressing);
 * ``qsgd``: ``QuotientSGD(quotopt.symmetries(model), momentum=0.9)``;
+* ``muon``: the study's Muon baseline (``quotopt.baselines.muon_adamw``: ``torch.optim.Muon``
+  on the hidden matrices, AdamW on the rest); ``qmuon``: the study's QuotientMuon
+  (``quotopt.baselines.quotient_muon_adamw``: QuotientMuon with whole-projection scope on the
+  head groups, re-dressed every step, Muon on the MLP, AdamW on the rest). Below the table,
+  QuotientMuon's ratio to Muon, with its floor;
 * ``geoopt stiefel``: geoopt's ``RiemannianAdam`` with every layer's ``wq``, ``wk``, ``wv``
   replaced by one ``geoopt.ManifoldParameter`` of shape (H, d, r) on ``geoopt.Stiefel()`` (the
   canonical metric, geoopt's default: its retraction solves a d × d system per head) — batched
@@ -52,6 +57,7 @@ from benchmarks._timing import (
     print_header,
     setup_threads,
 )
+from quotopt import baselines
 from quotopt.baselines import stiefel_heads
 from quotopt.models import Transformer
 
@@ -80,6 +86,26 @@ def geometry_flops(cfg: dict, metric: str = "euclidean") -> float:
     return 2 * cfg["n_layers"] * h * per_pair
 
 
+def dressing_flops(cfg: dict) -> float:
+    """What re-dressing every step adds to the geometry floor: per head pair the r×r SVD of
+    the dressing (≈ 22r³), the action on both factors (4·d·r²) and the dressed point's
+    factorisation (two Grams, 4·d·r², and two eigendecompositions, ≈ 18r³)."""
+    d, h = cfg["d_model"], cfg["n_heads"]
+    r = d // h
+    return 2 * cfg["n_layers"] * h * (8 * d * r * r + 40 * r**3)
+
+
+def newton_schulz_flops(cfg: dict) -> float:
+    """Muon's orthogonalisation per step: five quintic iterations on an m×n matrix (m ≤ n) cost
+    5·(4m²n + 2m³); per layer four d×d attention projections and the two d×4d MLP matrices."""
+
+    def ns(m: int, n: int) -> float:
+        return 5 * (4 * m * m * n + 2 * m**3)
+
+    d = cfg["d_model"]
+    return cfg["n_layers"] * (4 * ns(d, d) + 2 * ns(d, 4 * d))
+
+
 def train_flops(cfg: dict) -> float:
     """Forward + backward of the model on one batch: 6 FLOPs per parameter and token for the
     matrices, plus the attention scores and values (12·T·d per token and layer)."""
@@ -92,6 +118,18 @@ def train_flops(cfg: dict) -> float:
 def floor_ratio(cfg: dict, metric: str = "euclidean") -> float:
     """The train-step ratio an ideal quotient step would reach: 1 + geometry / fwd+bwd."""
     return 1 + geometry_flops(cfg, metric) / train_flops(cfg)
+
+
+def muon_floor_ratios(cfg: dict) -> dict[str, float]:
+    """Floors against AdamW of Muon (1 + Newton–Schulz / fwd+bwd) and of QuotientMuon (the
+    same plus the geometry and the every-step dressing), and QuotientMuon's against Muon."""
+    train, ns = train_flops(cfg), newton_schulz_flops(cfg)
+    quotient = ns + geometry_flops(cfg) + dressing_flops(cfg)
+    return {
+        "muon": 1 + ns / train,
+        "qmuon": 1 + quotient / train,
+        "qmuon / muon": (train + quotient) / (train + ns),
+    }
 
 
 OptimiserFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -131,6 +169,14 @@ def geoopt_stiefel(canonical: bool = True) -> OptimiserFactory:
     return make
 
 
+def muon(model: nn.Module) -> torch.optim.Optimizer:
+    return baselines.muon_adamw(model, LR, WEIGHT_DECAY)
+
+
+def qmuon(model: nn.Module) -> torch.optim.Optimizer:
+    return baselines.quotient_muon_adamw(model, LR, WEIGHT_DECAY)
+
+
 def default_optimisers() -> dict[str, OptimiserFactory]:
     optimisers = {
         "adamw": adamw,
@@ -138,6 +184,8 @@ def default_optimisers() -> dict[str, OptimiserFactory]:
         "qadam invariant": qadam("invariant"),
         "qadam dress every step": qadam(dress_every=1),
         "qsgd": qsgd,
+        "muon": muon,
+        "qmuon": qmuon,
     }
     try:
         import geoopt  # noqa: F401
@@ -270,13 +318,28 @@ def _model_factory(cfg: dict) -> Callable[[], nn.Module]:
 
 
 def _with_floor(rows, cfg: dict):
-    """Append each row's floor: its metric's geometry FLOPs over the train step's."""
+    """Append each row's floor: its geometry (and orthogonalisation) FLOPs over the train
+    step's."""
+    muons = muon_floor_ratios(cfg)
     out = []
     for row in rows:
         metric = "invariant" if "invariant" in row[0] else "euclidean"
-        quotient = row[0].startswith("q")
-        out.append(row + [floor_ratio(cfg, metric) if quotient else 1.0])
+        if row[0] in muons:
+            floor = muons[row[0]]
+        else:
+            floor = floor_ratio(cfg, metric) if row[0].startswith("q") else 1.0
+        out.append(row + [floor])
     return out
+
+
+def _muon_line(times, cfg: dict) -> str:
+    """QuotientMuon against Muon: paired train-step and step-only ratios, and the floor."""
+    q, m = times["qmuon"], times["muon"]
+    return (
+        f"# qmuon / muon: train step {paired_ratio(q['total'], m['total']):.2f}x, step() "
+        f"{paired_ratio(q['step'], m['step']):.2f}x, floor "
+        f"{muon_floor_ratios(cfg)['qmuon / muon']:.2f}x"
+    )
 
 
 def step_only(cfg: dict, optimisers: dict[str, OptimiserFactory], repeats: int, device):
@@ -335,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         print(f"# {repeats} rounds after 2 warm-up rounds; ratios = medians of per-round ratios;")
         print("# floor = 1 + FLOPs of the ideal quotient geometry / FLOPs of fwd+bwd")
         print(format_table(TABLE_HEADERS, _with_floor(rows, plan_cfg)))
+        if "qmuon" in times and "muon" in times:
+            print(_muon_line(times, plan_cfg))
         results = results or result
     if not args.only_default:
         shape = dict(GPT2_SMALL) if size == "default" else dict(cfg, n_layers=2)

@@ -51,7 +51,8 @@ def test_bench_optimizer(capsys):
     out = capsys.readouterr().out
     _check_header(out, "bench_optimizer")
     assert "train x AdamW" in out
-    assert {"adamw", "qadam", "qadam invariant", "qsgd"} <= results.keys()
+    assert {"adamw", "qadam", "qadam invariant", "qsgd", "muon", "qmuon"} <= results.keys()
+    assert "# qmuon / muon: train step" in out
     assert results["adamw"]["train_ratio"] == 1.0
     for entry in results.values():
         assert all(_positive(entry[k]) for k in ("train_ms", "step_ms", "train_ratio"))
