@@ -147,6 +147,12 @@ class Bundle(abc.ABC):
         """
         return self.act(covector, self.inverse_transpose(g))
 
+    def inverse(self, g):
+        """g⁻¹ (batched): act(act(p, g), inverse(g)) = p. Matrix groups: the matrix inverse in
+        the working precision; orthogonal groups override with the transpose."""
+        work = work_dtype(g.dtype)
+        return torch.linalg.inv(g.to(work)).to(g.dtype)
+
     def inverse_transpose(self, g):
         """g⁻ᵀ (batched); orthogonal groups override with the identity map."""
         work = work_dtype(g.dtype)

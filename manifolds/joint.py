@@ -200,6 +200,11 @@ class JointBundle(Bundle):
         moved = [(s, h.act(self._sub(point, s), gh)) for (h, s), gh in zip(self.heads, g[1:])]
         return self.residual.act(self._with(point, moved), g[0])
 
+    def inverse(self, g):
+        """The parts act on commuting factors of the action: each is inverted on its own."""
+        heads = (h.inverse(gh) for (h, _), gh in zip(self.heads, g[1:]))
+        return (self.residual.inverse(g[0]), *heads)
+
     def inverse_transpose(self, g):
         return (g[0], *(h.inverse_transpose(gh) for (h, _), gh in zip(self.heads, g[1:])))
 

@@ -127,6 +127,16 @@ class JointWithRotations(JointBundle):
         moved += [(s, r.act(self._sub(point, s), q)) for (r, s), q in zip(self.rotations, rots)]
         return self.residual.act(self._with(point, moved), fixed[0])
 
+    def inverse(self, g):
+        """The parts act on commuting factors of the action: each is inverted on its own."""
+        fixed, rots = self._split(g)
+        heads = tuple(h.inverse(gh) for (h, _), gh in zip(self.heads, fixed[1:]))
+        return (
+            self.residual.inverse(fixed[0]),
+            *heads,
+            *(r.inverse(q) for (r, _), q in zip(self.rotations, rots)),
+        )
+
     def inverse_transpose(self, g):
         fixed, rots = self._split(g)
         heads = tuple(h.inverse_transpose(gh) for (h, _), gh in zip(self.heads, fixed[1:]))

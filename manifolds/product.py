@@ -124,6 +124,10 @@ class ProductBundle(Bundle):
             t for c, p, gi in zip(self.components, self._split(point), g) for t in c.act(p, gi)
         )
 
+    def inverse(self, g):
+        g = self._check_group_tuple(g, "group element")
+        return tuple(c.inverse(gi) for c, gi in zip(self.components, g))
+
     def inverse_transpose(self, g):
         g = self._check_group_tuple(g, "group element")
         return tuple(c.inverse_transpose(gi) for c, gi in zip(self.components, g))

@@ -73,6 +73,9 @@ class PositiveRescaling(FactoredBundle):
         a, b = self.factors(point)
         return self.from_factors(a * g, b / g)
 
+    def inverse(self, g: torch.Tensor) -> torch.Tensor:
+        return 1 / g
+
     def inverse_transpose(self, g: torch.Tensor) -> torch.Tensor:
         return 1 / g
 

@@ -150,6 +150,10 @@ class ResidualRotation(Bundle):
         self.check_group_element(point, g)
         return self._times(point, g)
 
+    def inverse(self, g: torch.Tensor) -> torch.Tensor:
+        """R⁻¹ = Rᵀ on O(d)."""
+        return g.mT
+
     def inverse_transpose(self, g: torch.Tensor) -> torch.Tensor:
         """R⁻ᵀ = R on O(d): gradients rotate like points."""
         return g

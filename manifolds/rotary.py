@@ -215,6 +215,12 @@ class RotaryQK(FactoredBundle):
         size = re.square() + im.square()
         return self.from_factors(self._multiply(a, re, im), self._multiply(b, re / size, im / size))
 
+    def inverse(self, g: torch.Tensor) -> torch.Tensor:
+        """z⁻¹ = z̄ / |z|² per rotary plane."""
+        re, im = complex_part(g)
+        size = re.square() + im.square()
+        return complex_blocks(re / size, -im / size)
+
     def inverse_transpose(self, g: torch.Tensor) -> torch.Tensor:
         re, im = complex_part(g)
         size = re.square() + im.square()

@@ -68,7 +68,8 @@ def _gradient_covariance_error(bundle: Bundle, p, g, q, generator) -> float:
 def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device=None) -> dict:
     """Relative residuals of every bundle property at one random point.
 
-    Keys: ``invariants`` (preserved by the action), ``gradient_covariant`` (``act_dual``),
+    Keys: ``invariants`` (preserved by the action), ``inverse`` (p·g·g⁻¹ = p),
+    ``gradient_covariant`` (``act_dual``),
     ``vertical_fd`` (``vertical`` against a
     central difference of the action), ``orthogonal`` (horizontal ⟂ vertical), ``idempotent``,
     ``complementary``, ``vertical_is_vertical``, ``metric_invariant`` (only for invariant
@@ -84,6 +85,7 @@ def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device
     w = bundle.random_tangent(p, generator=generator)
     xi = random_algebra_element(bundle, **g_rand)
     out = {"invariants": relative_error(bundle.invariants(q), bundle.invariants(p))}
+    out["inverse"] = relative_error(bundle.act(q, bundle.inverse(g)), p)
     out["gradient_covariant"] = _gradient_covariance_error(bundle, p, g, q, generator)
 
     step = 1e-5 if dtype == torch.float64 else 1e-2

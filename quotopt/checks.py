@@ -56,17 +56,6 @@ def write_point(group: dict, point: Sequence[torch.Tensor]) -> None:
             copy_into(target, value)
 
 
-def _inverse(bundle, g):
-    """g⁻¹ from the bundle's g⁻ᵀ: matrix-valued parts transposed, vectors as they are."""
-
-    def transpose(x):
-        if isinstance(x, tuple):
-            return tuple(transpose(y) for y in x)
-        return x.mT if x.dim() >= 2 and x.shape[-1] == x.shape[-2] else x
-
-    return transpose(bundle.inverse_transpose(g))
-
-
 @torch.no_grad()
 def gauge_transform(
     model: nn.Module,
@@ -94,7 +83,7 @@ def gauge_transform(
         )
         write_point(group, bundle.act(point, g))
         if round_trip:
-            write_point(group, bundle.act(group_point(group), _inverse(bundle, g)))
+            write_point(group, bundle.act(group_point(group), bundle.inverse(g)))
         applied[group["name"]] = g
     return applied
 
