@@ -16,6 +16,7 @@ from quotopt.cli.main import main
 from quotopt.study import FULL, QUICK, STANDARD, n_runs, run_study, write_report
 from quotopt.study.protocol import FlatPlan, Grid, RelationalPlan, StudyPlan, TaskPlan, score
 from quotopt.study.robustness import basin_share, gauge_spread, seeds_reaching
+from quotopt.study.summaries import training_seconds
 from quotopt.study.tuning import bracket, extend
 from quotopt.training import OPTIMIZERS
 from quotopt.training.schedule import lr_factor
@@ -257,6 +258,11 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
 
     page = write_report(results, tmp_path / "docs", "quotopt study --micro")
     text = page.read_text()
+    # the whole study's training time: every distinct run once, whatever reported it
+    trained = {repr(sorted(r["summary"]["config"].items())) for r in done if r.get("summary")}
+    count, seconds = training_seconds(results)
+    assert count == len(trained) and seconds > 0
+    assert f"Its {count} training runs took {seconds / 3600:.1f} CPU-hours in all" in text
     for heading in ("## Targets", "## modadd", "## sort", "## Flat directions", "## Gauge"):
         assert heading in text
     assert "QuotientAdam ≤ 0.5× AdamW's steps" in text and "| basin | gauge spread |" in text

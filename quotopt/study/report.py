@@ -20,6 +20,7 @@ from .summaries import (
     spread_text,
     step_ms,
     steps_text,
+    training_seconds,
 )
 from .targets import targets
 from .tuning import bracket
@@ -269,18 +270,23 @@ def write_report(results: dict, docs_dir, command: str) -> Path:
     image_dir = docs_dir / IMAGES
     image_dir.mkdir(parents=True, exist_ok=True)
     m = results["machine"]
+    n_runs, seconds = training_seconds(results)
+    workers = max(1, results["workers"])  # 0: trained in the calling process
     body = []
     for task, entry in results["tasks"].items():
         body += task_section(task, entry, image_dir)
     lines = [
         "# Results",
         "",
-        f"Produced by `{command}` (plan `{results['plan']}`) in "
+        f"Produced by `{command}` (plan `{results['plan']}`), this invocation in "
         f"{results['wall_time'] / 60:.1f} min on {m['cpus']} CPU cores ({m['cpu']}), "
         f"{results['workers']} worker processes of one thread each, torch {m['torch']}, "
-        f"Python {m['python']}. Every number on this page is computed from the runs by the "
-        "command; nothing is edited by hand. See [the study](study.md) for the protocol and "
-        "the discussion.",
+        f"Python {m['python']}. Its {n_runs} training runs took {seconds / 3600:.1f} CPU-hours "
+        "in all (the sum of their own wall times, one thread each, over every invocation "
+        f"that `--resume` continued: ≈ {seconds / 3600 / workers:.1f} h on "
+        f"{workers} workers). Every number on this page is computed from the runs "
+        "by the command; nothing is edited by hand. See [the study](study.md) for the protocol "
+        "and the discussion.",
         "",
     ]
     lines += targets(results) + body

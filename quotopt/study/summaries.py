@@ -14,6 +14,27 @@ def field(runs: list[dict], key: str) -> list:
     return [(run.get("summary") or {}).get(key) for run in runs]
 
 
+def training_seconds(results) -> tuple[int, float]:
+    """(number of distinct runs, the sum of their own training wall times in seconds) over
+    every run summary in ``results`` — what the whole study cost, however many invocations
+    (``--resume``) it took; a run reported in several tables (the tuning seed's) counts once."""
+    seen: dict[str, float] = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            summary = node.get("summary")
+            if isinstance(summary, dict) and "wall_time" in summary and "config" in summary:
+                seen[repr(sorted(summary["config"].items()))] = summary["wall_time"] or 0.0
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(results)
+    return len(seen), sum(seen.values())
+
+
 def finite(values) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
