@@ -252,6 +252,14 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
     # equal FLOPs: steps scale inversely with the training FLOPs per token
     for s in rel["sweep"]:
         assert s["steps"] == round(10 * rel["reference_flops"] / s["flops"])
+    # equal time: the best variant trained for the standard run's side-by-side time, the step
+    # budget saved (and reused on resume below, whatever a new timing says)
+    eq, timing = rel["equal_time"], rel["timing"]
+    ratio = timing["transformer"] / timing[rel["best"]["variant"]]
+    assert eq["steps"] == max(1, round(10 * ratio)) and eq["variant"] == rel["best"]["variant"]
+    assert [r["summary"]["steps"] for r in eq["runs"]] == [eq["steps"]] * 2
+    saved = json.loads((tmp_path / "runs" / "relational" / "equal-time.json").read_text())
+    assert saved["steps"] == eq["steps"]
     flat = results["flat"]
     assert [f["objective_weight_decay"] for f in flat] == [0.0, 1e-2]
     assert all(f["orbit_dim"] == 80 and f["compact_orbit_dim"] == 24 for f in flat)
@@ -271,6 +279,7 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
     assert (
         "The sweep at equal FLOPs" in text
         and "within 0.05 nats of the standard model at equal training time" in text
+        and "trained for the standard run's time" in text
     )
     for name in ("modadd", "sort", "relational", "flat", "dynamics", "modadd-gauge"):
         assert (tmp_path / "docs" / "img" / "results" / f"{name}.png").read_bytes()[:4] == (

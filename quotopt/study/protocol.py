@@ -242,7 +242,7 @@ def n_runs(plan: StudyPlan) -> int:
     setting (the tuning seed's run is reused there, not trained again, but counts as a job) +
     gauge-transformed starts + one timing job per task; the relational phase (standard and
     equal-parameter runs; the sweep, the retuned rates, every seed of the best variant and its
-    dressed twin, and their timing job); flat."""
+    dressed twin, their timing job, and the best variant's seeds at equal time); flat."""
     total = len(plan.tasks)
     for t in plan.tasks:
         for optim in t.optims:
@@ -251,5 +251,5 @@ def n_runs(plan: StudyPlan) -> int:
     rp = plan.relational
     total += len(rp.seeds) + len(rp.seeds if rp.equal_param_seeds is None else rp.equal_param_seeds)
     if rp.variants:
-        total += len(rp.variants) + len(rp.lr_factors) + 1 + len(rp.seeds) * (1 + rp.dressed)
+        total += len(rp.variants) + len(rp.lr_factors) + 1 + len(rp.seeds) * (2 + rp.dressed)
     return total + len(plan.flat.weight_decays) + len(plan.flat.settings)

@@ -5,11 +5,17 @@ The standard runs are the task's own AdamW runs at its tuned setting when the se
 (same directory, reused); every relational run uses the same rate, schedule, batches and
 evaluation cadence. The sweep picks its best variant by final validation loss on the tuning
 seed (all variants spent the same FLOPs), retunes its rate over ``lr_factors``, and reruns it —
-and its dressed twin — on every seed."""
+and its dressed twin — on every seed. Then the best variant is trained on every seed for the
+standard run's *time*: its steps are the standard steps × the ratio of the two models' ms/step
+measured side by side, with the whole schedule fitted into them (reading a FLOPs-budget run
+part-way through its cosine schedule would compare an unannealed model). The step budget is
+saved with the timing it came from (``equal-time.json``) and reused on resume, so that a
+re-measured timing does not start new runs."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -105,4 +111,35 @@ def run_relational(
     result.update(best=dict(variant=variant, lr=best_lr, steps=steps[variant]), seeds=runs[:k])
     if rp.dressed:
         result["dressed"] = runs[k:]
+    budget = _equal_time_budget(result, variant, rp.steps, rel_root / "equal-time.json", resume)
+    if budget is not None:
+        timed = [
+            cfg(model="relational", variant=variant, steps=budget["steps"], seed=s, lr=best_lr)
+            for s in rp.seeds
+        ]
+        equal_root = rel_root / "equal-time"
+        result["equal_time"] = dict(
+            budget, runs=pool.map(train_job, _jobs(timed, equal_root, resume))
+        )
     return result
+
+
+def _equal_time_budget(result: dict, variant: str, steps: int, path: Path, resume) -> dict | None:
+    """``{"variant", "steps", "ms_transformer", "ms_variant"}``: the steps of ``variant`` that
+    take the standard run's time (side-by-side ms/step), saved at ``path`` and reused from it
+    on resume; None without a timing."""
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("variant") == variant and saved.get("standard_steps") == steps:
+            return saved
+    timing = result.get("timing") or {}
+    if "transformer" not in timing or variant not in timing:
+        return None
+    ms_std, ms_var = timing["transformer"], timing[variant]
+    budget = dict(
+        variant=variant, standard_steps=steps, steps=max(1, round(steps * ms_std / ms_var)),
+        ms_transformer=ms_std, ms_variant=ms_var,
+    )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(budget, indent=1) + "\n")
+    return budget
