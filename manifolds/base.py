@@ -100,8 +100,7 @@ class Bundle(abc.ABC):
 
     @property
     def metric_is_invariant(self) -> bool:
-        """Whether the metric is G-invariant (then it descends to P/G and projections,
-        gradients and second moments commute with the action)."""
+        """Whether the metric is G-invariant (then it descends to P/G: projections etc. commute)."""
         return False
 
     @property
@@ -147,16 +146,21 @@ class Bundle(abc.ABC):
         """
         return self.act(covector, self.inverse_transpose(g))
 
+    def redress(self, point: Point, covector: Tangent, tangents: tuple, frame=None):
+        """(p·u, act_dual(covector, u), tangents·u, frame of p·u) for u = dressing_or_identity(p):
+        the dressed point with its gradient and tangents carried along (``frame``: p's, if
+        held). Bundles that know the dressed frame in closed form skip its factorisation."""
+        u, _ = self.dressing_or_identity(point, frame=frame)
+        moved, carried = self.act(point, u), tuple(self.act(t, u) for t in tangents)
+        return moved, self.act_dual(covector, u), carried, self.factorise(moved)
+
     def inverse(self, g):
-        """g⁻¹ (batched): act(act(p, g), inverse(g)) = p. Matrix groups: the matrix inverse in
-        the working precision; orthogonal groups override with the transpose."""
-        work = work_dtype(g.dtype)
-        return torch.linalg.inv(g.to(work)).to(g.dtype)
+        """g⁻¹ (batched), in the working precision; orthogonal groups override it."""
+        return torch.linalg.inv(g.to(work_dtype(g.dtype))).to(g.dtype)
 
     def inverse_transpose(self, g):
         """g⁻ᵀ (batched); orthogonal groups override with the identity map."""
-        work = work_dtype(g.dtype)
-        return torch.linalg.inv(g.to(work)).mT.to(g.dtype)
+        return torch.linalg.inv(g.to(work_dtype(g.dtype))).mT.to(g.dtype)
 
     @abc.abstractmethod
     def vertical(self, point: Point, xi) -> Tangent:

@@ -34,105 +34,22 @@ lives here, once:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from .base import Bundle, Point, Tangent, checks_enabled, random_orthogonal
-from .linalg import gram, numerical_rank, pinv_spectrum, positive_int, sign_fix_columns
+from .frames import FactorFrame, balanced_frame, frame_from_grams, merge_frames
+from .linalg import gram, numerical_rank, positive_int, sign_fix_columns
 
-__all__ = ["FactoredBundle", "FactorFrame", "METRICS", "frame_from_grams"]
+__all__ = [
+    "FactoredBundle",
+    "FactorFrame",
+    "METRICS",
+    "frame_from_grams",
+    "balanced_frame",
+    "merge_frames",
+]
 
 METRICS = ("euclidean", "invariant")
-
-
-class FactorFrame(NamedTuple):
-    """The factorisation of a factored point that every operation at that point reuses.
-
-    ``p``, ``q``: the Grams AᵀA, BᵀB (H, r, r), float64; ``inv_p``, ``inv_q``: the inverses of
-    the metric's Grams (P + δ_P)⁺, (Q + δ_Q)⁺; ``root_p``, ``root_q``: square-root factors
-    R Rᵀ = P + δ_P (likewise Q), so that metric norms are sums of squares ‖u R‖² — never
-    negative, without the cancellation of u (P + δ) uᵀ in float32. A *spectral* frame also holds the
-    eigendecompositions ``lam, u`` and ``mu, v`` (ascending) and the dampings (H, 1) — what the
-    Euclidean and the damped metrics' projections need; the undamped invariant metric's closed
-    form needs only Cholesky factors (``lam`` … ``v`` are None, ``deficient`` flags heads whose
-    Cholesky factorisation failed or whose Gram is singular to working precision).
-    """
-
-    p: torch.Tensor
-    q: torch.Tensor
-    inv_p: torch.Tensor | None
-    inv_q: torch.Tensor | None
-    root_p: torch.Tensor | None
-    root_q: torch.Tensor | None
-    damp_p: torch.Tensor
-    damp_q: torch.Tensor
-    deficient: torch.Tensor
-    lam: torch.Tensor | None = None
-    u: torch.Tensor | None = None
-    mu: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-
-def _low(values: torch.Tensor, top: torch.Tensor, r: int) -> torch.Tensor:
-    """values ≤ 8·r·eps·top: an eigenvalue (or squared pivot) at round-off level."""
-    return values <= 8 * r * torch.finfo(values.dtype).eps * top.abs()
-
-
-def _cholesky_inverse(gram_: torch.Tensor):
-    """((G + δ)⁻¹, L with L Lᵀ = G + δ, δ (H, 1), singular (H,)) by Cholesky, without host
-    synchronisation.
-
-    δ = 0 except on heads whose factorisation fails or whose pivots are at round-off level:
-    there the undamped metric is undefined, and the head is given the damping δ = tr(G)/r
-    (flagged, so the optimiser reports it)."""
-    chol, info = torch.linalg.cholesky_ex(gram_)
-    pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
-    r = gram_.shape[-1]
-    singular = (info > 0) | _low(pivots.amin(-1), pivots.amax(-1), r)
-    singular |= ~pivots.isfinite().all(-1)
-    eye = torch.eye(r, dtype=gram_.dtype, device=gram_.device)
-    mean = torch.diagonal(gram_, dim1=-2, dim2=-1).sum(-1, keepdim=True) / r
-    damp = torch.where(singular.unsqueeze(-1), mean.clamp_min(torch.finfo(gram_.dtype).tiny), 0.0)
-    chol, _ = torch.linalg.cholesky_ex(gram_ + damp.unsqueeze(-1) * eye)
-    return torch.cholesky_solve(eye.expand_as(gram_), chol), chol, damp, singular
-
-
-def frame_from_grams(
-    p: torch.Tensor, q: torch.Tensor, damping: float, spectral: bool = True, weighted: bool = True
-):
-    """The frame of a factored point from its Grams P = AᵀA, Q = BᵀB (distributed callers sum
-    them over row shards first): eigendecompositions and pseudo-inverses (``spectral``), or
-    Cholesky inverses (the undamped invariant metric). ``weighted=False`` (the Euclidean
-    metric, whose projection needs only the eigendecompositions) skips the inverses and
-    square-root factors."""
-    r = p.shape[-1]
-    if not spectral:
-        inv_p, root_p, damp_p, low_p = _cholesky_inverse(p)
-        inv_q, root_q, damp_q, low_q = _cholesky_inverse(q)
-        return FactorFrame(p, q, inv_p, inv_q, root_p, root_q, damp_p, damp_q, low_p | low_q)
-    evals, evecs = torch.linalg.eigh(torch.cat((p, q)))  # one batched call for both Grams
-    (lam, mu), (u, v) = evals.chunk(2), evecs.chunk(2)
-    damp_p = damping * lam.sum(-1, keepdim=True) / r
-    damp_q = damping * mu.sum(-1, keepdim=True) / r
-    deficient = _low(lam[..., 0], lam[..., -1], r) | _low(mu[..., 0], mu[..., -1], r)
-    if not weighted:
-        return FactorFrame(p, q, None, None, None, None, damp_p, damp_q, deficient, lam, u, mu, v)
-    return FactorFrame(
-        p,
-        q,
-        pinv_spectrum(lam + damp_p, u),
-        pinv_spectrum(mu + damp_q, v),
-        u * (lam + damp_p).clamp_min(0).sqrt().unsqueeze(-2),
-        v * (mu + damp_q).clamp_min(0).sqrt().unsqueeze(-2),
-        damp_p,
-        damp_q,
-        deficient,
-        lam,
-        u,
-        mu,
-        v,
-    )
 
 
 class FactoredBundle(Bundle):

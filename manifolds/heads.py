@@ -34,7 +34,14 @@ import copy
 import torch
 
 from .base import Point, Tangent, random_orthogonal
-from .factored import METRICS, FactoredBundle, FactorFrame, frame_from_grams
+from .factored import (
+    METRICS,
+    FactoredBundle,
+    FactorFrame,
+    balanced_frame,
+    frame_from_grams,
+    merge_frames,
+)
 from .linalg import gram, relative_gaps, solve_in_eigenbases, work_dtype
 
 __all__ = [
@@ -90,6 +97,24 @@ def balanced_dressing(frame: FactorFrame):
     eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
     keep = ok.unsqueeze(-1)
     return torch.where(keep, u, eye), torch.where(keep, u_inv_t, eye), s, dressable
+
+
+def _signed(frame: FactorFrame, signs: torch.Tensor) -> FactorFrame:
+    """The frame of p·D for a diagonal D of ±1 (H, r, r): Grams and inverses conjugated,
+    square-root factors and eigenvectors multiplied on the left (eigenvalues unchanged).
+    Where ``signs`` is not such a diagonal the result is meaningless (callers discard it)."""
+    d = signs.to(frame.p.dtype)
+
+    def conj(x):
+        return None if x is None else d.mT @ x @ d
+
+    def left(x):
+        return None if x is None else d.mT @ x
+
+    return frame._replace(
+        p=conj(frame.p), q=conj(frame.q), inv_p=conj(frame.inv_p), inv_q=conj(frame.inv_q),
+        root_p=left(frame.root_p), root_q=left(frame.root_q), u=left(frame.u), v=left(frame.v),
+    )  # fmt: skip
 
 
 class GeneralLinearPair(FactoredBundle):
@@ -159,10 +184,11 @@ class GeneralLinearPair(FactoredBundle):
         return p - q
 
     # ---- dressing ------------------------------------------------------------------------------
-    def _dressing_parts(self, point: Point, frame: FactorFrame | None = None):
-        """(u, u⁻ᵀ, S, dressable) with the sign rule applied, in the point's dtype. A spectral
-        ``frame`` of the point (``factorise``) holds the eigendecompositions of its Grams, the
-        very ones computed here otherwise, and is reused."""
+    def _dressing_parts(self, point: Point, frame: FactorFrame | None = None, float64_s=False):
+        """(u, u⁻ᵀ, S, dressable) with the sign rule applied, in the point's dtype (S in
+        float64 with ``float64_s``). A spectral ``frame`` of the point (``factorise``) holds the
+        eigendecompositions of its Grams, the very ones computed here otherwise, and is
+        reused."""
         a, b = self.factors(point)
         if frame is None or frame.lam is None:  # the undamped invariant metric's Cholesky frame
             grams = self.row_sums(gram(a.double()), gram(b.double()))
@@ -170,13 +196,36 @@ class GeneralLinearPair(FactoredBundle):
         u, u_inv_t, s, dressable = balanced_dressing(frame)
         signs = self.column_signs(a.double() @ u)
         dtype = a.dtype
-        return (u * signs).to(dtype), (u_inv_t * signs).to(dtype), s.to(dtype), dressable
+        s = s if float64_s else s.to(dtype)
+        return (u * signs).to(dtype), (u_inv_t * signs).to(dtype), s, dressable
 
     def dressing_or_identity(self, point: Point, frame: FactorFrame | None = None):
         """(u, dressable): the dressing where a head's factors have full rank to working
         precision, the identity (and ``dressable`` False) elsewhere. Never synchronises."""
         u, _, _, dressable = self._dressing_parts(self.check_point(point), frame)
         return u, dressable
+
+    def redress(self, point: Point, covector: Tangent, tangents: tuple, frame=None):
+        """``Bundle.redress`` without a second factorisation: the dressed point is balanced,
+        AᵀA = BᵀB = diag(S), so its spectral frame is written down (``balanced_frame``), and
+        u⁻ᵀ comes with the dressing, so the action needs no solve. Heads that cannot be dressed
+        only have their columns' signs fixed (u a diagonal of ±1): their frame is the old one
+        conjugated by it. (The undamped invariant metric's Cholesky frame is refactorised.)"""
+        point = self.check_point(point)
+        frame = self._frame(point, frame)
+        u, u_inv_t, s, dressable = self._dressing_parts(point, frame, float64_s=True)
+
+        def move(v: Tangent, left: torch.Tensor, right: torch.Tensor) -> Tangent:
+            a, b = self.factors(v)
+            return self.from_factors(a @ left.to(a.dtype), b @ right.to(b.dtype))
+
+        moved = move(point, u, u_inv_t)
+        carried = tuple(move(t, u, u_inv_t) for t in tangents)
+        covector = move(covector, u_inv_t, u)  # act_dual: the action of u⁻ᵀ
+        if frame.lam is None:  # Cholesky frames: no closed form kept here
+            return moved, covector, carried, self.factorise(moved)
+        balanced = balanced_frame(s, self.damping, weighted=self.metric != "euclidean")
+        return moved, covector, carried, merge_frames(dressable, balanced, _signed(frame, u))
 
     def dressing(self, point: Point) -> torch.Tensor:
         point = self.check_point(point)

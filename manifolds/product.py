@@ -205,6 +205,28 @@ class ProductBundle(Bundle):
         parts = [c.dressing_or_identity(p) for c, p in zip(self.components, self._split(point))]
         return tuple(u for u, _ in parts), tuple(ok for _, ok in parts)
 
+    def redress(self, point: Point, covector: Tangent, tangents: tuple, frame=None):
+        """Each component's own ``redress`` (closed-form frames where a component has one)."""
+        point = self.check_point(point)
+        frames = self._frames(point, frame)
+        split = [self._split(tuple(t)) for t in tangents]
+        parts = [
+            c.redress(p, g, tuple(s[i] for s in split), f)
+            for i, (c, p, g, f) in enumerate(
+                zip(self.components, self._split(point), self._split(tuple(covector)), frames)
+            )
+        ]
+        moved = tuple(t for part in parts for t in part[0])
+        carried = tuple(
+            tuple(t for part in parts for t in part[2][j]) for j in range(len(tangents))
+        )
+        return (
+            moved,
+            tuple(t for part in parts for t in part[1]),
+            carried,
+            tuple(p[3] for p in parts),
+        )
+
     def dressing(self, point: Point):
         point = self.check_point(point)
         return tuple(c.dressing(p) for c, p in zip(self.components, self._split(point)))

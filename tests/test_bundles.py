@@ -294,3 +294,62 @@ def test_cuda_matches_cpu(bundle):
     on_gpu = bundle.project_horizontal(cuda(p), cuda(v))
     assert relative_error(tuple(t.cpu() for t in on_gpu), bundle.project_horizontal(p, v)) <= 1e-10
     assert relative_error(tuple(t.cpu() for t in bundle.dress(cuda(p))), bundle.dress(p)) <= 1e-8
+
+
+# ---- the closed-form redress of the head bundles ------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [M.HeadQK, M.HeadOV])
+@pytest.mark.parametrize(
+    "metric, damping", [("euclidean", 0.0), ("invariant", 0.0), ("invariant", 0.1)]
+)
+def test_head_redress_equals_the_generic_redress(cls, metric, damping):
+    """``GeneralLinearPair.redress`` (u⁻ᵀ from the dressing, the dressed frame written down)
+    against ``Bundle.redress`` (solves and a fresh factorisation), float64, with one head made
+    rank-deficient where the metric allows it (it only has its signs fixed, and keeps its
+    frame conjugated by them): the dressed point, the carried
+    gradient and tangents to 1e-12, and everything computed from the frame — the horizontal
+    projection, the Riemannian gradient, the second moments — to 1e-10. The control: the
+    point before dressing, whose frame differs."""
+    gen = torch.Generator().manual_seed(4)
+    bundle = cls(3, 6, 3, metric, damping=damping)
+    point = bundle.random_point(generator=gen, dtype=torch.float64)
+    a, b = bundle.factors(point)
+    if metric == "euclidean" or damping:  # the undamped invariant metric refuses rank drops
+        a = a.clone()
+        a[1, :, 2] = a[1, :, 0]  # head 1: rank 2 < r, not dressable
+        point = bundle.from_factors(a, b)
+    grad = bundle.random_tangent(point, generator=gen)
+    tangents = (bundle.random_tangent(point, generator=gen),)
+    fast = bundle.redress(point, grad, tangents, bundle.factorise(point))
+    slow = M.Bundle.redress(bundle, point, grad, tangents, bundle.factorise(point))
+    for x, y in ((fast[0], slow[0]), (fast[1], slow[1]), (fast[2][0], slow[2][0])):
+        assert relative_error(x, y) <= 1e-12
+    moved, v = slow[0], bundle.random_tangent(slow[0], generator=gen)
+    for op in (bundle.project_horizontal, bundle.riemannian_gradient, bundle.slice_mean_square):
+        assert relative_error(op(moved, v, fast[3]), op(moved, v, slow[3])) <= 1e-10, op
+    before = bundle.factorise(point)  # the control: a frame of another point
+    assert relative_error(bundle.project_horizontal(moved, v, before),
+                          bundle.project_horizontal(moved, v, slow[3])) > 1e-3  # fmt: skip
+
+
+def test_product_redress_is_each_components_redress():
+    """A product re-dresses component by component (the head's closed form, the rescaling's
+    generic path) and agrees with the generic redress of the whole (1e-12 / 1e-10, float64)."""
+    gen = torch.Generator().manual_seed(5)
+    bundle = M.ProductBundle([M.HeadOV(2, 5, 2), M.PositiveRescaling(3, 4, 4)])
+    point = bundle.random_point(generator=gen, dtype=torch.float64)
+    grad = bundle.random_tangent(point, generator=gen)
+    tangents = (bundle.random_tangent(point, generator=gen),) * 2
+    fast = bundle.redress(point, grad, tangents)
+    slow = M.Bundle.redress(bundle, point, grad, tangents)
+    assert relative_error(fast[0], slow[0]) <= 1e-12 and relative_error(fast[1], slow[1]) <= 1e-12
+    assert all(relative_error(x, y) <= 1e-12 for x, y in zip(fast[2], slow[2]))
+    v = bundle.random_tangent(slow[0], generator=gen)
+    assert (
+        relative_error(
+            bundle.project_horizontal(slow[0], v, fast[3]),
+            bundle.project_horizontal(slow[0], v, slow[3]),
+        )
+        <= 1e-10
+    )

@@ -15,13 +15,12 @@ import torch
 from torch.func import functional_call
 
 from quotopt.dynamics.refine import (
-    balance_teacher,
     critical_point_counts,
     model_objective,
     model_orbit_basis,
     refine_critical_point,
-    teacher_targets,
 )
+from quotopt.dynamics.teacher import balance_teacher, teacher_targets
 from quotopt.joint_groups import joint_groups
 from quotopt.models import Transformer
 from quotopt.symmetries import group_point, symmetries, write_point

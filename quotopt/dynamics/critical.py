@@ -40,7 +40,7 @@ Newton converges quadratically):
   channel, (w_in[:, c]·s, w_gate[:, c]/s, w_out[c]/s), and the overall stream scale — so at
   λ = 0 those stay flat and horizontal: the count says how many;
   ``relational-teacher-decay``: the same at λ = 1e-2, the teacher balanced along its declared
-  groups *and* those undeclared rescalings (``refine.balance_teacher``; their compact parts
+  groups *and* those undeclared rescalings (``teacher.balance_teacher``; their compact parts
   are discrete, so none is level under decay), the student at the teacher plus N(0, 1e-6²);
 * ``relational``: modadd (same split) with a ``RelationalTransformer`` (k = 6 channels in
   R^D, D = 4, 2 heads of r = 3, 12 hidden channels), λ = 1e-2; reductions ``declared``
@@ -69,13 +69,12 @@ from torch.func import functional_call
 from ..joint_groups import joint_groups
 from ..symmetries import symmetries
 from .refine import (
-    balance_teacher,
     critical_point_counts,
     model_objective,
     model_orbit_basis,
     refine_critical_point,
-    teacher_targets,
 )
+from .teacher import balance_teacher, teacher_targets
 
 __all__ = ["SETTINGS", "count_setting", "TeacherRegression"]
 
@@ -190,7 +189,7 @@ def _model(setting: dict, vocab: int, seq_len: int) -> nn.Module:
 def _teacher(setting: dict, vocab: int, seq_len: int) -> nn.Module:
     """A random teacher (entries N(0, teacher_std²)); with λ > 0 moved to its balanced point
     by the setting's widest reduction and the model's undeclared rescalings
-    (``refine.balance_teacher``), so that ``teacher_targets`` makes it a critical point of F."""
+    (``teacher.balance_teacher``), so that ``teacher_targets`` makes it a critical point of F."""
     teacher = _model(setting, vocab, seq_len)
     with torch.no_grad():
         for p in teacher.parameters():

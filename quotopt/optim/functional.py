@@ -15,7 +15,10 @@ Bundle groups follow one pipeline (Absil, Mahony & Sepulchre 2008, ch. 3-4; Béc
 One factorisation of the point (``bundle.factorise``: per head the eigendecompositions of the
 two factor Grams) serves the Riemannian gradient, the second moments and the projection of the
 direction; the factorisation of the new point serves the transport and is returned for the next
-step. The Riemannian gradient of a G-invariant loss is horizontal already (g(grad f, V) =
+step. Re-dressing needs no second one: the head bundles write the dressed (balanced) point's
+frame down (``Bundle.redress``), so a step that dresses still factorises once per head.
+
+The Riemannian gradient of a G-invariant loss is horizontal already (g(grad f, V) =
 df(V) = 0 on vertical V), so it is not projected; the preconditioned direction and the
 transported moment are not horizontal and are. ``bundle.limit_step`` bounds how far one step
 moves the invariants (the invariant metric's trust rule).
@@ -63,12 +66,11 @@ def _bias_corrections(step: torch.Tensor, beta1: float, beta2: float):
 
 def redress(bundle: Bundle, point: Tensors, grad: Tensors, tangents: tuple, frame=None):
     """Move ``point`` to its dressed representative p·u; carry the Euclidean gradient (a
-    covector) and the ``tangents`` (moments) with it. Parts of the point where the dressing is
-    undefined (rank-deficient heads) stay where they are (u = identity). ``frame``: the
-    point's factorisation, if known (the dressing may reuse it)."""
-    u, _ = bundle.dressing_or_identity(point, frame=frame)
-    moved = tuple(bundle.act(t, u) for t in tangents)
-    return bundle.act(point, u), bundle.act_dual(grad, u), moved
+    covector) and the ``tangents`` (moments) with it (``Bundle.redress``). Parts of the point
+    where the dressing is undefined (rank-deficient heads) stay where they are (u = identity).
+    ``frame``: the point's factorisation, if known. Returns ``(point, grad, tangents, frame)``,
+    the last the dressed point's frame."""
+    return bundle.redress(point, grad, tangents, frame)
 
 
 def begin_step(bundle: Bundle, point, grad, moments: tuple, *, maximize, dress, frame):
@@ -78,8 +80,7 @@ def begin_step(bundle: Bundle, point, grad, moments: tuple, *, maximize, dress, 
     if maximize:
         grad = tuple(-g for g in grad)
     if dress:
-        point, grad, moments = redress(bundle, point, grad, moments, frame)
-        frame = None
+        return redress(bundle, point, grad, moments, frame)
     return point, grad, moments, bundle.factorise(point) if frame is None else frame
 
 

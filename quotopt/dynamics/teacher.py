@@ -1,0 +1,71 @@
+r"""The teacher regression's targets and its balanced point (DESIGN.md section 4).
+
+A regression of a model's outputs on a teacher's, F(θ) = ½‖y(θ) − y*‖² + (λ/2)‖θ‖², has a
+critical point exactly at the teacher θ₀ when y* = y(θ₀) + (J₀ᵀ)⁺ λθ₀ (``teacher_targets``),
+which needs θ₀ orthogonal to every non-compact orbit direction of the loss: its balanced point
+(``balance_teacher``). With λ = 0 the teacher is an exact interpolating minimum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..checks import write_point
+from ..symmetries import group_point
+from .hessian import flatten
+
+__all__ = ["teacher_targets", "balance_teacher"]
+
+
+def teacher_targets(
+    outputs: Callable, params, weight_decay: float = 0.0, *, rtol: float = 1e-10
+) -> torch.Tensor:
+    """Regression targets y* that make ``params`` a critical point of
+    F(θ) = ½‖y(θ) − y*‖² + (λ/2)‖θ‖², y = ``outputs(*params)``: y* = y(θ₀) + (J₀ᵀ)⁺ λθ₀
+    (J₀ the Jacobian at θ₀). With λ = 0 the teacher θ₀ is an exact interpolating minimum
+    (its whole orbit is flat); with λ > 0, ∇F(θ₀) = λ(I − P)θ₀ with P the projection onto
+    range J₀ᵀ, which vanishes where θ₀ is orthogonal to ker J₀ (balanced heads) — refine
+    from there. The pseudo-inverse drops singular values below ``rtol``·σ_max, so that J₀'s
+    exact kernel (every orbit direction, declared or not, at round-off) is never divided by;
+    ∇F(θ₀) then keeps λ times θ₀'s component along it, which refinement removes. A symmetry
+    broken only weakly (the relational model's stream scale, σ ≈ 8e-7·σ_max) stays above any
+    such cut: θ₀ must be balanced along it (``balance_teacher``), or the shift divides λθ₀'s
+    component along it by σ and the targets blow up."""
+    params = tuple(p.detach() for p in params)
+    with sdpa_kernel(SDPBackend.MATH):
+        y0 = outputs(*params).detach().reshape(-1)
+        if not weight_decay:
+            return y0
+        flat_outputs = lambda *ps: outputs(*ps).reshape(-1)  # noqa: E731
+        try:  # vectorised over the outputs; autograd.Functions without vmap rules: a loop
+            jac = torch.autograd.functional.jacobian(flat_outputs, params, vectorize=True)
+        except RuntimeError:
+            jac = torch.autograd.functional.jacobian(flat_outputs, params)
+    jac = torch.cat([j.reshape(y0.numel(), -1) for j in jac], 1)  # (m, n)
+    return y0 + torch.linalg.pinv(jac.mT, rtol=rtol) @ (weight_decay * flatten(params))
+
+
+@torch.no_grad()
+def balance_teacher(model, groups, *, max_passes: int = 500, tol: float = 1e-13) -> int:
+    """Move ``model`` (in place) to its balanced point, where θ is orthogonal to every
+    non-compact orbit direction of its loss — the point that ``teacher_targets`` needs for
+    λ > 0. Alternates the dressing of every group in ``groups`` with the model's own
+    ``balance_undeclared`` where it has one (the relational model's MLP rescalings and
+    stream scale, which share tensors with the declared groups) until a pass moves θ by at
+    most ``tol``·‖θ‖. Each stage lowers ‖θ‖ along its orbit, so the alternation converges;
+    returns the number of passes (ValueError if ``max_passes`` did not reach ``tol``)."""
+    undeclared = getattr(model, "balance_undeclared", None)
+    for passes in range(1, max_passes + 1):
+        before = torch.cat([p.reshape(-1) for p in model.parameters()])
+        for group in groups:
+            write_point(group, group["bundle"].dress(tuple(t.detach() for t in group_point(group))))
+        if undeclared is None:
+            return passes  # the groups' dressings alone: one pass is the balanced point
+        undeclared()
+        after = torch.cat([p.reshape(-1) for p in model.parameters()])
+        if float((after - before).norm()) <= tol * float(after.norm()):
+            return passes
+    raise ValueError(f"balance_teacher: {max_passes} passes did not move θ by under {tol:g}")
