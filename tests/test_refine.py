@@ -282,3 +282,24 @@ def test_model_flat_directions_refines_and_counts_against_the_level_orbits():
         4, 10, 6,
     )  # fmt: skip
     assert report["compact_orbit_dim"] == 4 and report["grad_norm"] <= 1e-6
+
+
+def test_balance_undeclared_leaves_a_dead_channel_alone():
+    """A hidden channel with w_in[:, c] = 0 has no balanced point along its rescaling: repeated
+    passes keep its scale at 1 and every parameter finite, and balance the live channels."""
+    from quotopt.models import RelationalTransformer
+
+    torch.manual_seed(4)
+    model = RelationalTransformer(5, 3, 3, 1, 1, 4, d_head=2, d_mlp_channels=3).double()
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        mlp.w_in[:, 0] = 0.0
+    gate = mlp.w_gate[:, 0].detach().clone()
+    passes = next(n for n in range(1, 500) if model.balance_undeclared() <= 1e-14)
+    assert passes > 1
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    torch.testing.assert_close(mlp.w_gate[:, 0].detach(), gate, rtol=0, atol=0)
+    with torch.no_grad():
+        live = mlp.w_in[:, 1:].square().sum(0) - mlp.w_gate[:, 1:].square().sum(0)
+        live = live - mlp.w_out[1:].square().sum(1)
+    assert float(live.abs().max()) <= 1e-12

@@ -144,14 +144,15 @@ def balance_undeclared(model) -> float:
     Then the stream scale: (tables, wo, w_out)·c, logit_scale/c with c⁴ = α²/Σ‖scaled‖².
     The two act on ``w_out`` both: repeat until the return value is at round-off (the norm is
     convex in the log-scales, so the alternation converges). The stream scale is skipped where
-    it is not a symmetry with a balanced point (``n_classes`` set: nothing compensates c)."""
+    it is not a symmetry with a balanced point (``n_classes`` set: nothing compensates c), and
+    a scale is left at 1 where its orbit has no balanced point (a zero channel or α = 0)."""
     logs = []
     for block in model.blocks:
         mlp = block.mlp
         if not hasattr(mlp, "w_gate"):  # dressed: a coordinate GELU, no rescaling
             continue
         rest = mlp.w_gate.square().sum(0) + mlp.w_out.square().sum(1)
-        s = (rest / mlp.w_in.square().sum(0)) ** 0.25  # (m,)
+        s = _balancing_scale(rest, mlp.w_in.square().sum(0))  # (m,)
         mlp.w_in.mul_(s)
         mlp.w_gate.div_(s)
         mlp.w_out.div_(s[:, None])
@@ -159,9 +160,17 @@ def balance_undeclared(model) -> float:
     if model.config.n_classes is None:
         scaled = [model.tok_emb] + ([model.pos_emb] if hasattr(model, "pos_emb") else [])
         scaled += [w for b in model.blocks for w in (b.attn.wo, b.mlp.w_out)]
-        c = (model.logit_scale.square() / sum(w.square().sum() for w in scaled)) ** 0.25
+        c = _balancing_scale(model.logit_scale.square(), sum(w.square().sum() for w in scaled))
         for w in scaled:
             w.mul_(c)
         model.logit_scale.div_(c)
         logs.append(c.log().abs())
     return float(torch.stack(logs).max()) if logs else 0.0
+
+
+def _balancing_scale(shrinking: torch.Tensor, growing: torch.Tensor) -> torch.Tensor:
+    """s minimising s²·growing + shrinking/s²: (shrinking/growing)^¼, and 1 where either is 0
+    (no finite minimiser)."""
+    ok = (shrinking > 0) & (growing > 0)
+    ratio = torch.where(ok, shrinking, 1.0) / torch.where(ok, growing, 1.0)
+    return ratio**0.25
