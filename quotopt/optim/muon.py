@@ -91,8 +91,8 @@ class QuotientMuon(QuotientOptimizer):
     eigendecomposition of its Gram): NS is matmuls only (5 × (4·rows·r² + 2r³) flops per factor
     and head, batched by ``baddbmm``; the dressing adds one r×r SVD per head, reusing the point's
     frame, and writes the dressed point's frame down, ``Bundle.redress``), maps null directions
-    to zero without a
-    threshold, and has bounded gain (the five-fold quintic's slope at 0 is a⁵ ≈ 485), whereas the
+    to zero without a threshold, and has bounded gain (the five-fold quintic's slope at 0 is
+    a⁵ ≈ 485), whereas the
     exact polar factor's derivative grows like 1/σ_min of the momentum, amplifying the round-off
     difference of two gauge-equivalent runs without bound. It runs in the parameters' precision
     (float32 at least), not torch's bfloat16: bfloat16 rounding (≈ 4e-3) of two inputs equal to
