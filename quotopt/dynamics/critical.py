@@ -34,6 +34,12 @@ Newton converges quadratically):
   training targets are shifted by ``teacher_targets`` so that the teacher is an exact
   critical point of F; the student starts there plus N(0, 1e-6²) noise (at 1e-4 the trust
   region leaves the critical point, which need not be a minimum of F);
+  ``regression-teacher-decay-wide``: the same at d = 16 (2 heads of r = 8, MLP 32, 2,368
+  parameters), vocabulary 16 and 192 training sequences — the largest size whose counts take
+  minutes here. A teacher needs d ≤ V + L (vocabulary plus positions) so that every stream
+  direction is used, and more residuals than parameters: otherwise J₀ has a kernel beyond the
+  orbit that λθ₀ reaches, and no target shift makes the teacher critical (d = 16 with V = 8, or
+  96 sequences at 4,288 parameters, measured: Newton does not converge);
   ``relational-teacher``: the λ = 0 teacher regression with the ``RelationalTransformer``
   below (vocabulary 8, 553 parameters), reductions ``declared`` and ``no-channels``. Its
   loss has symmetries the model does not declare — the rescaling of each gated hidden
@@ -109,6 +115,18 @@ SETTINGS: dict[str, dict] = {
         start_noise=1e-6,
         weight_decay=1e-2,
         reductions=("heads", "joint"),
+    ),  # fmt: skip
+    "regression-teacher-decay-wide": dict(
+        _REGRESSION,
+        steps=0,
+        lr=0.0,
+        start_noise=1e-6,
+        weight_decay=1e-2,
+        reductions=("heads", "joint"),
+        vocab=16,
+        n_train=192,
+        d_model=16,
+        d_mlp=32,
     ),  # fmt: skip
     "relational-teacher": dict(
         {k: v for k, v in _REGRESSION.items() if k not in ("d_model", "d_mlp", "tie_embeddings")},

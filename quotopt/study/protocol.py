@@ -125,8 +125,8 @@ class FlatPlan:
 
 #: every setting of ``quotopt.dynamics.critical`` (models that learn, refined before counting)
 CRITICAL = (
-    "modadd", "regression", "regression-teacher", "regression-teacher-decay", "relational",
-    "relational-teacher", "relational-teacher-decay",
+    "modadd", "regression", "regression-teacher", "regression-teacher-decay",
+    "regression-teacher-decay-wide", "relational", "relational-teacher", "relational-teacher-decay",
 )  # fmt: skip
 
 
