@@ -94,6 +94,10 @@ _RELATIONAL = dict(
     model="relational", n_channels=6, d_gauge=4, n_heads=2, d_head=3, d_mlp_channels=12,
     reductions=("declared", "no-channels"),
 )  # fmt: skip
+_TEACHER_DECAY = dict(
+    _REGRESSION, steps=0, lr=0.0, start_noise=1e-6, weight_decay=1e-2,
+    reductions=("heads", "joint"),
+)  # fmt: skip
 #: name -> the setting: task and its options, model and its sizes, Adam steps and lr, λ.
 SETTINGS: dict[str, dict] = {
     "modadd": dict(
@@ -108,26 +112,10 @@ SETTINGS: dict[str, dict] = {
     ),  # fmt: skip
     "regression": dict(_REGRESSION, steps=3000, lr=1e-2),
     "regression-teacher": dict(_REGRESSION, steps=0, lr=0.0, start_noise=1e-4),
-    "regression-teacher-decay": dict(
-        _REGRESSION,
-        steps=0,
-        lr=0.0,
-        start_noise=1e-6,
-        weight_decay=1e-2,
-        reductions=("heads", "joint"),
-    ),  # fmt: skip
+    "regression-teacher-decay": _TEACHER_DECAY,
     "regression-teacher-decay-wide": dict(
-        _REGRESSION,
-        steps=0,
-        lr=0.0,
-        start_noise=1e-6,
-        weight_decay=1e-2,
-        reductions=("heads", "joint"),
-        vocab=16,
-        n_train=192,
-        d_model=16,
-        d_mlp=32,
-    ),  # fmt: skip
+        _TEACHER_DECAY, vocab=16, n_train=192, d_model=16, d_mlp=32
+    ),
     "relational-teacher": dict(
         {k: v for k, v in _REGRESSION.items() if k not in ("d_model", "d_mlp", "tie_embeddings")},
         **_RELATIONAL,
