@@ -78,13 +78,20 @@ def frame_from_grams(
     Cholesky inverses (the undamped invariant metric). ``weighted=False`` (the Euclidean
     metric, whose projection needs only the eigendecompositions) skips the inverses and
     square-root factors."""
-    r = p.shape[-1]
     if not spectral:
         inv_p, root_p, damp_p, low_p = _cholesky_inverse(p)
         inv_q, root_q, damp_q, low_q = _cholesky_inverse(q)
         return FactorFrame(p, q, inv_p, inv_q, root_p, root_q, damp_p, damp_q, low_p | low_q)
     evals, evecs = torch.linalg.eigh(torch.cat((p, q)))  # one batched call for both Grams
     (lam, mu), (u, v) = evals.chunk(2), evecs.chunk(2)
+    return _spectral_frame(p, q, (lam, u), (mu, v), damping, weighted)
+
+
+def _spectral_frame(p, q, eig_p, eig_q, damping: float, weighted: bool) -> FactorFrame:
+    """The spectral frame from the Grams and their eigendecompositions (ascending): the
+    dampings, the deficiency flags and, with ``weighted``, the inverses and square roots."""
+    (lam, u), (mu, v) = eig_p, eig_q
+    r = p.shape[-1]
     damp_p = damping * lam.sum(-1, keepdim=True) / r
     damp_q = damping * mu.sum(-1, keepdim=True) / r
     deficient = _low(lam[..., 0], lam[..., -1], r) | _low(mu[..., 0], mu[..., -1], r)
@@ -115,20 +122,9 @@ def balanced_frame(s: torch.Tensor, damping: float, weighted: bool = True) -> Fa
     eigendecomposition (the dressed point's Grams are diag(s) up to the round-off of storing
     it in the parameters' precision)."""
     r = s.shape[-1]
-    lam = s.flip(-1)
     flip = torch.eye(r, dtype=s.dtype, device=s.device).flip(-1).expand(*s.shape[:-1], r, r)
     p = torch.diag_embed(s)
-    damp = damping * lam.sum(-1, keepdim=True) / r
-    deficient = _low(lam[..., 0], lam[..., -1], r)
-    if not weighted:
-        return FactorFrame(
-            p, p, None, None, None, None, damp, damp, deficient, lam, flip, lam, flip
-        )
-    inverse = pinv_spectrum(lam + damp, flip)
-    root = flip * (lam + damp).clamp_min(0).sqrt().unsqueeze(-2)
-    return FactorFrame(
-        p, p, inverse, inverse, root, root, damp, damp, deficient, lam, flip, lam, flip
-    )
+    return _spectral_frame(p, p, (s.flip(-1), flip), (s.flip(-1), flip), damping, weighted)
 
 
 def merge_frames(keep: torch.Tensor, first: FactorFrame, second: FactorFrame) -> FactorFrame:
