@@ -24,6 +24,7 @@ from .. import training
 from ..models.flops import training_flops_per_token
 from .protocol import StudyPlan
 from .runner import Pool, call, run_dir, train_job
+from .summaries import equal_time_steps
 from .timing import timing_job
 from .tuning import best_setting
 
@@ -135,10 +136,10 @@ def _equal_time_budget(result: dict, variant: str, steps: int, path: Path, resum
     timing = result.get("timing") or {}
     if "transformer" not in timing or variant not in timing:
         return None
-    ms_std, ms_var = timing["transformer"], timing[variant]
     budget = dict(
-        variant=variant, standard_steps=steps, steps=max(1, round(steps * ms_std / ms_var)),
-        ms_transformer=ms_std, ms_variant=ms_var,
+        variant=variant, standard_steps=steps,
+        steps=max(1, round(equal_time_steps(steps, timing, variant))),
+        ms_transformer=timing["transformer"], ms_variant=timing[variant],
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(budget, indent=1) + "\n")

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from . import figures
-from .summaries import field, finite, mean_std
+from .summaries import equal_time_steps, field, finite, mean_std
 
 IMAGES = "img/results"
 
@@ -26,7 +26,7 @@ def equal_time_losses(result: dict, runs: list[dict], key: str) -> list[float | 
     depend on what else ran on the machine; without them, the runs' logged training time."""
     timing = result.get("timing") or {}
     if "transformer" in timing and key in timing:
-        steps = result["plan"]["steps"] * timing["transformer"] / timing[key]
+        steps = equal_time_steps(result["plan"]["steps"], timing, key)
         pick = lambda record: record["step"] <= steps * 1.001  # noqa: E731
     else:
         budget = time_budget(result)

@@ -14,6 +14,12 @@ def field(runs: list[dict], key: str) -> list:
     return [(run.get("summary") or {}).get(key) for run in runs]
 
 
+def equal_time_steps(steps: int, timing: dict, key: str) -> float:
+    """The steps of the model ``key`` that take as long as ``steps`` of the standard model,
+    from side-by-side ms/step (``timing``: "transformer" and ``key``); not rounded."""
+    return steps * timing["transformer"] / timing[key]
+
+
 def training_seconds(results) -> tuple[int, float]:
     """(number of distinct runs, the sum of their own training wall times in seconds) over
     every run summary in ``results`` — what the whole study cost, however many invocations
