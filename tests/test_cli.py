@@ -172,7 +172,8 @@ def test_spectrum_lanczos_beyond_the_dense_limit(tmp_path, capsys, monkeypatch):
     assert main([*argv, "--out", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["method"] == "lanczos" and result["flat_total"] is None
-    assert len(result["eigenvalues"]) == 20 and len(result["vertical_rayleigh"]) == 80
+    assert len(result["eigenvalues"]) == 6 and len(result["vertical_rayleigh"]) == 80
+    assert len(result["vertical_residual"]) == 80 and result["max_vertical_residual"] >= 0
 
 
 def _tiny_model():

@@ -3,6 +3,8 @@
 * ``hessian``: Hessian–vector products, the dense Hessian of small models, Lanczos extremes;
 * ``flat``: vertical/horizontal bases and the symmetry-induced flat directions of a Hessian;
 * ``model_flat``: the same for a whole model's training objective, with or without decay;
+* ``refine``, ``refine_krylov``: a trained point moved to a true critical point (dense Newton,
+  or matrix-free Newton–MINRES above the dense size), and the counts there;
 * ``conserved``: gradient-flow invariants (per-head imbalance) and gauge coordinates.
 """
 

@@ -116,6 +116,9 @@ SETTINGS: dict[str, dict] = {
     "regression-teacher-decay-wide": dict(
         _TEACHER_DECAY, vocab=16, n_train=192, d_model=16, d_mlp=32
     ),
+    "regression-teacher-decay-large": dict(
+        _TEACHER_DECAY, vocab=20, n_train=256, d_model=22, d_mlp=44
+    ),
     "relational-teacher": dict(
         {k: v for k, v in _REGRESSION.items() if k not in ("d_model", "d_mlp", "tie_embeddings")},
         **_RELATIONAL,

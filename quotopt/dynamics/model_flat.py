@@ -19,6 +19,7 @@ not: with λ > 0 only compact orbits stay flat. At λ = 0 every orbit is flat at
 from __future__ import annotations
 
 import torch
+from scipy.sparse.linalg import ArpackNoConvergence
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -82,17 +83,37 @@ def model_vertical_basis(model, groups) -> tuple[torch.Tensor, dict[str, int]]:
 
 
 def model_flat_directions(
-    task, model, rel_tol: float = 1e-8, weight_decay: float = 0.0, *, refine: bool = False
+    task,
+    model,
+    rel_tol: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    refine: bool = False,
+    dense_max: int | None = None,
 ) -> dict:
     """The flat-direction report (a JSON-ready dict) of the full-batch objective of the module
     docstring at ``model``'s parameters; converts ``model`` to float64 in place.
 
-    ``refine=True`` (dense route only) first moves the model to a true critical point of F
-    (``quotopt.dynamics.refine``: Newton on the complement of the level orbit directions — the
-    compact ones when ``weight_decay > 0``, all of them otherwise) and adds ``critical``: the
-    refinement (‖∇F‖ before and after, steps, converged) and the counts against the level
-    directions (``expected_flat``, ``flat_total``, ``flat_horizontal``, ``flat_by_tolerance``).
+    ``refine=True`` first moves the model to a true critical point of F (Newton on the
+    complement of the level orbit directions — the compact ones when ``weight_decay > 0``,
+    all of them otherwise: ``quotopt.dynamics.refine`` up to ``dense_max`` parameters
+    (default ``DENSE_MAX``),
+    matrix-free ``refine_krylov`` above) and adds ``critical``: the refinement (‖∇F‖ before
+    and after, steps, converged, Hessian–vector products) and, on the dense route, the counts
+    against the level directions (``expected_flat``, ``flat_total``, ``flat_horizontal``,
+    ``flat_by_tolerance``).
+
+    Above ``dense_max`` (``method`` "lanczos") the report holds what Hessian–vector products
+    certify cheaply: the top of the spectrum, the converged bottom Ritz values, and for every
+    vertical tangent v its Rayleigh quotient and residual ‖Hv‖/(max|λ|·‖v‖), and the largest
+    residual over the level directions (``max_level_residual``: at a critical point it is at
+    round-off, as H annihilates every tangent of a level orbit). ``flat_total`` and
+    ``flat_horizontal`` are None: counting eigenvalues below 1e-8·max|λ| matrix-free needs
+    the bottom of a spectrum of condition ~10⁷ resolved, which costs more products than the
+    dense Hessian's n
+    (``docs/theory/flat-directions.md``).
     """
+    dense_max = DENSE_MAX if dense_max is None else dense_max
     model = model.double()
     groups = symmetries(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -105,11 +126,20 @@ def model_flat_directions(
         penalty = sum(p.square().sum() for p in ps) if weight_decay else 0.0
         return task.loss(logits, y) + 0.5 * weight_decay * penalty
 
-    critical = _refine(model, groups, objective, params, rel_tol, weight_decay) if refine else None
+    critical = None
+    if refine:
+        critical = _refine(model, groups, objective, params, rel_tol, weight_decay, dense_max)
     params = tuple(p.detach() for p in model.parameters() if p.requires_grad)
     vertical, dims = model_vertical_basis(model, groups)
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no double backward
-        report = _report(objective, params, vertical, dims, rel_tol)
+        level = None
+        if vertical.shape[0] > dense_max:  # the directions F is constant along
+            from .refine import model_orbit_basis
+            from .refine_krylov import orthonormal_basis
+
+            level = model_orbit_basis(model, groups, params, compact=weight_decay > 0)
+            level = orthonormal_basis(level, vertical.shape[0], vertical)
+        report = _report(objective, params, vertical, dims, rel_tol, dense_max, level)
     leaves = tuple(p.clone().requires_grad_() for p in params)
     value = objective(*leaves)
     grad = flatten(torch.autograd.grad(value, leaves))
@@ -130,45 +160,74 @@ def model_flat_directions(
     return report
 
 
-def _refine(model, groups, objective, params, rel_tol, weight_decay) -> dict | None:
-    """Refine ``model`` in place to a critical point of ``objective``; counts there."""
+def _refine(model, groups, objective, params, rel_tol, weight_decay, dense_max) -> dict:
+    """Refine ``model`` in place to a critical point of ``objective``; counts there (dense)."""
     from .refine import critical_point_counts, model_orbit_basis, refine_critical_point
+    from .refine_krylov import refine_critical_point_krylov
 
-    if sum(p.numel() for p in params) > DENSE_MAX:
-        return None
     level = lambda ps: model_orbit_basis(model, groups, ps, compact=weight_decay > 0)  # noqa: E731
-    refined = refine_critical_point(objective, params, level, max_params=DENSE_MAX)
+    dense = sum(p.numel() for p in params) <= dense_max
+    if dense:
+        refined = refine_critical_point(objective, params, level, max_params=dense_max)
+    else:
+        refined = refine_critical_point_krylov(objective, params, level)
     with torch.no_grad():
         for p, value in zip([p for p in model.parameters() if p.requires_grad], refined.params):
             p.copy_(value)
-    counts = critical_point_counts(
-        objective, refined.params, level(refined.params), rel_tol=rel_tol
+    out = dict(
+        refine=refined.summary(),
+        route="dense" if dense else "krylov",
+        level="compact" if weight_decay > 0 else "all",
     )
-    return dict(refine=refined.summary(), level="compact" if weight_decay > 0 else "all", **counts)
+    if dense:
+        out.update(critical_point_counts(objective, refined.params, level(refined.params),
+                                         rel_tol=rel_tol, hessian=refined.hessian))  # fmt: skip
+    return out
 
 
-def _report(objective, params, vertical, dims, rel_tol) -> dict:
+def _report(objective, params, vertical, dims, rel_tol, dense_max, level) -> dict:
     n = vertical.shape[0]
-    if n <= DENSE_MAX:
-        hessian = dense_hessian(objective, params, max_params=DENSE_MAX)
+    if n <= dense_max:
+        hessian = dense_hessian(objective, params, max_params=dense_max)
         report = flat_directions(hessian, vertical, rel_tol=rel_tol).to_dict()
         report["method"] = "dense"
         report["flat_by_tolerance"] = _by_tolerance(report)
         return report
-    # extremes only: flat directions cannot be counted without the whole spectrum
+    # what products certify: the top, the converged bottom, the vertical residuals
     op = hessian_operator(objective, params)
-    hv = torch.stack([torch.from_numpy(op.matvec(c.numpy())) for c in vertical.mT], 1)
-    top = lanczos_extremes(objective, params, k=20, which="BE")
+    top = lanczos_extremes(objective, params, k=min(6, n - 1), which="LM", tol=1e-10)
     scale = float(abs(top).max())
-    rayleigh = (vertical * hv).sum(0) / (vertical * vertical).sum(0) / scale
+    lowest = _converged_bottom(objective, params, k=min(6, n - 1))
+    rayleigh, residual = _rayleigh_and_residual(op, vertical, scale)
+    level_residual = _rayleigh_and_residual(op, level, scale)[1]
     # fmt: off
     return dict(
-        method="lanczos", n_params=n, eigenvalues=top.tolist(), scale=scale,
-        orbit_dim=sum(dims.values()), flat_total=None, flat_horizontal=None,
-        vertical_rayleigh=rayleigh.tolist(), rel_tol=rel_tol, tolerance_rule=None,
-        max_abs_vertical_rayleigh=float(rayleigh.abs().max()),
+        method="lanczos", n_params=n, eigenvalues=sorted(top.tolist()), scale=scale,
+        lowest_converged=lowest, orbit_dim=sum(dims.values()), flat_total=None,
+        flat_horizontal=None, vertical_rayleigh=rayleigh.tolist(),
+        vertical_residual=residual.tolist(), rel_tol=rel_tol, tolerance_rule=None,
+        max_abs_vertical_rayleigh=float(rayleigh.abs().max()) if rayleigh.numel() else 0.0,
+        max_vertical_residual=float(residual.max()) if residual.numel() else 0.0,
+        max_level_residual=float(level_residual.max()) if level_residual.numel() else 0.0,
     )
     # fmt: on
+
+
+def _rayleigh_and_residual(op, directions, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """vᵀHv/(max|λ|·‖v‖²) and ‖Hv‖/(max|λ|·‖v‖) for every column v of ``directions``."""
+    hv = [torch.from_numpy(op.matvec(c.numpy())) for c in directions.mT]
+    hv = torch.stack(hv, 1) if hv else directions.new_zeros(directions.shape)
+    squared = (directions * directions).sum(0)
+    return (directions * hv).sum(0) / squared / scale, hv.norm(dim=0) / squared.sqrt() / scale
+
+
+def _converged_bottom(objective, params, k: int) -> list[float]:
+    """The bottom Ritz values that Lanczos converges within a bounded budget (ARPACK, 'SA',
+    relative accuracy 1e-6, 20 restarts); a near-null cluster may leave none converged."""
+    try:
+        return lanczos_extremes(objective, params, k=k, which="SA", tol=1e-6, maxiter=20).tolist()
+    except ArpackNoConvergence as err:
+        return sorted(float(v) for v in err.eigenvalues)
 
 
 def _by_tolerance(report: dict) -> dict[str, list[int]]:

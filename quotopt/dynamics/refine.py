@@ -62,7 +62,8 @@ class Refined:
     """A refined point: ``params`` (the iterate of smallest ‖∇F‖), ``grad_norm`` its ‖∇F‖,
     ``grad_rel`` ‖∇F‖ / (max|λ(H)|·‖θ‖), ``history`` of ‖∇F‖ per iterate (the first is the
     input's), ``converged`` (grad_rel ≤ rel_tol), ``steps`` (Newton steps taken),
-    ``hessian`` (the dense Hessian at ``params``, for ``critical_point_counts``)."""
+    ``hessian`` (the dense Hessian at ``params``, for ``critical_point_counts``),
+    ``products`` (Hessian–vector products spent: n per dense Hessian formed)."""
 
     params: tuple[torch.Tensor, ...]
     grad_norm: float
@@ -71,10 +72,11 @@ class Refined:
     converged: bool
     steps: int
     hessian: torch.Tensor | None = None  # the dense Hessian at ``params``
+    products: int = 0
 
     def summary(self) -> dict:
         """JSON-ready fields (no tensors)."""
-        fields = ("grad_norm", "grad_rel", "history", "converged", "steps")
+        fields = ("grad_norm", "grad_rel", "history", "converged", "steps", "products")
         return {k: getattr(self, k) for k in fields}
 
 
@@ -197,9 +199,10 @@ def refine_critical_point(
         )
     value, grad = _value_and_gradient(objective, params)
     history, steps, rel, radius = [float(grad.norm())], 0, math.inf, None
-    best = (history[0], params, rel, None)
+    best, products = (history[0], params, rel, None), 0
     while True:
         hessian = _hessian(objective, params, max_params)
+        products += hessian.shape[0]
         q = _complement(_as_basis(level, params), hessian.shape[0], hessian)
         evals, evecs = torch.linalg.eigh(q.mT @ hessian @ q)
         # max|λ(H)| read on the complement (by interlacing at most H's): the level
@@ -225,7 +228,7 @@ def refine_critical_point(
         (params, value, grad), steps = accepted, steps + 1
         history.append(float(grad.norm()))
     norm, params, rel, hessian = best  # trust-region steps descend F but may raise ‖∇F‖
-    return Refined(params, norm, rel, history, rel <= rel_tol, steps, hessian)
+    return Refined(params, norm, rel, history, rel <= rel_tol, steps, hessian, products)
 
 
 def critical_point_counts(

@@ -39,13 +39,36 @@ def teacher_targets(
         y0 = outputs(*params).detach().reshape(-1)
         if not weight_decay:
             return y0
-        flat_outputs = lambda *ps: outputs(*ps).reshape(-1)  # noqa: E731
-        try:  # vectorised over the outputs; autograd.Functions without vmap rules: a loop
-            jac = torch.autograd.functional.jacobian(flat_outputs, params, vectorize=True)
-        except RuntimeError:
-            jac = torch.autograd.functional.jacobian(flat_outputs, params)
-    jac = torch.cat([j.reshape(y0.numel(), -1) for j in jac], 1)  # (m, n)
+        jac = _jacobian(lambda *ps: outputs(*ps).reshape(-1), params)  # (m, n)
     return y0 + torch.linalg.pinv(jac.mT, rtol=rtol) @ (weight_decay * flatten(params))
+
+
+def _jacobian(flat_outputs: Callable, params, chunk: int = 256) -> torch.Tensor:
+    """(m, n) Jacobian of ``flat_outputs`` at ``params``: reverse mode, ``chunk`` rows at a
+    time (vectorised over the chunk's unit cotangents; a loop for autograd.Functions without
+    vmap rules), so that memory is ``chunk`` backward passes, not m."""
+    leaves = tuple(p.detach().clone().requires_grad_(True) for p in params)
+    with torch.enable_grad():
+        y = flat_outputs(*leaves)
+    m, rows = y.numel(), []
+    for start in range(0, m, chunk):
+        index = torch.arange(start, min(start + chunk, m), device=y.device)
+        cotangents = y.new_zeros(index.numel(), m)
+        cotangents[torch.arange(index.numel(), device=y.device), index] = 1.0
+        try:
+            grads = torch.autograd.grad(
+                y, leaves, cotangents, retain_graph=True, is_grads_batched=True,
+                allow_unused=True,
+            )  # fmt: skip
+        except RuntimeError:
+            grads = zip(*(torch.autograd.grad(y, leaves, c, retain_graph=True, allow_unused=True)
+                          for c in cotangents))  # fmt: skip
+            grads = [None if g[0] is None else torch.stack(g) for g in grads]
+        rows.append(torch.cat([
+            y.new_zeros(index.numel(), p.numel()) if g is None else g.reshape(index.numel(), -1)
+            for g, p in zip(grads, leaves)
+        ], 1))  # fmt: skip
+    return torch.cat(rows)
 
 
 @torch.no_grad()
