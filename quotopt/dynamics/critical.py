@@ -35,8 +35,10 @@ Newton converges quadratically):
   critical point of F; the student starts there plus N(0, 1e-6²) noise (at 1e-4 the trust
   region leaves the critical point, which need not be a minimum of F);
   ``regression-teacher-decay-wide``: the same at d = 16 (2 heads of r = 8, MLP 32, 2,368
-  parameters), vocabulary 16 and 192 training sequences — the largest size whose counts take
-  minutes here. A teacher needs d ≤ V + L (vocabulary plus positions) so that every stream
+  parameters), vocabulary 16 and 192 training sequences (counted in minutes here);
+  ``regression-teacher-decay-large``: the same at d = 22 (2 heads of r = 11, MLP 44, 4,400
+  parameters), vocabulary 20 and 256 training sequences, below the dense limit of 5,000 (about
+  40 minutes on 2 cores). A teacher needs d ≤ V + L (vocabulary plus positions) so that every stream
   direction is used, and more residuals than parameters: otherwise J₀ has a kernel beyond the
   orbit that λθ₀ reaches, and no target shift makes the teacher critical (d = 16 with V = 8, or
   96 sequences at 4,288 parameters, measured: Newton does not converge);

@@ -126,7 +126,8 @@ class FlatPlan:
 #: every setting of ``quotopt.dynamics.critical`` (models that learn, refined before counting)
 CRITICAL = (
     "modadd", "regression", "regression-teacher", "regression-teacher-decay",
-    "regression-teacher-decay-wide", "relational", "relational-teacher", "relational-teacher-decay",
+    "regression-teacher-decay-wide", "regression-teacher-decay-large", "relational",
+    "relational-teacher", "relational-teacher-decay",
 )  # fmt: skip
 
 
