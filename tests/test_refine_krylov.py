@@ -109,3 +109,25 @@ def test_model_flat_directions_above_the_dense_limit_refines_matrix_free():
     # the gl(2) basis elements are not (weight decay curves them): the control
     assert report["max_level_residual"] <= 1e-12 and report["compact_orbit_dim"] == 4
     assert float(residual.min()) > 1e-7
+
+
+def test_count_setting_above_the_dense_limit_reports_level_residuals_not_counts():
+    """A teacher setting with ``dense_max`` below its size: refined matrix-free to round-off,
+    where H annihilates the compact orbit tangents (residual ≤ 1e-10 relative to max|λ|);
+    unrefined (``refine_steps=0``, the teacher plus 1e-6 noise) they are not (the control)."""
+    from quotopt.dynamics.critical import count_setting
+    from quotopt.study.flat import flat_markdown
+
+    sizes = dict(d_model=4, d_mlp=8, vocab=6, n_train=32, n_val=16)
+    refined = count_setting("regression-teacher-decay", dense_max=50, **sizes)
+    assert refined["n_params"] > 50 and refined["refine"]["route"] == "krylov"
+    assert refined["refine"]["converged"] and refined["refine"]["grad_rel"] <= 1e-12
+    for name, c in refined["counts"].items():
+        assert c["flat_total"] is None and c["flat_horizontal"] is None, name
+        assert c["expected_flat"] == c["compact_orbit_dim"] > 0
+        assert c["max_level_residual"] <= 1e-10, (name, c["max_level_residual"])
+    page = flat_markdown([refined])
+    assert "refined matrix-free and not counted" in page and "flat_total None" not in page
+    unrefined = count_setting("regression-teacher-decay", dense_max=50, refine_steps=0, **sizes)
+    assert not unrefined["refine"]["converged"]
+    assert all(c["max_level_residual"] > 1e-8 for c in unrefined["counts"].values())

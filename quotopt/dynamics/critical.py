@@ -72,17 +72,20 @@ import time
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..joint_groups import joint_groups
 from ..symmetries import symmetries
+from .hessian import lanczos_extremes
+from .model_flat import DENSE_MAX
 from .refine import (
     critical_point_counts,
     model_objective,
     model_orbit_basis,
     refine_critical_point,
 )
-from .teacher import balance_teacher, teacher_targets
+from .refine_krylov import hessian_residuals, orthonormal_basis, refine_critical_point_krylov
+from .teacher import TeacherRegression, balance_teacher
 
 __all__ = ["SETTINGS", "count_setting", "TeacherRegression"]
 
@@ -138,50 +141,6 @@ SETTINGS: dict[str, dict] = {
     ),
     "relational": dict(_MODADD, **_RELATIONAL, refine_steps=6),
 }
-
-
-class TeacherRegression:
-    """Regress a model's outputs on a random teacher's, ½ Σ ‖y − y*‖² over full batches.
-
-    ``batch(split, None)`` gives (tokens, teacher outputs) of the ``"train"`` or ``"val"``
-    sequences; ``evaluate(model, split)`` returns the loss per output and ``r2`` = 1 −
-    Σ(y − y*)² / Σ(y* − ȳ*)² (the validation metric)."""
-
-    kind = "regression"
-
-    def __init__(
-        self, teacher: nn.Module, vocab, seq_len, n_train, n_val, seed=0, weight_decay=0.0
-    ):
-        gen = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, vocab, (n_train + n_val, seq_len), generator=gen)
-        with torch.no_grad():
-            targets = teacher(tokens)
-        if weight_decay:  # the training targets that make the teacher critical for F
-            names = [n for n, _ in teacher.named_parameters()]
-            train = tokens[:n_train]
-            outputs = lambda *ps: functional_call(teacher, dict(zip(names, ps)), (train,))  # noqa: E731
-            shifted = teacher_targets(outputs, tuple(teacher.parameters()), weight_decay)
-            targets = torch.cat([shifted.reshape(targets[:n_train].shape), targets[n_train:]])
-        self.data = {
-            "train": (tokens[:n_train], targets[:n_train]),
-            "val": (tokens[n_train:], targets[n_train:]),
-        }
-
-    def batch(self, split, batch_size=None):
-        return self.data[split]
-
-    def logits(self, model, x):
-        return model(x)
-
-    def loss(self, outputs, y):
-        return 0.5 * (outputs - y).square().sum()
-
-    @torch.no_grad()
-    def evaluate(self, model, split="val") -> dict[str, float]:
-        x, y = self.data[split]
-        residual = (model(x) - y).square().sum()
-        spread = (y - y.mean()).square().sum()
-        return {"loss": float(residual) / y.numel(), "r2": float(1 - residual / spread)}
 
 
 def _model(setting: dict, vocab: int, seq_len: int) -> nn.Module:
@@ -311,7 +270,13 @@ def _metric(task, model) -> dict[str, float]:
 
 
 def count_setting(
-    name_or_setting, *, seed: int = 0, rel_tol: float = 1e-8, refine_steps: int = 30, **overrides
+    name_or_setting,
+    *,
+    seed: int = 0,
+    rel_tol: float = 1e-8,
+    refine_steps: int = 30,
+    dense_max: int | None = None,
+    **overrides,
 ) -> dict:
     """Train, refine and count for one setting (a ``SETTINGS`` name or a dict like them, with
     ``overrides`` applied); a JSON-ready dict. See the module docstring.
@@ -322,6 +287,11 @@ def count_setting(
     "all") and per reduction ``orbit_dim``, ``compact_orbit_dim``, ``expected_flat``,
     ``flat_total``, ``flat_horizontal``, ``tolerance_rule``, ``flat_by_tolerance``, ``gap``.
     ``refine_steps``: most Newton steps (0 counts at the trained point, a control).
+
+    Above ``dense_max`` parameters (default ``model_flat.DENSE_MAX``) the refinement is
+    matrix-free (``refine_krylov``, ``refine["route"]`` "krylov") and each reduction reports,
+    instead of counts (None), ``max_level_residual``: the largest ‖Hv‖/(max|λ|·‖v‖) over an
+    orthonormal basis of its level directions (``model_flat`` says why counts are not claimed).
     """
     setting = dict(SETTINGS[name_or_setting]) if isinstance(name_or_setting, str) else {}
     setting.update({} if isinstance(name_or_setting, str) else dict(name_or_setting))
@@ -339,16 +309,25 @@ def count_setting(
     level = lambda ps: model_orbit_basis(model, widest, ps, compact=compact)  # noqa: E731
     start = time.perf_counter()
     steps = setting.get("refine_steps", refine_steps)
-    refined = refine_critical_point(objective, params, level, max_steps=steps, max_params=5000)
+    n = sum(p.numel() for p in params)
+    dense = n <= (DENSE_MAX if dense_max is None else dense_max)
+    if dense:
+        refined = refine_critical_point(objective, params, level, max_steps=steps, max_params=n)
+    else:
+        refined = refine_critical_point_krylov(objective, params, level, max_steps=steps)
     with torch.no_grad():
         for p, value in zip([p for p in model.parameters() if p.requires_grad], refined.params):
             p.copy_(value)
     result = dict(
         setting=setting,
         seed=seed,
-        n_params=sum(p.numel() for p in params),
+        n_params=n,
         trained=dict(trained, **before),
-        refine=dict(refined.summary(), seconds=time.perf_counter() - start),
+        refine=dict(
+            refined.summary(),
+            seconds=time.perf_counter() - start,
+            route="dense" if dense else "krylov",
+        ),
         level="compact" if compact else "all",
         **_metric(task, model),
     )
@@ -356,13 +335,34 @@ def count_setting(
     for name, groups in reductions.items():
         full = model_orbit_basis(model, groups, refined.params)
         small = model_orbit_basis(model, groups, refined.params, compact=True)
-        c = critical_point_counts(
-            objective, refined.params, small if compact else full, rel_tol=rel_tol,
-            hessian=refined.hessian,
-        )  # fmt: skip
+        chosen = small if compact else full
+        if dense:
+            c = critical_point_counts(
+                objective, refined.params, chosen, rel_tol=rel_tol, hessian=refined.hessian
+            )
+        else:
+            c = _uncounted(objective, refined.params, chosen, rel_tol)
         counts[name] = dict(orbit_dim=_rank(full), compact_orbit_dim=_rank(small), **c)
     result["counts"] = counts
     return _finite(result)
+
+
+def _uncounted(objective, params, level, rel_tol) -> dict:
+    """The matrix-free report of one reduction: the fields of ``critical_point_counts`` with
+    the counts None, and the level directions' largest Hessian residual."""
+    basis = orthonormal_basis(level, level.shape[0], params[0])
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels: no double backward
+        top = lanczos_extremes(objective, params, k=1, which="LM", tol=1e-8)
+    scale = float(abs(top).max())
+    residual = hessian_residuals(objective, params, basis, scale)["residual"]
+    # fmt: off
+    return dict(
+        n_params=level.shape[0], expected_flat=basis.shape[1], flat_total=None,
+        flat_horizontal=None, tolerance_rule=None, rel_tol=rel_tol, scale=scale,
+        flat_by_tolerance={}, by_gap=None, gap=None,
+        max_level_residual=float(residual.max()) if residual.numel() else 0.0,
+    )
+    # fmt: on
 
 
 def _finite(value):

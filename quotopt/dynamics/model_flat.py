@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..symmetries import group_point, symmetries
 from .flat import flat_directions, vertical_basis
-from .hessian import dense_hessian, flatten, hessian_operator, lanczos_extremes, unflatten
+from .hessian import dense_hessian, flatten, lanczos_extremes, unflatten
 
 DENSE_MAX = 5000  # parameters up to which the Hessian is formed densely
 NOTE = (
@@ -194,12 +194,14 @@ def _report(objective, params, vertical, dims, rel_tol, dense_max, level) -> dic
         report["flat_by_tolerance"] = _by_tolerance(report)
         return report
     # what products certify: the top, the converged bottom, the vertical residuals
-    op = hessian_operator(objective, params)
+    from .refine_krylov import hessian_residuals
+
     top = lanczos_extremes(objective, params, k=min(6, n - 1), which="LM", tol=1e-10)
     scale = float(abs(top).max())
     lowest = _converged_bottom(objective, params, k=min(6, n - 1))
-    rayleigh, residual = _rayleigh_and_residual(op, vertical, scale)
-    level_residual = _rayleigh_and_residual(op, level, scale)[1]
+    vertical_res = hessian_residuals(objective, params, vertical, scale)
+    rayleigh, residual = vertical_res["rayleigh"], vertical_res["residual"]
+    level_residual = hessian_residuals(objective, params, level, scale)["residual"]
     # fmt: off
     return dict(
         method="lanczos", n_params=n, eigenvalues=sorted(top.tolist()), scale=scale,
@@ -211,14 +213,6 @@ def _report(objective, params, vertical, dims, rel_tol, dense_max, level) -> dic
         max_level_residual=float(level_residual.max()) if level_residual.numel() else 0.0,
     )
     # fmt: on
-
-
-def _rayleigh_and_residual(op, directions, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """vᵀHv/(max|λ|·‖v‖²) and ‖Hv‖/(max|λ|·‖v‖) for every column v of ``directions``."""
-    hv = [torch.from_numpy(op.matvec(c.numpy())) for c in directions.mT]
-    hv = torch.stack(hv, 1) if hv else directions.new_zeros(directions.shape)
-    squared = (directions * directions).sum(0)
-    return (directions * hv).sum(0) / squared / scale, hv.norm(dim=0) / squared.sqrt() / scale
 
 
 def _converged_bottom(objective, params, k: int) -> list[float]:

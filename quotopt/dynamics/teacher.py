@@ -4,6 +4,8 @@ A regression of a model's outputs on a teacher's, F(θ) = ½‖y(θ) − y*‖²
 critical point exactly at the teacher θ₀ when y* = y(θ₀) + (J₀ᵀ)⁺ λθ₀ (``teacher_targets``),
 which needs θ₀ orthogonal to every non-compact orbit direction of the loss: its balanced point
 (``balance_teacher``). With λ = 0 the teacher is an exact interpolating minimum.
+``TeacherRegression`` is the task: the teacher's outputs on random sequences, the training
+targets shifted so.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..checks import write_point
 from ..symmetries import group_point
 from .hessian import flatten
 
-__all__ = ["teacher_targets", "balance_teacher"]
+__all__ = ["teacher_targets", "balance_teacher", "TeacherRegression"]
 
 
 def teacher_targets(
@@ -92,3 +96,47 @@ def balance_teacher(model, groups, *, max_passes: int = 500, tol: float = 1e-13)
         if float((after - before).norm()) <= tol * float(after.norm()):
             return passes
     raise ValueError(f"balance_teacher: {max_passes} passes did not move θ by under {tol:g}")
+
+
+class TeacherRegression:
+    """Regress a model's outputs on a random teacher's, ½ Σ ‖y − y*‖² over full batches.
+
+    ``batch(split, None)`` gives (tokens, teacher outputs) of the ``"train"`` or ``"val"``
+    sequences; ``evaluate(model, split)`` returns the loss per output and ``r2`` = 1 −
+    Σ(y − y*)² / Σ(y* − ȳ*)² (the validation metric)."""
+
+    kind = "regression"
+
+    def __init__(
+        self, teacher: nn.Module, vocab, seq_len, n_train, n_val, seed=0, weight_decay=0.0
+    ):
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab, (n_train + n_val, seq_len), generator=gen)
+        with torch.no_grad():
+            targets = teacher(tokens)
+        if weight_decay:  # the training targets that make the teacher critical for F
+            names = [n for n, _ in teacher.named_parameters()]
+            train = tokens[:n_train]
+            outputs = lambda *ps: functional_call(teacher, dict(zip(names, ps)), (train,))  # noqa: E731
+            shifted = teacher_targets(outputs, tuple(teacher.parameters()), weight_decay)
+            targets = torch.cat([shifted.reshape(targets[:n_train].shape), targets[n_train:]])
+        self.data = {
+            "train": (tokens[:n_train], targets[:n_train]),
+            "val": (tokens[n_train:], targets[n_train:]),
+        }
+
+    def batch(self, split, batch_size=None):
+        return self.data[split]
+
+    def logits(self, model, x):
+        return model(x)
+
+    def loss(self, outputs, y):
+        return 0.5 * (outputs - y).square().sum()
+
+    @torch.no_grad()
+    def evaluate(self, model, split="val") -> dict[str, float]:
+        x, y = self.data[split]
+        residual = (model(x) - y).square().sum()
+        spread = (y - y.mean()).square().sum()
+        return {"loss": float(residual) / y.numel(), "r2": float(1 - residual / spread)}

@@ -178,8 +178,11 @@ def flat_markdown(flat_results: list[dict]) -> str:
             f"Level orbits: {_LEVELS[r['level']]}.",
             "",
         ]
-        lines += _table(r)
         rule = next(iter(r["counts"].values()))["tolerance_rule"]
+        if rule is None:  # the matrix-free route: residuals, no counts
+            lines += [_uncounted_line(r), ""]
+            continue
+        lines += _table(r)
         lines += ["", f"Columns by tolerance: flat total / flat horizontal at |λ| ≤ tol·max|λ|; "
                       f"the main columns use {rule}. The gap column counts below the widest "
                       "gap of log|λ| under 1e-4·max|λ|, with the ratio across it.", ""]  # fmt: skip
@@ -187,6 +190,21 @@ def flat_markdown(flat_results: list[dict]) -> str:
             measured.append((name, red, c, refine["converged"]))
     lines += ["### Claim and measurement", "", _verdict(measured), ""]
     return "\n".join(lines)
+
+
+def _uncounted_line(r: dict) -> str:
+    """A setting refined matrix-free (above the dense size): what was certified instead."""
+    parts = [
+        f"{_REDUCTIONS.get(name, name)}: {c['expected_flat']} level directions, largest "
+        f"‖Hv‖/(max|λ|·‖v‖) {c['max_level_residual']:.1e}"
+        for name, c in r["counts"].items()
+    ]
+    return (
+        "Above the dense size: refined matrix-free and not counted (the bottom of the spectrum "
+        "is not resolved by Hessian–vector products at this conditioning); "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def _clean_counts(c: dict) -> tuple[int, int, str]:
