@@ -260,22 +260,29 @@ class _TeacherTask:
         return 0.5 * ((logits.reshape(-1) - y) ** 2).sum()
 
 
+def _teacher_task_at_start(weight_decay, noise):
+    """``_problem``'s model moved to its start and the regression as a task object (the
+    interface ``model_flat_directions`` takes)."""
+    model, _, start = _problem(weight_decay, noise)
+    tokens = torch.randint(0, 5, (10, 4), generator=torch.Generator().manual_seed(1))
+    names = [n for n, _ in model.named_parameters()]
+    teacher = tuple(p.detach().clone() for p in model.parameters())
+    target = teacher_targets(
+        lambda *ps: functional_call(model, dict(zip(names, ps)), (tokens,)), teacher, weight_decay
+    )
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start):
+            p.copy_(s)
+    return model, _TeacherTask(tokens, target)
+
+
 def test_model_flat_directions_refines_and_counts_against_the_level_orbits():
     """``refine=True``: the report gains ``critical`` with ‖∇F‖ at round-off and the counts of
     the model's own reduction (the heads' GL(r): 4 compact directions, 6 O(d) ones left)."""
     from quotopt.dynamics import model_flat_directions
 
-    model, objective, start = _problem(1e-2, 1e-4)
-    tokens = torch.randint(0, 5, (10, 4), generator=torch.Generator().manual_seed(1))
-    names = [n for n, _ in model.named_parameters()]
-    teacher = tuple(p.detach().clone() for p in model.parameters())
-    target = teacher_targets(
-        lambda *ps: functional_call(model, dict(zip(names, ps)), (tokens,)), teacher, 1e-2
-    )
-    with torch.no_grad():
-        for p, s in zip(model.parameters(), start):
-            p.copy_(s)
-    report = model_flat_directions(_TeacherTask(tokens, target), model, 1e-8, 1e-2, refine=True)
+    model, task = _teacher_task_at_start(1e-2, 1e-4)
+    report = model_flat_directions(task, model, 1e-8, 1e-2, refine=True)
     critical = report["critical"]
     assert critical["refine"]["converged"] and critical["level"] == "compact"
     assert (critical["expected_flat"], critical["flat_total"], critical["flat_horizontal"]) == (

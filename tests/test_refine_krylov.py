@@ -14,7 +14,7 @@ import torch
 from quotopt.dynamics.refine import model_orbit_basis, refine_critical_point
 from quotopt.dynamics.refine_krylov import minres, refine_critical_point_krylov
 from quotopt.joint_groups import joint_groups
-from tests.test_refine import _problem, _TeacherTask
+from tests.test_refine import _problem, _teacher_task_at_start
 
 
 def _symmetric(n, spectrum, seed=0):
@@ -82,22 +82,9 @@ def test_model_flat_directions_above_the_dense_limit_refines_matrix_free():
     """``dense_max`` below the model's size: the Krylov route reaches the critical point the
     dense route counts at, the vertical tangents of the compact orbits have residual
     ‖Hv‖/(max|λ|‖v‖) at round-off there, and no count is claimed."""
-    from torch.func import functional_call
-
     from quotopt.dynamics import model_flat_directions
-    from quotopt.dynamics.teacher import teacher_targets
 
-    model, _, start = _problem(1e-2, 1e-4)
-    tokens = torch.randint(0, 5, (10, 4), generator=torch.Generator().manual_seed(1))
-    names = [n for n, _ in model.named_parameters()]
-    teacher = tuple(p.detach().clone() for p in model.parameters())
-    target = teacher_targets(
-        lambda *ps: functional_call(model, dict(zip(names, ps)), (tokens,)), teacher, 1e-2
-    )
-    with torch.no_grad():
-        for p, s in zip(model.parameters(), start):
-            p.copy_(s)
-    task = _TeacherTask(tokens, target)
+    model, task = _teacher_task_at_start(1e-2, 1e-4)
     report = model_flat_directions(task, model, 1e-8, 1e-2, refine=True, dense_max=10)
     critical = report["critical"]
     assert critical["route"] == "krylov" and critical["refine"]["converged"]

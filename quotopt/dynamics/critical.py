@@ -38,8 +38,11 @@ Newton converges quadratically):
   parameters), vocabulary 16 and 192 training sequences (counted in minutes here);
   ``regression-teacher-decay-large``: the same at d = 22 (2 heads of r = 11, MLP 44, 4,400
   parameters), vocabulary 20 and 256 training sequences, below the dense limit of 5,000 (about
-  40 minutes on 2 cores). A teacher needs d ≤ V + L (vocabulary plus positions) so that every stream
-  direction is used, and more residuals than parameters: otherwise J₀ has a kernel beyond the
+  40 minutes on 2 cores); ``regression-teacher-decay-xl``: d = 24 (2 heads of r = 12, MLP 48,
+  5,280 parameters), vocabulary 24, above the dense limit: refined matrix-free, the level
+  directions' Hessian residuals reported, not counted (``count_setting``). A teacher needs
+  d ≤ V + L (vocabulary plus positions) so that every stream direction is used, and more
+  residuals than parameters: otherwise J₀ has a kernel beyond the
   orbit that λθ₀ reaches, and no target shift makes the teacher critical (d = 16 with V = 8, or
   96 sequences at 4,288 parameters, measured: Newton does not converge);
   ``relational-teacher``: the λ = 0 teacher regression with the ``RelationalTransformer``
@@ -82,9 +85,10 @@ from .refine import (
     critical_point_counts,
     model_objective,
     model_orbit_basis,
+    orthonormal_basis,
     refine_critical_point,
 )
-from .refine_krylov import hessian_residuals, orthonormal_basis, refine_critical_point_krylov
+from .refine_krylov import hessian_residuals, refine_critical_point_krylov
 from .teacher import TeacherRegression, balance_teacher
 
 __all__ = ["SETTINGS", "count_setting", "TeacherRegression"]
@@ -123,6 +127,9 @@ SETTINGS: dict[str, dict] = {
     ),
     "regression-teacher-decay-large": dict(
         _TEACHER_DECAY, vocab=20, n_train=256, d_model=22, d_mlp=44
+    ),
+    "regression-teacher-decay-xl": dict(
+        _TEACHER_DECAY, vocab=24, n_train=256, d_model=24, d_mlp=48
     ),
     "relational-teacher": dict(
         {k: v for k, v in _REGRESSION.items() if k not in ("d_model", "d_mlp", "tie_embeddings")},

@@ -134,8 +134,7 @@ def model_flat_directions(
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no double backward
         level = None
         if vertical.shape[0] > dense_max:  # the directions F is constant along
-            from .refine import model_orbit_basis
-            from .refine_krylov import orthonormal_basis
+            from .refine import model_orbit_basis, orthonormal_basis
 
             level = model_orbit_basis(model, groups, params, compact=weight_decay > 0)
             level = orthonormal_basis(level, vertical.shape[0], vertical)

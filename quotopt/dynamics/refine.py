@@ -50,6 +50,7 @@ __all__ = [
     "critical_point_counts",
     "model_objective",
     "model_orbit_basis",
+    "orthonormal_basis",
     "TOLERANCES",
 ]
 
@@ -94,14 +95,26 @@ def _value_and_gradient(objective, params) -> tuple[float, torch.Tensor]:
     return float(value.detach()), grad
 
 
+def _svd_rank(s: torch.Tensor, shape) -> int:
+    """Numerical rank from singular values ``s`` of a matrix of ``shape`` (LAPACK's rule)."""
+    return int((s > s[0] * max(shape) * torch.finfo(s.dtype).eps).sum()) if s.numel() else 0
+
+
 def _complement(directions: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the Euclidean complement of the columns' span (rank by SVD)."""
     eye = torch.eye(n, dtype=like.dtype, device=like.device)
     if directions is None or directions.shape[1] == 0:
         return eye
     u, s, _ = torch.linalg.svd(directions.to(like.dtype), full_matrices=True)
-    rank = int((s > s[0] * max(directions.shape) * torch.finfo(s.dtype).eps).sum())
-    return u[:, rank:]
+    return u[:, _svd_rank(s, directions.shape) :]
+
+
+def orthonormal_basis(directions: torch.Tensor | None, n: int, like: torch.Tensor):
+    """(n, rank) orthonormal basis of the columns' span (rank by SVD), (n, 0) for none."""
+    if directions is None or directions.shape[1] == 0:
+        return like.new_zeros(n, 0)
+    u, s, _ = torch.linalg.svd(directions.to(like.dtype), full_matrices=False)
+    return u[:, : _svd_rank(s, directions.shape)]
 
 
 def _newton_step(evals, evecs, q, grad, cutoff, saddle_free):

@@ -43,18 +43,9 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .hessian import _GradientGraph, flatten
-from .refine import Refined, _as_basis, _line_search, _value_and_gradient
+from .refine import Refined, _as_basis, _line_search, _value_and_gradient, orthonormal_basis
 
-__all__ = ["refine_critical_point_krylov", "minres", "orthonormal_basis", "hessian_residuals"]
-
-
-def orthonormal_basis(directions: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
-    """(n, rank) orthonormal basis of the columns' span (rank by SVD), (n, 0) for none."""
-    if directions is None or directions.shape[1] == 0:
-        return like.new_zeros(n, 0)
-    u, s, _ = torch.linalg.svd(directions.to(like.dtype), full_matrices=False)
-    rank = int((s > s[0] * max(directions.shape) * torch.finfo(s.dtype).eps).sum())
-    return u[:, :rank]
+__all__ = ["refine_critical_point_krylov", "minres", "hessian_residuals"]
 
 
 class _ProjectedHessian:

@@ -126,8 +126,8 @@ class FlatPlan:
 #: every setting of ``quotopt.dynamics.critical`` (models that learn, refined before counting)
 CRITICAL = (
     "modadd", "regression", "regression-teacher", "regression-teacher-decay",
-    "regression-teacher-decay-wide", "regression-teacher-decay-large", "relational",
-    "relational-teacher", "relational-teacher-decay",
+    "regression-teacher-decay-wide", "regression-teacher-decay-large",
+    "regression-teacher-decay-xl", "relational", "relational-teacher", "relational-teacher-decay",
 )  # fmt: skip
 
 
