@@ -96,12 +96,11 @@ def model_flat_directions(
 
     ``refine=True`` first moves the model to a true critical point of F (Newton on the
     complement of the level orbit directions — the compact ones when ``weight_decay > 0``,
-    all of them otherwise: ``quotopt.dynamics.refine`` up to ``dense_max`` parameters
-    (default ``DENSE_MAX``),
-    matrix-free ``refine_krylov`` above) and adds ``critical``: the refinement (‖∇F‖ before
-    and after, steps, converged, Hessian–vector products) and, on the dense route, the counts
-    against the level directions (``expected_flat``, ``flat_total``, ``flat_horizontal``,
-    ``flat_by_tolerance``).
+    all of them otherwise: ``quotopt.dynamics.refine`` up to ``dense_max`` parameters,
+    default ``DENSE_MAX``; matrix-free ``refine_krylov`` above) and adds ``critical``: the
+    refinement (‖∇F‖ before and after, steps, converged, Hessian–vector products, ``route``)
+    and, on the dense route, the counts against the level directions (``expected_flat``,
+    ``flat_total``, ``flat_horizontal``, ``flat_by_tolerance``).
 
     Above ``dense_max`` (``method`` "lanczos") the report holds what Hessian–vector products
     certify cheaply: the top of the spectrum, the converged bottom Ritz values, and for every
@@ -110,8 +109,7 @@ def model_flat_directions(
     round-off, as H annihilates every tangent of a level orbit). ``flat_total`` and
     ``flat_horizontal`` are None: counting eigenvalues below 1e-8·max|λ| matrix-free needs
     the bottom of a spectrum of condition ~10⁷ resolved, which costs more products than the
-    dense Hessian's n
-    (``docs/theory/flat-directions.md``).
+    dense Hessian's n (``docs/theory/flat-directions.md``).
     """
     dense_max = DENSE_MAX if dense_max is None else dense_max
     model = model.double()
