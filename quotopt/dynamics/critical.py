@@ -339,6 +339,10 @@ def count_setting(
         **_metric(task, model),
     )
     counts = {}
+    if not dense:  # max|λ(H)| at the refined point, shared by every reduction's residuals
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels: no double backward
+            top = lanczos_extremes(objective, refined.params, k=1, which="LM", tol=1e-8)
+        scale = float(abs(top).max())
     for name, groups in reductions.items():
         full = model_orbit_basis(model, groups, refined.params)
         small = model_orbit_basis(model, groups, refined.params, compact=True)
@@ -348,19 +352,17 @@ def count_setting(
                 objective, refined.params, chosen, rel_tol=rel_tol, hessian=refined.hessian
             )
         else:
-            c = _uncounted(objective, refined.params, chosen, rel_tol)
+            c = _uncounted(objective, refined.params, chosen, rel_tol, scale)
         counts[name] = dict(orbit_dim=_rank(full), compact_orbit_dim=_rank(small), **c)
     result["counts"] = counts
     return _finite(result)
 
 
-def _uncounted(objective, params, level, rel_tol) -> dict:
+def _uncounted(objective, params, level, rel_tol, scale) -> dict:
     """The matrix-free report of one reduction: the fields of ``critical_point_counts`` with
-    the counts None, and the level directions' largest Hessian residual."""
+    the counts None, and the level directions' largest Hessian residual relative to
+    ``scale`` (max|λ(H)|)."""
     basis = orthonormal_basis(level, level.shape[0], params[0])
-    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels: no double backward
-        top = lanczos_extremes(objective, params, k=1, which="LM", tol=1e-8)
-    scale = float(abs(top).max())
     residual = hessian_residuals(objective, params, basis, scale)["residual"]
     # fmt: off
     return dict(

@@ -177,12 +177,20 @@ def hessian_operator(loss_fn: Loss, params: Sequence[torch.Tensor]) -> LinearOpe
     The gradient graph is built once and kept alive by the operator (memory of one backward).
     """
     graph = _GradientGraph(loss_fn, params)
+    return as_linear_operator(graph.matvec, graph.grad)
 
-    def matvec(x: np.ndarray) -> np.ndarray:
+
+def as_linear_operator(matvec: Callable, like: torch.Tensor) -> LinearOperator:
+    """A symmetric torch ``matvec`` on (n,) vectors shaped like ``like`` (its dtype and
+    device) as a scipy ``LinearOperator`` on float64 numpy vectors."""
+    n = like.numel()
+
+    def numpy_matvec(x: np.ndarray) -> np.ndarray:
         v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
-        return graph.matvec(v).detach().to(device="cpu", dtype=torch.float64).numpy()
+        out = matvec(v.to(dtype=like.dtype, device=like.device)).detach()
+        return out.to(device="cpu", dtype=torch.float64).numpy()
 
-    return LinearOperator((graph.n, graph.n), matvec=matvec, dtype=np.float64)
+    return LinearOperator((n, n), matvec=numpy_matvec, dtype=np.float64)
 
 
 def lanczos_extremes(

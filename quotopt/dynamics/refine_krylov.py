@@ -39,10 +39,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .hessian import _GradientGraph, flatten
+from .hessian import _GradientGraph, as_linear_operator, flatten
 from .refine import Refined, _as_basis, _line_search, _value_and_gradient, orthonormal_basis
 
 __all__ = ["refine_critical_point_krylov", "minres", "hessian_residuals"]
@@ -54,17 +54,10 @@ class _ProjectedHessian:
     def __init__(self, objective, params, basis: torch.Tensor):
         self.graph = _GradientGraph(objective, params)
         self.basis, self.products = basis, 0
-        n = self.graph.n
-        self.operator = LinearOperator((n, n), matvec=self._matvec, dtype=np.float64)
+        self.operator = as_linear_operator(self.apply, self.graph.grad)
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         return v - self.basis @ (self.basis.mT @ v) if self.basis.shape[1] else v
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        like = self.graph.grad
-        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
-        hv = self.apply(v.to(dtype=like.dtype, device=like.device))
-        return hv.to(device="cpu", dtype=torch.float64).numpy()
 
     def top(self, start: np.ndarray | None) -> tuple[float, np.ndarray]:
         """max|λ| to relative accuracy 1e-3 and its eigenvector (Lanczos, ARPACK)."""
