@@ -75,7 +75,7 @@ GPT2_SMALL = dict(vocab=256, d_model=768, n_layers=12, n_heads=12, context=64, b
 
 
 def geometry_flops(cfg: dict, metric: str = "euclidean") -> float:
-    """The FLOP floor of one quotient step's geometry (DESIGN.md section 7), per step: per head
+    """The FLOP floor of one quotient step's geometry (docs/benchmarks.md), per step: per head
     pair the two float64 Grams (4·d·r²), two projections — the direction's and the transported
     moment's — of 8·d·r² each (AᵀZ₁, Z₂ᵀB and the fused update), the invariant metric's step
     bound (8·d·r² more) and two r×r eigendecompositions (≈ 9r³ each); two pairs (QK, OV) per

@@ -1,4 +1,4 @@
-r"""The joint quotient by O(d) on the model axis and GL(r) on the head axis (DESIGN.md 1.5).
+r"""The joint quotient by O(d) on the model axis and GL(r) on the head axis (docs/theory/joint.md).
 
 ``JointBundle(residual, heads)`` — ``residual`` is a ``ResidualRotation`` over *every* tensor of
 the point (with ``shapes``); ``heads`` lists ``(head_bundle, (i, j))``: a GL(r)-per-head bundle

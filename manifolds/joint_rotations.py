@@ -1,4 +1,4 @@
-r"""The joint bundle with further rotation groups on other axes (DESIGN.md 1.5).
+r"""The joint bundle with further rotation groups on other axes (docs/theory/joint.md).
 
 ``JointWithRotations(residual, heads, rotations)`` extends ``JointBundle(residual, heads)`` by
 ``rotations``: ``(rotation, slots)`` pairs, each a ``ResidualRotation`` O(d_b) acting on an axis

@@ -4,7 +4,7 @@
 for ``quotopt.models.Transformer``: O(d_model) rotates the model axis of every trainable tensor
 while GL(r) acts on the head axis of every (W_q, W_k) and (W_v, W_o) pair; the actions commute
 and act on the same tensors, so the vertical space is a sum and the group is one
-``manifolds.JointBundle`` over all the model's parameters (DESIGN.md 1.5). A pair whose fixed
+``manifolds.JointBundle`` over all the model's parameters (docs/theory/joint.md). A pair whose fixed
 ``q_bias`` / ``v_bias`` is set keeps only O(d). Positive rescaling of ReLU units is not part
 of the joint group (its units would need a layout inside the joint point): with
 ``activation="relu"`` it is not reduced.

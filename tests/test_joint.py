@@ -1,4 +1,4 @@
-"""The joint quotient by O(d) and the heads' GL(r) (manifolds.JointBundle, DESIGN.md 1.5)."""
+"""The joint quotient by O(d) and the heads' GL(r) (manifolds.JointBundle, docs/theory/joint.md)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def random_gl(H: int, r: int, cond: float = 10.0) -> torch.Tensor:
 
 
 def rotate_axis(t: torch.Tensor, axis: int, R: torch.Tensor) -> torch.Tensor:
-    """T'[..., j, ...] = sum_i T[..., i, ...] R[i, j] along `axis` (DESIGN.md 1.3)."""
+    """T'[..., j, ...] = sum_i T[..., i, ...] R[i, j] along `axis` (docs/theory/bundles.md)."""
     return (t.movedim(axis, -1) @ R).movedim(-1, axis)
 
 

@@ -1,4 +1,4 @@
-r"""True critical points before counting flat directions (DESIGN.md section 4).
+r"""True critical points before counting flat directions (docs/theory/flat-directions.md).
 
 For f invariant, Hess f(p)[v_ξ, v_ξ] = −⟨∇f(p), p·ξ²⟩: vertical curvature is O(‖∇F‖), so flat
 directions counted at a point that is only near-critical measure the tolerance, not the

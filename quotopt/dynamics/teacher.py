@@ -1,4 +1,4 @@
-r"""The teacher regression's targets and its balanced point (DESIGN.md section 4).
+r"""The teacher regression's targets and its balanced point (docs/theory/flat-directions.md).
 
 A regression of a model's outputs on a teacher's, F(θ) = ½‖y(θ) − y*‖² + (λ/2)‖θ‖², has a
 critical point exactly at the teacher θ₀ when y* = y(θ₀) + (J₀ᵀ)⁺ λθ₀ (``teacher_targets``),

@@ -1,4 +1,4 @@
-"""The relational transformer: manifest O(d) invariance by construction (DESIGN.md section 3).
+"""The relational transformer: manifest O(d) invariance by construction (docs/theory/relational.md).
 
 Each token carries k = ``n_channels`` vectors in a gauge space R^D (D = ``d_gauge``). Every
 learned weight mixes channels only, so it commutes with O(D) acting on the gauge axis; the only

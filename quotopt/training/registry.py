@@ -177,7 +177,7 @@ def _qsgd(model, lr, wd, betas):
     return QuotientSGD(symmetries(model), lr, momentum=0.9, weight_decay=wd)
 
 
-_ADAM = dict(modadd=(1e-3, 1.0), sort=(5e-4, 0.1), chars=(2e-3, 0.1))  # Nanda, minGPT, DESIGN
+_ADAM = dict(modadd=(1e-3, 1.0), sort=(5e-4, 0.1), chars=(2e-3, 0.1))  # Nanda et al. 2023, minGPT
 register_optimizer("adamw", _adamw, 1e-3, 0.1, **_ADAM)
 register_optimizer("qadam", _qadam("euclidean"), 1e-3, 0.1, **_ADAM)
 register_optimizer("qadam-inv", _qadam("invariant"), 1e-3, 0.1, **_ADAM)
