@@ -20,9 +20,11 @@ the point (with ``shapes``); ``heads`` lists ``(head_bundle, (i, j))``: a GL(r)-
   S is symmetric positive semi-definite on so(d) (null exactly on the stabiliser). For
   d ≤ ``DIRECT_MAX_D`` it is formed on the basis E_ij − E_ji and solved by a pseudo-inverse
   (``solver="direct"``); above, by conjugate gradients preconditioned by the Lyapunov operator
-  L_O = V_O*V_O (one ``eigh`` of C = Σ T̂ᵀ(GT)^), stopping at ‖r‖ ≤ ``cg_tol``·‖b‖ (default
-  1e-13 in float64, 1e-6 otherwise); each iteration is one batched pass over all heads reusing
-  their factorisations. ``last_solve`` records the method, iterations and relative residual;
+  L_O = V_O*V_O (one ``eigh`` of C = Σ T̂ᵀ(GT)^), stopping at the backward error
+  ‖r‖ ≤ ``cg_tol``·max(‖b‖, ‖V_O‖‖Z‖) (default 1e-13 in float64, 1e-6 otherwise; ‖V_O‖² ≤
+  λ_max(C)), or where S is null on the search direction (the stabiliser); each iteration is
+  one batched pass over all heads reusing their factorisations. ``last_solve`` records the
+  method, iterations and the residual relative to that bound's scale;
 * dressing   O(d) first, from the GL-invariant, O(d)-covariant Gram C = Σ_(other tensors) T̂ᵀT̂
   + Σ_h (M_h M_hᵀ + M_hᵀM_h), M_h = ABᵀ: its eigenframe (descending), signs fixed on the rows of
   the tensors that only O(d) acts on (covariant and GL-invariant); then every head on its
@@ -278,12 +280,13 @@ class JointBundle(Bundle):
         ]
         return self._with(egrad, parts)
 
-    def _solve_schur(self, schur, rhs: torch.Tensor, spectrum) -> torch.Tensor:
-        """ω with S(ω) = rhs, direct or by CG (module docstring); sets ``last_solve``."""
+    def _solve_schur(self, schur, rhs: torch.Tensor, spectrum, norm_z) -> torch.Tensor:
+        """ω with S(ω) = rhs, direct or by CG (module docstring); ``norm_z`` is the metric norm
+        of the vector projected (the scale of CG's stopping test); sets ``last_solve``."""
         direct = self.solver == "direct" or (self.solver == "auto" and self.d_model <= DIRECT_MAX_D)
         iterations = 2 * self.residual.group_dim + 20
         omega, self.last_solve = jl.solve_schur(
-            schur, rhs, spectrum, self.d_model if direct else None, self.cg_tol, iterations
+            schur, rhs, spectrum, self.d_model if direct else None, self.cg_tol, iterations, norm_z
         )
         return omega
 
@@ -301,7 +304,7 @@ class JointBundle(Bundle):
                 out = out + skew(hd.cross(*hd.horizontal(*hd.rotate(om))[0]))
             return out
 
-        omega = self._solve_schur(schur, rhs, f.spectrum)
+        omega = self._solve_schur(schur, rhs, f.spectrum, self.inner(point, v, v, f).sqrt())
         xis = {}
         for r, (hd, _) in f.blocks.items():
             w1, w2 = hd.rotate(omega)

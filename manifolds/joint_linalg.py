@@ -4,7 +4,8 @@ with their metric and Sylvester solves, and the two solvers of the Schur system 
 ``HeadStack`` holds the factors A, B (N, d, r) of every head of one r and reuses one ``eigh`` of
 AᵀA and of BᵀB for every solve at a point. ``solve_direct`` forms the Schur operator on the
 basis E_ij − E_ji and applies its pseudo-inverse (eigenvalues below 8·n·eps·max dropped: the
-stabiliser); ``solve_cg`` runs preconditioned conjugate gradients to ‖r‖ ≤ tol·‖b‖.
+stabiliser); ``solve_cg`` runs preconditioned conjugate gradients to a backward-error bound,
+‖r‖ ≤ tol·max(‖b‖, ‖V_O‖·‖Z‖).
 """
 
 from __future__ import annotations
@@ -101,37 +102,63 @@ def solve_direct(schur, rhs, basis):
     return omega, {"method": "direct", "iterations": 0, "residual": 0.0}
 
 
-def solve_cg(schur, precondition, rhs, tol: float, max_iterations: int):
+def solve_cg(schur, precondition, rhs, tol: float, max_iterations: int, scale=0.0):
     """Preconditioned conjugate gradients for S Ω = rhs on skew matrices (Frobenius inner
-    product), from Ω = 0, until ‖r‖ ≤ tol·‖rhs‖ or ``max_iterations``."""
+    product), from Ω = 0, until ‖r‖ ≤ tol·max(‖rhs‖, ``scale``) or ``max_iterations``.
+
+    ``scale`` bounds ‖rhs‖ by the size of the data it was computed from (‖V_O‖·‖Z‖), so the
+    stop is a backward-error test: a right-hand side at round-off (Z horizontal already) or
+    round-off components on the stabiliser, where S is null and r cannot shrink, end the
+    iteration instead of driving it into 0/0. A search direction on which S is null relative
+    to the preconditioner (p·Sp ≤ eps·r·z: p on the stabiliser, a step α > 1/eps) ends it
+    too, with that step not taken. One host
+    synchronisation per iteration (the stopping test)."""
     x, res = torch.zeros_like(rhs), rhs.clone()
-    norm_b = float(rhs.norm())
+    norm_b = rhs.norm()
+    ref = torch.maximum(norm_b, torch.as_tensor(scale, dtype=rhs.dtype, device=rhs.device))
     z = precondition(res)
     p, rz = z, (res * z).sum()
-    its, rel = 0, 0.0
-    while norm_b > 0 and its < max_iterations:
+    eps = torch.finfo(rhs.dtype).eps
+    its, (rel, stop) = 0, _progress(norm_b, ref, tol, torch.ones_like(norm_b, dtype=torch.bool))
+    while not stop and its < max_iterations:
         its += 1
         sp = schur(p)
-        alpha = rz / (p * sp).sum()
+        curvature = (p * sp).sum()
+        ok = curvature > eps * rz  # α = rz/p·Sp ≤ 1/eps: S and the preconditioner agree on p
+        alpha = torch.where(ok, rz / torch.where(ok, curvature, torch.ones_like(curvature)), 0.0)
         x, res = x + alpha * p, res - alpha * sp
-        rel = float(res.norm()) / norm_b
-        if rel <= tol:
+        norm_r = res.norm()
+        rel, stop = _progress(norm_r, ref, tol, ok)
+        if stop:
             break
         z = precondition(res)
         rz_new = (res * z).sum()
-        p, rz = z + (rz_new / rz) * p, rz_new
+        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), 0.0)
+        p, rz = z + beta * p, rz_new
     return x, {"method": "cg", "iterations": its, "residual": rel, "tol": tol}
 
 
-def solve_schur(schur, rhs, spectrum, direct_d: int | None, cg_tol, max_iterations: int):
+def _progress(norm_r, ref, tol: float, ok):
+    """(‖r‖/ref as a float, whether to stop: converged or not ``ok``), one synchronisation."""
+    ratio = norm_r / torch.where(ref > 0, ref, torch.ones_like(ref))
+    go = ok & (ratio > tol)
+    rel, go = torch.stack((ratio, go.to(ratio.dtype))).tolist()
+    return rel, not go
+
+
+def solve_schur(
+    schur, rhs, spectrum, direct_d: int | None, cg_tol, max_iterations: int, norm_z=0.0
+):
     """(ω, report) solving S(ω) = rhs for the Schur complement ``schur`` on the O(d) generator:
     formed on the basis E_ij − E_ji of so(``direct_d``) and pseudo-inverted, or (``direct_d``
-    None) conjugate gradients
-    preconditioned by the rotation block alone, whose eigendecomposition is ``spectrum``
-    (tolerance ``cg_tol``, default 1e-13 in float64 and 1e-6 otherwise)."""
+    None) conjugate gradients preconditioned by the rotation block alone, whose
+    eigendecomposition is ``spectrum`` (tolerance ``cg_tol``, default 1e-13 in float64 and 1e-6
+    otherwise, relative to max(‖rhs‖, ‖V_O‖·``norm_z``), ``norm_z`` the metric norm of the
+    projected vector and ‖V_O‖² ≤ λ_max(C))."""
     if direct_d is not None:
         return solve_direct(schur, rhs, skew_basis(direct_d, rhs.dtype, rhs.device))
     lam, u = spectrum
     tol = cg_tol or (1e-13 if rhs.dtype == torch.float64 else 1e-6)
     precondition = lambda k: spectral_solve(lam, u, lam, u, 2 * k, 1.0)  # noqa: E731
-    return solve_cg(schur, precondition, rhs, tol, max_iterations)
+    scale = lam[..., -1].clamp(min=0).sqrt() * norm_z
+    return solve_cg(schur, precondition, rhs, tol, max_iterations, scale)

@@ -246,7 +246,7 @@ class JointWithRotations(JointBundle):
                 extra.append(skew(self._cross(point, off, rot_slots)))
             return out + torch.stack(extra).reshape(om.shape)
 
-        omega = self._solve_schur(schur, rhs, f.spectrum)
+        omega = self._solve_schur(schur, rhs, f.spectrum, self.inner(point, v, v, f).sqrt())
         xis = {}
         for r, (hd, _) in f.blocks.items():
             w1, w2 = hd.rotate(omega)
