@@ -5,10 +5,11 @@
 * ``model_flat``: the same for a whole model's training objective, with or without decay;
 * ``refine``, ``refine_krylov``: a trained point moved to a true critical point (dense Newton,
   or matrix-free Newton–MINRES above the dense size), and the counts there;
-* ``conserved``: gradient-flow invariants (per-head imbalance) and gauge coordinates.
+* ``conserved``: gradient-flow invariants (per-head imbalance) and gauge coordinates (distance
+  to the balanced section modulo its compact stabiliser, balance gap, drift to the dressing).
 """
 
-from .conserved import balance_gap, gauge_drift, head_imbalance
+from .conserved import balance_gap, gauge_drift, head_imbalance, section_distance
 from .flat import (
     FlatReport,
     algebra_basis,
@@ -46,6 +47,7 @@ __all__ = [
     "model_flat_directions",
     "model_vertical_basis",
     "orbit_dimension",
+    "section_distance",
     "unflatten",
     "vertical_basis",
 ]

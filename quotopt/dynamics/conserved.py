@@ -15,16 +15,28 @@ gradient flow of an invariant loss (weight decay, Adam, invariant metrics, non-i
 moves D, and the quotient geometry makes D a pure gauge coordinate. O(d) has no such charge:
 tr(Cξ) vanishes for skew ξ because C = Σ T̂ᵀT̂ is symmetric.
 
-**Gauge coordinates.** ``gauge_drift`` is the relative Euclidean distance between the
-representative p and the canonical representative dress(p) of its own orbit (the one point where
-the orbit meets the dressed section); it is zero exactly on the section. ``balance_gap`` is a
-smooth, dressing-free alternative — the bundle's own ``balance_gap``: per head the norm of the
-bundle's moment map relative to the same projection of AᵀA + BᵀB (for GL(r)
-‖AᵀA − BᵀB‖_F / ‖AᵀA + BᵀB‖_F, which vanishes exactly on the balanced set dress(p)·O(r); for a
-subgroup such as the RoPE commutant the projection of AᵀA − BᵀB onto its Lie algebra). It is
-unchanged by the compact part of G and by scaling p, and does not jump where the dressing is
-ambiguous (equal singular values), unlike ``gauge_drift``. For ``ResidualRotation`` the analogue
-is ‖offdiag C‖_F / ‖C‖_F (zero when the frame diagonalises C, as the dressing does).
+**Gauge coordinates.** The section of a GL(r) head bundle is the set of *balanced* points
+(AᵀA = BᵀB, the zero set of the moment map); an orbit meets it in dress(p)·O(r), one point up
+to the compact stabiliser O(r). Which point of that circle the dressing names (the diagonalising
+basis, the sign rule) costs nothing and no optimiser controls it, so a gauge coordinate that
+counts it says little. Three coordinates, from the most to the least informative:
+
+* ``section_distance``: min over K in the compact stabiliser of ‖p − dress(p)·K‖ / ‖p‖, the
+  relative Euclidean distance from p to the nearest balanced representative of its own orbit.
+  For GL(r) heads K ranges over O(r) and the minimum is orthogonal Procrustes: with X = [A; B]
+  and X₀ = [A₀; B₀] the factors of p and of dress(p) stacked, K = UVᵀ for X₀ᵀX = UΣVᵀ. It is
+  zero exactly on the section, in the units of the parameters, and unaffected by the
+  dressing's ambiguity (equal singular values pick another K, not another set).
+* ``balance_gap``: the bundle's own ``balance_gap``, per head the norm of the moment map
+  relative to the same projection of AᵀA + BᵀB (for GL(r) ‖AᵀA − BᵀB‖_F / ‖AᵀA + BᵀB‖_F). It
+  vanishes on the same set, needs no dressing, is smooth, and exists for every bundle (the
+  RoPE commutant: the projection onto its Lie algebra; ``ResidualRotation``: ‖offdiag C‖_F /
+  ‖C‖_F). Scale-free, in [0, 1].
+* ``gauge_drift``: ‖p − dress(p)‖ / ‖p‖, the distance to the one canonical point. It counts the
+  rotation inside the section: a balanced point rotated by K ∈ O(r) has a drift of order one.
+  It shows where the dressing would move the point, not how far it is from the section.
+
+Theory: ``docs/theory/dressing.md`` (the balanced section and its ambiguity).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import torch
 
 from manifolds import Bundle
 
-__all__ = ["head_imbalance", "balance_gap", "gauge_drift"]
+__all__ = ["balance_gap", "gauge_drift", "head_imbalance", "section_distance"]
 
 
 def _head_factors(bundle: Bundle, point, what: str):
@@ -70,3 +82,28 @@ def gauge_drift(bundle: Bundle, point):
     undefined (rank drop); where it is ambiguous the value depends on round-off — use
     ``balance_gap``."""
     return bundle.gauge_drift(point)
+
+
+def section_distance(bundle: Bundle, point) -> torch.Tensor:
+    """Per head min over K in the compact stabiliser of ‖p − dress(p)·K‖ / ‖p‖, shape (H,):
+    the relative distance to the nearest balanced point of the orbit (module docstring).
+
+    K ranges over O(r) for GL(r) heads (``compact_dim`` = H·r(r−1)/2, r ≥ 2: orthogonal
+    Procrustes) and is the identity where the compact part is trivial (``compact_dim`` 0:
+    positive rescaling, r = 1). Other factored bundles (the RoPE commutant) raise
+    ``ValueError``: use ``balance_gap``. A rank drop raises the bundle's ``ValueError``."""
+    a, b = _head_factors(bundle, point, "section_distance")
+    a0, b0 = bundle.factors(bundle.dress(bundle.check_point(point)))
+    heads, r = a.shape[0], a.shape[-1]
+    x, x0 = torch.cat([a, b], dim=-2), torch.cat([a0, b0], dim=-2)  # (H, rows, r)
+    if r > 1 and bundle.compact_dim == heads * r * (r - 1) // 2:  # K ∈ O(r) per head
+        u, _, vh = torch.linalg.svd(x0.mT @ x)  # (H, r, r)
+        x0 = x0 @ (u @ vh)
+    elif bundle.compact_dim != 0:
+        raise ValueError(
+            f"section_distance knows the compact stabilisers O(r) and {{1}}, not that of "
+            f"{bundle!r}; use balance_gap"
+        )
+    diff = (x - x0).square().sum(dim=(-2, -1))
+    size = x.square().sum(dim=(-2, -1))
+    return (diff / size.clamp_min(torch.finfo(size.dtype).tiny)).sqrt()
