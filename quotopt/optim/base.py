@@ -10,12 +10,19 @@ weights) is updated in place.
 
 The contract of ``step()``: steps are computed out of place and committed only when every new
 value is finite (``quotopt.optim.guard``). Anything that goes numerically wrong — non-finite
-values, a factorisation that fails — is a ``NonFiniteStepError`` naming the group (or, with
-``nonfinite="skip"``, a skipped step), and leaves parameters, state, lazily created state and
-clocks exactly as they were. Heads that lose rank during training are reported with a
-``RankDeficiencyWarning`` naming group and head (on the CPU at once; on accelerators, whose
-flags are read without blocking, through ``rank_deficient_heads()``). Bundle groups whose
-parameters have ``requires_grad=False`` are never changed.
+values, a factorisation that fails — is a ``NonFiniteStepError`` naming the group and, on the
+CPU, the heads at fault (or, with ``nonfinite="skip"``, a skipped step: a
+``SkippedStepWarning``, counted per group by ``skipped_steps()``), and leaves parameters,
+state, lazily created state and clocks exactly as they were. Heads that lose rank during
+training are reported with a ``RankDeficiencyWarning`` naming group and head (on the CPU at
+once; on accelerators, whose flags are read without blocking, through
+``rank_deficient_heads()``).
+
+Freezing: a group with ``"frozen": True`` is never stepped, whatever its learning rate (a
+scheduler that sets every group's lr cannot move it); the key biases that softmax ignores are
+such groups (``quotopt.symmetries``). Bundle groups whose parameters all have
+``requires_grad=False`` are never changed; a bundle group frozen in part — at construction or
+later — is refused, naming the parameter, since a quotient step moves all its tensors together.
 
 Each bundle group keeps the factorisation of its point (``bundle.factorise``) between steps:
 the step that moves the point computes the new one, and the next step reuses it as long as the
@@ -27,25 +34,31 @@ through ``param.data`` bypass version counters: after such a write call
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from manifolds import Bundle, unchecked
 
-from .guard import FlagCopy, NonFiniteStepError, Plan, finiteness
+from . import validation as rules
+from .guard import (
+    Guard,
+    NonFiniteStepError,
+    Plan,
+    RankDeficiencyWarning,
+    SkippedStepWarning,
+    head_flags,
+)
 from .validation import check_state_dict
 
-__all__ = ["QuotientOptimizer", "NonFiniteStepError", "RankDeficiencyWarning"]
+__all__ = [
+    "QuotientOptimizer",
+    "NonFiniteStepError",
+    "RankDeficiencyWarning",
+    "SkippedStepWarning",
+]
 
-_NONFINITE_MODES = ("raise", "skip")
-_STRUCTURAL_KEYS = ("bundle", "layout")
+#: what the optimiser's construction decides, not its state: kept through ``load_state_dict``
+_STRUCTURAL_KEYS = ("bundle", "layout", "frozen")
 _UNSUPPORTED = ("foreach", "fused", "capturable", "differentiable")
-
-
-class RankDeficiencyWarning(UserWarning):
-    """A head of a bundle group lost rank during training (its Grams became singular to
-    working precision): the quotient is singular there and the head is no longer re-dressed."""
 
 
 def _reject_unsupported(cls_name: str, options: dict) -> None:
@@ -57,15 +70,18 @@ def _reject_unsupported(cls_name: str, options: dict) -> None:
             )
 
 
-def _masked(ok: torch.Tensor, new: dict, old: dict) -> dict:
-    """``new`` where ``ok``, else ``old``, entry by entry (tensors or tuples of tensors)."""
-
-    def pick(a, b):
-        if isinstance(a, tuple):
-            return tuple(pick(x, y) for x, y in zip(a, b))
-        return torch.where(ok, a, b)
-
-    return {key: pick(value, old[key]) for key, value in new.items()}
+def _check_freezing(name: str, params: list, when: str) -> None:
+    """A bundle group is frozen whole or not at all."""
+    frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+    if frozen and len(frozen) < len(params):
+        shapes = ", ".join(f"params[{i}] {tuple(params[i].shape)}" for i in frozen)
+        raise ValueError(
+            f"{name}: {shapes} requires_grad=False {when} but the group's other params do "
+            "not; a quotient step moves every tensor of a bundle together, so nothing was "
+            "changed. Freeze the whole group (requires_grad_(False) on each of its params) or "
+            "none of it, or build the optimiser again from groups that leave the frozen "
+            "tensors out"
+        )
 
 
 def _versions(tensors) -> tuple[int, ...]:
@@ -81,13 +97,15 @@ class QuotientOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, defaults: dict, nonfinite: str = "raise"):
-        if nonfinite not in _NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
-        self.nonfinite = nonfinite
-        self._pending: list[FlagCopy] = []
+        self._guard = Guard(nonfinite)
         self._frames: dict[int, tuple[tuple[int, ...], object]] = {}
         self._deficient: dict[int, object] = {}
         super().__init__(params, defaults)
+
+    @property
+    def nonfinite(self) -> str:
+        """``"raise"`` or ``"skip"``: what a step that is not finite does."""
+        return self._guard.mode
 
     # ---- groups -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -96,7 +114,7 @@ class QuotientOptimizer(torch.optim.Optimizer):
         param_group.setdefault("name", f"param group {index}")
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
-        self._check_hyperparameters(param_group["name"], param_group)
+        self.validate_group(param_group["name"], param_group)
         param_group.setdefault("dress_clock", 0)
         bundle = param_group.get("bundle")
         if bundle is not None:
@@ -110,18 +128,21 @@ class QuotientOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{name}: 'layout' must be callable")
             params = param_group["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
-            frozen = [i for i, p in enumerate(params) if not p.requires_grad]
-            if frozen and len(frozen) < len(params):
-                raise ValueError(
-                    f"{name}: params {frozen} have requires_grad=False but the others do not; a "
-                    "quotient step moves every tensor of a bundle together — freeze the whole "
-                    "group or none of it"
-                )
+            _check_freezing(name, params, "when the optimiser is built")
             try:
                 bundle.check_point(self._views(param_group, params))
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
         super().add_param_group(param_group)
+
+    def validate_group(self, name: str, group: dict) -> None:
+        """Every rule on a group's hyperparameters (``ValueError`` naming group, rule and
+        value): the optimiser's own, and the flags all share — ``maximize``, ``nesterov`` and
+        ``frozen`` are True or False (a string such as "no" would silently mean True)."""
+        self._check_hyperparameters(name, group)
+        for key in ("maximize", "nesterov", "frozen"):
+            if key in group:
+                rules.boolean(name, key, group[key])
 
     @staticmethod
     def _views(group: dict, tensors: list) -> tuple[torch.Tensor, ...]:
@@ -142,10 +163,12 @@ class QuotientOptimizer(torch.optim.Optimizer):
         """Load a state saved by ``state_dict``; every mismatch (optimiser class, groups, bundles,
         state keys, tensor shapes) is refused with a ValueError before anything is written."""
         check_state_dict(self, state_dict)
-        structure = [{k: g.get(k) for k in _STRUCTURAL_KEYS} for g in self.param_groups]
+        structure = [{k: g[k] for k in _STRUCTURAL_KEYS if k in g} for g in self.param_groups]
         state_dict = {k: v for k, v in state_dict.items() if k != "optimizer"}
         super().load_state_dict(state_dict)
         for group, keys in zip(self.param_groups, structure):
+            for key in _STRUCTURAL_KEYS:
+                group.pop(key, None)
             group.update(keys)
         self._frames.clear()
         self._deficient.clear()
@@ -167,32 +190,34 @@ class QuotientOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.raise_if_nonfinite(wait=False)
+        self._guard.read_pending(wait=False)
         plans: list[Plan] = []
-        group = None
+        index, group = 0, None
         try:
             with unchecked():
                 for index, group in enumerate(self.param_groups):
-                    self._check_hyperparameters(group["name"], group)  # a scheduler may change it
+                    if group.get("frozen", False):
+                        continue
+                    self.validate_group(group["name"], group)  # a scheduler may change it
                     if group.get("bundle") is not None:
                         plans.extend(self._bundle_group_step(index, group))
                     else:
                         plans.extend(self._plain_group_step(group))
         except torch.linalg.LinAlgError as error:
-            if self.nonfinite == "skip":
-                return loss
             message = str(error).splitlines()[0]
-            raise NonFiniteStepError(
-                f"{group['name']}: a factorisation failed inside the step ({message}); "
-                "parameters and optimiser state are unchanged"
-            ) from None
-        self._commit(plans)
+            where = self._explain(index, group) if group.get("bundle") is not None else ""
+            self._guard.fail(
+                group["name"], f"a factorisation failed inside the step ({message}){where}"
+            )
+            return loss
+        self._guard.commit(plans)
         return loss
 
     def _bundle_group_step(self, index: int, group: dict) -> list[Plan]:
         params = list(group["params"])
         name = group["name"]
-        if all(p.grad is None for p in params) or not all(p.requires_grad for p in params):
+        _check_freezing(name, params, "since the optimiser was built")
+        if all(p.grad is None for p in params) or not params[0].requires_grad:
             return []
         for p in params:
             if p.grad is not None and p.grad.is_sparse:
@@ -227,8 +252,44 @@ class QuotientOptimizer(torch.optim.Optimizer):
                 self._frames.pop(index, None)
 
         plan.on_commit.append(on_commit)
+        plan.explain = lambda: self._explain(index, group, new_point)
         self._watch_rank(index, group, bundle, new_frame, plan)
         return [plan]
+
+    def _explain(self, index: int, group: dict, new_point=None) -> str:
+        """Which heads of a bundle group a failed step comes from, and why (synchronises:
+        called only when a step failed)."""
+        params = list(group["params"])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        point, bundle = self._views(group, params), group["bundle"]
+        causes = [
+            ("non-finite gradient", lambda: head_flags(bundle, self._views(group, grads))),
+            ("non-finite parameters", lambda: head_flags(bundle, point)),
+            ("rank-deficient: a singular factor Gram", lambda: self._deficient_now(index, group)),
+            ("the step overflowed", lambda: head_flags(bundle, new_point) if new_point else None),
+        ]
+        found, seen = [], set()
+        for why, flags in causes:
+            try:
+                with unchecked():
+                    flags = flags()
+            except (torch.linalg.LinAlgError, RuntimeError, ValueError):
+                continue
+            heads = [] if flags is None else torch.nonzero(flags).flatten().tolist()
+            heads = [h for h in heads if h not in seen]
+            seen.update(heads)
+            if heads:
+                found.append(f"heads {heads}: {why}")
+        return f" ({'; '.join(found)})" if found else ""
+
+    def _deficient_now(self, index: int, group: dict):
+        """The deficiency flags of the group's current point (its cached frame, if current)."""
+        params = list(group["params"])
+        cached = self._frames.get(index)
+        if cached is not None and cached[0] == _versions(params):
+            return group["bundle"].deficient_heads(cached[1])
+        point = self._views(group, params)
+        return group["bundle"].deficient_heads(group["bundle"].factorise(point))
 
     def _watch_rank(self, index, group, bundle, frame, plan: Plan) -> None:
         """Flag heads that were full rank before this step and are not after it."""
@@ -270,55 +331,6 @@ class QuotientOptimizer(torch.optim.Optimizer):
             plan.on_commit.append(lambda ok: self.state.update(created))
         return [plan]
 
-    def _commit(self, plans: list[Plan]) -> None:
-        if not plans:
-            return
-        finite, names = finiteness(plans)
-        watched = [flags for plan in plans for flags, _ in plan.watch]
-        if finite.device.type == "cpu":
-            # one host read: bit 0 says some value is non-finite, bit 1 that a head lost rank
-            lost = torch.cat([w.reshape(-1) for w in watched]) if watched else finite[:0]
-            code = int((~finite.all()).long() + 2 * lost.any().long())
-            if code & 1:
-                if self.nonfinite == "raise":
-                    bad = names[int((~finite).nonzero()[0, 0])]
-                    raise NonFiniteStepError(
-                        f"{bad}: the step produced non-finite values (non-finite gradients or a "
-                        "rank-deficient point); parameters and optimiser state are unchanged"
-                    )
-                return
-            for plan in plans:
-                for target, value in zip(plan.targets, plan.values):
-                    target.copy_(value)
-                for state, new_state in plan.states:
-                    state.update(new_state)
-                for action in plan.on_commit:
-                    action(None)
-            if code & 2:  # rare: read which heads
-                self._warn_rank(plans, lost.tolist())
-            return
-        ok = finite.all()
-        for plan in plans:
-            for target, value in zip(plan.targets, plan.values):
-                target.copy_(torch.where(ok, value, target))
-            for state, new_state in plan.states:
-                state.update(_masked(ok, new_state, state))
-            for action in plan.on_commit:
-                action(ok)
-        if self.nonfinite == "raise":
-            self._pending.append(FlagCopy(finite, names))
-
-    @staticmethod
-    def _warn_rank(plans: list[Plan], flags: list[bool]) -> None:
-        start = 0
-        for plan in plans:
-            for lost, message in plan.watch:
-                count = lost.numel()
-                heads = [i for i, bad in enumerate(flags[start : start + count]) if bad]
-                start += count
-                if heads:
-                    warnings.warn(message(heads), RankDeficiencyWarning, stacklevel=4)
-
     def forget_factorisations(self) -> None:
         """Drop the cached factorisations (needed only after writing parameters through
         ``.data``, which version counters do not see)."""
@@ -335,23 +347,20 @@ class QuotientOptimizer(torch.optim.Optimizer):
         return out
 
     def raise_if_nonfinite(self, wait: bool = True) -> None:
-        """Raise ``NonFiniteStepError`` if an earlier (skipped) accelerator step was non-finite.
+        """Raise ``NonFiniteStepError`` (``nonfinite="skip"``: count and warn) if an earlier
+        accelerator step was non-finite and was not written.
 
         With ``wait=False`` (what ``step()`` uses) only flags that have already reached the
         host are inspected, so nothing blocks; ``wait=True`` waits for all of them.
         """
-        pending, self._pending = self._pending, []
-        for index, flags in enumerate(pending):
-            if not (wait or flags.ready()):
-                self._pending.extend(pending[index:])
-                return
-            finite, names = flags.host(), flags.names
-            if not bool(finite.all()):
-                bad = names[int((~finite).nonzero()[0, 0])]
-                raise NonFiniteStepError(
-                    f"{bad}: an earlier step produced non-finite values and was skipped; "
-                    "parameters and optimiser state are unchanged"
-                )
+        self._guard.read_pending(wait)
+
+    def skipped_steps(self) -> dict[str, int]:
+        """Per group (by name), how many steps were skipped (``nonfinite="skip"``) because that
+        group's values were not finite or a factorisation in it failed; a skipped step writes
+        nothing in any group. Waits for accelerator flags not yet read (synchronises)."""
+        self._guard.read_pending(wait=True)
+        return {g["name"]: self._guard.skipped.get(g["name"], 0) for g in self.param_groups}
 
     # ---- to be defined by subclasses -------------------------------------------------------
     #: state entries whose finiteness the guard checks besides the parameters

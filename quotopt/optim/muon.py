@@ -14,6 +14,7 @@ from .orthogonal import (
     NS_EPS,
     NS_STEPS,
     SCOPES,
+    factored_parts,
     muon_bundle_update,
     muon_plain_updates,
 )
@@ -33,7 +34,9 @@ class QuotientMuon(QuotientOptimizer):
     biases and the read-out belong in an AdamW (or ``QuotientAdam``) optimiser beside it, as Muon's
     authors recommend (``quotopt.baselines.muon`` wraps the pair as one optimiser). Bundle groups
     must be factored bundles — two factors per head, (A g, B g⁻ᵀ) with g in a subgroup of GL(r):
-    ``HeadQK``, ``HeadOV``, ``RotaryQK``, ``PositiveRescaling`` (``bundle.factors``).
+    ``HeadQK``, ``HeadOV``, ``RotaryQK``, ``PositiveRescaling`` (``bundle.factors``) — or
+    products of them (``ProductBundle``: fused q/k/v, partial rotary, ``nn.MultiheadAttention``),
+    whose components are dressed and orthogonalised one by one.
 
     **The step** (``quotopt.optim.orthogonal.muon_bundle_update``), on a group at p with
     Euclidean gradient ∇f and momentum m:
@@ -155,7 +158,7 @@ class QuotientMuon(QuotientOptimizer):
             param_group["params"] = params
         name = param_group.get("name", f"param group {len(self.param_groups)}")
         bundle = param_group.get("bundle")
-        if bundle is None:
+        if bundle is None and param_group.get("frozen", False) is not True:  # frozen: any shape
             for i, p in enumerate(params):
                 if isinstance(p, torch.Tensor) and p.is_complex():
                     raise ValueError(f"{name}: params[{i}] is complex; Muon takes real matrices")
@@ -168,11 +171,11 @@ class QuotientMuon(QuotientOptimizer):
                     )
         elif isinstance(bundle, Bundle):
             try:
-                bundle.factors(self._views(param_group, params))
-            except NotImplementedError:
+                factored_parts(bundle, self._views(param_group, params))
+            except NotImplementedError as error:
                 raise ValueError(
                     f"{name}: QuotientMuon orthogonalises the two factors of each head, but "
-                    f"{bundle!r} has none (bundle.factors); use QuotientAdam for this group"
+                    f"{bundle!r} has none in some part ({error}); use QuotientAdam for this group"
                 ) from None
         super().add_param_group(param_group)
 
@@ -186,9 +189,9 @@ class QuotientMuon(QuotientOptimizer):
 
     def _check_hyperparameters(self, name: str, group: dict) -> None:
         rules.number(name, "learning rate", group["lr"])
-        rules.number(name, "momentum value", group["momentum"])
+        rules.unit_interval(name, "momentum value", group["momentum"])
         rules.number(name, "weight_decay value", group["weight_decay"])
-        rules.number(name, "epsilon value", group["eps"])
+        rules.positive(name, "epsilon value", group["eps"])  # Newton–Schulz divides by it
         coefficients = group["ns_coefficients"]
         if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
             raise ValueError(

@@ -26,6 +26,7 @@ __all__ = [
     "NS_COEFFICIENTS",
     "SCOPES",
     "adjust_lr",
+    "factored_parts",
     "muon_bundle_update",
     "muon_plain_updates",
     "newton_schulz",
@@ -111,23 +112,40 @@ def muon_plain_updates(
     return new_params, new_states
 
 
+def factored_parts(bundle: Bundle, v) -> list[tuple[Bundle, Tensors]]:
+    """The factored bundles a group is made of, each with its part of ``v`` (a point or
+    tangent): the bundle itself, or each component of a product (``components_of``: fused
+    q/k/v, partial rotary, ``nn.MultiheadAttention``). ``NotImplementedError`` (the uniform
+    error of ``Bundle.factors``) where one has no two factors per head."""
+    components = getattr(bundle, "components", None)
+    if components is None:
+        bundle.factors(v)  # raises for bundles without factors
+        return [(bundle, tuple(v))]
+    parts = bundle.components_of(v)
+    return [leaf for c, part in zip(components, parts) for leaf in factored_parts(c, part)]
+
+
 def orthogonalise_factors(bundle: Bundle, v: Tensors, scope: str, adjust_lr_fn, **ns) -> Tensors:
-    """Newton–Schulz on each factor of the tangent ``v`` (``bundle.factors``), per head
-    (``scope="head"``: (H, rows, r) as H matrices) or per tensor (``"tensor"``: the (rows, H·r)
-    matrix of all heads side by side), in v's precision (float32 at least); each factor scaled
-    by torch's ``adjust_lr_fn`` ratio for a (k, rows) weight, k = r or H·r (a factor's columns
-    are the k-dimensional side, as in a query weight (H·r, d))."""
+    """Newton–Schulz on each factor of the tangent ``v`` (``bundle.factors``; a product's
+    components one by one, ``factored_parts``), per head (``scope="head"``: (H, rows, r) as H
+    matrices) or per tensor (``"tensor"``: the (rows, H·r) matrix of all heads side by side),
+    in v's precision (float32 at least); each factor scaled by torch's ``adjust_lr_fn`` ratio
+    for a (k, rows) weight, k = r or H·r (a factor's columns are the k-dimensional side, as
+    in a query weight (H·r, d))."""
     dtype = torch.promote_types(v[0].dtype, torch.float32)
-    out = []
-    for f in bundle.factors(v):  # (H, rows, r)
-        h, rows, r = f.shape
-        if scope == "head":
-            o, k = newton_schulz(f, dtype=dtype, **ns), r
-        else:
-            o = newton_schulz(f.transpose(0, 1).reshape(rows, h * r), dtype=dtype, **ns)
-            o, k = o.reshape(rows, h, r).transpose(0, 1), h * r
-        out.append(o.to(f.dtype) * adjust_lr(1.0, adjust_lr_fn, (k, rows)))
-    return bundle.from_factors(*out)
+    out: list[torch.Tensor] = []
+    for part_bundle, part in factored_parts(bundle, v):
+        factors = []
+        for f in part_bundle.factors(part):  # (H, rows, r)
+            h, rows, r = f.shape
+            if scope == "head":
+                o, k = newton_schulz(f, dtype=dtype, **ns), r
+            else:
+                o = newton_schulz(f.transpose(0, 1).reshape(rows, h * r), dtype=dtype, **ns)
+                o, k = o.reshape(rows, h, r).transpose(0, 1), h * r
+            factors.append(o.to(f.dtype) * adjust_lr(1.0, adjust_lr_fn, (k, rows)))
+        out.extend(part_bundle.from_factors(*factors))
+    return tuple(out)
 
 
 def muon_bundle_update(

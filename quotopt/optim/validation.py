@@ -12,7 +12,15 @@ import math
 
 import torch
 
-__all__ = ["check_state_dict", "number", "unit_interval", "dress_every", "decoupled_decay"]
+__all__ = [
+    "check_state_dict",
+    "number",
+    "positive",
+    "unit_interval",
+    "boolean",
+    "dress_every",
+    "decoupled_decay",
+]
 
 
 def number(name: str, key: str, value) -> None:
@@ -28,6 +36,19 @@ def unit_interval(name: str, key: str, value) -> None:
     number(name, key, value)
     if value >= 1:
         raise ValueError(f"{name}: Invalid {key}: {value} (expected 0 <= {key} < 1)")
+
+
+def positive(name: str, key: str, value) -> None:
+    """A finite number > 0."""
+    number(name, key, value)
+    if value == 0:
+        raise ValueError(f"{name}: Invalid {key}: {value} (expected {key} > 0)")
+
+
+def boolean(name: str, key: str, value) -> None:
+    """True or False (a string such as "no" is truthy and would silently mean True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: Invalid {key}: {value!r} (expected True or False)")
 
 
 def dress_every(name: str, value) -> None:
@@ -52,9 +73,31 @@ def _shapes(value):
     return type(value).__name__
 
 
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _check_group(optimizer, saved: dict, current: dict) -> None:
+    """The saved group holds this optimiser's hyperparameters, with valid values."""
+    name, cls = current["name"], type(optimizer).__name__
+    missing = sorted(({"name", "dress_clock"} | set(optimizer.defaults)) - set(saved))
+    if missing:
+        raise ValueError(
+            f"{name}: state_dict group lacks the keys {missing}, which {cls} keeps; it was "
+            "saved by another optimiser (a torch.optim state_dict does not fit a quotopt one)"
+        )
+    merged = {**current, **{k: v for k, v in saved.items() if k not in ("params", "bundle")}}
+    optimizer.validate_group(name, merged)
+
+
 def check_state_dict(optimizer, state_dict: dict) -> None:
     """Refuse, before anything is written, a state saved by another optimiser class, for other
-    groups or bundles, or holding state entries of other keys or shapes than this optimiser's."""
+    groups or bundles, with other or invalid hyperparameters, or holding state entries of other
+    keys or shapes than this optimiser's or non-finite values."""
     cls = type(optimizer).__name__
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError(f"{cls}: not an optimiser state_dict (needs 'state' and 'param_groups')")
@@ -75,6 +118,7 @@ def check_state_dict(optimizer, state_dict: dict) -> None:
                 f"{name}: state_dict group has {len(saved['params'])} params, this group has "
                 f"{len(current['params'])}"
             )
+        _check_group(optimizer, saved, current)
         bundle = repr(current["bundle"]) if current.get("bundle") is not None else None
         if saved.get("bundle") != bundle:
             raise ValueError(
@@ -97,4 +141,9 @@ def check_state_dict(optimizer, state_dict: dict) -> None:
             if _shapes(value) != _shapes(want[k]):
                 raise ValueError(
                     f"{name}: state '{k}' has shape {_shapes(value)}, expected {_shapes(want[k])}"
+                )
+            if not all(bool(t.isfinite().all()) for t in _tensors(value) if t.is_floating_point()):
+                raise ValueError(
+                    f"{name}: state '{k}' holds non-finite values (NaN or inf), which would make "
+                    "every later step fail; load a state saved before the values went non-finite"
                 )
