@@ -283,7 +283,8 @@ def symmetries(
     for g, reason in dropped:
         table.add(g["name"], "-", "detected", note=f"dropped: {reason}")
     keys = [
-        {"params": [p], "name": label, "lr": 0.0, "weight_decay": 0.0} for label, p, _ in frozen
+        {"params": [p], "name": label, "lr": 0.0, "weight_decay": 0.0, "frozen": True}
+        for label, p, _ in frozen
     ]
     for label, _, slot in frozen:
         table.add(
