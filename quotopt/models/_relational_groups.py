@@ -1,6 +1,7 @@
 r"""Every exact continuous symmetry of ``RelationalTransformer`` that a bundle models.
 
-Three groups act on the relational model's parameters (docs/theory/joint.md, docs/theory/relational.md):
+Three groups act on the relational model's parameters (docs/theory/joint.md,
+docs/theory/relational.md):
 
 * O(D), the gauge: rotates the gauge axis of the embedding tables ``tok_emb``, ``pos_emb``
   (the only tensors with that axis);

@@ -31,9 +31,9 @@ Blocks (pre-norm, N = RMS over (D, k) without gains, which commutes with O(D)):
   channel Gram matrix X_Tᵀ X_T / D of the last token (k² invariant features) and ``cls_head``.
 
 Positions: ``"alibi"`` (gauge-free additive biases −m_h·(i − j), fixed geometric slopes) or
-``"gauge"`` (a ``pos_emb`` (L, k, D) table in the gauge space, rotated with ``tok_emb``). On an
-x86 CPU, train ALiBi models after ``torch.set_flush_denormal(True)``: its far-away attention
-probabilities are subnormal floats, 3–4× slower to process (``_relational_attention``).
+``"gauge"`` (a ``pos_emb`` (L, k, D) table in the gauge space, rotated with ``tok_emb``). The
+feature route leaves out the keys whose bias is below −39.7 nats (float32) and keeps every
+probability a normal float, so no subnormal arithmetic slows a CPU (``_relational_attention``).
 
 Dressing (``dressed=True``): the canonical frame U ∈ O(D) is the eigenframe of the embedding
 tables' gauge second moment C = Σ Eᵀ E (sum over every vocabulary/position row and channel;
@@ -113,17 +113,22 @@ class RelationalAttention(nn.Module):
         return qkv.reshape(3, B, H, T, D * r)
 
     def forward(
-        self, x: torch.Tensor, slopes: torch.Tensor | None = None, bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        slopes: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        host_slopes: tuple[float, ...] | None = None,
     ) -> torch.Tensor:
-        """Causal attention; ALiBi with ``slopes`` (H,) by the feature route, or with a
-        materialised ``bias`` (1, H, T, T) (which also carries the causal mask)."""
+        """Causal attention; ALiBi with ``slopes`` (H,) by the feature route (``host_slopes``:
+        the same as Python floats, for the windows), or with a materialised ``bias``
+        (1, H, T, T) (which also carries the causal mask)."""
         B, T, D, k = x.shape
         H, r, _ = self.wo.shape
         qkv = self.qkv(x)  # (3, B, H, T, D·r)
         if slopes is not None and bias is None and qkv.dtype not in EXACT_DTYPES:
             bias = alibi_bias(slopes, T)  # half precision cannot hold the position features
         if slopes is not None and bias is None:
-            y = alibi_attention(qkv, slopes)  # (B, H, T, D·r)
+            y = alibi_attention(qkv, slopes, host_slopes)  # (B, H, T, D·r)
         else:
             y = reference_attention(qkv, bias)
         y = y.unflatten(-1, (D, r)).permute(0, 2, 3, 1, 4).reshape(B, T, D, H * r)  # (B,T,D,H·r)
@@ -176,8 +181,8 @@ class RelationalBlock(nn.Module):
         self.attn = RelationalAttention(n_channels, n_heads, d_head)
         self.mlp = ChannelMLP(n_channels, d_mlp, coordinate=dressed, recompute=lean_mlp)
 
-    def forward(self, x: torch.Tensor, slopes=None, bias=None) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, 2), slopes, bias)
+    def forward(self, x: torch.Tensor, slopes=None, bias=None, host_slopes=None) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, 2), slopes, bias, host_slopes)
         return x + self.mlp(rms_norm(x, 2))
 
 
@@ -234,6 +239,7 @@ class RelationalTransformer(nn.Module):
             self.pos_emb = nn.Parameter(torch.empty(max_len, k, D))
         else:
             self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
+            self.host_slopes = tuple(self.alibi_slopes.tolist())  # for the windows, sync-free
         self.blocks = nn.ModuleList(
             RelationalBlock(k, n_heads, d_head, d_mlp, dressed, lean_mlp) for _ in range(n_layers)
         )
@@ -327,8 +333,9 @@ class RelationalTransformer(nn.Module):
         x = x.transpose(-1, -2).contiguous()  # (B, T, D, k) channels-last
         slopes = None if pos is not None else self.alibi_slopes  # (H,)
         bias = alibi_bias(slopes, T) if slopes is not None and cfg.alibi == "bias" else None
+        host = None if slopes is None else self.host_slopes  # Python floats, for the windows
         for block in self.blocks:
-            x = block(x, slopes, bias)  # bias (1, H, T, T): built once, shared by the layers
+            x = block(x, slopes, bias, host)  # bias (1, H, T, T): built once, shared by the layers
         if cfg.n_classes is not None:
             x = rms_norm(x[:, -1], 2)  # (B, D, k)
             gram = x.transpose(-1, -2) @ x / cfg.d_gauge  # (B, k, k) channel Gram, invariant
