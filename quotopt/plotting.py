@@ -28,31 +28,51 @@ def save_figure(fig, path, dpi: int = 120) -> None:
     fig.savefig(path, dpi=dpi)
 
 
-def runs_by_optim(runs: list[dict]) -> dict[str, list[dict]]:
-    """``runs`` grouped by optimiser name, in order of first appearance."""
-    out: dict[str, list[dict]] = {}
+def optim_of(run: dict) -> str:
+    """The optimiser name of a run: the default grouping of ``curves``."""
+    return run["summary"]["config"]["optim"]
+
+
+def start_of(run: dict) -> str:
+    """The start of a run: "default" (the initialisation as built), or "κ = K" for a start
+    transformed into a gauge of condition number K (``RunConfig.gauge_condition``)."""
+    kappa = run["summary"]["config"].get("gauge_condition")
+    return "default" if kappa is None else f"κ = {kappa:g}"
+
+
+def runs_by(runs: list[dict], group=optim_of) -> dict:
+    """``runs`` grouped by ``group(run)``, in order of first appearance."""
+    out: dict = {}
     for run in runs:
-        out.setdefault(run["summary"]["config"]["optim"], []).append(run)
+        out.setdefault(group(run), []).append(run)
     return out
 
 
-def curves(ax, runs: list[dict], key: str, log: bool = False) -> None:
-    """Per optimiser: each seed's curve of ``record[key]`` against the step faint, the mean
-    over seeds (at the steps they share) bold. Records where ``key`` is None (a diverged run)
-    are left out."""
-    for index, (optim, group) in enumerate(runs_by_optim(runs).items()):
-        color = f"C{index}"
+def runs_by_optim(runs: list[dict]) -> dict[str, list[dict]]:
+    """``runs`` grouped by optimiser name, in order of first appearance."""
+    return runs_by(runs, optim_of)
+
+
+def curves(ax, runs: list[dict], key: str, log: bool = False, *, group=optim_of, style=None):
+    """Per group (``group(run)``, by default the optimiser): each run's curve of
+    ``record[key]`` against the step faint, the mean over the group's runs (at the steps they
+    share) bold and labelled. ``style(label, index)`` gives the group's line keywords (default:
+    colour ``C{index}``). Records where ``key`` is None (a diverged run) are left out."""
+    for index, (label, members) in enumerate(runs_by(runs, group).items()):
+        kw = {"color": f"C{index}"} if style is None else style(label, index)
         series = []
-        for run in group:
+        for run in members:
             pts = [(r["step"], r[key]) for r in run["records"] if r.get(key) is not None]
             if pts:
                 steps, values = np.array(pts, dtype=float).T
-                ax.plot(steps, values, color=color, alpha=0.25, lw=0.8)
+                if len(members) > 1:
+                    ax.plot(steps, values, **{**kw, "alpha": 0.25, "lw": 0.8})
                 series.append(dict(zip(steps, values)))
         common = sorted(set.intersection(*(set(s) for s in series))) if series else []
         if common:
             mean = [np.mean([s[t] for s in series]) for t in common]
-            ax.plot(common, mean, color=color, lw=2, label=f"{optim} (mean of {len(series)})")
+            n = f" (mean of {len(series)})" if len(series) > 1 else ""
+            ax.plot(common, mean, **{"lw": 2, **kw}, label=f"{label}{n}")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -61,4 +81,12 @@ def curves(ax, runs: list[dict], key: str, log: bool = False) -> None:
         ax.legend(fontsize=8)
 
 
-__all__ = ["curves", "new_figure", "runs_by_optim", "save_figure"]
+__all__ = [
+    "curves",
+    "new_figure",
+    "optim_of",
+    "runs_by",
+    "runs_by_optim",
+    "save_figure",
+    "start_of",
+]

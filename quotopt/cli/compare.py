@@ -1,11 +1,20 @@
-"""``quotopt compare``: every optimiser x seed on one task through ``training.train``; writes
-``report.md`` (mean ± std over seeds, then every run), ``loss.png``, ``dynamics.png`` and
-``metrics.json`` (all runs' summaries and records). Runs live in ``OUT/runs/OPTIM-seedS``."""
+"""``quotopt compare``: every optimiser × seed × start on one task through ``training.train``.
+
+Each optimiser runs at the setting the committed study found best for the task (its learning
+rate, weight decay and schedule; the registry's defaults where the study has none), from the
+default initialisation and from the same function in ill-conditioned gauges (``--gauges``:
+``RunConfig.gauge_condition``). Writes ``report.md`` (one table: quality, steps to target,
+spread over the starts and time per step side by side; then every run), ``gauge.png`` (one
+panel per optimiser, one curve per start), ``loss.png``, ``dynamics.png`` and ``metrics.json``.
+Runs live in ``OUT/runs/OPTIM-seedS[-gaugeK]``. Guide: ``docs/guides/compare.md``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import platform
 import statistics
 import sys
@@ -15,9 +24,17 @@ from pathlib import Path
 import torch
 
 from .. import training
-from .train import add_common_arguments, describe, progress
+from ..plotting import optim_of, runs_by, start_of
+from ..study.robustness import relative_spread
+from .args import available_cpus, seeds, worker_count
+from .train import add_common_arguments, describe
 
-DEFAULTS = dict(task="sort", optims="adamw,qadam", steps=1000, seeds="0,1,2")
+#: the committed study, whose best settings per task and optimiser the comparison takes
+STUDY = Path(__file__).resolve().parents[2] / "studies" / "standard" / "study.json"
+DEFAULTS = dict(
+    task="chars", size="quick", optims="adamw,muon,qadam,qmuon", steps=400, seeds="0",
+    gauges="100", evaluations=20,
+)  # fmt: skip
 
 
 def _names(text: str) -> list[str]:
@@ -31,86 +48,216 @@ def _names(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _seeds(text: str) -> list[int]:
+def _gauges(text: str) -> list[float]:
+    """Condition numbers κ ≥ 1 of the gauge-transformed starts, or ``none``."""
+    if text.strip().lower() == "none":
+        return []
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v >= 1 for v in values):
         raise argparse.ArgumentTypeError(
-            f"seeds must be integers like 0,1,2, got {text!r}"
-        ) from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("give at least one seed")
-    return list(dict.fromkeys(seeds))
+            f"must be comma-separated condition numbers >= 1 like 10,100, or none; got {text!r}"
+        )
+    return list(dict.fromkeys(values))
+
+
+def _settings(text: str) -> dict | None:
+    """``defaults`` (None: the registry's), or a study's ``study.json``: its tasks' plans and
+    best settings."""
+    if text == "defaults":
+        return None
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(
+            f"no study results at {path} (a source checkout has studies/standard/study.json); "
+            "give the path of a study.json, or 'defaults' for the registry's settings"
+        )
+    try:
+        tasks = json.loads(path.read_text())["tasks"]
+    except (ValueError, KeyError, TypeError):
+        raise argparse.ArgumentTypeError(f"{path} is not a study.json (no 'tasks')") from None
+    return dict(path=str(path), tasks=tasks)
 
 
 def add_arguments(parser) -> None:
     d = DEFAULTS
-    add_common_arguments(parser, steps=d["steps"], task=d["task"], threads=1, single=False)
+    add_common_arguments(parser, steps=d["steps"], task=d["task"], size=d["size"], threads=1,
+                         single=False)  # fmt: skip
+    evals = d["evaluations"]
+    parser._option_string_actions["--eval-every"].help = (  # compare's own default
+        f"steps between evaluations (default: steps/{evals}, {evals} points per curve)"
+    )
     valid = ", ".join(sorted(training.OPTIMIZERS))
-    parser.add_argument(
-        "--optims",
-        type=_names,
-        default=_names(d["optims"]),
-        help=f"comma-separated optimisers (default: {d['optims']}; from {valid})",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=_seeds,
-        default=_seeds(d["seeds"]),
-        help=f"comma-separated seeds (default: {d['seeds']})",
-    )
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse finished runs, resume interrupted ones")  # fmt: skip
+    opt = parser.add_argument
+    # fmt: off
+    opt("--optims", type=_names, default=_names(d["optims"]),
+        help=f"comma-separated optimisers (default: {d['optims']}; from {valid})")
+    opt("--seeds", type=seeds, default=seeds(d["seeds"]),
+        help=f"comma-separated seeds (default: {d['seeds']})")
+    opt("--gauges", type=_gauges, default=_gauges(d["gauges"]),
+        help="condition numbers κ of the extra starts: the default initialisation transformed "
+        "by a random element of every symmetry group of condition number κ (the same function "
+        f"in another gauge); 'none' for the default start alone (default: {d['gauges']})")
+    opt("--settings", type=_settings, default=str(STUDY),
+        help="where each optimiser's lr, weight decay and schedule come from: a study.json "
+        "(its best setting per task and optimiser; the registry's defaults where it has none) "
+        "or 'defaults' (default: the committed study, studies/standard/study.json)")
+    opt("--workers", type=worker_count, default=min(2, available_cpus()),
+        help="parallel runs, one torch thread each; 1 runs in this process with --threads "
+        "(default: %(default)s)")
+    opt("--resume", action="store_true", help="reuse finished runs, resume interrupted ones")
+    # fmt: on
 
 
-def _run_one(args, cfg, run_dir: Path, bar) -> dict:
-    summary = training.finished_summary(cfg, run_dir) if args.resume else None
-    if summary is not None:
-        bar.update(cfg.steps)
-        return summary
-    resume = args.resume and (run_dir / "checkpoint.pt").is_file()
-    with progress(args, cfg.steps, f"{cfg.optim} seed {cfg.seed}", bar=bar) as hooks:
-        return training.train(cfg, run_dir, resume=resume, **hooks)
+def setting(settings: dict | None, task: str, optim: str) -> dict:
+    """lr, weight decay, schedule of ``optim`` on ``task`` and where they come from: the
+    study's best setting, or the registry's defaults (schedule constant) where it has none."""
+    entry = (settings or {}).get("tasks", {}).get(task)
+    best = (entry or {}).get("best", {}).get(optim)
+    if best is None:
+        lr, wd = training.default_hparams(optim, task)
+        return dict(lr=lr, weight_decay=wd, schedule=None, source="registry default")
+    plan = entry["plan"]
+    source = f"study: {task} {plan['size']}, {plan['steps']} steps"
+    return dict(lr=best[0], weight_decay=best[1], schedule=plan["schedule"], source=source)
+
+
+def configs(args) -> list[tuple[training.RunConfig, str]]:
+    """(config, run directory name) of every optimiser × seed × start, each at its setting;
+    bad names or sizes fail here, before any run starts."""
+    from .train import config_from_args
+
+    base = config_from_args(args, optim=args.optims[0])
+    if args.eval_every is None:
+        base = dataclasses.replace(base, eval_every=max(1, args.steps // DEFAULTS["evaluations"]))
+    out = []
+    for optim in args.optims:
+        s = setting(args.settings, args.task, optim)
+        schedule = args.schedule or s["schedule"] or "constant"
+        for seed in args.seeds:
+            for kappa in [None, *args.gauges]:
+                cfg = dataclasses.replace(
+                    base, optim=optim, seed=seed, lr=s["lr"], weight_decay=s["weight_decay"],
+                    schedule=schedule, gauge_condition=kappa,
+                )  # fmt: skip
+                cfg.resolved()
+                name = f"{optim}-seed{seed}" + ("" if kappa is None else f"-gauge{kappa:g}")
+                out.append((cfg, name))
+    return out
+
+
+def train_run(cfg: training.RunConfig, directory: str, resume: bool) -> dict:
+    """``{"summary", "records"}`` of one run: a finished one reused on ``resume``, an
+    interrupted one continued, otherwise trained afresh."""
+    directory = Path(directory)
+    summary = training.finished_summary(cfg, directory) if resume else None
+    if summary is None:
+        again = resume and (directory / "checkpoint.pt").is_file()
+        summary = training.train(cfg, directory, resume=again)
+    return dict(summary=summary, records=training.read_records(directory))
+
+
+def train_in_worker(cfg: training.RunConfig, directory: str, resume: bool) -> dict:
+    """``train_run`` in a worker process: Ctrl-C (the checkpoint already saved) is reported
+    to the parent, which stops the comparison."""
+    try:
+        return train_run(cfg, directory, resume)
+    except KeyboardInterrupt:
+        return dict(interrupted=True)
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
+    from ..study.runner import Pool
     from . import plots
-    from .train import config_from_args
 
     files = ("report.md", "metrics.json", "runs")
+    jobs = configs(args)  # before anything is created
     training.claim_out(args.out, resume=args.resume, force=args.force, files=files)
     out = training.prepare_out(args.out)
-    base = config_from_args(args, optim=args.optims[0])
-    configs = [dataclasses.replace(base, optim=o, seed=s) for o in args.optims for s in args.seeds]
-    for cfg in configs:
-        cfg.resolved()  # bad names or sizes fail before any run starts
-    tic, runs = time.perf_counter(), []
-    total = len(configs) * args.steps
     quiet = args.quiet or not sys.stderr.isatty()
-    with tqdm(total=total, disable=quiet, dynamic_ncols=True) as bar:
-        for cfg in configs:
-            run_dir = out / "runs" / f"{cfg.optim}-seed{cfg.seed}"
-            summary = _run_one(args, cfg, run_dir, bar)
-            runs.append(dict(summary=summary, records=training.read_records(run_dir)))
-            if quiet and not args.quiet:
-                print(describe(summary), flush=True)
+    workers = min(args.workers, len(jobs))
+    fn = train_in_worker if workers > 1 else train_run
+    tic = time.perf_counter()
+    with tqdm(total=len(jobs), disable=quiet, unit="run", dynamic_ncols=True) as bar:
+
+        def done(result):
+            bar.update(1)
+            if quiet and not args.quiet and "summary" in result:
+                print(describe(result["summary"]), flush=True)
+
+        with Pool(workers if workers > 1 else 0, on_done=done) as pool:
+            runs = pool.map(
+                fn, [(cfg, str(out / "runs" / name), args.resume) for cfg, name in jobs]
+            )
     wall = time.perf_counter() - tic
-    title = f"{args.task} ({runs[0]['summary']['config']['size']}), {args.model}"
-    training.write_json(out / "metrics.json", dict(wall_time=wall, runs=runs))
+    first = runs[0]["summary"]
+    title = f"{args.task} ({first['config']['size']}), {args.model}"
+    settings = {o: setting(args.settings, args.task, o) for o in args.optims}
+    ref = reference_loss(runs)
+    gauge = spreads(runs)
+    result = dict(wall_time=wall, workers=workers, settings=settings, reference_loss=ref,
+                  gauge_spread=gauge, runs=runs)  # fmt: skip
+    training.write_json(out / "metrics.json", result)
+    notes = {o: f"lr {s['lr']:g}, wd {s['weight_decay']:g}" for o, s in settings.items()}
+    if args.gauges:
+        notes = {o: f"{n}; spread {_spread_text(gauge.get(o))}" for o, n in notes.items()}
+    plots.gauge_plot(runs, out / "gauge.png", title, notes)
     plots.loss_plot(runs, out / "loss.png", title)
     plots.dynamics_plot(runs, out / "dynamics.png", title)
-    (out / "report.md").write_text(report(runs, args, wall))
+    training.write_text(out / "report.md", report(runs, args, wall, workers, settings))
     print(
-        f"compared {', '.join(args.optims)} over seeds {args.seeds} in {wall:.0f} s; "
-        f"wrote {out / 'report.md'}"
+        f"compared {', '.join(args.optims)} over seeds {args.seeds} and "
+        f"{1 + len(args.gauges)} starts in {wall:.0f} s; wrote {out / 'report.md'}"
     )
     return 0
 
 
-def _num(value, fmt="{:.4f}") -> str:
-    return "n/a" if value is None else fmt.format(value)
+def _spread_text(values) -> str:
+    return "n/a" if not values else f"{max(values):.1e}"
+
+
+# ---- the report ------------------------------------------------------------------------------
+def reference_loss(runs: list[dict]) -> float | None:
+    """The loss target of a task without one: the first optimiser's mean final validation
+    loss from the default start (None when the task has its own target)."""
+    first = runs[0]["summary"]
+    if first["target"] is not None:
+        return None
+    ref = [
+        r["summary"]["final_val_loss"]
+        for r in runs
+        if optim_of(r) == optim_of(runs[0]) and start_of(r) == "default"
+    ]
+    ref = [v for v in ref if v is not None and math.isfinite(v)]
+    return statistics.mean(ref) if ref else None
+
+
+def steps_to_target(run: dict, ref: float | None) -> int | None:
+    """The task's steps to target, or the first evaluated step at validation loss ≤ ``ref``."""
+    s = run["summary"]
+    if s["target"] is not None or ref is None:
+        return s["steps_to_target"]
+    hits = [r["step"] for r in run["records"] if r["val_loss"] is not None and r["val_loss"] <= ref]
+    return hits[0] if hits else None
+
+
+def spreads(runs: list[dict]) -> dict[str, list[float]]:
+    """Optimiser → per seed, the relative spread (max − min)/median of the final validation
+    loss over that seed's starts (``study.robustness.relative_spread``); empty with one start."""
+    out = {}
+    for optim, members in runs_by(runs).items():
+        by_seed = runs_by(members, lambda r: r["summary"]["config"]["seed"])
+        values = [
+            relative_spread([r["summary"]["final_val_loss"] or math.inf for r in group])
+            for group in by_seed.values()
+            if len(group) > 1
+        ]
+        out[optim] = values
+    return out
 
 
 def _stat(values, fmt="{:.4f}") -> str:
@@ -122,61 +269,95 @@ def _stat(values, fmt="{:.4f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
-def report(runs: list[dict], args, wall: float) -> str:
-    """The Markdown report: one row per optimiser (mean ± sample std over seeds), then one
-    row per run, every seed included."""
+def _num(value, fmt="{:.4f}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _hits(runs: list[dict], ref) -> str:
+    reached = [h for h in (steps_to_target(r, ref) for r in runs) if h is not None]
+    if not reached:
+        return "not reached"
+    text = _stat(reached, "{:.0f}")
+    return text if len(reached) == len(runs) else f"{text} ({len(reached)}/{len(runs)})"
+
+
+def report(runs: list[dict], args, wall: float, workers: int, settings: dict) -> str:
+    """The Markdown report: one row per optimiser with, per start, the final target metric
+    and the steps to target (mean ± sample std over seeds), the spread of the final
+    validation loss over the starts and the time per step; then one row per run."""
     first = runs[0]["summary"]
-    metric, target = first["metric"], first["target"]
-    goal = f"val {metric} ≥ {target}" if target is not None else "none (lower loss is better)"
+    metric, target, ref = first["metric"], first["target"], reference_loss(runs)
+    if target is not None:
+        goal = f"val {metric} ≥ {target}"
+    else:
+        goal = f"val loss ≤ {_num(ref, '{:.3f}')} ({args.optims[0]}'s final, default start)"
+    starts = list(runs_by(runs, start_of))
+    kappas = ", ".join(f"{k:g}" for k in args.gauges)
+    transformed = kappas and (
+        f"; the same function in gauges of condition number κ = {kappas} (a random element of "
+        "every symmetry group applied to the initial parameters)"
+    )
+    ms = {
+        o: statistics.mean(r["summary"]["ms_per_step"] for r in g) for o, g in runs_by(runs).items()
+    }
+    base = ms[args.optims[0]]
     lines = [
         f"# quotopt compare: {args.task}",
         "",
         f"- model: {args.model}, size {first['config']['size']}, {first['n_params']:,} "
-        f"parameters; {args.steps} steps; seeds {', '.join(map(str, args.seeds))}",
-        f"- target: {goal}; metric reported: validation {metric}",
-        f"- machine: {platform.machine()}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, device {first['config']['device']}; "
-        f"total wall time {wall:.0f} s",
-        "- learning rates and weight decays are each optimiser's registry defaults, not tuned: "
-        "compare at each one's best setting (a sweep) before drawing conclusions",
-        "- mean ± sample std over seeds; steps to target over the seeds that reached it",
+        f"parameters; {args.steps} steps, evaluated every {first['config']['eval_every']}; "
+        f"seeds {', '.join(map(str, args.seeds))}",
+        f"- starts: the default initialisation{transformed}",
+        f"- target: {goal}",
+        f"- machine: {platform.machine()}, torch {torch.__version__}, {workers} runs at a time, "
+        f"{torch.get_num_threads() if workers == 1 else 1} torch threads each, device "
+        f"{first['config']['device']}; total wall time {wall:.0f} s",
+        "- settings (lr, weight decay, schedule) per optimiser: "
+        + "; ".join(f"{o} from {s['source']}" for o, s in settings.items()),
+        "- spread: (max − min)/median of the final validation loss over the starts, per seed",
         "",
-        f"| optimiser | lr | weight decay | final {metric} | best {metric} | steps to target "
-        f"| reached | final val loss | ms / step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| optimiser | lr | weight decay | schedule "
+        + "".join(f"| final val {metric}, {s} " for s in starts)
+        + "".join(f"| steps to target, {s} " for s in starts)
+        + "| spread over starts | ms / step | × "
+        + args.optims[0]
+        + " |",
+        "|---" * (7 + 2 * len(starts)) + "|",
     ]
-    by_optim: dict[str, list[dict]] = {}
-    for run in runs:
-        by_optim.setdefault(run["summary"]["config"]["optim"], []).append(run["summary"])
-    for optim, ss in by_optim.items():
-        reached = [s["steps_to_target"] for s in ss if s["steps_to_target"] is not None]
-        hit = _stat(reached, "{:.0f}") if reached else "not reached"
+    gauge = spreads(runs)
+    for optim, members in runs_by(runs).items():
+        by_start = runs_by(members, start_of)
+        c = members[0]["summary"]["config"]
         lines.append(
-            f"| {optim} | {ss[0]['config']['lr']:g} | {ss[0]['config']['weight_decay']:g} | "
-            f"{_stat([s['final'] for s in ss])} | {_stat([s['best'] for s in ss])} | "
-            f"{hit if target is not None else 'n/a'} | "
-            f"{len(reached)}/{len(ss)} | {_stat([s['final_val_loss'] for s in ss])} | "
-            f"{_stat([s['ms_per_step'] for s in ss], '{:.1f}')} |"
+            f"| {optim} | {c['lr']:g} | {c['weight_decay']:g} | {c['schedule']} "
+            + "".join(f"| {_stat([r['summary']['final'] for r in by_start[s]])} " for s in starts)
+            + "".join(f"| {_hits(by_start[s], ref)} " for s in starts)
+            + f"| {_stat(gauge[optim], '{:.1e}')} | {_stat([ms[optim]], '{:.1f}')} "
+            + f"| {ms[optim] / base:.2f} |"
         )
     lines += [
         "",
-        "Every run (steps to target: first evaluation at or above the target; "
-        f"evaluations every {first['config']['eval_every']} steps):",
+        "Time per step is each run's own; runs of one optimiser trained side by side, others "
+        "at other moments of a shared machine.",
         "",
-        f"| optimiser | seed | final {metric} | best {metric} | steps to target | "
+        "Every run (steps to target: the first evaluation that reached it):",
+        "",
+        f"| optimiser | seed | start | final {metric} | best {metric} | steps to target | "
         "final val loss | final train loss | ms / step | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         s = run["summary"]
-        hit = "not reached" if s["steps_to_target"] is None else str(s["steps_to_target"])
-        hit = hit if target is not None else "n/a"
+        hit = steps_to_target(run, ref)
+        hit = "not reached" if hit is None else str(hit)
         if s.get("diverged"):
             hit = f"diverged at {s['diverged']['step']}"
         lines.append(
-            f"| {s['config']['optim']} | {s['config']['seed']} | {_num(s['final'])} | "
-            f"{_num(s['best'])} | {hit} | {_num(s['final_val_loss'])} | "
+            f"| {s['config']['optim']} | {s['config']['seed']} | {start_of(run)} | "
+            f"{_num(s['final'])} | {_num(s['best'])} | {hit} | {_num(s['final_val_loss'])} | "
             f"{_num(s['final_train_loss'])} | {s['ms_per_step']:.1f} | {s['wall_time']:.1f} |"
         )
-    lines += ["", "![validation loss](loss.png)", "", "![gauge dynamics](dynamics.png)", ""]
-    return "\n".join(lines)
+    for image, alt in (("gauge", "validation loss from each start"), ("loss", "validation loss"),
+                       ("dynamics", "gauge dynamics")):  # fmt: skip
+        lines += ["", f"![{alt}]({image}.png)"]
+    return "\n".join([*lines, ""])

@@ -5,27 +5,94 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plotting import curves, new_figure, save_figure
+from ..plotting import curves, new_figure, optim_of, runs_by, save_figure, start_of
+
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _starts(runs: list[dict]) -> list[str]:
+    return list(runs_by(runs, start_of))
+
+
+def _optim_and_start(runs: list[dict]):
+    """(group, style) for ``curves``: one curve per optimiser and start, coloured by the
+    optimiser, dashed for each gauge-transformed start."""
+    optims, starts = list(runs_by(runs)), _starts(runs)
+
+    def group(run):
+        return f"{optim_of(run)}, {start_of(run)}"
+
+    def style(label, index):
+        optim, start = label.split(", ", 1)
+        return dict(color=f"C{optims.index(optim)}", ls=LINESTYLES[starts.index(start) % 4])
+
+    return group, style
+
+
+def _spans_decades(runs: list[dict], key: str) -> bool:
+    """Whether the positive values of ``record[key]`` span more than a factor of ten (then a
+    log axis reads better)."""
+    values = [r[key] for run in runs for r in run["records"] if (r.get(key) or 0) > 0]
+    return bool(values) and max(values) > 10 * min(values)
 
 
 def loss_plot(runs: list[dict], path, title: str = "") -> None:
-    """Validation loss vs step per optimiser (faint: seeds; bold: mean)."""
+    """Validation loss vs step per optimiser, from the default start (faint: seeds; bold:
+    their mean)."""
     fig, ax = new_figure(figsize=(6, 4))
-    curves(ax, runs, "val_loss", log=True)
+    curves(ax, [r for r in runs if start_of(r) == "default"], "val_loss", log=True)
     ax.set_ylabel("validation loss")
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
 
 
+def gauge_plot(runs: list[dict], path, title: str = "", notes: dict | None = None) -> None:
+    """One panel per optimiser, validation loss vs step from each start: the default
+    initialisation (solid) and the same function in ill-conditioned gauges (dashed). An
+    optimiser whose outcome depends on the gauge shows split curves. ``notes``: optimiser →
+    a line under its name (its settings, its spread)."""
+    by_optim = runs_by(runs)
+    n = len(by_optim)
+    cols = 2 if n in (2, 4) else min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = new_figure(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    starts = _starts(runs)
+    shared = axes[0, 0]
+    for index, (optim, members) in enumerate(by_optim.items()):
+        ax = axes.flat[index]
+        if ax is not shared:
+            ax.sharey(shared)
+
+        def style(label, _, color=f"C{index}"):
+            return dict(color=color, ls=LINESTYLES[starts.index(label) % 4])
+
+        curves(ax, members, "val_loss", log=_spans_decades(runs, "val_loss"), group=start_of,
+               style=style)  # fmt: skip
+        ax.set_title(optim + ("" if not notes else f"\n{notes.get(optim, '')}"), fontsize=9)
+        ax.set_ylabel("validation loss")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+
+
 def dynamics_plot(runs: list[dict], path, title: str = "") -> None:
-    """Mean gauge drift and mean per-head imbalance of the attention heads vs step."""
-    fig, axes = new_figure(1, 2, figsize=(10, 4))
-    curves(axes[0], runs, "gauge_drift")
-    axes[0].set_title("gauge drift ‖p − dress(p)‖ / ‖p‖", fontsize=9)
-    curves(axes[1], runs, "head_imbalance", log=True)
-    axes[1].set_title("head imbalance ‖AᵀA − BᵀB‖_F", fontsize=9)
+    """Mean balance gap and mean head imbalance of the attention heads vs step, per optimiser
+    and start."""
+    group, style = _optim_and_start(runs)
+    fig, axes = new_figure(1, 2, figsize=(11, 4.2))
+    curves(axes[0], runs, "balance_gap", log=True, group=group, style=style)
+    axes[0].set_title(
+        "distance to the balanced section: balance gap ‖AᵀA − BᵀB‖/‖AᵀA + BᵀB‖\n"
+        "(0 on every balanced point, whatever its rotation inside the section)",
+        fontsize=9,
+    )
+    curves(axes[1], runs, "head_imbalance", log=True, group=group, style=style)
+    axes[1].set_title("head imbalance ‖AᵀA − BᵀB‖_F (conserved by gradient flow)", fontsize=9)
     for ax in axes:
         ax.set_ylabel("mean over attention heads")
+        if ax.get_legend() is not None:
+            ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
