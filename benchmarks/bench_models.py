@@ -10,13 +10,10 @@ count k (a multiple of the 4 heads, d_gauge = 4) whose training FLOPs per token 
 (``quotopt.models.flops``) are closest to the standard model's; the table prints both FLOP
 counts. ``--reference`` adds the materialised-bias ALiBi (``alibi="bias"``) as a before row.
 
-Denormals. ALiBi drives far-away scores to exp(−m·(i − j)) ≈ 1e-38…1e-45, subnormal floats that
-x86 cores process ~100× slower; measured at T = 2,048, one thread, one layer's attention:
-fused SDPA 66 ms, with ALiBi features 269 ms, 85 ms once denormals are flushed to zero. Such
-probabilities are 30 orders below float32 resolution, so flushing them changes nothing
-measurable. The script therefore calls ``torch.set_flush_denormal(True)`` at start-up, before any
-parallel region (worker threads inherit the setting), for every model alike; ``--keep-denormals``
-measures without it. Users training ALiBi models on a CPU should do the same.
+Subnormals. Exact ALiBi drives far-away weights below float32's smallest normal, and x86 cores
+process subnormal floats ~100× slower; the feature route leaves those keys out and keeps every
+other weight normal (``quotopt.models._relational_attention``, docs/theory/relational.md). The
+script sets no process-wide switch (no denormal flushing): it measures what users get.
 
 * **Time** of one forward + backward (cross-entropy on every position) at T = 256 ... 4096
   (``--quick``: up to 1024). Per T, the models run once per round in a fixed order (ABAB...);
@@ -237,9 +234,8 @@ def peak_memory_subprocess(kind: str, seq_len: int, args) -> float:
     if torch.device(args.device).type == "cuda":
         return peak_memory_mib(kind, seq_len, args.device, args.tiny)
     probe = json.dumps(
-        dict(kind=kind, seq_len=seq_len, device=args.device, tiny=args.tiny, threads=args.threads,
-             flush_denormal=not args.keep_denormals)
-    )  # fmt: skip
+        dict(kind=kind, seq_len=seq_len, device=args.device, tiny=args.tiny, threads=args.threads)
+    )
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path)
     out = subprocess.run(
@@ -251,7 +247,6 @@ def peak_memory_subprocess(kind: str, seq_len: int, args) -> float:
 
 def _probe(spec: str) -> None:
     options = json.loads(spec)
-    torch.set_flush_denormal(options.pop("flush_denormal"))
     setup_threads(options.pop("threads"))
     print(peak_memory_mib(**options))
 
@@ -336,22 +331,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--seeds", type=int, default=1, help="--quality/--sweep: seeds")
     parser.add_argument("--seq-lens", help="comma-separated sequence lengths (default by size)")
     parser.add_argument("--reference", action="store_true", help="add the materialised-bias ALiBi")
-    parser.add_argument(
-        "--keep-denormals", action="store_true", help="do not flush denormals (see docstring)"
-    )
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = parser.parse_args(argv)
     if args.probe:
         _probe(args.probe)
         return {}
-    flushed = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals
-    try:
-        return _run(args, argv, flushed)
-    finally:
-        torch.set_flush_denormal(False)  # the process default; leave no global switch flipped
-
-
-def _run(args, argv, flushed: bool) -> dict[str, dict]:
     setup_threads(args.threads)
     mode = ("quality" if args.quality else "equal-compute sweep" if args.sweep
             else "optimiser cost" if args.optim else "time and memory")  # fmt: skip
@@ -370,9 +354,8 @@ def _run(args, argv, flushed: bool) -> dict[str, dict]:
     repeats = args.repeats or repeats
     if args.seq_lens:
         seq_lens = [int(t) for t in args.seq_lens.split(",")]
-    print(f"# batch 1; time: {repeats} rounds (ABAB...), median of per-round ratios; denormals "
-          f"{'flushed to zero' if flushed else 'kept'}; eq-FLOPs: k matching the standard "
-          "model's training FLOPs per token at that T")  # fmt: skip
+    print(f"# batch 1; time: {repeats} rounds (ABAB...), median of per-round ratios; eq-FLOPs: "
+          "k matching the standard model's training FLOPs per token at that T")  # fmt: skip
     return scaling(seq_lens, repeats, args)
 
 

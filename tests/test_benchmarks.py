@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,23 @@ def test_bench_models_scaling(capsys):
     for kind in bench_models.KINDS:
         entry = results[f"{kind} T=32"]
         assert _positive(entry["time_ratio"]) and entry["peak_mib"] >= 0
+
+
+def test_no_benchmark_flushes_denormals(monkeypatch, capsys):
+    """A benchmark measures what users get: no script flips ``torch.set_flush_denormal`` (the
+    relational model keeps its attention weights normal itself). The models' scaling run calls
+    it nowhere in process, and no script's source names it (its memory probes run in
+    subprocesses). Control: the recording patch does see a call."""
+    calls = []
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda mode: calls.append(mode) or True)
+    bench_models.main(TINY)
+    capsys.readouterr()
+    assert calls == []
+    torch.set_flush_denormal(True)
+    assert calls == [True]
+    scripts = list(Path(bench_models.__file__).parent.glob("*.py"))
+    assert len(scripts) >= 5
+    assert not [p.name for p in scripts if "set_flush_denormal" in p.read_text()]
 
 
 def test_bench_models_optim(capsys):
