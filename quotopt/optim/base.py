@@ -280,6 +280,8 @@ class QuotientOptimizer(torch.optim.Optimizer):
             seen.update(heads)
             if heads:
                 found.append(f"heads {heads}: {why}")
+        if not found and new_point is not None:
+            found.append("values too large: their sum overflows the parameters' precision")
         return f" ({'; '.join(found)})" if found else ""
 
     def _deficient_now(self, index: int, group: dict):

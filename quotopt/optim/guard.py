@@ -122,7 +122,8 @@ def finiteness(plans: list[Plan]) -> tuple[torch.Tensor, list[str]]:
 def head_flags(bundle, tensors) -> torch.Tensor | None:
     """Per head of ``bundle`` (numbered as ``bundle.deficient_heads``: a product's components'
     heads one after the other), whether any of ``tensors`` (a point or tangent) is not finite
-    there; None for bundles without heads. Synchronises: for error messages only."""
+    there, or its values there sum to an overflow; None for bundles without heads.
+    Synchronises: for error messages only."""
     components = getattr(bundle, "components", None)
     if components is not None:  # a product: its components' parts, in order
         parts = bundle.components_of(tensors)
@@ -131,7 +132,9 @@ def head_flags(bundle, tensors) -> torch.Tensor | None:
         return torch.cat(flags) if flags else None
     if not bundle.per_head:
         return None
-    return torch.stack([~t.reshape(t.shape[0], -1).isfinite().all(1) for t in tensors]).any(0)
+    rows = [t.reshape(t.shape[0], -1) for t in tensors]  # (H, ·): a head's slice per row
+    # the guard's criterion per head: a value, or the sum of the values, is not finite
+    return torch.stack([~(r.isfinite().all(1) & r.sum(1).isfinite()) for r in rows]).any(0)
 
 
 class Guard:
