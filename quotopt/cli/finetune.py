@@ -14,22 +14,21 @@ import time
 import torch
 
 from .. import training
-from .compare import _seeds
-from .train import positive_int, thread_count
+from .args import (
+    directory,
+    nonnegative_int,
+    positive_floats,
+    positive_int,
+    seeds,
+    thread_count,
+)
+
+#: most grid growths per side (``--max-extend``): each multiplies the edge by the grid's ratio
+MAX_EXTEND = 10
 
 QUICK_PRETRAIN = dict(hidden_size=32, layers=1, heads=2, intermediate_size=64, seq_len=32,
                       steps=20, batch_size=4, warmup=5, max_bytes=50_000)  # fmt: skip
 QUICK = dict(steps=10, seq_len=32, eval_every=5, n_eval=8, max_bytes=100_000)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1e-3,3e-3, got {text!r}") from None
-    if not values or not all(v > 0 and v < float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"expected finite positive numbers, got {text!r}")
-    return sorted(dict.fromkeys(values))
 
 
 def _ranks(text: str) -> list[int]:
@@ -55,6 +54,13 @@ def _optims(text: str) -> list[str]:
     return names
 
 
+def _extensions(text: str) -> int:
+    value = nonnegative_int(text)
+    if value > MAX_EXTEND:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_EXTEND}, got {text!r}")
+    return value
+
+
 def add_arguments(parser) -> None:
     opt = parser.add_argument
     # fmt: off
@@ -62,20 +68,23 @@ def add_arguments(parser) -> None:
     opt("--optims", type=_optims, default="adamw,loraplus,qadam-inv,scaledgd",
         help="optimisers (default: %(default)s; from adamw, loraplus, qadam, qadam-inv, "
         "scaledgd, qsgd-inv)")
-    opt("--seeds", type=_seeds, help="seeds; the first tunes (default 0,1,2; --quick: 0,1)")
-    opt("--lrs", type=_floats, help="learning-rate grid, grown past a best edge "
+    opt("--seeds", type=seeds, help="seeds; the first tunes (default 0,1,2; --quick: 0,1)")
+    opt("--lrs", type=positive_floats, help="learning-rate grid, grown past a best edge "
         "(default 1e-3,3e-3,1e-2; --quick: 1e-3,1e-2)")
-    opt("--ratios", type=_floats, default="4,16,64", help="LoRA+ ratio grid (default %(default)s)")
-    opt("--dampings", type=_floats, default="1e-3,1e-2,1e-1",
+    opt("--ratios", type=positive_floats, default="4,16,64",
+        help="LoRA+ ratio grid (default %(default)s)")
+    opt("--dampings", type=positive_floats, default="1e-3,1e-2,1e-1",
         help="damping grid of qadam-inv / qsgd-inv (default %(default)s; scaledgd uses the "
         "middle value)")
     opt("--steps", type=positive_int, help="fine-tuning steps (default 300; --quick: 10)")
     opt("--pretrain-steps", type=positive_int, help="pretraining steps (default 700)")
-    opt("--max-extend", type=int, default=3, help="grid growths per side (default 3)")
+    opt("--max-extend", type=_extensions, default=3,
+        help=f"grid growths per side, 0 to {MAX_EXTEND} (default 3)")
     opt("--quick", action="store_true", help="tiny sizes: the whole protocol in seconds")
-    opt("--cache", help="pretrained-model cache (default $QUOTOPT_CACHE or ~/.cache/quotopt)")
+    opt("--cache", type=directory,
+        help="pretrained-model cache (default $QUOTOPT_CACHE or ~/.cache/quotopt)")
     opt("--threads", type=thread_count, default=1, help="torch CPU threads (default 1)")
-    opt("--out", required=True, help="output directory")
+    opt("--out", type=directory, required=True, help="output directory")
     opt("--resume", action="store_true", help="reuse finished runs")
     opt("--force", action="store_true", help="replace a previous study in OUT")
     opt("--quiet", action="store_true", help="no progress bar")

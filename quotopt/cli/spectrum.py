@@ -24,7 +24,7 @@ import torch
 from .. import training
 from ..dynamics import model_flat_directions
 from ..dynamics.critical import SETTINGS, count_setting
-from .train import positive_float
+from .args import fraction, positive_float
 
 MAX_MEMORY_GB = 8.0  # default --max-memory
 
@@ -35,10 +35,10 @@ def add_arguments(parser) -> None:
     add_common_arguments(parser, steps=2000, size="tiny", task="modadd", threads=1)
     parser.add_argument(
         "--rel-tol",
-        type=float,
+        type=fraction,
         default=1e-8,
         help="an eigenvalue is flat when |λ| <= rel_tol * max|λ| (default: %(default)g, above "
-        "float64 round-off; see flat_by_tolerance in the JSON for other choices)",
+        "float64 round-off; > 0 and < 1; see flat_by_tolerance in the JSON for other choices)",
     )
     parser.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     parser.add_argument(

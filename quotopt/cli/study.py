@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .train import positive_int
+from .args import directory, worker_count
 
 
 def add_arguments(parser) -> None:
@@ -26,15 +26,21 @@ def add_arguments(parser) -> None:
     mode.add_argument("--full", dest="plan", action="store_const", const="full",
                       help="paper sizes, larger grids (many CPU hours; see docs)")  # fmt: skip
     parser.set_defaults(plan="quick")
-    parser.add_argument("--out", default="runs/study", help="run directory (default: %(default)s)")
     parser.add_argument(
-        "--docs", default="docs", help="where results.md and img/results/ go (default: %(default)s)"
+        "--out", type=directory, default="runs/study", help="run directory (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--docs",
+        type=directory,
+        default="docs",
+        help="where results.md and img/results/ go (default: %(default)s)",
     )
     parser.add_argument(
         "--workers",
-        type=positive_int,
+        type=worker_count,
         default=default_workers(),
-        help="parallel runs, one torch thread each (default: CPU count, %(default)s here)",
+        help="parallel runs, one torch thread each, at most the CPU count (default: the CPU "
+        "count, %(default)s here)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="reuse finished runs in OUT, resume interrupted ones"

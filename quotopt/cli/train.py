@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import math
-import os
 import sys
 
 import torch
@@ -14,51 +11,15 @@ import torch
 from .. import training
 from ..tasks import TASKS
 from ..training.schedule import SCHEDULES
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _number(text: str, *, positive: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        rule = "a finite number > 0" if positive else "a finite number >= 0"
-        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (``--lr``: inf and nan are refused)."""
-    return _number(text, positive=True)
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0 (``--weight-decay``)."""
-    return _number(text, positive=False)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def thread_count(text: str) -> int:
-    """A positive integer no larger than ``available_cpus()``: more threads than CPUs cannot
-    speed anything up, and torch allocates per-thread state for every one."""
-    value, cpus = positive_int(text), available_cpus()
-    if value > cpus:
-        raise argparse.ArgumentTypeError(f"{value} threads exceed the {cpus} CPUs available")
-    return value
+from .args import (
+    directory,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed,
+    thread_count,
+)
 
 
 def add_common_arguments(parser, *, steps, task=None, size=None, threads=None, single=True):
@@ -78,20 +39,22 @@ def add_common_arguments(parser, *, steps, task=None, size=None, threads=None, s
     if single:
         opt("--optim", choices=sorted(training.OPTIMIZERS), default="adamw",
             help="optimiser (default: %(default)s)")
-        opt("--seed", type=int, default=0, help="seed of the split, init and batches (default 0)")
+        opt("--seed", type=seed, default=0,
+            help="seed of the split, init and batches, in [0, 2**32) (default 0)")
         opt("--lr", type=positive_float, help="learning rate (default: per optimiser and task)")
         opt("--weight-decay", type=nonnegative_float,
             help="weight decay (default: per optimiser and task)")
     opt("--schedule", choices=SCHEDULES, default=None,
         help="learning-rate schedule: constant, or cosine (nanoGPT's warm-up, then a cosine to "
         "a tenth) (default: constant)")
-    opt("--batch-size", type=int, help="batch size, 0 for full batch (default: per task)")
+    opt("--batch-size", type=nonnegative_int,
+        help="batch size, at most the training examples; 0 for full batch (default: per task)")
     opt("--eval-every", type=positive_int, help="steps between evaluations (default: per task)")
     opt("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: cpu)")
     opt("--threads", type=thread_count, default=threads,
         help=f"torch CPU threads (default: {threads or 'torch' + chr(39) + 's'}; one is "
         "fastest for small models and on a busy CPU)")
-    opt("--out", required=True, help="output directory")
+    opt("--out", type=directory, required=True, help="output directory")
     if single:
         opt("--resume", action="store_true",
             help="continue from OUT/checkpoint.pt, bit-exact (same --threads)")

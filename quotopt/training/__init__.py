@@ -3,7 +3,7 @@
 * ``registry``: tasks at their sizes, the architectures, optimisers by name
   (``register_optimizer``, ``build_optimizer``);
 * ``runs``: ``RunConfig`` and a run's files (``metrics.jsonl``, ``summary.json``, checkpoints),
-  written atomically;
+  written atomically by one process at a time (``run_lock``);
 * ``loop``: ``train`` (resumable, bit-exact, Ctrl-C safe, stops cleanly on divergence) and
   ``evaluate``.
 
@@ -30,6 +30,7 @@ from .registry import (
 )
 from .runs import (
     CHECKPOINT_KEYS,
+    MAX_SEED,
     RUN_FILES,
     RunConfig,
     append_record,
@@ -39,6 +40,7 @@ from .runs import (
     load_checkpoint,
     prepare_out,
     read_records,
+    run_lock,
     save_checkpoint,
     write_json,
     write_text,
@@ -48,6 +50,7 @@ __all__ = [
     "CHECKPOINT_KEYS",
     "D_GAUGE",
     "HPARAMS",
+    "MAX_SEED",
     "MODELS",
     "OPTIMIZERS",
     "RUN_FILES",
@@ -72,6 +75,7 @@ __all__ = [
     "prepare_out",
     "read_records",
     "register_optimizer",
+    "run_lock",
     "save_checkpoint",
     "size_options",
     "summarise",

@@ -4,11 +4,12 @@
 ``train(RunConfig(...), out_dir)`` evaluates every ``eval_every`` steps (one JSON record per
 evaluation appended to ``metrics.jsonl``; under a quotient optimiser it includes
 ``rank_deficient_heads``, the number of heads whose factor Grams were singular at the last step)
-and then writes ``checkpoint.pt`` atomically (see ``runs``). ``resume=True`` continues bit for
-bit (evaluation draws no random numbers) and is refused when the checkpoint was written with
-another torch thread count. SIGINT is deferred to the next step boundary; a
-``KeyboardInterrupt`` there, or raised inside a step before the optimiser writes, saves the
-last completed step and surfaces as ``Interrupted`` (a ``KeyboardInterrupt``).
+and then writes ``checkpoint.pt`` atomically (see ``runs``), holding the directory's
+``run_lock`` throughout. ``resume=True`` continues bit for bit from the checkpoint (evaluation
+draws no random numbers; records logged after it are dropped) and is refused when the
+checkpoint was written with another torch thread count. SIGINT is deferred to the next step
+boundary; a ``KeyboardInterrupt`` there, or raised inside a step before the optimiser writes,
+saves the last completed step and surfaces as ``Interrupted`` (a ``KeyboardInterrupt``).
 
 A run *diverges* when its parameters become non-finite or the optimiser refuses a non-finite
 step (``NonFiniteStepError``). It then stops at once: the last record is logged (every metric
@@ -41,6 +42,7 @@ from .runs import (
     load_checkpoint,
     prepare_out,
     read_records,
+    run_lock,
     save_checkpoint,
     write_json,
     write_text,
@@ -118,12 +120,44 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
     if resume and out_dir is None:
         raise ValueError("resume needs the output directory that holds checkpoint.pt")
     ckpt_path = None if out_dir is None else Path(out_dir) / "checkpoint.pt"
-    ckpt = load_checkpoint(ckpt_path) if resume else None  # before creating anything
-    if ckpt is not None:
-        check_resumable(ckpt, cfg, ckpt_path)
-    out = None if out_dir is None else prepare_out(out_dir)
+    if resume:  # every check before creating anything
+        load_checkpoint(ckpt_path)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, cfg.size, cfg.seed)
+    check_batch_size(task, cfg)
+    if out_dir is None:
+        return _train(cfg, task, None, None, on_step, on_eval)
+    with run_lock(prepare_out(out_dir)):  # one writer per run directory
+        ckpt = load_checkpoint(ckpt_path) if resume else None  # as the lock holder sees it
+        if ckpt is not None:
+            check_resumable(ckpt, cfg, ckpt_path)
+        return _train(cfg, task, Path(out_dir), ckpt, on_step, on_eval)
+
+
+def check_batch_size(task, cfg: RunConfig) -> None:
+    """``ValueError`` unless ``cfg.batch_size`` is 0 (the full split) or at most the number of
+    training examples (batches are drawn with replacement: a larger one repeats examples)."""
+    n = task.split_sizes["train"]
+    if cfg.batch_size > n:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} exceeds the {n} training examples of {cfg.task} "
+            f"{cfg.size}; give at most {n}, or 0 for the full split"
+        )
+
+
+def _before(records: list[dict], step: int) -> list[dict]:
+    """The records up to ``step``, one per step in increasing order (a log written past its
+    checkpoint, or twice over, keeps only what the checkpoint's run had written)."""
+    kept: list[dict] = []
+    for r in records:
+        if r["step"] <= step and (not kept or r["step"] > kept[-1]["step"]):
+            kept.append(r)
+    return kept
+
+
+def _train(cfg: RunConfig, task, out: Path | None, ckpt, on_step, on_eval) -> dict:
+    """``train`` once the task is built, the directory held and the checkpoint checked."""
+    ckpt_path = None if out is None else out / "checkpoint.pt"
     model = build_model(task, cfg.model, cfg.size, cfg.variant).to(cfg.device)
     if cfg.gauge_condition is not None:  # the same function in another gauge (same RNG after)
         gauge = torch.Generator().manual_seed(GAUGE_SALT + cfg.seed)
@@ -143,7 +177,7 @@ def train(config: RunConfig, out_dir=None, *, resume=False, on_step=None, on_eva
         gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         step, clock = ckpt["step"], dict(ckpt["clock"])
-        records = [r for r in read_records(out) if r["step"] <= step]
+        records = _before(read_records(out), step)
     if out is not None:  # drop records after the checkpoint (written before a crash)
         write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     origin = time.perf_counter() - clock["wall"]

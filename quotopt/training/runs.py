@@ -5,17 +5,23 @@ Every file is written atomically (a temporary sibling, then ``os.replace``); a f
 removes its temporary file and surfaces as one ``OSError`` naming the file. A checkpoint holds
 plain tensors and containers (``torch.load(path, weights_only=True)`` reads it): ``step``,
 ``config``, ``model``, ``optimizer``, ``data_rng``, ``torch_rng``, ``clock`` and ``threads``
-(torch's CPU thread count, on which bit-exact resumption depends).
+(torch's CPU thread count, on which bit-exact resumption depends); ``load_checkpoint`` checks
+the type and range of every field.
+
+A run directory has one writer at a time: ``run_lock`` holds an exclusive ``flock`` on its
+``.lock`` file, which the kernel releases when the owner exits or dies, so a second writer is
+refused while the first lives and a dead owner leaves no stale lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -38,6 +44,11 @@ _LATER_DEFAULTS = {"variant": None, "schedule": "constant", "gauge_condition": N
                    "gauge_round_trip": False}  # fmt: skip
 #: keys a checkpoint must hold to be resumed (``threads`` is checked where present)
 CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "data_rng", "torch_rng", "clock")
+#: seeds are integers in [0, MAX_SEED) (torch's generators take 64-bit seeds; the loop adds
+#: small offsets to the seed, and numpy's generators take 32-bit ones)
+MAX_SEED = 2**32
+#: the lock file of a run directory (``run_lock``)
+LOCK_FILE = ".lock"
 
 
 @dataclasses.dataclass
@@ -88,6 +99,8 @@ class RunConfig:
             raise ValueError(f"gauge_condition must be None or a finite number >= 1, got {gauge}")
         if out.gauge_round_trip and gauge is None:
             raise ValueError("gauge_round_trip needs a gauge_condition (the element to undo)")
+        if _not_int(out.seed) or not 0 <= out.seed < MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {out.seed!r}")
         if out.steps < 1 or out.eval_every < 1 or out.batch_size < 0:
             raise ValueError(f"steps and eval_every must be positive, batch_size >= 0: {out}")
         finite = math.isfinite(out.lr) and math.isfinite(out.weight_decay)
@@ -96,6 +109,10 @@ class RunConfig:
                 f"need a finite lr > 0 and weight_decay >= 0, got {out.lr}, {out.weight_decay}"
             )
         return out
+
+
+def _not_int(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -186,7 +203,91 @@ def load_checkpoint(path) -> dict:
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint {path} is incomplete: it has no {', '.join(missing)}")
+    for key, rule in _FIELD_RULES.items():
+        if (key in ckpt or key != "threads") and not _FIELD_CHECKS[key](ckpt.get(key)):
+            shown = repr(ckpt.get(key))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(
+                f"checkpoint {path} has {key} = {shown}, but {key} must be {rule}; the file was "
+                "not written by a training run: start over with --force"
+            )
     return ckpt
+
+
+def _count(value, least: int) -> bool:
+    return not _not_int(value) and value >= least
+
+
+def _seconds(clock) -> bool:
+    fields = [clock.get(k) for k in ("wall", "train")] if isinstance(clock, dict) else [None]
+    numbers = [v for v in fields if not isinstance(v, bool) and isinstance(v, int | float)]
+    return len(numbers) == len(fields) == 2 and all(math.isfinite(v) and v >= 0 for v in numbers)
+
+
+def _rng_state(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+_FIELD_RULES = {
+    "step": "an integer >= 0",
+    "config": "a dict of run settings",
+    "model": "a dict of tensors (a state_dict)",
+    "optimizer": "a dict with 'state' and 'param_groups' (a state_dict)",
+    "data_rng": "a 1-D uint8 tensor (a generator state)",
+    "torch_rng": "a 1-D uint8 tensor (a generator state)",
+    "clock": "a dict of finite seconds >= 0 under 'wall' and 'train'",
+    "threads": "None or an integer >= 1",
+}
+_FIELD_CHECKS = {
+    "step": lambda v: _count(v, 0),
+    "config": lambda v: isinstance(v, dict),
+    "model": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+    "optimizer": lambda v: isinstance(v, dict) and {"state", "param_groups"} <= v.keys(),
+    "data_rng": _rng_state,
+    "torch_rng": _rng_state,
+    "clock": _seconds,
+    "threads": lambda v: v is None or _count(v, 1),
+}
+
+
+@contextlib.contextmanager
+def run_lock(out_dir) -> Iterator[Path]:
+    """Hold the run directory ``out_dir`` (which must exist) for this process; a directory
+    another live process holds raises ``ValueError`` naming it. Re-entrant within a process;
+    the kernel drops the lock when its owner exits or is killed."""
+    import fcntl  # POSIX; the study and the CLI run on Linux and macOS
+
+    out = Path(out_dir).resolve()
+    if out in _HELD:
+        yield out
+        return
+    path = out / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OSError(f"cannot open {path}: {err.strerror or err}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ValueError(
+                f"run directory {out} is in use by another process (pid {owner}): one writer at "
+                "a time; wait for that process to finish or stop it, then add --resume"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD.add(out)
+        try:
+            yield out
+        finally:
+            _HELD.discard(out)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+#: run directories this process holds (``run_lock`` is re-entrant)
+_HELD: set[Path] = set()
 
 
 def check_resumable(ckpt: dict, cfg: RunConfig, path) -> None:
