@@ -25,6 +25,7 @@ import torch
 
 from .. import training
 from ..plotting import optim_of, runs_by, start_of
+from ..study.protocol import LABELS
 from ..study.robustness import relative_spread
 from .args import available_cpus, seeds, worker_count
 from .train import add_common_arguments, describe
@@ -202,10 +203,7 @@ def run(args) -> int:
     result = dict(wall_time=wall, workers=workers, settings=settings, reference_loss=ref,
                   gauge_spread=gauge, runs=runs)  # fmt: skip
     training.write_json(out / "metrics.json", result)
-    notes = {o: f"lr {s['lr']:g}, wd {s['weight_decay']:g}" for o, s in settings.items()}
-    if args.gauges:
-        notes = {o: f"{n}; spread {_spread_text(gauge.get(o))}" for o, n in notes.items()}
-    plots.gauge_plot(runs, out / "gauge.png", title, notes)
+    plots.gauge_plot(runs, out / "gauge.png", _figure_title(title, args), _titles(settings, gauge))
     plots.loss_plot(runs, out / "loss.png", title)
     plots.dynamics_plot(runs, out / "dynamics.png", title)
     training.write_text(out / "report.md", report(runs, args, wall, workers, settings))
@@ -216,8 +214,19 @@ def run(args) -> int:
     return 0
 
 
-def _spread_text(values) -> str:
-    return "n/a" if not values else f"{max(values):.1e}"
+def _figure_title(title: str, args) -> str:
+    kappas = " and ".join(f"κ = {k:g}" for k in args.gauges)
+    starts = f"; dashed: the same function in a gauge of {kappas}" if kappas else ""
+    return f"{title}, {args.steps} steps. Solid: the default initialisation{starts}"
+
+
+def _titles(settings: dict, gauge: dict) -> dict[str, str]:
+    """Panel titles: the optimiser's name, its setting and its spread over the starts."""
+    out = {}
+    for optim, s in settings.items():
+        spread = f"; spread {max(gauge[optim]):.1e}" if gauge.get(optim) else ""
+        out[optim] = f"{LABELS.get(optim, optim)}\nlr {s['lr']:g}, wd {s['weight_decay']:g}{spread}"
+    return out
 
 
 # ---- the report ------------------------------------------------------------------------------

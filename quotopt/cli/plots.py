@@ -46,11 +46,11 @@ def loss_plot(runs: list[dict], path, title: str = "") -> None:
     save_figure(fig, path)
 
 
-def gauge_plot(runs: list[dict], path, title: str = "", notes: dict | None = None) -> None:
+def gauge_plot(runs: list[dict], path, title: str = "", titles: dict | None = None) -> None:
     """One panel per optimiser, validation loss vs step from each start: the default
     initialisation (solid) and the same function in ill-conditioned gauges (dashed). An
-    optimiser whose outcome depends on the gauge shows split curves. ``notes``: optimiser →
-    a line under its name (its settings, its spread)."""
+    optimiser whose outcome depends on the gauge shows split curves. ``titles``: optimiser →
+    its panel's title (default: its name)."""
     by_optim = runs_by(runs)
     n = len(by_optim)
     cols = 2 if n in (2, 4) else min(n, 3)
@@ -68,7 +68,7 @@ def gauge_plot(runs: list[dict], path, title: str = "", notes: dict | None = Non
 
         curves(ax, members, "val_loss", log=_spans_decades(runs, "val_loss"), group=start_of,
                style=style)  # fmt: skip
-        ax.set_title(optim + ("" if not notes else f"\n{notes.get(optim, '')}"), fontsize=9)
+        ax.set_title((titles or {}).get(optim, optim), fontsize=9)
         ax.set_ylabel("validation loss")
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
