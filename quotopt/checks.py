@@ -9,6 +9,9 @@ r"""Act on a model through its groups, and check numerically that a group is a s
   mistake), on any output that holds tensors (``ModelOutput``, dicts, tuples with ``None``).
 * ``check_in_module``: the same test for one detected candidate on a float64 copy of the smallest
   module that holds it, with random inputs — how ``quotopt.symmetries`` accepts what it detects.
+  The copy runs with float64 as torch's default dtype (a constant a module builds without a dtype,
+  ``torch.full((), torch.finfo(x.dtype).min)``, is then float64 like its input); a copy that
+  fails before any group acts raises ``Float64Error``: the module, not the candidate, is at fault.
 
 The change is ‖f(p·g) − f(p)‖ / ‖f(p)‖ over all compared output tensors, the worst over the
 trials: round-off for a symmetry (≈1e-16 in float64; ≈1e-7 where a module computes a step in
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from torch import nn
 from .layouts import copy_into
 
 __all__ = [
+    "Float64Error",
     "VerifyResult",
     "check_in_module",
     "gauge_transform",
@@ -233,12 +238,33 @@ def double_call(call, generator=None):
     return new_args, new_kwargs
 
 
+class Float64Error(RuntimeError):
+    """A module's float64 copy fails before any group acts (``check_in_module``); ``module`` is
+    the class name, ``error`` the exception its forward raised."""
+
+    def __init__(self, module: str, error: Exception):
+        self.module, self.error = module, error
+        super().__init__(f"the float64 copy of {module} fails ({type(error).__name__}: {error})")
+
+
+@contextmanager
+def _float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @torch.no_grad()
 def check_in_module(
     module: nn.Module, group: dict, call, generator=None, trials: int = 2, condition: float = 10.0
 ) -> tuple[float, list[str]]:
     """(relative change, compared outputs) of ``group`` on a float64 copy of ``module`` with all
-    of its parameters randomised, called as ``call`` = (args, kwargs) with fresh hidden states."""
+    of its parameters randomised, called as ``call`` = (args, kwargs) with fresh hidden states.
+
+    Raises ``Float64Error`` where the copy fails before a group element is applied."""
     names = {id(p): n for n, p in module.named_parameters()}
     twin = copy.deepcopy(module).double().eval()
     twin_params = dict(twin.named_parameters())
@@ -246,7 +272,11 @@ def check_in_module(
     randomise_(twin.parameters(), generator)
     args, kwargs = double_call(call, generator)
     run = lambda: twin(*args, **kwargs)  # noqa: E731
-    reference = output_tensors(run())
+    with _float64_default():
+        try:
+            reference = output_tensors(run())
+        except Exception as error:  # noqa: BLE001 - re-raised with the module it belongs to
+            raise Float64Error(type(module).__name__, error) from error
+        change = _apply_and_compare(twin, twin_group, run, reference, trials, generator, condition)
     compared = [f"{path} {tuple(t.shape)}" for path, t in reference]
-    change = _apply_and_compare(twin, twin_group, run, reference, trials, generator, condition)
     return change, compared

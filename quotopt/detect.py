@@ -50,7 +50,8 @@ class Slot:
     (qk, ov, units, adapters), ``options``; ``probe(generator) -> (args, kwargs)`` calls the
     module on its own (else a call recorded from the model is used, else ``fallback``); ``note``
     explains a slot without options or whose options all fail; ``compose`` names the group that
-    accepted slots of one module sharing tensors become."""
+    accepted slots of one module sharing tensors become; ``params`` are the tensors a slot
+    without options concerns (no enclosing module proposes them again)."""
 
     module: nn.Module
     path: str
@@ -62,6 +63,7 @@ class Slot:
     note: str = ""
     family: str = ""
     compose: str = ""
+    params: tuple = ()
 
 
 def head_options(name, params, specs_qk, bundle_args, metric, frozen=(), rotary=(), partial=None):

@@ -33,7 +33,9 @@ module. One description covers the families:
 Biases by role: a query or value bias is the last row of its factor, a key bias is frozen
 (no RoPE) or a row of the key factor (RoPE), see ``quotopt.detect``.
 
-``example_inputs(model)`` builds the inputs the detection probes the model with, from its config.
+``example_inputs(model)`` (``quotopt.hf_inputs``) builds the inputs the detection probes the model
+with, from its config; ``float64_fix(module)`` names the known fix where a module's float64 copy
+does not run.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ from torch import nn
 import manifolds as M
 
 from .detect import Option, Slot, head_options
+from .hf_inputs import example_inputs
 from .layouts import ProjectionHeads, Rows
 from .layouts import feature_blocks as blocks
-from .structure import conv1d, mlp_slots, out_features, projection
+from .structure import conv1d, in_features, linears, looks_like, mlp_slots, out_features, projection
 
 __all__ = [
     "example_inputs",
+    "float64_fix",
     "hf_slots",
 ]
 
@@ -250,17 +254,42 @@ def _fused(path, module, metric, fused, out) -> list[Slot]:
     ]
 
 
+def _roles_by_structure(module: nn.Module):
+    """(fused, out) or (q, k, v, out) of an attention-named module whose projections have no
+    known role names, from their shapes in registration order: two projections, the first wider
+    than the second's input (fused q/k/v, output), or four, the key and value of one shape and
+    the output reading what the query writes; None otherwise."""
+    found = linears(module)
+    if len(found) == 2:
+        (_, qkv), (_, o) = found
+        return found if out_features(qkv) > in_features(o) else None
+    if len(found) == 4:
+        (_, q), (_, k), (_, v), (_, o) = found
+        if k.weight.shape == v.weight.shape and out_features(q) == in_features(o):
+            return found
+    return None
+
+
 def attention_slots(path: str, module: nn.Module, metric: str) -> list[Slot]:
-    out = projection(module, O)
-    if out is None:
-        return []
-    fused = projection(module, FUSED)
-    if fused is not None and fused[0] != out[0]:
-        return _fused(path, module, metric, fused, out)
+    """The query/key and value/output slots of an attention module found by role names, else
+    by structure where its class name says attention (``_roles_by_structure``)."""
+    out, fused = projection(module, O), projection(module, FUSED)
     found = [projection(module, names) for names in (Q, K, V)]
-    if None in found or len({p for p, _ in found + [out]}) < 4:
+    if out is not None and fused is not None and fused[0] != out[0]:
+        return _fused(path, module, metric, fused, out)
+    if out is not None and None not in found and len({p for p, _ in found + [out]}) == 4:
+        return _separate(path, module, metric, (*found, out))
+    roles = _roles_by_structure(module) if looks_like(module, "attention") else None
+    if roles is None:
         return []
-    return _separate(path, module, metric, (*found, out))
+    slots = (_fused if len(roles) == 2 else _separate)(path, module, metric, *_split(roles))
+    for slot in slots:
+        slot.family += ", by structure"
+    return slots
+
+
+def _split(roles):
+    return (roles[0], roles[1]) if len(roles) == 2 else (tuple(roles[:4]),)
 
 
 def hf_slots(path: str, module: nn.Module, metric: str, heads=True, rescaling=True):
@@ -271,33 +300,13 @@ def hf_slots(path: str, module: nn.Module, metric: str, heads=True, rescaling=Tr
     return found + (mlp_slots(path, module, metric) if rescaling else [])
 
 
-# ---- probing the model ---------------------------------------------------------------------
-def example_inputs(model: nn.Module, batch: int = 2, length: int = 8):
-    """``(args, kwargs)`` for one forward of a Hugging Face model, from its config (token ids,
-    pixels or audio features; decoder ids for encoder–decoders); None if it is not one."""
-    config = getattr(model, "config", None)
-    main = getattr(model, "main_input_name", None)
-    if config is None or main is None:
-        return None
-    gen = torch.Generator().manual_seed(0)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = getattr(text, "vocab_size", None) or 16
-    ids = lambda n: torch.randint(0, min(vocab, 1000), (batch, n), generator=gen)  # noqa: E731
-    dtype = next(model.parameters()).dtype
-    if main == "input_ids":
-        kwargs = {"input_ids": ids(length)}
-    elif main == "pixel_values":
-        size = getattr(config, "image_size", 32)
-        channels = getattr(config, "num_channels", 3)
-        kwargs = {"pixel_values": torch.randn(batch, channels, size, size, generator=gen)}
-    elif main == "input_features":
-        frames = 2 * getattr(config, "max_source_positions", 16)
-        bins = getattr(config, "num_mel_bins", 80)
-        kwargs = {"input_features": torch.randn(batch, bins, frames, generator=gen)}
-    else:
-        return None
-    kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
-    if getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = ids(length - 2)
-    kwargs["use_cache"] = False
-    return (), kwargs
+def float64_fix(module: nn.Module) -> str:
+    """The known fix where a Hugging Face module's float64 copy does not run, or ''."""
+    for sub in module.modules():
+        implementation = getattr(getattr(sub, "config", None), "_experts_implementation", None)
+        if isinstance(implementation, str) and implementation != "eager":
+            return (
+                f"its experts run as {implementation}, which has no float64 kernel: build or load "
+                'the model with experts_implementation="eager" (the same function, per expert)'
+            )
+    return ""

@@ -33,18 +33,17 @@ on the same tensors is one joint group where the model declares it (``Transforme
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .checks import check_in_module, gauge_transform, group_point, verify, write_point
+from .checks import Float64Error, check_in_module, gauge_transform, group_point, verify, write_point
 from .detect import compose_groups, torch_slots
 from .hf import example_inputs as hf_example_inputs
-from .hf import hf_slots
+from .hf import float64_fix, hf_slots
 from .lora import lora_slots, stack_adapters
-from .report import SymmetryReport
+from .report import SymmetryReport, note_unrecognised, summarise
 
 __all__ = ["describe", "gauge_transform", "group_point", "symmetries", "verify", "write_point"]
 
@@ -102,6 +101,7 @@ def _slots(model, metric, heads, rescaling, skip_paths, declared_ids, lora_dampi
                 frozen_paths.append(slot.path.rstrip("."))  # a frozen base: nothing to optimise
                 continue
             ids = {id(p) for o in slot.options for p in o.group["params"]}
+            ids |= {id(p) for p in slot.params}
             ids |= {id(p) for o in slot.options for _, p in o.frozen}
             if not slot.options and not slot.note:
                 continue
@@ -136,6 +136,8 @@ def _record_calls(model, modules, inputs) -> dict[int, tuple]:
 
 
 def _check_slots(model, slots, report, example, tolerance, generator):
+    """Verify each slot's options in order; returns (accepted groups, frozen key biases, paths of
+    slots left unverified for want of a working example forward, and why)."""
     needs = [s.module for s in slots if s.probe is None and s.options]
     calls, failure = {}, ""
     if needs and example is not None:
@@ -143,7 +145,9 @@ def _check_slots(model, slots, report, example, tolerance, generator):
             calls = _record_calls(model, needs, example)
         except Exception as error:  # noqa: BLE001 - reported: the user's inputs did not fit
             failure = f"the example forward failed ({type(error).__name__}: {error})"
-    accepted, frozen = [], []
+    if example is None:
+        failure = "no example inputs could be built for the model"
+    accepted, frozen, unverified = [], [], []
     for slot in slots:
         call = slot.probe(generator) if slot.probe is not None else calls.get(id(slot.module))
         if call is None and slot.fallback is not None:
@@ -152,69 +156,53 @@ def _check_slots(model, slots, report, example, tolerance, generator):
             report.add(slot.path, slot.part, "detected", structure=slot.family, note=slot.note)
             continue
         if call is None:
-            why = failure or (
-                "not called by the example inputs"
-                if example is not None
-                else "not verified: pass example_inputs=(args, kwargs)"
-            )
+            why = "not called by the example inputs" if not failure else failure
+            if example is None:
+                why = "not verified: pass example_inputs=(args, kwargs)"
+            unverified += [slot.path.rstrip(".")] if failure else []
             report.add(slot.path, slot.part, "detected", structure=slot.family, note=why)
             continue
-        tried = []
-        for option in slot.options:
-            try:
-                change, _ = check_in_module(slot.module, option.group, call, generator)
-            except (ValueError, RuntimeError, TypeError) as error:
-                tried.append(f"{option.structure}: {error}")
-                continue
-            if change <= tolerance:
-                option.group["compose"] = slot.compose
-                accepted.append(option.group)
-                frozen += [(label, p, slot) for label, p in option.frozen]
-                report.add(
-                    slot.path,
-                    slot.part,
-                    "detected",
-                    option.group,
-                    change=change,
-                    structure=f"{slot.family}; {option.structure}",
-                    tried=tuple(tried),
-                )
-                break
-            tried.append(f"{option.structure}: change {change:.0e}")
-        else:
-            note = slot.note or "no candidate verified"
+        option = _first_verified(slot, call, report, tolerance, generator)
+        if option is not None:
+            option.group["compose"] = slot.compose
+            accepted.append(option.group)
+            frozen += [(label, p, slot) for label, p in option.frozen]
+    return accepted, frozen, (unverified, failure)
+
+
+def _first_verified(slot, call, report, tolerance, generator):
+    """The first of ``slot``'s options whose check passes (reported with the ones tried before
+    it), or None (reported with every option tried, or with the module's float64 failure)."""
+    tried = []
+    for option in slot.options:
+        try:
+            change, _ = check_in_module(slot.module, option.group, call, generator)
+        except Float64Error as error:
+            fix = float64_fix(slot.module) or (
+                "declare the groups and check them with quotopt.verify in the model's dtype"
+            )
+            note = f"not verified: {error}; {fix}"
+            report.add(slot.path, slot.part, "detected", structure=slot.family, note=note)
+            return None
+        except (ValueError, RuntimeError, TypeError) as error:
+            tried.append(f"{option.structure}: {error}")
+            continue
+        if change <= tolerance:
             report.add(
                 slot.path,
                 slot.part,
                 "detected",
-                structure=slot.family,
-                note=f"{note} (tried {'; '.join(tried)})",
+                option.group,
+                change=change,
+                structure=f"{slot.family}; {option.structure}",
+                tried=tuple(tried),
             )
-    return accepted, frozen
-
-
-def _unrecognised(model, slots, skip_paths, frozen_paths, table: SymmetryReport) -> None:
-    """Report rows for attention/MLP-looking modules no slot covers, and for LayerNorm's O(d)."""
-    covered = [s.path.rstrip(".") for s in slots] + list(skip_paths) + list(frozen_paths)
-
-    def related(path):
-        return any(
-            c == "" or path == c or path.startswith(c + ".") or c.startswith(path + ".")
-            for c in covered
-        )
-
-    for path, module in model.named_modules():
-        name = type(module).__name__
-        if ("Attention" in name or name.endswith(("MLP", "FeedForward"))) and not related(path):
-            table.add(path, "-", "detected", note=f"unrecognised layout ({name}): declare it")
-    norms = {type(m).__name__ for m in model.modules() if isinstance(m, nn.LayerNorm)}
-    if norms and not skip_paths:
-        table.add(
-            "",
-            "residual",
-            "detected",
-            note=f"O(d) not reduced: {', '.join(sorted(norms))} centring breaks it",
-        )
+            return option
+        tried.append(f"{option.structure}: change {change:.0e}")
+    note = slot.note or "no candidate verified"
+    tried_all = f"{note} (tried {'; '.join(tried)})"
+    report.add(slot.path, slot.part, "detected", structure=slot.family, note=tried_all)
+    return None
 
 
 def _composed_name(members: list[dict]) -> str:
@@ -276,8 +264,8 @@ def symmetries(
     slots, frozen_paths = _slots(model, metric, heads, rescaling, skip, declared_ids, lora_damping)
     example = example_inputs if example_inputs is not None else hf_example_inputs(model)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    found, frozen = _check_slots(model, slots, table, example, tolerance, generator)
-    _unrecognised(model, slots, skip, frozen_paths, table)
+    found, frozen, unverified = _check_slots(model, slots, table, example, tolerance, generator)
+    note_unrecognised(model, slots, skip, frozen_paths, table)
     found, dropped = compose_groups(found, names, refuse=False, compose_name=_composed_name)
     found = stack_adapters(found, metric, lora_damping)
     for g, reason in dropped:
@@ -295,7 +283,7 @@ def symmetries(
             note=f"{label}: softmax shift (pure gauge), own group with lr 0",
         )
     groups = _complete(model, user + own + [_clean(g) for g in found] + keys, plain)
-    _summarise(model, groups, table)
+    summarise(model, groups, table, *unverified)
     return (groups, table) if report else groups
 
 
@@ -306,33 +294,6 @@ def _clean(group: dict) -> dict:
 def describe(model: nn.Module, **kwargs) -> SymmetryReport:
     """The ``SymmetryReport`` of ``symmetries(model, **kwargs)``; ``print`` it for the table."""
     return symmetries(model, report=True, **kwargs)[1]
-
-
-def _summarise(model, groups, table: SymmetryReport) -> None:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    in_bundles = {id(p) for g in groups if g.get("bundle") is not None for p in g["params"]}
-    table.total = sum(p.numel() for p in trainable)
-    table.covered = sum(p.numel() for p in trainable if id(p) in in_bundles)
-    if not in_bundles:
-        unrecognised = sorted(
-            {
-                type(m).__name__
-                for m in model.modules()
-                if "Attention" in type(m).__name__ or "MLP" in type(m).__name__
-            }
-        )
-        hint = (
-            f" (modules that look like attention or MLPs: {', '.join(unrecognised)})"
-            if unrecognised
-            else ""
-        )
-        warnings.warn(
-            f"quotopt.symmetries found no symmetry in {type(model).__name__}{hint}: every "
-            "parameter is in the plain group and QuotientAdam is AdamW. Declare the bundles "
-            "with declared=[...] (docs/guides/wrap-your-model.md); quotopt.describe(model) "
-            "says what was tried",
-            stacklevel=3,
-        )
 
 
 def _complete(model: nn.Module, groups: list[dict], plain: bool) -> list[dict]:
