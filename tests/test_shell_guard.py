@@ -185,3 +185,29 @@ def test_invalid_loaded_hyperparameters_are_refused():
     with pytest.raises(ValueError, match=r"rest: Invalid momentum value: 1.0 \(expected"):
         optimiser.load_state_dict(saved)
     assert optimiser.param_groups[1]["momentum"] == 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_skipped_steps_are_counted_without_synchronising():
+    """On accelerators a skipped step is masked on the device and counted when its flags
+    reach the host: ``step()`` never waits, ``skipped_steps()`` does."""
+    groups = _groups(M.HeadQK(3, 6, 2))
+    for group in groups:
+        group["params"] = [torch.nn.Parameter(p.detach().cuda()) for p in group["params"]]
+    optimiser = QuotientAdam(groups, lr=1e-2, nonfinite="skip")
+    gen = torch.Generator().manual_seed(0)
+    for p in (p for g in groups for p in g["params"]):
+        p.grad = torch.randn(p.shape, generator=gen).cuda()
+    optimiser.step()
+    groups[0]["params"][0].grad[1, 0, 0] = float("nan")
+    before = _values(groups)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimiser.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(before, _values(groups)))
+    with pytest.warns(SkippedStepWarning, match="^heads: an earlier step produced non-finite"):
+        assert optimiser.skipped_steps() == {"heads": 1, "rest": 0}
