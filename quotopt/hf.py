@@ -25,10 +25,14 @@ module. One description covers the families:
   only sign flips on the query/key pair (reported); the value/output pair keeps GL(r);
 * **MLPs**: two-layer (``fc1/fc2``, ``lin1/lin2``, ``wi/wo``, ``c_fc/c_proj``,
   ``dense_h_to_4h/dense_4h_to_h``, ``fc_in/fc_out``, ``intermediate.dense/output.dense``) offered
-  positive rescaling, which verifies for ReLU (OPT, T5) and is rejected for GELU/SiLU; gated
+  positive rescaling, which verifies for ReLU (OPT, T5) and is rejected for GELU/SiLU (ReLU²,
+  degree-2 homogeneous, needs the (s, s⁻²) rescaling: ``quotopt.structure``); gated
   (``gate_proj/up_proj/down_proj``, ``wi_0/wi_1/wo``, ``w1/w3/w2``, fused ``gate_up_proj``):
   rescaling of (up row j, down column j), exact whatever the activation; **mixture-of-experts**
-  experts stored as (E, 2m, d) / (E, d, m) tensors: the same per expert and unit.
+  experts stored as (E, 2m, d) / (E, d, m) tensors: the same per expert and unit;
+* **by structure**, where no role name matches, in modules whose class name says attention or
+  MLP: projections read by shape in registration order (ModernBERT's ``Wqkv``/``Wo`` and
+  ``Wi``/``Wo``, DeBERTa-v2's ``query_proj`` … ``output.dense``), kept only if they verify.
 
 Biases by role: a query or value bias is the last row of its factor, a key bias is frozen
 (no RoPE) or a row of the key factor (RoPE), see ``quotopt.detect``.

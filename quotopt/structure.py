@@ -1,10 +1,14 @@
-"""Module structure by role names, and MLP units found by it (any model, not only Hugging Face).
+"""Module structure by role names or shapes, and MLP units found by it (any model).
 
-A projection is a child or grandchild holding a 2-D ``weight`` under a role name. MLPs: gated
+A projection is a child or grandchild holding a 2-D ``weight`` under a role name; where no role
+name is known, a module whose class name says attention or MLP is read from its projections'
+shapes in registration order (``linears``), and the check rejects a wrong reading. MLPs: gated
 ``down(act(gate(x)) ⊙ up(x))`` is unchanged by (up row j × s, down column j / s) for any s ≠ 0
-whatever the activation; a two-layer ``down(act(up(x)))`` is offered positive rescaling, which
-verifies only for a positively homogeneous activation (ReLU) — GELU/SiLU candidates are rejected
-by the check and reported; experts stored as 3-D tensors get the gated rule per expert and unit.
+whatever the activation; a two-layer ``down(act(up(x)))`` by (s, s⁻ᵏ) for s > 0 where act is
+positively homogeneous of degree k (``homogeneity_degree``: ReLU k = 1, ReLU² k = 2): positive
+rescaling for k = 1, the degree-2 rescaling where the bundle offers it, and otherwise (GELU, SiLU)
+a candidate the check rejects and the report explains (``docs/theory/bundles.md``). Experts
+stored as 3-D tensors get the gated rule per expert and unit.
 """
 
 from __future__ import annotations

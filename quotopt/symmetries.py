@@ -23,12 +23,16 @@ their ``"params"`` are the model's own ``nn.Parameter``s. The result plugs strai
 
 ``describe(model)`` (or ``symmetries(model, report=True)``) gives the table of what was found, the
 group's dimension and verified change, or why there is none, and the share of parameters covered.
-A model in which nothing is found warns.
+A model in which nothing is found warns, and so does one whose detected candidates could not be
+verified because the example forward failed or could not be built (the fix: ``example_inputs``).
+A module whose float64 copy does not run is reported as such, with the known fix where there is
+one (``quotopt.hf.float64_fix``), not as a rejected candidate.
 
 Not reduced, by design: the O(d) of LayerNorm models (centring breaks it to the stabiliser of
-the all-ones vector), GELU/SiLU MLPs without a gate (no rescaling). O(d) together with the heads
-on the same tensors is one joint group where the model declares it (``Transformer`` with
-``residual=True``; ``docs/guides/combinations.md``).
+the all-ones vector), GELU/SiLU MLPs without a gate (no rescaling), ReLU² MLPs while the
+rescaling bundle has no degree 2. O(d) together with the heads on the same tensors is one joint
+group where the model declares it (``Transformer`` with ``residual=True``;
+``docs/guides/combinations.md``).
 """
 
 from __future__ import annotations
