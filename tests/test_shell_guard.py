@@ -211,3 +211,17 @@ def test_cuda_skipped_steps_are_counted_without_synchronising():
     assert all(torch.equal(a, b) for a, b in zip(before, _values(groups)))
     with pytest.warns(SkippedStepWarning, match="^heads: an earlier step produced non-finite"):
         assert optimiser.skipped_steps() == {"heads": 1, "rest": 0}
+
+
+def test_a_hyperparameter_missing_from_a_saved_group_keeps_the_current_value():
+    groups = _groups(M.HeadQK(2, 6, 2))
+    optimiser = QuotientMuon(groups, lr=1e-2, momentum=0.9)
+    _grads(groups, 0)
+    optimiser.step()
+    saved = copy.deepcopy(optimiser.state_dict())
+    for group in saved["param_groups"]:
+        del group["momentum"]
+    optimiser.load_state_dict(saved)
+    assert [g["momentum"] for g in optimiser.param_groups] == [0.9, 0.9]
+    _grads(groups, 1)
+    optimiser.step()

@@ -161,15 +161,21 @@ class QuotientOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict``; every mismatch (optimiser class, groups, bundles,
-        state keys, tensor shapes) is refused with a ValueError before anything is written."""
+        state keys, tensor shapes), an invalid hyperparameter or a non-finite state value is
+        refused with a ValueError before anything is written. Structure (``bundle``,
+        ``layout``, ``frozen``) stays this optimiser's; a hyperparameter the saved group lacks
+        keeps this group's value."""
         check_state_dict(self, state_dict)
         structure = [{k: g[k] for k in _STRUCTURAL_KEYS if k in g} for g in self.param_groups]
+        hyper = [{k: g[k] for k in self.defaults} for g in self.param_groups]
         state_dict = {k: v for k, v in state_dict.items() if k != "optimizer"}
         super().load_state_dict(state_dict)
-        for group, keys in zip(self.param_groups, structure):
+        for group, keys, values in zip(self.param_groups, structure, hyper):
             for key in _STRUCTURAL_KEYS:
                 group.pop(key, None)
             group.update(keys)
+            for key, value in values.items():
+                group.setdefault(key, value)
         self._frames.clear()
         self._deficient.clear()
 

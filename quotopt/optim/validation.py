@@ -82,9 +82,10 @@ def _tensors(value):
 
 
 def _check_group(optimizer, saved: dict, current: dict) -> None:
-    """The saved group holds this optimiser's hyperparameters, with valid values."""
+    """The saved group was saved by a quotient optimiser (it has a name and a dressing clock)
+    and its hyperparameters, with this group's where it lacks one, are valid."""
     name, cls = current["name"], type(optimizer).__name__
-    missing = sorted(({"name", "dress_clock"} | set(optimizer.defaults)) - set(saved))
+    missing = sorted({"name", "dress_clock"} - set(saved))
     if missing:
         raise ValueError(
             f"{name}: state_dict group lacks the keys {missing}, which {cls} keeps; it was "
