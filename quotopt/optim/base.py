@@ -1,4 +1,4 @@
-"""The stateful shell shared by QuotientSGD and QuotientAdam.
+"""The stateful shell shared by QuotientSGD, QuotientAdam and QuotientMuon.
 
 A param group with a ``"bundle"`` key (a ``manifolds.Bundle``) is updated on the bundle's
 quotient; its ``"params"`` are either the bundle's point, in order, or the model's own
@@ -202,9 +202,9 @@ class QuotientOptimizer(torch.optim.Optimizer):
         try:
             with unchecked():
                 for index, group in enumerate(self.param_groups):
+                    self.validate_group(group["name"], group)  # a scheduler may change it
                     if group.get("frozen", False):
                         continue
-                    self.validate_group(group["name"], group)  # a scheduler may change it
                     if group.get("bundle") is not None:
                         plans.extend(self._bundle_group_step(index, group))
                     else:
