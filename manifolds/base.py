@@ -241,6 +241,11 @@ class Bundle(abc.ABC):
         precision; None for bundles without such a notion."""
         return None
 
+    def dead_heads(self, point: Point):
+        """Per head (bool), whether every tensor of the head is zero: a critical point of every
+        loss of the invariants, which no gradient step leaves; None for bundles without heads."""
+        return None
+
     def balance_gap(self, point: Point):
         """Relative distance of ``point`` from the dressed section measured without dressing:
         the norm of the bundle's moment map (or its analogue), relative."""

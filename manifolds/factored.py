@@ -95,6 +95,12 @@ class FactoredBundle(Bundle):
         rows_a, rows_b = (d_model, d_model) if factor_rows is None else factor_rows
         #: rows of A and of B (more than d_model where bias rows or grouped query heads stack)
         self.factor_rows = (positive_int("rows_a", rows_a), positive_int("rows_b", rows_b))
+        for name, rows in zip(self.factor_names, self.factor_rows):
+            if rows < d_head:
+                raise ValueError(
+                    f"{type(self).__name__}: factor {name} has {rows} rows, fewer than d_head="
+                    f"{d_head}: it cannot have rank d_head (give d_head <= {rows})"
+                )
 
     def _repr_fields(self) -> str:
         extra = f", damping={self.damping:g}" if self.damping else ""
@@ -178,6 +184,14 @@ class FactoredBundle(Bundle):
         """(H,) bool: a factor Gram with smallest eigenvalue (or Cholesky pivot) at round-off
         level of its largest (8·r·eps of float64)."""
         return frame.deficient
+
+    def dead_heads(self, point: Point) -> torch.Tensor:
+        """(H,) bool: heads with A = 0 and B = 0. The gradients (G B, Gᵀ A) of any loss of
+        M = A Bᵀ vanish there, under every metric, so such a head never moves; one zero factor
+        (LoRA's B = 0) is a valid start."""
+        a, b = self.factors(self.check_point(point))
+        size_a, size_b = self.row_sums(a.square().sum((-2, -1)), b.square().sum((-2, -1)))
+        return (size_a == 0) & (size_b == 0)
 
     def _frame(self, point: Point, frame) -> FactorFrame:
         return self.factorise(point) if frame is None else frame

@@ -57,7 +57,10 @@ def _cholesky_inverse(gram_: torch.Tensor):
 
     δ = 0 except on heads whose factorisation fails or whose pivots are at round-off level:
     there the undamped metric is undefined, and the head is given the damping δ = tr(G)/r
-    (flagged, so the optimiser reports it)."""
+    (flagged, so the optimiser reports it). A zero Gram (an all-zero factor, LoRA's B = 0) has
+    no scale to damp with: it gets the pseudo-inverse of the zero matrix, inverse and square
+    root zero, as the spectral frames do — the other factor's gradient vanishes there, so no
+    direction of the metric is lost."""
     chol, info = torch.linalg.cholesky_ex(gram_)
     pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
     r = gram_.shape[-1]
@@ -65,9 +68,12 @@ def _cholesky_inverse(gram_: torch.Tensor):
     singular |= ~pivots.isfinite().all(-1)
     eye = torch.eye(r, dtype=gram_.dtype, device=gram_.device)
     mean = torch.diagonal(gram_, dim1=-2, dim2=-1).sum(-1, keepdim=True) / r
-    damp = torch.where(singular.unsqueeze(-1), mean.clamp_min(torch.finfo(gram_.dtype).tiny), 0.0)
+    nonzero = mean > 0  # (H, 1): False on zero Grams
+    damp = torch.where(singular.unsqueeze(-1), torch.where(nonzero, mean, 1.0), 0.0)
     chol, _ = torch.linalg.cholesky_ex(gram_ + damp.unsqueeze(-1) * eye)
-    return torch.cholesky_solve(eye.expand_as(gram_), chol), chol, damp, singular
+    keep = nonzero.unsqueeze(-1)
+    inverse = torch.cholesky_solve(eye.expand_as(gram_), chol)
+    return inverse * keep, chol * keep, damp * nonzero, singular
 
 
 def frame_from_grams(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import validation as rules
-from .base import QuotientOptimizer, _reject_unsupported
-from .functional import adam_bundle_update
+from .base import QuotientOptimizer, RankDeficiencyWarning, _reject_unsupported
+from .functional import adam_bundle_update, warn_dead_heads
 from .plain import adam_plain_updates
 
 __all__ = ["QuotientAdam"]
@@ -28,7 +28,11 @@ class QuotientAdam(QuotientOptimizer):
       v ← β₂v + (1-β₂)·slice_mean_square(p, ξ), the bundle's **gauge-invariant mean squares
       per slice no symmetry mixes**: per row of each head factor (for GL(r) heads, weighted by
       the other factor's Gram matrix under the invariant metric), per model-space row for O(d);
-    * d = P_H(m̂ / (√v̂ + ε)), bounded by ``bundle.limit_step`` (invariant head metric: a head's
+    * d = P_H(m̂ / (max(√v̂, rms(m̂)/c) + ε)) with rms(m̂)² = slice_mean_square(p, m̂) and
+      c = ``functional.RATIO_BOUND`` (2): no slice of the direction exceeds c in the metric's
+      RMS, so a step changes each invariant by at most O(c·lr) even where the metric drifts
+      faster than v̂ follows it (the invariant metric at ill-conditioned heads, where m̂/√v̂
+      otherwise compounds from step to step); bounded by ``bundle.limit_step`` (invariant head metric: a head's
       step is shortened where its second-order change of W_q W_kᵀ would exceed half the
       first-order one — only at ill-conditioned factors);
       p ← retract(scale_invariants(p, 1 - lr·wd), -lr·d); m ← P_H at the new point.
@@ -99,6 +103,15 @@ class QuotientAdam(QuotientOptimizer):
             dress_every=dress_every,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """``QuotientOptimizer.add_param_group``, then a ``RankDeficiencyWarning`` naming the
+        heads of a bundle group whose factors are all zero (they would never move)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group.get("bundle") is not None:
+            point = self._views(group, list(group["params"]))
+            warn_dead_heads(group, point, RankDeficiencyWarning)
 
     def _init_state(self, group: dict, point: tuple) -> dict:
         bundle = group.get("bundle")
