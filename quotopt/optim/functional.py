@@ -27,8 +27,13 @@ Every operation commutes with the group action when the metric is G-invariant, s
 from p and from p·g lie on the same orbits (gauge equivariance). Adam's second moments are the
 bundle's ``slice_mean_square``: gauge-invariant mean squares per slice that no symmetry mixes
 (per row of a head factor, per model-space row of an O(d) tensor), never per coordinate — a
-per-coordinate second moment picks a basis the symmetry rotates. The preconditioned direction is
-projected back onto the horizontal space.
+per-coordinate second moment picks a basis the symmetry rotates. A slice's normalised first
+moment is capped at ``RATIO_BOUND`` in the metric's RMS (the denominator is at least
+rms(m̂)/``RATIO_BOUND``): under a fixed metric and gradients of steady size m̂/√v̂ ≤ 1 and the
+cap does not bind, but where the metric changes faster than v̂ (β₂ close to 1) follows it, the transported m̂
+outgrows √v̂ and the steps would compound. The cap bounds every step, hence the trajectory,
+by gauge-invariant quantities. The preconditioned direction is projected back onto the
+horizontal space.
 
 Re-dressing happens at the start of a step: the point moves along its orbit by u = dressing(p),
 the first moment is pushed forward by the same element (the action is linear), the Euclidean
@@ -42,13 +47,27 @@ Plain groups reproduce ``torch.optim.AdamW`` / ``torch.optim.SGD`` exactly
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from manifolds import Bundle
 
-__all__ = ["adam_bundle_update", "sgd_bundle_update", "redress", "begin_step", "descend"]
+__all__ = [
+    "RATIO_BOUND",
+    "adam_bundle_update",
+    "sgd_bundle_update",
+    "redress",
+    "begin_step",
+    "descend",
+    "warn_dead_heads",
+]
 
 Tensors = tuple[torch.Tensor, ...]
+
+#: Adam's bound on a slice's normalised first moment: the RMS of m̂/√v̂ per slice, measured in
+#: the metric, never exceeds it (``adam_bundle_update``)
+RATIO_BOUND = 2.0
 
 
 def _axpy(a: Tensors, b: Tensors, alpha) -> Tensors:
@@ -92,6 +111,22 @@ def descend(bundle: Bundle, point: Tensors, frame, direction: Tensors, lr: float
     return bundle.retract(base, step)
 
 
+def warn_dead_heads(group: dict, point: Tensors, category: type[Warning]) -> None:
+    """Warn (``category``) naming the group and heads of a bundle group whose factors are all
+    zero (``bundle.dead_heads``): no gradient step moves them. Reads the flags on the host:
+    for ``add_param_group``, never inside a step."""
+    dead = group["bundle"].dead_heads(point)
+    heads = [] if dead is None else torch.nonzero(dead.reshape(-1)).flatten().tolist()
+    if heads:
+        warnings.warn(
+            f"{group['name']}: heads {heads} of {group['bundle']!r} have every factor zero, a "
+            "critical point of every loss that no step leaves; initialise at least one factor "
+            "of each head (LoRA: A random, B = 0)",
+            category,
+            stacklevel=3,
+        )
+
+
 # ---- Adam -------------------------------------------------------------------------------------
 
 
@@ -109,6 +144,7 @@ def adam_bundle_update(
     maximize: bool = False,
     dress: bool = False,
     frame=None,
+    ratio_bound: float | None = None,
 ):
     """One QuotientAdam step on a bundle group (see the module docstring).
 
@@ -128,8 +164,13 @@ def adam_bundle_update(
         for v, s in zip(state["exp_avg_sq"], bundle.slice_mean_square(point, rgrad, frame))
     )
     bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2)
-    # m̂ / (√v̂ + ε) with both bias corrections folded into the (per-slice, small) denominator
-    direction = tuple(m / ((v.sqrt() / bc2_sqrt + eps) * bc1) for m, v in zip(exp_avg, exp_avg_sq))
+    # m̂ / (max(√v̂, rms(m̂)/c) + ε), both bias corrections folded into the per-slice denominator
+    bound = RATIO_BOUND if ratio_bound is None else ratio_bound
+    first = bundle.slice_mean_square(point, exp_avg, frame)
+    direction = tuple(
+        m / ((torch.maximum(v.sqrt() / bc2_sqrt, f.sqrt() / (bc1 * bound)) + eps) * bc1)
+        for m, v, f in zip(exp_avg, exp_avg_sq, first)
+    )
     direction = bundle.project_horizontal(point, direction, frame)
     new_point = descend(bundle, point, frame, direction, lr, weight_decay)
     new_frame = bundle.factorise(new_point)
