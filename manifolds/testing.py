@@ -65,6 +65,24 @@ def _gradient_covariance_error(bundle: Bundle, p, g, q, generator) -> float:
     return relative_error(grad_at(q), bundle.act_dual(grad_at(p), g))
 
 
+def _leaves(xi) -> list[torch.Tensor]:
+    """The tensors of a (nested) tuple of Lie-algebra elements."""
+    return [t for x in xi for t in _leaves(x)] if isinstance(xi, tuple) else [xi]
+
+
+def _vertical_fd_error(bundle: Bundle, p, xi, dtype) -> float:
+    """``vertical(p, ξ)`` against the central difference of t ↦ p·exp(tξ) at t = 0. The step
+    moves the point by a fixed fraction h of its size, h ≈ eps^⅓ of the dtype (1e-5, 1e-2):
+    t = h / ‖ξ‖, so that the round-off eps/h and the truncation h² of the difference are
+    relative to ‖vertical(p, ξ)‖ ∝ ‖ξ‖ whatever the size of ξ."""
+    size = float(_norm(_leaves(xi)))
+    step = (1e-5 if dtype == torch.float64 else 1e-2) / max(size, 1e-300)
+    plus = bundle.act(p, bundle.group_exp(_scale(xi, step)))
+    minus = bundle.act(p, bundle.group_exp(_scale(xi, -step)))
+    fd = tuple((a - b) / (2 * step) for a, b in zip(plus, minus))
+    return relative_error(fd, bundle.vertical(p, xi))
+
+
 def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device=None) -> dict:
     """Relative residuals of every bundle property at one random point.
 
@@ -88,12 +106,8 @@ def bundle_errors(bundle: Bundle, *, generator=None, dtype=torch.float64, device
     out["inverse"] = relative_error(bundle.act(q, bundle.inverse(g)), p)
     out["gradient_covariant"] = _gradient_covariance_error(bundle, p, g, q, generator)
 
-    step = 1e-5 if dtype == torch.float64 else 1e-2
-    plus = bundle.act(p, bundle.group_exp(_scale(xi, step)))
-    minus = bundle.act(p, bundle.group_exp(_scale(xi, -step)))
-    fd = tuple((a - b) / (2 * step) for a, b in zip(plus, minus))
+    out["vertical_fd"] = _vertical_fd_error(bundle, p, xi, dtype)
     vert = bundle.vertical(p, xi)
-    out["vertical_fd"] = relative_error(fd, vert)
 
     hv, pv = bundle.project_horizontal(p, v), bundle.project_vertical(p, v)
     scale = bundle.norm(p, hv) * bundle.norm(p, vert)

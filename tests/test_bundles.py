@@ -2,8 +2,9 @@
 
 Tolerances (relative): 1e-9 in float64, 2e-3 in float32 (manifolds.testing.DEFAULT_TOLERANCES),
 for points whose factors have condition number ≤ 4 and group elements of condition 10. The
-finite-difference check of ``vertical`` uses a central difference of step 1e-5 (float64) or 1e-2
-(float32), whose truncation error (≈ 1e-10 resp. 2e-4) sits inside those tolerances.
+finite-difference check of ``vertical`` uses a central difference that moves the point by a
+fraction 1e-5 (float64) or 1e-2 (float32) of its size, whatever the size of ξ, so that its
+round-off and truncation errors (≈ 1e-11 resp. 2e-4) sit inside those tolerances.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ bundles = st.one_of(
 def test_conformance(bundle, seed, dtype):
     dtype = {"f64": torch.float64, "f32": torch.float32}[dtype]
     assert_bundle(bundle, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("seed", [110, 133])
+def test_vertical_fd_is_exact_to_round_off_for_a_small_algebra_element(seed):
+    """r = 1 heads whose random ξ is small: a fixed step 1e-5 in t left round-off
+    eps/(1e-5·|ξ|) of 5e-9 and 1.4e-8 at these seeds; a step scaled by 1/‖ξ‖ keeps ≈ 1e-11."""
+    bundle = M.HeadQK(1, 2, 1)
+    errors = assert_bundle(bundle, generator=torch.Generator().manual_seed(seed))
+    assert errors["vertical_fd"] <= 1e-10
 
 
 @SETTINGS
