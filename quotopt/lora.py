@@ -22,6 +22,7 @@ and a full-rank adapter.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -32,7 +33,12 @@ import manifolds as M
 from .detect import Option, Slot
 from .layouts import LoRAPairs
 
-__all__ = ["LoRALinear", "add_lora", "lora_pairs", "lora_slots", "stack_adapters"]
+__all__ = ["LoRALinear", "LoRARankWarning", "add_lora", "lora_pairs", "lora_slots", "stack_adapters"]
+
+
+class LoRARankWarning(UserWarning):
+    """A LoRA adapter's rank exceeds min(d_out, d_in): it has no GL(r) quotient and is optimised
+    as plain parameters."""
 
 
 class LoRALinear(nn.Module):
@@ -123,6 +129,9 @@ def lora_slots(path: str, module: nn.Module, metric: str, damping: float = 0.0) 
     slots = []
     for name, b, a in _pairs(module):
         (d_out, r), d_in = b.shape, a.shape[1]
+        if r > min(d_out, d_in):
+            slots.append(_rank_too_large(path, module, name, (b, a), (d_out, r, d_in)))
+            continue
         bundle = _bundle(1, (d_out, r, d_in), metric, damping)
         group = {
             "params": [b, a],
@@ -144,6 +153,29 @@ def lora_slots(path: str, module: nn.Module, metric: str, damping: float = 0.0) 
             )
         )
     return slots
+
+
+def _rank_too_large(path: str, module: nn.Module, name: str, params, shape) -> Slot:
+    """The slot of an adapter whose rank exceeds min(d_out, d_in): B A has rank at most
+    min(d_out, d_in) < r, so no pair (B, A) is of full rank r and GL(r) does not act freely —
+    there is no quotient to step on. The pair is left to the plain group, with a warning."""
+    d_out, r, d_in = shape
+    note = (
+        f"adapter {name!r} has rank r={r} > min(d_out, d_in)={min(d_out, d_in)} "
+        f"(B {d_out}x{r}, A {r}x{d_in}): not a GL(r) bundle, left to the plain group; "
+        f"use a LoRA rank r <= {min(d_out, d_in)} for a quotient step"
+    )
+    warnings.warn(f"{path}lora.{name}: {note}", LoRARankWarning, stacklevel=2)
+    return Slot(
+        module,
+        path,
+        "lora",
+        f"adapter {name}",
+        [],
+        note=note,
+        family="LoRA adapter pair",
+        params=tuple(params),
+    )
 
 
 def stack_adapters(groups: list[dict], metric: str, damping: float = 0.0) -> list[dict]:

@@ -7,6 +7,7 @@ One GL(r) bundle per adapter pair (B g, g⁻¹ A), pairs of one shape stacked as
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import manifolds as M
 import quotopt
 from manifolds.testing import relative_error
 from quotopt.checks import group_point, write_point
-from quotopt.lora import LoRALinear, add_lora
+from quotopt.lora import LoRALinear, LoRARankWarning, add_lora
 
 F64 = torch.float64
 # peft 0.21 reads a property that transformers 5 deprecates: not ours to fix
@@ -106,13 +107,45 @@ def test_quotient_adam_steps_from_b_zero(peft, metric):
     assert relative_error(after, before) < 1e-5
 
 
-def test_the_undamped_invariant_metric_refuses_b_zero(peft):
-    """The control: without damping the invariant metric is undefined at B = 0."""
+def test_the_undamped_invariant_metric_steps_from_b_zero(peft):
+    """With the defaults (no damping) B = 0 is a valid start: the zero Gram of B gets the zero
+    pseudo-inverse (A's update needs only AAᵀ's inverse, B's gradient is B-independent), the
+    adapters leave zero and the loss falls."""
     model = _lora_model(peft, dtype=torch.float32)
-    optimiser = quotopt.QuotientAdam(quotopt.symmetries(model, metric="invariant"), lr=1e-2)
+    optimiser = quotopt.QuotientAdam(quotopt.symmetries(model, metric="invariant"), lr=3e-3)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        for _ in range(15):
+            loss = model(IDS, labels=IDS, use_cache=False).loss
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert b.abs().max() > 0
+
+
+def test_an_adapter_rank_above_its_dimensions_is_left_plain(peft):
+    """r = 20 > 16 = d_out of v_proj: no GL(20) bundle exists there; the v adapters are left to
+    the plain group with a warning naming module, rank and fix, the q adapters keep theirs."""
+    model = _lora_model(peft, r=20)
+    with pytest.warns(LoRARankWarning, match=r"self_attn\.v_proj\.lora\.default: .*r=20 > .*=16"):
+        groups = quotopt.symmetries(model)
+    assert sorted(g["name"] for g in _lora_groups(groups)) == ["lora.32x20x32"]
+    (plain,) = [g for g in groups if g["name"] == "plain"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("v_proj" in names[id(p)] for p in plain["params"]) and len(plain["params"]) == 4
+    optimiser = quotopt.QuotientAdam(groups, lr=1e-2)
     model(IDS, labels=IDS, use_cache=False).loss.backward()
-    with pytest.raises(quotopt.NonFiniteStepError):
-        optimiser.step()
+    optimiser.step()
+
+
+def test_a_factor_with_fewer_rows_than_the_rank_is_refused():
+    with pytest.raises(ValueError, match="factor Wo has 16 rows, fewer than d_head=20"):
+        M.HeadOV(1, 32, 20, factor_rows=(32, 16))
 
 
 def _train(model, groups, steps, make):
