@@ -33,7 +33,14 @@ import manifolds as M
 from .detect import Option, Slot
 from .layouts import LoRAPairs
 
-__all__ = ["LoRALinear", "LoRARankWarning", "add_lora", "lora_pairs", "lora_slots", "stack_adapters"]
+__all__ = [
+    "LoRALinear",
+    "LoRARankWarning",
+    "add_lora",
+    "lora_pairs",
+    "lora_slots",
+    "stack_adapters",
+]
 
 
 class LoRARankWarning(UserWarning):

@@ -29,11 +29,11 @@ class QuotientAdam(QuotientOptimizer):
       per slice no symmetry mixes**: per row of each head factor (for GL(r) heads, weighted by
       the other factor's Gram matrix under the invariant metric), per model-space row for O(d);
     * d = P_H(m̂ / (max(√v̂, rms(m̂)/c) + ε)) with rms(m̂)² = slice_mean_square(p, m̂) and
-      c = ``functional.RATIO_BOUND`` (2): no slice of the direction exceeds c in the metric's
-      RMS, so a step changes each invariant by at most O(c·lr) even where the metric drifts
-      faster than v̂ follows it (the invariant metric at ill-conditioned heads, where m̂/√v̂
-      otherwise compounds from step to step); bounded by ``bundle.limit_step`` (invariant head metric: a head's
-      step is shortened where its second-order change of W_q W_kᵀ would exceed half the
+      c = ``functional.RATIO_BOUND`` (2): no slice of d exceeds c in the metric's RMS, even
+      where the metric drifts faster than v̂ follows it (the invariant metric at ill-conditioned
+      heads, where m̂/√v̂ would otherwise compound from step to step); then bounded by
+      ``bundle.limit_step`` (invariant head metric: a head's step is shortened where its
+      second-order change of W_q W_kᵀ would exceed half the
       first-order one — only at ill-conditioned factors);
       p ← retract(scale_invariants(p, 1 - lr·wd), -lr·d); m ← P_H at the new point.
 

@@ -29,10 +29,10 @@ bundle's ``slice_mean_square``: gauge-invariant mean squares per slice that no s
 (per row of a head factor, per model-space row of an O(d) tensor), never per coordinate — a
 per-coordinate second moment picks a basis the symmetry rotates. A slice's normalised first
 moment is capped at ``RATIO_BOUND`` in the metric's RMS (the denominator is at least
-rms(m̂)/``RATIO_BOUND``): under a fixed metric and gradients of steady size m̂/√v̂ ≤ 1 and the
-cap does not bind, but where the metric changes faster than v̂ (β₂ close to 1) follows it, the transported m̂
-outgrows √v̂ and the steps would compound. The cap bounds every step, hence the trajectory,
-by gauge-invariant quantities. The preconditioned direction is projected back onto the
+rms(m̂)/``RATIO_BOUND``). Under a fixed metric and gradients of steady size m̂/√v̂ ≤ 1 and the
+cap does not bind; where the metric changes faster than v̂ (β₂ close to 1) follows it, the
+transported m̂ outgrows √v̂ and the steps would compound. The cap bounds every step, hence the
+trajectory, by gauge-invariant quantities. The preconditioned direction is projected onto the
 horizontal space.
 
 Re-dressing happens at the start of a step: the point moves along its orbit by u = dressing(p),
