@@ -1,6 +1,13 @@
 """quotopt: optimisation on the quotient manifolds created by parameter symmetries."""
 
-from .optim import NonFiniteStepError, QuotientAdam, QuotientMuon, QuotientSGD
+from .optim import (
+    NonFiniteStepError,
+    QuotientAdam,
+    QuotientMuon,
+    QuotientSGD,
+    RankDeficiencyWarning,
+    SkippedStepWarning,
+)
 from .symmetries import describe, gauge_transform, symmetries, verify
 
 __version__ = "0.1.0"
@@ -10,6 +17,8 @@ __all__ = [
     "QuotientAdam",
     "QuotientMuon",
     "QuotientSGD",
+    "RankDeficiencyWarning",
+    "SkippedStepWarning",
     "__version__",
     "describe",
     "gauge_transform",

@@ -284,7 +284,7 @@ def symmetries(
             "key bias",
             "frozen",
             group=None,
-            note=f"{label}: softmax shift (pure gauge), own group with lr 0",
+            note=f"{label}: softmax shift (pure gauge), a frozen group no step moves",
         )
     groups = _complete(model, user + own + [_clean(g) for g in found] + keys, plain)
     summarise(model, groups, table, *unverified)

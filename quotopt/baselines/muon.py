@@ -34,6 +34,7 @@ from torch import nn
 
 from ..models.transformer import MODEL_AXES
 from ..optim import QuotientAdam, QuotientMuon
+from ..optim.orthogonal import factored_parts
 from ..symmetries import group_point, symmetries
 
 __all__ = ["MuonWithAdamW", "hidden_matrices", "muon_adamw", "quotient_muon_adamw"]
@@ -170,8 +171,10 @@ def muon_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.9
 
 
 def _has_factors(group: dict) -> bool:
+    """Whether QuotientMuon can take the group: every part of its bundle has two factors
+    per head (a product of such bundles, e.g. fused q/k/v, included)."""
     try:
-        group["bundle"].factors(group_point(group))
+        factored_parts(group["bundle"], group_point(group))
     except NotImplementedError:
         return False
     return True
@@ -192,10 +195,12 @@ def quotient_muon_adamw(
     the rest — so the two differ only where the geometry acts. Symmetry groups without two
     factors (the relational model's O(d_gauge) on its embedding) go to ``QuotientAdam`` with
     the rest, whose plain groups are AdamW exactly."""
-    groups = [g for g in symmetries(model, metric=metric) if g.get("bundle") is not None]
+    found = symmetries(model, metric=metric)
+    groups = [g for g in found if g.get("bundle") is not None]
+    frozen = [g for g in found if g.get("bundle") is None and g.get("frozen")]  # key biases
     factored = [g for g in groups if _has_factors(g)]
-    others = [g for g in groups if not _has_factors(g)]
-    covered = [p for g in groups for p in g["params"]]
+    others = [g for g in groups if not _has_factors(g)] + frozen
+    covered = [p for g in groups + frozen for p in g["params"]]
     proxies, targets, rest = _split(model, exclude=covered)
     optimizers = {}
     if factored:
