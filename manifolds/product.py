@@ -189,6 +189,12 @@ class ProductBundle(Bundle):
         parts = [p.reshape(-1) for p in parts if p is not None]
         return torch.cat(parts) if parts else None
 
+    def dead_heads(self, point: Point):
+        """The components' flags, concatenated like ``deficient_heads``."""
+        parts = [c.dead_heads(part) for c, part in zip(self.components, self.components_of(point))]
+        parts = [p.reshape(-1) for p in parts if p is not None]
+        return torch.cat(parts) if parts else None
+
     def balance_gap(self, point: Point):
         """A tuple: each component's ``balance_gap``."""
         point = self.check_point(point)

@@ -13,7 +13,7 @@ import manifolds as M
 import quotopt.optim.functional as functional
 from manifolds.frames import frame_from_grams
 from manifolds.testing import relative_error
-from quotopt import QuotientAdam, QuotientSGD
+from quotopt import QuotientAdam, QuotientMuon, QuotientSGD
 from quotopt.optim.base import RankDeficiencyWarning
 
 F64 = torch.float64
@@ -67,7 +67,7 @@ def test_a_zero_gram_has_a_zero_pseudo_inverse_in_the_cholesky_frame():
 # ---- a head with every factor zero -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [QuotientAdam, QuotientSGD])
+@pytest.mark.parametrize("cls", [QuotientAdam, QuotientSGD, QuotientMuon])
 def test_a_dead_head_is_reported_at_construction(cls):
     """Both factors zero: a critical point of every loss, never left — warned, naming group and
     head; a head with one zero factor (head 2) is a valid start and is not named."""
@@ -84,6 +84,18 @@ def test_a_dead_head_is_reported_at_construction(cls):
     optimiser.step()
     assert torch.equal(wv[1].detach(), before[0]) and torch.equal(wo[1].detach(), before[1])
     assert float(wv[2].detach().abs().max()) > 0  # one zero factor: it moves
+
+
+def test_a_dead_head_of_a_product_is_reported():
+    """A product (fused q/k/v: a QK and an OV pair) numbers its heads like
+    ``rank_deficient_heads``: the OV pair's head 0 follows the QK pair's two heads."""
+    qk, ov = M.HeadQK(2, 10, 2), M.HeadOV(2, 10, 2)
+    bundle = M.ProductBundle([qk, ov])
+    point = [t.requires_grad_() for t in (*qk.random_point(), *ov.random_point())]
+    with torch.no_grad():
+        point[2][0], point[3][0] = 0.0, 0.0
+    with pytest.warns(RankDeficiencyWarning, match=r"heads \[2\] of ProductBundle"):
+        QuotientAdam([{"params": point, "bundle": bundle, "name": "qkv"}], lr=1e-2)
 
 
 def test_one_zero_factor_is_not_a_dead_head():

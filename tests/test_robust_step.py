@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import manifolds as M
-from quotopt import NonFiniteStepError, QuotientAdam, QuotientSGD
+from quotopt import NonFiniteStepError, QuotientAdam, QuotientSGD, SkippedStepWarning
 from quotopt.optim.base import RankDeficiencyWarning
 
 F64 = torch.float64
@@ -102,7 +102,8 @@ def test_non_finite_gradients_change_nothing(kind, metric, opt, mode, warm, pois
         with pytest.raises(NonFiniteStepError, match="heads"):
             optimiser.step()
     else:
-        optimiser.step()
+        with pytest.warns(SkippedStepWarning, match="heads"):
+            optimiser.step()
     _assert_unchanged(optimiser, before)
     _set_grads(groups, 11)  # and the optimiser goes on
     optimiser.step()

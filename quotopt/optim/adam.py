@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import validation as rules
-from .base import QuotientOptimizer, RankDeficiencyWarning, _reject_unsupported
-from .functional import adam_bundle_update, warn_dead_heads
+from .base import QuotientOptimizer, _reject_unsupported
+from .functional import adam_bundle_update
 from .plain import adam_plain_updates
 
 __all__ = ["QuotientAdam"]
@@ -103,15 +103,6 @@ class QuotientAdam(QuotientOptimizer):
             dress_every=dress_every,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """``QuotientOptimizer.add_param_group``, then a ``RankDeficiencyWarning`` naming the
-        heads of a bundle group whose factors are all zero (they would never move)."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group.get("bundle") is not None:
-            point = self._views(group, list(group["params"]))
-            warn_dead_heads(group, point, RankDeficiencyWarning)
 
     def _init_state(self, group: dict, point: tuple) -> dict:
         bundle = group.get("bundle")

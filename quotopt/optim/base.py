@@ -39,6 +39,7 @@ import torch
 from manifolds import Bundle, unchecked
 
 from . import validation as rules
+from .functional import warn_dead_heads
 from .guard import (
     Guard,
     NonFiniteStepError,
@@ -134,6 +135,9 @@ class QuotientOptimizer(torch.optim.Optimizer):
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
         super().add_param_group(param_group)
+        if bundle is not None:  # heads with every factor zero never move: say so once, here
+            group = self.param_groups[-1]
+            warn_dead_heads(group, self._views(group, params), RankDeficiencyWarning)
 
     def validate_group(self, name: str, group: dict) -> None:
         """Every rule on a group's hyperparameters (``ValueError`` naming group, rule and

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from . import validation as rules
-from .base import QuotientOptimizer, RankDeficiencyWarning, _reject_unsupported
-from .functional import sgd_bundle_update, warn_dead_heads
+from .base import QuotientOptimizer, _reject_unsupported
+from .functional import sgd_bundle_update
 from .plain import sgd_plain_updates
 
 __all__ = ["QuotientSGD"]
@@ -59,15 +59,6 @@ class QuotientSGD(QuotientOptimizer):
             dress_every=dress_every,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """``QuotientOptimizer.add_param_group``, then a ``RankDeficiencyWarning`` naming the
-        heads of a bundle group whose factors are all zero (they would never move)."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group.get("bundle") is not None:
-            point = self._views(group, list(group["params"]))
-            warn_dead_heads(group, point, RankDeficiencyWarning)
 
     def _init_state(self, group: dict, point: tuple) -> dict:
         state = {"step": self._zero_step(point[0])}
