@@ -11,12 +11,13 @@ every adapter whose weights are trainable) and on ``LoRALinear``, quotopt's own 
 plain ``nn.Linear`` layers where ``peft`` is absent (``add_lora``). Each pair is verified like any
 detected candidate (a float64 copy of the layer, everything randomised).
 
-The usual start B = 0 is rank-deficient: the quotient is singular there and the invariant metric
-undefined. Start with the Euclidean metric, or damp the invariant one
+The usual start B = 0 is rank-deficient: the quotient is singular there and the invariant
+metric's Gram BᵀB is zero. Every metric steps from it: under the undamped invariant metric the
+zero Gram gets the zero pseudo-inverse (B's gradient is still taken, A's is zero there, as it is
+for any metric), and the head is flagged as rank-deficient until B gains rank. A damping
 (``symmetries(..., metric="invariant", lora_damping=1e-3)``: ⟨U, V⟩ = tr((AAᵀ + δ)U_BᵀV_B) +
-tr((BᵀB + δ)U_A V_Aᵀ), positive definite at B = 0, the scaled-GD preconditioner of Zhang &
-Pilanci 2024), which is only O(r)-invariant: exact gauge equivariance needs ``lora_damping=0``
-and a full-rank adapter.
+tr((BᵀB + δ)U_A V_Aᵀ), the scaled-GD preconditioner of Zhang & Pilanci 2024) keeps the metric
+positive definite, at the price of exact GL(r) invariance (it is only O(r)-invariant).
 """
 
 from __future__ import annotations
