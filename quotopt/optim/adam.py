@@ -67,8 +67,10 @@ class QuotientAdam(QuotientOptimizer):
         dress_every: re-dress bundle groups before step 1 and every ``dress_every`` steps;
             ``None`` never dresses.
         nonfinite: ``"raise"`` (default) — a step that would write non-finite values raises
-            ``NonFiniteStepError`` naming the group and writes nothing; ``"skip"`` skips such
-            steps silently. Either way parameters and state stay bit-identical.
+            ``NonFiniteStepError`` naming the group (and, on the CPU, the heads at fault) and
+            writes nothing; ``"skip"`` skips such steps with a ``SkippedStepWarning``, counted
+            per group by ``skipped_steps()``. Either way parameters and state stay
+            bit-identical.
         foreach, fused, capturable, differentiable: not implemented; rejected when set.
     """
 
