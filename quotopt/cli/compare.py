@@ -319,7 +319,7 @@ def report(runs: list[dict], args, wall: float, workers: int, settings: dict) ->
         f"- starts: the default initialisation{transformed}",
         f"- target: {goal}",
         f"- machine: {platform.machine()}, torch {torch.__version__}, {workers} runs at a time, "
-        f"{torch.get_num_threads() if workers == 1 else 1} torch threads each, device "
+        f"{torch.get_num_threads() if workers == 1 else 1} torch thread(s) each, device "
         f"{first['config']['device']}; total wall time {wall:.0f} s",
         "- settings (lr, weight decay, schedule) per optimiser: "
         + "; ".join(f"{o} from {s['source']}" for o, s in settings.items()),
