@@ -18,13 +18,10 @@ the point (with ``shapes``); ``heads`` lists ``(head_bundle, (i, j))``: a GL(r)-
   heads leaves the Schur system on skew Ω
       S Ω = V_O*(I − P_h) V_O Ω = V_O*(I − P_h) Z,     ξ_h = L_h⁻¹ V_h*(Z − V_O Ω).
   S is symmetric positive semi-definite on so(d) (null exactly on the stabiliser). For
-  d ≤ ``DIRECT_MAX_D`` it is formed on the basis E_ij − E_ji and solved by a pseudo-inverse
-  (``solver="direct"``); above, by conjugate gradients preconditioned by the Lyapunov operator
-  L_O = V_O*V_O (one ``eigh`` of C = Σ T̂ᵀ(GT)^), stopping at the backward error
-  ‖r‖ ≤ ``cg_tol``·max(‖b‖, ‖V_O‖‖Z‖) (default 1e-13 in float64, 1e-6 otherwise; ‖V_O‖² ≤
-  λ_max(C)), or where S is null on the search direction (the stabiliser); each iteration is
-  one batched pass over all heads reusing their factorisations. ``last_solve`` records the
-  method, iterations and the residual relative to that bound's scale;
+  d ≤ ``DIRECT_MAX_D`` it is formed and solved by a pseudo-inverse (``solver="direct"``); above,
+  by conjugate gradients preconditioned by the Lyapunov operator V_O*V_O, stopping at a
+  backward error of ``cg_tol`` or where S is null on the search direction (the solver table
+  of docs/theory/joint.md); ``last_solve`` records method, iterations and residual;
 * dressing   O(d) first, from the GL-invariant, O(d)-covariant Gram C = Σ_(other tensors) T̂ᵀT̂
   + Σ_h (M_h M_hᵀ + M_hᵀM_h), M_h = ABᵀ: its eigenframe (descending), signs fixed on the rows of
   the tensors that only O(d) acts on (covariant and GL-invariant); then every head on its
@@ -33,8 +30,7 @@ the point (with ``shapes``); ``heads`` lists ``(head_bundle, (i, j))``: a GL(r)-
 * invariants X Xᵀ and X M_h Xᵀ per head, X the stacked model-space rows of the other tensors
   (they identify the orbit where X has rank d).
 
-Heads are stacked over bundles of equal r, so every operation is batched over all heads at once
-(the kernels are in ``manifolds.joint_linalg``).
+Heads of equal r are stacked: every operation is batched over them (``manifolds.joint_linalg``).
 """
 
 from __future__ import annotations
