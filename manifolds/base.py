@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .linalg import work_dtype
-from .sampling import randn, random_orthogonal
+from .sampling import dtype_device, log_spaced, randn, random_orthogonal
 
 Point = tuple[torch.Tensor, ...]
 Tangent = tuple[torch.Tensor, ...]
@@ -388,18 +388,5 @@ class Bundle(abc.ABC):
         return v
 
     # ---- helpers for subclasses -------------------------------------------------------
-    @staticmethod
-    def _dtype_device(dtype, device) -> tuple[torch.dtype, torch.device]:
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        return dtype, device
-
-    @staticmethod
-    def _log_spaced(batch, n: int, condition: float, generator, dtype, device) -> torch.Tensor:
-        """(*batch, n) positive values with max/min = condition along the last axis."""
-        gen_device = generator.device if generator is not None else "cpu"
-        t = torch.rand((*batch, n), generator=generator, dtype=torch.float64, device=gen_device)
-        t[..., 0] = 0.0
-        if n > 1:
-            t[..., 1] = 1.0
-        return torch.exp(t * math.log(condition)).to(dtype=dtype, device=device)
+    _dtype_device = staticmethod(dtype_device)
+    _log_spaced = staticmethod(log_spaced)
