@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import manifolds as M
+from manifolds.sampling import random_orthogonal
 from quotopt.dynamics import balance_gap, gauge_drift, section_distance
 
 F64 = torch.float64
@@ -25,7 +26,7 @@ def _stabiliser_element(bundle, generator):
     heads (a reflection included, det = −1), the identity for positive rescaling."""
     if bundle.compact_dim == 0:
         return torch.ones(bundle.n_heads, 1, 1, dtype=F64)
-    k = M.base.random_orthogonal((bundle.n_heads,), bundle.d_head, generator, F64)
+    k = random_orthogonal((bundle.n_heads,), bundle.d_head, generator, F64)
     k[0, :, 0] = -k[0, :, 0]  # head 0: the other component of O(r)
     return k
 
@@ -79,11 +80,11 @@ def test_section_distance_is_the_nearest_balanced_point(gen):
     dressed, norm = bundle.dress(point), torch.cat([t.flatten(1) for t in point], 1).norm(dim=1)
     best = section_distance(bundle, point)
     for _ in range(200):
-        k = M.base.random_orthogonal((2,), 3, gen, F64)
+        k = random_orthogonal((2,), 3, gen, F64)
         diff = [p - q for p, q in zip(point, bundle.act(dressed, k))]
         sampled = torch.cat([t.flatten(1) for t in diff], 1).norm(dim=1) / norm
         assert bool((sampled >= best - 1e-12).all())
-    k = M.base.random_orthogonal((2,), 3, gen, F64)
+    k = random_orthogonal((2,), 3, gen, F64)
     assert torch.allclose(section_distance(bundle, bundle.act(point, k)), best, atol=1e-12)
 
 
