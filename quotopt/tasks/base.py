@@ -138,7 +138,8 @@ class Task:
             raise ValueError(
                 f"logits {tuple(logits.shape)} after readout do not fit targets {tuple(y.shape)}"
             )
-        flat, y = logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)
+        work = torch.promote_types(logits.dtype, torch.float32)  # bf16 up, float64 kept
+        flat, y = logits.reshape(-1, logits.shape[-1]).to(work), y.reshape(-1)
         total = F.cross_entropy(flat, y, ignore_index=-1, reduction="sum")
         scored = y != -1
         correct = ((flat.argmax(-1) == y) & scored).sum()
