@@ -1,5 +1,10 @@
 """quotopt: optimisation on the quotient manifolds created by parameter symmetries."""
 
+from ._startup import handle_interrupts_while_starting, is_command
+
+if is_command():  # the console command: Ctrl-C while torch loads is one line, not a traceback
+    handle_interrupts_while_starting()
+
 from .optim import (
     NonFiniteStepError,
     QuotientAdam,

@@ -130,7 +130,17 @@ def dataclasses_replace(cfg, **changes):
 
 
 def test_compare_reports_every_seed(tmp_path, capsys):
-    argv = ["compare", "--task", "sort", "--size", "tiny", "--optims", "adamw,qadam"]
+    argv = [
+        "compare",
+        "--task",
+        "sort",
+        "--size",
+        "tiny",
+        "--optims",
+        "adamw,qadam",
+        "--gauges",
+        "none",
+    ]
     argv += ["--seeds", "0,1", "--steps", "4", "--eval-every", "2", "--quiet", "--threads", "1"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()

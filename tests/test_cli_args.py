@@ -138,14 +138,7 @@ def _interrupt_when_loaded(library: str, cwd: Path) -> subprocess.CompletedProce
 @pytest.mark.parametrize(
     "library",
     [
-        pytest.param(
-            "libtorch_cpu",  # torch, imported by the quotopt package before the entry point
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="quotopt/__init__.py imports torch before quotopt.cli.main can install "
-                "its handler; passes once the package imports its names lazily",
-            ),
-        ),
+        "libtorch_cpu",  # torch, imported by the quotopt package before the entry point
         "/site-packages/scipy/",  # the command's own imports (training, dynamics), after it
     ],
 )

@@ -10,19 +10,11 @@ import os
 import signal
 import sys
 
-
-def _interrupted_outside_main(signum, frame) -> None:
-    """Ctrl-C while the command starts (heavy imports) or ends: nothing to save. A worker
-    process still starting (it imports this module too) ends silently: its parent reports."""
-    if "--multiprocessing-fork" not in getattr(sys, "orig_argv", ()):
-        sys.stderr.write("quotopt: interrupted\n")
-        sys.stderr.flush()
-    os._exit(130)
-
+from .._startup import handle_interrupts_while_starting, is_command
 
 # first, before the imports below (torch alone takes seconds): the command's Ctrl-C handling
-if __name__ == "__main__" or os.path.basename(sys.argv[0]) in ("quotopt", "quotopt.exe"):
-    signal.signal(signal.SIGINT, _interrupted_outside_main)
+if __name__ == "__main__" or is_command():
+    handle_interrupts_while_starting()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
