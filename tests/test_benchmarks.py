@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import quotopt
 from benchmarks import bench_geometry, bench_models, bench_optimizer
 
 TINY = ["--quick", "--tiny", "--threads", "1"]
@@ -84,6 +85,9 @@ def test_no_benchmark_flushes_denormals(monkeypatch, capsys):
     scripts = list(Path(bench_models.__file__).parent.glob("*.py"))
     assert len(scripts) >= 5
     assert not [p.name for p in scripts if "set_flush_denormal" in p.read_text()]
+    # nor does the library for its commands: the CLI's and the study's timings are the users'
+    library = Path(quotopt.__file__).parent.rglob("*.py")
+    assert not [str(p) for p in library if "set_flush_denormal" in p.read_text()]
 
 
 def test_bench_models_optim(capsys):

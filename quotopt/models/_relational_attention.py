@@ -65,15 +65,23 @@ EXACT_DTYPES = (torch.float32, torch.float64)  # dtypes in which the features ar
 SLOPE_BITS = 8  # significant bits kept in each slope: m·j exact in float32 for j < 2^(24 - 8)
 
 
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """Geometric per-head slopes 2^(−8(h+1)/H) (Press et al.), rounded to 8 significant bits.
+def alibi_slope_values(n_heads: int) -> tuple[float, ...]:
+    """Geometric per-head slopes 2^(−8(h+1)/H) (Press et al.), rounded to 8 significant bits,
+    as Python floats (host values: no tensor, whatever the default device).
 
     The rounding makes m_h·j exact in float32 for every position j < 2¹⁶ (see the module
     docstring); it changes no slope when H divides 8 and any other by at most 2⁻⁸ relative.
     """
-    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)])
-    mantissa, exponent = torch.frexp(slopes)  # slopes = mantissa · 2^exponent, mantissa ∈ [½, 1)
-    return torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(SLOPE_BITS))), exponent - 8)
+    values = []
+    for h in range(n_heads):
+        mantissa, exponent = math.frexp(2.0 ** (-8.0 * (h + 1) / n_heads))  # mantissa ∈ [½, 1)
+        values.append(math.ldexp(round(math.ldexp(mantissa, SLOPE_BITS)), exponent - SLOPE_BITS))
+    return tuple(values)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """``alibi_slope_values`` as a tensor (H,)."""
+    return torch.tensor(alibi_slope_values(n_heads))
 
 
 def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -63,6 +63,7 @@ from ._relational_attention import (
     EXACT_DTYPES,
     alibi_attention,
     alibi_bias,
+    alibi_slope_values,
     alibi_slopes,
     explicit_probs,
     reference_attention,
@@ -239,7 +240,7 @@ class RelationalTransformer(nn.Module):
             self.pos_emb = nn.Parameter(torch.empty(max_len, k, D))
         else:
             self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
-            self.host_slopes = tuple(self.alibi_slopes.tolist())  # for the windows, sync-free
+            self.host_slopes = alibi_slope_values(n_heads)  # for the windows, sync-free
         self.blocks = nn.ModuleList(
             RelationalBlock(k, n_heads, d_head, d_mlp, dressed, lean_mlp) for _ in range(n_layers)
         )

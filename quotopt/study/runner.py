@@ -75,9 +75,6 @@ def call(fn: Callable[..., dict], args: Sequence) -> dict:
 
 def _init_worker(parent: int) -> None:
     torch.set_num_threads(1)  # small models: one thread per process beats shared threads
-    # subnormal floats (far-away ALiBi attention weights, tiny Adam moments) run ~100× slower
-    # on x86 CPUs; flushing them changes results only below 1e-38
-    torch.set_flush_denormal(True)
     signal.signal(signal.SIGINT, _on_interrupt)  # whatever the parent's main module installed
     die_with_parent(parent)
 
