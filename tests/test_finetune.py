@@ -131,3 +131,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown optimiser nope" in err
     assert main(["finetune", "--ranks", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_a_rank_above_the_projections_is_refused_before_anything_is_made(tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--ranks", "4,1000", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "LoRA rank 1000" in err and "≤ 128" in err
+    assert not out.exists()

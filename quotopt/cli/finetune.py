@@ -120,9 +120,6 @@ def run(args) -> int:
     from .. import finetune as ft
 
     torch.set_num_threads(args.threads)
-    files = ("report.md", "results.json", "runs")
-    training.claim_out(args.out, resume=args.resume, force=args.force, files=files)
-    out = training.prepare_out(args.out)
     quick = args.quick
     ranks = args.ranks or ([2, 4] if quick else [4, 16, 64])
     seeds = args.seeds or ([0, 1] if quick else [0, 1, 2])
@@ -131,6 +128,16 @@ def run(args) -> int:
     if args.pretrain_steps:
         pre["steps"] = args.pretrain_steps
     pretrain = ft.PretrainConfig(**pre)
+    width = pretrain.hidden_size  # q/k/v/o_proj are width × width: a rank fits up to width
+    if max(ranks) > width:
+        raise ValueError(
+            f"--ranks: LoRA rank {max(ranks)} exceeds the adapted projections' size {width} "
+            f"(q/k/v/o_proj are {width}×{width}, so B A has rank at most {width}); give ranks "
+            f"≤ {width}"
+        )
+    files = ("report.md", "results.json", "runs")
+    training.claim_out(args.out, resume=args.resume, force=args.force, files=files)
+    out = training.prepare_out(args.out)
     template = ft.FinetuneConfig(**(QUICK if quick else {}),
                                  pretrain=dataclasses.asdict(pretrain))  # fmt: skip
     if args.steps:
