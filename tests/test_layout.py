@@ -86,6 +86,31 @@ def _describe(failures: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def outside_references(root: Path = ROOT, name: str = "DESIGN" + ".md") -> list[str]:
+    """Tracked text files of the repository that cite ``name``, a document that is not in it."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    found = []
+    for rel in filter(None, files):
+        path = root / rel
+        if path.suffix in (".py", ".md", ".toml", ".yml", ".sh", ".cfg") and path.is_file():
+            if name in path.read_text(errors="replace"):
+                found.append(rel)
+    return found
+
+
+def test_no_file_cites_a_document_outside_the_repository(tmp_path):
+    """Docstrings, tests and docs cite docs/ pages and papers, never a design file that the
+    repository does not hold. Control: a planted citation is found."""
+    assert not (ROOT / ("DESIGN" + ".md")).exists()
+    assert outside_references() == []
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "m.py").write_text('"""See ' + "DESIGN" + '.md section 1."""\n')
+    subprocess.run(["git", "-C", str(tmp_path), "add", "m.py"], check=True)
+    assert outside_references(tmp_path) == ["m.py"]
+
+
 def test_every_module_imports_first_and_in_shuffled_orders():
     names = modules()
     assert {"quotopt.training.loop", "quotopt.plotting", "manifolds.heads"} <= set(names)
