@@ -51,6 +51,7 @@ def rescaling_bundles(draw):
         draw(st.integers(1, 5)),
         draw(st.integers(1, 5)),
         metric=draw(st.sampled_from(M.METRICS)),
+        degree=draw(st.sampled_from([1, 2])),
     )
 
 
@@ -150,13 +151,15 @@ def test_head_layouts_share_one_geometry(bundle, seed):
 @SETTINGS
 @given(bundle=rescaling_bundles(), seed=st.integers(0, 2**31 - 1))
 def test_rescaling_dressing_balances_without_flipping_signs(bundle, seed):
-    """ReLU units are balanced by a positive scale only: relu(-z) ≠ -relu(z)."""
+    """ReLU (ReLUᵏ) units are balanced, ‖a‖² = k‖b‖², by a positive scale only: relu(-z) ≠
+    -relu(z)."""
     gen = torch.Generator().manual_seed(seed)
     p = bundle.random_point(generator=gen, dtype=torch.float64)
     u = bundle.dressing(p)
     assert bool((u > 0).all())
     a, b = bundle.dress(p)
-    assert relative_error(a.norm(dim=(-2, -1)), b.norm(dim=(-2, -1))) <= 1e-12
+    root_k = bundle.degree**0.5
+    assert relative_error(a.norm(dim=(-2, -1)), root_k * b.norm(dim=(-2, -1))) <= 1e-12
 
 
 def test_ambiguity_flagged_near_degenerate_heads():

@@ -296,32 +296,20 @@ def test_relu_squared_mlps_are_reported_as_degree_two(transformers, family):
     assert len(gelu) == 2 and all("is not positively homogeneous" in f.note for f in gelu)
 
 
-class _ActionOfDegree(M.PositiveRescaling):
-    """Only the action (a·s, b·s⁻ᵏ) of a degree-k rescaling bundle — all the check applies."""
-
-    def __init__(self, *args, degree=1, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.degree = degree
-
-    def act(self, point, g):
-        a, b = self.factors(self.check_point(point))
-        return self.from_factors(a * g, b / g**self.degree)
-
-
-def test_a_degree_two_rescaling_bundle_is_taken_where_it_exists(transformers, monkeypatch):
-    """With a bundle that accepts ``degree``, ReLU² units get the (s, s⁻²) group and it verifies;
-    the control: the (s, s⁻¹) group on the same units changes the output."""
-    monkeypatch.setattr(M, "PositiveRescaling", _ActionOfDegree)
-    model = _decoder(transformers, "nemotron").double()
+@pytest.mark.parametrize("family", ["persimmon", "nemotron"])
+def test_a_degree_two_rescaling_bundle_is_taken_where_it_exists(transformers, family):
+    """ReLU² units get the (s, s⁻²) group, ``PositiveRescaling(..., degree=2)``, and it
+    verifies; the control: the (s, s⁻¹) group on the same units changes the output."""
+    model = _decoder(transformers, family).double()
     groups, report = quotopt.symmetries(model, heads=False, report=True)
     rows = _mlp_rows(report)
-    assert [f.bundle for f in rows] == ["_ActionOfDegree"] * 2
+    assert [f.bundle for f in rows] == ["PositiveRescaling"] * 2
     assert all(f.change <= 1e-12 for f in rows)
     units = [g for g in groups if g["name"].endswith("mlp.units")]
     assert [g["bundle"].degree for g in units] == [2, 2]
     args, kwargs = qhf.example_inputs(model)
     degree_one = [
-        dict(g, bundle=_ActionOfDegree(g["bundle"].n_heads, *g["bundle"].factor_rows))
+        dict(g, bundle=M.PositiveRescaling(g["bundle"].n_heads, *g["bundle"].factor_rows))
         for g in units
     ]
     assert min(quotopt.verify(model, degree_one, *args, **kwargs).values()) > 1e-3

@@ -23,6 +23,7 @@ FACTORED = [
     M.HeadOV(2, 5, 2, metric="invariant"),
     M.PositiveRescaling(4, 3, 5),
     M.PositiveRescaling(3, 4, 2, metric="invariant"),
+    M.PositiveRescaling(3, 5, 2, metric="invariant", degree=2),
     M.RotaryQK(2, 6, 4, pairing="half"),
     M.RotaryQK(2, 6, 4, metric="invariant", pairing="interleaved", factor_rows=(12, 6)),
 ]
