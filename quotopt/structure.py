@@ -176,11 +176,12 @@ def _two_layer(path, module, metric, up, down, names, how="") -> list[Slot]:
     if degree == 2:
         structure = f"{up_n} → {act} → {down_n}: (s, s⁻²) rescaling"
         option = _units_option(path, metric, up, down, rows, structure, degree=2)
-        slot.note = (
-            f"activation {act} is positively homogeneous of degree 2 (as ReLU² is): the "
-            "(s, s⁻²) rescaling needs a rescaling bundle of degree 2, "
-            "manifolds.PositiveRescaling(..., degree=2), which manifolds does not provide"
-        )
+        if option is None:  # a manifolds without the degree-2 bundle
+            slot.note = (
+                f"activation {act} is positively homogeneous of degree 2 (as ReLU² is): the "
+                "(s, s⁻²) rescaling needs a rescaling bundle of degree 2, "
+                "manifolds.PositiveRescaling(..., degree=2), which manifolds does not provide"
+            )
     else:
         structure = f"{up_n} → {act} → {down_n}: positive rescaling"
         option = _units_option(path, metric, up, down, rows, structure)

@@ -29,8 +29,8 @@ A module whose float64 copy does not run is reported as such, with the known fix
 one (``quotopt.hf.float64_fix``), not as a rejected candidate.
 
 Not reduced, by design: the O(d) of LayerNorm models (centring breaks it to the stabiliser of
-the all-ones vector), GELU/SiLU MLPs without a gate (no rescaling), ReLU² MLPs while the
-rescaling bundle has no degree 2. O(d) together with the heads on the same tensors is one joint
+the all-ones vector), GELU/SiLU MLPs without a gate (no rescaling). ReLU² MLPs get the
+degree-2 rescaling (s, s⁻²). O(d) together with the heads on the same tensors is one joint
 group where the model declares it (``Transformer`` with ``residual=True``;
 ``docs/guides/combinations.md``).
 """

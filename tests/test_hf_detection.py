@@ -278,14 +278,12 @@ def _mlp_rows(report):
 
 @pytest.mark.parametrize("family", ["persimmon", "nemotron"])
 def test_relu_squared_mlps_are_reported_as_degree_two(transformers, family):
-    """ReLU² units: (s, s⁻²) is exact, and the report says so and what it needs; the controls:
-    the same model with ReLU gets positive rescaling, with GELU the "not homogeneous" reason
-    (MLPs only: ``heads=False``)."""
-    with pytest.warns(UserWarning, match="found no symmetry"):
-        rows = _mlp_rows(quotopt.describe(_decoder(transformers, family), heads=False))
-    assert len(rows) == 2 and not any(f.bundle for f in rows)
-    assert all("positively homogeneous of degree 2" in f.note and "(s, s⁻²)" in f.note
-               for f in rows)  # fmt: skip
+    """ReLU² units: (s, s⁻²) is exact and found (degree-2 positive rescaling, verified); the
+    controls: the same model with ReLU gets degree-1 rescaling, with GELU the "not
+    homogeneous" reason (MLPs only: ``heads=False``)."""
+    rows = _mlp_rows(quotopt.describe(_decoder(transformers, family), heads=False))
+    assert [f.bundle for f in rows] == ["PositiveRescaling"] * 2
+    assert all(f.change <= 1e-12 for f in rows)
     if family == "persimmon":
         return
     relu = _mlp_rows(quotopt.describe(_decoder(transformers, family, "relu"), heads=False))
