@@ -56,6 +56,15 @@ def _wait(condition, seconds: float, what: str):
     raise AssertionError(f"not within {seconds} s: {what}")
 
 
+def _released(run: Path) -> bool:
+    """Whether nobody holds ``run``'s lock any more (the kernel drops it with its owner)."""
+    try:
+        with training.run_lock(run):
+            return True
+    except ValueError:
+        return False
+
+
 def _kill_all(pids) -> None:
     for pid in pids:
         if not _gone(pid):
@@ -112,10 +121,11 @@ def test_a_run_killed_with_its_study_resumes_to_the_uninterrupted_records(tmp_pa
     workers = []
     try:
         _wait(lambda: (run / "checkpoint.pt").is_file(), 300, "a checkpoint")
-        workers = _workers(command.pid)
+        workers = _wait(lambda: _workers(command.pid), 10, "a worker")
         command.kill()
         command.wait(timeout=30)
         _wait(lambda: all(_gone(w) for w in workers), 5, f"workers {workers} ended")
+        _wait(lambda: _released(run), 30, "the run directory released")
     finally:
         command.kill()
         _kill_all(workers)
