@@ -1,4 +1,5 @@
-"""Critical points, then counts: flat directions at a refined critical point (docs/theory/flat-directions.md).
+"""Critical points, then counts: flat directions at a refined critical point
+(docs/theory/flat-directions.md).
 
 The task is a regression of a tiny Transformer's logits on a teacher's (``teacher_targets``):
 with λ > 0 the targets make the balanced teacher θ₀ a critical point of
