@@ -62,7 +62,10 @@ def _head_factors(bundle: Bundle, point, what: str):
 def head_imbalance(bundle: Bundle, point, *, matrices: bool = False) -> torch.Tensor:
     """Per head ‖AᵀA − BᵀB‖_F, shape (H,) — ‖W_qᵀW_q − W_kᵀW_k‖ for ``HeadQK``,
     ‖W_vᵀW_v − W_o W_oᵀ‖ for ``HeadOV``; with ``matrices=True`` the (H, r, r) matrices
-    themselves. Conserved by Euclidean gradient flow of any GL(r)-invariant loss."""
+    themselves. Conserved by Euclidean gradient flow of any GL(r)-invariant loss for GL(r)
+    heads; for a smaller group (``RotaryQK``'s commutant, ``PositiveRescaling`` of degree k,
+    whose conserved charge is ‖a‖² − k‖b‖²) only its projection onto the group's Lie algebra
+    is conserved: ``bundle.moment_map``."""
     a, b = _head_factors(bundle, point, "head_imbalance")
     diff = a.mT @ a - b.mT @ b  # (H, r, r)
     return diff if matrices else torch.linalg.matrix_norm(diff)
