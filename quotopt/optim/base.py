@@ -39,7 +39,6 @@ import torch
 from manifolds import Bundle, unchecked
 
 from . import validation as rules
-from .functional import warn_dead_heads
 from .guard import (
     Guard,
     NonFiniteStepError,
@@ -47,6 +46,7 @@ from .guard import (
     RankDeficiencyWarning,
     SkippedStepWarning,
     head_flags,
+    warn_dead_heads,
 )
 from .validation import check_state_dict
 
@@ -137,7 +137,7 @@ class QuotientOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if bundle is not None:  # heads with every factor zero never move: say so once, here
             group = self.param_groups[-1]
-            warn_dead_heads(group, self._views(group, params), RankDeficiencyWarning)
+            warn_dead_heads(group, self._views(group, params))
 
     def validate_group(self, name: str, group: dict) -> None:
         """Every rule on a group's hyperparameters (``ValueError`` naming group, rule and

@@ -47,8 +47,6 @@ Plain groups reproduce ``torch.optim.AdamW`` / ``torch.optim.SGD`` exactly
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from manifolds import Bundle
@@ -60,7 +58,6 @@ __all__ = [
     "redress",
     "begin_step",
     "descend",
-    "warn_dead_heads",
 ]
 
 Tensors = tuple[torch.Tensor, ...]
@@ -109,22 +106,6 @@ def descend(bundle: Bundle, point: Tensors, frame, direction: Tensors, lr: float
     step = bundle.limit_step(point, tuple(d * -lr for d in direction), frame)
     base = bundle.scale_invariants(point, 1 - lr * weight_decay) if weight_decay else point
     return bundle.retract(base, step)
-
-
-def warn_dead_heads(group: dict, point: Tensors, category: type[Warning]) -> None:
-    """Warn (``category``) naming the group and heads of a bundle group whose factors are all
-    zero (``bundle.dead_heads``): no gradient step moves them. Reads the flags on the host:
-    for ``add_param_group``, never inside a step."""
-    dead = group["bundle"].dead_heads(point)
-    heads = [] if dead is None else torch.nonzero(dead.reshape(-1)).flatten().tolist()
-    if heads:
-        warnings.warn(
-            f"{group['name']}: heads {heads} of {group['bundle']!r} have every factor zero, a "
-            "critical point of every loss that no step leaves; initialise at least one factor "
-            "of each head (LoRA: A random, B = 0)",
-            category,
-            stacklevel=3,
-        )
 
 
 # ---- Adam -------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ __all__ = [
     "FlagCopy",
     "Guard",
     "head_flags",
+    "warn_dead_heads",
 ]
 
 _MODES = ("raise", "skip")
@@ -233,3 +234,19 @@ def _warn_rank(plans: list[Plan], flags: list[bool]) -> None:
             start += count
             if heads:
                 warnings.warn(message(heads), RankDeficiencyWarning, stacklevel=5)
+
+
+def warn_dead_heads(group: dict, point) -> None:
+    """A ``RankDeficiencyWarning`` naming the group and the heads of a bundle group whose
+    factors are all zero (``bundle.dead_heads``): no gradient step moves them. Reads the flags
+    on the host: for ``add_param_group``, never inside a step."""
+    dead = group["bundle"].dead_heads(point)
+    heads = [] if dead is None else torch.nonzero(dead.reshape(-1)).flatten().tolist()
+    if heads:
+        warnings.warn(
+            f"{group['name']}: heads {heads} of {group['bundle']!r} have every factor zero, a "
+            "critical point of every loss that no step leaves; initialise at least one factor "
+            "of each head (LoRA: A random, B = 0)",
+            RankDeficiencyWarning,
+            stacklevel=3,
+        )
