@@ -90,13 +90,7 @@ def test_quotient_adam_steps_from_b_zero(peft, metric):
     model = _lora_model(peft, dtype=torch.float32)
     groups = quotopt.symmetries(model, metric=metric, lora_damping=1e-3)
     optimiser = quotopt.QuotientAdam(groups, lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model(IDS, labels=IDS, use_cache=False).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses = _train(model, optimiser, 15)
     assert losses[-1] < losses[0]
     b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     assert b.abs().max() > 0
@@ -113,16 +107,10 @@ def test_the_undamped_invariant_metric_steps_from_b_zero(peft):
     adapters leave zero and the loss falls."""
     model = _lora_model(peft, dtype=torch.float32)
     optimiser = quotopt.QuotientAdam(quotopt.symmetries(model, metric="invariant"), lr=3e-3)
-    losses = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-        for _ in range(15):
-            loss = model(IDS, labels=IDS, use_cache=False).loss
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
+        losses = _train(model, optimiser, 15)
     assert losses[-1] < losses[0]
     b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     assert b.abs().max() > 0
@@ -148,13 +136,16 @@ def test_a_factor_with_fewer_rows_than_the_rank_is_refused():
         M.HeadOV(1, 32, 20, factor_rows=(32, 16))
 
 
-def _train(model, groups, steps, make):
-    optimiser = make(groups)
+def _train(model, optimiser, steps: int) -> list[float]:
+    """``steps`` steps of the language-model loss on ``IDS``; the losses before each step."""
+    losses = []
     for _ in range(steps):
         loss = model(IDS, labels=IDS, use_cache=False).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        losses.append(loss.item())
+    return losses
 
 
 @pytest.mark.parametrize(
@@ -177,8 +168,8 @@ def test_lora_training_is_gauge_equivariant_at_full_rank(peft, name, make, equiv
     twin = copy.deepcopy(model)
     twin_groups = quotopt.symmetries(twin, metric="invariant")
     quotopt.gauge_transform(twin, _lora_groups(twin_groups), generator=gen, condition=3.0)
-    _train(model, groups, 150, make)
-    _train(twin, twin_groups, 150, make)
+    _train(model, make(groups), 150)
+    _train(twin, make(twin_groups), 150)
     products = [g["bundle"].invariants(group_point(g)) for g in _lora_groups(groups)]
     twins = [g["bundle"].invariants(group_point(g)) for g in _lora_groups(twin_groups)]
     gap = max(relative_error(a, b) for a, b in zip(products, twins))
