@@ -78,6 +78,8 @@ class Plan:
     def update_state(self, state: dict, new_state: dict, checked_keys) -> None:
         self.states.append((state, new_state))
         for key in checked_keys:
+            if key not in new_state:  # optimisers with several rules have several state kinds
+                continue
             value = new_state[key]
             self.checked.extend(value if isinstance(value, tuple) else (value,))
 
