@@ -18,7 +18,7 @@ lives here, once:
 * second moments  ``slice_mean_square``: per row of each factor the metric's squared row norm
   divided by r — rows are never mixed by the group (invariant metric: GL-invariant);
 * decay        ``scale_invariants(p, c)``: M ↦ c·M by scaling both factors by √c;
-* frames       ``factorise(p)``: per head the float64 Grams P = AᵀA, Q = BᵀB and one
+* frames       ``factorise(p)``: per head the Grams (in the working precision) P = AᵀA, Q = BᵀB and one
   factorisation of each — eigendecompositions P = UΛUᵀ, Q = VMVᵀ for the Euclidean and the
   damped metrics, Cholesky factors for the undamped invariant one — shared by every
   projection, gradient and second moment at p (``FactorFrame``);
@@ -38,7 +38,7 @@ import torch
 
 from .base import Bundle, Point, Tangent, checks_enabled, random_orthogonal
 from .frames import FactorFrame, balanced_frame, frame_from_grams, merge_frames
-from .linalg import gram, numerical_rank, positive_int, sign_fix_columns
+from .linalg import gram, numerical_rank, positive_int, sign_fix_columns, work_dtype
 
 __all__ = [
     "FactoredBundle",
@@ -50,6 +50,18 @@ __all__ = [
 ]
 
 METRICS = ("euclidean", "invariant")
+
+
+def step_scale(frame: FactorFrame, vv1, vv2, av1, bv2) -> torch.Tensor:
+    """Per head the factor s ≤ 1 of the invariant metric's step bound (module docstring) from
+    r×r products of the step V = (V₁, V₂): V₁ᵀV₁, V₂ᵀV₂, AᵀV₁ and BᵀV₂, in the frame's
+    precision. ‖V₁Bᵀ + AV₂ᵀ‖² = tr(V₁ᵀV₁ Q) + tr(P V₂ᵀV₂) + 2 tr(V₁ᵀA V₂ᵀB) is the first-order
+    change of M, ‖V₁V₂ᵀ‖² = tr(V₁ᵀV₁ V₂ᵀV₂) the second-order one."""
+    trace = lambda x, y: (x * y.mT).sum((-2, -1))  # noqa: E731 - tr(x y)
+    linear = trace(vv1, frame.q) + trace(frame.p, vv2) + 2 * trace(av1.mT, bv2.mT)
+    quadratic = trace(vv1, vv2)
+    lin, quad = linear.clamp_min(0).sqrt(), quadratic.clamp_min(0).sqrt()
+    return torch.where(quad > 0.5 * lin, 0.5 * lin / quad.clamp_min(1e-300), 1.0)
 
 
 class FactoredBundle(Bundle):
@@ -149,6 +161,20 @@ class FactoredBundle(Bundle):
     def metric_is_invariant(self) -> bool:
         return self.metric == "invariant" and self.damping == 0.0
 
+    # ---- stacking: the heads of many layers in one batch ------------------------------------
+    def stack_key(self):
+        """Bundles of one family (``_stack_family``), factor shapes, metric and damping stack:
+        their points, in factor form (A, B), concatenate along the head axis (a transposed
+        layout such as ``HeadOV``'s is no obstacle). Row-sharded factors do not stack."""
+        family = self._stack_family()
+        if family is None or self._sum_rows is not None:
+            return None
+        return (family, self.factor_rows, self.d_head, self.metric, self.damping)
+
+    def _stack_family(self):
+        """What must agree, besides shapes and metric, for two bundles to stack (None: never)."""
+        return None
+
     # ---- checks -----------------------------------------------------------------------------
     def check_full_rank(self, point: Point, purpose: str, rel_tol: float | None = None) -> None:
         """ValueError naming the first rank-deficient head (synchronises; skipped when
@@ -167,14 +193,28 @@ class FactoredBundle(Bundle):
 
     # ---- the frame: one factorisation per head ------------------------------------------------
     def factorise(self, point: Point) -> FactorFrame:
-        """The frame at ``point``, always in float64: the Grams of float32/bf16 factors are
-        formed and factorised in float64 (a working precision in which factors with smallest
-        singular value down to ~1e-7 of the largest keep their rank), which costs two d×r²
-        products per head — the geometry's r×r work stays a small share of a step."""
+        """The frame at ``point``: two d×r² Gram products and one r×r factorisation of each
+        Gram per head, in the factors' working precision (``work_dtype``: float32 for float32
+        and bfloat16 factors). Where that precision cannot resolve a head's rank (a Gram
+        eigenvalue or Cholesky pivot below 8·r·eps of its largest: factors of condition above
+        about 130 in float32) the frame is formed again in float64, which resolves factors of
+        condition up to about 1e7 — decided by reading the flags on the CPU, where that read
+        costs nothing; on accelerators the working-precision frame is kept (flagged heads are
+        reported as rank-deficient). The dressing, which must keep every invariant exactly,
+        works in float64 whatever the parameters' precision (``GeneralLinearPair.redress``)."""
         point = self.check_point(point)
         if self.metric == "invariant" and not self.damping:
             self.check_full_rank(point, "the invariant metric")  # undefined at a rank drop
-        a, b = (t.to(torch.float64) for t in self.factors(point))
+        factors = self.factors(point)
+        work = work_dtype(factors[0].dtype)
+        frame = self._frame_in(factors, work)
+        resolve = work != torch.float64 and frame.deficient.device.type == "cpu"
+        if resolve and bool(frame.deficient.any()):
+            frame = self._frame_in(factors, torch.float64)
+        return frame
+
+    def _frame_in(self, factors, dtype: torch.dtype) -> FactorFrame:
+        a, b = (t.to(dtype) for t in factors)
         p, q = self.row_sums(gram(a), gram(b))
         closed_form = self.metric == "invariant" and not self.damping
         weighted = self.metric != "euclidean"
@@ -182,7 +222,7 @@ class FactoredBundle(Bundle):
 
     def deficient_heads(self, frame: FactorFrame) -> torch.Tensor:
         """(H,) bool: a factor Gram with smallest eigenvalue (or Cholesky pivot) at round-off
-        level of its largest (8·r·eps of float64)."""
+        level of its largest (8·r·eps of the frame's working precision)."""
         return frame.deficient
 
     def dead_heads(self, point: Point) -> torch.Tensor:
@@ -247,12 +287,7 @@ class FactoredBundle(Bundle):
         vv1, vv2, av1, bv2 = (
             t.to(work) for t in self.row_sums(gram(v1), gram(v2), a.mT @ v1, b.mT @ v2)
         )  # V₁ᵀV₁, V₂ᵀV₂, AᵀV₁, BᵀV₂
-        trace = lambda x, y: (x * y.mT).sum((-2, -1))  # noqa: E731 - tr(x y)
-        # ‖V₁Bᵀ + AV₂ᵀ‖² = tr(V₁ᵀV₁ Q) + tr(P V₂ᵀV₂) + 2 tr(V₁ᵀA V₂ᵀB)
-        linear = trace(vv1, f.q) + trace(f.p, vv2) + 2 * trace(av1.mT, bv2.mT)
-        quadratic = trace(vv1, vv2)  # ‖V₁V₂ᵀ‖² = tr(V₁ᵀV₁ V₂ᵀV₂)
-        lin, quad = linear.clamp_min(0).sqrt(), quadratic.clamp_min(0).sqrt()
-        scale = torch.where(quad > 0.5 * lin, 0.5 * lin / quad.clamp_min(1e-300), 1.0)
+        scale = step_scale(f, vv1, vv2, av1, bv2)
         scale = scale.to(v1.dtype).view(-1, 1, 1)
         return tuple(t * scale for t in step)
 

@@ -139,15 +139,19 @@ def test_load_state_dict_refuses_a_bundle_of_other_row_counts():
     "metric, damping", [("euclidean", 0.0), ("invariant", 0.1), ("invariant", 0.0)]
 )
 def test_the_dressing_reuses_the_points_frame_bit_for_bit(metric, damping):
-    """A spectral frame holds the eigendecompositions the dressing computes itself: passing it
-    changes nothing, to the bit (the undamped invariant metric's Cholesky frame has none, and
-    is ignored). Control: another point's frame gives another dressing."""
+    """A float64 spectral frame holds the eigendecompositions the dressing computes itself:
+    passing it changes nothing, to the bit (the undamped invariant metric's Cholesky frame has
+    none, and is ignored; so is a float32 frame, since the dressing works in float64). Control:
+    another point's frame gives another dressing."""
     gen = torch.Generator().manual_seed(3)
     bundle = M.HeadQK(3, 8, 4, metric=metric, damping=damping)
-    point = bundle.random_point(generator=gen, dtype=torch.float32)
+    single = bundle.random_point(generator=gen, dtype=torch.float32)
+    u32, _ = bundle.dressing_or_identity(single)
+    assert torch.equal(bundle.dressing_or_identity(single, frame=bundle.factorise(single))[0], u32)
+    point = tuple(t.double() for t in single)
     u, ok = bundle.dressing_or_identity(point)
     reused, ok_reused = bundle.dressing_or_identity(point, frame=bundle.factorise(point))
     assert torch.equal(u, reused) and torch.equal(ok, ok_reused)
-    other = bundle.factorise(bundle.random_point(generator=gen, dtype=torch.float32))
+    other = bundle.factorise(bundle.random_point(generator=gen, dtype=torch.float64))
     if other.lam is not None:
         assert not torch.allclose(bundle.dressing_or_identity(point, frame=other)[0], u)
