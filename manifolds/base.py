@@ -166,6 +166,14 @@ class Bundle(abc.ABC):
     def vertical(self, point: Point, xi) -> Tangent:
         """d/dt p·exp(tξ) at t = 0."""
 
+    def at(self, point: Point, data=None):
+        """The frame handle at ``point`` (``manifolds.frame.Frame``): the point with its
+        factorisation (``data`` if the caller holds it, else computed on first use) and every
+        operation an optimiser needs there."""
+        from .frame import Frame
+
+        return Frame(self, point, data)
+
     # ---- metric and splitting --------------------------------------------------------
     def factorise(self, point: Point):
         """The factorisation of ``point`` that projections, gradients and moments reuse (a
@@ -268,6 +276,17 @@ class Bundle(abc.ABC):
         diff = sum((p - q).square().sum(dims(p)) for p, q in zip(point, dressed))
         size = sum(p.square().sum(dims(p)) for p in point)
         return (diff / size.clamp_min(torch.finfo(size.dtype).tiny)).sqrt()
+
+    def stack_key(self):
+        """A hashable that two bundles share exactly when their points can be stacked along
+        the head axis and stepped as one bundle of all their heads (``stacked``), or None
+        (the default: this bundle is stepped alone)."""
+        return None
+
+    def stacked(self, n_heads: int) -> Bundle:
+        """The bundle of ``n_heads`` heads on which stacked points of bundles with this
+        ``stack_key`` live, in factor form (optimisers batch layers through it)."""
+        raise self.missing("stacked")
 
     def with_row_reduction(self, sum_rows, signs_of_rows) -> Bundle:
         """This bundle on points whose rows are split across processes (factored bundles)."""

@@ -41,7 +41,9 @@ from .factored import (
     balanced_frame,
     frame_from_grams,
     merge_frames,
+    step_scale,
 )
+from .frame import Frame
 from .linalg import gram, relative_gaps, solve_in_eigenbases, work_dtype
 
 __all__ = [
@@ -117,6 +119,58 @@ def _signed(frame: FactorFrame, signs: torch.Tensor) -> FactorFrame:
     )  # fmt: skip
 
 
+class PairFrame(Frame):
+    """The frame handle of a GL(r) head pair (``manifolds.frame``): the invariant metric's
+    gradient with its second moments in one product, and the projection, step bound, decay and
+    retraction of a step in one pass that reuses the projection's r×r products."""
+
+    __slots__ = ()
+
+    def gradient_and_moments(self, egrad):
+        bundle = self.bundle
+        if bundle.metric == "euclidean":
+            return super().gradient_and_moments(egrad)
+        rgrad = self.riemannian_gradient(egrad)
+        # ‖u R‖² = u (Q + δ) uᵀ = g (Q + δ)⁺ gᵀ = rowsum(u ∘ g) for u = g (Q + δ)⁺
+        r = bundle.d_head
+        moments = tuple(
+            (u * g).sum(-1, keepdim=True).clamp_min(0) / r
+            for u, g in zip(bundle.factors(rgrad), bundle.factors(tuple(egrad)))
+        )
+        return rgrad, tuple(bundle.from_factors(*moments))
+
+    def descend(self, direction, lr: float, weight_decay: float, project: bool = True):
+        bundle = self.bundle
+        if not project:
+            return super().descend(direction, lr, weight_decay, project)
+        f = self.data
+        a, b = bundle.factors(self.point)
+        z1, z2 = bundle.factors(tuple(direction))
+        az1, z2b = bundle.row_sums(a.mT @ z1, z2.mT @ b)
+        xi = gl_vertical_generator(bundle.metric, f, az1, z2b)
+        x = xi.to(a.dtype)
+        h1, h2 = torch.baddbmm(z1, a, x, alpha=-1), torch.baddbmm(z2, b, x.mT)  # P_H(Z)
+        if bundle.metric == "euclidean":
+            scale = -lr
+        else:  # the bound on V = −lr·H, with AᵀH₁ = AᵀZ₁ − Pξ and BᵀH₂ = BᵀZ₂ + Qξᵀ
+            work = f.p.dtype
+            hh1, hh2 = (t.to(work) for t in bundle.row_sums(gram(h1), gram(h2)))
+            ah1 = az1.to(work) - f.p @ xi
+            bh2 = z2b.mT.to(work) + f.q @ xi.mT
+            s = step_scale(f, lr * lr * hh1, lr * lr * hh2, -lr * ah1, -lr * bh2)
+            scale = (-lr * s).to(a.dtype).view(-1, 1, 1)
+        decay = 1 - lr * weight_decay
+        root = decay**0.5  # M ↦ (1 − lr·wd)M: each factor by its square root
+        new = []
+        for p, h in zip(self.point, bundle.from_factors(h1, h2)):
+            base = p * root if weight_decay else p
+            if isinstance(scale, float):
+                new.append(torch.add(base, h, alpha=scale))
+            else:
+                new.append(torch.addcmul(base, h, scale))
+        return tuple(new)
+
+
 class GeneralLinearPair(FactoredBundle):
     """GL(r) per head acting on a factor pair; the group half shared by ``HeadQK`` and
     ``HeadOV``, which differ only in layout (module docstring)."""
@@ -141,6 +195,20 @@ class GeneralLinearPair(FactoredBundle):
         sharded = copy.copy(self)
         sharded._sum_rows, sharded._signs_of_rows = sum_rows, signs_of_rows
         return sharded
+
+    def at(self, point: Point, data=None) -> PairFrame:
+        return PairFrame(self, point, data)
+
+    def _stack_family(self):
+        return "GL(r) pair"
+
+    def stacked(self, n_heads: int) -> HeadQK:
+        """``n_heads`` heads of this shape and metric in factor form (A, B), whatever the
+        layout of this bundle (``HeadOV`` stores B transposed)."""
+        return HeadQK(
+            n_heads, self.d_model, self.d_head, self.metric,
+            factor_rows=self.factor_rows, damping=self.damping,
+        )  # fmt: skip
 
     # ---- action ---------------------------------------------------------------------------
     def act(self, point: Point, g: torch.Tensor) -> Point:
@@ -190,7 +258,8 @@ class GeneralLinearPair(FactoredBundle):
         eigendecompositions of its Grams, the very ones computed here otherwise, and is
         reused."""
         a, b = self.factors(point)
-        if frame is None or frame.lam is None:  # the undamped invariant metric's Cholesky frame
+        if frame is None or frame.lam is None or frame.p.dtype != torch.float64:
+            # the dressing keeps M = ABᵀ to float64 round-off whatever the frames' precision
             grams = self.row_sums(gram(a.double()), gram(b.double()))
             frame = frame_from_grams(*grams, 0.0, weighted=False)
         u, u_inv_t, s, dressable = balanced_dressing(frame)
@@ -224,7 +293,8 @@ class GeneralLinearPair(FactoredBundle):
         covector = move(covector, u_inv_t, u)  # act_dual: the action of u⁻ᵀ
         if frame.lam is None:  # Cholesky frames: no closed form kept here
             return moved, covector, carried, self.factorise(moved)
-        balanced = balanced_frame(s, self.damping, weighted=self.metric != "euclidean")
+        weighted = self.metric != "euclidean"
+        balanced = balanced_frame(s.to(frame.p.dtype), self.damping, weighted=weighted)
         return moved, covector, carried, merge_frames(dressable, balanced, _signed(frame, u))
 
     def dressing(self, point: Point) -> torch.Tensor:

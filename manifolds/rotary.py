@@ -121,6 +121,16 @@ class RotaryQK(FactoredBundle):
         self.pairing = pairing
         self.n_pairs = d_head // 2
 
+    def _stack_family(self):
+        return ("RoPE commutant", self.pairing)
+
+    def stacked(self, n_heads: int) -> RotaryQK:
+        """``n_heads`` heads of this shape, pairing and metric."""
+        return RotaryQK(
+            n_heads, self.d_model, self.d_head, self.metric,
+            pairing=self.pairing, factor_rows=self.factor_rows,
+        )  # fmt: skip
+
     def __repr__(self) -> str:
         return f"RotaryQK({self._repr_fields()}, pairing={self.pairing!r})"
 

@@ -49,16 +49,9 @@ from __future__ import annotations
 
 import torch
 
-from manifolds import Bundle
+from manifolds.frame import Frame
 
-__all__ = [
-    "RATIO_BOUND",
-    "adam_bundle_update",
-    "sgd_bundle_update",
-    "redress",
-    "begin_step",
-    "descend",
-]
+__all__ = ["RATIO_BOUND", "adam_bundle_update", "sgd_bundle_update", "begin_step"]
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -76,44 +69,32 @@ def _lerp(a: Tensors, b: Tensors, weight: float) -> Tensors:
     return tuple(torch.lerp(x, y, weight) for x, y in zip(a, b))
 
 
-def _bias_corrections(step: torch.Tensor, beta1: float, beta2: float):
-    return 1 - beta1**step, (1 - beta2**step).sqrt()
+def _bias_corrections(step: torch.Tensor, beta1: float, beta2: float, dtype: torch.dtype):
+    """1 − β₁ᵗ and √(1 − β₂ᵗ) from the float64 step counter. A counter per head (stacked
+    groups, ``quotopt.optim.stacking``) is cast to the moments' dtype, which a 0-d counter
+    needs not be: it does not promote the tensors it multiplies."""
+    bc1, bc2_sqrt = 1 - beta1**step, (1 - beta2**step).sqrt()
+    if step.dim():
+        return bc1.to(dtype), bc2_sqrt.to(dtype)
+    return bc1, bc2_sqrt
 
 
-def redress(bundle: Bundle, point: Tensors, grad: Tensors, tangents: tuple, frame=None):
-    """Move ``point`` to its dressed representative p·u; carry the Euclidean gradient (a
-    covector) and the ``tangents`` (moments) with it (``Bundle.redress``). Parts of the point
-    where the dressing is undefined (rank-deficient heads) stay where they are (u = identity).
-    ``frame``: the point's factorisation, if known. Returns ``(point, grad, tangents, frame)``,
-    the last the dressed point's frame."""
-    return bundle.redress(point, grad, tangents, frame)
-
-
-def begin_step(bundle: Bundle, point, grad, moments: tuple, *, maximize, dress, frame):
-    """The start every bundle update shares: the gradient's sign, the re-dressing (carrying
-    the ``moments``, tangent vectors at the point) and the frame of the point the step starts
-    from. Returns ``(point, grad, moments, frame)``."""
+def begin_step(frame: Frame, grad, moments: tuple, *, maximize, dress):
+    """The start every bundle update shares: the gradient's sign and the re-dressing (carrying
+    the ``moments``, tangent vectors at the point). Returns ``(frame, grad, moments)``, the
+    frame the step starts from."""
     if maximize:
         grad = tuple(-g for g in grad)
     if dress:
-        return redress(bundle, point, grad, moments, frame)
-    return point, grad, moments, bundle.factorise(point) if frame is None else frame
-
-
-def descend(bundle: Bundle, point: Tensors, frame, direction: Tensors, lr: float, weight_decay):
-    """The new point: decay on the invariants, then the bounded step -lr·direction (the bound
-    is even in the step, so it is applied to -lr·direction directly)."""
-    step = bundle.limit_step(point, tuple(d * -lr for d in direction), frame)
-    base = bundle.scale_invariants(point, 1 - lr * weight_decay) if weight_decay else point
-    return bundle.retract(base, step)
+        return frame.redressed(grad, moments)
+    return frame, grad, moments
 
 
 # ---- Adam -------------------------------------------------------------------------------------
 
 
 def adam_bundle_update(
-    bundle: Bundle,
-    point: Tensors,
+    frame: Frame,
     grad: Tensors,
     state: dict,
     *,
@@ -124,38 +105,32 @@ def adam_bundle_update(
     weight_decay: float,
     maximize: bool = False,
     dress: bool = False,
-    frame=None,
     ratio_bound: float | None = None,
 ):
-    """One QuotientAdam step on a bundle group (see the module docstring).
-
-    ``frame`` is ``bundle.factorise(point)`` if the caller has it (it is recomputed otherwise
-    and after re-dressing). Returns ``(new_point, new_state, new_frame)``, the last being the
-    factorisation of the new point, which the next step reuses.
-    """
-    point, grad, (exp_avg,), frame = begin_step(
-        bundle, point, grad, (state["exp_avg"],), maximize=maximize, dress=dress, frame=frame
+    """One QuotientAdam step on a bundle group at ``frame`` (``bundle.at(point)``; see the
+    module docstring). Returns ``(new_point, new_state, new_frame)``, the last the frame of the
+    new point, which the next step reuses."""
+    frame, grad, (exp_avg,) = begin_step(
+        frame, grad, (state["exp_avg"],), maximize=maximize, dress=dress
     )
     step = state["step"] + 1
     # the Riemannian gradient of a G-invariant loss is horizontal: no projection needed
-    rgrad = bundle.riemannian_gradient(point, grad, frame)
+    rgrad, grad_square = frame.gradient_and_moments(grad)
     exp_avg = _lerp(exp_avg, rgrad, 1 - beta1)
     exp_avg_sq = tuple(
-        beta2 * v + (1 - beta2) * s
-        for v, s in zip(state["exp_avg_sq"], bundle.slice_mean_square(point, rgrad, frame))
+        beta2 * v + (1 - beta2) * s for v, s in zip(state["exp_avg_sq"], grad_square)
     )
-    bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2)
+    bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2, exp_avg[0].dtype)
     # m̂ / (max(√v̂, rms(m̂)/c) + ε), both bias corrections folded into the per-slice denominator
     bound = RATIO_BOUND if ratio_bound is None else ratio_bound
-    first = bundle.slice_mean_square(point, exp_avg, frame)
+    first = frame.mean_square(exp_avg)
     direction = tuple(
         m / ((torch.maximum(v.sqrt() / bc2_sqrt, f.sqrt() / (bc1 * bound)) + eps) * bc1)
         for m, v, f in zip(exp_avg, exp_avg_sq, first)
     )
-    direction = bundle.project_horizontal(point, direction, frame)
-    new_point = descend(bundle, point, frame, direction, lr, weight_decay)
-    new_frame = bundle.factorise(new_point)
-    exp_avg = bundle.transport(point, new_point, exp_avg, new_frame)
+    new_point = frame.descend(direction, lr, weight_decay)  # projected, bounded, retracted
+    new_frame = frame.moved(new_point)
+    exp_avg = new_frame.horizontal(exp_avg)  # transport: projection at the new point
     return new_point, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, new_frame
 
 
@@ -175,8 +150,7 @@ def _momentum_buffer(buf, direction, step, momentum, dampening):
 
 
 def sgd_bundle_update(
-    bundle: Bundle,
-    point: Tensors,
+    frame: Frame,
     grad: Tensors,
     state: dict,
     *,
@@ -187,24 +161,22 @@ def sgd_bundle_update(
     weight_decay: float,
     maximize: bool = False,
     dress: bool = False,
-    frame=None,
 ):
-    """One QuotientSGD step on a bundle group. Weight decay is decoupled and acts on the
-    invariants (``bundle.scale_invariants``), the only form that commutes with the group
-    action. ``frame`` and the returned triple as in ``adam_bundle_update``."""
+    """One QuotientSGD step on a bundle group at ``frame``. Weight decay is decoupled and acts
+    on the invariants (``bundle.scale_invariants``), the only form that commutes with the group
+    action. Returns ``(new_point, new_state, new_frame)`` as ``adam_bundle_update``."""
     moments = (state["momentum_buffer"],) if momentum else ()
-    point, grad, moments, frame = begin_step(
-        bundle, point, grad, moments, maximize=maximize, dress=dress, frame=frame
-    )
+    frame, grad, moments = begin_step(frame, grad, moments, maximize=maximize, dress=dress)
     buf = moments[0] if momentum else None
-    rgrad = bundle.riemannian_gradient(point, grad, frame)  # horizontal for invariant losses
+    rgrad = frame.riemannian_gradient(grad)  # horizontal for invariant losses
     new_state = {"step": state["step"] + 1}
     direction = rgrad
     if momentum:
         buf = _momentum_buffer(buf, rgrad, state["step"], momentum, dampening)
         direction = _axpy(rgrad, buf, momentum) if nesterov else buf
-    new_point = descend(bundle, point, frame, direction, lr, weight_decay)
-    new_frame = bundle.factorise(new_point)
+    # the momentum is horizontal (transported), the gradient too: no projection
+    new_point = frame.descend(direction, lr, weight_decay, project=False)
+    new_frame = frame.moved(new_point)
     if momentum:
-        new_state["momentum_buffer"] = bundle.transport(point, new_point, buf, new_frame)
+        new_state["momentum_buffer"] = new_frame.horizontal(buf)
     return new_point, new_state, new_frame

@@ -19,8 +19,9 @@ import math
 import torch
 
 from manifolds import Bundle
+from manifolds.frame import Frame
 
-from .functional import begin_step, descend
+from .functional import begin_step
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -149,8 +150,7 @@ def orthogonalise_factors(bundle: Bundle, v: Tensors, scope: str, adjust_lr_fn, 
 
 
 def muon_bundle_update(
-    bundle: Bundle,
-    point: Tensors,
+    frame: Frame,
     grad: Tensors,
     state: dict,
     *,
@@ -165,28 +165,20 @@ def muon_bundle_update(
     scope: str,
     maximize: bool = False,
     dress: bool = False,
-    frame=None,
 ):
-    """One QuotientMuon step on a bundle group (``quotopt.optim.muon``): re-dress, momentum of
-    the Riemannian gradient, Newton–Schulz per factor, horizontal projection, bounded
-    retraction from the decayed point, momentum transported. Returns ``(new_point,
+    """One QuotientMuon step on a bundle group at ``frame`` (``quotopt.optim.muon``): re-dress,
+    momentum of the Riemannian gradient, Newton–Schulz per factor, horizontal projection,
+    bounded retraction from the decayed point, momentum transported. Returns ``(new_point,
     new_state, new_frame)`` like ``quotopt.optim.functional.adam_bundle_update``."""
-    point, grad, (buf,), frame = begin_step(
-        bundle,
-        point,
-        grad,
-        (state["momentum_buffer"],),
-        maximize=maximize,
-        dress=dress,
-        frame=frame,
+    frame, grad, (buf,) = begin_step(
+        frame, grad, (state["momentum_buffer"],), maximize=maximize, dress=dress
     )
-    rgrad = bundle.riemannian_gradient(point, grad, frame)  # horizontal for invariant losses
+    rgrad = frame.riemannian_gradient(grad)  # horizontal for invariant losses
     buf = tuple(torch.lerp(m, g, 1 - momentum) for m, g in zip(buf, rgrad))
     update = tuple(torch.lerp(g, m, momentum) for g, m in zip(rgrad, buf)) if nesterov else buf
     ns = dict(coefficients=ns_coefficients, steps=ns_steps, eps=eps)
-    direction = orthogonalise_factors(bundle, update, scope, adjust_lr_fn, **ns)
-    direction = bundle.project_horizontal(point, direction, frame)
-    new_point = descend(bundle, point, frame, direction, lr, weight_decay)
-    new_frame = bundle.factorise(new_point)
-    buf = bundle.transport(point, new_point, buf, new_frame)
+    direction = orthogonalise_factors(frame.bundle, update, scope, adjust_lr_fn, **ns)
+    new_point = frame.descend(direction, lr, weight_decay)  # projected, bounded, retracted
+    new_frame = frame.moved(new_point)
+    buf = new_frame.horizontal(buf)
     return new_point, {"momentum_buffer": buf}, new_frame

@@ -1,0 +1,109 @@
+r"""The frame handle: a point of a bundle with the factorisation every operation there reuses.
+
+``bundle.at(point)`` returns a ``Frame``. It owns the point's factorisation (``data``: what
+``Bundle.factorise`` returns — per head Grams and their eigendecompositions or Cholesky factors
+for the factored bundles, an eigenframe for O(d), nothing for bundles that need none) and offers
+what an optimiser needs at that point: the Riemannian gradient with its gauge-invariant second
+moments, the horizontal projection, the bounded step with decay and retraction, the frame of
+the point the step reaches (``moved``), transport to it by projection there, and re-dressing
+of the gradient and the moments (``redressed``). Which factorisation backs a frame — exact
+spectral, Cholesky, written down in closed form at a balanced point, float32 or float64 — is
+the bundle's business, not the optimiser's: optimisers talk to the geometry through this
+handle only.
+
+``PairFrame`` (the frames of the GL(r) head pairs) computes what several operations share once:
+the invariant metric's second moments of the gradient come with the gradient (‖g Q⁻¹ R‖² =
+rowsum(g Q⁻¹ ∘ g) for R Rᵀ = Q, no second product), and the step bound reuses the projection's
+r×r products (Aᵀ(Z₁ − Aξ) = AᵀZ₁ − Pξ). The derivations are in ``docs/theory/optimisers.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Frame"]
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+class Frame:
+    """A point of ``bundle`` and its factorisation (computed on first use, then reused).
+
+    Every method is a function of the point alone (and its arguments): a frame is immutable,
+    and moving the point gives a new frame (``moved``, ``redressed``)."""
+
+    __slots__ = ("bundle", "point", "_data")
+
+    def __init__(self, bundle, point: Tensors, data=None):
+        self.bundle = bundle
+        self.point = tuple(point)
+        self._data = data
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.bundle!r})"
+
+    @property
+    def data(self):
+        """The factorisation at the point (``Bundle.factorise``), computed once."""
+        if self._data is None:
+            self._data = self.bundle.factorise(self.point)
+        return self._data
+
+    # ---- gradients and moments ---------------------------------------------------------------
+    def riemannian_gradient(self, egrad: Tensors) -> Tensors:
+        """The metric's gradient (horizontal for a G-invariant loss)."""
+        return tuple(self.bundle.riemannian_gradient(self.point, egrad, self.data))
+
+    def gradient_and_moments(self, egrad: Tensors) -> tuple[Tensors, Tensors]:
+        """(Riemannian gradient, its ``mean_square``)."""
+        rgrad = self.riemannian_gradient(egrad)
+        return rgrad, self.mean_square(rgrad)
+
+    def mean_square(self, v: Tensors) -> Tensors:
+        """Gauge-invariant mean squares of ``v`` per slice no symmetry mixes
+        (``Bundle.slice_mean_square``)."""
+        return tuple(self.bundle.slice_mean_square(self.point, v, self.data))
+
+    def horizontal(self, v: Tensors) -> Tensors:
+        """The metric-orthogonal projection of ``v`` onto the horizontal space here; also the
+        transport of a vector from a nearby point to this one."""
+        return tuple(self.bundle.project_horizontal(self.point, v, self.data))
+
+    # ---- moving ---------------------------------------------------------------------------------
+    def descend(self, direction: Tensors, lr: float, weight_decay: float, project: bool = True):
+        """The point a step reaches: decay on the invariants (``scale_invariants`` by
+        1 − lr·wd), then the step −lr·P_H(direction) (``project``; pass False for a direction
+        that is horizontal already), bounded (``limit_step``), retracted."""
+        if project:
+            direction = self.horizontal(direction)
+        step = self.bundle.limit_step(self.point, tuple(d * -lr for d in direction), self.data)
+        return self._retract_decayed(step, lr, weight_decay)
+
+    def _retract_decayed(self, step: Tensors, lr: float, weight_decay: float) -> Tensors:
+        base = self.point
+        if weight_decay:
+            base = self.bundle.scale_invariants(base, 1 - lr * weight_decay)
+        return tuple(self.bundle.retract(base, step))
+
+    def moved(self, new_point: Tensors) -> Frame:
+        """The frame of ``new_point`` (factorised now: a step's new frame serves the transport
+        of its moments and the next step)."""
+        frame = self.bundle.at(new_point)
+        frame.data  # noqa: B018 - factorise eagerly, inside the step that pays for it
+        return frame
+
+    def redressed(self, covector: Tensors, tangents: tuple) -> tuple[Frame, Tensors, tuple]:
+        """(frame of p·u, act_dual(covector, u), tangents·u) for u the dressing where it is
+        defined (identity elsewhere): ``Bundle.redress``, whose dressed frame comes written
+        down where the bundle knows it in closed form."""
+        moved, covector, carried, data = self.bundle.redress(
+            self.point, covector, tangents, self.data
+        )
+        return self.bundle.at(moved, data), covector, carried
+
+    # ---- flags ------------------------------------------------------------------------------------
+    @property
+    def deficient(self):
+        """Per head (bool), whether the point is rank-deficient to the frame's precision; None
+        for bundles without heads."""
+        return self.bundle.deficient_heads(self.data)
