@@ -409,9 +409,9 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops_of_one_step(n_heads, cls):
+def _ops_of_one_step(n_heads, cls, dtype=None):
     bundle = M.HeadQK(n_heads, 8, 4, metric="invariant")
-    params = [torch.nn.Parameter(t) for t in bundle.random_point()]
+    params = [torch.nn.Parameter(t) for t in bundle.random_point(dtype=dtype)]
     opt = cls([{"params": params, "bundle": bundle}], lr=1e-3, dress_every=1)
     for p in params:
         p.grad = torch.randn_like(p)
@@ -430,9 +430,12 @@ def test_step_is_batched_over_heads(cls):
 
 @pytest.mark.parametrize("cls", [QuotientAdam, QuotientSGD])
 def test_only_host_read_is_the_finiteness_check(cls):
-    """The update itself never reads a device value; on the CPU the commit reads one flag
-    (on accelerators that flag is copied asynchronously and read a step later)."""
-    ops = _ops_of_one_step(4, cls)
+    """The update itself never reads a device value; on the CPU the commit reads one flag (on
+    accelerators that flag is copied asynchronously and read a step later). Float32 frames
+    add, on the CPU only, one read per factorisation: whether the frame must be formed again
+    in float64 to resolve a head's rank (``FactoredBundle.factorise``); on accelerators it is
+    not read (``test_cuda_step_never_synchronises``)."""
+    ops = _ops_of_one_step(4, cls, torch.float64)
     assert ops.count("aten._local_scalar_dense.default") == 1
     assert not any("nonzero" in op for op in ops)
 

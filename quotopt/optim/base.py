@@ -38,6 +38,7 @@ import torch
 
 from manifolds import Bundle, unchecked
 
+from . import stacking
 from . import validation as rules
 from .guard import (
     Guard,
@@ -48,6 +49,7 @@ from .guard import (
     head_flags,
     warn_dead_heads,
 )
+from .stacking import Member
 from .validation import check_state_dict
 
 __all__ = [
@@ -193,6 +195,10 @@ class QuotientOptimizer(torch.optim.Optimizer):
         return {id(p): self._init_state(group, (p,)) for p in params}
 
     # ---- the step ------------------------------------------------------------------------
+    #: whether bundle groups of one shape are stepped together (``quotopt.optim.stacking``);
+    #: a trajectory is the same either way
+    stack_groups: bool = True
+
     @torch.no_grad()
     def step(self, closure=None):
         """One step for every group; returns the closure's loss if a closure is given."""
@@ -201,7 +207,9 @@ class QuotientOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._guard.read_pending(wait=False)
-        plans: list[Plan] = []
+        plans: list[tuple[int, Plan]] = []  # in group order: errors name the first group
+        batches: dict = {}
+        failing: list[Member] = []
         index, group = 0, None
         try:
             with unchecked():
@@ -209,62 +217,111 @@ class QuotientOptimizer(torch.optim.Optimizer):
                     self.validate_group(group["name"], group)  # a scheduler may change it
                     if group.get("frozen", False):
                         continue
-                    if group.get("bundle") is not None:
-                        plans.extend(self._bundle_group_step(index, group))
-                    else:
-                        plans.extend(self._plain_group_step(group))
+                    if group.get("bundle") is None:
+                        plans.extend((index, p) for p in self._plain_group_step(group))
+                        continue
+                    member = self._member(index, group)
+                    if member is None:
+                        continue
+                    key = stacking.batch_key(member) if self.stack_groups else None
+                    batches.setdefault(("alone", index) if key is None else key, []).append(member)
+                for members in batches.values():
+                    failing = members
+                    steps = self._bundle_batch_step(members)
+                    plans.extend((m.index, p) for m, p in zip(members, steps))
         except torch.linalg.LinAlgError as error:
             message = str(error).splitlines()[0]
-            where = self._explain(index, group) if group.get("bundle") is not None else ""
-            self._guard.fail(
-                group["name"], f"a factorisation failed inside the step ({message}){where}"
-            )
+            members = failing or [None]
+            for member in members:
+                where = "" if member is None else self._explain(member.index, member.group)
+                name = group["name"] if member is None else member.group["name"]
+                self._guard.fail(name, f"a factorisation failed inside the step ({message}){where}")
             return loss
-        self._guard.commit(plans)
+        plans.sort(key=lambda entry: entry[0])
+        self._guard.commit([plan for _, plan in plans])
         return loss
 
-    def _bundle_group_step(self, index: int, group: dict) -> list[Plan]:
+    def _member(self, index: int, group: dict) -> Member | None:
+        """The group's part in this step (None if it has nothing to do): its views, gradient
+        views, state (created if new) and hyperparameters."""
         params = list(group["params"])
         name = group["name"]
         _check_freezing(name, params, "since the optimiser was built")
         if all(p.grad is None for p in params) or not params[0].requires_grad:
-            return []
+            return None
         for p in params:
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError(f"{name}: sparse gradients are not supported")
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         point, grad = self._views(group, params), self._views(group, grads)
-        bundle = group["bundle"]
         fresh = params[0] not in self.state
         state = self._init_state(group, point) if fresh else self.state[params[0]]
         every = group["dress_every"]
         dress = every is not None and group["dress_clock"] % every == 0
-        cached = self._frames.get(index)
-        frame = cached[1] if cached is not None and cached[0] == _versions(params) else None
         hyper = self._hyperparameters(group)
+        return Member(index, group, params, point, grad, state, fresh, hyper, dress)
+
+    def _bundle_batch_step(self, members: list[Member]) -> list[Plan]:
+        """One update for the ``members`` (one group, or groups that stack), one plan each."""
+        key = tuple(m.index for m in members)
+        versions = tuple(v for m in members for v in _versions(m.params))
+        cached = self._frames.get(key)
+        frame = cached[1] if cached is not None and cached[0] == versions else None
+        first = members[0]
+        if len(members) == 1:
+            bundle, point, grad, state = first.bundle, first.point, first.grad, dict(first.state)
+        else:
+            bundle = first.bundle.stacked(sum(m.heads for m in members))
+            point = stacking.gather(members, [m.point for m in members])
+            grad = stacking.gather(members, [m.grad for m in members])
+            state = stacking.gather_state(members)
         new_point, new_state, new_frame = self._bundle_update(
-            bundle, point, grad, dict(state), dress=dress, frame=frame, **hyper
+            bundle.at(point, frame), grad, state, dress=first.dress, **first.hyper
         )
-        plan = Plan(name)
-        plan.write(point, new_point)
-        plan.update_state(state, new_state, self._checked_state)
+        if len(members) == 1:
+            parts, states = [new_point], [new_state]
+        else:
+            parts = stacking.split(members, new_point)
+            states = stacking.split_state(members, new_state)
+        deficient = new_frame.deficient
+        plans, start = [], 0
+        for m, part, member_state in zip(members, parts, states):
+            flags = deficient
+            if deficient is not None and len(members) > 1:
+                flags = deficient[start : start + m.heads]
+            start += m.heads
+            plans.append(self._member_plan(m, part, member_state, flags))
+
+        def remember(ok: torch.Tensor | None) -> None:  # after every member's writes
+            if ok is None:  # values known finite: the new frame is this point's
+                now = tuple(v for m in members for v in _versions(m.params))
+                self._frames[key] = (now, new_frame.data)
+            else:  # masked commit: the frame is known good only where the step was taken
+                self._frames.pop(key, None)
+
+        plans[-1].on_commit.append(remember)
+        return plans
+
+    def _member_plan(self, m: Member, new_point, new_state: dict, deficient) -> Plan:
+        """The plan that writes one member's new point and state, and what follows a commit."""
+        group = m.group
+        plan = Plan(group["name"])
+        plan.write(m.point, new_point)
+        plan.update_state(m.state, new_state, self._checked_state)
 
         def on_commit(ok: torch.Tensor | None) -> None:
             layout = group.get("layout")
             if hasattr(layout, "write_back"):
-                layout.write_back(params, point)
-            if fresh:
-                self.state[params[0]] = state
+                layout.write_back(m.params, m.point)
+            if m.fresh:
+                self.state[m.params[0]] = m.state
             group["dress_clock"] += 1
-            if ok is None:  # values are known to be finite: the new frame is this point's
-                self._frames[index] = (_versions(params), new_frame)
-            else:  # masked commit: the frame is known good only where the step was taken
-                self._frames.pop(index, None)
 
         plan.on_commit.append(on_commit)
-        plan.explain = lambda: self._explain(index, group, new_point)
-        self._watch_rank(index, group, bundle, new_frame, plan)
-        return [plan]
+        plan.explain = lambda: self._explain(m.index, group, new_point)
+        if deficient is not None:
+            self._watch_rank(m.index, group, group["bundle"], deficient, plan)
+        return plan
 
     def _explain(self, index: int, group: dict, new_point=None) -> str:
         """Which heads of a bundle group a failed step comes from, and why (synchronises:
@@ -297,17 +354,14 @@ class QuotientOptimizer(torch.optim.Optimizer):
     def _deficient_now(self, index: int, group: dict):
         """The deficiency flags of the group's current point (its cached frame, if current)."""
         params = list(group["params"])
-        cached = self._frames.get(index)
+        cached = self._frames.get((index,))
         if cached is not None and cached[0] == _versions(params):
             return group["bundle"].deficient_heads(cached[1])
         point = self._views(group, params)
         return group["bundle"].deficient_heads(group["bundle"].factorise(point))
 
-    def _watch_rank(self, index, group, bundle, frame, plan: Plan) -> None:
-        """Flag heads that were full rank before this step and are not after it."""
-        now = bundle.deficient_heads(frame)
-        if now is None:
-            return
+    def _watch_rank(self, index, group, bundle, now: torch.Tensor, plan: Plan) -> None:
+        """Flag heads that were full rank before this step and are not (``now``) after it."""
         before = self._deficient.get(index)
         plan.on_commit.append(lambda ok: self._deficient.__setitem__(index, now))
         if before is None or before.shape != now.shape:

@@ -117,9 +117,10 @@ def finiteness(plans: list[Plan]) -> tuple[torch.Tensor, list[str]]:
     A NaN or inf anywhere makes the sum non-finite: one reduction per tensor instead of an
     elementwise isfinite pass (a finite tensor whose sum overflows is refused too: such a step
     is useless anyway)."""
-    flags = [v.sum().isfinite() for plan in plans for v in plan.checked]
+    sums = [v.sum() for plan in plans for v in plan.checked]
     names = [plan.name for plan in plans for _ in plan.checked]
-    return torch.stack(flags), names
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
+    return torch.stack([s.to(dtype) for s in sums]).isfinite(), names
 
 
 def head_flags(bundle, tensors) -> torch.Tensor | None:

@@ -30,17 +30,23 @@ def adam_plain_updates(
     """``torch.optim.AdamW``'s update of every tensor of a group: (new params, new states)."""
     if maximize:
         grads = torch._foreach_neg(grads)
-    steps = [state["step"] + 1 for state in states]
+    steps = torch._foreach_add([state["step"] for state in states], 1)
     exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], grads, 1 - beta1)
     exp_avg_sq = torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
-    bias_1 = [1 - beta1**step for step in steps]
-    bias_2_sqrt = [(1 - beta2**step).sqrt() for step in steps]
+    # the bias corrections in float64, as torch computes them with Python floats
+    bias_1 = torch._foreach_pow(beta1, steps)  # β₁ᵗ, then 1 − β₁ᵗ
+    torch._foreach_neg_(bias_1)
+    torch._foreach_add_(bias_1, 1)
+    bias_2_sqrt = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(bias_2_sqrt)
+    torch._foreach_add_(bias_2_sqrt, 1)
+    torch._foreach_sqrt_(bias_2_sqrt)
     denom = torch._foreach_sqrt(exp_avg_sq)
     torch._foreach_div_(denom, bias_2_sqrt)
     torch._foreach_add_(denom, eps)
     update = torch._foreach_div(exp_avg, denom)
-    torch._foreach_mul_(update, [lr / b for b in bias_1])
+    torch._foreach_mul_(update, [lr / b for b in bias_1])  # lr / (1 − β₁ᵗ): torch's rounding
     new_params = torch._foreach_mul(params, 1 - lr * weight_decay)
     torch._foreach_sub_(new_params, update)
     new_states = [
