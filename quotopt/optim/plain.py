@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["adam_plain_updates", "sgd_plain_updates"]
+__all__ = ["adam_plain_updates", "sgd_plain_updates", "torch_adamw_updates"]
 
 Tensors = list[torch.Tensor]
 
@@ -53,6 +53,45 @@ def adam_plain_updates(
         {"step": step, "exp_avg": m, "exp_avg_sq": v}
         for step, m, v in zip(steps, exp_avg, exp_avg_sq)
     ]
+    return new_params, new_states
+
+
+def torch_adamw_updates(
+    params: Tensors,
+    grads: Tensors,
+    states: list[dict],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> tuple[Tensors, list[dict]]:
+    """``torch.optim.AdamW``'s update, bit for bit where torch steps tensor by tensor (its
+    default on the CPU): torch's operations in torch's order — decay, moments, the bias
+    corrections as Python floats from the step count read on the host, then one ``addcdiv``,
+    which rounds ``lr·m / (√v̂ + ε)`` differently from ``adam_plain_updates``' separate division
+    and product (an ulp in a few percent of the entries, every step). Groups with a tensor
+    off the CPU go to ``adam_plain_updates`` (multi-tensor kernels, bias corrections on the
+    device: no host synchronisation), equal to torch's to rounding. States as
+    ``adam_plain_updates``'; the step counter's device is the parameter's."""
+    if any(p.device.type != "cpu" for p in params):
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        return adam_plain_updates(params, grads, states, maximize=maximize, **hyper)
+    new_params, new_states = [], []
+    for param, grad, state in zip(params, grads, states):
+        grad = -grad if maximize else grad
+        step = state["step"] + 1
+        new = param.mul(1 - lr * weight_decay) if weight_decay != 0 else param.clone()
+        exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        count = step.item()  # a CPU scalar: no synchronisation
+        bias_1, bias_2 = 1 - beta1**count, 1 - beta2**count
+        denom = (exp_avg_sq.sqrt() / bias_2**0.5).add_(eps)
+        new.addcdiv_(exp_avg, denom, value=-(lr / bias_1))
+        new_params.append(new)
+        new_states.append({"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
     return new_params, new_states
 
 
