@@ -188,9 +188,12 @@ def test_plain_groups_match_torch_muon_bitwise(hyper, dtype):
         assert torch.equal(opts[0].state[a]["momentum_buffer"], opts[1].state[b]["momentum_buffer"])
 
 
-def test_non_matrix_plain_parameters_are_refused():
+def test_non_matrix_plain_parameters_are_refused_under_the_muon_rule():
+    """Without a rule such a group gets the AdamW rule (``tests/test_muon_rules.py``); asked
+    for Muon's, it is refused."""
+    mixed = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3))]
     with pytest.raises(ValueError, match=r"params\[1\] has shape \(3,\).*AdamW"):
-        QuotientMuon([torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3))])
+        QuotientMuon([{"params": mixed, "rule": "muon"}])
     with pytest.raises(ValueError, match="complex"):
         QuotientMuon([torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.complex64))])
     residual = M.ResidualRotation(4, (0,), shapes=((4, 3),))
