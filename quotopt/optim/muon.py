@@ -230,7 +230,8 @@ class QuotientMuon(QuotientOptimizer):
         rule = param_group["rule"]
         if bundle is not None or rule not in RULES:
             self._check_rule(name, param_group)  # a bundle group's rule is Muon's
-        self._check_keys(name, param_group)
+        if param_group.get("frozen", False) is not True:  # a frozen group is never stepped
+            self._check_keys(name, param_group)
         if rule == "adamw":
             param_group.setdefault("lr", param_group.pop("adamw_lr", self._adamw_lr))
         if bundle is None and param_group.get("frozen", False) is not True:  # frozen: any shape
