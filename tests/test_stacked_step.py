@@ -86,6 +86,25 @@ def test_stacked_and_separate_groups_follow_one_trajectory(name):
     assert set(calls[0]) == {12} and set(calls[1]) == {2}  # one call of 3·2·2 heads, or six
 
 
+def test_large_models_stack_in_batches_of_bounded_size(monkeypatch):
+    """Above ``STACK_ELEMENTS`` the groups of one shape are stepped in consecutive batches
+    (bounded transient memory), on the same trajectory."""
+    from quotopt.optim import stacking
+
+    per_group = 2 * 2 * 16 * 8  # two factors of 2 heads × 16 rows × 8 columns
+    monkeypatch.setattr(stacking, "STACK_ELEMENTS", 2 * per_group)
+    runs, calls = [], []
+    for stack in (True, False):
+        model = _model()
+        opt = OPTIMISERS["adam invariant"](model)
+        opt.stack_groups = stack
+        calls.append(_count_updates(opt))
+        _train(model, opt, 4, _tokens())
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert _gap(runs[0], runs[1]) <= 1e-12
+    assert calls[0][:3] == [4, 4, 4]
+
+
 def test_a_rotary_model_stacks_its_query_key_groups_too():
     """A Hugging Face LLaMA (RoPE query/key heads, ``RotaryQK``; value/output ``HeadOV``): the
     query/key groups of its layers stack with each other, the value/output groups with each

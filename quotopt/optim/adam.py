@@ -7,7 +7,7 @@ import torch
 from . import validation as rules
 from .base import QuotientOptimizer, _reject_unsupported
 from .functional import adam_bundle_update
-from .plain import adam_plain_updates
+from .plain import adam_plain_in_place, adam_plain_updates
 
 __all__ = ["QuotientAdam"]
 
@@ -117,6 +117,7 @@ class QuotientAdam(QuotientOptimizer):
         return {"step": self._zero_step(point[0]), "exp_avg": zeros, "exp_avg_sq": second}
 
     _plain_update = staticmethod(adam_plain_updates)
+    _plain_in_place = staticmethod(adam_plain_in_place)
     _checked_state = ("exp_avg_sq",)  # an infinite v would zero the step instead of spreading
     _bundle_update = staticmethod(adam_bundle_update)
 

@@ -40,13 +40,13 @@ from manifolds import Bundle, unchecked
 
 from . import stacking
 from . import validation as rules
+from .diagnostics import Diagnostics
 from .guard import (
     Guard,
     NonFiniteStepError,
     Plan,
     RankDeficiencyWarning,
     SkippedStepWarning,
-    head_flags,
     warn_dead_heads,
 )
 from .stacking import Member
@@ -91,7 +91,7 @@ def _versions(tensors) -> tuple[int, ...]:
     return tuple(t._version for t in tensors)
 
 
-class QuotientOptimizer(torch.optim.Optimizer):
+class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
     """Common machinery: group validation, views, lazy state, guarded commits, state_dict.
 
     Subclasses define ``_init_state(group, tensors)``, ``_hyperparameters(group)``, the rules
@@ -225,7 +225,7 @@ class QuotientOptimizer(torch.optim.Optimizer):
                         continue
                     key = stacking.batch_key(member) if self.stack_groups else None
                     batches.setdefault(("alone", index) if key is None else key, []).append(member)
-                for members in batches.values():
+                for members in (b for group in batches.values() for b in stacking.bounded(group)):
                     failing = members
                     steps = self._bundle_batch_step(members)
                     plans.extend((m.index, p) for m, p in zip(members, steps))
@@ -323,59 +323,6 @@ class QuotientOptimizer(torch.optim.Optimizer):
             self._watch_rank(m.index, group, group["bundle"], deficient, plan)
         return plan
 
-    def _explain(self, index: int, group: dict, new_point=None) -> str:
-        """Which heads of a bundle group a failed step comes from, and why (synchronises:
-        called only when a step failed)."""
-        params = list(group["params"])
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        point, bundle = self._views(group, params), group["bundle"]
-        causes = [
-            ("non-finite gradient", lambda: head_flags(bundle, self._views(group, grads))),
-            ("non-finite parameters", lambda: head_flags(bundle, point)),
-            ("rank-deficient: a singular factor Gram", lambda: self._deficient_now(index, group)),
-            ("the step overflowed", lambda: head_flags(bundle, new_point) if new_point else None),
-        ]
-        found, seen = [], set()
-        for why, flags in causes:
-            try:
-                with unchecked():
-                    flags = flags()
-            except (torch.linalg.LinAlgError, RuntimeError, ValueError):
-                continue
-            heads = [] if flags is None else torch.nonzero(flags).flatten().tolist()
-            heads = [h for h in heads if h not in seen]
-            seen.update(heads)
-            if heads:
-                found.append(f"heads {heads}: {why}")
-        if not found and new_point is not None:
-            found.append("values too large: their sum overflows the parameters' precision")
-        return f" ({'; '.join(found)})" if found else ""
-
-    def _deficient_now(self, index: int, group: dict):
-        """The deficiency flags of the group's current point (its cached frame, if current)."""
-        params = list(group["params"])
-        cached = self._frames.get((index,))
-        if cached is not None and cached[0] == _versions(params):
-            return group["bundle"].deficient_heads(cached[1])
-        point = self._views(group, params)
-        return group["bundle"].deficient_heads(group["bundle"].factorise(point))
-
-    def _watch_rank(self, index, group, bundle, now: torch.Tensor, plan: Plan) -> None:
-        """Flag heads that were full rank before this step and are not (``now``) after it."""
-        before = self._deficient.get(index)
-        plan.on_commit.append(lambda ok: self._deficient.__setitem__(index, now))
-        if before is None or before.shape != now.shape:
-            return
-        lost = now & ~before
-
-        def message(heads: list[int]) -> str:
-            return (
-                f"{group['name']}: heads {heads} of {bundle!r} lost rank (their factor Grams "
-                "are singular to working precision); they are no longer re-dressed"
-            )
-
-        plan.watch.append((lost, message))
-
     def _plain_group_step(self, group: dict) -> list[Plan]:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
@@ -386,13 +333,20 @@ class QuotientOptimizer(torch.optim.Optimizer):
             self.state[p] if p in self.state else self._init_state(group, (p,)) for p in params
         ]
         created = {p: s for p, s in zip(params, states) if p not in self.state}
-        new_params, new_states = self._plain_update(
-            params, [p.grad for p in params], states, **self._hyperparameters(group)
-        )
+        grads = [p.grad for p in params]
+        hyper = self._hyperparameters(group)
         plan = Plan(group["name"])
-        plan.write(params, new_params)
-        for state, new_state in zip(states, new_states):
-            plan.update_state(state, new_state, self._checked_state)
+        if self._plain_in_place is not None:  # new parameters held, moments updated at commit
+            new_params, checks, commit = self._plain_in_place(params, grads, states, **hyper)
+            if new_params:  # else formed in place at commit
+                plan.write(params, new_params)
+            plan.checked.extend(checks)
+            plan.on_commit.append(commit)
+        else:
+            new_params, new_states = self._plain_update(params, grads, states, **hyper)
+            plan.write(params, new_params)
+            for state, new_state in zip(states, new_states):
+                plan.update_state(state, new_state, self._checked_state)
         if created:
             plan.on_commit.append(lambda ok: self.state.update(created))
         return [plan]
@@ -402,35 +356,12 @@ class QuotientOptimizer(torch.optim.Optimizer):
         ``.data``, which version counters do not see)."""
         self._frames.clear()
 
-    def rank_deficient_heads(self) -> dict[str, list[int]]:
-        """Per bundle group (by name), the heads whose factor Grams were singular to working
-        precision at the last committed step (reads device flags: synchronises)."""
-        out = {}
-        for index, flags in self._deficient.items():
-            heads = torch.nonzero(flags.reshape(-1)).flatten().tolist()
-            if heads:
-                out[self.param_groups[index]["name"]] = heads
-        return out
-
-    def raise_if_nonfinite(self, wait: bool = True) -> None:
-        """Raise ``NonFiniteStepError`` (``nonfinite="skip"``: count and warn) if an earlier
-        accelerator step was non-finite and was not written.
-
-        With ``wait=False`` (what ``step()`` uses) only flags that have already reached the
-        host are inspected, so nothing blocks; ``wait=True`` waits for all of them.
-        """
-        self._guard.read_pending(wait)
-
-    def skipped_steps(self) -> dict[str, int]:
-        """Per group (by name), how many steps were skipped (``nonfinite="skip"``) because that
-        group's values were not finite or a factorisation in it failed; a skipped step writes
-        nothing in any group. Waits for accelerator flags not yet read (synchronises)."""
-        self._guard.read_pending(wait=True)
-        return {g["name"]: self._guard.skipped.get(g["name"], 0) for g in self.param_groups}
-
     # ---- to be defined by subclasses -------------------------------------------------------
     #: state entries whose finiteness the guard checks besides the parameters
     _checked_state: tuple[str, ...] = ()
+    #: a plain update that returns (new params, values to check, commit(ok)) and updates the
+    #: state in place at commit (``quotopt.optim.plain.adam_plain_in_place``), or None
+    _plain_in_place = None
 
     def _init_state(self, group: dict, point: tuple) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError

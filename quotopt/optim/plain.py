@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["adam_plain_updates", "sgd_plain_updates", "torch_adamw_updates"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "HOLD_ELEMENTS",
+    "adam_plain_in_place",
+    "adam_plain_updates",
+    "sgd_plain_updates",
+    "torch_adamw_updates",
+]
 
 Tensors = list[torch.Tensor]
 
@@ -54,6 +61,127 @@ def adam_plain_updates(
         for step, m, v in zip(steps, exp_avg, exp_avg_sq)
     ]
     return new_params, new_states
+
+
+#: elements of a group whose moments are computed together (``adam_plain_in_place``): the
+#: transient memory of a plain step, beyond the new parameters it holds, is about three times
+#: this (or the largest tensor) in the parameters' dtype
+CHUNK_ELEMENTS = 1 << 22
+
+
+#: groups with more elements than this do not hold their new parameters until the commit
+#: (``adam_plain_in_place``)
+HOLD_ELEMENTS = 1 << 24
+
+
+def _chunks(params: Tensors):
+    """Index lists of consecutive tensors with at most ``CHUNK_ELEMENTS`` elements together
+    (a larger tensor alone)."""
+    chunk, size = [], 0
+    for i, p in enumerate(params):
+        if chunk and size + p.numel() > CHUNK_ELEMENTS:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(i)
+        size += p.numel()
+    if chunk:
+        yield chunk
+
+
+def adam_plain_in_place(
+    params: Tensors,
+    grads: Tensors,
+    states: list[dict],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+):
+    """``adam_plain_updates`` without holding the new state: returns ``(new_params, checks,
+    commit)``. The new moments are computed chunk by chunk (``CHUNK_ELEMENTS``) to form the
+    new parameters and dropped; ``checks`` are the sums of the new second moments (a value
+    that overflows would make the step zero instead of reaching the parameters, so the guard
+    checks it); ``commit(ok)`` advances the moments and step counters in place with the same
+    operations, hence the same values (where ``ok`` is a device flag, only if it is set).
+
+    A group of more than ``HOLD_ELEMENTS`` elements does not hold its new parameters either:
+    their sums join ``checks`` and ``commit`` forms them again, in place, from the advanced
+    moments — the same values, at the price of computing the update twice, so that a plain
+    step's transient memory stays near ``CHUNK_ELEMENTS`` whatever the model's size (torch's
+    AdamW holds one tensor's denominator). New parameters equal ``adam_plain_updates``', bit for
+    bit, either way."""
+    signed = torch._foreach_neg(grads) if maximize else list(grads)
+    hold = sum(p.numel() for p in params) <= HOLD_ELEMENTS
+    new_params: list[torch.Tensor] = []
+    checks: list[torch.Tensor] = []
+
+    def moments(chunk, in_place: bool):
+        gs = [signed[i] for i in chunk]
+        ss = [states[i] for i in chunk]
+        if in_place:
+            ms, vs = [s["exp_avg"] for s in ss], [s["exp_avg_sq"] for s in ss]
+            torch._foreach_lerp_(ms, gs, 1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+            torch._foreach_add_([s["step"] for s in ss], 1)
+            return [s["step"] for s in ss], ms, vs
+        steps = torch._foreach_add([s["step"] for s in ss], 1)
+        ms = torch._foreach_lerp([s["exp_avg"] for s in ss], gs, 1 - beta1)
+        vs = torch._foreach_mul([s["exp_avg_sq"] for s in ss], beta2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+        return steps, ms, vs
+
+    def update(chunk, steps, exp_avg, exp_avg_sq):
+        """lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε), in new buffers."""
+        bias_1 = torch._foreach_pow(beta1, steps)
+        torch._foreach_neg_(bias_1)
+        torch._foreach_add_(bias_1, 1)
+        bias_2_sqrt = torch._foreach_pow(beta2, steps)
+        torch._foreach_neg_(bias_2_sqrt)
+        torch._foreach_add_(bias_2_sqrt, 1)
+        torch._foreach_sqrt_(bias_2_sqrt)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, bias_2_sqrt)
+        torch._foreach_add_(denom, eps)
+        step = torch._foreach_div(exp_avg, denom)
+        torch._foreach_mul_(step, [lr / b for b in bias_1])
+        return step
+
+    for chunk in _chunks(params):
+        steps, exp_avg, exp_avg_sq = moments(chunk, in_place=False)
+        checks.extend(v.sum() for v in exp_avg_sq)
+        step = update(chunk, steps, exp_avg, exp_avg_sq)
+        new = torch._foreach_mul([params[i] for i in chunk], 1 - lr * weight_decay)
+        torch._foreach_sub_(new, step)
+        if hold:
+            new_params.extend(new)
+        else:
+            checks.extend(p.sum() for p in new)
+
+    def commit(ok) -> None:
+        for chunk in _chunks(params):
+            if ok is None:
+                steps, exp_avg, exp_avg_sq = moments(chunk, in_place=True)
+                if not hold:
+                    step = update(chunk, steps, exp_avg, exp_avg_sq)
+                    ps = [params[i] for i in chunk]
+                    torch._foreach_mul_(ps, 1 - lr * weight_decay)
+                    torch._foreach_sub_(ps, step)
+                continue
+            for i in chunk:  # a device flag: masked, tensor by tensor
+                (t,), (m,), (v,) = moments([i], in_place=False)
+                if not hold:
+                    (s,) = update([i], [t], [m], [v])
+                    new = params[i].mul(1 - lr * weight_decay).sub_(s)
+                    params[i].copy_(torch.where(ok, new, params[i]))
+                state = states[i]
+                for key, value in (("exp_avg", m), ("exp_avg_sq", v), ("step", t)):
+                    state[key].copy_(torch.where(ok, value, state[key]))
+
+    return new_params, checks, commit
 
 
 def torch_adamw_updates(

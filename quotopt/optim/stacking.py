@@ -23,7 +23,22 @@ import torch
 
 from manifolds import Bundle
 
-__all__ = ["Member", "batch_key", "gather", "gather_state", "split", "split_state"]
+__all__ = [
+    "STACK_ELEMENTS",
+    "Member",
+    "batch_key",
+    "bounded",
+    "gather",
+    "gather_state",
+    "split",
+    "split_state",
+]
+
+#: most elements of the points stepped in one call: a step holds several tensors of a batch's
+#: size at once (gathered point, gradient and moment, the projected direction, the new point
+#: and moment), so large models step their heads in batches of about this size — as fast
+#: (the kernels are large already) with a bounded transient memory
+STACK_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -71,6 +86,22 @@ def batch_key(member: Member):
         return None
     ref = member.point[0]
     return (stack, hyper, member.dress, ref.dtype, ref.device)
+
+
+def bounded(members: list[Member]) -> list[list[Member]]:
+    """``members`` in consecutive batches of at most ``STACK_ELEMENTS`` point elements (a
+    larger group alone)."""
+    batches, batch, size = [], [], 0
+    for m in members:
+        elements = sum(t.numel() for t in m.point)
+        if batch and size + elements > STACK_ELEMENTS:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(m)
+        size += elements
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def gather(members: list[Member], tensors: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
