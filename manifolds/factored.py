@@ -18,9 +18,10 @@ lives here, once:
 * second moments  ``slice_mean_square``: per row of each factor the metric's squared row norm
   divided by r — rows are never mixed by the group (invariant metric: GL-invariant);
 * decay        ``scale_invariants(p, c)``: M ↦ c·M by scaling both factors by √c;
-* frames       ``factorise(p)``: per head the Grams (in the working precision) P = AᵀA, Q = BᵀB and one
-  factorisation of each — eigendecompositions P = UΛUᵀ, Q = VMVᵀ for the Euclidean and the
-  damped metrics, Cholesky factors for the undamped invariant one — shared by every
+* frames       ``factorise(p)``: per head the Grams P = AᵀA, Q = BᵀB (in the working
+  precision, float64 where that cannot resolve a head's rank) and one factorisation of
+  each — eigendecompositions P = UΛUᵀ, Q = VMVᵀ for the Euclidean and the damped metrics,
+  Cholesky factors for the undamped invariant one — shared by every
   projection, gradient and second moment at p (``FactorFrame``);
 * step bound   ``limit_step(p, v)`` (invariant metric): the new invariant after the step
   p ↦ p + v is M' = M + (V₁Bᵀ + AV₂ᵀ) + V₁V₂ᵀ; per head the step is scaled by

@@ -101,7 +101,7 @@ class Frame:
         )
         return self.bundle.at(moved, data), covector, carried
 
-    # ---- flags ------------------------------------------------------------------------------------
+    # ---- flags --------------------------------------------------------------------------------
     @property
     def deficient(self):
         """Per head (bool), whether the point is rank-deficient to the frame's precision; None

@@ -1,22 +1,23 @@
 r"""Pure update functions: one optimiser step on one parameter group, out of place.
 
-Each function takes the current point (a tuple of tensors), its Euclidean gradient and the
-group's state (a dict of tensors and tuples of tensors) and returns ``(new_point, new_state)``
-without touching its inputs, so the caller can decide whether to commit the step (the
-non-finite guard) and the functions are testable alone.
+Each bundle update takes the frame handle of the current point (``bundle.at(point)``,
+``manifolds.frame.Frame``), its Euclidean gradient and the group's state (a dict of tensors and
+tuples of tensors) and returns ``(new_point, new_state, new_frame)`` without touching its
+inputs, so the caller can decide whether to commit the step (the non-finite guard) and the
+functions are testable alone. They reach the geometry through the frame only.
 
 Bundle groups follow one pipeline (Absil, Mahony & Sepulchre 2008, ch. 3-4; Bécigneul & Ganea
 2019 for the adaptive part):
 
-    [re-dressing] → factorise → Euclidean gradient → Riemannian gradient (metric) → moments
-    → direction (projected) → bound → decay on the invariants → retraction → factorise
-    → transport of the moment.
+    [re-dressing] → Euclidean gradient → Riemannian gradient (metric) and its moments
+    → direction → projected, bounded, decayed, retracted (``Frame.descend``) → the new
+    point's frame (``Frame.moved``) → transport of the moment (projection there).
 
-One factorisation of the point (``bundle.factorise``: per head the eigendecompositions of the
-two factor Grams) serves the Riemannian gradient, the second moments and the projection of the
-direction; the factorisation of the new point serves the transport and is returned for the next
-step. Re-dressing needs no second one: the head bundles write the dressed (balanced) point's
-frame down (``Bundle.redress``), so a step that dresses still factorises once per head.
+One factorisation of the point serves the Riemannian gradient, the second moments and the
+projection of the direction; the factorisation of the new point serves the transport and the
+next step. Re-dressing needs no second one: the head bundles write the dressed (balanced)
+point's frame down (``Frame.redressed``), so a step that dresses still factorises once per
+head.
 
 The Riemannian gradient of a G-invariant loss is horizontal already (g(grad f, V) =
 df(V) = 0 on vertical V), so it is not projected; the preconditioned direction and the
