@@ -159,15 +159,15 @@ class PairFrame(Frame):
             bh2 = z2b.mT.to(work) + f.q @ xi.mT
             s = step_scale(f, lr * lr * hh1, lr * lr * hh2, -lr * ah1, -lr * bh2)
             scale = (-lr * s).to(a.dtype).view(-1, 1, 1)
-        decay = 1 - lr * weight_decay
-        root = decay**0.5  # M ↦ (1 − lr·wd)M: each factor by its square root
+        base = self.point
+        if weight_decay:  # M ↦ (1 − lr·wd)M
+            base = bundle.scale_invariants(base, 1 - lr * weight_decay)
         new = []
-        for p, h in zip(self.point, bundle.from_factors(h1, h2)):
-            base = p * root if weight_decay else p
-            if isinstance(scale, float):
-                new.append(torch.add(base, h, alpha=scale))
+        for p, h in zip(base, bundle.from_factors(h1, h2)):
+            if not isinstance(scale, torch.Tensor):
+                new.append(torch.add(p, h, alpha=scale))
             else:
-                new.append(torch.addcmul(base, h, scale))
+                new.append(torch.addcmul(p, h, scale))
         return tuple(new)
 
 
