@@ -29,6 +29,7 @@ __all__ = [
     "median",
     "paired_ratio",
     "print_header",
+    "rounds_of",
     "setup_threads",
 ]
 
@@ -117,6 +118,8 @@ def alternate(
     repeats: int,
     warmup: int = 1,
     device: str | torch.device | None = None,
+    budget_s: float | None = None,
+    min_repeats: int = 3,
 ) -> Timings:
     """Run every candidate once per round, in a fixed order (ABAB...), ``warmup`` unrecorded
     rounds first.
@@ -125,20 +128,44 @@ def alternate(
     ``{"step": 0.01}``); they are recorded next to its wall time ``"total"`` (any other return
     value is ignored). Returns
     ``{candidate: {"total": [s, ...], part: [s, ...]}}``, one entry per recorded round.
+
+    ``budget_s``: wall-clock seconds for the whole call, warm-up included. Once at least
+    ``min_repeats`` rounds are recorded, no further round starts when the median recorded round
+    would end past the budget, so a slow or loaded machine gets fewer rounds (at most
+    ``repeats``; ``rounds_of`` counts them). Past twice the budget no further candidate starts,
+    whatever ``min_repeats`` says, and the unfinished round is dropped (so a call may record no
+    round at all).
     """
     device = torch.device(device) if device is not None else None
     times: Timings = {name: {"total": []} for name in candidates}
+    began = clock(device)
+    rounds: list[float] = []
     for round_index in range(warmup + repeats):
+        if budget_s is not None and len(rounds) >= min_repeats:
+            if clock(device) - began + median(rounds) > budget_s:
+                break
+        round_start = clock(device)
+        record: Timings = {name: {} for name in candidates}
         for name, fn in candidates.items():
             start = clock(device)
+            if budget_s is not None and start - began > 2 * budget_s:
+                return times  # the unfinished round is dropped
             parts = fn()
-            elapsed = clock(device) - start
-            if round_index < warmup:
-                continue
-            times[name]["total"].append(elapsed)
+            record[name]["total"] = [clock(device) - start]
             for part, seconds in (parts if isinstance(parts, dict) else {}).items():
-                times[name].setdefault(part, []).append(seconds)
+                record[name][part] = [seconds]
+        if round_index < warmup:
+            continue
+        for name, parts in record.items():
+            for part, seconds in parts.items():
+                times[name].setdefault(part, []).extend(seconds)
+        rounds.append(clock(device) - round_start)
     return times
+
+
+def rounds_of(times: Timings) -> int:
+    """How many rounds ``alternate`` recorded."""
+    return len(next(iter(times.values()))["total"])
 
 
 def median(values: Sequence[float]) -> float:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import quotopt
 from benchmarks import bench_geometry, bench_models, bench_optimizer
+from benchmarks._timing import alternate, rounds_of
 
 TINY = ["--quick", "--tiny", "--threads", "1"]
 
@@ -55,9 +58,54 @@ def test_bench_optimizer(capsys):
     assert "train x AdamW" in out
     assert {"adamw", "qadam", "qadam invariant", "qsgd", "muon", "qmuon"} <= results.keys()
     assert "# qmuon / muon: train step" in out
+    assert "# note: torch.optim.Muon orthogonalises in bfloat16" in out
+    assert "# total wall time" in out
+    assert "peak step memory" not in out  # --tiny leaves the memory part out
     assert results["adamw"]["train_ratio"] == 1.0
+    if importlib.util.find_spec("geoopt") is not None:  # tiny systems: torch's solve is right
+        assert {"geoopt stiefel", "geoopt stiefel (euclidean)"} <= results.keys()
+    if importlib.util.find_spec("transformers") is not None:
+        assert "transformers.LlamaForCausalLM" in out
+        names = ("adamw", "qadam", "qadam invariant", "muon", "qmuon")
+        assert {f"llama {name}" for name in names} <= results.keys()
+        assert results["llama adamw"]["train_ratio"] == 1.0
     for entry in results.values():
         assert all(_positive(entry[k]) for k in ("train_ms", "step_ms", "train_ratio"))
+
+
+def test_bench_optimizer_memory(capsys):
+    """The peak-memory part at a toy shape: one fresh process per optimiser, measured; a
+    process past its time cap is stopped and its row says so (and the benchmark goes on)."""
+    args = SimpleNamespace(device="cpu")
+    shapes = bench_optimizer.MEMORY_SHAPES["tiny"]
+    results = bench_optimizer.memory_section(shapes, ("adamw", "qadam"), args, 120, 8)
+    out = capsys.readouterr().out
+    assert "peak x base" in out
+    for name in ("adamw", "qadam"):
+        entry = results[f"memory tiny {name}"]
+        assert entry["status"] == "ok", entry
+        assert entry["peak_reset"]
+        assert 0 < entry["imported_mib"] <= entry["built_mib"] <= entry["peak_mib"]
+        assert 0 < entry["resting_mib"] <= entry["peak_mib"]
+    stopped = bench_optimizer.memory_section(shapes, ("adamw",), args, 0.3, 8)
+    assert stopped["memory tiny adamw"]["status"] == "time cap"
+    assert "stopped at" in capsys.readouterr().out
+
+
+def test_budgeted_rounds():
+    """``alternate`` with a budget: fewer rounds than asked on a slow candidate, never fewer
+    than ``min_repeats`` before twice the budget; past it, no further candidate starts."""
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    times = alternate({"a": slow}, repeats=50, warmup=1, budget_s=0.1, min_repeats=2)
+    assert 2 <= rounds_of(times) < 50
+    calls.clear()
+    times = alternate({"a": slow, "b": slow}, repeats=50, warmup=0, budget_s=0.01, min_repeats=9)
+    assert rounds_of(times) < 9 and len(calls) < 2 * 9
 
 
 def test_bench_models_scaling(capsys):
