@@ -100,19 +100,19 @@ def adam_plain_in_place(
     weight_decay: float,
     maximize: bool = False,
 ):
-    """``adam_plain_updates`` without holding the new state: returns ``(new_params, checks,
-    commit)``. The new moments are computed chunk by chunk (``CHUNK_ELEMENTS``) to form the
-    new parameters and dropped; ``checks`` are the sums of the new second moments (a value
-    that overflows would make the step zero instead of reaching the parameters, so the guard
-    checks it); ``commit(ok)`` advances the moments and step counters in place with the same
-    operations, hence the same values (where ``ok`` is a device flag, only if it is set).
+    """``adam_plain_updates`` as a plan: returns ``(new_params, checks, commit)``; ``checks``
+    are the sums of the new second moments (a value that overflows would make the step zero
+    instead of reaching the parameters, so the guard checks it) and ``commit(ok)`` writes the
+    new state (where ``ok`` is a device flag, only if it is set). The update is computed chunk
+    by chunk (``CHUNK_ELEMENTS``).
 
-    A group of more than ``HOLD_ELEMENTS`` elements does not hold its new parameters either:
-    their sums join ``checks`` and ``commit`` forms them again, in place, from the advanced
-    moments — the same values, at the price of computing the update twice, so that a plain
-    step's transient memory stays near ``CHUNK_ELEMENTS`` whatever the model's size (torch's
-    AdamW holds one tensor's denominator). New parameters equal ``adam_plain_updates``', bit for
-    bit, either way."""
+    A group of at most ``HOLD_ELEMENTS`` elements holds its new parameters and moments until
+    the commit. A larger group holds neither: its moments are dropped once they have formed the
+    new parameters, whose sums join ``checks``, and ``commit`` advances the moments in place and
+    forms the new parameters again from them — the same operations, hence the same values, at
+    the price of computing the update twice — so that the transient memory of a plain step
+    stays near ``CHUNK_ELEMENTS`` whatever the model's size (torch's AdamW holds one tensor's
+    denominator). New parameters equal ``adam_plain_updates``', bit for bit, either way."""
     signed = torch._foreach_neg(grads) if maximize else list(grads)
     hold = sum(p.numel() for p in params) <= HOLD_ELEMENTS
     new_params: list[torch.Tensor] = []
@@ -150,6 +150,7 @@ def adam_plain_in_place(
         torch._foreach_mul_(step, [lr / b for b in bias_1])
         return step
 
+    kept = []  # a held group's new moments, committed as they are
     for chunk in _chunks(params):
         steps, exp_avg, exp_avg_sq = moments(chunk, in_place=False)
         checks.extend(v.sum() for v in exp_avg_sq)
@@ -158,25 +159,31 @@ def adam_plain_in_place(
         torch._foreach_sub_(new, step)
         if hold:
             new_params.extend(new)
+            kept.extend(zip(chunk, steps, exp_avg, exp_avg_sq))
         else:
             checks.extend(p.sum() for p in new)
 
     def commit(ok) -> None:
+        for i, t, m, v in kept:
+            new = {"step": t, "exp_avg": m, "exp_avg_sq": v}
+            if ok is not None:  # a device flag: masked
+                new = {k: torch.where(ok, x, states[i][k]) for k, x in new.items()}
+            states[i].update(new)
+        if hold:
+            return
         for chunk in _chunks(params):
             if ok is None:
                 steps, exp_avg, exp_avg_sq = moments(chunk, in_place=True)
-                if not hold:
-                    step = update(chunk, steps, exp_avg, exp_avg_sq)
-                    ps = [params[i] for i in chunk]
-                    torch._foreach_mul_(ps, 1 - lr * weight_decay)
-                    torch._foreach_sub_(ps, step)
+                step = update(chunk, steps, exp_avg, exp_avg_sq)
+                ps = [params[i] for i in chunk]
+                torch._foreach_mul_(ps, 1 - lr * weight_decay)
+                torch._foreach_sub_(ps, step)
                 continue
             for i in chunk:  # a device flag: masked, tensor by tensor
                 (t,), (m,), (v,) = moments([i], in_place=False)
-                if not hold:
-                    (s,) = update([i], [t], [m], [v])
-                    new = params[i].mul(1 - lr * weight_decay).sub_(s)
-                    params[i].copy_(torch.where(ok, new, params[i]))
+                (s,) = update([i], [t], [m], [v])
+                new = params[i].mul(1 - lr * weight_decay).sub_(s)
+                params[i].copy_(torch.where(ok, new, params[i]))
                 state = states[i]
                 for key, value in (("exp_avg", m), ("exp_avg_sq", v), ("step", t)):
                     state[key].copy_(torch.where(ok, value, state[key]))
