@@ -223,7 +223,8 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
                     member = self._member(index, group)
                     if member is None:
                         continue
-                    key = stacking.batch_key(member) if self.stack_groups else None
+                    stack = self.stack_groups and self._stackable(member.hyper)
+                    key = stacking.batch_key(member) if stack else None
                     batches.setdefault(("alone", index) if key is None else key, []).append(member)
                 for members in (b for group in batches.values() for b in stacking.bounded(group)):
                     failing = members
@@ -359,6 +360,13 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
     # ---- to be defined by subclasses -------------------------------------------------------
     #: state entries whose finiteness the guard checks besides the parameters
     _checked_state: tuple[str, ...] = ()
+
+    @staticmethod
+    def _stackable(hyper: dict) -> bool:
+        """Whether a group with these hyperparameters may be stepped with others of its shape:
+        only if its update treats every head alone (``quotopt.optim.stacking``)."""
+        return True
+
     #: a plain update that returns (new params, values to check, commit(ok)) and updates the
     #: state in place at commit (``quotopt.optim.plain.adam_plain_in_place``), or None
     _plain_in_place = None

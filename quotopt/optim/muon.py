@@ -282,6 +282,13 @@ class QuotientMuon(QuotientOptimizer):
         buffers = tuple(torch.zeros_like(t, memory_format=torch.preserve_format) for t in point)
         return {"momentum_buffer": buffers if group.get("bundle") is not None else buffers[0]}
 
+    @staticmethod
+    def _stackable(hyper: dict) -> bool:
+        """``scope="tensor"`` orthogonalises each factor of a group as one matrix of all its
+        heads: stacking groups would orthogonalise several layers together. Only
+        ``scope="head"`` groups stack."""
+        return hyper["scope"] == "head"
+
     _plain_update = staticmethod(_plain_updates)
     _bundle_update = staticmethod(muon_bundle_update)
     #: an infinite buffer would normalise to zero steps, an infinite v zero AdamW's step
