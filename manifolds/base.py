@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from .checks import PointChecks
-from .linalg import work_dtype
+from .linalg import inverse
 from .sampling import dtype_device, log_spaced, randn, random_orthogonal
 
 Point = tuple[torch.Tensor, ...]
@@ -157,11 +157,11 @@ class Bundle(PointChecks, abc.ABC):
 
     def inverse(self, g):
         """g⁻¹ (batched), in the working precision; orthogonal groups override it."""
-        return torch.linalg.inv(g.to(work_dtype(g.dtype))).to(g.dtype)
+        return inverse(g)
 
     def inverse_transpose(self, g):
         """g⁻ᵀ (batched); orthogonal groups override with the identity map."""
-        return torch.linalg.inv(g.to(work_dtype(g.dtype))).mT.to(g.dtype)
+        return inverse(g).mT
 
     @abc.abstractmethod
     def vertical(self, point: Point, xi) -> Tangent:

@@ -44,7 +44,7 @@ from .factored import (
     step_scale,
 )
 from .frame import Frame
-from .linalg import gram, relative_gaps, solve_in_eigenbases, work_dtype
+from .linalg import gram, relative_gaps, solve_in_eigenbases, solve_left
 
 __all__ = [
     "HeadQK",
@@ -215,9 +215,7 @@ class GeneralLinearPair(FactoredBundle):
         point = self.check_point(point)
         self.check_group_element(point, g)
         a, b = self.factors(point)
-        # B g⁻ᵀ = (g⁻¹ Bᵀ)ᵀ: a solve, not an explicit inverse
-        work = work_dtype(g.dtype)
-        b_new = torch.linalg.solve(g.to(work), b.mT.to(work)).mT.to(b.dtype)
+        b_new = solve_left(g, b.mT).mT  # B g⁻ᵀ = (g⁻¹ Bᵀ)ᵀ: a solve, not an explicit inverse
         return self.from_factors(a @ g, b_new)
 
     def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:

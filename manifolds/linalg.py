@@ -21,6 +21,8 @@ __all__ = [
     "solve_sylvester_spd",
     "solve_lyapunov_spd",
     "spd_solve_right",
+    "solve_left",
+    "inverse",
     "orthonormal_columns_sign_fixed",
     "sign_fix_columns",
     "relative_gaps",
@@ -121,6 +123,23 @@ def spd_solve_right(x: torch.Tensor, spd: torch.Tensor) -> torch.Tensor:
     chol, _ = torch.linalg.cholesky_ex(spd.to(work))
     # x spd⁻¹ = (spd⁻¹ xᵀ)ᵀ since spd is symmetric
     return torch.cholesky_solve(x.mT.to(work), chol).mT.to(x.dtype)
+
+
+def solve_left(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """g⁻¹·rhs for square invertible g (batched), by Householder QR and a triangular solve, in
+    the working precision. Not by LU: torch's batched CPU LU (oneMKL ``getrf`` run on several
+    matrices at once) returns wrong pivots with more than one thread for matrices larger than
+    about 150, and ``torch.linalg.solve`` and ``inv`` then fail or return wrong values
+    (pytorch issue 142815); QR is backward stable too and costs about twice as much."""
+    work = work_dtype(g.dtype)
+    q, r = torch.linalg.qr(g.to(work))
+    return torch.linalg.solve_triangular(r, q.mT @ rhs.to(work), upper=True).to(rhs.dtype)
+
+
+def inverse(g: torch.Tensor) -> torch.Tensor:
+    """g⁻¹ (batched), by ``solve_left``."""
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device).expand_as(g)
+    return solve_left(g, eye)
 
 
 def sign_fix_columns(coords: torch.Tensor) -> torch.Tensor:

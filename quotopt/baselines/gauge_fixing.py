@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from manifolds.linalg import work_dtype
+from manifolds.linalg import solve_left, work_dtype
 
 from ._edited_adamw import EditedAdamW
 from ._heads import factored_attention
@@ -78,9 +78,9 @@ def fix_head_gauge(model: nn.Module, max_condition: float = 1e8) -> None:
         )
         # Copies: in float64 these would be views of the parameters overwritten below.
         a, b = _top_block(wq).clone(), _top_block(wv).clone()  # (H, r, r) each
-        module.wq.copy_(torch.linalg.solve(a, wq, left=False))  # W_Q a⁻¹
+        module.wq.copy_(solve_left(a.mT, wq.mT).mT)  # W_Q a⁻¹ = (a⁻ᵀ W_Qᵀ)ᵀ
         module.wk.copy_(wk @ a.mT)
-        module.wv.copy_(torch.linalg.solve(b, wv, left=False))  # W_V b⁻¹
+        module.wv.copy_(solve_left(b.mT, wv.mT).mT)  # W_V b⁻¹
         module.wo.copy_(b @ wo)
         _write_identity(module.wq)
         _write_identity(module.wv)
