@@ -27,11 +27,7 @@ _ADJUST = (None, "original", "match_rms_adamw")
 #: how a plain group is stepped (its ``"rule"``): torch.optim.Muon or torch.optim.AdamW
 RULES = ("muon", "adamw")
 #: keys of an adamw group that would be Muon's (and ignored) there, with the key meant
-_ADAMW_SPELLING = {
-    "weight_decay": "adamw_weight_decay",
-    "eps": "adamw_eps",
-    "betas": "adamw_betas",
-}
+_ADAMW_SPELLING = {"weight_decay": "adamw_weight_decay", "eps": "adamw_eps", "betas": "adamw_betas"}
 #: the AdamW rule's defaults: those of the Adam groups (``use_muon=False``) of ``MuonWithAuxAdam``
 #: in Keller Jordan's Muon repository
 ADAMW_LR = 3e-4
@@ -284,9 +280,7 @@ class QuotientMuon(QuotientOptimizer):
 
     @staticmethod
     def _stackable(hyper: dict) -> bool:
-        """``scope="tensor"`` orthogonalises each factor of a group as one matrix of all its
-        heads: stacking groups would orthogonalise several layers together. Only
-        ``scope="head"`` groups stack."""
+        """Only per-head scope stacks: ``"tensor"`` orthogonalises a group's factor whole."""
         return hyper["scope"] == "head"
 
     _plain_update = staticmethod(_plain_updates)
