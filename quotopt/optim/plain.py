@@ -22,6 +22,42 @@ __all__ = [
 Tensors = list[torch.Tensor]
 
 
+def _moments(states: list[dict], grads: Tensors, beta1: float, beta2: float, in_place=False):
+    """AdamW's (step + 1, m, v) of ``states`` after ``grads``: new tensors, or the states'
+    own advanced in place (``in_place``), by the same operations, hence the same values."""
+    counters = [s["step"] for s in states]
+    if in_place:
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+        torch._foreach_add_(counters, 1)
+        return counters, ms, vs
+    steps = torch._foreach_add(counters, 1)
+    ms = torch._foreach_lerp([s["exp_avg"] for s in states], grads, 1 - beta1)
+    vs = torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2)
+    torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+    return steps, ms, vs
+
+
+def _update(steps, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps) -> Tensors:
+    """lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε) in new buffers, the bias corrections in
+    float64 as torch computes them with Python floats."""
+    bias_1 = torch._foreach_pow(beta1, steps)  # β₁ᵗ, then 1 − β₁ᵗ
+    torch._foreach_neg_(bias_1)
+    torch._foreach_add_(bias_1, 1)
+    bias_2_sqrt = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(bias_2_sqrt)
+    torch._foreach_add_(bias_2_sqrt, 1)
+    torch._foreach_sqrt_(bias_2_sqrt)
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, bias_2_sqrt)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avg, denom)
+    torch._foreach_mul_(update, [lr / b for b in bias_1])  # lr / (1 − β₁ᵗ): torch's rounding
+    return update
+
+
 def adam_plain_updates(
     params: Tensors,
     grads: Tensors,
@@ -37,23 +73,8 @@ def adam_plain_updates(
     """``torch.optim.AdamW``'s update of every tensor of a group: (new params, new states)."""
     if maximize:
         grads = torch._foreach_neg(grads)
-    steps = torch._foreach_add([state["step"] for state in states], 1)
-    exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], grads, 1 - beta1)
-    exp_avg_sq = torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2)
-    torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
-    # the bias corrections in float64, as torch computes them with Python floats
-    bias_1 = torch._foreach_pow(beta1, steps)  # β₁ᵗ, then 1 − β₁ᵗ
-    torch._foreach_neg_(bias_1)
-    torch._foreach_add_(bias_1, 1)
-    bias_2_sqrt = torch._foreach_pow(beta2, steps)
-    torch._foreach_neg_(bias_2_sqrt)
-    torch._foreach_add_(bias_2_sqrt, 1)
-    torch._foreach_sqrt_(bias_2_sqrt)
-    denom = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denom, bias_2_sqrt)
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(exp_avg, denom)
-    torch._foreach_mul_(update, [lr / b for b in bias_1])  # lr / (1 − β₁ᵗ): torch's rounding
+    steps, exp_avg, exp_avg_sq = _moments(states, grads, beta1, beta2)
+    update = _update(steps, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     new_params = torch._foreach_mul(params, 1 - lr * weight_decay)
     torch._foreach_sub_(new_params, update)
     new_states = [
@@ -118,43 +139,18 @@ def adam_plain_in_place(
     new_params: list[torch.Tensor] = []
     checks: list[torch.Tensor] = []
 
-    def moments(chunk, in_place: bool):
+    def moments(chunk, in_place: bool = False):
         gs = [signed[i] for i in chunk]
-        ss = [states[i] for i in chunk]
-        if in_place:
-            ms, vs = [s["exp_avg"] for s in ss], [s["exp_avg_sq"] for s in ss]
-            torch._foreach_lerp_(ms, gs, 1 - beta1)
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
-            torch._foreach_add_([s["step"] for s in ss], 1)
-            return [s["step"] for s in ss], ms, vs
-        steps = torch._foreach_add([s["step"] for s in ss], 1)
-        ms = torch._foreach_lerp([s["exp_avg"] for s in ss], gs, 1 - beta1)
-        vs = torch._foreach_mul([s["exp_avg_sq"] for s in ss], beta2)
-        torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
-        return steps, ms, vs
+        return _moments([states[i] for i in chunk], gs, beta1, beta2, in_place)
 
-    def update(chunk, steps, exp_avg, exp_avg_sq):
-        """lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε), in new buffers."""
-        bias_1 = torch._foreach_pow(beta1, steps)
-        torch._foreach_neg_(bias_1)
-        torch._foreach_add_(bias_1, 1)
-        bias_2_sqrt = torch._foreach_pow(beta2, steps)
-        torch._foreach_neg_(bias_2_sqrt)
-        torch._foreach_add_(bias_2_sqrt, 1)
-        torch._foreach_sqrt_(bias_2_sqrt)
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, bias_2_sqrt)
-        torch._foreach_add_(denom, eps)
-        step = torch._foreach_div(exp_avg, denom)
-        torch._foreach_mul_(step, [lr / b for b in bias_1])
-        return step
+    def update(steps, exp_avg, exp_avg_sq):
+        return _update(steps, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
 
     kept = []  # a held group's new moments, committed as they are
     for chunk in _chunks(params):
-        steps, exp_avg, exp_avg_sq = moments(chunk, in_place=False)
+        steps, exp_avg, exp_avg_sq = moments(chunk)
         checks.extend(v.sum() for v in exp_avg_sq)
-        step = update(chunk, steps, exp_avg, exp_avg_sq)
+        step = update(steps, exp_avg, exp_avg_sq)
         new = torch._foreach_mul([params[i] for i in chunk], 1 - lr * weight_decay)
         torch._foreach_sub_(new, step)
         if hold:
@@ -174,14 +170,14 @@ def adam_plain_in_place(
         for chunk in _chunks(params):
             if ok is None:
                 steps, exp_avg, exp_avg_sq = moments(chunk, in_place=True)
-                step = update(chunk, steps, exp_avg, exp_avg_sq)
+                step = update(steps, exp_avg, exp_avg_sq)
                 ps = [params[i] for i in chunk]
                 torch._foreach_mul_(ps, 1 - lr * weight_decay)
                 torch._foreach_sub_(ps, step)
                 continue
             for i in chunk:  # a device flag: masked, tensor by tensor
-                (t,), (m,), (v,) = moments([i], in_place=False)
-                (s,) = update([i], [t], [m], [v])
+                (t,), (m,), (v,) = moments([i])
+                (s,) = update([t], [m], [v])
                 new = params[i].mul(1 - lr * weight_decay).sub_(s)
                 params[i].copy_(torch.where(ok, new, params[i]))
                 state = states[i]
