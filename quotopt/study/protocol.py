@@ -207,6 +207,10 @@ FULL = StudyPlan(
 # optimisers that won somewhere in the quick plan (QuotientAdam with the invariant metric lost
 # on chars and diverged on modadd there; the quick and full plans keep it).
 _STANDARD = ("adamw", "muon", "qadam", "qmuon")
+# the comparisons that place the quotient: symmetry *breaking* (random biases), gauge *fixing*
+# (W_Q = I), a constraint instead of a quotient (geoopt's Stiefel heads), the reduction without
+# adaptivity (QuotientSGD), and, where grokking is the question, Grokfast; on modadd and chars
+_STANDARD_BASELINES = ("qsgd", "geoopt-stiefel", "randbias", "gaugefix")
 # relational variants within ±20 % of the standard chars model's training FLOPs per token: the
 # gauge dimension D, channels k, head rank r, MLP width m and the positions vary one at a time
 # around k64-D4-r16-m128 (the equal-parameter model, k = 112, costs 4.7× the FLOPs)
@@ -219,10 +223,12 @@ _KAPPAS = (1.0, 10.0, 100.0, 1000.0)
 STANDARD = StudyPlan(
     name="standard",
     tasks=(
-        TaskPlan("modadd", "standard", 2500, _STANDARD, Grid((1e-3, 3e-3, 1e-2), (0.3, 1.0, 3.0)),
-                 _MODADD_SGD, "steps", eval_every=50, stop_at_target=True, extensions=2,
-                 gauge_conditions=_KAPPAS),
-        TaskPlan("chars", "small", 2000, _STANDARD, Grid((1e-3, 2e-3, 4e-3), (0.1,)), _SGD,
+        TaskPlan("modadd", "standard", 2500, _STANDARD + _STANDARD_BASELINES + ("grokfast",),
+                 Grid((1e-3, 3e-3, 1e-2), (0.3, 1.0, 3.0)),
+                 Grid((0.03, 0.1, 0.3), (1e-3, 1e-2, 0.1)), "steps", eval_every=50,
+                 stop_at_target=True, extensions=2, gauge_conditions=_KAPPAS),
+        TaskPlan("chars", "small", 2000, _STANDARD + _STANDARD_BASELINES,
+                 Grid((1e-3, 2e-3, 4e-3), (0.1,)), Grid((0.03, 0.1, 0.3), (0.0,)),
                  "loss", eval_every=100, schedule="cosine", extensions=2,
                  gauge_conditions=_KAPPAS),
         TaskPlan("digits", "small", 1000, _STANDARD, Grid((1e-3, 3e-3, 1e-2), (0.01, 0.1, 1.0)),
