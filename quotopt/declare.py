@@ -16,7 +16,7 @@ import manifolds as M
 
 from .layouts import UnitsOfMatmul
 
-__all__ = ["factored_heads", "matmul_units", "rotation"]
+__all__ = ["factored_heads", "joint", "matmul_units", "rotation"]
 
 
 def factored_heads(prefix: str, attn: nn.Module, metric: str) -> list[dict]:
@@ -65,6 +65,27 @@ def rotation(name: str, named: list[tuple[str, nn.Parameter]], d: int, axes: lis
     """O(d) acting on axis ``axes[i]`` of each tensor (``manifolds.ResidualRotation``)."""
     bundle = M.ResidualRotation(d, axes, shapes=[p.shape for _, p in named])
     return {"params": [p for _, p in named], "bundle": bundle, "name": name}
+
+
+def joint(
+    named: list[tuple[str, nn.Parameter]], d: int, axes: list[int], heads: list[nn.Module],
+    metric: str, solver: str = "auto",
+) -> dict:
+    """O(d) acting on axis ``axes[i]`` of every tensor of ``named`` jointly with GL(r) per head of
+    each attention in ``heads`` (factors ``wq, wk, wv`` (H, d, r), ``wo`` (H, r, d), all among
+    ``named``): one group with a ``manifolds.JointBundle`` (docs/theory/joint.md). A pair whose
+    fixed ``q_bias`` / ``v_bias`` is set, or whose factors are frozen, keeps only O(d)."""
+    index = {id(p): i for i, (_, p) in enumerate(named)}
+    residual = M.ResidualRotation(d, axes, shapes=[tuple(p.shape) for _, p in named])
+    pairs = []
+    for attn in heads:
+        h, _, r = attn.wq.shape
+        if getattr(attn, "q_bias", None) is None and id(attn.wq) in index:
+            pairs.append((M.HeadQK(h, d, r, metric), (index[id(attn.wq)], index[id(attn.wk)])))
+        if getattr(attn, "v_bias", None) is None and id(attn.wv) in index:
+            pairs.append((M.HeadOV(h, d, r, metric), (index[id(attn.wv)], index[id(attn.wo)])))
+    bundle = M.JointBundle(residual, pairs, solver=solver)
+    return {"params": [p for _, p in named], "bundle": bundle, "name": "joint"}
 
 
 def relational_groups(model, metric="euclidean", *, heads=True, residual="auto", rescaling=True):

@@ -36,32 +36,13 @@ def joint_groups(model: nn.Module, metric: str = "euclidean", solver: str = "aut
     ``ValueError`` for other models, naming the model and what is supported.
     """
     from .models import Transformer
-    from .models.transformer import MODEL_AXES
 
     if not isinstance(model, Transformer):
         raise ValueError(
             f"the joint O(d) x GL(r) reduction is detected for quotopt.models.Transformer only, "
             f"got {type(model).__name__}; build a manifolds.JointBundle and pass it in declared="
         )
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    index = {n: i for i, (n, _) in enumerate(named)}
-    axes = [MODEL_AXES[n.rsplit(".", 1)[-1]] for n, _ in named]
-    residual = M.ResidualRotation(
-        model.config.d_model, axes, shapes=[tuple(p.shape) for _, p in named]
-    )
-    heads = []
-    for prefix, module in model.named_modules():
-        own = dict(module.named_parameters(recurse=False))
-        if not {"wq", "wk", "wv", "wo"} <= own.keys():
-            continue
-        h, d, r = own["wq"].shape
-        at = f"{prefix}." if prefix else ""
-        if getattr(module, "q_bias", None) is None and own["wq"].requires_grad:
-            heads.append((M.HeadQK(h, d, r, metric), (index[at + "wq"], index[at + "wk"])))
-        if getattr(module, "v_bias", None) is None and own["wv"].requires_grad:
-            heads.append((M.HeadOV(h, d, r, metric), (index[at + "wv"], index[at + "wo"])))
-    bundle = M.JointBundle(residual, heads, solver=solver)
-    return [{"params": [p for _, p in named], "bundle": bundle, "name": "joint"}]
+    return model.symmetry_groups(metric, heads=True, residual=True, solver=solver)
 
 
 # ---- LLaMA-family models: fold the RMSNorm gains, then O(d) with the value/output heads -----

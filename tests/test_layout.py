@@ -12,6 +12,7 @@ has a control: a planted two-module cycle that the same helper must report.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -173,3 +174,99 @@ def test_plotting_selects_no_backend_and_leaves_pyplot_alone(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- circles that never fail at import: function-level imports are edges too ---------------
+def import_graph(root: Path = ROOT, packages=PACKAGES) -> dict[str, set[str]]:
+    """Module → the modules of ``packages`` it imports anywhere in its body (module level,
+    functions, methods), by reading the source. ``from P import name`` counts as an edge to the
+    submodule ``P.name`` when there is one, else to ``P``. A package's ``__init__`` importing its
+    own submodules (re-exports) is not an edge: a facade, not a dependency."""
+    paths = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            init = parts[-1] == "__init__"
+            paths[".".join(parts[:-1] if init else parts)] = (path, init)
+
+    def known(name: str) -> str | None:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, (path, init) in paths.items():
+        here = name if init else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {known(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    targets.add(full if full in paths else known(base))
+        graph[name] = {t for t in targets if t and t != name and not t.startswith(name + ".")}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_circle_even_through_function_level_imports():
+    graph = import_graph()
+    assert "quotopt.models.transformer" in graph and graph["quotopt.training.loop"]
+    assert circles(graph) == []
+
+
+def test_a_planted_function_level_circle_is_found(tmp_path):
+    """The control: ``b`` imports ``a`` inside a function — no import ever fails, the circle
+    is there — and a third module outside it is not reported."""
+    package = tmp_path / "cyc"
+    package.mkdir()
+    (package / "__init__.py").write_text("from . import a\n")
+    (package / "a.py").write_text("from .b import B\n")
+    (package / "b.py").write_text("def B():\n    from . import a\n    return a\n")
+    (package / "c.py").write_text("from .a import B\n")
+    assert circles(import_graph(tmp_path, ("cyc",))) == [["cyc.a", "cyc.b"]]
+    assert import_failures(modules(tmp_path, ("cyc",)), tmp_path, ("cyc",), seeds=(0,)) == []

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..declare import factored_heads, matmul_units, rotation
+from ..declare import factored_heads, joint, matmul_units, rotation
 from ._common import check_positive, check_tokens, rms_norm
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
@@ -195,23 +195,23 @@ class Transformer(nn.Module):
             block.mlp.w_out.mul_(1.0 / math.sqrt(2 * self.config.n_layers))
 
     def symmetry_groups(
-        self, metric: str = "euclidean", *, heads=True, residual=False, rescaling=True
+        self, metric: str = "euclidean", *, heads=True, residual=False, rescaling=True,
+        solver: str = "auto",
     ) -> list[dict]:
         """This model's symmetry groups, for ``quotopt.symmetries`` (see the module docstring).
 
         ``heads``: GL(r) per head (``HeadQK`` + ``HeadOV`` per block); ``rescaling``: positive
         rescaling of ReLU units; ``residual=True``: O(d) on every tensor — with ``heads`` one
-        joint O(d) × GL(r) group (``quotopt.joint_groups``: the actions share the attention
-        weights, the vertical space is a sum), without it O(d) alone; ``"auto"`` means no O(d)
-        here (it is not disjoint from the heads).
+        joint O(d) × GL(r) group (the actions share the attention weights, the vertical space
+        is a sum; ``solver`` is its projection's, see ``manifolds.joint``), without it O(d)
+        alone; ``"auto"`` means no O(d) here (it is not disjoint from the heads).
         """
         if residual is True:
-            if heads:  # O(d) and the heads' GL(r) act jointly: one JointBundle group
-                from ..joint_groups import joint_groups
-
-                return joint_groups(self, metric)
             named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
             axes = [MODEL_AXES[n.rsplit(".", 1)[-1]] for n, _ in named]
+            if heads:  # O(d) and the heads' GL(r) act jointly: one JointBundle group
+                attns = [block.attn for block in self.blocks]
+                return [joint(named, self.config.d_model, axes, attns, metric, solver)]
             return [rotation("residual", named, self.config.d_model, axes)]
         groups = []
         for i, block in enumerate(self.blocks):
