@@ -73,72 +73,20 @@ class QuotientMuon(QuotientOptimizer):
     products of them (``ProductBundle``: fused q/k/v, partial rotary, ``nn.MultiheadAttention``),
     whose components are dressed and orthogonalised one by one.
 
-    **The step** (``quotopt.optim.orthogonal.muon_bundle_update``), on a group at p with
-    Euclidean gradient ∇f and momentum m:
+    **Algorithm** (a bundle group at p, Euclidean gradient ∇f, momentum m; the pure update is
+    ``quotopt.optim.orthogonal.muon_bundle_update``)::
 
-    1. re-dress (every ``dress_every`` steps; default every step): p̄ = p·u(p), m ← m·u(p),
-       ∇f ← act_dual(∇f, u(p)) — p̄ is the balanced representative, AᵀA = BᵀB = S diagonal
-       per head, with the bundle's sign rule;
-    2. ξ = grad_metric f(p̄) (horizontal for a G-invariant loss);
-       m ← μm + (1−μ)ξ; X = (1−μ)ξ + μm with ``nesterov``, else X = m (torch's rule);
-    3. D = (NS(X_A), NS(X_B)) per factor — Newton–Schulz with torch's coefficients, per head
-       (``scope="head"``: each rows×r factor) or per tensor (``"tensor"``: the rows×(H·r)
-       matrix of all heads, the projection as a torch layer stores it), each factor scaled
-       by torch's ``adjust_lr_fn`` ratio for a (k, rows) weight, k = r or H·r
-       (``None``/``"original"``: √max(1, k/rows), 1 for heads with H·r ≤ d;
-       ``"match_rms_adamw"``: 0.2·√max(k, rows), for which AdamW's lr and wd carry over);
-       then D ← P_H(D);
-    4. p' = retract(scale_invariants(p̄, 1 − lr·wd), −limit_step(lr·D));
-       m ← transport to p' (horizontal projection there).
+        every dress_every steps:  p̄ = p·u(p),  m ← m·u(p),  ∇f ← act_dual(∇f, u(p))
+        ξ = grad_metric f(p̄);   m ← μ m + (1 − μ) ξ;   X = (1 − μ) ξ + μ m if nesterov else m
+        D = P_H(NS(X_A) · s_A, NS(X_B) · s_B)     # per head (scope="head") or per tensor
+        p' = retract(scale_invariants(p̄, 1 − lr·wd), −limit_step(lr·D));  m ← P_H at p'
 
-    **Why it is a step on the quotient.** The dressing field satisfies u(p·g) = g⁻¹u(p), so
-    p̄ = (p·g)·u(p·g) = p·u(p) depends on the orbit only; ∇f(p·g) = act_dual(∇f(p), g) for
-    an invariant loss, so the gradient at p̄ is the same from any representative; and the
-    momentum, pushed forward by the same element as the point (the action is linear, so it is
-    its own differential), arrives at p̄ as the same vector. Steps 2–4 are functions of
-    (p̄, m̄, ∇f(p̄)) alone. By induction, runs started from p and from p·g coincide after their
-    first dressing — the iterates themselves, not only their orbits — and the step is a map
-    on P/G (with momentum on its horizontal bundle).
-
-    **Why orthogonalise there.** Muon is steepest descent under the spectral norm: the
-    minimiser of ⟨G, D⟩ over ‖D‖_op ≤ 1 is −polar(G), and max(‖D_A‖_op, ‖D_B‖_op) gives
-    −(polar(G_A), polar(G_B)) per factor. polar commutes with orthogonal changes of basis only
-    (polar(Ag) ≠ polar(A)g for g ∉ O(r)), so on raw factors Muon's step depends on the gauge
-    (the control in ``tests/test_muon.py``). Evaluated at p̄ the spectral norms are functions of
-    the orbit: a norm on the quotient's tangent spaces. With the Euclidean metric at p̄ = (US^½,
-    VS^½) (M = USVᵀ), ξ = (GVS^½, GᵀUS^½) for G = ∂f/∂M. The projection P_H drops the vertical
-    part, which moves M only at second order (δM = AξBᵀ − AξBᵀ = 0 at first order), so the first-
-    order change of M is the steepest-descent one and the momentum stays horizontal.
-
-    **When runs from p and p·g coincide** (to round-off, times the conditioning of u and the
-    trajectory's growth of perturbations): whenever every head is dressable at every dressing
-    — factor Grams with smallest eigenvalue above 1e-12 of the largest (``dressing_or_identity``;
-    a non-dressable head stays where it is and its step depends on the gauge beyond O(r)). Ties
-    do not break it: the balanced section is fixed up to the orthogonal stabiliser of S (the
-    sign rule, and rotations inside groups of equal singular values of M, where the dressing
-    is ambiguous and round-off picks the representative), and Newton–Schulz (NS(XK) = NS(X)K
-    for orthogonal K), both metrics, P_H, ``limit_step``, the decay and the transport all
-    commute with orthogonal K (step(p̄K) = step(p̄)·K for every orthogonal K, so near-ties,
-    where u amplifies round-off, are harmless too) — the two runs then differ by K, on the same
-    orbits. With
-    ``dress_every = k > 1`` runs still coincide (dressing at step 1) but between dressings
-    the step depends on the representative, so it is no longer a map on the quotient;
-    ``dress_every=None`` is the gauge-dependent control.
-
-    **Newton–Schulz, not an exact polar factor** (SVD of the rows×r factor or r×r
-    eigendecomposition of its Gram): NS is matmuls only (5 × (4·rows·r² + 2r³) flops per factor
-    and head, batched by ``baddbmm``; the dressing adds one r×r SVD per head, reusing the point's
-    frame, and writes the dressed point's frame down, ``Bundle.redress``), maps null directions
-    to zero without a threshold, and has bounded gain (the five-fold quintic's slope at 0 is
-    a⁵ ≈ 485), whereas the
-    exact polar factor's derivative grows like 1/σ_min of the momentum, amplifying the round-off
-    difference of two gauge-equivalent runs without bound. It runs in the parameters' precision
-    (float32 at least), not torch's bfloat16: bfloat16 rounding (≈ 4e-3) of two inputs equal to
-    round-off can differ by an ulp and would break equivariance at 1e-6. Like torch's, it returns
-    US'Vᵀ with S' between about 0.5 and 1.5, not UVᵀ.
-
-    Weight decay is decoupled and acts on the invariants (M ↦ (1 − lr·wd)M, each factor by
-    √(1 − lr·wd)); torch's Muon on both factors would shrink M by (1 − lr·wd)².
+    NS is torch's Newton–Schulz in the parameters' precision (float32 at least), s the ratio of
+    torch's ``adjust_lr_fn`` for a (k, rows) weight (k = r per head, H·r per tensor). Weight
+    decay acts on the invariants (M ↦ (1 − lr·wd)M). Why this is a step on P/G, why
+    orthogonalising at the balanced representative makes Muon's spectral-norm steepest descent a
+    norm on the quotient, when runs from p and p·g coincide, and why Newton–Schulz rather than
+    an exact polar factor: docs/theory/optimisers.md#quotientmuon.
 
     Args:
         params: tensors or param groups (``"bundle"``, ``"layout"``, ``"name"`` as in
@@ -146,7 +94,7 @@ class QuotientMuon(QuotientOptimizer):
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn:
             as in ``torch.optim.Muon`` (and its defaults).
         scope: ``"head"`` (default) or ``"tensor"``: what one orthogonalised matrix of a bundle
-            group is (step 3).
+            group is (the D line of the algorithm).
         maximize: ascend instead.
         dress_every: re-dress bundle groups every ``dress_every`` steps from the first
             (default 1); ``None`` never dresses.
