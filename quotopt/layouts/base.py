@@ -9,8 +9,8 @@ to the point's gradients, and entries it does not select (a key bias inside a fu
 Writing a point back is ONE method, ``write_back(params, point)``, used by the optimiser, the
 distributed code and ``quotopt.gauge_transform`` alike. It is correct whether the coordinates are
 views of the parameters (then the copy is skipped: the point already is the parameter) or copies
-(then they are scattered back). ``needs_scatter`` is kept for callers written before
-``write_back``: it is True when some coordinate is a copy.
+(then they are scattered back). ``needs_scatter`` is True when some coordinate is a copy
+(code that works on the point without writing it back, such as ``quotopt.dynamics``, asks).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Layout:
 
     Subclasses define ``gather(tensors) -> point``; layouts whose coordinates include copies
     override ``scatter(params, point)`` (the inverse of ``gather`` on the selected entries) and set
-    ``needs_scatter``. Callers use ``write_back`` only.
+    ``needs_scatter``. Callers write a point back with ``write_back`` only.
     """
 
     description = "identity"
