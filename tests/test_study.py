@@ -299,7 +299,9 @@ def test_study_command_rejects_both_modes(capsys):
 
 def test_report_only_needs_a_saved_study(tmp_path, capsys):
     assert main(["study", "--out", str(tmp_path), "--report-only"]) == 1
-    assert "no " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"no {tmp_path / 'study.json'} to report from; run the study first" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_a_diverged_run_ranks_after_every_finished_one():
