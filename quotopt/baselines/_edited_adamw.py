@@ -21,9 +21,16 @@ class EditedAdamW(torch.optim.AdamW):
         self, params, lr, betas, eps, weight_decay, amsgrad, *, maximize, foreach, fused, **options
     ):
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad,
-            maximize=maximize, foreach=foreach, fused=fused,
-        )  # fmt: skip
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
         # AdamW adds the groups before the subclass's defaults exist: fill them in now.
         self.defaults.update(options)
         for group in self.param_groups:

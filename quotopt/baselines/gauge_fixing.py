@@ -115,9 +115,17 @@ class GaugeFixedAdamW(EditedAdamW):
         fused: bool | None = None,
     ):
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad,
-            maximize=maximize, foreach=foreach, fused=fused, identity_block=False,
-        )  # fmt: skip
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            identity_block=False,
+        )
 
     def _check_group(self, group: dict) -> None:
         if not group["identity_block"]:

@@ -52,9 +52,18 @@ class GrokfastAdamW(EditedAdamW):
         fused: bool | None = None,
     ):
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad,
-            maximize=maximize, foreach=foreach, fused=fused, alpha=alpha, lamb=lamb,
-        )  # fmt: skip
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            alpha=alpha,
+            lamb=lamb,
+        )
 
     def _check_group(self, group: dict) -> None:
         if not 0.0 <= group["alpha"] <= 1.0:

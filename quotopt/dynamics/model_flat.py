@@ -177,8 +177,15 @@ def _refine(model, groups, objective, params, rel_tol, weight_decay, dense_max) 
         level="compact" if weight_decay > 0 else "all",
     )
     if dense:
-        out.update(critical_point_counts(objective, refined.params, level(refined.params),
-                                         rel_tol=rel_tol, hessian=refined.hessian))  # fmt: skip
+        out.update(
+            critical_point_counts(
+                objective,
+                refined.params,
+                level(refined.params),
+                rel_tol=rel_tol,
+                hessian=refined.hessian,
+            )
+        )
     return out
 
 
@@ -199,17 +206,24 @@ def _report(objective, params, vertical, dims, rel_tol, dense_max, level) -> dic
     vertical_res = hessian_residuals(objective, params, vertical, scale)
     rayleigh, residual = vertical_res["rayleigh"], vertical_res["residual"]
     level_residual = hessian_residuals(objective, params, level, scale)["residual"]
-    # fmt: off
+
     return dict(
-        method="lanczos", n_params=n, eigenvalues=sorted(top.tolist()), scale=scale,
-        lowest_converged=lowest, orbit_dim=sum(dims.values()), flat_total=None,
-        flat_horizontal=None, vertical_rayleigh=rayleigh.tolist(),
-        vertical_residual=residual.tolist(), rel_tol=rel_tol, tolerance_rule=None,
+        method="lanczos",
+        n_params=n,
+        eigenvalues=sorted(top.tolist()),
+        scale=scale,
+        lowest_converged=lowest,
+        orbit_dim=sum(dims.values()),
+        flat_total=None,
+        flat_horizontal=None,
+        vertical_rayleigh=rayleigh.tolist(),
+        vertical_residual=residual.tolist(),
+        rel_tol=rel_tol,
+        tolerance_rule=None,
         max_abs_vertical_rayleigh=float(rayleigh.abs().max()) if rayleigh.numel() else 0.0,
         max_vertical_residual=float(residual.max()) if residual.numel() else 0.0,
         max_level_residual=float(level_residual.max()) if level_residual.numel() else 0.0,
     )
-    # fmt: on
 
 
 def _converged_bottom(objective, params, k: int) -> list[float]:

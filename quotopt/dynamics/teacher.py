@@ -61,17 +61,32 @@ def _jacobian(flat_outputs: Callable, params, chunk: int = 256) -> torch.Tensor:
         cotangents[torch.arange(index.numel(), device=y.device), index] = 1.0
         try:
             grads = torch.autograd.grad(
-                y, leaves, cotangents, retain_graph=True, is_grads_batched=True,
+                y,
+                leaves,
+                cotangents,
+                retain_graph=True,
+                is_grads_batched=True,
                 allow_unused=True,
-            )  # fmt: skip
+            )
         except RuntimeError:
-            grads = zip(*(torch.autograd.grad(y, leaves, c, retain_graph=True, allow_unused=True)
-                          for c in cotangents))  # fmt: skip
+            grads = zip(
+                *(
+                    torch.autograd.grad(y, leaves, c, retain_graph=True, allow_unused=True)
+                    for c in cotangents
+                )
+            )
             grads = [None if g[0] is None else torch.stack(g) for g in grads]
-        rows.append(torch.cat([
-            y.new_zeros(index.numel(), p.numel()) if g is None else g.reshape(index.numel(), -1)
-            for g, p in zip(grads, leaves)
-        ], 1))  # fmt: skip
+        rows.append(
+            torch.cat(
+                [
+                    y.new_zeros(index.numel(), p.numel())
+                    if g is None
+                    else g.reshape(index.numel(), -1)
+                    for g, p in zip(grads, leaves)
+                ],
+                1,
+            )
+        )
     return torch.cat(rows)
 
 

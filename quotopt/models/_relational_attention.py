@@ -128,8 +128,10 @@ def alibi_window(slope: float, seq_len: int, dtype: torch.dtype) -> tuple[int, i
     past = math.ceil(drop / slope)
     chunk = math.floor(keep / slope) - past + 1
     if chunk < 1:
-        raise ValueError(f"ALiBi slope {slope} puts no distance between {drop:.1f} and "
-                         f"{keep:.1f} nats of bias ({dtype})")  # fmt: skip
+        raise ValueError(
+            f"ALiBi slope {slope} puts no distance between {drop:.1f} and "
+            f"{keep:.1f} nats of bias ({dtype})"
+        )
     return past, chunk
 
 

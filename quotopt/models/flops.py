@@ -49,8 +49,13 @@ def _standard(cfg: TransformerConfig, seq_len: int) -> dict[str, float]:
 
 def _relational(cfg: RelationalConfig, seq_len: int) -> dict[str, float]:
     k, D, H, r, m, L = (
-        cfg.n_channels, cfg.d_gauge, cfg.n_heads, cfg.d_head, cfg.d_mlp_channels, cfg.n_layers
-    )  # fmt: skip
+        cfg.n_channels,
+        cfg.d_gauge,
+        cfg.n_heads,
+        cfg.d_head,
+        cfg.d_mlp_channels,
+        cfg.n_layers,
+    )
     features = D * r + (2 if cfg.positional == "alibi" and cfg.alibi == "features" else 0)
     layer = {"qkv": 2 * D * k * 3 * H * r, **_attention(H, features, seq_len)}
     layer["out"] = 2 * D * H * r * k

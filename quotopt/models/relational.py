@@ -220,10 +220,16 @@ class RelationalTransformer(nn.Module):
     ) -> None:
         super().__init__()
         check_positive(
-            vocab_size=vocab_size, n_channels=n_channels, d_gauge=d_gauge, n_layers=n_layers,
-            n_heads=n_heads, max_len=max_len, d_head=d_head, d_mlp_channels=d_mlp_channels,
+            vocab_size=vocab_size,
+            n_channels=n_channels,
+            d_gauge=d_gauge,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            max_len=max_len,
+            d_head=d_head,
+            d_mlp_channels=d_mlp_channels,
             n_classes=n_classes,
-        )  # fmt: skip
+        )
         if positional not in POSITIONAL:
             raise ValueError(f"positional must be one of {POSITIONAL}, got {positional!r}")
         if alibi not in ALIBI:
@@ -231,9 +237,21 @@ class RelationalTransformer(nn.Module):
         d_head = max(1, n_channels // n_heads) if d_head is None else d_head
         d_mlp = 4 * n_channels if d_mlp_channels is None else d_mlp_channels
         self.config = RelationalConfig(
-            vocab_size, n_channels, d_gauge, n_layers, n_heads, max_len, d_head, d_mlp,
-            n_classes, positional, dressed, strict_inputs, alibi, lean_mlp,
-        )  # fmt: skip
+            vocab_size,
+            n_channels,
+            d_gauge,
+            n_layers,
+            n_heads,
+            max_len,
+            d_head,
+            d_mlp,
+            n_classes,
+            positional,
+            dressed,
+            strict_inputs,
+            alibi,
+            lean_mlp,
+        )
         k, D = n_channels, d_gauge
         self.tok_emb = nn.Parameter(torch.empty(vocab_size, k, D))
         if positional == "gauge":

@@ -44,8 +44,18 @@ from ._common import check_positive, check_tokens, rms_norm
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 # Model-space axis of each parameter, by name suffix (the table of the module docstring).
-MODEL_AXES = {"tok_emb": 1, "pos_emb": 1, "wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_in": 0,
-              "w_out": 1, "lm_head": 1, "cls_head": 1}  # fmt: skip
+MODEL_AXES = {
+    "tok_emb": 1,
+    "pos_emb": 1,
+    "wq": 1,
+    "wk": 1,
+    "wv": 1,
+    "wo": 2,
+    "w_in": 0,
+    "w_out": 1,
+    "lm_head": 1,
+    "cls_head": 1,
+}
 
 
 @dataclass
@@ -152,9 +162,15 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         check_positive(
-            vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-            max_len=max_len, d_head=d_head, d_mlp=d_mlp, n_classes=n_classes,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            max_len=max_len,
+            d_head=d_head,
+            d_mlp=d_mlp,
+            n_classes=n_classes,
+        )
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if d_head is None:
@@ -166,9 +182,18 @@ class Transformer(nn.Module):
             d_head = d_model // n_heads
         d_mlp = 4 * d_model if d_mlp is None else d_mlp
         self.config = TransformerConfig(
-            vocab_size, d_model, n_layers, n_heads, max_len, d_head, d_mlp, activation,
-            n_classes, tie_embeddings, strict_inputs,
-        )  # fmt: skip
+            vocab_size,
+            d_model,
+            n_layers,
+            n_heads,
+            max_len,
+            d_head,
+            d_mlp,
+            activation,
+            n_classes,
+            tie_embeddings,
+            strict_inputs,
+        )
         self.tok_emb = nn.Parameter(torch.empty(vocab_size, d_model))
         self.pos_emb = nn.Parameter(torch.empty(max_len, d_model))
         self.blocks = nn.ModuleList(
@@ -195,7 +220,12 @@ class Transformer(nn.Module):
             block.mlp.w_out.mul_(1.0 / math.sqrt(2 * self.config.n_layers))
 
     def symmetry_groups(
-        self, metric: str = "euclidean", *, heads=True, residual=False, rescaling=True,
+        self,
+        metric: str = "euclidean",
+        *,
+        heads=True,
+        residual=False,
+        rescaling=True,
         solver: str = "auto",
     ) -> list[dict]:
         """This model's symmetry groups, for ``quotopt.symmetries`` (see the module docstring).

@@ -320,9 +320,17 @@ class QuotientMuon(QuotientOptimizer):
                 maximize=group["maximize"],
             )
         names = (
-            "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
-            "ns_steps", "adjust_lr_fn", "scope", "maximize",
-        )  # fmt: skip
+            "lr",
+            "weight_decay",
+            "momentum",
+            "nesterov",
+            "ns_coefficients",
+            "eps",
+            "ns_steps",
+            "adjust_lr_fn",
+            "scope",
+            "maximize",
+        )
         hyper = {k: group[k] for k in names}
         return hyper if group.get("bundle") is not None else dict(hyper, rule="muon")
 

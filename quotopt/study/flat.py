@@ -99,10 +99,17 @@ def _describe(s: dict) -> str:
         )
     sizes = ", ".join(
         f"{k} {s[k]}"
-        for k in ("d_model", "n_channels", "d_gauge", "n_heads", "d_head", "d_mlp",
-                  "d_mlp_channels")
+        for k in (
+            "d_model",
+            "n_channels",
+            "d_gauge",
+            "n_heads",
+            "d_head",
+            "d_mlp",
+            "d_mlp_channels",
+        )
         if k in s
-    )  # fmt: skip
+    )
     if s.get("tie_embeddings"):
         sizes += ", tied embeddings"
     if not s.get("steps"):
@@ -183,9 +190,13 @@ def flat_markdown(flat_results: list[dict]) -> str:
             lines += [_uncounted_line(r), ""]
             continue
         lines += _table(r)
-        lines += ["", f"Columns by tolerance: flat total / flat horizontal at |λ| ≤ tol·max|λ|; "
-                      f"the main columns use {rule}. The gap column counts below the widest "
-                      "gap of log|λ| under 1e-4·max|λ|, with the ratio across it.", ""]  # fmt: skip
+        lines += [
+            "",
+            f"Columns by tolerance: flat total / flat horizontal at |λ| ≤ tol·max|λ|; "
+            f"the main columns use {rule}. The gap column counts below the widest "
+            "gap of log|λ| under 1e-4·max|λ|, with the ratio across it.",
+            "",
+        ]
         for red, c in r["counts"].items():
             measured.append((name, red, c, refine["converged"]))
     lines += ["### Claim and measurement", "", _verdict(measured), ""]

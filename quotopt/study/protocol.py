@@ -28,9 +28,16 @@ import math
 #: Adam-like optimisers (decoupled decay or decay on invariants) share one grid, SGD-like
 #: (coupled L2 decay) another. Names are ``quotopt.training.OPTIMIZERS`` keys.
 ADAM_LIKE = (
-    "adamw", "qadam", "qadam-inv", "geoopt-stiefel", "randbias", "gaugefix", "grokfast", "muon",
+    "adamw",
+    "qadam",
+    "qadam-inv",
+    "geoopt-stiefel",
+    "randbias",
+    "gaugefix",
+    "grokfast",
+    "muon",
     "qmuon",
-)  # fmt: skip
+)
 SGD_LIKE = ("sgd", "qsgd")
 LABELS = {
     "adamw": "AdamW",
@@ -125,10 +132,17 @@ class FlatPlan:
 
 #: every setting of ``quotopt.dynamics.critical`` (models that learn, refined before counting)
 CRITICAL = (
-    "modadd", "regression", "regression-teacher", "regression-teacher-decay",
-    "regression-teacher-decay-wide", "regression-teacher-decay-large",
-    "regression-teacher-decay-xl", "relational", "relational-teacher", "relational-teacher-decay",
-)  # fmt: skip
+    "modadd",
+    "regression",
+    "regression-teacher",
+    "regression-teacher-decay",
+    "regression-teacher-decay-wide",
+    "regression-teacher-decay-large",
+    "regression-teacher-decay-xl",
+    "relational",
+    "relational-teacher",
+    "relational-teacher-decay",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,14 +177,32 @@ _SORT_SGD = Grid((0.03, 0.1), (0.0, 1e-4))
 _MODADD_ADAM = Grid((3e-3, 1e-2), (1.0, 3.0, 10.0))
 _MODADD_SGD = Grid((0.1, 0.3), (1e-3, 1e-2))
 
-# fmt: off
+
 QUICK = StudyPlan(
     name="quick",
     tasks=(
-        TaskPlan("modadd", "quick", 2000, _EVERYONE + ("grokfast",), _MODADD_ADAM, _MODADD_SGD,
-                 "steps", eval_every=50, stop_at_target=True),
-        TaskPlan("sort", "quick", 1000, _EVERYONE, _SORT_ADAM, _SORT_SGD, "steps", eval_every=50,
-                 stop_at_target=True),
+        TaskPlan(
+            "modadd",
+            "quick",
+            2000,
+            _EVERYONE + ("grokfast",),
+            _MODADD_ADAM,
+            _MODADD_SGD,
+            "steps",
+            eval_every=50,
+            stop_at_target=True,
+        ),
+        TaskPlan(
+            "sort",
+            "quick",
+            1000,
+            _EVERYONE,
+            _SORT_ADAM,
+            _SORT_SGD,
+            "steps",
+            eval_every=50,
+            stop_at_target=True,
+        ),
         TaskPlan("chars", "quick", 1000, _EVERYONE, _ADAM, _SGD, "loss", eval_every=100),
         TaskPlan("digits", "quick", 1000, _EVERYONE, _ADAM, _SGD, "accuracy", eval_every=100),
     ),
@@ -181,22 +213,53 @@ QUICK = StudyPlan(
 FULL = StudyPlan(
     name="full",
     tasks=(
-        TaskPlan("modadd", "nanda", 10_000, _EVERYONE + ("grokfast",),
-                 Grid((3e-4, 1e-3, 3e-3), (0.3, 1.0, 2.0, 3.0)),
-                 Grid((0.03, 0.1, 0.3), (1e-4, 1e-3)), "steps", eval_every=50,
-                 stop_at_target=True),
-        TaskPlan("sort", "small", 2000, _EVERYONE, Grid((3e-4, 1e-3, 3e-3), (0.01, 0.1, 1.0)),
-                 Grid((0.03, 0.1, 0.3), (0.0, 1e-4)), "steps", eval_every=50,
-                 stop_at_target=True),
-        TaskPlan("chars", "small", 2000, _EVERYONE, Grid((1e-3, 2e-3, 4e-3), (0.01, 0.1, 0.3)),
-                 Grid((0.03, 0.1, 0.3), (0.0, 1e-4)), "loss", eval_every=100),
-        TaskPlan("digits", "small", 2000, _EVERYONE, Grid((3e-4, 1e-3, 3e-3), (0.01, 0.1, 1.0)),
-                 Grid((0.03, 0.1, 0.3), (0.0, 1e-4)), "accuracy", eval_every=100),
+        TaskPlan(
+            "modadd",
+            "nanda",
+            10_000,
+            _EVERYONE + ("grokfast",),
+            Grid((3e-4, 1e-3, 3e-3), (0.3, 1.0, 2.0, 3.0)),
+            Grid((0.03, 0.1, 0.3), (1e-4, 1e-3)),
+            "steps",
+            eval_every=50,
+            stop_at_target=True,
+        ),
+        TaskPlan(
+            "sort",
+            "small",
+            2000,
+            _EVERYONE,
+            Grid((3e-4, 1e-3, 3e-3), (0.01, 0.1, 1.0)),
+            Grid((0.03, 0.1, 0.3), (0.0, 1e-4)),
+            "steps",
+            eval_every=50,
+            stop_at_target=True,
+        ),
+        TaskPlan(
+            "chars",
+            "small",
+            2000,
+            _EVERYONE,
+            Grid((1e-3, 2e-3, 4e-3), (0.01, 0.1, 0.3)),
+            Grid((0.03, 0.1, 0.3), (0.0, 1e-4)),
+            "loss",
+            eval_every=100,
+        ),
+        TaskPlan(
+            "digits",
+            "small",
+            2000,
+            _EVERYONE,
+            Grid((3e-4, 1e-3, 3e-3), (0.01, 0.1, 1.0)),
+            Grid((0.03, 0.1, 0.3), (0.0, 1e-4)),
+            "accuracy",
+            eval_every=100,
+        ),
     ),
     relational=RelationalPlan("chars", "small", 2000, eval_every=100),
     flat=FlatPlan("tiny", 20_000, lr=3e-3, weight_decays=(0.0, 1e-3, 1e-2), settings=CRITICAL),
 )
-# fmt: on
+
 
 # ``standard``: sizes that mean something, in about two hours on 2 cores. modadd at p = 59 with
 # Nanda et al.'s one-layer ReLU model at half width (d = 64, 4 heads of 16, MLP 256; full batch,
@@ -215,32 +278,70 @@ _STANDARD_BASELINES = ("qsgd", "geoopt-stiefel", "randbias", "gaugefix")
 # gauge dimension D, channels k, head rank r, MLP width m and the positions vary one at a time
 # around k64-D4-r16-m128 (the equal-parameter model, k = 112, costs 4.7× the FLOPs)
 _EQUAL_FLOPS = (
-    "k64-D4-r16-m128", "k96-D2-r24-m192", "k48-D8-r12-m96", "k48-D4-r12-m192", "k64-D4-r8-m128",
+    "k64-D4-r16-m128",
+    "k96-D2-r24-m192",
+    "k48-D8-r12-m96",
+    "k48-D4-r12-m192",
+    "k64-D4-r8-m128",
     "k64-D4-r16-m128-gauge",
-)  # fmt: skip
+)
 _KAPPAS = (1.0, 10.0, 100.0, 1000.0)
-# fmt: off
+
 STANDARD = StudyPlan(
     name="standard",
     tasks=(
-        TaskPlan("modadd", "standard", 2500, _STANDARD + _STANDARD_BASELINES + ("grokfast",),
-                 Grid((1e-3, 3e-3, 1e-2), (0.3, 1.0, 3.0)),
-                 Grid((0.03, 0.1, 0.3), (1e-3, 1e-2, 0.1)), "steps", eval_every=50,
-                 stop_at_target=True, extensions=2, gauge_conditions=_KAPPAS),
-        TaskPlan("chars", "small", 2000, _STANDARD + _STANDARD_BASELINES,
-                 Grid((1e-3, 2e-3, 4e-3), (0.1,)), Grid((0.03, 0.1, 0.3), (0.0,)),
-                 "loss", eval_every=100, schedule="cosine", extensions=2,
-                 gauge_conditions=_KAPPAS),
-        TaskPlan("digits", "small", 1000, _STANDARD, Grid((1e-3, 3e-3, 1e-2), (0.01, 0.1, 1.0)),
-                 _SGD, "accuracy", eval_every=100, extensions=2, gauge_conditions=_KAPPAS),
+        TaskPlan(
+            "modadd",
+            "standard",
+            2500,
+            _STANDARD + _STANDARD_BASELINES + ("grokfast",),
+            Grid((1e-3, 3e-3, 1e-2), (0.3, 1.0, 3.0)),
+            Grid((0.03, 0.1, 0.3), (1e-3, 1e-2, 0.1)),
+            "steps",
+            eval_every=50,
+            stop_at_target=True,
+            extensions=2,
+            gauge_conditions=_KAPPAS,
+        ),
+        TaskPlan(
+            "chars",
+            "small",
+            2000,
+            _STANDARD + _STANDARD_BASELINES,
+            Grid((1e-3, 2e-3, 4e-3), (0.1,)),
+            Grid((0.03, 0.1, 0.3), (0.0,)),
+            "loss",
+            eval_every=100,
+            schedule="cosine",
+            extensions=2,
+            gauge_conditions=_KAPPAS,
+        ),
+        TaskPlan(
+            "digits",
+            "small",
+            1000,
+            _STANDARD,
+            Grid((1e-3, 3e-3, 1e-2), (0.01, 0.1, 1.0)),
+            _SGD,
+            "accuracy",
+            eval_every=100,
+            extensions=2,
+            gauge_conditions=_KAPPAS,
+        ),
     ),
     relational=RelationalPlan(
-        "chars", "small", 2000, eval_every=100, variants=_EQUAL_FLOPS, lr_factors=(0.5, 2.0),
-        dressed=True, equal_param_seeds=(0,),
+        "chars",
+        "small",
+        2000,
+        eval_every=100,
+        variants=_EQUAL_FLOPS,
+        lr_factors=(0.5, 2.0),
+        dressed=True,
+        equal_param_seeds=(0,),
     ),
     flat=FlatPlan("tiny", 6000, lr=3e-3, weight_decays=(), settings=CRITICAL),
 )
-# fmt: on
+
 PLANS = {"quick": QUICK, "standard": STANDARD, "full": FULL}
 
 

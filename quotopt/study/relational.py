@@ -48,10 +48,18 @@ def run_relational(
     rp = plan.relational
     lr, wd = tasks[rp.task]["best"]["adamw"] if rp.task in tasks else (None, None)
     schedule = next((t.schedule for t in plan.tasks if t.task == rp.task), "constant")
-    # fmt: off
-    base = training.RunConfig(task=rp.task, size=rp.size, optim="adamw", lr=lr, weight_decay=wd,
-                              steps=rp.steps, eval_every=rp.eval_every, schedule=schedule)
-    # fmt: on
+
+    base = training.RunConfig(
+        task=rp.task,
+        size=rp.size,
+        optim="adamw",
+        lr=lr,
+        weight_decay=wd,
+        steps=rp.steps,
+        eval_every=rp.eval_every,
+        schedule=schedule,
+    )
+
     cfg = lambda **kw: dataclasses.replace(base, **kw).resolved()  # noqa: E731
     rel_root = out / "relational"
     standard = [cfg(model="transformer", seed=s) for s in rp.seeds]
@@ -72,10 +80,12 @@ def run_relational(
     done = pool.map(train_job, own + _jobs(equal_params + sweep, rel_root, resume))
     n = len(standard) + len(equal_params)
     result = dict(
-        plan=dataclasses.asdict(rp), lr=lr, weight_decay=wd,
+        plan=dataclasses.asdict(rp),
+        lr=lr,
+        weight_decay=wd,
         runs=dict(transformer=done[: len(standard)], relational=done[len(standard) : n]),
         reference_flops=reference,
-    )  # fmt: skip
+    )
     if not rp.variants:
         return result
     swept = done[n:]
@@ -87,8 +97,10 @@ def run_relational(
     variant = best_setting(names, [r.get("summary") for r in swept], "loss")
     # retune the best variant's rate around the standard model's
     first = swept[names.index(variant)]
-    retune = [cfg(model="relational", variant=variant, steps=steps[variant], seed=tune,
-                  lr=lr * f) for f in rp.lr_factors]  # fmt: skip
+    retune = [
+        cfg(model="relational", variant=variant, steps=steps[variant], seed=tune, lr=lr * f)
+        for f in rp.lr_factors
+    ]
     contenders = [("transformer", None), ("relational", None)] + [("relational", v) for v in names]
     timing = (rp.task, rp.size, [(m, v, "adamw", lr, wd) for m, v in contenders])
     *retuned, timed = pool.map(
@@ -98,9 +110,7 @@ def run_relational(
         result["timing"] = dict(zip(["transformer", "equal_params", *names], timed["ms_per_step"]))
     rates = [lr] + [c.lr for c in retune]
     best_lr = best_setting(rates, [r.get("summary") for r in [first, *retuned]], "loss")
-    result["lr_tuning"] = [
-        dict(lr=rate, **r) for rate, r in zip(rates, [first, *retuned])
-    ]  # fmt: skip
+    result["lr_tuning"] = [dict(lr=rate, **r) for rate, r in zip(rates, [first, *retuned])]
     names_by_seed = [variant] + ([f"{variant}-dressed"] if rp.dressed else [])
     final = [
         cfg(model="relational", variant=v, steps=steps[variant], seed=s, lr=best_lr)
@@ -137,10 +147,12 @@ def _equal_time_budget(result: dict, variant: str, steps: int, path: Path, resum
     if "transformer" not in timing or variant not in timing:
         return None
     budget = dict(
-        variant=variant, standard_steps=steps,
+        variant=variant,
+        standard_steps=steps,
         steps=max(1, round(equal_time_steps(steps, timing, variant))),
-        ms_transformer=timing["transformer"], ms_variant=timing[variant],
-    )  # fmt: skip
+        ms_transformer=timing["transformer"],
+        ms_variant=timing[variant],
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(budget, indent=1) + "\n")
     return budget

@@ -25,13 +25,21 @@ from .tuning import best_setting, extend
 
 
 def _config(t: TaskPlan, optim: str, lr: float, wd: float, seed: int, gauge=None, trip=False):
-    # fmt: off
+
     return training.RunConfig(
-        task=t.task, size=t.size, optim=optim, steps=t.steps, seed=seed, lr=lr, weight_decay=wd,
-        eval_every=t.eval_every, stop_at_target=t.stop_at_target, schedule=t.schedule,
-        gauge_condition=gauge, gauge_round_trip=trip,
+        task=t.task,
+        size=t.size,
+        optim=optim,
+        steps=t.steps,
+        seed=seed,
+        lr=lr,
+        weight_decay=wd,
+        eval_every=t.eval_every,
+        stop_at_target=t.stop_at_target,
+        schedule=t.schedule,
+        gauge_condition=gauge,
+        gauge_round_trip=trip,
     ).resolved()
-    # fmt: on
 
 
 def _starts(kappas: tuple[float, ...]) -> list[tuple[float, bool]]:
@@ -57,10 +65,14 @@ def run_study(plan: StudyPlan, out, *, workers=1, resume=False, on_done=None, on
         torch=torch.__version__,
         python=platform.python_version(),
     )
-    # fmt: off
-    return dict(plan=plan.name, wall_time=time.perf_counter() - started, workers=workers,
-                machine=machine, **results)
-    # fmt: on
+
+    return dict(
+        plan=plan.name,
+        wall_time=time.perf_counter() - started,
+        workers=workers,
+        machine=machine,
+        **results,
+    )
 
 
 def _tune(plan: StudyPlan, root: Path, pool: Pool, resume: bool, on_planned, before) -> dict:

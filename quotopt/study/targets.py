@@ -48,12 +48,15 @@ def _modadd(entry: dict) -> list[str]:
             ratio = steps / b_steps if math.isfinite(steps) and math.isfinite(b_steps) else math.nan
             met = ratio <= 0.5 and wall <= 1.5
             shown = f" (×{ratio:.2f})" if math.isfinite(ratio) else ""
-            lines.append(_row(
-                f"modadd: {_label(optim)} ≤ 0.5× {_label(base)}'s steps to 99 % at ≤ 1.5× "
-                "time/step",
-                f"{steps_text(steps, cap)} vs {steps_text(b_steps, cap)} steps{shown}; "
-                f"×{wall:.2f} time/step", met,
-            ))  # fmt: skip
+            lines.append(
+                _row(
+                    f"modadd: {_label(optim)} ≤ 0.5× {_label(base)}'s steps to 99 % at ≤ 1.5× "
+                    "time/step",
+                    f"{steps_text(steps, cap)} vs {steps_text(b_steps, cap)} steps{shown}; "
+                    f"×{wall:.2f} time/step",
+                    met,
+                )
+            )
     return lines
 
 
@@ -64,10 +67,13 @@ def _chars(entry: dict) -> list[str]:
         for optim in (q for q in QUOTIENT if q in runs):
             gain, wall = b_loss - mean_loss(runs[optim]), step_ms(entry, optim) / b_ms
             met = gain >= 0.03 and wall <= 1.5
-            lines.append(_row(
-                f"chars: {_label(optim)} ≥ 0.03 nats below {_label(base)} at ≤ 1.5× time/step",
-                f"{-gain:+.3f} nats; ×{wall:.2f} time/step", met,
-            ))  # fmt: skip
+            lines.append(
+                _row(
+                    f"chars: {_label(optim)} ≥ 0.03 nats below {_label(base)} at ≤ 1.5× time/step",
+                    f"{-gain:+.3f} nats; ×{wall:.2f} time/step",
+                    met,
+                )
+            )
     return lines
 
 
@@ -81,11 +87,14 @@ def _gauge(task: str, entry: dict) -> list[str]:
         met = spreads[optim] <= GAUGE_TARGET
         kappas = ", ".join(f"{r['gauge_condition']:g}" for r in gauge[optim])
         floor = spread_text(gauge_floor(entry, optim))
-        lines.append(_row(
-            f"{task}: {_label(optim)}'s final loss spread over gauges κ ∈ {{{kappas}}} ≤ 1e-3",
-            f"{spread_text(spreads[optim])}, round-off floor {floor} "
-            f"(baselines: {baselines or '—'})", met,
-        ))  # fmt: skip
+        lines.append(
+            _row(
+                f"{task}: {_label(optim)}'s final loss spread over gauges κ ∈ {{{kappas}}} ≤ 1e-3",
+                f"{spread_text(spreads[optim])}, round-off floor {floor} "
+                f"(baselines: {baselines or '—'})",
+                met,
+            )
+        )
     return lines
 
 
@@ -95,10 +104,13 @@ def _relational(results: dict) -> list[str]:
     standard = mean_loss(runs.get("transformer", []))
     gap = mean_loss(runs.get("relational", [])) - standard
     if not math.isnan(gap):
-        lines.append(_row(
-            "relational within 0.05 nats of the standard model at equal parameters",
-            f"{gap:+.3f} nats", gap <= 0.05,
-        ))  # fmt: skip
+        lines.append(
+            _row(
+                "relational within 0.05 nats of the standard model at equal parameters",
+                f"{gap:+.3f} nats",
+                gap <= 0.05,
+            )
+        )
     if "best" in rel:
         at_time = finite(equal_time_losses(rel, rel["seeds"], rel["best"]["variant"]))
         read = statistics.mean(at_time) - standard if at_time else math.nan
@@ -108,11 +120,14 @@ def _relational(results: dict) -> list[str]:
             trained = mean_loss(rel["equal_time"]["runs"])
             gap = trained - standard
             measured = f"{gap:+.3f} nats trained for that time; {measured}"
-        lines.append(_row(
-            f"the best relational configuration (`{rel['best']['variant']}`) within 0.05 nats "
-            "of the standard model at equal training time",
-            measured, gap <= 0.05,
-        ))  # fmt: skip
+        lines.append(
+            _row(
+                f"the best relational configuration (`{rel['best']['variant']}`) within 0.05 nats "
+                "of the standard model at equal training time",
+                measured,
+                gap <= 0.05,
+            )
+        )
     return lines
 
 

@@ -62,9 +62,13 @@ def _edges(grid: Grid, settings: Sequence[Setting], best: Setting) -> dict[str, 
 
 
 def extend(
-    grid: Grid, settings: Sequence[Setting], summaries: Sequence, criterion: str,
-    extensions: int, used: dict[str, int],
-) -> list[Setting]:  # fmt: skip
+    grid: Grid,
+    settings: Sequence[Setting],
+    summaries: Sequence,
+    criterion: str,
+    extensions: int,
+    used: dict[str, int],
+) -> list[Setting]:
     """New settings that push the best off an edge (``used`` counts extensions per edge and
     is updated); empty when the best is bracketed or the extensions are spent."""
     best = best_setting(settings, summaries, criterion)
