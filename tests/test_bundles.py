@@ -16,53 +16,27 @@ from hypothesis import strategies as st
 
 import manifolds as M
 from manifolds.testing import assert_bundle, relative_error
+from tests.cases import CASES, strategy
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
 
-@st.composite
-def head_bundles(draw):
-    d = draw(st.integers(1, 7))
-    r = draw(st.integers(1, d))
-    h = draw(st.integers(1, 3))
-    cls = draw(st.sampled_from([M.HeadQK, M.HeadOV]))
-    return cls(h, d, r, metric=draw(st.sampled_from(M.METRICS)))
+_DRAW = {case.name: case.draw for case in CASES}
 
 
-@st.composite
-def residual_bundles(draw):
-    d = draw(st.integers(1, 6))
-    n = draw(st.integers(1, 3))
-    shapes, axes = [], []
-    for _ in range(n):
-        ndim = draw(st.integers(1, 3))
-        shape = [draw(st.integers(1, 4)) for _ in range(ndim)]
-        axis = draw(st.integers(0, ndim - 1))
-        shape[axis] = d
-        shapes.append(tuple(shape))
-        axes.append(axis if draw(st.booleans()) else axis - ndim)  # negative axes too
-    return M.ResidualRotation(d, axes, shapes=shapes)
+def head_bundles():
+    return st.one_of(_DRAW["HeadQK"](), _DRAW["HeadOV"]())
 
 
-@st.composite
-def rescaling_bundles(draw):
-    return M.PositiveRescaling(
-        draw(st.integers(1, 4)),
-        draw(st.integers(1, 5)),
-        draw(st.integers(1, 5)),
-        metric=draw(st.sampled_from(M.METRICS)),
-        degree=draw(st.sampled_from([1, 2])),
-    )
+def residual_bundles():
+    return _DRAW["ResidualRotation"]()
 
 
-bundles = st.one_of(
-    head_bundles(),
-    rescaling_bundles(),
-    residual_bundles(),
-    st.lists(
-        st.one_of(head_bundles(), residual_bundles(), rescaling_bundles()), min_size=1, max_size=3
-    ).map(M.ProductBundle),
-)
+def rescaling_bundles():
+    return _DRAW["PositiveRescaling"]()
+
+
+bundles = strategy()  # every case of tests/cases.py, and products of them
 
 
 @SETTINGS

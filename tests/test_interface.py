@@ -13,31 +13,19 @@ import manifolds as M
 from manifolds.testing import relative_error
 from quotopt import QuotientAdam
 from quotopt.dynamics import vertical_basis
+from tests.cases import examples
 
 F64 = torch.float64
 
-FACTORED = [
-    M.HeadQK(3, 6, 2),
-    M.HeadQK(2, 5, 3, metric="invariant", factor_rows=(6, 5)),
-    M.HeadOV(2, 6, 3, factor_rows=(7, 6)),
-    M.HeadOV(2, 5, 2, metric="invariant"),
-    M.PositiveRescaling(4, 3, 5),
-    M.PositiveRescaling(3, 4, 2, metric="invariant"),
-    M.PositiveRescaling(3, 5, 2, metric="invariant", degree=2),
-    M.RotaryQK(2, 6, 4, pairing="half"),
-    M.RotaryQK(2, 6, 4, metric="invariant", pairing="interleaved", factor_rows=(12, 6)),
-]
-OTHERS = [
-    M.ResidualRotation(4, axes=(1, 0), shapes=((5, 4), (4, 3))),
-    M.ProductBundle([M.HeadQK(2, 5, 2), M.PositiveRescaling(3, 4, 4)]),
-]
+FACTORED = examples(factored=True)  # every case of tests/cases.py
+OTHERS = examples(factored=False)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("bundle", FACTORED, ids=repr)
+@pytest.mark.parametrize("bundle", FACTORED)
 def test_balance_gap_vanishes_on_the_dressed_point(bundle):
     """The norm of the bundle's own moment map, relative, is zero on dress(p) (≤ 1e-12) and
     not on a generic p (the control)."""
@@ -47,7 +35,7 @@ def test_balance_gap_vanishes_on_the_dressed_point(bundle):
     assert float(bundle.balance_gap(bundle.dress(off_section)).max()) <= 1e-12
 
 
-@pytest.mark.parametrize("bundle", FACTORED + OTHERS, ids=repr)
+@pytest.mark.parametrize("bundle", FACTORED + OTHERS)
 def test_algebra_basis_spans_the_vertical_space(bundle):
     """rank of {V(e_k)} = group_dim at a generic point; dropping one basis element loses it."""
     p = bundle.random_point(generator=_gen(), dtype=F64)
@@ -57,7 +45,7 @@ def test_algebra_basis_spans_the_vertical_space(bundle):
     assert int(torch.linalg.matrix_rank(columns[:, 1:])) == bundle.group_dim - 1
 
 
-@pytest.mark.parametrize("bundle", FACTORED + OTHERS, ids=repr)
+@pytest.mark.parametrize("bundle", FACTORED + OTHERS)
 def test_group_exp_of_the_algebra_moves_along_the_orbit(bundle):
     """d/dt act(p, exp(tξ)) at 0 is vertical(p, ξ), for the bundle's own random algebra element."""
     p = bundle.random_point(generator=_gen(), dtype=F64)

@@ -12,6 +12,7 @@ import manifolds as M
 from manifolds.testing import relative_error
 from quotopt import NonFiniteStepError, QuotientAdam, QuotientSGD
 from quotopt.optim import SkippedStepWarning
+from tests.cases import examples
 from tests.problems import matrix_sensing
 
 BUNDLES = {
@@ -78,13 +79,23 @@ def _undressed_qadam(bundle):
 # ---- gauge equivariance --------------------------------------------------------------------
 
 
+def check_gauge_equivariance(bundle, optimiser: str) -> None:
+    """From p and p·g (condition number 10), 150 steps end on the same orbit (1e-6 rel)."""
+    make = lambda params: OPTIMISERS[optimiser]([{"params": params, "bundle": bundle}])  # noqa: E731
+    assert _orbit_gap(bundle, make) <= 1e-6
+
+
 @pytest.mark.parametrize("optimiser", sorted(OPTIMISERS))
 @pytest.mark.parametrize("bundle_name", sorted(BUNDLES))
 def test_gauge_equivariance_by_default(bundle_name, optimiser):
-    """From p and p·g (condition number 10), 150 steps end on the same orbit (1e-6 rel)."""
-    bundle = BUNDLES[bundle_name]()
-    make = lambda params: OPTIMISERS[optimiser]([{"params": params, "bundle": bundle}])  # noqa: E731
-    assert _orbit_gap(bundle, make) <= 1e-6
+    check_gauge_equivariance(BUNDLES[bundle_name](), optimiser)
+
+
+@pytest.mark.parametrize("optimiser", ["qadam-wd", "qsgd-nesterov-wd"])
+@pytest.mark.parametrize("bundle", examples())
+def test_gauge_equivariance_of_every_case(bundle, optimiser):
+    """Every bundle of tests/cases.py, with momentum and weight decay."""
+    check_gauge_equivariance(bundle, optimiser)
 
 
 @pytest.mark.parametrize("bundle_name", ["qk-invariant", "ov-invariant", "residual"])
