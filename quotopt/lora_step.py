@@ -11,8 +11,8 @@ parameter (so ``state_dict`` and ``load_state_dict`` are torch's, and load with
 ``torch.load(weights_only=True)``).
 
 A step is computed out of place for every group, then committed only if every new parameter
-and state tensor is finite (one host read per step); otherwise it raises
-``NonFiniteStepError`` and writes nothing, as the quotient optimisers do
+and state tensor is finite (one host read per step) and no factorisation failed; otherwise it
+raises ``NonFiniteStepError`` and writes nothing, as the quotient optimisers do
 (``quotopt.optim.guard``).
 """
 
@@ -133,7 +133,13 @@ class LoRAPairOptimizer(torch.optim.Optimizer):
             work.append((group, b, a, gb, ga, state))
         if not work:
             return loss
-        results = self._updates(work)
+        try:
+            results = self._updates(work)
+        except torch.linalg.LinAlgError as error:  # a factorisation of non-finite values
+            raise NonFiniteStepError(
+                f"{type(self).__name__}: a factorisation failed inside the step "
+                f"({str(error).splitlines()[0]}); nothing was written"
+            ) from None
         checked = [t for new_b, new_a, new_state in results
                    for t in (new_b, new_a, *new_state.values())]  # fmt: skip
         finite = torch.stack([t.sum() for t in checked]).isfinite()

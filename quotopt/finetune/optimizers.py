@@ -28,6 +28,10 @@ only trainable parameters are adapter factors (B, A), B = 0 at the start:
   every step, per adapter: ``scope="head"``), its update scaled to AdamW's RMS
   (``adjust_lr_fn="match_rms_adamw"``) so that the lr grid carries over; momentum 0.95.
 
+* ``qadam-mat`` — ``QuotientMatrixAdam`` (``quotopt.lora_adam``): r×r second moments of each
+  factor's gradient at the dressed (balanced) representative, moments pushed by the dressing,
+  horizontal direction; how it differs from LoRA-RITE is in its module docstring.
+
 Riemannion (Bogachev et al., ICLR 2026) is not provided (see ``docs/results/finetune.md``).
 """
 
@@ -42,6 +46,7 @@ from ..baselines.balora import balora
 from ..baselines.lora_rite import lora_rite
 from ..baselines.loraplus import lora_plus
 from ..lora import lora_pairs
+from ..lora_adam import QuotientMatrixAdam
 from ..optim import QuotientAdam, QuotientMuon, QuotientSGD
 from ..symmetries import symmetries
 
@@ -100,6 +105,10 @@ def _qmuon(model, lr, *, ratio, damping, weight_decay):
     return QuotientMuon(groups, lr, weight_decay, scope="head", adjust_lr_fn="match_rms_adamw")
 
 
+def _qadam_mat(model, lr, *, ratio, damping, weight_decay):
+    return QuotientMatrixAdam(model, lr, BETAS, weight_decay=weight_decay)
+
+
 Factory = Callable[..., torch.optim.Optimizer]
 FINETUNE_OPTIMIZERS: dict[str, Factory] = {
     "adamw": _adamw,
@@ -111,6 +120,7 @@ FINETUNE_OPTIMIZERS: dict[str, Factory] = {
     "lora-rite": _lora_rite,
     "balora": _balora,
     "qmuon": _qmuon,
+    "qadam-mat": _qadam_mat,
 }
 #: the second hyperparameter of an optimiser, tuned after its learning rate: name -> field
 SECONDARY = {"loraplus": "ratio", "qadam-inv": "damping", "qsgd-inv": "damping"}
