@@ -29,8 +29,11 @@ def _model(seed=0, zero_b=False, r=3):
 
 def _batches(steps, seed=1, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 7, generator=gen, dtype=F64),
-             scale * torch.randn(16, 5, generator=gen, dtype=F64)) for _ in range(steps)]  # fmt: skip
+    batches = []
+    for _ in range(steps):
+        x = torch.randn(16, 7, generator=gen, dtype=F64)
+        batches.append((x, scale * torch.randn(16, 5, generator=gen, dtype=F64)))
+    return batches
 
 
 def _train(net, optimiser, batches):
@@ -171,7 +174,10 @@ def test_equals_the_published_algorithm(escape_on, zero_b):
     states = []
     for a, b in pairs:
         r = a.shape[0]
-        zeros = lambda rows: torch.zeros(rows, r, dtype=F64)  # noqa: E731
+
+        def zeros(rows, r=r):
+            return torch.zeros(rows, r, dtype=F64)
+
         states.append(dict(step=0, basis_l=zeros(a.shape[1]), basis_r=zeros(b.shape[0]),
                            m_l=zeros(a.shape[1]), m_r=zeros(b.shape[0]), v_l=zeros(r),
                            v_r=zeros(r), e_l=0.0, e_r=0.0))  # fmt: skip

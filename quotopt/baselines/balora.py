@@ -73,7 +73,9 @@ class BaLoRA(torch.optim.AdamW):
         for group in self.param_groups:
             for b, a in zip(group["params"][0::2], group["params"][1::2]):
                 q = b.mT @ b
-                gaps.append(torch.linalg.norm(q - a @ a.mT) / torch.linalg.norm(q).clamp(min=1e-300))
+                gaps.append(
+                    torch.linalg.norm(q - a @ a.mT) / torch.linalg.norm(q).clamp(min=1e-300)
+                )
         return float(torch.stack(gaps).max())
 
 
