@@ -13,7 +13,7 @@ import torch
 
 from quotopt.baselines.balora import BaLoRA
 from quotopt.finetune.optimizers import build_optimizer
-from quotopt.lora import lora_pairs
+from quotopt.lora import lora_pairs, orthonormal_start
 from quotopt.lora_adam import QuotientMatrixAdam
 from quotopt.optim import NonFiniteStepError
 
@@ -125,3 +125,50 @@ def test_pairs_are_the_factors_of_one_module():
             assert params[2 * i] is layers[name][0] and params[2 * i + 1] is layers[name][1]
             seen.append(name)
     assert sorted(seen) == sorted(layers) and F64 == params[0].dtype
+
+
+def _qmuon(model, dress_every=1):
+    from quotopt import symmetries
+    from quotopt.optim import QuotientMuon
+
+    orthonormal_start(model)
+    groups = symmetries(model, metric="euclidean", plain=False)
+    return QuotientMuon(groups, 1e-2, 0.0, scope="head", adjust_lr_fn="match_rms_adamw",
+                        dress_every=dress_every)  # fmt: skip
+
+
+@pytest.mark.parametrize("zero_b", [False, True])
+def test_qmuon_delta_w_is_invariant_under_gl_r(zero_b):
+    net = _model(zero_b=zero_b)
+    other = _gauged(net)
+    batches = _batches(20)
+    _train(net, _qmuon(net), batches)
+    _train(other, _qmuon(other), batches)
+    for w, w_other in zip(_products(net), _products(other)):
+        assert torch.linalg.norm(w) > 1e-2
+        assert (w - w_other).abs().max() < 1e-10
+
+
+def test_the_control_qmuon_never_dressed_is_not_invariant():
+    net = _model()
+    other = _gauged(net)
+    batches = _batches(20)
+    _train(net, _qmuon(net, dress_every=None), batches)
+    _train(other, _qmuon(other, dress_every=None), batches)
+    gaps = [(w - v).abs().max() for w, v in zip(_products(net), _products(other))]
+    assert max(gaps) > 1e-3
+
+
+def test_the_control_qmuon_from_b_zero_needs_the_orthonormal_start():
+    """Without it, the first step from B = 0 (no dressing there) depends on A's gauge."""
+    from quotopt import symmetries
+    from quotopt.optim import QuotientMuon
+
+    net = _model(zero_b=True)
+    other = _gauged(net)
+    batches = _batches(20)
+    for model in (net, other):
+        groups = symmetries(model, metric="euclidean", plain=False)
+        _train(model, QuotientMuon(groups, 1e-2, 0.0, adjust_lr_fn="match_rms_adamw"), batches)
+    gaps = [(w - v).abs().max() for w, v in zip(_products(net), _products(other))]
+    assert max(gaps) > 1e-3

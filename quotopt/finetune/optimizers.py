@@ -27,6 +27,9 @@ only trainable parameters are adapter factors (B, A), B = 0 at the start:
 * ``qmuon`` — ``QuotientMuon`` over the same GL(r) adapter groups (Euclidean metric, dressed
   every step, per adapter: ``scope="head"``), its update scaled to AdamW's RMS
   (``adjust_lr_fn="match_rms_adamw"``) so that the lr grid carries over; momentum 0.95.
+  Adapters at B = 0, which have no dressing, are first moved along their orbit to A with
+  orthonormal rows (``quotopt.lora.orthonormal_start``: the same function), so that the
+  first step does not depend on A's initial gauge either.
 
 * ``qadam-mat`` — ``QuotientMatrixAdam`` (``quotopt.lora_adam``): r×r second moments of each
   factor's gradient at the dressed (balanced) representative, moments pushed by the dressing,
@@ -45,7 +48,7 @@ from torch import nn
 from ..baselines.balora import balora
 from ..baselines.lora_rite import lora_rite
 from ..baselines.loraplus import lora_plus
-from ..lora import lora_pairs
+from ..lora import lora_pairs, orthonormal_start
 from ..lora_adam import QuotientMatrixAdam
 from ..optim import QuotientAdam, QuotientMuon, QuotientSGD
 from ..symmetries import symmetries
@@ -101,6 +104,7 @@ def _balora(model, lr, *, ratio, damping, weight_decay):
 
 
 def _qmuon(model, lr, *, ratio, damping, weight_decay):
+    orthonormal_start(model)
     groups = symmetries(model, metric="euclidean", plain=False)
     return QuotientMuon(groups, lr, weight_decay, scope="head", adjust_lr_fn="match_rms_adamw")
 
