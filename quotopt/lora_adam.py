@@ -7,7 +7,7 @@ One step, with V_B, V_A ∈ R^{r×r} and the momentum M = (M_B, M_A) kept in the
 current parameters:
 
 1. dress: u = the dressing of (B, A) (``Bundle.dressing_or_identity``: the balanced
-   representative B̄ᵀB̄ = ĀĀᵀ = Σ diagonal, sign-fixed); an adapter with B = 0 (LoRA's start,
+   representative B̄ᵀB̄ = ĀĀᵀ = Σ diagonal, sign-fixed); at the first step an adapter with B = 0 (LoRA's start,
    where no balanced representative exists) gets u = Rᵀ from Aᵀ = Q R, so that Ā = Qᵀ has
    orthonormal rows. (B̄, Ā) = (B u, u⁻¹A); the gradient as a covector ∇̄ = (∇_B u⁻ᵀ, uᵀ∇_A);
    V_B ← u⁻¹V_B u⁻ᵀ, V_A ← uᵀV_A u (Grams of gradients); M ← (M_B u, u⁻¹M_A) (a tangent);
@@ -80,23 +80,26 @@ class QuotientMatrixAdam(LoRAPairOptimizer):
                 "precond_a": zeros.clone()}  # fmt: skip
 
     @staticmethod
-    def _gauge(bundle: M.HeadOV, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """u per adapter: the dressing, or at B = 0 the transposed R of Aᵀ = Q R."""
+    def _gauge(bundle: M.HeadOV, b: torch.Tensor, a: torch.Tensor, first: bool) -> torch.Tensor:
+        """u per adapter: the dressing, or at B = 0 the transposed R of Aᵀ = Q R (looked for
+        at the ``first`` step only: B leaves 0 at the first step)."""
         u, _ = bundle.dressing_or_identity((b, a))
+        if not first:
+            return u
         _, r_factor = torch.linalg.qr(a.mT)
         zero_b = (b.abs().amax((-2, -1)) == 0).view(-1, 1, 1)
         return torch.where(zero_b, r_factor.mT, u)
 
     def _updates(self, work: list) -> list:
         results = []
-        for group, b, a, gb, ga, state in work:
+        for group, b, a, gb, ga, state, fresh in work:
             n, d_out, r = b.shape
             bundle = M.HeadOV(n, d_out, r, factor_rows=(d_out, a.shape[-1]))
             mb, ma = state["exp_avg_b"], state["exp_avg_a"]
             vb, va = state["precond_b"], state["precond_a"]
             with M.unchecked():
                 if group["dress"]:
-                    u = self._gauge(bundle, b, a)
+                    u = self._gauge(bundle, b, a, fresh)
                     ui = bundle.inverse(u)
                     b, a, mb, ma = b @ u, ui @ a, mb @ u, ui @ ma
                     gb, ga = gb @ ui.mT, u.mT @ ga

@@ -85,8 +85,9 @@ def _check(owner: str, name: str, value, low: float = 0.0, below_one: bool = Fal
 
 class LoRAPairOptimizer(torch.optim.Optimizer):
     """Adapter pairs of one shape stepped together (module docstring). Subclasses define
-    ``_init_state(b, a)`` and ``_updates(work)``: for a list of (group, B, A, ∇B, ∇A, state)
-    (stacked), the list of (new B, new A, new state)."""
+    ``_init_state(b, a)`` and ``_updates(work)``: for a list of (group, B, A, ∇B, ∇A, state,
+    fresh) (stacked; ``fresh``: the group's first step), the list of (new B, new A, new
+    state)."""
 
     def __init__(self, model: nn.Module, defaults: dict):
         owner = type(self).__name__
@@ -129,8 +130,9 @@ class LoRAPairOptimizer(torch.optim.Optimizer):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             b, a = torch.stack(params[0::2]), torch.stack(params[1::2])
             gb, ga = torch.stack(grads[0::2]), torch.stack(grads[1::2])
-            state = self.state.get(params[0]) or self._init_state(b, a)
-            work.append((group, b, a, gb, ga, state))
+            fresh = params[0] not in self.state
+            state = self._init_state(b, a) if fresh else self.state[params[0]]
+            work.append((group, b, a, gb, ga, state, fresh))
         if not work:
             return loss
         try:

@@ -107,7 +107,7 @@ class LoRARITE(LoRAPairOptimizer):
 
     def _updates(self, work: list) -> list:
         prepared, total = [], 0
-        for group, b, a, gb, ga, _ in work:
+        for group, b, a, gb, ga, _, _ in work:
             u_b, rb_pinv = _frame(b)  # B = U_B R_B
             u_a, ra_pinv = _frame(a.mT)  # Aᵀ = U_A R_A
             # unmagnified: ḡ_B = ∇_B R_A⁺ (in A's frame), ḡ_A = ∇_Aᵀ R_B⁺ (in B's frame)
@@ -120,7 +120,7 @@ class LoRARITE(LoRAPairOptimizer):
             prepared.append((bar, u_b, u_a, rb_pinv, ra_pinv))
         norm = total.sqrt()
         results = []
-        for (group, b, a, _, _, state), (bar, u_b, u_a, rb_pinv, ra_pinv) in zip(work, prepared):
+        for (group, b, a, _, _, state, _), (bar, u_b, u_a, rb_pinv, ra_pinv) in zip(work, prepared):
             clip = group["clip"]
             scale = clip / norm.clamp(min=clip) if clip > 0 else None
             step = state["step"]
