@@ -9,7 +9,8 @@ current parameters:
 1. dress: u = the dressing of (B, A) (``Bundle.dressing_or_identity``: the balanced
    representative B̄ᵀB̄ = ĀĀᵀ = Σ diagonal, sign-fixed); at the first step an adapter with
    B = 0 (LoRA's start, where no balanced representative exists) gets u = Rᵀ from Aᵀ = Q R,
-   so that Ā = Qᵀ has orthonormal rows. (B̄, Ā) = (B u, u⁻¹A); the gradient as a covector ∇̄ = (∇_B u⁻ᵀ, uᵀ∇_A);
+   so that Ā = Qᵀ has orthonormal rows. (B̄, Ā) = (B u, u⁻¹A); the gradient as a covector
+   ∇̄ = (∇_B u⁻ᵀ, uᵀ∇_A);
    V_B ← u⁻¹V_B u⁻ᵀ, V_A ← uᵀV_A u (Grams of gradients); M ← (M_B u, u⁻¹M_A) (a tangent);
 2. V_B ← β̃₂V_B + (1 − β̃₂) ∇̄_Bᵀ∇̄_B / d_out, V_A ← β̃₂V_A + (1 − β̃₂) ∇̄_A∇̄_Aᵀ / d_in, with
    Adafactor's bias-corrected decay β̃ (as LoRA-RITE);
