@@ -125,6 +125,7 @@ def test_pairs_are_the_factors_of_one_module():
             assert params[2 * i] is layers[name][0] and params[2 * i + 1] is layers[name][1]
             seen.append(name)
     assert sorted(seen) == sorted(layers) and F64 == params[0].dtype
+    assert sorted(len(g["adapters"]) for g in opt.param_groups) == [1, 1, 2]  # stacked by shape
 
 
 def _qmuon(model, dress_every=1):

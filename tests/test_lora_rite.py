@@ -18,8 +18,9 @@ F64 = torch.float64
 
 def _model(seed=0, zero_b=False, r=3):
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 5)).to(F64)
-    add_lora(net, ["0", "2"], r=r)
+    layers = [nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 9), nn.Tanh(), nn.Linear(9, 9)]
+    net = nn.Sequential(*layers, nn.Tanh(), nn.Linear(9, 5)).to(F64)
+    add_lora(net, ["0", "2", "4", "6"], r=r)  # two adapters of one shape: stacked
     if not zero_b:
         with torch.no_grad():
             for _, b, _ in lora_pairs(net):
@@ -183,7 +184,7 @@ def test_equals_the_published_algorithm(escape_on, zero_b):
                            v_r=zeros(r), e_l=0.0, e_r=0.0))  # fmt: skip
     flags = []
     for step, (x, y) in enumerate(_batches(10, scale=3.0)):
-        weight = 1.0 if step % 2 else 1e-2  # gradients that the clip leaves alone, then not
+        weight = (1e-2, 1.0, 30.0)[step % 3]  # unclipped, clipped, skipped gradients
         for model in (net, ref):
             model.zero_grad()
             (weight * (model(x) - y).square().mean()).backward()
