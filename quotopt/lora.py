@@ -40,6 +40,7 @@ __all__ = [
     "add_lora",
     "lora_pairs",
     "lora_slots",
+    "orthonormal_start",
     "stack_adapters",
 ]
 
@@ -104,6 +105,23 @@ def lora_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]
         for path, module in model.named_modules()
         for name, b, a in _pairs(module)
     ]
+
+
+@torch.no_grad()
+def orthonormal_start(model: nn.Module) -> int:
+    """Move every trainable adapter with B = 0 along its orbit to A with orthonormal rows
+    (Aᵀ = Q R ↦ A = Qᵀ, i.e. (B, A)·g with g = Rᵀ): B A stays 0, so the model computes the same
+    function, and the representative no longer depends on A's initial scale and basis (up to
+    O(r)). At B = 0 no balanced representative exists, so this is the gauge an optimiser that
+    dresses can start from. Returns the number of adapters moved."""
+    moved = 0
+    for _, b, a in lora_pairs(model):
+        if not bool((b == 0).all()):
+            continue
+        q, _ = torch.linalg.qr(a.mT.double())
+        a.copy_(q.mT)
+        moved += 1
+    return moved
 
 
 def _pairs(module: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:

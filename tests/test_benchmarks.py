@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import quotopt
-from benchmarks import bench_geometry, bench_models, bench_optimizer
+from benchmarks import bench_geometry, bench_lora, bench_models, bench_optimizer
 from benchmarks._timing import alternate, rounds_of
 
 TINY = ["--quick", "--tiny", "--threads", "1"]
@@ -49,6 +49,17 @@ def test_bench_geometry(capsys):
             assert _positive(results[f"{metric} {part}"]["ratio"]), (metric, part)
     # the prototypes compute what the library computes
     assert max(results["check"].values()) < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_bench_lora(capsys):
+    pytest.importorskip("peft")
+    results = bench_lora.main(TINY)
+    out = capsys.readouterr().out
+    _check_header(out, "bench_lora")
+    assert "x AdamW step" in out
+    assert {f"r2 {name}" for name in bench_lora.OPTIMS} == results.keys()
+    assert all(_positive(v["ms"]) and _positive(v["ratio"]) for v in results.values())
 
 
 def test_bench_optimizer(capsys):

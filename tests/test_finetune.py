@@ -126,6 +126,37 @@ def test_quick_run_end_to_end_and_resumed(tmp_path, monkeypatch, capsys):
     assert "| 2 | qadam-inv |" in again and " s of training (this invocation" in again
 
 
+def test_quick_run_with_the_pair_optimisers_on_the_prose_task(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    names = ["lora-rite", "balora", "qmuon", "qadam-mat"]
+    argv = ["finetune", "--quick", "--task", "prose", "--ranks", "2", "--optims",
+            ",".join(names), "--seeds", "0", "--lrs", "1e-3", "--max-extend", "0", "--steps",
+            "4", "--out", str(out), "--cache", str(cache), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert all(f"| 2 | {name} |" in report for name in names) and "(prose)" in report
+    results = json.loads((out / "results.json").read_text())["results"]["2"]
+    for name in names:
+        (run,) = results[name]["runs"]
+        assert run["summary"]["config"]["task"] == "prose"
+        assert run["summary"]["final_val_loss"] is not None and run["summary"]["wall_time"] > 0
+    assert (out / "runs" / "prose" / "r2" / "qadam-mat").is_dir()
+
+
+def test_a_second_axis_is_grown_past_a_best_edge():
+    """The LoRA+ ratio grid grows like the lr grid when its best value is an edge."""
+    scores = {4.0: 3.0, 16.0: 2.0, 64.0: 1.0, 256.0: 0.5, 1024.0: 0.9}
+
+    def run(config):
+        return {"final_val_loss": scores.get(config.ratio, 9.0) + abs(config.lr - 1e-2)}
+
+    config = ft.FinetuneConfig(optim="loraplus")
+    best = ft.tune(run, config, [1e-3, 1e-2, 1e-1], {"ratio": [4.0, 16.0, 64.0]}, max_extend=2)
+    assert best["ratio"] == 256.0 and not best["ratio_edge"] and best["lr"] == 1e-2
+    narrow = ft.tune(run, config, [1e-3, 1e-2, 1e-1], {"ratio": [4.0, 16.0, 64.0]}, max_extend=0)
+    assert narrow["ratio"] == 64.0 and narrow["ratio_edge"]  # the control: no room to grow
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["finetune", "--optims", "adamw,nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

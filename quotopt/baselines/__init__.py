@@ -13,6 +13,9 @@ Each factory has the signature ``factory(model, lr, weight_decay, betas)`` and r
   Interpretable Training", arXiv:2601.22257.
 * ``lora_plus`` — AdamW on LoRA adapters with η_B = λ·η_A: Hayou, Ghosh & Yu, "LoRA+:
   Efficient Low Rank Adaptation of Large Models", ICML 2024 (keyword ``ratio``).
+* ``lora_rite`` — LoRA-RITE (``LoRARITE``): a transformation-invariant Adam on LoRA adapters,
+  with an r×r second moment in the frame of the other factor: Yen et al., "LoRA Done RITE:
+  Robust Invariant Transformation Equilibration for LoRA Optimization", ICLR 2025.
 * ``geoopt_stiefel_adam`` — W_Q, W_K, W_V on the Stiefel manifold (``stiefel_heads``) with
   geoopt's ``RiemannianAdam`` (Bécigneul & Ganea, "Riemannian Adaptive Optimization Methods",
   arXiv:1810.00760); a constrained model, not a quotient. Needs geoopt.
@@ -20,6 +23,7 @@ Each factory has the signature ``factory(model, lr, weight_decay, betas)`` and r
 
 from .gauge_fixing import GaugeFixedAdamW, fix_head_gauge, gauge_fixed_adamw
 from .grokfast import GrokfastAdamW, grokfast
+from .lora_rite import LoRARITE, lora_rite
 from .loraplus import lora_plus
 from .muon import MuonWithAdamW, muon_adamw, quotient_muon_adamw
 from .random_bias import add_random_biases, random_bias_adamw
@@ -28,6 +32,7 @@ from .stiefel import geoopt_stiefel_adam, stiefel_heads
 __all__ = [
     "GaugeFixedAdamW",
     "GrokfastAdamW",
+    "LoRARITE",
     "MuonWithAdamW",
     "add_random_biases",
     "fix_head_gauge",
@@ -35,6 +40,7 @@ __all__ = [
     "geoopt_stiefel_adam",
     "grokfast",
     "lora_plus",
+    "lora_rite",
     "muon_adamw",
     "quotient_muon_adamw",
     "random_bias_adamw",

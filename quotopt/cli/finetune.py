@@ -1,6 +1,7 @@
 """``quotopt finetune``: LoRA fine-tuning of a small pretrained byte decoder on the standard
-library's source, per rank and optimiser, tuned then seeded (``quotopt.finetune``); writes
-``report.md``, ``curves.png``, ``lr.png`` and ``results.json``; runs live in ``OUT/runs``."""
+library's source (``--task stdlib``) or English reference prose (``--task prose``), per rank
+and optimiser, tuned then seeded (``quotopt.finetune``); writes ``report.md``, ``curves.png``,
+``lr.png`` and ``results.json``; runs live in ``OUT/runs``."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ MAX_EXTEND = 10
 QUICK_PRETRAIN = dict(hidden_size=32, layers=1, heads=2, intermediate_size=64, seq_len=32,
                       steps=20, batch_size=4, warmup=5, max_bytes=50_000)  # fmt: skip
 QUICK = dict(steps=10, seq_len=32, eval_every=5, n_eval=8, max_bytes=100_000)
+#: the study's sizes: fine-tuning and pretraining steps
+STEPS, PRETRAIN_STEPS = 400, 1500
 
 
 def _ranks(text: str) -> list[int]:
@@ -67,7 +70,10 @@ def add_arguments(parser) -> None:
     opt("--ranks", type=_ranks, help="LoRA ranks (default 4,16,64; --quick: 2,4)")
     opt("--optims", type=_optims, default="adamw,loraplus,qadam-inv,scaledgd",
         help="optimisers (default: %(default)s; from adamw, loraplus, qadam, qadam-inv, "
-        "scaledgd, qsgd-inv)")
+        "scaledgd, qsgd-inv, lora-rite, balora, qmuon, qadam-mat)")
+    opt("--task", choices=("stdlib", "prose"), default="stdlib",
+        help="fine-tuning text: the standard library's source or the reference's English "
+        "prose (default %(default)s)")
     opt("--seeds", type=seeds, help="seeds; the first tunes (default 0,1,2; --quick: 0,1)")
     opt("--lrs", type=positive_floats, help="learning-rate grid, grown past a best edge "
         "(default 1e-3,3e-3,1e-2; --quick: 1e-3,1e-2)")
@@ -76,8 +82,10 @@ def add_arguments(parser) -> None:
     opt("--dampings", type=positive_floats, default="1e-3,1e-2,1e-1",
         help="damping grid of qadam-inv / qsgd-inv (default %(default)s; scaledgd uses the "
         "middle value)")
-    opt("--steps", type=positive_int, help="fine-tuning steps (default 300; --quick: 10)")
-    opt("--pretrain-steps", type=positive_int, help="pretraining steps (default 700)")
+    opt("--steps", type=positive_int,
+        help=f"fine-tuning steps (default {STEPS}; --quick: 10)")
+    opt("--pretrain-steps", type=positive_int,
+        help=f"pretraining steps (default {PRETRAIN_STEPS}; --quick: 20)")
     opt("--max-extend", type=_extensions, default=3,
         help=f"grid growths per side, 0 to {MAX_EXTEND} (default 3)")
     opt("--quick", action="store_true", help="tiny sizes: the whole protocol in seconds")
@@ -124,7 +132,7 @@ def run(args) -> int:
     ranks = args.ranks or ([2, 4] if quick else [4, 16, 64])
     seeds = args.seeds or ([0, 1] if quick else [0, 1, 2])
     lrs = args.lrs or ([1e-3, 1e-2] if quick else [1e-3, 3e-3, 1e-2])
-    pre = dict(QUICK_PRETRAIN) if quick else {}
+    pre = dict(QUICK_PRETRAIN) if quick else dict(steps=PRETRAIN_STEPS)
     if args.pretrain_steps:
         pre["steps"] = args.pretrain_steps
     pretrain = ft.PretrainConfig(**pre)
@@ -138,7 +146,7 @@ def run(args) -> int:
     files = ("report.md", "results.json", "runs")
     training.claim_out(args.out, resume=args.resume, force=args.force, files=files)
     out = training.prepare_out(args.out)
-    template = ft.FinetuneConfig(**(QUICK if quick else {}),
+    template = ft.FinetuneConfig(**(QUICK if quick else dict(steps=STEPS)), task=args.task,
                                  pretrain=dataclasses.asdict(pretrain))  # fmt: skip
     if args.steps:
         template = dataclasses.replace(template, steps=args.steps)
@@ -146,7 +154,7 @@ def run(args) -> int:
     template = dataclasses.replace(template, damping=dampings[len(dampings) // 2])
     tic = time.perf_counter()
     base, facts = ft.pretrained(pretrain, args.cache)
-    data = ft.ByteCorpus.stdlib(template.seq_len, template.max_bytes)
+    data = ft.ByteCorpus.task(args.task, template.seq_len, template.max_bytes)
     progress = _Progress(args)
     try:
         results = ft.study(out, base, data, template, ranks=ranks, optims=args.optims,
@@ -169,7 +177,8 @@ def run(args) -> int:
 
 
 def _describe(args, facts, data, template, ranks, seeds, lrs, wall, results) -> list[str]:
-    from ..finetune import STDLIB_MODULES, TARGETS, stdlib_corpus
+    from ..finetune import STDLIB_MODULES, TARGETS
+    from ..finetune.data import TASKS
 
     p, c = facts["config"], template
     summaries = {
@@ -179,17 +188,23 @@ def _describe(args, facts, data, template, ranks, seeds, lrs, wall, results) -> 
         for s in e["tuning"] + [r["summary"] for r in e["runs"]]
     }
     summaries = list(summaries.values())
-    corpus = stdlib_corpus()
+    corpus = TASKS[args.task]()
+    text = (
+        f"{len(STDLIB_MODULES)} standard-library modules of Python"
+        if args.task == "stdlib"
+        else "the reference topics (pydoc_data.topics) of Python"
+    )
+    unit = "files" if args.task == "stdlib" else "topics"
     return [
         f"pretrained: LLaMA-style byte decoder, {p['layers']} layers, width {p['hidden_size']}, "
         f"{p['heads']} heads, context {p['seq_len']}; AdamW {p['steps']} steps of "
         f"{p['batch_size']}×{p['seq_len']} bytes of the plays, lr {p['lr']:g}; val loss "
         f"{facts['val_loss']:.4f} nats/byte; cache key {facts['key']}"
         + (f" (trained in {facts['seconds']:.0f} s)" if facts.get("seconds") else ""),
-        f"fine-tuning data: {len(STDLIB_MODULES)} standard-library modules of Python "
-        f"{platform.python_version()}, {len(corpus['train_files'])} train files "
-        f"({data.sizes['train']:,} bytes used), {len(corpus['val_files'])} validation files "
-        f"({data.sizes['val']:,} bytes used: {', '.join(corpus['val_files'])})",
+        f"fine-tuning data ({args.task}): {text} {platform.python_version()}, "
+        f"{len(corpus['train_files'])} train {unit} ({data.sizes['train']:,} bytes used), "
+        f"{len(corpus['val_files'])} validation {unit} ({data.sizes['val']:,} bytes used: "
+        f"{', '.join(corpus['val_files'])})",
         f"LoRA on {', '.join(TARGETS)}, α = {c.alpha:g} at every rank, dropout 0, B = 0; "
         f"everything else frozen; ranks {', '.join(map(str, ranks))}",
         f"{c.steps} steps of {c.batch_size}×{c.seq_len} bytes, constant lr, no weight decay; "
@@ -197,7 +212,8 @@ def _describe(args, facts, data, template, ranks, seeds, lrs, wall, results) -> 
         f"tuning on seed {seeds[0]}: lr grid {', '.join(f'{x:g}' for x in lrs)} grown past a "
         f"best edge (up to {args.max_extend}×), then LoRA+ ratio "
         f"{', '.join(f'{x:g}' for x in args.ratios)} / damping "
-        f"{', '.join(f'{x:g}' for x in args.dampings)} at the best lr; seeds "
+        f"{', '.join(f'{x:g}' for x in args.dampings)} at the best lr, grown past a best "
+        f"edge too; seeds "
         f"{', '.join(map(str, seeds))} at the best",
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()}; "
         f"{len(summaries)} runs, {sum(s['wall_time'] for s in summaries):.0f} s of training "

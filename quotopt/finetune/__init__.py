@@ -1,12 +1,20 @@
 """LoRA fine-tuning on the quotient, end to end (``quotopt finetune``).
 
 A small LLaMA-style byte decoder pretrained on the plays (``pretrain``, cached by a content
-hash), LoRA adapters on q/k/v/o fine-tuned on the Python standard library's source (``data``,
-``run``) with the optimisers of ``optimizers``, tuned and seeded by ``protocol``, reported by
-``report``. See ``docs/guides/finetune-peft.md``.
+hash), LoRA adapters on q/k/v/o fine-tuned on the Python standard library's source or on the
+language reference's English prose (``data``, ``run``) with the optimisers of ``optimizers``,
+tuned and seeded by ``protocol``, reported by ``report``. See ``docs/guides/finetune-peft.md``.
 """
 
-from .data import STDLIB_MODULES, VAL_FRACTION, ByteCorpus, play_bytes, stdlib_corpus
+from .data import (
+    STDLIB_MODULES,
+    TASKS,
+    VAL_FRACTION,
+    ByteCorpus,
+    play_bytes,
+    prose_corpus,
+    stdlib_corpus,
+)
 from .optimizers import FINETUNE_OPTIMIZERS, SECONDARY, build_optimizer
 from .pretrain import PretrainConfig, cache_key, default_cache_dir, lm_loss, pretrained
 from .protocol import run_dir, study, tune
@@ -18,6 +26,7 @@ __all__ = [
     "SECONDARY",
     "STDLIB_MODULES",
     "TARGETS",
+    "TASKS",
     "VAL_FRACTION",
     "ByteCorpus",
     "FinetuneConfig",
@@ -33,6 +42,7 @@ __all__ = [
     "median_curve",
     "play_bytes",
     "pretrained",
+    "prose_corpus",
     "report",
     "run_dir",
     "stdlib_corpus",

@@ -1,5 +1,6 @@
-"""Byte-level text for the fine-tuning task: the plays (pretraining) and the Python standard
-library's own source (fine-tuning).
+"""Byte-level text for the fine-tuning tasks: the plays (pretraining), and two fine-tuning
+domains — the Python standard library's own source (``stdlib``) and English technical prose,
+the language reference's topics that ship with Python as ``pydoc_data.topics`` (``prose``).
 
 Pretraining text: the cleaned Shakespeare of ``quotopt.tasks.chars`` (``corpus()``), ASCII, as
 bytes; its first 90% train, the rest validation, as in the ``chars`` task.
@@ -11,6 +12,10 @@ with an import side effect (no GUI, no network). The split is *by file*: a modul
 validation when the first byte of the BLAKE2b digest of its name is below 256·``VAL_FRACTION``,
 so the split depends on nothing but the names (the same on every machine). Files are
 concatenated in the list's order, each followed by one blank line; tokens are bytes (0–255).
+
+Prose text (``prose_corpus``): the entries of ``pydoc_data.topics.topics`` (the "help"
+topics of the Python reference, English prose with some grammar and code), sorted by topic
+name, UTF-8 encoded, each followed by one blank line; split by topic with the same digest rule.
 
 A batch is ``batch_size`` windows at offsets drawn uniformly from ``[0, n - T - 1]`` with a
 caller-provided ``torch.Generator`` (x = data[i : i + T], y = data[i + 1 : i + T + 1], nanoGPT's
@@ -30,7 +35,15 @@ from torch import Tensor
 
 from ..tasks.base import spread
 
-__all__ = ["STDLIB_MODULES", "VAL_FRACTION", "ByteCorpus", "play_bytes", "stdlib_corpus"]
+__all__ = [
+    "STDLIB_MODULES",
+    "TASKS",
+    "VAL_FRACTION",
+    "ByteCorpus",
+    "play_bytes",
+    "prose_corpus",
+    "stdlib_corpus",
+]
 
 #: the fine-tuning corpus: well-known pure-Python standard-library modules (by import name)
 STDLIB_MODULES = (
@@ -76,6 +89,24 @@ def stdlib_corpus() -> dict[str, bytes]:
 
 
 @functools.lru_cache(maxsize=1)
+def prose_corpus() -> dict[str, bytes]:
+    """``{"train": bytes, "val": bytes, "train_files": ..., "val_files": ...}`` of the
+    reference topics of ``pydoc_data.topics`` (module docstring), split by topic name."""
+    from pydoc_data.topics import topics
+
+    out: dict = {"train": [], "val": [], "train_files": [], "val_files": []}
+    for name in sorted(topics):
+        split = "val" if is_validation(name) else "train"
+        out[split].append(topics[name].encode("utf-8") + b"\n\n")
+        out[f"{split}_files"].append(name)
+    return {k: (b"".join(v) if k in ("train", "val") else tuple(v)) for k, v in out.items()}
+
+
+#: the fine-tuning tasks: name -> the function returning its split corpus
+TASKS = {"stdlib": stdlib_corpus, "prose": prose_corpus}
+
+
+@functools.lru_cache(maxsize=1)
 def play_bytes() -> bytes:
     """The cleaned plays of the ``chars`` task as ASCII bytes."""
     from ..tasks.chars import corpus
@@ -114,6 +145,14 @@ class ByteCorpus:
     @classmethod
     def stdlib(cls, seq_len: int, max_bytes: int | None = None) -> ByteCorpus:
         corpus = stdlib_corpus()
+        return cls(corpus["train"], corpus["val"], seq_len, max_bytes)
+
+    @classmethod
+    def task(cls, name: str, seq_len: int, max_bytes: int | None = None) -> ByteCorpus:
+        """The corpus of the fine-tuning task ``name`` (a key of ``TASKS``)."""
+        if name not in TASKS:
+            raise ValueError(f"unknown fine-tuning task {name!r}; valid: {', '.join(TASKS)}")
+        corpus = TASKS[name]()
         return cls(corpus["train"], corpus["val"], seq_len, max_bytes)
 
     @classmethod

@@ -19,9 +19,23 @@ only trainable parameters are adapter factors (B, A), B = 0 at the start:
 * ``qsgd-inv`` — ``QuotientSGD`` (momentum 0.9) under the damped invariant metric: scaled GD
   with momentum on the quotient.
 
-LoRA-RITE (Yen et al., ICLR 2025) is not provided: a faithful implementation (its unmagnified
-basis, the escaped-mass correction of the second moment across changing bases and the
-first-moment transport) was not written and checked against the paper here.
+* ``lora-rite`` — LoRA-RITE (Yen et al., ICLR 2025) with the defaults of the authors' PyTorch
+  reimplementation (``quotopt.baselines.lora_rite``): an r×r second moment of each factor's
+  gradient in the QR frame of the other factor, clip 1, skip 1, ε = 1e-6, no escaped mass.
+* ``balora`` — BaLoRA (Castin, Nadjahi, Ablin & Peyré, ICML 2026): AdamW, then each adapter
+  moved to its balanced representative BᵀB = AAᵀ (``quotopt.baselines.balora``).
+* ``qmuon`` — ``QuotientMuon`` over the same GL(r) adapter groups (Euclidean metric, dressed
+  every step, per adapter: ``scope="head"``), its update scaled to AdamW's RMS
+  (``adjust_lr_fn="match_rms_adamw"``) so that the lr grid carries over; momentum 0.95.
+  Adapters at B = 0, which have no dressing, are first moved along their orbit to A with
+  orthonormal rows (``quotopt.lora.orthonormal_start``: the same function), so that the
+  first step does not depend on A's initial gauge either.
+
+* ``qadam-mat`` — ``QuotientMatrixAdam`` (``quotopt.lora_adam``): r×r second moments of each
+  factor's gradient at the dressed (balanced) representative, moments pushed by the dressing,
+  horizontal direction; how it differs from LoRA-RITE is in its module docstring.
+
+Riemannion (Bogachev et al., ICLR 2026) is not provided (see ``docs/results/finetune.md``).
 """
 
 from __future__ import annotations
@@ -31,9 +45,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..baselines.balora import balora
+from ..baselines.lora_rite import lora_rite
 from ..baselines.loraplus import lora_plus
-from ..lora import lora_pairs
-from ..optim import QuotientAdam, QuotientSGD
+from ..lora import lora_pairs, orthonormal_start
+from ..lora_adam import QuotientMatrixAdam
+from ..optim import QuotientAdam, QuotientMuon, QuotientSGD
 from ..symmetries import symmetries
 
 __all__ = ["FINETUNE_OPTIMIZERS", "SECONDARY", "build_optimizer"]
@@ -78,6 +95,24 @@ def _qsgd(model, lr, *, ratio, damping, weight_decay):
     return QuotientSGD(groups, lr, momentum=0.9, weight_decay=weight_decay)
 
 
+def _lora_rite(model, lr, *, ratio, damping, weight_decay):
+    return lora_rite(model, lr, weight_decay, BETAS)
+
+
+def _balora(model, lr, *, ratio, damping, weight_decay):
+    return balora(model, lr, weight_decay, BETAS)
+
+
+def _qmuon(model, lr, *, ratio, damping, weight_decay):
+    orthonormal_start(model)
+    groups = symmetries(model, metric="euclidean", plain=False)
+    return QuotientMuon(groups, lr, weight_decay, scope="head", adjust_lr_fn="match_rms_adamw")
+
+
+def _qadam_mat(model, lr, *, ratio, damping, weight_decay):
+    return QuotientMatrixAdam(model, lr, BETAS, weight_decay=weight_decay)
+
+
 Factory = Callable[..., torch.optim.Optimizer]
 FINETUNE_OPTIMIZERS: dict[str, Factory] = {
     "adamw": _adamw,
@@ -86,6 +121,10 @@ FINETUNE_OPTIMIZERS: dict[str, Factory] = {
     "qadam-inv": _qadam("invariant"),
     "scaledgd": _scaledgd,
     "qsgd-inv": _qsgd,
+    "lora-rite": _lora_rite,
+    "balora": _balora,
+    "qmuon": _qmuon,
+    "qadam-mat": _qadam_mat,
 }
 #: the second hyperparameter of an optimiser, tuned after its learning rate: name -> field
 SECONDARY = {"loraplus": "ratio", "qadam-inv": "damping", "qsgd-inv": "damping"}

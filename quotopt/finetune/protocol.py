@@ -7,12 +7,14 @@ Tuning (seed 0, score: final validation loss; a diverged run scores +∞):
    while the best lr is an edge of the grid, the grid grows by one point beyond that edge (the
    grid's own spacing), at most ``max_extend`` times per side — so the reported best is
    bracketed unless the report says otherwise;
-2. at that lr, the other values of the second grid; if one wins, the lr is bracketed again
-   around it (its two neighbours, extended as in 1).
+2. at that lr, the other values of the second grid, grown past a best edge in the same way;
+   if another value wins, the lr is bracketed again around it (its two neighbours, extended
+   as in 1).
 
 Then the runs of the other seeds at the best setting. Run directories are
-``out/runs/r{rank}/{optim}/lr{lr}-{ratio|damping}{value}-seed{seed}``; ``resume`` reuses every
-finished run (``run.finished``).
+``out/runs/r{rank}/{optim}/lr{lr}-{ratio|damping}{value}-seed{seed}`` (under
+``out/runs/{task}/`` for a task other than ``stdlib``); ``resume`` reuses every finished run
+(``run.finished``), and every run's summary records its time (``wall_time``, ``ms_per_step``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ def run_dir(out, config: FinetuneConfig) -> Path:
     field = SECONDARY.get(config.optim)
     extra = f"-{field}{getattr(config, field):g}" if field else ""
     name = f"lr{config.lr:g}{extra}-seed{config.seed}"
-    return Path(out) / "runs" / f"r{config.rank}" / config.optim / name
+    runs = Path(out) / "runs"
+    if config.task != "stdlib":
+        runs = runs / config.task
+    return runs / f"r{config.rank}" / config.optim / name
 
 
 def _score(summary: dict) -> float:
@@ -71,18 +76,19 @@ def _neighbour(grid: list[float], lr: float, side: int) -> float:
     return lr * factor**side
 
 
-def _bracket(run, config, grid: list[float], max_extend: int) -> tuple[float, list[float]]:
-    """Best lr of ``config`` over ``grid``, growing the grid past a best edge."""
+def _bracket(run, config, grid: list[float], max_extend: int, field: str = "lr"):
+    """Best value of ``field`` of ``config`` over ``grid``, growing the grid past a best edge;
+    returns (best, the grid run)."""
     grid = sorted(grid)
-    scores = {lr: _score(run(dataclasses.replace(config, lr=lr))) for lr in grid}
+    scores = {x: _score(run(dataclasses.replace(config, **{field: x}))) for x in grid}
     for side in (-1, 1):
         for _ in range(max_extend):
             best = min(scores, key=scores.get)
             edge = grid[0] if side < 0 else grid[-1]
             if best != edge:
                 break
-            lr = float(f"{_neighbour(grid, edge, side):.3g}")
-            scores[lr] = _score(run(dataclasses.replace(config, lr=lr)))
+            x = float(f"{_neighbour(grid, edge, side):.3g}")
+            scores[x] = _score(run(dataclasses.replace(config, **{field: x})))
             grid = sorted(scores)
     return min(scores, key=scores.get), grid
 
@@ -90,28 +96,25 @@ def _bracket(run, config, grid: list[float], max_extend: int) -> tuple[float, li
 def tune(run, config: FinetuneConfig, lrs, seconds: dict, max_extend: int = 3) -> dict:
     """The best setting of ``config.optim`` at ``config.rank`` on ``config.seed`` (module
     docstring); ``seconds`` maps a hyperparameter field to its grid. Returns ``{"lr", field:
-    value, "edge": whether the lr is still a grid edge}``."""
+    value, "edge": whether the lr is still a grid edge, "{field}_edge": the same for the
+    second hyperparameter}``."""
     field = SECONDARY.get(config.optim)
     values = sorted(seconds.get(field, ())) if field else []
     if values:
         config = dataclasses.replace(config, **{field: values[len(values) // 2]})
     lr, grid = _bracket(run, config, list(lrs), max_extend)
     best = dataclasses.replace(config, lr=lr)
-    others = [v for v in values if v != getattr(best, field, None)] if field else []
-    scored = {getattr(best, field): _score(run(best))} if field else {}
-    for value in others:
-        scored[value] = _score(run(dataclasses.replace(best, **{field: value})))
-    if field:
-        winner = min(scored, key=scored.get)
-        if winner != getattr(best, field):
-            moved = dataclasses.replace(best, **{field: winner})
+    setting: dict = {}
+    if values:
+        value, second = _bracket(run, best, values, max_extend, field)
+        setting[f"{field}_edge"] = len(second) > 1 and value in (min(second), max(second))
+        if value != getattr(best, field):
+            moved = dataclasses.replace(best, **{field: value})
             around = [_neighbour(grid, lr, -1), lr, _neighbour(grid, lr, 1)]
             lr, grid = _bracket(run, moved, [float(f"{x:.3g}") for x in around], max_extend)
             best = dataclasses.replace(moved, lr=lr)
-    setting = {"lr": best.lr, "edge": best.lr in (min(grid), max(grid))}
-    if field:
         setting[field] = getattr(best, field)
-    return setting
+    return {"lr": best.lr, "edge": best.lr in (min(grid), max(grid)), **setting}
 
 
 def study(
@@ -140,7 +143,9 @@ def study(
             config = dataclasses.replace(template, rank=rank, optim=optim, seed=seeds[0])
             setting = tune(run, config, lrs, seconds, max_extend)
             tuning = list(run.done.values())[first:]
-            best = dataclasses.replace(config, **{k: v for k, v in setting.items() if k != "edge"})
+            best = dataclasses.replace(
+                config, **{k: v for k, v in setting.items() if not k.endswith("edge")}
+            )
             runs = []
             for seed in seeds:
                 seeded = dataclasses.replace(best, seed=seed)

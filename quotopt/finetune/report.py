@@ -45,9 +45,13 @@ def steps_to(runs: list[dict], target: float | None) -> int | None:
 
 
 def _setting(optim: str, best: dict) -> str:
-    extra = "".join(f", {k} {best[k]:g}" for k in ("ratio", "damping") if k in best)
     edge = " (grid edge)" if best.get("edge") else ""
-    return f"{best['lr']:g}{extra}{edge}"
+    extra = "".join(
+        f", {k} {best[k]:g}" + (" (grid edge)" if best.get(f"{k}_edge") else "")
+        for k in ("ratio", "damping")
+        if k in best
+    )
+    return f"{best['lr']:g}{edge}{extra}"
 
 
 def _fmt(value, fmt="{:.4f}") -> str:

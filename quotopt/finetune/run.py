@@ -44,6 +44,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 @dataclasses.dataclass
 class FinetuneConfig:
     optim: str = "adamw"  # a name of FINETUNE_OPTIMIZERS
+    task: str = "stdlib"  # the fine-tuning text: a name of data.TASKS
     rank: int = 16  # LoRA rank r
     lr: float = 1e-3  # learning rate (of A for loraplus)
     seed: int = 0  # adapter initialisation and batch order
@@ -75,7 +76,10 @@ def finished(config: FinetuneConfig, run_dir) -> dict | None:
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    return summary if summary.get("config") == dataclasses.asdict(config) else None
+    saved = summary.get("config")
+    if isinstance(saved, dict):  # runs saved before the task field were stdlib runs
+        saved = {"task": "stdlib", **saved}
+    return summary if saved == dataclasses.asdict(config) else None
 
 
 def _finite(value: float) -> float | None:
@@ -94,7 +98,7 @@ def finetune(
     out = prepare_out(run_dir)
     for name in ("metrics.jsonl", "summary.json"):
         (out / name).unlink(missing_ok=True)
-    data = data or ByteCorpus.stdlib(config.seq_len, config.max_bytes)
+    data = data or ByteCorpus.task(config.task, config.seq_len, config.max_bytes)
     model = add_adapters(base, config.rank, config.alpha, config.seed)
     model.train()
     optimizer = build_optimizer(config.optim, model, config.lr, ratio=config.ratio,
