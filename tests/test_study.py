@@ -14,7 +14,16 @@ import torch
 from quotopt import training
 from quotopt.cli.main import main
 from quotopt.study import FULL, QUICK, STANDARD, n_runs, run_study, write_report
-from quotopt.study.protocol import FlatPlan, Grid, RelationalPlan, StudyPlan, TaskPlan, score
+from quotopt.study.protocol import (
+    LABELS,
+    ROLES,
+    FlatPlan,
+    Grid,
+    RelationalPlan,
+    StudyPlan,
+    TaskPlan,
+    score,
+)
 from quotopt.study.robustness import basin_share, gauge_spread, seeds_reaching
 from quotopt.study.summaries import training_seconds
 from quotopt.study.tuning import bracket, extend
@@ -42,6 +51,17 @@ def test_plans_name_registered_optimisers_and_tune_every_one(plan):
             assert len(grid.lrs) >= 2 and len(grid.weight_decays) >= 2  # decay is tuned too
     assert {t.task for t in plan.tasks} == {"modadd", "sort", "chars", "digits"}
     assert "grokfast" in next(t for t in plan.tasks if t.task == "modadd").optims
+
+
+def test_every_optimiser_of_every_plan_says_what_it_does_to_the_symmetry():
+    optims = {o for plan in (QUICK, STANDARD, FULL) for t in plan.tasks for o in t.optims}
+    assert optims <= LABELS.keys() and optims <= ROLES.keys()
+    assert all(ROLES[o].endswith(".") and len(ROLES[o]) > 40 for o in optims)
+    baselines = {"randbias", "gaugefix", "geoopt-stiefel", "grokfast", "qsgd"}
+    for task in ("modadd", "chars"):  # the comparisons that place the quotient
+        plan = next(t for t in STANDARD.tasks if t.task == task)
+        assert baselines - {"grokfast"} <= set(plan.optims)
+    assert "grokfast" in next(t for t in STANDARD.tasks if t.task == "modadd").optims
 
 
 def test_the_standard_plan_brackets_compares_with_muon_and_shifts_the_gauge():
@@ -271,8 +291,10 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
     count, seconds = training_seconds(results)
     assert count == len(trained) and seconds > 0
     assert f"Its {count} training runs took {seconds / 3600:.1f} CPU-hours in all" in text
-    for heading in ("## Targets", "## modadd", "## sort", "## Flat directions", "## Gauge"):
+    for heading in ("## Optimisers", "## Targets", "## modadd", "## sort", "## Flat", "## Gauge"):
         assert heading in text
+    for optim in {o for entry in results["tasks"].values() for o in entry["plan"]["optims"]}:
+        assert f"**{LABELS[optim]}** (`{optim}`): {ROLES[optim]}" in text
     assert "QuotientAdam ≤ 0.5× AdamW's steps" in text and "| basin | gauge spread |" in text
     assert "final loss spread over gauges κ ∈ {1, 100} ≤ 1e-3" in text and "round-off floor" in text
     assert "| round trip | floor |" in text

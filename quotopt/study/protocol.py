@@ -52,6 +52,30 @@ LABELS = {
     "muon": "Muon (+ AdamW)",
     "qmuon": "QuotientMuon (+ Muon, AdamW)",
 }
+#: what each optimiser does to the symmetry, one sentence each (the results page lists them)
+ROLES = {
+    "adamw": "no geometry: every gauge direction is one more direction the step moves in.",
+    "sgd": "no geometry, no adaptivity: the Euclidean counterpart of QuotientSGD.",
+    "qadam": "*reduces* GL(r) per head: Adam on the quotient, re-dressed onto the balanced "
+    "section, with gauge-invariant second moments.",
+    "qadam-inv": "*reduces* GL(r) per head under the GL-invariant metric (the factor Hessian "
+    "of least squares), so the geometry alone is equivariant.",
+    "qsgd": "*reduces* GL(r) per head without adaptivity: the Riemannian gradient on the "
+    "quotient with momentum.",
+    "geoopt-stiefel": "*constrains* instead of reducing: W_q, W_k and W_v on the Stiefel "
+    "manifold, so each head's W_q W_kᵀ has unit singular values (a smaller model, not a "
+    "quotient).",
+    "randbias": "*breaks* the symmetry: fixed random q/v biases shrink GL(r) to the "
+    "stabiliser of the bias, of dimension r² − r, so most gauge directions remain.",
+    "gaugefix": "*fixes* the gauge: a global section (each head's top r×r block of W_Q and "
+    "W_V held at the identity), defined only where that block is invertible.",
+    "grokfast": "changes the dynamics, not the geometry: an exponential average of past "
+    "gradients amplifies their slow component.",
+    "muon": "respects O(d) and O(r) per head (orthogonalisation commutes with orthogonal "
+    "changes of basis) but not GL(r).",
+    "qmuon": "*reduces* GL(r) per head: Muon's orthogonalised step taken at the balanced "
+    "representative and lifted horizontally.",
+}
 #: the quotient optimisers whose targets the page checks against AdamW and Muon
 QUOTIENT = ("qadam", "qadam-inv", "qmuon")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import figures
 from .flat import flat_markdown
-from .protocol import LABELS, SGD_LIKE, Grid
+from .protocol import LABELS, ROLES, SGD_LIKE, Grid
 from .relational_report import relational_section
 from .robustness import LOSS_MARGIN, STEPS_FACTOR, basin_share, gauge_spread, seeds_reaching
 from .summaries import (
@@ -264,6 +264,14 @@ def dynamics_section(results: dict, image_dir: Path, task: str = "modadd") -> li
     ]
 
 
+def optimisers_section(results: dict) -> list[str]:
+    """One line per optimiser of the study: its label and what it does to the symmetry."""
+    seen = dict.fromkeys(o for entry in results["tasks"].values() for o in entry["plan"]["optims"])
+    lines = ["## Optimisers", ""]
+    lines += [f"- **{LABELS.get(o, o)}** (`{o}`): {ROLES.get(o, '')}".rstrip() for o in seen]
+    return lines + [""]
+
+
 def write_report(results: dict, docs_dir, command: str) -> Path:
     """Write ``docs_dir/results.md`` and its figures; returns the page's path."""
     docs_dir = Path(docs_dir)
@@ -289,7 +297,7 @@ def write_report(results: dict, docs_dir, command: str) -> Path:
         "and the discussion.",
         "",
     ]
-    lines += targets(results) + body
+    lines += optimisers_section(results) + targets(results) + body
     lines += relational_section(results, image_dir)
     lines += flat_section(results, image_dir)
     lines += dynamics_section(results, image_dir)
