@@ -50,7 +50,7 @@ import torch.distributed as dist
 from manifolds import Bundle
 from manifolds.linalg import sign_fix_columns
 
-__all__ = ["RowShardedHeads", "all_reduce_sum"]
+__all__ = ["RowShardedHeads", "all_reduce_sum", "shard_heads", "shard_rows"]
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Tensor]:
@@ -98,7 +98,8 @@ class RowShardedHeads:
             )
         except NotImplementedError:
             raise ValueError(
-                f"RowShardedHeads supports HeadQK and HeadOV, got {bundle!r}"
+                f"RowShardedHeads supports factored bundles (HeadQK, HeadOV, RotaryQK, "
+                f"PositiveRescaling), got {bundle!r}"
             ) from None
         self.group = group
 
@@ -116,3 +117,48 @@ class RowShardedHeads:
     def dressing(self, point_shard) -> torch.Tensor:
         """u(p), replicated on every rank."""
         return self.bundle.dressing(point_shard)
+
+
+def _placements(groups, axis_of) -> dict:
+    """{parameter: Shard(dim)} for the parameters of the bundle groups of ``groups``, ``dim``
+    the parameter axis that ``axis_of(bundle, views)`` names in each view (found by strides on
+    meta tensors, so any layout of views reshaping or transposing without a copy works)."""
+    from torch.distributed.tensor import Shard
+
+    out = {}
+    for group in groups:
+        bundle, params = group.get("bundle"), list(group["params"])
+        if bundle is None:
+            continue
+        metas = [torch.empty(p.shape, device="meta") for p in params]
+        layout = group.get("layout")
+        views = tuple(layout(metas)) if layout is not None else tuple(metas)
+        for view, axis in zip(*axis_of(bundle, views)):
+            base = view if view._base is None else view._base
+            index = next(i for i, m in enumerate(metas) if m is base)
+            dims = [d for d, st in enumerate(base.stride()) if st == view.stride(axis)]
+            dims = [d for d in dims if base.shape[d] == view.shape[axis]]
+            out[params[index]] = Shard(dims[0])
+    return out
+
+
+def _placement_fn(table: dict):
+    return lambda param: table.get(param)
+
+
+def shard_heads(groups):
+    """A ``shard_placement_fn`` for ``fully_shard`` that splits the tensors of every bundle
+    group on their head axis (whole heads per rank: no communication in the quotient step);
+    other parameters keep FSDP2's default ``Shard(0)``. ``groups``: ``quotopt.symmetries``."""
+    return _placement_fn(_placements(groups, lambda bundle, views: (views, [0] * len(views))))
+
+
+def shard_rows(groups):
+    """A ``shard_placement_fn`` that splits every factor of the bundle groups on its rows (the
+    model-space axis): one all-reduce of r×r Grams per head and operation in the step."""
+
+    def rows(bundle, views):
+        factors = bundle.factors(views)
+        return factors, [1] * len(factors)
+
+    return _placement_fn(_placements(groups, rows))

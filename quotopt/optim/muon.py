@@ -284,6 +284,7 @@ class QuotientMuon(QuotientOptimizer):
         return hyper["scope"] == "head"
 
     _plain_update = staticmethod(_plain_updates)
+    _gathers_matrices = staticmethod(lambda group: group["rule"] == "muon")  # Newton–Schulz
     _bundle_update = staticmethod(muon_bundle_update)
     #: an infinite buffer would normalise to zero steps, an infinite v zero AdamW's step
     _checked_state = ("momentum_buffer", "exp_avg_sq")

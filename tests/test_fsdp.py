@@ -1,0 +1,270 @@
+"""The quotient optimisers on FSDP2 (``fully_shard``, DTensor parameters), 2 CPU processes (gloo).
+
+One module-scoped job forks 2 processes that run every experiment and save their results; the
+tests compare them with single-process references computed here. float64 throughout. Sharding
+by whole heads (FSDP2's default ``Shard(0)`` on the head axis, ``quotopt.distributed.
+shard_heads``) and by rows (``shard_rows``: every factor split on its model-space axis).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import quotopt
+from quotopt.distributed import shard_heads, shard_rows
+from quotopt.models import Transformer
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+WORLD = 2
+STEPS = 20
+VOCAB, D_MODEL, LAYERS, HEADS, LEN = 23, 16, 2, 4, 12
+GLOBAL_BATCH = 8
+WATCHDOG_S = 240
+OPTIMISERS = {
+    "adam": lambda groups: quotopt.QuotientAdam(groups, lr=1e-2, weight_decay=0.1),
+    "sgd": lambda groups: quotopt.QuotientSGD(groups, lr=1e-1, momentum=0.9),
+    "muon": lambda groups: quotopt.QuotientMuon(groups, lr=1e-2),
+}
+CASES = [(name, mode) for name in OPTIMISERS for mode in ("heads", "rows")]
+
+
+def _model(gauge: bool = False) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(VOCAB, D_MODEL, LAYERS, HEADS, LEN, activation="relu").double()
+    if gauge:  # the same functions, other representatives (GL(r) per head, rescaled units)
+        gen = torch.Generator().manual_seed(5)
+        quotopt.gauge_transform(model, quotopt.symmetries(model), generator=gen)
+    return model
+
+
+def _batches() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (STEPS, GLOBAL_BATCH, LEN), generator=gen)
+
+
+def _loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def _shard(model, mode: str, mesh):
+    """``fully_shard`` each block, then the root, with the placements of ``mode``."""
+    from torch.distributed.fsdp import fully_shard
+
+    place = (shard_heads if mode == "heads" else shard_rows)(quotopt.symmetries(model))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, shard_placement_fn=place)
+    fully_shard(model, mesh=mesh, shard_placement_fn=place)
+    return model
+
+
+def _steps(model, optimiser, batches, rank=0, world=1) -> None:
+    share = GLOBAL_BATCH // world  # FSDP averages the ranks' gradients: the global batch's
+    for tokens in batches:
+        optimiser.zero_grad()
+        _loss(model, tokens[rank * share : (rank + 1) * share]).backward()
+        optimiser.step()
+
+
+def _full(model) -> list[torch.Tensor]:
+    return [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for p in model.parameters()
+    ]
+
+
+def _state_bytes(optimiser) -> int:
+    """Bytes of the optimiser state this process holds (local shards of sharded state)."""
+
+    def size(value):
+        if isinstance(value, (tuple, list)):
+            return sum(size(v) for v in value)
+        if isinstance(value, torch.Tensor) and value.dim():
+            return value.numel() * value.element_size()
+        return 0
+
+    return sum(size(v) for state in optimiser.state.values() for v in state.values())
+
+
+# ---- what each rank runs ---------------------------------------------------------------------
+def _trained(name, mode, mesh, rank, steps=STEPS, gauge=False):
+    model = _shard(_model(gauge), mode, mesh)
+    optimiser = OPTIMISERS[name](quotopt.symmetries(model))
+    _steps(model, optimiser, _batches()[:steps], rank, WORLD)
+    return model, optimiser
+
+
+def _checkpointed(tmp: str, mesh, rank) -> list[torch.Tensor]:
+    """QuotientAdam: 10 steps, a distributed checkpoint, a new model and optimiser loading it,
+    10 more steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    model, optimiser = _trained("adam", "heads", mesh, rank, steps=STEPS // 2)
+    saved = {
+        "model": sd.get_model_state_dict(model),
+        "optim": sd.get_optimizer_state_dict(model, optimiser),
+    }
+    dcp.save(saved, checkpoint_id=os.path.join(tmp, "checkpoint"))
+    del model, optimiser, saved
+    model = _shard(_model(gauge=True), "heads", mesh)  # other values everywhere: all reloaded
+    optimiser = OPTIMISERS["adam"](quotopt.symmetries(model))
+    loaded = {
+        "model": sd.get_model_state_dict(model),
+        "optim": sd.get_optimizer_state_dict(model, optimiser),
+    }
+    dcp.load(loaded, checkpoint_id=os.path.join(tmp, "checkpoint"))
+    sd.set_model_state_dict(model, loaded["model"])
+    # a bundle group keeps one state, on its first parameter: the others have none to load
+    options = sd.StateDictOptions(strict=False)
+    sd.set_optimizer_state_dict(model, optimiser, loaded["optim"], options=options)
+    _steps(model, optimiser, _batches()[STEPS // 2 :], rank, WORLD)
+    return _full(model)
+
+
+def _nonfinite_on_one_rank(mesh, rank) -> dict:
+    """Two steps, then a NaN in rank 1's shard of one gradient only: every rank must refuse."""
+    model, optimiser = _trained("adam", "rows", mesh, rank, steps=2)
+    optimiser.zero_grad()
+    _loss(model, _batches()[2][rank * 4 : rank * 4 + 4]).backward()
+    if rank == 1:
+        model.blocks[0].attn.wq.grad.to_local()[0, 0, 0] = float("nan")
+    before = [p.to_local().clone() for p in model.parameters()]
+    state = [t.clone() for s in optimiser.state.values() for t in _tensors(s)]
+    try:
+        optimiser.step()
+        raised = False
+    except quotopt.NonFiniteStepError:
+        raised = True
+    params_kept = all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+    now = [t for s in optimiser.state.values() for t in _tensors(s)]
+    state_kept = all(torch.equal(a, b) for a, b in zip(state, now))
+    return {"raised": raised, "params_kept": params_kept, "state_kept": state_kept}
+
+
+def _tensors(state: dict):
+    for value in state.values():
+        yield from value if isinstance(value, tuple) else (value,)
+
+
+def _logits(model) -> torch.Tensor:
+    tokens = torch.arange(LEN - 1).remainder(VOCAB).view(1, -1)
+    with torch.no_grad():
+        return model(tokens).detach().clone()
+
+
+def _rank_results(rank: int, tmp: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    result = {"trained": {}}
+    for name, mode in CASES:
+        model, optimiser = _trained(name, mode, mesh, rank)
+        result["trained"][name, mode] = _full(model)
+        if (name, mode) == ("adam", "heads"):
+            result["state_bytes"] = _state_bytes(optimiser)
+            result["logits"] = _logits(model)
+    result["resumed"] = _checkpointed(tmp, mesh, rank)
+    result["nonfinite"] = _nonfinite_on_one_rank(mesh, rank)
+    model, _ = _trained("adam", "heads", mesh, rank, gauge=True)
+    result["gauged_logits"] = _logits(model)
+    for gauge in (False, True):  # the control: torch's AdamW on the same shards
+        model = _shard(_model(gauge), "heads", mesh)
+        _steps(model, torch.optim.AdamW(model.parameters(), lr=1e-2), _batches(), rank, WORLD)
+        result["adamw_logits", gauge] = _logits(model)
+    return result
+
+
+def _worker(rank: int, store_path: str, out_dir: str) -> None:
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)  # a hang fails, with a traceback
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    try:
+        torch.save(_rank_results(rank, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Results of the 2-process job, one dict per rank (forked workers, as in
+    ``tests/test_distributed.py``)."""
+    import torch._dynamo  # noqa: F401
+
+    tmp = tmp_path_factory.mktemp("fsdp")
+    method = "fork" if sys.platform == "linux" else "spawn"
+    mp.start_processes(
+        _worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True, start_method=method
+    )
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _unsharded(name: str):
+    model = _model()
+    optimiser = OPTIMISERS[name](quotopt.symmetries(model))
+    _steps(model, optimiser, _batches())
+    return model, optimiser
+
+
+def _worst(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(("name", "mode"), CASES)
+def test_sharded_steps_equal_unsharded_steps(ranks, one_thread, name, mode):
+    model, _ = _unsharded(name)
+    reference = [p.detach() for p in model.parameters()]
+    for result in ranks:
+        assert _worst(result["trained"][name, mode], reference) <= 1e-10
+    assert _worst(reference, [p.detach() for p in _model().parameters()]) > 1e-2  # it trained
+
+
+def test_each_rank_holds_half_the_optimiser_state(ranks, one_thread):
+    _, optimiser = _unsharded("adam")
+    whole = _state_bytes(optimiser)
+    held = [r["state_bytes"] for r in ranks]
+    assert sum(held) == pytest.approx(whole, rel=0.02)  # step counters are replicated
+    assert all(abs(h / whole - 1 / WORLD) < 0.05 for h in held)
+
+
+def test_distributed_checkpoint_resumes_bit_exactly(ranks):
+    for result in ranks:
+        uninterrupted = result["trained"]["adam", "heads"]
+        assert all(torch.equal(a, b) for a, b in zip(result["resumed"], uninterrupted))
+
+
+def test_nonfinite_gradient_on_one_rank_is_refused_on_every_rank(ranks):
+    for result in ranks:
+        assert result["nonfinite"] == {"raised": True, "params_kept": True, "state_kept": True}
+
+
+def test_gauge_equivariance_holds_sharded(ranks):
+    """Runs from p and p·g compute the same function after 20 sharded steps; torch's AdamW on
+    the same shards does not (the control)."""
+    for result in ranks:
+        same = result["logits"] - result["gauged_logits"]
+        assert float(same.abs().max()) <= 1e-9 * float(result["logits"].abs().max())
+        control = result["adamw_logits", False] - result["adamw_logits", True]
+        assert float(control.abs().max()) > 1e-3
