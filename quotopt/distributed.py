@@ -50,7 +50,7 @@ import torch.distributed as dist
 from manifolds import Bundle
 from manifolds.linalg import sign_fix_columns
 
-__all__ = ["RowShardedHeads", "all_reduce_sum", "shard_heads", "shard_rows"]
+__all__ = ["RowShardedHeads", "all_reduce_sum", "fully_shard_groups", "shard_heads", "shard_rows"]
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Tensor]:
@@ -119,7 +119,7 @@ class RowShardedHeads:
         return self.bundle.dressing(point_shard)
 
 
-def _placements(groups, axis_of) -> dict:
+def _placements(groups, axis_of, heads: bool) -> dict:
     """{parameter: Shard(dim)} for the parameters of the bundle groups of ``groups``, ``dim``
     the parameter axis that ``axis_of(bundle, views)`` names in each view (found by strides on
     meta tensors, so any layout of views reshaping or transposing without a copy works)."""
@@ -130,8 +130,13 @@ def _placements(groups, axis_of) -> dict:
         bundle, params = group.get("bundle"), list(group["params"])
         if bundle is None:
             continue
-        metas = [torch.empty(p.shape, device="meta") for p in params]
         layout = group.get("layout")
+        if hasattr(layout, "feature_dims"):  # projections indexed by feature
+            for index, dim in layout.feature_dims(params).items():
+                last = params[index].dim() - 1  # features on one of the last two axes
+                out[params[index]] = Shard(dim if heads else (last - 1 if dim == last else last))
+            continue
+        metas = [torch.empty(p.shape, device="meta") for p in params]
         views = tuple(layout(metas)) if layout is not None else tuple(metas)
         for view, axis in zip(*axis_of(bundle, views)):
             base = view if view._base is None else view._base
@@ -150,7 +155,9 @@ def shard_heads(groups):
     """A ``shard_placement_fn`` for ``fully_shard`` that splits the tensors of every bundle
     group on their head axis (whole heads per rank: no communication in the quotient step);
     other parameters keep FSDP2's default ``Shard(0)``. ``groups``: ``quotopt.symmetries``."""
-    return _placement_fn(_placements(groups, lambda bundle, views: (views, [0] * len(views))))
+    return _placement_fn(
+        _placements(groups, lambda bundle, views: (views, [0] * len(views)), heads=True)
+    )
 
 
 def shard_rows(groups):
@@ -161,4 +168,25 @@ def shard_rows(groups):
         factors = bundle.factors(views)
         return factors, [1] * len(factors)
 
-    return _placement_fn(_placements(groups, rows))
+    return _placement_fn(_placements(groups, rows, heads=False))
+
+
+def fully_shard_groups(model, groups, mesh, blocks=(), by: str = "heads") -> list[dict]:
+    """``fully_shard`` each module of ``blocks`` and then ``model`` on ``mesh``, the bundle
+    groups' tensors split on their heads (``by="heads"``) or rows (``"rows"``), and return
+    ``groups`` (``quotopt.symmetries(model)``, built before sharding) holding the sharded
+    parameters, which ``fully_shard`` puts in place of the module's own.
+
+    Detection that verifies a model by running it (Hugging Face models) needs the unsharded
+    model: build the groups first, shard with this, then build the optimiser."""
+    from torch.distributed.fsdp import fully_shard
+
+    if by not in ("heads", "rows"):
+        raise ValueError(f"by must be 'heads' or 'rows', got {by!r}")
+    place = (shard_heads if by == "heads" else shard_rows)(groups)
+    names = {id(p): name for name, p in model.named_parameters()}
+    for block in blocks:
+        fully_shard(block, mesh=mesh, shard_placement_fn=place)
+    fully_shard(model, mesh=mesh, shard_placement_fn=place)
+    now = dict(model.named_parameters())
+    return [dict(group, params=[now[names[id(p)]] for p in group["params"]]) for group in groups]

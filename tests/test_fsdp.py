@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import quotopt
-from quotopt.distributed import shard_heads, shard_rows
+from quotopt.distributed import fully_shard_groups
 from quotopt.models import Transformer
 
 pytestmark = pytest.mark.skipif(
@@ -36,10 +36,24 @@ OPTIMISERS = {
     "sgd": lambda groups: quotopt.QuotientSGD(groups, lr=1e-1, momentum=0.9),
     "muon": lambda groups: quotopt.QuotientMuon(groups, lr=1e-2),
 }
-CASES = [(name, mode) for name in OPTIMISERS for mode in ("heads", "rows")]
+CASES = [("transformer", name, mode) for name in OPTIMISERS for mode in ("heads", "rows")]
+CASES += [("llama", "adam", "heads"), ("llama", "adam", "rows"), ("llama", "muon", "heads")]
 
 
-def _model(gauge: bool = False) -> Transformer:
+def _llama():
+    """A tiny LLaMA: 4 query heads in 2 key/value groups of r = 4, SwiGLU units, RoPE."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=24, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=2 * LEN,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).double()
+
+
+def _model(gauge: bool = False, kind: str = "transformer"):
+    if kind == "llama":
+        return _llama()
     torch.manual_seed(0)
     model = Transformer(VOCAB, D_MODEL, LAYERS, HEADS, LEN, activation="relu").double()
     if gauge:  # the same functions, other representatives (GL(r) per head, rescaled units)
@@ -54,19 +68,16 @@ def _batches() -> torch.Tensor:
 
 
 def _loss(model, tokens):
+    if not isinstance(model, Transformer):
+        return model(input_ids=tokens, labels=tokens).loss
     logits = model(tokens[:, :-1])
     return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
 
-def _shard(model, mode: str, mesh):
-    """``fully_shard`` each block, then the root, with the placements of ``mode``."""
-    from torch.distributed.fsdp import fully_shard
-
-    place = (shard_heads if mode == "heads" else shard_rows)(quotopt.symmetries(model))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, shard_placement_fn=place)
-    fully_shard(model, mesh=mesh, shard_placement_fn=place)
-    return model
+def _shard(model, mode: str, mesh) -> list[dict]:
+    """``fully_shard`` each block, then the root, with the placements of ``mode``; the groups."""
+    blocks = model.blocks if isinstance(model, Transformer) else model.model.layers
+    return fully_shard_groups(model, quotopt.symmetries(model), mesh, blocks, by=mode)
 
 
 def _steps(model, optimiser, batches, rank=0, world=1) -> None:
@@ -98,9 +109,9 @@ def _state_bytes(optimiser) -> int:
 
 
 # ---- what each rank runs ---------------------------------------------------------------------
-def _trained(name, mode, mesh, rank, steps=STEPS, gauge=False):
-    model = _shard(_model(gauge), mode, mesh)
-    optimiser = OPTIMISERS[name](quotopt.symmetries(model))
+def _trained(name, mode, mesh, rank, steps=STEPS, gauge=False, kind="transformer"):
+    model = _model(gauge, kind)
+    optimiser = OPTIMISERS[name](_shard(model, mode, mesh))
     _steps(model, optimiser, _batches()[:steps], rank, WORLD)
     return model, optimiser
 
@@ -118,8 +129,8 @@ def _checkpointed(tmp: str, mesh, rank) -> list[torch.Tensor]:
     }
     dcp.save(saved, checkpoint_id=os.path.join(tmp, "checkpoint"))
     del model, optimiser, saved
-    model = _shard(_model(gauge=True), "heads", mesh)  # other values everywhere: all reloaded
-    optimiser = OPTIMISERS["adam"](quotopt.symmetries(model))
+    model = _model(gauge=True)  # other values everywhere: all reloaded
+    optimiser = OPTIMISERS["adam"](_shard(model, "heads", mesh))
     loaded = {
         "model": sd.get_model_state_dict(model),
         "optim": sd.get_optimizer_state_dict(model, optimiser),
@@ -153,6 +164,26 @@ def _nonfinite_on_one_rank(mesh, rank) -> dict:
     return {"raised": raised, "params_kept": params_kept, "state_kept": state_kept}
 
 
+def _refusals(mesh) -> list[str]:
+    """The errors of layouts that split neither whole heads nor rows, and of Muon's scope
+    'tensor' on shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    fully_shard(model, mesh=mesh)  # FSDP2's default Shard(0): w_in (d, m) on rows, w_out on units
+    errors = []
+    for build in (
+        lambda: quotopt.QuotientAdam(quotopt.symmetries(model)),
+        lambda: quotopt.QuotientMuon(_shard(_model(), "heads", mesh), scope="tensor"),
+    ):
+        try:
+            build()
+            errors.append("")
+        except ValueError as error:
+            errors.append(str(error))
+    return errors
+
+
 def _tensors(state: dict):
     for value in state.values():
         yield from value if isinstance(value, tuple) else (value,)
@@ -169,18 +200,20 @@ def _rank_results(rank: int, tmp: str) -> dict:
 
     mesh = init_device_mesh("cpu", (WORLD,))
     result = {"trained": {}}
-    for name, mode in CASES:
-        model, optimiser = _trained(name, mode, mesh, rank)
-        result["trained"][name, mode] = _full(model)
-        if (name, mode) == ("adam", "heads"):
+    for kind, name, mode in CASES:
+        model, optimiser = _trained(name, mode, mesh, rank, kind=kind)
+        result["trained"][kind, name, mode] = _full(model)
+        if (kind, name, mode) == ("transformer", "adam", "heads"):
             result["state_bytes"] = _state_bytes(optimiser)
             result["logits"] = _logits(model)
+    result["refused"] = _refusals(mesh)
     result["resumed"] = _checkpointed(tmp, mesh, rank)
     result["nonfinite"] = _nonfinite_on_one_rank(mesh, rank)
     model, _ = _trained("adam", "heads", mesh, rank, gauge=True)
     result["gauged_logits"] = _logits(model)
     for gauge in (False, True):  # the control: torch's AdamW on the same shards
-        model = _shard(_model(gauge), "heads", mesh)
+        model = _model(gauge)
+        _shard(model, "heads", mesh)
         _steps(model, torch.optim.AdamW(model.parameters(), lr=1e-2), _batches(), rank, WORLD)
         result["adamw_logits", gauge] = _logits(model)
     return result
@@ -221,8 +254,8 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def _unsharded(name: str):
-    model = _model()
+def _unsharded(name: str, kind: str = "transformer"):
+    model = _model(kind=kind)
     optimiser = OPTIMISERS[name](quotopt.symmetries(model))
     _steps(model, optimiser, _batches())
     return model, optimiser
@@ -232,13 +265,14 @@ def _worst(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize(("name", "mode"), CASES)
-def test_sharded_steps_equal_unsharded_steps(ranks, one_thread, name, mode):
-    model, _ = _unsharded(name)
+@pytest.mark.parametrize(("kind", "name", "mode"), CASES)
+def test_sharded_steps_equal_unsharded_steps(ranks, one_thread, kind, name, mode):
+    model, _ = _unsharded(name, kind)
     reference = [p.detach() for p in model.parameters()]
     for result in ranks:
-        assert _worst(result["trained"][name, mode], reference) <= 1e-10
-    assert _worst(reference, [p.detach() for p in _model().parameters()]) > 1e-2  # it trained
+        assert _worst(result["trained"][kind, name, mode], reference) <= 1e-10
+    start = [p.detach() for p in _model(kind=kind).parameters()]
+    assert _worst(reference, start) > 1e-2  # it trained
 
 
 def test_each_rank_holds_half_the_optimiser_state(ranks, one_thread):
@@ -251,7 +285,7 @@ def test_each_rank_holds_half_the_optimiser_state(ranks, one_thread):
 
 def test_distributed_checkpoint_resumes_bit_exactly(ranks):
     for result in ranks:
-        uninterrupted = result["trained"]["adam", "heads"]
+        uninterrupted = result["trained"]["transformer", "adam", "heads"]
         assert all(torch.equal(a, b) for a, b in zip(result["resumed"], uninterrupted))
 
 
@@ -268,3 +302,10 @@ def test_gauge_equivariance_holds_sharded(ranks):
         assert float(same.abs().max()) <= 1e-9 * float(result["logits"].abs().max())
         control = result["adamw_logits", False] - result["adamw_logits", True]
         assert float(control.abs().max()) > 1e-3
+
+
+def test_shards_that_split_neither_heads_nor_rows_are_refused(ranks):
+    for result in ranks:
+        mixed, tensor_scope = result["refused"]
+        assert "mlp.units" in mixed and "split neither whole heads" in mixed
+        assert "scope='tensor'" in tensor_scope

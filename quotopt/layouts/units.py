@@ -18,7 +18,7 @@ class UnitsOfMatmul(Layout):
         w_in, w_out = tensors
         return (w_in.T.unsqueeze(-1), w_out.unsqueeze(-1))  # (m, d, 1), (m, d_out, 1)
 
-    def on_shards(self) -> UnitsOfMatmul:
+    def on_shards(self, params) -> UnitsOfMatmul:
         return self  # a transpose and an unsqueeze: the same on any chunk of rows or units
 
 

@@ -238,7 +238,8 @@ class QuotientMuon(QuotientOptimizer):
                     )
         elif isinstance(bundle, Bundle) and rule == "muon":
             try:
-                factored_parts(bundle, self._views(param_group, params))
+                shapes = [torch.empty(p.shape, device="meta") for p in params]  # DTensors too
+                factored_parts(bundle, self._views(param_group, shapes))
             except NotImplementedError as error:
                 raise ValueError(
                     f"{name}: QuotientMuon orthogonalises the two factors of each head, but "

@@ -77,8 +77,8 @@ class Shards:
 
     def __init__(self, name: str, group: dict, params: list):
         self.name = name
-        meshes = {id(p.device_mesh) for p in params if is_sharded(p)}
-        if len(meshes) != 1 or not all(is_sharded(p) for p in params):
+        sharded = [p for p in params if is_sharded(p)]
+        if len(sharded) < len(params) or any(p.device_mesh != sharded[0].device_mesh for p in sharded):
             raise ValueError(
                 f"{name}: every parameter of a group must be a DTensor of one device mesh (the "
                 "same fully_shard call or mesh), got a mix; build the groups after fully_shard"
@@ -110,7 +110,7 @@ class Shards:
         layout = group.get("layout")
         if layout is not None:
             try:
-                layout = layout.on_shards()
+                layout = layout.on_shards(params)
             except (AttributeError, NotImplementedError):
                 raise ValueError(
                     f"{name}: layout {layout!r} does not say how it maps sharded parameters; "
