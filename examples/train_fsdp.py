@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, default=None, help="step to save at")
     parser.add_argument("--resume", action="store_true", help="load --checkpoint first")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # small models: one thread per process
     if (args.save_at is not None or args.resume) and not args.checkpoint:
         parser.error("--save-at and --resume need --checkpoint")
     result = run(
