@@ -9,9 +9,13 @@ wrapped module (``symmetries(ddp.module)``): DDP shares the module's parameters.
 ``tests/test_distributed.py`` checks 2 CPU processes (gloo) against one process with the same
 global batch, 5 steps, on ``quotopt.models.Transformer``.
 
-**Sharded parameters (FSDP, tensor parallelism).** Plain groups update elementwise, so they run on
-shards exactly as ``torch.optim.AdamW`` does. A bundle group needs per-orbit quantities; whether
-they are local depends on which axis is sharded:
+**Sharded parameters (FSDP2, tensor parallelism).** ``QuotientSGD``, ``QuotientAdam`` and
+``QuotientMuon`` step the DTensor parameters of ``fully_shard`` on their local shards, reading the
+split axis from the placements (``quotopt.optim.sharding``); ``fully_shard_groups`` shards a model
+so that every bundle group is split by whole heads (or by rows) and returns its groups holding the
+sharded parameters. Plain groups update elementwise, so they run on shards exactly as
+``torch.optim.AdamW`` does. A bundle group needs per-orbit quantities; whether they are local
+depends on which axis is sharded:
 
 * *Head axis* (FSDP2's ``Shard(0)`` on quotopt's (H, d, r) parameters, H divisible by the world
   size, both factors of a head on the same rank): every head's geometry is local — no
@@ -31,7 +35,8 @@ they are local depends on which axis is sharded:
   Σ T̂ᵀẐ are d×d sums over rows — one all-reduce of 2·d² numbers, the d×d ``eigh`` replicated.
 * *The acted-on axis itself* (r of a head factor — e.g. ``q_proj.weight`` (H·r, d) sharded on
   dim 0 with shard boundaries inside a head — or d of an O(d) tensor): the Gram matrices need
-  the other ranks' columns, an all-gather of the factor. Not supported: align shards with heads.
+  the other ranks' columns, an all-gather of the factor. Not supported (refused when the
+  optimiser is built): align shards with heads.
 
 The bundle classes hold every formula; ``RowShardedHeads`` only supplies the two reductions
 (``Bundle.with_row_reduction``), so the sharded geometry cannot drift from the unsharded one.

@@ -136,7 +136,6 @@ class ProjectionHeads(Layout):
                 x = x[..., :-1]
             feats[index] = x
 
-
     # ---- sharded weights (FSDP2) ------------------------------------------------------------
     def feature_dims(self, params) -> dict[int, int]:
         """{position of a weight: the axis of its features}: split there, a weight's chunks

@@ -80,7 +80,15 @@ class QuotientOptimizer(Diagnostics, Checkpointing, torch.optim.Optimizer):
         self._deficient: dict[int, object] = {}
         super().__init__(params, defaults)
         if self._guard.process_group is not None:
-            sharding.create_state(self)
+            self.init_state()
+
+    def init_state(self) -> None:
+        """Create now the state each group's first step would create (zeros; steps taken from
+        there are the same). Sharded optimisers do this when built. Call it before
+        ``torch.distributed.checkpoint``'s ``set_optimizer_state_dict`` on an optimiser that has
+        not stepped: that function otherwise initialises the state by a step at zero gradient
+        and lr = 0, which re-dresses the parameters of bundle groups."""
+        sharding.create_state(self)
 
     @property
     def nonfinite(self) -> str:

@@ -36,8 +36,13 @@ class Checkpointing:
         refused with a ValueError before anything is written. Structure (``bundle``,
         ``layout``, ``frozen``) stays this optimiser's; a hyperparameter the saved group lacks
         keeps this group's value."""
-        if self._guard.process_group is not None:  # DTensors to the local shards
-            local_states = {k: Shards.local_state(v) for k, v in state_dict["state"].items()}
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict):
+            # DTensors to this rank's shards, lists (as torch.distributed.checkpoint keeps a
+            # bundle's tensors) to tuples
+            states = state_dict["state"].items()
+            local_states = {
+                k: Shards.local_state(v) if isinstance(v, dict) else v for k, v in states
+            }
             state_dict = dict(state_dict, state=local_states)
         check_state_dict(self, state_dict)
         structure = [{k: g[k] for k in _STRUCTURAL_KEYS if k in g} for g in self.param_groups]

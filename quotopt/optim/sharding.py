@@ -78,7 +78,9 @@ class Shards:
     def __init__(self, name: str, group: dict, params: list):
         self.name = name
         sharded = [p for p in params if is_sharded(p)]
-        if len(sharded) < len(params) or any(p.device_mesh != sharded[0].device_mesh for p in sharded):
+        if len(sharded) < len(params) or any(
+            p.device_mesh != sharded[0].device_mesh for p in sharded
+        ):
             raise ValueError(
                 f"{name}: every parameter of a group must be a DTensor of one device mesh (the "
                 "same fully_shard call or mesh), got a mix; build the groups after fully_shard"
@@ -262,18 +264,14 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
 
 
 def create_state(optimizer) -> None:
-    """Give every sharded group of ``optimizer`` the state its first step would create.
-
-    Sharded optimisers hold their state from construction, so that
-    ``torch.distributed.checkpoint``'s ``set_optimizer_state_dict`` finds a state to load into
-    and never takes its initialising step (zero gradients at lr = 0), which would re-dress the
-    parameters of bundle groups."""
+    """Give every group of ``optimizer`` without state the state its first step would create
+    (``QuotientOptimizer.init_state``)."""
     for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.requires_grad]
-        if "shards" not in group or not params or group.get("frozen", False):
+        params = [p for p in group["params"] if p.requires_grad and p not in optimizer.state]
+        if not params or group.get("frozen", False):
             continue
         if group.get("bundle") is not None:
-            state = optimizer._init_state(group, group["shards"].views(params))
+            state = optimizer._init_state(group, optimizer._views(group, params))
             optimizer.state[params[0]] = state
             continue
         for p in params:
@@ -281,11 +279,17 @@ def create_state(optimizer) -> None:
 
 
 def globalise(optimizer, states: dict) -> None:
-    """Sharded entries of a ``state_dict``'s ``states`` (keyed by parameter index, as torch
-    keys them) as DTensors (``Shards.global_state``)."""
+    """The entries of a ``state_dict``'s ``states`` (keyed by parameter index, as torch keys
+    them) as ``torch.distributed.checkpoint`` reads them: sharded ones as DTensors
+    (``Shards.global_state``), a bundle's tuples of tensors as lists (it traverses lists, not
+    tuples), sharded or not, so that a checkpoint of N ranks loads on any number."""
     index = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
             if "shards" in group and index in states:
                 states[index] = group["shards"].global_state(p, states[index])
+            elif index in states:
+                states[index] = {
+                    k: list(v) if isinstance(v, tuple) else v for k, v in states[index].items()
+                }
             index += 1
