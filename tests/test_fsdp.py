@@ -169,6 +169,30 @@ def _nonfinite_on_one_rank(mesh, rank) -> dict:
     return {"raised": raised, "params_kept": params_kept, "state_kept": state_kept}
 
 
+def _failure_on_one_rank(mesh, rank) -> dict:
+    """A factorisation that fails on rank 1 only (a planted ``LinAlgError`` in its eigh), with
+    whole heads per rank: every rank must refuse the step, nothing written."""
+    model, optimiser = _trained("adam", "heads", mesh, rank, steps=2)
+    optimiser.zero_grad()
+    _loss(model, _batches()[2][rank * 4 : rank * 4 + 4]).backward()
+    before = [p.to_local().clone() for p in model.parameters()]
+    eigh = torch.linalg.eigh
+
+    def planted(*args, **kwargs):
+        raise torch.linalg.LinAlgError("planted failure")
+
+    message = ""
+    try:
+        torch.linalg.eigh = planted if rank == 1 else eigh
+        optimiser.step()
+    except quotopt.NonFiniteStepError as error:
+        message = str(error)
+    finally:
+        torch.linalg.eigh = eigh
+    kept = all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+    return {"message": message, "params_kept": kept}
+
+
 def _refusals(mesh) -> list[str]:
     """The errors of layouts that split neither whole heads nor rows, and of Muon's scope
     'tensor' on shards."""
@@ -215,6 +239,7 @@ def _rank_results(rank: int, tmp: str) -> dict:
     result["resumed"] = _checkpointed(tmp, mesh, rank)
     result["checkpoint"] = os.path.join(tmp, "checkpoint")
     result["nonfinite"] = _nonfinite_on_one_rank(mesh, rank)
+    result["failure"] = _failure_on_one_rank(mesh, rank)
     model, _ = _trained("adam", "heads", mesh, rank, gauge=True)
     result["gauged_logits"] = _logits(model)
     for gauge in (False, True):  # the control: torch's AdamW on the same shards
@@ -323,6 +348,12 @@ def test_a_sharded_checkpoint_loads_in_one_process(ranks, one_thread):
 def test_nonfinite_gradient_on_one_rank_is_refused_on_every_rank(ranks):
     for result in ranks:
         assert result["nonfinite"] == {"raised": True, "params_kept": True, "state_kept": True}
+
+
+def test_a_factorisation_failing_on_one_rank_is_refused_on_every_rank(ranks):
+    assert "planted failure" in ranks[1]["failure"]["message"]
+    assert "failed on another process" in ranks[0]["failure"]["message"]
+    assert all(r["failure"]["params_kept"] for r in ranks)
 
 
 def test_gauge_equivariance_holds_sharded(ranks):

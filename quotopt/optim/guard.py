@@ -186,7 +186,8 @@ class Guard:
             return
         if elsewhere is not None and finite.device.type == "cpu" and bool(elsewhere):
             if bool(finite.all()):
-                self.fail(plans[0].name, "the step was not finite on another process")
+                there = "non-finite values or a failed factorisation there"
+                self.fail(plans[0].name, f"the step failed on another process ({there})")
                 return
         elif elsewhere is not None:
             finite = finite & ~elsewhere
