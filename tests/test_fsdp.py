@@ -57,10 +57,11 @@ def _llama():
 
 def _model(gauge: bool = False, kind: str = "transformer"):
     if kind == "llama":
-        return _llama()
-    torch.manual_seed(0)
-    model = Transformer(VOCAB, D_MODEL, LAYERS, HEADS, LEN, activation="relu")
-    model = model if kind == "float32" else model.double()
+        model = _llama()
+    else:
+        torch.manual_seed(0)
+        model = Transformer(VOCAB, D_MODEL, LAYERS, HEADS, LEN, activation="relu")
+        model = model if kind == "float32" else model.double()
     if gauge:  # the same functions, other representatives (GL(r) per head, rescaled units)
         gen = torch.Generator().manual_seed(5)
         quotopt.gauge_transform(model, quotopt.symmetries(model), generator=gen)
@@ -221,7 +222,8 @@ def _tensors(state: dict):
 def _logits(model) -> torch.Tensor:
     tokens = torch.arange(LEN - 1).remainder(VOCAB).view(1, -1)
     with torch.no_grad():
-        return model(tokens).detach().clone()
+        out = model(tokens) if isinstance(model, Transformer) else model(input_ids=tokens).logits
+        return out.detach().clone()
 
 
 def _rank_results(rank: int, tmp: str) -> dict:
@@ -234,14 +236,16 @@ def _rank_results(rank: int, tmp: str) -> dict:
         result["trained"][kind, name, mode] = _full(model)
         if (kind, name, mode) == ("transformer", "adam", "heads"):
             result["state_bytes"] = _state_bytes(optimiser)
-            result["logits"] = _logits(model)
+        if (name, mode) == ("adam", "heads"):
+            result["logits", kind] = _logits(model)
     result["refused"] = _refusals(mesh)
     result["resumed"] = _checkpointed(tmp, mesh, rank)
     result["checkpoint"] = os.path.join(tmp, "checkpoint")
     result["nonfinite"] = _nonfinite_on_one_rank(mesh, rank)
     result["failure"] = _failure_on_one_rank(mesh, rank)
-    model, _ = _trained("adam", "heads", mesh, rank, gauge=True)
-    result["gauged_logits"] = _logits(model)
+    for kind in ("transformer", "llama"):
+        model, _ = _trained("adam", "heads", mesh, rank, gauge=True, kind=kind)
+        result["gauged_logits", kind] = _logits(model)
     for gauge in (False, True):  # the control: torch's AdamW on the same shards
         model = _model(gauge)
         _shard(model, "heads", mesh)
@@ -360,10 +364,14 @@ def test_gauge_equivariance_holds_sharded(ranks):
     """Runs from p and p·g compute the same function after 20 sharded steps; torch's AdamW on
     the same shards does not (the control, 5 steps)."""
     for result in ranks:
-        same = result["logits"] - result["gauged_logits"]
-        assert float(same.abs().max()) <= 1e-9 * float(result["logits"].abs().max())
+        for kind in ("transformer", "llama"):
+            same = result["logits", kind] - result["gauged_logits", kind]
+            assert float(same.abs().max()) <= 1e-9 * float(result["logits", kind].abs().max())
         control = result["adamw_logits", False] - result["adamw_logits", True]
         assert float(control.abs().max()) > 1e-3
+    for kind in ("transformer", "llama"):  # the gauge moved the parameters
+        moved = [p.detach() for p in _model(gauge=True, kind=kind).parameters()]
+        assert _worst(moved, [p.detach() for p in _model(kind=kind).parameters()]) > 1e-2
 
 
 def test_shards_that_split_neither_heads_nor_rows_are_refused(ranks):
