@@ -30,6 +30,7 @@ and reloads each rank's part (``Shards.global_state`` / ``local_state``).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,6 +40,7 @@ from quotopt.distributed import all_reduce_sum, global_column_signs
 __all__ = ["Shards", "is_sharded", "local", "sharded_group"]
 
 
+@functools.cache
 def _dtensor():
     try:
         from torch.distributed.tensor import DTensor
