@@ -293,6 +293,10 @@ class Bundle(PointChecks, abc.ABC):
         """This bundle on points whose rows are split across processes (factored bundles)."""
         raise self.missing("with_row_reduction")
 
+    def with_heads(self, n_heads: int) -> Bundle:
+        """This bundle on ``n_heads`` of its heads (a shard of whole heads; head bundles)."""
+        raise self.missing("with_heads")
+
     def factors(self, point: Point):
         """(A, B) of a factored bundle's point (two-factor bundles only)."""
         raise self.missing("factors")

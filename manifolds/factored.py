@@ -35,6 +35,8 @@ lives here, once:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .base import Bundle, Point, Tangent, checks_enabled, random_orthogonal
@@ -125,7 +127,28 @@ class FactoredBundle(Bundle):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._repr_fields()})"
 
-    # ---- rows held by several processes ---------------------------------------------------
+    # ---- rows or heads held by several processes -----------------------------------------
+    def with_row_reduction(self, sum_rows, signs_of_rows) -> FactoredBundle:
+        """This bundle on factors whose rows are sharded: ``sum_rows(list)`` completes partial
+        sums over rows (an all-reduce), ``signs_of_rows(coords)`` applies the sign rule to the
+        largest entry over all rows. Every row sum of the geometry — Grams, cross products,
+        the metric — goes through the first; points of any row count are accepted."""
+        sharded = copy.copy(self)
+        sharded._sum_rows, sharded._signs_of_rows = sum_rows, signs_of_rows
+        return sharded
+
+    @property
+    def rows_split(self) -> bool:
+        """Whether the factor rows are split across processes (``with_row_reduction``)."""
+        return self._sum_rows is not None
+
+    def with_heads(self, n_heads: int) -> FactoredBundle:
+        """This bundle on ``n_heads`` of its heads (a shard of whole heads): heads are
+        independent, so the same bundle with fewer heads is the geometry of the shard."""
+        local = copy.copy(self)
+        local.n_heads = positive_int("n_heads", n_heads)
+        return local
+
     def row_sums(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Sums over the factor rows, completed across processes for sharded rows."""
         return tensors if self._sum_rows is None else tuple(self._sum_rows(list(tensors)))

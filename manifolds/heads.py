@@ -29,8 +29,6 @@ B = W_oᵀ: action (W_v g, g⁻¹W_o), vertical (W_v ξ, -ξ W_o), invariant W_v
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .base import Point, Tangent, random_orthogonal
@@ -186,15 +184,6 @@ class GeneralLinearPair(FactoredBundle):
     @property
     def algebra_shape(self) -> tuple[int, ...]:
         return (self.n_heads, self.d_head, self.d_head)
-
-    def with_row_reduction(self, sum_rows, signs_of_rows) -> GeneralLinearPair:
-        """This bundle on factors whose rows are sharded: ``sum_rows(list)`` completes partial
-        sums over rows (an all-reduce), ``signs_of_rows(coords)`` applies the sign rule to the
-        largest entry over all rows. Every row sum of the geometry — Grams, cross products,
-        the metric — goes through the first; points of any row count are accepted."""
-        sharded = copy.copy(self)
-        sharded._sum_rows, sharded._signs_of_rows = sum_rows, signs_of_rows
-        return sharded
 
     def at(self, point: Point, data=None) -> PairFrame:
         return PairFrame(self, point, data)

@@ -140,7 +140,8 @@ class PositiveRescaling(FactoredBundle):
         a, b = self.factors(point)
         z1, z2 = self.factors(v)
         if self.degree == 1:
-            return gl_vertical_generator(self.metric, frame, a.mT @ z1, z2.mT @ b).to(a.dtype)
+            az1, z2b = self.row_sums(a.mT @ z1, z2.mT @ b)  # sums over rows, sharded or not
+            return gl_vertical_generator(self.metric, frame, az1, z2b).to(a.dtype)
         k, p, q = self.degree, frame.p, frame.q
         az1, z2b = (t.to(p.dtype) for t in self.row_sums(a.mT @ z1, z2.mT @ b))
         if self.metric == "euclidean":

@@ -9,9 +9,13 @@ wrapped module (``symmetries(ddp.module)``): DDP shares the module's parameters.
 ``tests/test_distributed.py`` checks 2 CPU processes (gloo) against one process with the same
 global batch, 5 steps, on ``quotopt.models.Transformer``.
 
-**Sharded parameters (FSDP, tensor parallelism).** Plain groups update elementwise, so they run on
-shards exactly as ``torch.optim.AdamW`` does. A bundle group needs per-orbit quantities; whether
-they are local depends on which axis is sharded:
+**Sharded parameters (FSDP2, tensor parallelism).** ``QuotientSGD``, ``QuotientAdam`` and
+``QuotientMuon`` step the DTensor parameters of ``fully_shard`` on their local shards, reading the
+split axis from the placements (``quotopt.optim.sharding``); ``fully_shard_groups`` shards a model
+so that every bundle group is split by whole heads (or by rows) and returns its groups holding the
+sharded parameters. Plain groups update elementwise, so they run on shards exactly as
+``torch.optim.AdamW`` does. A bundle group needs per-orbit quantities; whether they are local
+depends on which axis is sharded:
 
 * *Head axis* (FSDP2's ``Shard(0)`` on quotopt's (H, d, r) parameters, H divisible by the world
   size, both factors of a head on the same rank): every head's geometry is local — no
@@ -31,7 +35,8 @@ they are local depends on which axis is sharded:
   Σ T̂ᵀẐ are d×d sums over rows — one all-reduce of 2·d² numbers, the d×d ``eigh`` replicated.
 * *The acted-on axis itself* (r of a head factor — e.g. ``q_proj.weight`` (H·r, d) sharded on
   dim 0 with shard boundaries inside a head — or d of an O(d) tensor): the Gram matrices need
-  the other ranks' columns, an all-gather of the factor. Not supported: align shards with heads.
+  the other ranks' columns, an all-gather of the factor. Not supported (refused when the
+  optimiser is built): align shards with heads.
 
 The bundle classes hold every formula; ``RowShardedHeads`` only supplies the two reductions
 (``Bundle.with_row_reduction``), so the sharded geometry cannot drift from the unsharded one.
@@ -50,7 +55,7 @@ import torch.distributed as dist
 from manifolds import Bundle
 from manifolds.linalg import sign_fix_columns
 
-__all__ = ["RowShardedHeads", "all_reduce_sum"]
+__all__ = ["RowShardedHeads", "all_reduce_sum", "fully_shard_groups", "shard_heads", "shard_rows"]
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Tensor]:
@@ -98,7 +103,8 @@ class RowShardedHeads:
             )
         except NotImplementedError:
             raise ValueError(
-                f"RowShardedHeads supports HeadQK and HeadOV, got {bundle!r}"
+                f"RowShardedHeads supports factored bundles (HeadQK, HeadOV, RotaryQK, "
+                f"PositiveRescaling), got {bundle!r}"
             ) from None
         self.group = group
 
@@ -116,3 +122,76 @@ class RowShardedHeads:
     def dressing(self, point_shard) -> torch.Tensor:
         """u(p), replicated on every rank."""
         return self.bundle.dressing(point_shard)
+
+
+def _placements(groups, axis_of, heads: bool) -> dict:
+    """{parameter: Shard(dim)} for the parameters of the bundle groups of ``groups``, ``dim``
+    the parameter axis that ``axis_of(bundle, views)`` names in each view (found by strides on
+    meta tensors, so any layout of views reshaping or transposing without a copy works)."""
+    from torch.distributed.tensor import Shard
+
+    out = {}
+    for group in groups:
+        bundle, params = group.get("bundle"), list(group["params"])
+        if bundle is None:
+            continue
+        layout = group.get("layout")
+        if hasattr(layout, "feature_dims"):  # projections indexed by feature
+            for index, dim in layout.feature_dims(params).items():
+                last = params[index].dim() - 1  # features on one of the last two axes
+                out[params[index]] = Shard(dim if heads else (last - 1 if dim == last else last))
+            continue
+        metas = [torch.empty(p.shape, device="meta") for p in params]
+        views = tuple(layout(metas)) if layout is not None else tuple(metas)
+        for view, axis in zip(*axis_of(bundle, views)):
+            base = view if view._base is None else view._base
+            index = next(i for i, m in enumerate(metas) if m is base)
+            dims = [d for d, st in enumerate(base.stride()) if st == view.stride(axis)]
+            dims = [d for d in dims if base.shape[d] == view.shape[axis]]
+            out[params[index]] = Shard(dims[0])
+    return out
+
+
+def _placement_fn(table: dict):
+    return lambda param: table.get(param)
+
+
+def shard_heads(groups):
+    """A ``shard_placement_fn`` for ``fully_shard`` that splits the tensors of every bundle
+    group on their head axis (whole heads per rank: no communication in the quotient step);
+    other parameters keep FSDP2's default ``Shard(0)``. ``groups``: ``quotopt.symmetries``."""
+    return _placement_fn(
+        _placements(groups, lambda bundle, views: (views, [0] * len(views)), heads=True)
+    )
+
+
+def shard_rows(groups):
+    """A ``shard_placement_fn`` that splits every factor of the bundle groups on its rows (the
+    model-space axis): one all-reduce of r×r Grams per head and operation in the step."""
+
+    def rows(bundle, views):
+        factors = bundle.factors(views)
+        return factors, [1] * len(factors)
+
+    return _placement_fn(_placements(groups, rows, heads=False))
+
+
+def fully_shard_groups(model, groups, mesh, blocks=(), by: str = "heads") -> list[dict]:
+    """``fully_shard`` each module of ``blocks`` and then ``model`` on ``mesh``, the bundle
+    groups' tensors split on their heads (``by="heads"``) or rows (``"rows"``), and return
+    ``groups`` (``quotopt.symmetries(model)``, built before sharding) holding the sharded
+    parameters, which ``fully_shard`` puts in place of the module's own.
+
+    Detection that verifies a model by running it (Hugging Face models) needs the unsharded
+    model: build the groups first, shard with this, then build the optimiser."""
+    from torch.distributed.fsdp import fully_shard
+
+    if by not in ("heads", "rows"):
+        raise ValueError(f"by must be 'heads' or 'rows', got {by!r}")
+    place = (shard_heads if by == "heads" else shard_rows)(groups)
+    names = {id(p): name for name, p in model.named_parameters()}
+    for block in blocks:
+        fully_shard(block, mesh=mesh, shard_placement_fn=place)
+    fully_shard(model, mesh=mesh, shard_placement_fn=place)
+    now = dict(model.named_parameters())
+    return [dict(group, params=[now[names[id(p)]] for p in group["params"]]) for group in groups]

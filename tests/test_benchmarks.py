@@ -162,3 +162,21 @@ def test_bench_models_quality(capsys):
     results = bench_models.main([*TINY, "--quality"])
     assert "val loss" in capsys.readouterr().out
     assert all(math.isfinite(entry["val_loss"]) for entry in results.values())
+
+
+def test_bench_fsdp(capsys):
+    """World sizes 1 and 2 (forked gloo processes): the table, and the bytes the step sends —
+    none for AdamW, the guard's one flag where whole heads are local, Grams for rows."""
+    from benchmarks import bench_fsdp
+
+    results = bench_fsdp.main([*TINY])
+    out = capsys.readouterr().out
+    _check_header(out, "bench_fsdp")
+    for world in (1, 2):
+        for sharding in ("heads", "rows"):
+            for name in ("adamw", "qadam", "qmuon"):
+                assert _positive(results[world, sharding, name]["ms"])
+            assert results[world, sharding, "adamw"]["bytes"] == 0
+        assert results[world, "heads", "qadam"]["bytes"] == 4  # the guard's agreement only
+    assert results[2, "rows", "qadam"]["bytes"] > 4 and results[2, "rows", "qmuon"]["bytes"] > 4
+    assert results[1, "rows", "qadam"]["bytes"] == 4  # one rank: nothing to reduce

@@ -192,5 +192,5 @@ def test_all_reduce_sum_without_a_process_group_is_the_identity():
 
 
 def test_row_sharded_heads_rejects_other_bundles():
-    with pytest.raises(ValueError, match="supports HeadQK and HeadOV"):
-        RowShardedHeads(M.PositiveRescaling(2, 3, 3))
+    with pytest.raises(ValueError, match="supports factored bundles"):
+        RowShardedHeads(M.ResidualRotation(3, axes=(0,)))

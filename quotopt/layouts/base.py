@@ -71,5 +71,11 @@ class Layout:
         for target, value in zip(self.gather(params), point):
             copy_into(target, value)
 
+    def on_shards(self, params: Sequence[torch.Tensor]) -> Layout:
+        """The layout of the local shards of ``params`` (DTensors; ``quotopt.optim.sharding``):
+        itself for layouts of views that reshape or transpose without indexing a fixed size;
+        ``NotImplementedError`` for the others."""
+        raise NotImplementedError(f"{type(self).__name__} does not run on shards")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description})"

@@ -21,7 +21,7 @@ k = 1 and no bias the factor is a view; otherwise a copy written back by ``write
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -135,6 +135,39 @@ class ProjectionHeads(Layout):
                 params[spec.bias][b_index] = x[..., -1]
                 x = x[..., :-1]
             feats[index] = x
+
+    # ---- sharded weights (FSDP2) ------------------------------------------------------------
+    def feature_dims(self, params) -> dict[int, int]:
+        """{position of a weight: the axis of its features}: split there, a weight's chunks
+        hold whole orbits (heads) when the chunk boundaries fall between them."""
+        return {s.weight: params[s.weight].dim() - (1 if s.transposed else 2) for s in self.specs}
+
+    def on_shards(self, params) -> ProjectionHeads:
+        """The layout of the local shards of ``params`` (DTensors): a weight split on its
+        feature axis keeps the orbits whose features its shard holds whole, indices shifted to
+        the shard; a weight split on another axis (rows) keeps its indices. Orbits cut by a
+        shard boundary, factors holding different orbits, and biases or expert indices on a
+        split feature axis raise ``NotImplementedError``."""
+        kept, specs, dims = None, [], self.feature_dims(params)
+        for spec in self.specs:
+            weight, dim = params[spec.weight], dims[spec.weight]
+            if [p.dim for p in weight.placements if p.is_shard()] != [dim]:
+                specs.append(spec)  # every feature on every rank
+                continue
+            if spec.bias is not None or len(spec.indices) > 1:
+                raise NotImplementedError("biases and expert indices on a split feature axis")
+            mesh = weight.device_mesh
+            step = -(-weight.shape[dim] // mesh.size())
+            start = min(mesh.get_local_rank() * step, weight.shape[dim])
+            inside = ((spec.index >= start) & (spec.index < start + step)).flatten(1)
+            orbits = inside.all(1)
+            if not bool((orbits | ~inside.any(1)).all()):
+                raise NotImplementedError("a shard boundary cuts an orbit (a head) in two")
+            if kept is not None and not torch.equal(kept, orbits):
+                raise NotImplementedError("the factors' shards hold different orbits")
+            kept = orbits
+            specs.append(replace(spec, index=spec.index[orbits] - start))
+        return ProjectionHeads(specs, self.description)
 
 
 class MultiheadAttentionHeads(ProjectionHeads):

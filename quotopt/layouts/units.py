@@ -18,6 +18,9 @@ class UnitsOfMatmul(Layout):
         w_in, w_out = tensors
         return (w_in.T.unsqueeze(-1), w_out.unsqueeze(-1))  # (m, d, 1), (m, d_out, 1)
 
+    def on_shards(self, params) -> UnitsOfMatmul:
+        return self  # a transpose and an unsqueeze: the same on any chunk of rows or units
+
 
 class UnitsOfLinear(Layout):
     """Hidden units of ``linear2(act(linear1(x)))``: fan-in [W1[j, :], b1[j]] (the bias folded

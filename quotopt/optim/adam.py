@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import validation as rules
-from .base import QuotientOptimizer, _reject_unsupported
+from .base import QuotientOptimizer
 from .functional import adam_bundle_update
 from .plain import adam_plain_in_place, adam_plain_updates
 
@@ -90,7 +90,7 @@ class QuotientAdam(QuotientOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ):
-        _reject_unsupported(
+        rules.reject_unsupported(
             "QuotientAdam",
             dict(
                 foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable

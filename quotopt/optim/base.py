@@ -38,8 +38,9 @@ import torch
 
 from manifolds import Bundle, unchecked
 
-from . import stacking
+from . import sharding, stacking
 from . import validation as rules
+from .checkpointing import Checkpointing
 from .diagnostics import Diagnostics
 from .guard import (
     Guard,
@@ -49,8 +50,9 @@ from .guard import (
     SkippedStepWarning,
     warn_dead_heads,
 )
+from .sharding import Shards, local, sharded_group
 from .stacking import Member
-from .validation import check_state_dict
+from .validation import check_freezing as _check_freezing
 
 __all__ = [
     "QuotientOptimizer",
@@ -59,39 +61,12 @@ __all__ = [
     "SkippedStepWarning",
 ]
 
-#: what the optimiser's construction decides, not its state: kept through ``load_state_dict``
-_STRUCTURAL_KEYS = ("bundle", "layout", "frozen")
-_UNSUPPORTED = ("foreach", "fused", "capturable", "differentiable")
-
-
-def _reject_unsupported(cls_name: str, options: dict) -> None:
-    for name, value in options.items():
-        if value not in (None, False):
-            raise ValueError(
-                f"{cls_name} does not implement {name}={value!r}; its steps are already batched "
-                "over heads (leave the option unset)"
-            )
-
-
-def _check_freezing(name: str, params: list, when: str) -> None:
-    """A bundle group is frozen whole or not at all."""
-    frozen = [i for i, p in enumerate(params) if not p.requires_grad]
-    if frozen and len(frozen) < len(params):
-        shapes = ", ".join(f"params[{i}] {tuple(params[i].shape)}" for i in frozen)
-        raise ValueError(
-            f"{name}: {shapes} requires_grad=False {when} but the group's other params do "
-            "not; a quotient step moves every tensor of a bundle together, so nothing was "
-            "changed. Freeze the whole group (requires_grad_(False) on each of its params) or "
-            "none of it, or build the optimiser again from groups that leave the frozen "
-            "tensors out"
-        )
-
 
 def _versions(tensors) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors)
+    return tuple(local(t)._version for t in tensors)  # a shard's writes count
 
 
-class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
+class QuotientOptimizer(Diagnostics, Checkpointing, torch.optim.Optimizer):
     """Common machinery: group validation, views, lazy state, guarded commits, state_dict.
 
     Subclasses define ``_init_state(group, tensors)``, ``_hyperparameters(group)``, the rules
@@ -104,6 +79,16 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
         self._frames: dict[int, tuple[tuple[int, ...], object]] = {}
         self._deficient: dict[int, object] = {}
         super().__init__(params, defaults)
+        if self._guard.process_group is not None:
+            self.init_state()
+
+    def init_state(self) -> None:
+        """Create now the state each group's first step would create (zeros; steps taken from
+        there are the same). Sharded optimisers do this when built. Call it before
+        ``torch.distributed.checkpoint``'s ``set_optimizer_state_dict`` on an optimiser that has
+        not stepped: that function otherwise initialises the state by a step at zero gradient
+        and lr = 0, which re-dresses the parameters of bundle groups."""
+        sharding.create_state(self)
 
     @property
     def nonfinite(self) -> str:
@@ -129,8 +114,14 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
             layout = param_group.get("layout")
             if layout is not None and not callable(layout):
                 raise ValueError(f"{name}: 'layout' must be callable")
-            params = param_group["params"]
-            params = [params] if isinstance(params, torch.Tensor) else list(params)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group["params"] = params
+        if sharded_group(params):  # FSDP2: stepped on the local shards
+            param_group["shards"] = self._shards(param_group, params)
+            bundle = param_group.get("bundle")
+        if bundle is not None:
+            name = param_group["name"]
             _check_freezing(name, params, "when the optimiser is built")
             try:
                 bundle.check_point(self._views(param_group, params))
@@ -150,49 +141,23 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
             if key in group:
                 rules.boolean(name, key, group[key])
 
+    def _shards(self, group: dict, params: list) -> Shards:
+        """The group's sharding (``quotopt.optim.sharding``); all groups share one mesh, whose
+        ranks agree on every step's commit (``Guard.process_group``)."""
+        shards = Shards(group["name"], group, params)
+        if self._guard.process_group not in (None, shards.process_group):
+            raise ValueError(f"{group['name']}: every sharded group must use one device mesh")
+        self._guard.process_group = shards.process_group
+        if shards.bundle is not None:
+            group["bundle"] = shards.bundle  # the geometry of the local shards
+        return shards
+
     @staticmethod
     def _views(group: dict, tensors: list) -> tuple[torch.Tensor, ...]:
+        if "shards" in group:
+            return group["shards"].views(tensors)
         layout = group.get("layout")
         return tuple(layout(tensors)) if layout is not None else tuple(tensors)
-
-    # ---- state_dict: bundles are structure, not state -----------------------------------
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        for group in state["param_groups"]:
-            if group.get("bundle") is not None:
-                group["bundle"] = repr(group["bundle"])
-            group.pop("layout", None)
-        state["optimizer"] = type(self).__name__
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by ``state_dict``; every mismatch (optimiser class, groups, bundles,
-        state keys, tensor shapes), an invalid hyperparameter or a non-finite state value is
-        refused with a ValueError before anything is written. Structure (``bundle``,
-        ``layout``, ``frozen``) stays this optimiser's; a hyperparameter the saved group lacks
-        keeps this group's value."""
-        check_state_dict(self, state_dict)
-        structure = [{k: g[k] for k in _STRUCTURAL_KEYS if k in g} for g in self.param_groups]
-        hyper = [{k: g[k] for k in self.defaults} for g in self.param_groups]
-        state_dict = {k: v for k, v in state_dict.items() if k != "optimizer"}
-        super().load_state_dict(state_dict)
-        for group, keys, values in zip(self.param_groups, structure, hyper):
-            for key in _STRUCTURAL_KEYS:
-                group.pop(key, None)
-            group.update(keys)
-            for key, value in values.items():
-                group.setdefault(key, value)
-        self._frames.clear()
-        self._deficient.clear()
-
-    def expected_state(self, group: dict) -> dict:
-        """The state a fresh step would create for ``group`` (shapes and dtypes to check a
-        loaded state against), keyed like ``self.state`` entries."""
-        params = list(group["params"])
-        if group.get("bundle") is not None:
-            with unchecked():
-                return {id(params[0]): self._init_state(group, self._views(group, params))}
-        return {id(p): self._init_state(group, (p,)) for p in params}
 
     # ---- the step ------------------------------------------------------------------------
     #: whether bundle groups of one shape are stepped together (``quotopt.optim.stacking``);
@@ -210,6 +175,7 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
         plans: list[tuple[int, Plan]] = []  # in group order: errors name the first group
         batches: dict = {}
         failing: list[Member] = []
+        failures: list[tuple[str, str]] = []  # sharded: every rank goes on to agree at commit
         index, group = 0, None
         try:
             with unchecked():
@@ -228,19 +194,28 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
                     batches.setdefault(("alone", index) if key is None else key, []).append(member)
                 for members in (b for group in batches.values() for b in stacking.bounded(group)):
                     failing = members
-                    steps = self._bundle_batch_step(members)
+                    try:
+                        steps = self._bundle_batch_step(members)
+                    except torch.linalg.LinAlgError as error:
+                        if self._guard.process_group is None:
+                            raise
+                        failures.extend(self._failure(m, group, error) for m in members)
+                        continue
                     plans.extend((m.index, p) for m, p in zip(members, steps))
         except torch.linalg.LinAlgError as error:
-            message = str(error).splitlines()[0]
-            members = failing or [None]
-            for member in members:
-                where = "" if member is None else self._explain(member.index, member.group)
-                name = group["name"] if member is None else member.group["name"]
-                self._guard.fail(name, f"a factorisation failed inside the step ({message}){where}")
+            for name, what in (self._failure(m, group, error) for m in failing or [None]):
+                self._guard.fail(name, what)
             return loss
         plans.sort(key=lambda entry: entry[0])
-        self._guard.commit([plan for _, plan in plans])
+        self._guard.commit([plan for _, plan in plans], failures)
         return loss
+
+    def _failure(self, member: Member | None, group: dict, error) -> tuple[str, str]:
+        """(group name, what) of a factorisation that failed inside the step."""
+        message = str(error).splitlines()[0]
+        where = "" if member is None else self._explain(member.index, member.group)
+        name = group["name"] if member is None else member.group["name"]
+        return name, f"a factorisation failed inside the step ({message}){where}"
 
     def _member(self, index: int, group: dict) -> Member | None:
         """The group's part in this step (None if it has nothing to do): its views, gradient
@@ -311,9 +286,10 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
         plan.update_state(m.state, new_state, self._checked_state)
 
         def on_commit(ok: torch.Tensor | None) -> None:
-            layout = group.get("layout")
+            shards = group.get("shards")
+            layout = group.get("layout") if shards is None else shards.layout
             if hasattr(layout, "write_back"):
-                layout.write_back(m.params, m.point)
+                layout.write_back([local(p) for p in m.params], m.point)
             if m.fresh:
                 self.state[m.params[0]] = m.state
             group["dress_clock"] += 1
@@ -325,17 +301,20 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
         return plan
 
     def _plain_group_step(self, group: dict) -> list[Plan]:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
+        keys = [p for p in group["params"] if p.grad is not None]
+        if not keys:
             return []
-        if any(p.grad.is_sparse for p in params):
+        if any(p.grad.is_sparse for p in keys):
             raise ValueError(f"{group['name']}: sparse gradients are not supported")
+        params, grads = [local(p) for p in keys], [local(p.grad) for p in keys]  # shards
         states = [
-            self.state[p] if p in self.state else self._init_state(group, (p,)) for p in params
+            self.state[k] if k in self.state else self._init_state(group, (p,))
+            for k, p in zip(keys, params)
         ]
-        created = {p: s for p, s in zip(params, states) if p not in self.state}
-        grads = [p.grad for p in params]
+        created = {k: s for k, s in zip(keys, states) if k not in self.state}
         hyper = self._hyperparameters(group)
+        if "shards" in group and self._gathers_matrices(group):
+            hyper["gather"] = [group["shards"].matrix(k) for k in keys]
         plan = Plan(group["name"])
         if self._plain_in_place is not None:  # new parameters held, moments updated at commit
             new_params, checks, commit = self._plain_in_place(params, grads, states, **hyper)
@@ -360,6 +339,12 @@ class QuotientOptimizer(Diagnostics, torch.optim.Optimizer):
     # ---- to be defined by subclasses -------------------------------------------------------
     #: state entries whose finiteness the guard checks besides the parameters
     _checked_state: tuple[str, ...] = ()
+
+    @staticmethod
+    def _gathers_matrices(group: dict) -> bool:
+        """Whether the plain update of ``group`` needs whole matrices (``torch.optim.Muon``'s
+        rule); on shards it is then given ``gather`` (``quotopt.optim.sharding.Gathered``)."""
+        return False
 
     @staticmethod
     def _stackable(hyper: dict) -> bool:

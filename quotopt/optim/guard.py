@@ -119,6 +119,8 @@ def finiteness(plans: list[Plan]) -> tuple[torch.Tensor, list[str]]:
     is useless anyway)."""
     sums = [v.sum() for plan in plans for v in plan.checked]
     names = [plan.name for plan in plans for _ in plan.checked]
+    if not sums:  # a rank whose every group failed before its values existed
+        return torch.ones(0, dtype=torch.bool), names
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
     return torch.stack([s.to(dtype) for s in sums]).isfinite(), names
 
@@ -152,6 +154,8 @@ class Guard:
         self.pending: list[FlagCopy] = []
         #: per group name, the steps skipped because that group's values were not finite
         self.skipped: dict[str, int] = {}
+        #: the process group of sharded parameters, whose ranks take every decision together
+        self.process_group = None
 
     def fail(self, name: str, what: str) -> None:
         """A step went wrong in group ``name`` (``what``: "the step produced non-finite values
@@ -168,11 +172,25 @@ class Guard:
             stacklevel=4,
         )
 
-    def commit(self, plans: list[Plan]) -> None:
-        if not plans:
+    def commit(self, plans: list[Plan], failures=()) -> None:
+        """Write ``plans`` if every value is finite and no ``failures`` ((group name, what):
+        factorisations that failed) occurred — on every rank, when sharded."""
+        if not plans and not failures:
             return
         finite, names = finiteness(plans)
         watched = [flags for plan in plans for flags, _ in plan.watch]
+        elsewhere = None if self.process_group is None else self._agree(finite, failures)
+        for name, what in failures:
+            self.fail(name, what)
+        if failures:
+            return
+        if elsewhere is not None and finite.device.type == "cpu" and bool(elsewhere):
+            if bool(finite.all()):
+                there = "non-finite values or a failed factorisation there"
+                self.fail(plans[0].name, f"the step failed on another process ({there})")
+                return
+        elif elsewhere is not None:
+            finite = finite & ~elsewhere
         if finite.device.type == "cpu":
             # one host read: bit 0 says some value is non-finite, bit 1 that a head lost rank
             lost = torch.cat([w.reshape(-1) for w in watched]) if watched else finite[:0]
@@ -202,6 +220,16 @@ class Guard:
             for action in plan.on_commit:
                 action(ok)
         self.pending.append(FlagCopy(finite, names))
+
+    def _agree(self, finite: torch.Tensor, failures) -> torch.Tensor:
+        """Whether the step failed on any rank of ``process_group`` (one all-reduce of one
+        number, no host read): every rank then refuses it, so shards never diverge."""
+        import torch.distributed as dist
+
+        bad = (~finite).any() if finite.numel() else torch.zeros((), dtype=torch.bool)
+        flag = (bad | bool(failures)).to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
+        return flag[0].bool()
 
     def read_pending(self, wait: bool) -> None:
         """Inspect the accelerator flags of earlier steps: only those already on the host, or

@@ -186,7 +186,8 @@ class QuotientMuon(QuotientOptimizer):
                     )
         elif isinstance(bundle, Bundle) and rule == "muon":
             try:
-                factored_parts(bundle, self._views(param_group, params))
+                shapes = [torch.empty(p.shape, device="meta") for p in params]  # DTensors too
+                factored_parts(bundle, self._views(param_group, shapes))
             except NotImplementedError as error:
                 raise ValueError(
                     f"{name}: QuotientMuon orthogonalises the two factors of each head, but "
@@ -232,6 +233,7 @@ class QuotientMuon(QuotientOptimizer):
         return hyper["scope"] == "head"
 
     _plain_update = staticmethod(_plain_updates)
+    _gathers_matrices = staticmethod(lambda group: group["rule"] == "muon")  # Newton–Schulz
     _bundle_update = staticmethod(muon_bundle_update)
     #: an infinite buffer would normalise to zero steps, an infinite v zero AdamW's step
     _checked_state = ("momentum_buffer", "exp_avg_sq")

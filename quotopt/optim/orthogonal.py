@@ -45,14 +45,20 @@ SCOPES = ("head", "tensor")
 Tensors = tuple[torch.Tensor, ...]
 
 
-def newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float, dtype=torch.bfloat16):
+def newton_schulz(
+    x: torch.Tensor, coefficients, steps: int, eps: float, dtype=torch.bfloat16, row_sums=None
+):
     """The approximate polar factor U S'Vᵀ (S' ≈ 1) of each matrix of ``x`` (..., m, n),
-    computed in ``dtype`` and returned in it; zero singular values stay zero."""
+    computed in ``dtype`` and returned in it; zero singular values stay zero.
+
+    ``row_sums``: for matrices whose rows are split across processes (batched input only), the
+    bundle's ``row_sums``; the iteration then runs on the n×n Grams XᵀX, completed by it (one
+    all-reduce of the squared norms and one per step)."""
     if steps >= 100:
         raise ValueError(f"ns_steps must be < 100, got {steps}")
     a, b, c = coefficients
     y = x.to(dtype)
-    tall = x.size(-2) > x.size(-1)
+    tall = x.size(-2) > x.size(-1) or row_sums is not None
     if tall:
         y = y.mT
     if y.dim() == 2:  # torch.optim.Muon's operations, in its order
@@ -64,9 +70,14 @@ def newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float, dtype=t
     else:
         shape = y.shape
         y = y.reshape(-1, *shape[-2:])
-        y = y / torch.linalg.matrix_norm(y, keepdim=True).clamp(min=eps)
+        if row_sums is None:
+            y = y / torch.linalg.matrix_norm(y, keepdim=True).clamp(min=eps)
+        else:
+            (size,) = row_sums(y.square().sum((-2, -1), keepdim=True))
+            y = y / size.sqrt().clamp(min=eps)
+        total = (lambda t: row_sums(t)[0]) if row_sums is not None else (lambda t: t)  # noqa: E731
         for _ in range(steps):
-            gram = y @ y.mT
+            gram = total(y @ y.mT)
             update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
             y = torch.baddbmm(y, update, y, beta=a)
         y = y.reshape(shape)
@@ -98,16 +109,22 @@ def muon_plain_updates(
     adjust_lr_fn,
     maximize=False,
     scope=None,  # bundle groups only
+    gather=None,
 ):
-    """``torch.optim.Muon``'s update of every (2-D) tensor of a group, out of place."""
+    """``torch.optim.Muon``'s update of every (2-D) tensor of a group, out of place.
+
+    ``gather``: for shards of matrices, one ``quotopt.optim.sharding.Gathered`` per tensor:
+    Newton–Schulz runs on the whole matrix (all-gathered) and each rank keeps its part."""
     new_params, new_states = [], []
-    for param, grad, state in zip(params, grads, states):
+    for index, (param, grad, state) in enumerate(zip(params, grads, states)):
         grad = -grad if maximize else grad
         buf = state["momentum_buffer"].lerp(grad, 1 - momentum)
         update = grad.lerp(buf, momentum) if nesterov else buf
-        update = newton_schulz(update, ns_coefficients, ns_steps, eps)
+        whole = update if gather is None else gather[index].full(update)
+        update = newton_schulz(whole, ns_coefficients, ns_steps, eps)
+        update = update if gather is None else gather[index].part(update)
         new = param.mul(1 - lr * weight_decay)
-        new.add_(update, alpha=-adjust_lr(lr, adjust_lr_fn, param.shape))
+        new.add_(update, alpha=-adjust_lr(lr, adjust_lr_fn, whole.shape))
         new_params.append(new)
         new_states.append({"momentum_buffer": buf})
     return new_params, new_states
@@ -137,10 +154,13 @@ def orthogonalise_factors(bundle: Bundle, v: Tensors, scope: str, adjust_lr_fn, 
     out: list[torch.Tensor] = []
     for part_bundle, part in factored_parts(bundle, v):
         factors = []
-        for f in part_bundle.factors(part):  # (H, rows, r)
+        split = part_bundle.rows_split  # rows on several processes: Grams all-reduced
+        for j, f in enumerate(part_bundle.factors(part)):  # (H, rows, r)
             h, rows, r = f.shape
+            rows = part_bundle.factor_rows[j] if split else rows
             if scope == "head":
-                o, k = newton_schulz(f, dtype=dtype, **ns), r
+                sums = part_bundle.row_sums if split else None
+                o, k = newton_schulz(f, dtype=dtype, row_sums=sums, **ns), r
             else:
                 o = newton_schulz(f.transpose(0, 1).reshape(rows, h * r), dtype=dtype, **ns)
                 o, k = o.reshape(rows, h, r).transpose(0, 1), h * r

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import validation as rules
-from .base import QuotientOptimizer, _reject_unsupported
+from .base import QuotientOptimizer
 from .functional import sgd_bundle_update
 from .plain import sgd_plain_updates
 
@@ -46,7 +46,7 @@ class QuotientSGD(QuotientOptimizer):
         fused: bool | None = None,
         differentiable: bool = False,
     ):
-        _reject_unsupported(
+        rules.reject_unsupported(
             "QuotientSGD", dict(foreach=foreach, fused=fused, differentiable=differentiable)
         )
         defaults = dict(

@@ -20,6 +20,8 @@ __all__ = [
     "boolean",
     "dress_every",
     "decoupled_decay",
+    "reject_unsupported",
+    "check_freezing",
 ]
 
 
@@ -121,6 +123,8 @@ def check_state_dict(optimizer, state_dict: dict) -> None:
             )
         _check_group(optimizer, saved, current)
         bundle = repr(current["bundle"]) if current.get("bundle") is not None else None
+        if current.get("shards") is not None:  # the unsharded bundle, as state_dict names it
+            bundle = current["shards"].description
         if saved.get("bundle") != bundle:
             raise ValueError(
                 f"{name}: state_dict was saved for bundle {saved.get('bundle')}, this group has "
@@ -148,3 +152,27 @@ def check_state_dict(optimizer, state_dict: dict) -> None:
                     f"{name}: state '{k}' holds non-finite values (NaN or inf), which would make "
                     "every later step fail; load a state saved before the values went non-finite"
                 )
+
+
+def reject_unsupported(cls_name: str, options: dict) -> None:
+    """torch.optim options the quotient optimisers do not implement are refused, not ignored."""
+    for name, value in options.items():
+        if value not in (None, False):
+            raise ValueError(
+                f"{cls_name} does not implement {name}={value!r}; its steps are already batched "
+                "over heads (leave the option unset)"
+            )
+
+
+def check_freezing(name: str, params: list, when: str) -> None:
+    """A bundle group is frozen whole or not at all."""
+    frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+    if frozen and len(frozen) < len(params):
+        shapes = ", ".join(f"params[{i}] {tuple(params[i].shape)}" for i in frozen)
+        raise ValueError(
+            f"{name}: {shapes} requires_grad=False {when} but the group's other params do "
+            "not; a quotient step moves every tensor of a bundle together, so nothing was "
+            "changed. Freeze the whole group (requires_grad_(False) on each of its params) or "
+            "none of it, or build the optimiser again from groups that leave the frozen "
+            "tensors out"
+        )
