@@ -190,6 +190,4 @@ def with_fallback(iterative: FactorFrame, exact: FactorFrame) -> FactorFrame:
     cast = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
     merged = merge_frames(~iterative.fallback, FactorFrame(*map(cast, iterative)), exact)
     deficient = exact.deficient & iterative.fallback
-    return merged._replace(
-        deficient=deficient, lam=exact.lam, u=exact.u, mu=exact.mu, v=exact.v
-    )
+    return merged._replace(deficient=deficient, lam=exact.lam, u=exact.u, mu=exact.mu, v=exact.v)

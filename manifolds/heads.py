@@ -66,6 +66,7 @@ __all__ = [
 #: how a GL(r) pair's frames and re-dressing are computed (module docstring)
 GEOMETRIES = ("exact", "iterative")
 
+
 class GeneralLinearPair(FactoredBundle):
     """GL(r) per head acting on a factor pair; the group half shared by ``HeadQK`` and
     ``HeadOV``, which differ only in layout (module docstring)."""
@@ -218,7 +219,8 @@ class GeneralLinearPair(FactoredBundle):
         else:
             other = other_inv_t = torch.eye(g.shape[-1], dtype=a.dtype, device=a.device)
         keep = ok.view(-1, 1, 1)
-        return torch.where(keep, g.to(a.dtype), other), torch.where(keep, g_inv_t.to(a.dtype), other_inv_t)
+        g, g_inv_t = g.to(a.dtype), g_inv_t.to(a.dtype)
+        return torch.where(keep, g, other), torch.where(keep, g_inv_t, other_inv_t)
 
     def dressing_or_identity(self, point: Point, frame: FactorFrame | None = None):
         """(u, dressable): the dressing where a head's factors have full rank to working
@@ -246,7 +248,7 @@ class GeneralLinearPair(FactoredBundle):
         moved = move(point, u, u_inv_t)
         carried = tuple(move(t, u, u_inv_t) for t in tangents)
         covector = move(covector, u_inv_t, u)  # act_dual: the action of u⁻ᵀ
-        if self.geometry == "iterative" or frame.lam is None:  # Cholesky frames: no closed form kept here
+        if self.geometry == "iterative" or frame.lam is None:  # no closed form kept here
             return moved, covector, carried, self.factorise(moved)
         weighted = self.metric != "euclidean"
         balanced = balanced_frame(s.to(frame.p.dtype), self.damping, weighted=weighted)

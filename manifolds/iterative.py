@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "supported_condition",
+    "matmul_counts",
     "roots",
     "inverse_spd",
     "polar",
@@ -55,6 +56,49 @@ def _count(step, start: float, eps: float, limit: int = 200) -> int:
     while 1 - t > eps and k < limit:
         t, k = step(t), k + 1
     return k + 1  # one more: the matrix iteration's round-off settles
+
+
+def _root_steps(dtype: torch.dtype, r: int, condition: float) -> int:
+    return _count(lambda t: t * (3 - t) ** 2 / 4, 1 / (condition * r**0.5), torch.finfo(dtype).eps)
+
+
+def _polar_steps(dtype: torch.dtype, r: int, condition: float) -> int:
+    return _count(lambda s: s * (3 - s * s) / 2, 1 / (condition * r**0.5), torch.finfo(dtype).eps)
+
+
+def _inverse_steps(dtype: torch.dtype, ratio: float) -> int:
+    rho = (ratio - 1) / (ratio + 1)
+    if rho <= 0:
+        return 1
+    return max(1, math.ceil(math.log2(math.log(torch.finfo(dtype).eps) / math.log(rho)))) + 1
+
+
+def _doubling_steps(dtype: torch.dtype, r: int, condition: float) -> int:
+    root = (condition * r**0.5) ** 0.5
+    rho = (root - 1) / (root + 1)
+    return max(1, math.ceil(math.log2(math.log(torch.finfo(dtype).eps) / math.log(rho) / 2)))
+
+
+def matmul_counts(dtype: torch.dtype, r: int) -> dict[str, int]:
+    """r×r matrix products per head of each kernel at the supported condition (what the
+    benchmarks' cost floor counts, 2r³ FLOPs each): ``"roots"``, ``"polar"``, ``"inverse"``,
+    ``"sylvester frame"`` (two shifted inverses and the bound's powers), ``"solve"`` (one
+    right-hand side), ``"invariant frame"`` (roots of both Grams and the inverses), and
+    ``"balancing"``."""
+    condition = supported_condition(dtype, r)
+    roots_ = 3 * _root_steps(dtype, r, condition) + 1
+    polar_ = 2 * _polar_steps(dtype, r, condition) + 1
+    inverse = 2 * _inverse_steps(dtype, 1 + (condition * r**0.5) ** 0.5)
+    doubling = _doubling_steps(dtype, r, condition)
+    return {
+        "roots": roots_,
+        "polar": polar_,
+        "inverse": inverse,
+        "sylvester frame": 2 * inverse + 2 * doubling,
+        "solve": 2 + 2 * doubling + 2 * (doubling - 1),
+        "invariant frame": 2 * roots_ + 2,
+        "balancing": 3 * roots_ + polar_ + 4,
+    }
 
 
 def _tolerance(dtype: torch.dtype, r: int) -> float:
@@ -86,8 +130,7 @@ def roots(spd: torch.Tensor, condition: float):
     ``condition``: coupled Newton–Schulz from Y₀ = S/‖S‖_F. The smallest scaled eigenvalue is
     at least 1/(condition·√r) (‖S‖_F ≤ √r λ_max); the iteration count takes it to 1 − t ≤ eps,
     and every larger one converges faster (the scalar map is increasing on [0, 1])."""
-    r, eps = spd.shape[-1], torch.finfo(spd.dtype).eps
-    steps = _count(lambda t: t * (3 - t) ** 2 / 4, 1 / (condition * r**0.5), eps)
+    steps = _root_steps(spd.dtype, spd.shape[-1], condition)
     eye = _eye(spd)
     scale = _safe(_fro(spd))
     y, z = spd / scale, eye.expand_as(spd)
@@ -103,9 +146,7 @@ def inverse_spd(spd: torch.Tensor, low: torch.Tensor, high: torch.Tensor, ratio:
     """S⁻¹ for symmetric positive definite ``spd`` with eigenvalues in [low, high]
     (per head, (…, 1, 1)) and high/low ≤ ``ratio``: Newton–Schulz from X₀ = 2I/(low + high),
     whose residual ‖I − SX₀‖ ≤ (ratio − 1)/(ratio + 1) is squared by every iteration."""
-    eps = torch.finfo(spd.dtype).eps
-    rho = (ratio - 1) / (ratio + 1)
-    steps = max(1, math.ceil(math.log2(math.log(eps) / math.log(rho)))) + 1 if rho > 0 else 1
+    steps = _inverse_steps(spd.dtype, ratio)
     eye = _eye(spd)
     x = eye * (2 / (low + high))
     for _ in range(steps):
@@ -116,8 +157,7 @@ def inverse_spd(spd: torch.Tensor, low: torch.Tensor, high: torch.Tensor, ratio:
 def polar(c: torch.Tensor, condition: float):
     """(W, ok): the orthogonal polar factor of square ``c`` of condition up to ``condition``,
     by Newton–Schulz from X₀ = C/‖C‖_F (singular values ≥ 1/(condition·√r) of it)."""
-    r, eps = c.shape[-1], torch.finfo(c.dtype).eps
-    steps = _count(lambda s: s * (3 - s * s) / 2, 1 / (condition * r**0.5), eps)
+    steps = _polar_steps(c.dtype, c.shape[-1], condition)
     eye = _eye(c)
     x = c / _safe(_fro(c))
     for _ in range(steps):
@@ -144,10 +184,9 @@ class SylvesterSolver:
     __slots__ = ("shift", "n_p", "n_q", "steps", "ok")
 
     def __init__(self, p: torch.Tensor, q: torch.Tensor, condition: float):
-        r, eps = p.shape[-1], torch.finfo(p.dtype).eps
+        r = p.shape[-1]
         wide = condition * r**0.5
-        rho = (wide**0.5 - 1) / (wide**0.5 + 1)
-        self.steps = max(1, math.ceil(math.log2(math.log(eps) / math.log(rho) / 2)))
+        self.steps = _doubling_steps(p.dtype, r, condition)
         scale = _safe(torch.maximum(_fro(p), _fro(q)))
         self.shift = scale / wide**0.5
         eye = _eye(p)

@@ -37,7 +37,8 @@ def gl_vertical_generator(
         xi = frame.sylvester.solve(az1 - z2b).to(az1.dtype)
         if frame.u is None:  # no head fell back
             return xi
-        exact = solve_in_eigenbases(frame.u, frame.v, az1 - z2b, frame.lam[..., None] + frame.mu[..., None, :])
+        denominator = frame.lam.unsqueeze(-1) + frame.mu.unsqueeze(-2)
+        exact = solve_in_eigenbases(frame.u, frame.v, az1 - z2b, denominator)
         return torch.where(frame.fallback.view(-1, 1, 1), exact, xi)
     if frame.u is None:  # undamped invariant metric: ξ = ½[P⁻¹AᵀZ₁ − Z₂ᵀBQ⁻¹] (closed form;
         # on heads the frame had to damp, the same formula with the damped inverses)
@@ -143,5 +144,3 @@ class PairFrame(Frame):
             else:
                 new.append(torch.addcmul(p, h, scale))
         return tuple(new)
-
-
