@@ -169,6 +169,15 @@ def _sym(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x + x.mT)
 
 
+def _square(x: torch.Tensor) -> torch.Tensor:
+    """x², set to zero on heads where ‖x²‖_F < eps: the terms it would still add are below
+    round-off, and squaring on would reach subnormal numbers, whose arithmetic is tens of times
+    slower on CPUs (measured: a float32 QuotientAdam step 5× slower). The norm is invariant
+    under orthogonal conjugation, so the rule keeps the iteration equivariant."""
+    y = x @ x
+    return y * (_fro(y) >= torch.finfo(y.dtype).eps)
+
+
 class SylvesterSolver:
     """Solves P ξ + ξ Q = C for one batch of symmetric positive definite (P, Q) of condition up
     to ``condition``, by the Cayley transform and Smith's doubling (module docstring).
@@ -196,7 +205,7 @@ class SylvesterSolver:
         self.n_q = inverse_spd(q + self.shift * eye, self.shift, high, ratio)
         a, b = self._cayley()
         for _ in range(self.steps):
-            a, b = a @ a, b @ b
+            a, b = _square(a), _square(b)
         tolerance = _tolerance(p.dtype, r)
         self.ok = ((_fro(a) <= tolerance) & (_fro(b) <= tolerance)).flatten(-3)  # NaN: False
 
@@ -211,7 +220,7 @@ class SylvesterSolver:
         for k in range(self.steps):
             x = x + a @ x @ b
             if k + 1 < self.steps:
-                a, b = a @ a, b @ b
+                a, b = _square(a), _square(b)
         return x
 
 
