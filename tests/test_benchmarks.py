@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import quotopt
-from benchmarks import bench_geometry, bench_models, bench_optimizer
+from benchmarks import bench_frames, bench_geometry, bench_models, bench_optimizer
 from benchmarks._timing import alternate, rounds_of
 
 TINY = ["--quick", "--tiny", "--threads", "1"]
@@ -49,6 +49,14 @@ def test_bench_geometry(capsys):
             assert _positive(results[f"{metric} {part}"]["ratio"]), (metric, part)
     # the prototypes compute what the library computes
     assert max(results["check"].values()) < 1e-4
+
+
+def test_bench_frames(capsys):
+    ratios = bench_frames.main(["--heads", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "# command: python -m benchmarks.bench_frames --heads 2 --repeats 1" in out
+    assert set(ratios) == {"euclidean", "invariant", "redress"}
+    assert all(_positive(r) for r in ratios.values())
 
 
 def test_bench_optimizer(capsys):
