@@ -22,13 +22,17 @@ The optimisers:
   HeadQK + HeadOV per layer, the rest plain AdamW); ``qadam invariant``: the same with
   ``metric="invariant"``; ``qadam dress every step``: ``dress_every=1`` (the default re-dresses
   every 100 steps, so the median step of the other rows is a step without dressing);
+  ``qadam iterative``, ``qadam invariant iterative``: the same on the matmul-only route
+  (``quotopt.symmetries(model, geometry="iterative")``: the GL(r) head pairs' frames and
+  re-dressing by products only; LLaMA's RoPE pairs have no such route and stay exact);
 * ``qsgd``: ``QuotientSGD(quotopt.symmetries(model), momentum=0.9)``;
 * ``muon``: the study's Muon baseline (``quotopt.baselines.muon_adamw``: ``torch.optim.Muon``
   on the hidden matrices — whole projections of the Transformer, every ``nn.Linear`` but the
   read-out of the LLaMA —, AdamW on the rest); ``qmuon``: the study's QuotientMuon
   (``quotopt.baselines.quotient_muon_adamw``: QuotientMuon with whole-projection scope on the
   factored symmetry groups, re-dressed every step, Muon on the hidden matrices no group covers,
-  AdamW on the rest). Below each table, QuotientMuon's ratio to Muon;
+  AdamW on the rest); ``qmuon iterative``: the same on the matmul-only route. Below each
+  table, QuotientMuon's ratio to Muon and the iterative route's to the exact one;
 * ``geoopt stiefel (euclidean)``: geoopt's ``RiemannianAdam`` with every Transformer layer's
   ``wq``, ``wk``, ``wv`` replaced by one ``geoopt.ManifoldParameter`` of shape (H, d, r) on
   ``geoopt.Stiefel(canonical=False)`` (projection + QR retraction), batched over heads,
@@ -84,6 +88,20 @@ backward (6 per parameter and token for the matrices, plus 12·T·d per token an
 attention scores); for Muon it is 1 + Newton–Schulz (5·(4m²n + 2m³) per m×n matrix, m <= n) /
 fwd+bwd, for QuotientMuon that plus the geometry and the every-step dressing (per pair
 8·d·r² + 40·r³). Only the Transformer tables have it (LLaMA's RoPE pair has another geometry).
+
+**The floor of the matmul-only route** (rows ``… iterative``: ``geometry="iterative"``, the head
+pairs' frames and re-dressing by Newton–Schulz and Smith-doubling iterations,
+``manifolds.iterative``). The d·r² terms are the same; the r³ terms are r×r products (2r³
+FLOPs each), counted by ``manifolds.iterative.matmul_counts`` for the parameters' float32 at
+the supported Gram condition (1.6e4 at r = 64): per pair and step, Euclidean metric, the
+frame's two shifted inverses and the bound's powers (74 products) and two Sylvester solves
+(44 each), 162 products ≈ 324·r³ against the exact route's ≈ 18·r³ of eigendecompositions;
+invariant metric, Newton–Schulz roots of both Grams (124) and the closed-form projections (4),
+≈ 256·r³; re-dressing (QuotientMuon, every step) the balancing element (256) and the dressed
+point's frame (74), ≈ 660·r³ against ≈ 40·r³. At r = d/4 an r³ is a quarter of a d·r², so the
+route's floor is several times the exact route's in FLOPs: it trades FLOPs for latency (no
+eigendecomposition, SVD or Cholesky: only batched products), which pays where small
+factorisations are slow against products (GPUs), not on this CPU.
 
 **Muon's precision.** ``torch.optim.Muon`` runs its Newton–Schulz iteration in bfloat16. On a
 CPU without bfloat16 matrix units (AVX2 only, as the 2-core AMD EPYC of the figures in
@@ -164,6 +182,7 @@ from benchmarks._timing import (
     rounds_of,
     setup_threads,
 )
+from manifolds.iterative import matmul_counts
 from quotopt import baselines
 from quotopt.baselines import stiefel_heads
 from quotopt.models import Transformer
@@ -204,7 +223,7 @@ PLAN_S = {
     "tokens": 35,
 }
 TOTAL_S = {"default": 570.0, "quick": 240.0, "tiny": 60.0}  # --tiny: rounds fixed, no budget
-MUON_GROUP = ("adamw", "muon", "qmuon")
+MUON_GROUP = ("adamw", "muon", "qmuon", "qmuon iterative")
 #: unrecorded rounds first: one (first steps allocate state and dress); none for the Muon pair,
 #: whose steps take seconds on CPU, beside which a first step's set-up is noise
 WARMUP, MUON_WARMUP = 1, 0
@@ -253,9 +272,34 @@ def train_flops(cfg: dict) -> float:
     return 6 * tokens * matrices + layers * 12 * tokens * context * d
 
 
-def floor_ratio(cfg: dict, metric: str = "euclidean") -> float:
+def iterative_geometry_flops(cfg: dict, metric: str = "euclidean") -> float:
+    """``geometry_flops`` of the matmul-only route (module docstring): the same d·r² terms, and
+    per head pair 2r³ FLOPs per r×r product of the frame and the projections
+    (``manifolds.iterative.matmul_counts`` in float32)."""
+    d, h = cfg["d_model"], cfg["n_heads"]
+    r = d // h
+    counts = matmul_counts(torch.float32, r)
+    if metric == "invariant":
+        per_pair = 28 * d * r * r + 2 * r**3 * (counts["invariant frame"] + 4)
+    else:
+        per_pair = 20 * d * r * r + 2 * r**3 * (counts["sylvester frame"] + 2 * counts["solve"])
+    return 2 * cfg["n_layers"] * h * per_pair
+
+
+def iterative_dressing_flops(cfg: dict) -> float:
+    """``dressing_flops`` of the matmul-only route: the balancing element and the dressed
+    point's (Euclidean) frame by r×r products, the action and the Grams (8·d·r²)."""
+    d, h = cfg["d_model"], cfg["n_heads"]
+    r = d // h
+    counts = matmul_counts(torch.float32, r)
+    products = counts["balancing"] + counts["sylvester frame"]
+    return 2 * cfg["n_layers"] * h * (8 * d * r * r + 2 * r**3 * products)
+
+
+def floor_ratio(cfg: dict, metric: str = "euclidean", geometry: str = "exact") -> float:
     """The train-step ratio an ideal quotient step would reach: 1 + geometry / fwd+bwd."""
-    return 1 + geometry_flops(cfg, metric) / train_flops(cfg)
+    flops = geometry_flops if geometry == "exact" else iterative_geometry_flops
+    return 1 + flops(cfg, metric) / train_flops(cfg)
 
 
 def muon_floor_ratios(cfg: dict) -> dict[str, float]:
@@ -263,9 +307,11 @@ def muon_floor_ratios(cfg: dict) -> dict[str, float]:
     same plus the geometry and the every-step dressing), and QuotientMuon's against Muon."""
     train, ns = train_flops(cfg), newton_schulz_flops(cfg)
     quotient = ns + geometry_flops(cfg) + dressing_flops(cfg)
+    iterative = ns + iterative_geometry_flops(cfg) + iterative_dressing_flops(cfg)
     return {
         "muon": 1 + ns / train,
         "qmuon": 1 + quotient / train,
+        "qmuon iterative": 1 + iterative / train,
         "qmuon / muon": (train + quotient) / (train + ns),
     }
 
@@ -280,9 +326,11 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
 
-def qadam(metric: str = "euclidean", dress_every: int | None = 100) -> OptimiserFactory:
+def qadam(
+    metric: str = "euclidean", dress_every: int | None = 100, geometry: str = "exact"
+) -> OptimiserFactory:
     def make(model: nn.Module) -> torch.optim.Optimizer:
-        groups = quotopt.symmetries(model, metric=metric)
+        groups = quotopt.symmetries(model, metric=metric, geometry=geometry)
         return quotopt.QuotientAdam(
             groups, lr=LR, weight_decay=WEIGHT_DECAY, dress_every=dress_every
         )
@@ -315,6 +363,10 @@ def qmuon(model: nn.Module) -> torch.optim.Optimizer:
     return baselines.quotient_muon_adamw(model, LR, WEIGHT_DECAY)
 
 
+def qmuon_iterative(model: nn.Module) -> torch.optim.Optimizer:
+    return baselines.quotient_muon_adamw(model, LR, WEIGHT_DECAY, geometry="iterative")
+
+
 def _has_geoopt() -> bool:
     try:
         import geoopt  # noqa: F401
@@ -331,9 +383,12 @@ def default_optimisers(geoopt_rows: bool = True) -> dict[str, OptimiserFactory]:
         "qadam": qadam(),
         "qadam invariant": qadam("invariant"),
         "qadam dress every step": qadam(dress_every=1),
+        "qadam iterative": qadam(geometry="iterative"),
+        "qadam invariant iterative": qadam("invariant", geometry="iterative"),
         "qsgd": qsgd,
         "muon": muon,
         "qmuon": qmuon,
+        "qmuon iterative": qmuon_iterative,
     }
     if geoopt_rows and _has_geoopt():
         optimisers["geoopt stiefel"] = geoopt_stiefel(canonical=True)
@@ -553,7 +608,8 @@ def _with_floor(rows, cfg: dict):
         if row[0] in muons:
             floor = muons[row[0]]
         else:
-            floor = floor_ratio(cfg, metric) if row[0].startswith("q") else 1.0
+            geometry = "iterative" if "iterative" in row[0] else "exact"
+            floor = floor_ratio(cfg, metric, geometry) if row[0].startswith("q") else 1.0
         out.append(row + [floor])
     return out
 
@@ -567,6 +623,12 @@ def _muon_line(times, cfg: dict | None) -> str:
     )
     if cfg is not None:
         line += f", floor {muon_floor_ratios(cfg)['qmuon / muon']:.2f}x"
+    if "qmuon iterative" in times:
+        i = times["qmuon iterative"]
+        line += (
+            f"\n# qmuon iterative / qmuon: train step {paired_ratio(i['total'], q['total']):.2f}x, "
+            f"step() {paired_ratio(i['step'], q['step']):.2f}x"
+        )
     return line
 
 

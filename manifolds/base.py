@@ -81,6 +81,9 @@ class Bundle(PointChecks, abc.ABC):
     metric: str
     #: whether every tensor of a point carries a leading head (or unit) axis of one orbit each
     per_head: bool = False
+    #: how frames and re-dressing are computed: "exact" factorisations, or "iterative"
+    #: (matmul-only, where a bundle offers it: ``with_geometry``)
+    geometry: str = "exact"
 
     def missing(self, member: str) -> NotImplementedError:
         """The uniform error of an optional member this bundle does not provide."""
@@ -288,6 +291,13 @@ class Bundle(PointChecks, abc.ABC):
         """The bundle of ``n_heads`` heads on which stacked points of bundles with this
         ``stack_key`` live, in factor form (optimisers batch layers through it)."""
         raise self.missing("stacked")
+
+    def with_geometry(self, geometry: str) -> Bundle:
+        """This bundle with its frames computed by ``geometry`` (``"exact"`` or
+        ``"iterative"``); a bundle returns itself for the geometry it has."""
+        if geometry == self.geometry:
+            return self
+        raise self.missing("with_geometry")
 
     def with_row_reduction(self, sum_rows, signs_of_rows) -> Bundle:
         """This bundle on points whose rows are split across processes (factored bundles)."""

@@ -9,7 +9,8 @@ the point the step reaches (``moved``), transport to it by projection there, and
 of the gradient and the moments (``redressed``). Which factorisation backs a frame — exact
 spectral, Cholesky, written down in closed form at a balanced point, float32 or float64 — is
 the bundle's business, not the optimiser's: optimisers talk to the geometry through this
-handle only.
+handle only (``geometry="iterative"`` on the head pairs: frames built by matmul-only iterations,
+``manifolds.frames.iterative_frame``).
 
 ``PairFrame`` (the frames of the GL(r) head pairs) computes what several operations share once:
 the invariant metric's second moments of the gradient come with the gradient (‖g Q⁻¹ R‖² =

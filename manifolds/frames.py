@@ -4,7 +4,9 @@ r"""The frame of a factored point: the factorisation that every operation there 
 each (``frame_from_grams``): eigendecompositions for the Euclidean and the damped invariant
 metrics, Cholesky factors for the undamped invariant one. A *balanced* point (AᵀA = BᵀB =
 diag S, the dressed section of the head bundles) has its frame in closed form
-(``balanced_frame``); ``merge_frames`` picks per head between two frames.
+(``balanced_frame``); ``merge_frames`` picks per head between two frames. ``iterative_frame``
+builds the same frame by matmul-only iterations (``manifolds.iterative``), flagging the heads
+they cannot handle; ``with_fallback`` puts the exact frame in for those.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ from typing import NamedTuple
 
 import torch
 
-from .linalg import pinv_spectrum
+from .iterative import SylvesterSolver, roots, supported_condition
+from .linalg import pinv_spectrum, sym
 
-__all__ = ["FactorFrame", "frame_from_grams", "balanced_frame", "merge_frames"]
+__all__ = [
+    "FactorFrame",
+    "frame_from_grams",
+    "balanced_frame",
+    "merge_frames",
+    "iterative_frame",
+    "with_fallback",
+]
 
 
 class FactorFrame(NamedTuple):
@@ -29,6 +39,11 @@ class FactorFrame(NamedTuple):
     Euclidean and the damped metrics' projections need; the undamped invariant metric's closed
     form needs only Cholesky factors (``lam`` … ``v`` are None, ``deficient`` flags heads whose
     Cholesky factorisation failed or whose Gram is singular to working precision).
+
+    An *iterative* frame (``iterative_frame``) holds no eigendecomposition: ``sylvester``
+    solves the Euclidean projection's equation, ``inv_*`` and ``root_*`` come from Newton–
+    Schulz square roots, and ``fallback`` (H,) flags the heads the iterations could not handle
+    (where ``with_fallback`` has put the exact frame in, its eigendecompositions are held too).
     """
 
     p: torch.Tensor
@@ -44,6 +59,8 @@ class FactorFrame(NamedTuple):
     u: torch.Tensor | None = None
     mu: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    sylvester: SylvesterSolver | None = None
+    fallback: torch.Tensor | None = None
 
 
 def _low(values: torch.Tensor, top: torch.Tensor, r: int) -> torch.Tensor:
@@ -137,9 +154,40 @@ def merge_frames(keep: torch.Tensor, first: FactorFrame, second: FactorFrame) ->
     """Per head: ``first``'s entries where ``keep`` (H,) is True, ``second``'s elsewhere."""
 
     def pick(a, b):
-        if a is None:
-            return None
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            return a
         mask = keep.view(keep.shape + (1,) * (a.dim() - keep.dim()))
         return torch.where(mask, a, b)
 
     return FactorFrame(*(pick(a, b) for a, b in zip(first, second)))
+
+
+def iterative_frame(p: torch.Tensor, q: torch.Tensor, metric: str) -> FactorFrame:
+    """The frame of a factored point from its Grams by matmul-only iterations in their dtype
+    (``manifolds.iterative``), for the Euclidean metric (a Sylvester solver) or the undamped
+    invariant one (inverses and square-root factors R = G^½, so R Rᵀ = G). Heads outside the
+    iterations' bound are flagged in ``fallback`` (and ``deficient``): never synchronises."""
+    condition = supported_condition(p.dtype, p.shape[-1])
+    zero = p.new_zeros(p.shape[:-2] + (1,))
+    if metric == "euclidean":
+        solver = SylvesterSolver(p, q, condition)
+        return FactorFrame(
+            p, q, None, None, None, None, zero, zero, ~solver.ok, sylvester=solver,
+            fallback=~solver.ok,
+        )  # fmt: skip
+    root_p, inv_root_p, ok_p = roots(p, condition)
+    root_q, inv_root_q, ok_q = roots(q, condition)
+    failed = ~(ok_p & ok_q)
+    inv_p, inv_q = sym(inv_root_p @ inv_root_p), sym(inv_root_q @ inv_root_q)
+    return FactorFrame(p, q, inv_p, inv_q, root_p, root_q, zero, zero, failed, fallback=failed)
+
+
+def with_fallback(iterative: FactorFrame, exact: FactorFrame) -> FactorFrame:
+    """``iterative`` with ``exact``'s entries on its ``fallback`` heads, in ``exact``'s dtype
+    (float64 where the exact route needed it), and ``exact``'s eigendecompositions, which the
+    projection uses on those heads; heads that did not fall back are not deficient."""
+    dtype = exact.p.dtype
+    cast = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+    merged = merge_frames(~iterative.fallback, FactorFrame(*map(cast, iterative)), exact)
+    deficient = exact.deficient & iterative.fallback
+    return merged._replace(deficient=deficient, lam=exact.lam, u=exact.u, mu=exact.mu, v=exact.v)

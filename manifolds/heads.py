@@ -39,10 +39,17 @@ from .factored import (
     balanced_frame,
     frame_from_grams,
     merge_frames,
-    step_scale,
 )
-from .frame import Frame
-from .linalg import gram, relative_gaps, solve_in_eigenbases, solve_left
+from .frames import iterative_frame, with_fallback
+from .iterative import balancing, supported_condition
+from .linalg import gram, relative_gaps, solve_left, work_dtype
+from .pair_frame import (
+    DRESSABLE_TOLERANCE,
+    PairFrame,
+    balanced_dressing,
+    gl_vertical_generator,
+    signed_frame,
+)
 
 __all__ = [
     "HeadQK",
@@ -51,127 +58,43 @@ __all__ = [
     "gl_vertical_generator",
     "frame_from_grams",
     "balanced_dressing",
+    "GEOMETRIES",
 ]
 
-#: Relative eigenvalue floor of the float64 Grams below which a head cannot be dressed (a
-#: relative singular value of 1e-6): the dressing's Λ^-½ would amplify round-off beyond use.
-DRESSABLE_TOLERANCE = 1e-12
-
-
-def gl_vertical_generator(
-    metric: str, frame: FactorFrame, az1: torch.Tensor, z2b: torch.Tensor
-) -> torch.Tensor:
-    """ξ ∈ gl(r) of the vertical part of Z from AᵀZ₁ and Z₂ᵀB (module docstring)."""
-    az1, z2b = az1.to(frame.p.dtype), z2b.to(frame.p.dtype)
-    if frame.u is None:  # undamped invariant metric: ξ = ½[P⁻¹AᵀZ₁ − Z₂ᵀBQ⁻¹] (closed form;
-        # on heads the frame had to damp, the same formula with the damped inverses)
-        return 0.5 * (frame.inv_p @ az1 - z2b @ frame.inv_q)
-    lam, mu = frame.lam.unsqueeze(-1), frame.mu.unsqueeze(-2)
-    if metric == "euclidean":
-        rhs, denominator = az1 - z2b, lam + mu
-    else:
-        eye = torch.eye(lam.shape[-2], dtype=lam.dtype, device=lam.device)
-        q_damped = frame.q + frame.damp_q.unsqueeze(-1) * eye
-        p_damped = frame.p + frame.damp_p.unsqueeze(-1) * eye
-        rhs = az1 @ q_damped - p_damped @ z2b
-        dq, dp = frame.damp_q.unsqueeze(-1), frame.damp_p.unsqueeze(-1)
-        denominator = 2 * lam * mu + lam * dq + dp * mu
-    return solve_in_eigenbases(frame.u, frame.v, rhs, denominator)
-
-
-def balanced_dressing(frame: FactorFrame):
-    """(u, u⁻ᵀ, S, dressable) of the balanced section, signs not yet fixed; heads that are not
-    dressable (singular Grams) get u = u⁻ᵀ = I."""
-    lam, mu = frame.lam, frame.mu
-    floor_p = DRESSABLE_TOLERANCE * lam[..., -1:].abs()
-    floor_q = DRESSABLE_TOLERANCE * mu[..., -1:].abs()
-    dressable = (lam[..., :1] > floor_p).squeeze(-1) & (mu[..., :1] > floor_q).squeeze(-1)
-    ok = dressable.view(-1, 1)
-    root_p = torch.where(ok, lam, 1.0).sqrt()
-    root_q = torch.where(ok, mu, 1.0).sqrt()
-    core = (frame.u.mT * root_p.unsqueeze(-1)) @ (frame.v * root_q.unsqueeze(-2))  # R_A R_Bᵀ
-    left, s, right_h = torch.linalg.svd(core)
-    half = s.sqrt().unsqueeze(-2)
-    u = (frame.u / root_p.unsqueeze(-2)) @ (left * half)
-    u_inv_t = (frame.v / root_q.unsqueeze(-2)) @ (right_h.mT * half)
-    eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
-    keep = ok.unsqueeze(-1)
-    return torch.where(keep, u, eye), torch.where(keep, u_inv_t, eye), s, dressable
-
-
-def _signed(frame: FactorFrame, signs: torch.Tensor) -> FactorFrame:
-    """The frame of p·D for a diagonal D of ±1 (H, r, r): Grams and inverses conjugated,
-    square-root factors and eigenvectors multiplied on the left (eigenvalues unchanged).
-    Where ``signs`` is not such a diagonal the result is meaningless (callers discard it)."""
-    d = signs.to(frame.p.dtype)
-
-    def conj(x):
-        return None if x is None else d.mT @ x @ d
-
-    def left(x):
-        return None if x is None else d.mT @ x
-
-    return frame._replace(
-        p=conj(frame.p), q=conj(frame.q), inv_p=conj(frame.inv_p), inv_q=conj(frame.inv_q),
-        root_p=left(frame.root_p), root_q=left(frame.root_q), u=left(frame.u), v=left(frame.v),
-    )  # fmt: skip
-
-
-class PairFrame(Frame):
-    """The frame handle of a GL(r) head pair (``manifolds.frame``): the invariant metric's
-    gradient with its second moments in one product, and the projection, step bound, decay and
-    retraction of a step in one pass that reuses the projection's r×r products."""
-
-    __slots__ = ()
-
-    def gradient_and_moments(self, egrad):
-        bundle = self.bundle
-        if bundle.metric == "euclidean":
-            return super().gradient_and_moments(egrad)
-        rgrad = self.riemannian_gradient(egrad)
-        # ‖u R‖² = u (Q + δ) uᵀ = g (Q + δ)⁺ gᵀ = rowsum(u ∘ g) for u = g (Q + δ)⁺
-        r = bundle.d_head
-        moments = tuple(
-            (u * g).sum(-1, keepdim=True).clamp_min(0) / r
-            for u, g in zip(bundle.factors(rgrad), bundle.factors(tuple(egrad)))
-        )
-        return rgrad, tuple(bundle.from_factors(*moments))
-
-    def descend(self, direction, lr: float, weight_decay: float, project: bool = True):
-        bundle = self.bundle
-        if not project:
-            return super().descend(direction, lr, weight_decay, project)
-        f = self.data
-        a, b = bundle.factors(self.point)
-        z1, z2 = bundle.factors(tuple(direction))
-        az1, z2b = bundle.row_sums(a.mT @ z1, z2.mT @ b)
-        xi = gl_vertical_generator(bundle.metric, f, az1, z2b)
-        x = xi.to(a.dtype)
-        h1, h2 = torch.baddbmm(z1, a, x, alpha=-1), torch.baddbmm(z2, b, x.mT)  # P_H(Z)
-        if bundle.metric == "euclidean":
-            scale = -lr
-        else:  # the bound on V = −lr·H, with AᵀH₁ = AᵀZ₁ − Pξ and BᵀH₂ = BᵀZ₂ + Qξᵀ
-            work = f.p.dtype
-            hh1, hh2 = (t.to(work) for t in bundle.row_sums(gram(h1), gram(h2)))
-            ah1 = az1.to(work) - f.p @ xi
-            bh2 = z2b.mT.to(work) + f.q @ xi.mT
-            s = step_scale(f, lr * lr * hh1, lr * lr * hh2, -lr * ah1, -lr * bh2)
-            scale = (-lr * s).to(a.dtype).view(-1, 1, 1)
-        base = self.point
-        if weight_decay:  # M ↦ (1 − lr·wd)M
-            base = bundle.scale_invariants(base, 1 - lr * weight_decay)
-        new = []
-        for p, h in zip(base, bundle.from_factors(h1, h2)):
-            if not isinstance(scale, torch.Tensor):
-                new.append(torch.add(p, h, alpha=scale))
-            else:
-                new.append(torch.addcmul(p, h, scale))
-        return tuple(new)
+#: how a GL(r) pair's frames and re-dressing are computed (module docstring)
+GEOMETRIES = ("exact", "iterative")
 
 
 class GeneralLinearPair(FactoredBundle):
     """GL(r) per head acting on a factor pair; the group half shared by ``HeadQK`` and
     ``HeadOV``, which differ only in layout (module docstring)."""
+
+    def __init__(self, *args, geometry: str = "exact", **kwargs):
+        super().__init__(*args, **kwargs)
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+        if geometry == "iterative" and self.damping:
+            raise ValueError(
+                f"geometry='iterative' serves the Euclidean and the undamped invariant metric; "
+                f"damping={self.damping:g} needs geometry='exact' (or damping=0)"
+            )
+        self.geometry = geometry
+
+    def _repr_fields(self) -> str:
+        extra = "" if self.geometry == "exact" else f", geometry={self.geometry!r}"
+        return super()._repr_fields() + extra
+
+    def with_geometry(self, geometry: str) -> GeneralLinearPair:
+        """This bundle with its frames and re-dressing computed by ``geometry``
+        (``GEOMETRIES``)."""
+        return type(self)(
+            self.n_heads, self.d_model, self.d_head, self.metric, factor_rows=self.factor_rows,
+            damping=self.damping, geometry=geometry,
+        )._with_hooks(self)  # fmt: skip
+
+    def _with_hooks(self, other: GeneralLinearPair) -> GeneralLinearPair:
+        self._sum_rows, self._signs_of_rows = other._sum_rows, other._signs_of_rows
+        return self
 
     @property
     def group_dim(self) -> int:
@@ -189,14 +112,14 @@ class GeneralLinearPair(FactoredBundle):
         return PairFrame(self, point, data)
 
     def _stack_family(self):
-        return "GL(r) pair"
+        return ("GL(r) pair", self.geometry)
 
     def stacked(self, n_heads: int) -> HeadQK:
         """``n_heads`` heads of this shape and metric in factor form (A, B), whatever the
         layout of this bundle (``HeadOV`` stores B transposed)."""
         return HeadQK(
             n_heads, self.d_model, self.d_head, self.metric,
-            factor_rows=self.factor_rows, damping=self.damping,
+            factor_rows=self.factor_rows, damping=self.damping, geometry=self.geometry,
         )  # fmt: skip
 
     # ---- action ---------------------------------------------------------------------------
@@ -255,6 +178,39 @@ class GeneralLinearPair(FactoredBundle):
         s = s if float64_s else s.to(dtype)
         return (u * signs).to(dtype), (u_inv_t * signs).to(dtype), s, dressable
 
+    def factorise(self, point: Point) -> FactorFrame:
+        """``FactoredBundle.factorise``; on the iterative route the frame of the iterations
+        (``iterative_frame``), with the exact frame put in for the heads they flag where the
+        flags live on the CPU (reading them costs nothing there; on accelerators flagged heads
+        keep the iterations' frame and are reported as rank-deficient)."""
+        if self.geometry == "exact":
+            return super().factorise(point)
+        point = self.check_point(point)
+        if self.metric == "invariant":
+            self.check_full_rank(point, "the invariant metric")  # undefined at a rank drop
+        a, b = self.factors(point)
+        work = work_dtype(a.dtype)
+        frame = iterative_frame(*self.row_sums(gram(a.to(work)), gram(b.to(work))), self.metric)
+        if frame.fallback.device.type == "cpu" and bool(frame.fallback.any()):
+            frame = with_fallback(frame, super().factorise(point))
+        return frame
+
+    def _balancing(self, point: Point):
+        """(g, g⁻ᵀ) of the iterative route's re-dressing in the point's dtype: the balancing
+        element where the iterations meet their bound; elsewhere the exact dressing (CPU, as
+        ``factorise``) or the identity (accelerators; such heads are not dressed)."""
+        a, b = self.factors(point)
+        work = work_dtype(a.dtype)
+        p, q = self.row_sums(gram(a.to(work)), gram(b.to(work)))
+        g, g_inv_t, ok = balancing(p, q, supported_condition(work, self.d_head))
+        if ok.device.type == "cpu" and not bool(ok.all()):
+            other, other_inv_t, _, _ = self._dressing_parts(point)
+        else:
+            other = other_inv_t = torch.eye(g.shape[-1], dtype=a.dtype, device=a.device)
+        keep = ok.view(-1, 1, 1)
+        g, g_inv_t = g.to(a.dtype), g_inv_t.to(a.dtype)
+        return torch.where(keep, g, other), torch.where(keep, g_inv_t, other_inv_t)
+
     def dressing_or_identity(self, point: Point, frame: FactorFrame | None = None):
         """(u, dressable): the dressing where a head's factors have full rank to working
         precision, the identity (and ``dressable`` False) elsewhere. Never synchronises."""
@@ -268,8 +224,11 @@ class GeneralLinearPair(FactoredBundle):
         only have their columns' signs fixed (u a diagonal of ±1): their frame is the old one
         conjugated by it. (The undamped invariant metric's Cholesky frame is refactorised.)"""
         point = self.check_point(point)
-        frame = self._frame(point, frame)
-        u, u_inv_t, s, dressable = self._dressing_parts(point, frame, float64_s=True)
+        if self.geometry == "iterative":  # balanced up to O(r); the new frame by iterations
+            u, u_inv_t = self._balancing(point)
+        else:
+            frame = self._frame(point, frame)
+            u, u_inv_t, s, dressable = self._dressing_parts(point, frame, float64_s=True)
 
         def move(v: Tangent, left: torch.Tensor, right: torch.Tensor) -> Tangent:
             a, b = self.factors(v)
@@ -278,11 +237,11 @@ class GeneralLinearPair(FactoredBundle):
         moved = move(point, u, u_inv_t)
         carried = tuple(move(t, u, u_inv_t) for t in tangents)
         covector = move(covector, u_inv_t, u)  # act_dual: the action of u⁻ᵀ
-        if frame.lam is None:  # Cholesky frames: no closed form kept here
+        if self.geometry == "iterative" or frame.lam is None:  # no closed form kept here
             return moved, covector, carried, self.factorise(moved)
         weighted = self.metric != "euclidean"
         balanced = balanced_frame(s.to(frame.p.dtype), self.damping, weighted=weighted)
-        return moved, covector, carried, merge_frames(dressable, balanced, _signed(frame, u))
+        return moved, covector, carried, merge_frames(dressable, balanced, signed_frame(frame, u))
 
     def dressing(self, point: Point) -> torch.Tensor:
         point = self.check_point(point)

@@ -49,7 +49,15 @@ from .hf import float64_fix, hf_slots
 from .lora import lora_slots, stack_adapters
 from .report import SymmetryReport, note_unrecognised, summarise
 
-__all__ = ["describe", "gauge_transform", "group_point", "symmetries", "verify", "write_point"]
+__all__ = [
+    "describe",
+    "gauge_transform",
+    "group_point",
+    "symmetries",
+    "use_geometry",
+    "verify",
+    "write_point",
+]
 
 DEFAULT_TOLERANCE = 1e-6  # float32 steps inside HF modules leave ≈1e-7; a wrong group ≥ 1e-3
 
@@ -226,6 +234,7 @@ def symmetries(
     tolerance: float = DEFAULT_TOLERANCE,
     generator: torch.Generator | None = None,
     lora_damping: float = 0.0,
+    geometry: str = "exact",
     report: bool = False,
 ):
     """Param groups of ``model`` by symmetry (see the module docstring).
@@ -250,6 +259,7 @@ def symmetries(
         lora_damping: damping of the invariant metric on LoRA adapter pairs (``quotopt.lora``):
             > 0 makes the rank-deficient start B = 0 admissible, at the price of exact gauge
             equivariance (the damped metric is O(r)-invariant only).
+        geometry: how the bundles' frames and re-dressing are computed (``use_geometry``).
         report: also return the ``SymmetryReport`` (``(groups, report)``).
 
     Raises ``ValueError`` naming any parameter covered twice or (``plain=False``) not at all.
@@ -287,8 +297,27 @@ def symmetries(
             note=f"{label}: softmax shift (pure gauge), a frozen group no step moves",
         )
     groups = _complete(model, user + own + [_clean(g) for g in found] + keys, plain)
+    groups = use_geometry(groups, geometry)
     summarise(model, groups, table, *unverified)
     return (groups, table) if report else groups
+
+
+def use_geometry(groups: Sequence[dict], geometry: str) -> list[dict]:
+    """``groups`` with every bundle that offers ``geometry`` (``Bundle.with_geometry``:
+    ``"exact"`` factorisations or matmul-only ``"iterative"`` frames, which the GL(r) head
+    pairs ``HeadQK`` / ``HeadOV`` offer) switched to it; other bundles keep theirs."""
+    if geometry not in ("exact", "iterative"):
+        raise ValueError(f"geometry must be 'exact' or 'iterative', got {geometry!r}")
+    out = []
+    for group in groups:
+        bundle = group.get("bundle")
+        if bundle is not None and bundle.geometry != geometry:
+            try:
+                group = dict(group, bundle=bundle.with_geometry(geometry))
+            except NotImplementedError:
+                pass  # this bundle has one route
+        out.append(group)
+    return out
 
 
 def _clean(group: dict) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import quotopt
-from benchmarks import bench_geometry, bench_lora, bench_models, bench_optimizer
+from benchmarks import bench_frames, bench_geometry, bench_lora, bench_models, bench_optimizer
 from benchmarks._timing import alternate, rounds_of
 
 TINY = ["--quick", "--tiny", "--threads", "1"]
@@ -60,6 +60,14 @@ def test_bench_lora(capsys):
     assert "x AdamW step" in out
     assert {f"r2 {name}" for name in bench_lora.OPTIMS} == results.keys()
     assert all(_positive(v["ms"]) and _positive(v["ratio"]) for v in results.values())
+
+
+def test_bench_frames(capsys):
+    ratios = bench_frames.main(["--heads", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "# command: python -m benchmarks.bench_frames --heads 2 --repeats 1" in out
+    assert set(ratios) == {"euclidean", "invariant", "redress"}
+    assert all(_positive(r) for r in ratios.values())
 
 
 def test_bench_optimizer(capsys):

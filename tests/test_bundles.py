@@ -46,6 +46,18 @@ def test_conformance(bundle, seed, dtype):
     assert_bundle(bundle, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+@SETTINGS
+@given(
+    bundle=head_bundles().map(lambda b: b.with_geometry("iterative")),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from(["f64", "f32"]),
+)
+def test_conformance_of_the_matmul_only_head_route(bundle, seed, dtype):
+    """The head pairs with ``geometry="iterative"`` pass the same conformance checks."""
+    dtype = {"f64": torch.float64, "f32": torch.float32}[dtype]
+    assert_bundle(bundle, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
 @pytest.mark.parametrize("seed", [110, 133])
 def test_vertical_fd_is_exact_to_round_off_for_a_small_algebra_element(seed):
     """r = 1 heads whose random ξ is small: a fixed step 1e-5 in t left round-off

@@ -1,6 +1,8 @@
 """The step is unbreakable: every numerical failure is a NonFiniteStepError (or a skipped
 step) that changes nothing; bad configuration is refused before anything is written; steps
-are bounded and rank-deficient starts are valid. Each case failed before the robust step."""
+are bounded and rank-deficient starts are valid. Each case failed before the robust step.
+The GL(r) head pairs' matmul-only route (``geometry="iterative"``) goes through the same
+cases."""
 
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ BUNDLES = {
     "product": lambda metric: M.ProductBundle(
         [M.HeadQK(2, 6, 3, metric=metric), M.HeadOV(2, 6, 3, metric=metric)]
     ),
+    "qk iterative": lambda metric: M.HeadQK(2, 6, 3, metric=metric, geometry="iterative"),
+    "ov iterative": lambda metric: M.HeadOV(2, 6, 3, metric=metric, geometry="iterative"),
 }
+GEOMETRIES = ("exact", "iterative")
 OPTIMISERS = {
     "qadam": lambda groups, **kw: QuotientAdam(groups, lr=1e-2, weight_decay=0.1, **kw),
     "qsgd": lambda groups, **kw: QuotientSGD(groups, lr=1e-2, momentum=0.9, **kw),
@@ -114,8 +119,9 @@ def test_non_finite_gradients_change_nothing(kind, metric, opt, mode, warm, pois
 # the invariant metric is undefined at a rank drop: such heads are regularised and flagged
 @pytest.mark.parametrize("metric", ["euclidean", "invariant"])
 @pytest.mark.parametrize("mode", ["raise", "skip"])
-def test_rank_deficient_heads_step_without_a_linear_algebra_error(defect, metric, mode):
-    bundle = M.HeadQK(3, 6, 3, metric=metric)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_rank_deficient_heads_step_without_a_linear_algebra_error(defect, metric, mode, geometry):
+    bundle = M.HeadQK(3, 6, 3, metric=metric, geometry=geometry)
     groups = _group(bundle)
     with torch.no_grad():
         wq = groups[0]["params"][0]
@@ -127,9 +133,10 @@ def test_rank_deficient_heads_step_without_a_linear_algebra_error(defect, metric
     assert all(bool(torch.isfinite(p).all()) for p in groups[0]["params"])
 
 
-def test_ill_conditioned_float32_heads_never_give_nan():
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_ill_conditioned_float32_heads_never_give_nan(geometry):
     """Factors with smallest singular value 1e-5 relative in float32: dress and step finite."""
-    bundle = M.HeadQK(4, 16, 4)
+    bundle = M.HeadQK(4, 16, 4, geometry=geometry)
     finite_dress = 0
     for seed in range(20):
         a, b = bundle.random_point(generator=_gen(seed), dtype=torch.float32)
@@ -151,8 +158,9 @@ def test_ill_conditioned_float32_heads_never_give_nan():
     assert finite_dress == 20
 
 
-def test_a_refused_step_creates_no_state_and_keeps_the_clock():
-    groups = _group(M.HeadQK(2, 6, 3))
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_a_refused_step_creates_no_state_and_keeps_the_clock(geometry):
+    groups = _group(M.HeadQK(2, 6, 3, geometry=geometry))
     optimiser = QuotientAdam(groups)
     _set_grads(groups, 0, poison=float("nan"))
     with pytest.raises(NonFiniteStepError):
@@ -194,9 +202,10 @@ def test_per_group_hyperparameters_are_validated(override, message):
 
 @pytest.mark.parametrize("cond", [1e2, 1e4, 1e6, 1e8])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_invariant_metric_steps_are_bounded(cond, dtype):
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_invariant_metric_steps_are_bounded(cond, dtype, geometry):
     """One step at lr 1e-3 changes W_q W_kᵀ by a relative O(lr) (≤ 50·lr) at any conditioning."""
-    bundle = M.HeadQK(1, 32, 8, metric="invariant")
+    bundle = M.HeadQK(1, 32, 8, metric="invariant", geometry=geometry)
     a, b = bundle.random_point(generator=_gen(1), dtype=dtype)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     a = (u * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), 8, dtype=dtype)) @ vh
@@ -227,9 +236,14 @@ def test_the_step_bound_is_what_keeps_invariant_steps_small():
 
 
 def test_lora_start_with_b_zero_is_a_valid_point():
-    """ΔW = B A with B = 0: QuotientAdam (damped invariant metric and Euclidean) and
-    QuotientSGD step without error and move the adapter."""
-    for bundle in (M.HeadOV(1, 16, 4, metric="invariant", damping=1e-3), M.HeadOV(1, 16, 4)):
+    """ΔW = B A with B = 0: QuotientAdam (damped invariant metric and Euclidean, exact and
+    iterative) and QuotientSGD step without error and move the adapter."""
+    bundles = (
+        M.HeadOV(1, 16, 4, metric="invariant", damping=1e-3),
+        M.HeadOV(1, 16, 4),
+        M.HeadOV(1, 16, 4, geometry="iterative"),
+    )
+    for bundle in bundles:
         for make in OPTIMISERS.values():
             a = (torch.randn(1, 16, 4, generator=_gen(0), dtype=F64) / 4).requires_grad_()
             b = torch.zeros(1, 4, 16, dtype=F64, requires_grad=True)
@@ -248,8 +262,9 @@ def test_lora_start_with_b_zero_is_a_valid_point():
             assert losses[-1] < losses[0]
 
 
-def test_a_head_that_loses_rank_is_reported():
-    groups = _group(M.HeadQK(3, 6, 3))
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_a_head_that_loses_rank_is_reported(geometry):
+    groups = _group(M.HeadQK(3, 6, 3, geometry=geometry))
     optimiser = QuotientAdam(groups, lr=1e-3)
     _set_grads(groups, 0)
     optimiser.step()
@@ -269,8 +284,9 @@ def test_a_head_that_loses_rank_is_reported():
         optimiser.step()
 
 
-def test_load_state_dict_refuses_another_optimiser_and_wrong_shapes():
-    groups = _group(M.HeadQK(2, 6, 3))
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_load_state_dict_refuses_another_optimiser_and_wrong_shapes(geometry):
+    groups = _group(M.HeadQK(2, 6, 3, geometry=geometry))
     adam, sgd = QuotientAdam(groups), QuotientSGD(groups, lr=1e-2, momentum=0.9)
     _set_grads(groups, 0)
     adam.step()
@@ -307,11 +323,12 @@ def test_frozen_factors_are_never_changed():
     assert all(torch.equal(a, b) for a, b in zip(frozen, groups[0]["params"]))
 
 
-def test_invariant_second_moments_are_never_negative_in_float32():
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_invariant_second_moments_are_never_negative_in_float32(geometry):
     """u = ∇ Q⁻¹ at an ill-conditioned float32 point: u (Q + δ) uᵀ computed as a product
     cancels to negative values; the frame's square-root factor gives ‖u R‖² ≥ 0 (the control
     shows the cancellation is real)."""
-    bundle = M.HeadQK(4, 32, 8, metric="invariant")
+    bundle = M.HeadQK(4, 32, 8, metric="invariant", geometry=geometry)
     a, b = bundle.random_point(generator=_gen(0), dtype=torch.float32)
     u, _, vh = torch.linalg.svd(b, full_matrices=False)
     b = (u * torch.logspace(0, -3, 8)) @ vh
@@ -331,8 +348,8 @@ def test_a_parameter_written_between_steps_is_refactorised():
     seen, and a write through ``.data`` is seen after ``forget_factorisations()``; the steps
     then equal those of an optimiser that never cached (the control: a stale frame differs)."""
 
-    def run(write, forget):
-        groups = _group(M.HeadQK(2, 6, 3, metric="invariant"))
+    def run(write, forget, geometry="exact"):
+        groups = _group(M.HeadQK(2, 6, 3, metric="invariant", geometry=geometry))
         optimiser = QuotientAdam(groups, lr=1e-2, dress_every=None)
         _set_grads(groups, 0)
         optimiser.step()

@@ -188,14 +188,16 @@ def quotient_muon_adamw(
     *,
     metric: str = "euclidean",
     scope: str = "tensor",
+    geometry: str = "exact",
 ):
     """QuotientMuon on the model's factored symmetry groups (``quotopt.symmetries``; scope
     ``"tensor"``: whole projections, like the Muon baseline, and the whole MLP matrices of
     rescaled ReLU units), the Muon baseline on the hidden matrices no symmetry covers, AdamW on
     the rest — so the two differ only where the geometry acts. Symmetry groups without two
     factors (the relational model's O(d_gauge) on its embedding) go to ``QuotientAdam`` with
-    the rest, whose plain groups are AdamW exactly."""
-    found = symmetries(model, metric=metric)
+    the rest, whose plain groups are AdamW exactly. ``geometry``: the head pairs' route
+    (``quotopt.symmetries``)."""
+    found = symmetries(model, metric=metric, geometry=geometry)
     groups = [g for g in found if g.get("bundle") is not None]
     frozen = [g for g in found if g.get("bundle") is None and g.get("frozen")]  # key biases
     factored = [g for g in groups if _has_factors(g)]

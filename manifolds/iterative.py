@@ -1,0 +1,238 @@
+r"""Matmul-only kernels of the head geometry: square roots, inverses, Sylvester solves, balancing.
+
+Every function acts on batches of r×r matrices (leading axis: heads), runs a *fixed* number of
+iterations — the count a convergence bound gives for the condition number the route supports
+(``supported_condition``) — and returns, per head, whether the iteration met its bound
+(``ok``), read from a residual on the device: nothing here synchronises with the host. Heads
+outside the bound (ill-conditioned, rank-deficient, non-finite) come back flagged; the caller
+falls back to the exact factorisations for them. Each iteration is a polynomial in its inputs,
+so it commutes with conjugation by any orthogonal K (f(KᵀPK) = Kᵀ f(P) K): the route keeps the
+equivariance the optimisers need (O(r) is all they need, ``docs/theory/optimisers.md``).
+
+* ``roots``: coupled Newton–Schulz (Higham 2008, *Functions of Matrices*, eq. 6.35):
+  Y₀ = S/c, Z₀ = I, T = (3I − ZY)/2, Y ← YT, Z ← TZ gives Y → (S/c)^½, Z → (S/c)^-½; an
+  eigenvalue h = λ/c moves as t ← t(3 − t)²/4 (t = zy), ×2.25 while small, then 1 − t ← ¾(1 − t)²;
+* ``inverse_spd``: Newton–Schulz X ← X(2I − SX), residual I − SX squared each iteration;
+* ``polar``: Newton–Schulz X ← X(3I − XᵀX)/2 on singular values, ×1.5 while small;
+* ``sylvester``: P ξ + ξ Q = C by the Cayley transform and Smith's doubling: with
+  N_P = (P + αI)⁻¹, A = I − 2αN_P, B = I − 2αN_Q, ξ = Σₖ Aᵏ W Bᵏ for W = 2α N_P C N_Q, summed
+  2ᵏ terms at a time (X ← X + AXB, A ← A², B ← B²); the error after k doublings is
+  A^{2ᵏ} ξ B^{2ᵏ};
+* ``balancing``: g with gᵀPg = g⁻¹Qg⁻ᵀ (the balanced section up to O(r)): g = P^-½ M^¼ for
+  M^½ = (P^½ Q P^½)^½ = C Wᵀ, C = P^½ Q^½ and W its polar factor (so no matrix of squared
+  condition is formed); g gᵀ = P⁻¹ # Q, the matrix geometric mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "supported_condition",
+    "matmul_counts",
+    "roots",
+    "inverse_spd",
+    "polar",
+    "SylvesterSolver",
+    "balancing",
+]
+
+#: the largest Gram condition the route supports in float64 (factors of condition 1e4)
+MAX_CONDITION = 1e8
+
+
+def supported_condition(dtype: torch.dtype, r: int) -> float:
+    """The Gram condition number up to which the iterations are run to convergence: where the
+    working precision still resolves the Gram (8·r·eps, the exact frames' rank rule), at most
+    ``MAX_CONDITION``."""
+    return min(1.0 / (8 * r * torch.finfo(dtype).eps), MAX_CONDITION)
+
+
+def _count(step, start: float, eps: float, limit: int = 200) -> int:
+    """Iterations of the scalar map ``step`` from ``start`` until 1 − t ≤ eps (t → 1)."""
+    t, k = start, 0
+    while 1 - t > eps and k < limit:
+        t, k = step(t), k + 1
+    return k + 1  # one more: the matrix iteration's round-off settles
+
+
+def _root_steps(dtype: torch.dtype, r: int, condition: float) -> int:
+    return _count(lambda t: t * (3 - t) ** 2 / 4, 1 / (condition * r**0.5), torch.finfo(dtype).eps)
+
+
+def _polar_steps(dtype: torch.dtype, r: int, condition: float) -> int:
+    return _count(lambda s: s * (3 - s * s) / 2, 1 / (condition * r**0.5), torch.finfo(dtype).eps)
+
+
+def _inverse_steps(dtype: torch.dtype, ratio: float) -> int:
+    rho = (ratio - 1) / (ratio + 1)
+    if rho <= 0:
+        return 1
+    return max(1, math.ceil(math.log2(math.log(torch.finfo(dtype).eps) / math.log(rho)))) + 1
+
+
+def _doubling_steps(dtype: torch.dtype, r: int, condition: float) -> int:
+    root = (condition * r**0.5) ** 0.5
+    rho = (root - 1) / (root + 1)
+    return max(1, math.ceil(math.log2(math.log(torch.finfo(dtype).eps) / math.log(rho) / 2)))
+
+
+def matmul_counts(dtype: torch.dtype, r: int) -> dict[str, int]:
+    """r×r matrix products per head of each kernel at the supported condition (what the
+    benchmarks' cost floor counts, 2r³ FLOPs each): ``"roots"``, ``"polar"``, ``"inverse"``,
+    ``"sylvester frame"`` (two shifted inverses and the bound's powers), ``"solve"`` (one
+    right-hand side), ``"invariant frame"`` (roots of both Grams and the inverses), and
+    ``"balancing"``."""
+    condition = supported_condition(dtype, r)
+    roots_ = 3 * _root_steps(dtype, r, condition) + 1
+    polar_ = 2 * _polar_steps(dtype, r, condition) + 1
+    inverse = 2 * _inverse_steps(dtype, 1 + (condition * r**0.5) ** 0.5)
+    doubling = _doubling_steps(dtype, r, condition)
+    return {
+        "roots": roots_,
+        "polar": polar_,
+        "inverse": inverse,
+        "sylvester frame": 2 * inverse + 2 * doubling,
+        "solve": 2 + 2 * doubling + 2 * (doubling - 1),
+        "invariant frame": 2 * roots_ + 2,
+        "balancing": 3 * roots_ + polar_ + 4,
+    }
+
+
+def _tolerance(dtype: torch.dtype, r: int) -> float:
+    """Residual above which a head is flagged, (r·eps)^⅓: a converged head sits at round-off
+    (about r·eps·√condition), one outside the bound leaves an eigenvalue in the slow phase of
+    its scalar map (residual above 0.1)."""
+    return (r * torch.finfo(dtype).eps) ** (1 / 3)
+
+
+def _eye(x: torch.Tensor) -> torch.Tensor:
+    return torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+
+
+def _fro(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(-2).norm(dim=-1)[..., None, None]
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _converged(residual: torch.Tensor) -> torch.Tensor:
+    tolerance = _tolerance(residual.dtype, residual.shape[-1])
+    return residual.flatten(-2).norm(dim=-1) <= tolerance  # NaN: False
+
+
+def roots(spd: torch.Tensor, condition: float):
+    """(S^½, S^-½, ok) for symmetric positive definite ``spd`` (…, r, r) of condition up to
+    ``condition``: coupled Newton–Schulz from Y₀ = S/‖S‖_F. The smallest scaled eigenvalue is
+    at least 1/(condition·√r) (‖S‖_F ≤ √r λ_max); the iteration count takes it to 1 − t ≤ eps,
+    and every larger one converges faster (the scalar map is increasing on [0, 1])."""
+    steps = _root_steps(spd.dtype, spd.shape[-1], condition)
+    eye = _eye(spd)
+    scale = _safe(_fro(spd))
+    y, z = spd / scale, eye.expand_as(spd)
+    for _ in range(steps):
+        t = 1.5 * eye - 0.5 * (z @ y)
+        y, z = y @ t, t @ z
+    ok = _converged(eye - z @ y)
+    root = scale.sqrt()
+    return y * root, z / root, ok
+
+
+def inverse_spd(spd: torch.Tensor, low: torch.Tensor, high: torch.Tensor, ratio: float):
+    """S⁻¹ for symmetric positive definite ``spd`` with eigenvalues in [low, high]
+    (per head, (…, 1, 1)) and high/low ≤ ``ratio``: Newton–Schulz from X₀ = 2I/(low + high),
+    whose residual ‖I − SX₀‖ ≤ (ratio − 1)/(ratio + 1) is squared by every iteration."""
+    steps = _inverse_steps(spd.dtype, ratio)
+    eye = _eye(spd)
+    x = eye * (2 / (low + high))
+    for _ in range(steps):
+        x = 2 * x - x @ spd @ x
+    return x
+
+
+def polar(c: torch.Tensor, condition: float):
+    """(W, ok): the orthogonal polar factor of square ``c`` of condition up to ``condition``,
+    by Newton–Schulz from X₀ = C/‖C‖_F (singular values ≥ 1/(condition·√r) of it)."""
+    steps = _polar_steps(c.dtype, c.shape[-1], condition)
+    eye = _eye(c)
+    x = c / _safe(_fro(c))
+    for _ in range(steps):
+        x = x @ (1.5 * eye - 0.5 * (x.mT @ x))
+    return x, _converged(eye - x.mT @ x)
+
+
+def _sym(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (x + x.mT)
+
+
+def _square(x: torch.Tensor) -> torch.Tensor:
+    """x², set to zero on heads where ‖x²‖_F < eps: the terms it would still add are below
+    round-off, and squaring on would reach subnormal numbers, whose arithmetic is tens of times
+    slower on CPUs (measured: a float32 QuotientAdam step 5× slower). The norm is invariant
+    under orthogonal conjugation, so the rule keeps the iteration equivariant."""
+    y = x @ x
+    return y * (_fro(y) >= torch.finfo(y.dtype).eps)
+
+
+class SylvesterSolver:
+    """Solves P ξ + ξ Q = C for one batch of symmetric positive definite (P, Q) of condition up
+    to ``condition``, by the Cayley transform and Smith's doubling (module docstring).
+
+    With c = max(‖P‖_F, ‖Q‖_F) every eigenvalue lies in [c/K, c], K = condition·√r; the shift
+    α = c/√K makes |λ − α|/(λ + α) ≤ ρ = (√K − 1)/(√K + 1) for all of them, so k doublings
+    leave a relative error ρ^{2^{k+1}}: k is the least with ρ^{2^{k+1}} ≤ eps. ``ok`` (per
+    head) checks the bound on the matrices themselves, ‖A^{2ᵏ}‖_F and ‖B^{2ᵏ}‖_F each at most
+    the flag tolerance (each is ≤ √(r·eps) inside the bound), which flags heads with a Gram
+    eigenvalue below c/K — ill-conditioned or rank-deficient, where the error would grow —
+    and non-finite ones. (The inverses need no flag: P + αI has its spectrum in [α, c + α].)"""
+
+    __slots__ = ("shift", "n_p", "n_q", "steps", "ok")
+
+    def __init__(self, p: torch.Tensor, q: torch.Tensor, condition: float):
+        r = p.shape[-1]
+        wide = condition * r**0.5
+        self.steps = _doubling_steps(p.dtype, r, condition)
+        scale = _safe(torch.maximum(_fro(p), _fro(q)))
+        self.shift = scale / wide**0.5
+        eye = _eye(p)
+        high = scale + self.shift
+        ratio = 1 + wide**0.5
+        self.n_p = inverse_spd(p + self.shift * eye, self.shift, high, ratio)
+        self.n_q = inverse_spd(q + self.shift * eye, self.shift, high, ratio)
+        a, b = self._cayley()
+        for _ in range(self.steps):
+            a, b = _square(a), _square(b)
+        tolerance = _tolerance(p.dtype, r)
+        self.ok = ((_fro(a) <= tolerance) & (_fro(b) <= tolerance)).flatten(-3)  # NaN: False
+
+    def _cayley(self):
+        eye = _eye(self.n_p)
+        return eye - 2 * self.shift * self.n_p, eye - 2 * self.shift * self.n_q
+
+    def solve(self, c: torch.Tensor) -> torch.Tensor:
+        """ξ with P ξ + ξ Q = c (…, r, r)."""
+        a, b = self._cayley()
+        x = 2 * self.shift * (self.n_p @ c.to(self.n_p.dtype) @ self.n_q)
+        for k in range(self.steps):
+            x = x + a @ x @ b
+            if k + 1 < self.steps:
+                a, b = _square(a), _square(b)
+        return x
+
+
+def balancing(p: torch.Tensor, q: torch.Tensor, condition: float):
+    """(g, g⁻ᵀ, ok) with (Ag)ᵀ(Ag) = (Bg⁻ᵀ)ᵀ(Bg⁻ᵀ) = M^½ for Grams P = AᵀA, Q = BᵀB: g =
+    P^-½ M^¼, g⁻ᵀ = P^½ M^-¼ (module docstring). Four Newton–Schulz runs, each on a matrix of
+    condition at most ``condition`` when P and Q are (C = P^½Q^½ has singular-value condition
+    ≤ √(κ_P κ_Q), M^½ the same); ``ok`` is False where one of them missed its bound."""
+    root_p, inv_root_p, ok_p = roots(p, condition)
+    root_q, _, ok_q = roots(q, condition)
+    c = root_p @ root_q
+    w, ok_w = polar(c, condition)
+    mid = _sym(c @ w.mT)  # M^½ = (C Cᵀ)^½ = C Wᵀ
+    fourth, inv_fourth, ok_m = roots(mid, condition)
+    return inv_root_p @ fourth, root_p @ inv_fourth, ok_p & ok_q & ok_w & ok_m

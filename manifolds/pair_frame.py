@@ -1,0 +1,146 @@
+r"""The frame handle of the GL(r) head pairs and the formulas on their frames.
+
+``PairFrame`` (``bundle.at(point)`` of ``HeadQK`` / ``HeadOV``) computes what several operations
+share once (``manifolds.frame``); ``gl_vertical_generator`` solves for the vertical part of a
+vector from its r×r products, on exact and iterative frames alike (``manifolds.frames``);
+``balanced_dressing`` is the exact dressing from a spectral frame; ``signed_frame`` the frame of
+a point whose columns changed sign. The formulas are those of ``manifolds.heads``' docstring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .factored import FactorFrame, step_scale
+from .frame import Frame
+from .linalg import gram, solve_in_eigenbases
+
+__all__ = [
+    "DRESSABLE_TOLERANCE",
+    "PairFrame",
+    "gl_vertical_generator",
+    "balanced_dressing",
+    "signed_frame",
+]
+
+#: Relative eigenvalue floor of the float64 Grams below which a head cannot be dressed (a
+#: relative singular value of 1e-6): the dressing's Λ^-½ would amplify round-off beyond use.
+DRESSABLE_TOLERANCE = 1e-12
+
+
+def gl_vertical_generator(
+    metric: str, frame: FactorFrame, az1: torch.Tensor, z2b: torch.Tensor
+) -> torch.Tensor:
+    """ξ ∈ gl(r) of the vertical part of Z from AᵀZ₁ and Z₂ᵀB (module docstring)."""
+    az1, z2b = az1.to(frame.p.dtype), z2b.to(frame.p.dtype)
+    if metric == "euclidean" and frame.sylvester is not None:  # the iterative route
+        xi = frame.sylvester.solve(az1 - z2b).to(az1.dtype)
+        if frame.u is None:  # no head fell back
+            return xi
+        denominator = frame.lam.unsqueeze(-1) + frame.mu.unsqueeze(-2)
+        exact = solve_in_eigenbases(frame.u, frame.v, az1 - z2b, denominator)
+        return torch.where(frame.fallback.view(-1, 1, 1), exact, xi)
+    if frame.u is None:  # undamped invariant metric: ξ = ½[P⁻¹AᵀZ₁ − Z₂ᵀBQ⁻¹] (closed form;
+        # on heads the frame had to damp, the same formula with the damped inverses)
+        return 0.5 * (frame.inv_p @ az1 - z2b @ frame.inv_q)
+    lam, mu = frame.lam.unsqueeze(-1), frame.mu.unsqueeze(-2)
+    if metric == "euclidean":
+        rhs, denominator = az1 - z2b, lam + mu
+    else:
+        eye = torch.eye(lam.shape[-2], dtype=lam.dtype, device=lam.device)
+        q_damped = frame.q + frame.damp_q.unsqueeze(-1) * eye
+        p_damped = frame.p + frame.damp_p.unsqueeze(-1) * eye
+        rhs = az1 @ q_damped - p_damped @ z2b
+        dq, dp = frame.damp_q.unsqueeze(-1), frame.damp_p.unsqueeze(-1)
+        denominator = 2 * lam * mu + lam * dq + dp * mu
+    return solve_in_eigenbases(frame.u, frame.v, rhs, denominator)
+
+
+def balanced_dressing(frame: FactorFrame):
+    """(u, u⁻ᵀ, S, dressable) of the balanced section, signs not yet fixed; heads that are not
+    dressable (singular Grams) get u = u⁻ᵀ = I."""
+    lam, mu = frame.lam, frame.mu
+    floor_p = DRESSABLE_TOLERANCE * lam[..., -1:].abs()
+    floor_q = DRESSABLE_TOLERANCE * mu[..., -1:].abs()
+    dressable = (lam[..., :1] > floor_p).squeeze(-1) & (mu[..., :1] > floor_q).squeeze(-1)
+    ok = dressable.view(-1, 1)
+    root_p = torch.where(ok, lam, 1.0).sqrt()
+    root_q = torch.where(ok, mu, 1.0).sqrt()
+    core = (frame.u.mT * root_p.unsqueeze(-1)) @ (frame.v * root_q.unsqueeze(-2))  # R_A R_Bᵀ
+    left, s, right_h = torch.linalg.svd(core)
+    half = s.sqrt().unsqueeze(-2)
+    u = (frame.u / root_p.unsqueeze(-2)) @ (left * half)
+    u_inv_t = (frame.v / root_q.unsqueeze(-2)) @ (right_h.mT * half)
+    eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
+    keep = ok.unsqueeze(-1)
+    return torch.where(keep, u, eye), torch.where(keep, u_inv_t, eye), s, dressable
+
+
+def signed_frame(frame: FactorFrame, signs: torch.Tensor) -> FactorFrame:
+    """The frame of p·D for a diagonal D of ±1 (H, r, r): Grams and inverses conjugated,
+    square-root factors and eigenvectors multiplied on the left (eigenvalues unchanged).
+    Where ``signs`` is not such a diagonal the result is meaningless (callers discard it)."""
+    d = signs.to(frame.p.dtype)
+
+    def conj(x):
+        return None if x is None else d.mT @ x @ d
+
+    def left(x):
+        return None if x is None else d.mT @ x
+
+    return frame._replace(
+        p=conj(frame.p), q=conj(frame.q), inv_p=conj(frame.inv_p), inv_q=conj(frame.inv_q),
+        root_p=left(frame.root_p), root_q=left(frame.root_q), u=left(frame.u), v=left(frame.v),
+    )  # fmt: skip
+
+
+class PairFrame(Frame):
+    """The frame handle of a GL(r) head pair (``manifolds.frame``): the invariant metric's
+    gradient with its second moments in one product, and the projection, step bound, decay and
+    retraction of a step in one pass that reuses the projection's r×r products."""
+
+    __slots__ = ()
+
+    def gradient_and_moments(self, egrad):
+        bundle = self.bundle
+        if bundle.metric == "euclidean":
+            return super().gradient_and_moments(egrad)
+        rgrad = self.riemannian_gradient(egrad)
+        # ‖u R‖² = u (Q + δ) uᵀ = g (Q + δ)⁺ gᵀ = rowsum(u ∘ g) for u = g (Q + δ)⁺
+        r = bundle.d_head
+        moments = tuple(
+            (u * g).sum(-1, keepdim=True).clamp_min(0) / r
+            for u, g in zip(bundle.factors(rgrad), bundle.factors(tuple(egrad)))
+        )
+        return rgrad, tuple(bundle.from_factors(*moments))
+
+    def descend(self, direction, lr: float, weight_decay: float, project: bool = True):
+        bundle = self.bundle
+        if not project:
+            return super().descend(direction, lr, weight_decay, project)
+        f = self.data
+        a, b = bundle.factors(self.point)
+        z1, z2 = bundle.factors(tuple(direction))
+        az1, z2b = bundle.row_sums(a.mT @ z1, z2.mT @ b)
+        xi = gl_vertical_generator(bundle.metric, f, az1, z2b)
+        x = xi.to(a.dtype)
+        h1, h2 = torch.baddbmm(z1, a, x, alpha=-1), torch.baddbmm(z2, b, x.mT)  # P_H(Z)
+        if bundle.metric == "euclidean":
+            scale = -lr
+        else:  # the bound on V = −lr·H, with AᵀH₁ = AᵀZ₁ − Pξ and BᵀH₂ = BᵀZ₂ + Qξᵀ
+            work = f.p.dtype
+            hh1, hh2 = (t.to(work) for t in bundle.row_sums(gram(h1), gram(h2)))
+            ah1 = az1.to(work) - f.p @ xi
+            bh2 = z2b.mT.to(work) + f.q @ xi.mT
+            s = step_scale(f, lr * lr * hh1, lr * lr * hh2, -lr * ah1, -lr * bh2)
+            scale = (-lr * s).to(a.dtype).view(-1, 1, 1)
+        base = self.point
+        if weight_decay:  # M ↦ (1 − lr·wd)M
+            base = bundle.scale_invariants(base, 1 - lr * weight_decay)
+        new = []
+        for p, h in zip(base, bundle.from_factors(h1, h2)):
+            if not isinstance(scale, torch.Tensor):
+                new.append(torch.add(p, h, alpha=scale))
+            else:
+                new.append(torch.addcmul(p, h, scale))
+        return tuple(new)
