@@ -37,10 +37,10 @@ OPTIMISERS = {
     "sgd": lambda groups: quotopt.QuotientSGD(groups, lr=1e-1, momentum=0.9),
     "muon": lambda groups: quotopt.QuotientMuon(groups, lr=1e-2),
 }
-# QuotientSGD's reductions on rows are QuotientAdam's (the bundle's): by heads only, for time
-CASES = [("transformer", name, mode) for name in OPTIMISERS for mode in ("heads", "rows")]
-CASES.remove(("transformer", "sgd", "rows"))
-CASES += [("llama", "adam", "heads"), ("llama", "adam", "rows"), ("float32", "adam", "rows")]
+# every optimiser, sharded by heads and by rows, on both models; and float32
+MODELS, MODES = ("transformer", "llama"), ("heads", "rows")
+CASES = [(kind, name, mode) for kind in MODELS for name in OPTIMISERS for mode in MODES]
+CASES += [("float32", "adam", "rows")]
 TOLERANCE = {"float32": 1e-5}  # float64 otherwise: 1e-10
 
 
