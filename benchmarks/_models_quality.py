@@ -1,7 +1,7 @@
 """Quality on ``chars`` for ``bench_models``: ``--quality`` (fixed steps) and ``--sweep``.
 
 ``--sweep`` is the search for the relational configuration that does best **at equal compute**
-(issue: models). The standard 4 × 128 model trains first for the size's number of steps
+The standard 4 × 128 model trains first for the size's number of steps
 (``--tiny`` 5, ``--quick`` 100, full 2,000); its wall-clock time W and training FLOPs
 N·B·T·f_std (f = ``training_flops_per_token``) set two budgets for every relational
 configuration of the grid (channels k, gauge dimension D, head rank r, MLP width m = mult·k,

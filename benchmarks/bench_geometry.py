@@ -1,6 +1,6 @@
 """Cost of the head geometry against one AdamW step, on a GPT-2-small-shaped set of heads.
 
-What is timed (issue: foundation). Every attention head of a 12-layer, 12-head, d = 768, r = 64
+What is timed. Every attention head of a 12-layer, 12-head, d = 768, r = 64
 model, batched over layers *and* heads: one ``HeadQK`` and one ``HeadOV`` bundle with
 n_heads = 144, points (Wq, Wk) and (Wv, Wo) of shapes (144, 768, 64) and (144, 64, 768),
 float32, GPT-2 initialisation N(0, 0.02²). Per metric ("euclidean", "invariant"), on both

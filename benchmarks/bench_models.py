@@ -1,6 +1,6 @@
 """The relational transformer against the standard one: time, peak memory, quality, optimiser cost.
 
-What is measured (issue: models). Equal width: ``Transformer`` with d_model = 128, 4 layers,
+What is measured. Equal width: ``Transformer`` with d_model = 128, 4 layers,
 4 heads of 32, against ``RelationalTransformer`` with k = 32 channels in a gauge space of
 d_gauge = 4 (k·d_gauge = 128), 4 layers, 4 heads (channel rank 8, so both attend over 32
 features per head), vocabulary 256, batch 1, float32. Two relational position schemes:

@@ -1,6 +1,6 @@
 """Train-step cost and step memory of the quotient optimisers against AdamW and Muon.
 
-What is timed (issue: optimisers). One training step — ``zero_grad``, forward, cross-entropy,
+What is timed. One training step — ``zero_grad``, forward, cross-entropy,
 backward, ``step()`` — with each optimiser on its own copy of the same initial model, fed the
 same batches, on two models of the default size (4 layers, d = 256, 4 heads of 64, context 128,
 batch 8, vocabulary 256; ``--quick``: 2 layers, d = 128, context 64):

@@ -1,4 +1,4 @@
-"""The fine-tuning study's report: tables, the issue's targets, and the figures.
+"""The fine-tuning study's report: tables, the study's targets, and the figures.
 
 Figures of a study (``protocol.study``'s result) are drawn with ``quotopt.plotting``: the
 validation curves at the best setting per rank (faint: seeds, bold: mean; the y-axis spans the
@@ -111,7 +111,7 @@ def _tuning_table(results: dict) -> list[str]:
 
 
 def targets(results: dict) -> list[str]:
-    """The issue's targets, one line each, met or missed by how much."""
+    """The study's targets, one line each, met or missed by how much."""
     lines = []
     for rank, entries in results.items():
         if "adamw" not in entries:
