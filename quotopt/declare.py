@@ -68,8 +68,12 @@ def rotation(name: str, named: list[tuple[str, nn.Parameter]], d: int, axes: lis
 
 
 def joint(
-    named: list[tuple[str, nn.Parameter]], d: int, axes: list[int], heads: list[nn.Module],
-    metric: str, solver: str = "auto",
+    named: list[tuple[str, nn.Parameter]],
+    d: int,
+    axes: list[int],
+    heads: list[nn.Module],
+    metric: str,
+    solver: str = "auto",
 ) -> dict:
     """O(d) acting on axis ``axes[i]`` of every tensor of ``named`` jointly with GL(r) per head of
     each attention in ``heads`` (factors ``wq, wk, wv`` (H, d, r), ``wo`` (H, r, d), all among
