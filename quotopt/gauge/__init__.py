@@ -1,0 +1,1 @@
+"""Choosing the representative of a model in which it quantises best (see quotopt.gauge.fibre)."""
