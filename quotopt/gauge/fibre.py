@@ -1,7 +1,7 @@
 r"""The fibre of a gain-folded LLaMA: the group elements that leave its function unchanged.
 
 With every RMSNorm gain folded into the maps that read the norm, a LLaMA-family model computes
-the same function at every point of the orbit of (docs/theory/quotient.md, docs/theory/joint.md)
+the same function at every point of the orbit of (docs/theory/joint.md, docs/theory/bundles.md)
 
 * ``residual``  R ∈ O(d) on the model axis of every tensor (``manifolds.ResidualRotation``);
 * ``ov``        g ∈ GL(r) per key/value head and block on (W_v, W_o) (``manifolds.HeadOV``; with
