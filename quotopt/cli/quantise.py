@@ -47,7 +47,7 @@ def add_arguments(parser) -> None:
     opt("--bits", type=_bits, default="W4A4KV4",
         help="W<b>[g<group>][A<b>][KV<b>] (default %(default)s)")
     opt("--methods", type=_methods, help="methods (default: all, rtn,quarot,spinquant,"
-        "flatquant,residual,heads,joint)")
+        "flatquant,residual,heads,units,joint)")
     opt("--seeds", type=seeds, help="calibration seeds (default 0,1,2; --quick: 0)")
     opt("--steps", type=positive_int, help="search steps (default 100; --quick: 3)")
     opt("--lr", type=positive_float, default=1e-2, help="search rate (default %(default)s)")

@@ -16,6 +16,8 @@ per-linear Kronecker transforms) change the architecture and are left out everyw
 ``residual``   quotopt, O(d) alone: R learned from a random Hadamard
 ``heads``      quotopt, the heads alone: GL(r) per key/value head on (W_v, W_o) and the RoPE
                commutant on (W_q, W_k), learned from the identity; residual as QuaRot
+``units``      quotopt, GL(1) per gated-MLP unit alone (the only part of the fibre that reaches
+               the down projection's input); residual as QuaRot
 ``joint``      quotopt, the whole fibre: R, the heads' groups and GL(1) per gated-MLP unit
 =============  ===========================================================================
 
@@ -41,6 +43,7 @@ METHODS: dict[str, Plan] = {
     "flatquant": (_HADAMARD, Factor("ov", "general", shared=True)),
     "residual": (_R1,),
     "heads": (_HADAMARD, *_HEADS),
+    "units": (_HADAMARD, Factor("units", "general")),
     "joint": (_R1, *_HEADS, Factor("units", "general")),
 }
 #: the methods whose plan learns something

@@ -41,7 +41,8 @@ CHECKPOINT_EVERY = 20
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
     bits: str = "W4A4KV4"  # QuantSpec name
-    methods: tuple = ("rtn", "quarot", "spinquant", "flatquant", "residual", "heads", "joint")
+    methods: tuple = ("rtn", "quarot", "spinquant", "flatquant", "residual", "heads", "units",
+                      "joint")
     seeds: tuple = (0, 1, 2)  # calibration seeds (batches and Hadamard signs)
     steps: int = 100  # search steps per learned method
     lr: float = 1e-2  # peak rate of the search (linear decay)
