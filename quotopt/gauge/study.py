@@ -164,25 +164,30 @@ def report(results: dict, lines: list[str], images: dict[str, str]) -> str:
     return "\n".join(text) + "\n"
 
 
-def figure(results: dict, path) -> None:
-    """Perplexity per method (seeds as points, full precision as a line) and the search's
-    calibration loss per learned method."""
+def figure(results: dict, path, window: int = 10) -> None:
+    """Perplexity per method (each seed a point, the mean ± sd a bar; full precision a line) and
+    the search's calibration loss per learned method (seed mean, moving average over
+    ``window`` steps: the batches differ from step to step)."""
     from ..plotting import new_figure, save_figure
 
     fig, (left, right) = new_figure(1, 2, figsize=(11, 4))
     by = _by_method(results["runs"])
     for i, (method, runs) in enumerate(by.items()):
         ppl = [r["perplexity"] for r in runs]
-        left.scatter([i] * len(ppl), ppl, s=18)
-        left.bar(i, statistics.fmean(ppl), alpha=0.3)
+        colour = f"C{i % 10}"
+        left.scatter([i] * len(ppl), ppl, s=14, color=colour, alpha=0.6)
+        sd = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+        left.errorbar(i + 0.15, statistics.fmean(ppl), yerr=sd, fmt="o", color=colour, capsize=3)
         if runs[0]["history"]:
             mean = torch.tensor([r["history"] for r in runs]).mean(0)
-            right.plot(mean.numpy(), label=method)
+            k = min(window, len(mean))
+            smooth = torch.nn.functional.avg_pool1d(mean[None, None], k, 1)[0, 0]
+            right.plot(range(k - 1, len(mean)), smooth.numpy(), label=method, color=colour)
     left.axhline(results["full_precision"], color="k", lw=1, label="full precision")
     left.set_xticks(range(len(by)), list(by), rotation=30)
     left.set_ylabel("validation perplexity (fake-quantised)")
     left.legend()
     right.set_xlabel("search step")
-    right.set_ylabel("calibration loss (nats/byte)")
+    right.set_ylabel(f"calibration loss, {window}-step mean (nats/byte)")
     right.legend()
     save_figure(fig, path)
