@@ -27,7 +27,8 @@ def _methods(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown) or '(none)'}; "
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown method "
+                                         f"{', '.join(map(repr, unknown)) or '(none given)'}; "
                                          f"valid names are {', '.join(METHODS)}")  # fmt: skip
     return names
 
@@ -38,7 +39,7 @@ def _bits(text: str) -> str:
     try:
         return QuantSpec.parse(text).name
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
 def add_arguments(parser) -> None:

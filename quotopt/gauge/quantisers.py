@@ -105,6 +105,8 @@ class QuantSpec:
             raise ValueError(f"bits={name!r}: expected W<b>[g<group>][A<b>][KV<b>], for example "
                              "W4A4KV4, W4A8 or W4g32A4")  # fmt: skip
         w, g, a, kv = (int(v) if v else None for v in match.groups())
+        for bits, part in ((w, "W"), (a, "A"), (kv, "KV")):
+            _check_bits(bits, f"bits={name!r}: the {part} width")
         full = lambda b: None if b is None or b >= 16 else b  # noqa: E731
         return cls(w_bits=full(w), w_group=g, a_bits=full(a), kv_bits=full(kv))
 
