@@ -27,10 +27,15 @@ def tiny_llama(seed=0, kv=2):
     and random RMSNorm gains, folded."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=16,
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+        max_position_embeddings=16,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     model = transformers.LlamaForCausalLM(config).double().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -45,13 +50,17 @@ def tokens(seed=1, shape=(3, 12)):
 
 def random_elements(fibre, gen):
     shapes = fibre.shapes()
-    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+
+    def normal(part):
+        return torch.randn(shapes[part], generator=gen, dtype=torch.float64)
+
+    eye = torch.eye(shapes["ov"][-1], dtype=torch.float64)
     return dict(
-        residual=torch.linalg.qr(torch.randn(shapes["residual"], generator=gen, dtype=torch.float64))[0],
-        ov=torch.randn(shapes["ov"], generator=gen, dtype=torch.float64) + 3 * eye(shapes["ov"][-1]),
-        qk=torch.randn(shapes["qk"], generator=gen, dtype=torch.float64),
+        residual=torch.linalg.qr(normal("residual"))[0],
+        ov=normal("ov") + 3 * eye,
+        qk=normal("qk"),
         units=torch.rand(shapes["units"], generator=gen, dtype=torch.float64) + 0.5,
-    )  # fmt: skip
+    )
 
 
 def test_forward_is_the_hugging_face_forward():
@@ -80,8 +89,12 @@ def test_control_full_gl_on_rope_queries_and_keys_changes_the_function():
     model, x = tiny_llama(), tokens()
     w = LlamaWeights.from_hf(model)
     fibre = Fibre(w)
-    plain = M.HeadQK(fibre.n_kv, fibre.d_model, fibre.d_head,
-                     factor_rows=(fibre.n_rep * fibre.d_model, fibre.d_model))  # fmt: skip
+    plain = M.HeadQK(
+        fibre.n_kv,
+        fibre.d_model,
+        fibre.d_head,
+        factor_rows=(fibre.n_rep * fibre.d_model, fibre.d_model),
+    )
     g = plain.random_group_element(generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     blocks = [dict(b) for b in w.blocks]
     blocks[0]["q"], blocks[0]["k"] = fibre._qk_weights(*plain.act(fibre._qk_point(blocks[0]), g))
@@ -94,8 +107,9 @@ def test_chosen_representative_computes_the_same_function():
     model, x = tiny_llama(), tokens(shape=(4, 13))
     before_w = LlamaWeights.from_hf(model)
     before = model(x[:, :-1], use_cache=False).logits.detach()
-    report = quantise_gauge(model, "joint", "W4A4KV4", lambda s: (x[:, :-1], x[:, 1:]), steps=6,
-                            lr=3e-2)  # fmt: skip
+    report = quantise_gauge(
+        model, "joint", "W4A4KV4", lambda s: (x[:, :-1], x[:, 1:]), steps=6, lr=3e-2
+    )
     after_w = LlamaWeights.from_hf(model)
     assert report.function_change < 1e-9
     assert function_change(before_w, after_w, x) < 1e-9
@@ -112,8 +126,15 @@ def test_every_method_transformation_is_exact(method):
     w = LlamaWeights.from_hf(model)
     fibre = Fibre(w)
     objective = lambda m, step: end_to_end(m, QuantSpec.parse("W4A4"), x[:, :-1], x[:, 1:])  # noqa: E731
-    search = GaugeSearch(fibre, w.to(torch.float32), METHODS[method], objective, 3, 5e-2,
-                         torch.Generator().manual_seed(0))  # fmt: skip
+    search = GaugeSearch(
+        fibre,
+        w.to(torch.float32),
+        METHODS[method],
+        objective,
+        3,
+        5e-2,
+        torch.Generator().manual_seed(0),
+    )
     search.run()
     _, change = represent(w, fibre, search.elements(), x)
     assert change < 1e-9
@@ -128,7 +149,10 @@ def test_hadamard_is_orthogonal(n):
     h = random_hadamard(n, torch.Generator().manual_seed(n))
     assert float((h @ h.mT - torch.eye(n, dtype=torch.float64)).abs().max()) < 1e-12
     assert bool(((h.abs() * n**0.5 - 1).abs() < 1e-12).all())  # entries ±1/√n
-    assert float((hadamard(n) @ hadamard(n).mT - torch.eye(n, dtype=torch.float64)).abs().max()) < 1e-12
+    assert (
+        float((hadamard(n) @ hadamard(n).mT - torch.eye(n, dtype=torch.float64)).abs().max())
+        < 1e-12
+    )
 
 
 def test_hadamard_refuses_other_orders():
@@ -158,13 +182,24 @@ def test_search_beats_rtn_and_a_random_rotation_on_a_planted_outlier():
     quant = QuantSpec.parse("W4A16")
     fibre = Fibre(w)
     rtn = float(weight_error(w, quant))
-    q = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1),
-                                    dtype=torch.float64))[0]  # fmt: skip
+    q = torch.linalg.qr(
+        torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    )[0]
     rotated = float(weight_error(fibre.act(w, {"residual": q}), quant))
-    plan = (Factor("residual", "orthogonal", init="hadamard"), Factor("ov", "general"),
-            Factor("units", "general"))  # fmt: skip
-    search = GaugeSearch(fibre, w, plan, lambda m, s: weight_error(m, quant), 150, 2e-2,
-                         torch.Generator().manual_seed(0))  # fmt: skip
+    plan = (
+        Factor("residual", "orthogonal", init="hadamard"),
+        Factor("ov", "general"),
+        Factor("units", "general"),
+    )
+    search = GaugeSearch(
+        fibre,
+        w,
+        plan,
+        lambda m, s: weight_error(m, quant),
+        150,
+        2e-2,
+        torch.Generator().manual_seed(0),
+    )
     start = float(weight_error(fibre.act(w, search.elements()), quant))  # the Hadamard alone
     search.run()
     chosen, change = represent(w, fibre, search.elements(), tokens())

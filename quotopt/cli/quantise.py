@@ -15,8 +15,17 @@ import torch
 from .. import training
 from .args import directory, positive_float, positive_int, seeds, thread_count
 
-QUICK_PRETRAIN = dict(hidden_size=32, layers=1, heads=2, intermediate_size=64, seq_len=32,
-                      steps=20, batch_size=4, warmup=5, max_bytes=50_000)  # fmt: skip
+QUICK_PRETRAIN = dict(
+    hidden_size=32,
+    layers=1,
+    heads=2,
+    intermediate_size=64,
+    seq_len=32,
+    steps=20,
+    batch_size=4,
+    warmup=5,
+    max_bytes=50_000,
+)
 QUICK = dict(steps=3, batch_size=2, n_eval=4, seeds=(0,))
 SIZES = {"small": {}, "wide": dict(hidden_size=256, layers=6, heads=8, intermediate_size=688)}
 
@@ -27,9 +36,11 @@ def _methods(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: unknown method "
-                                         f"{', '.join(map(repr, unknown)) or '(none given)'}; "
-                                         f"valid names are {', '.join(METHODS)}")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown method "
+            f"{', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"valid names are {', '.join(METHODS)}"
+        )
     return names
 
 
@@ -99,10 +110,14 @@ def run(args) -> int:
     pre = dict(QUICK_PRETRAIN) if args.quick else dict(SIZES[args.model])
     pretrain = PretrainConfig(**pre)
     config = StudyConfig(bits=args.bits, **(QUICK if args.quick else {}))
-    chosen = dict(methods=args.methods, seeds=args.seeds and tuple(args.seeds), steps=args.steps,
-                  batch_size=args.batch_size, n_eval=args.n_eval)  # fmt: skip
-    config = dataclasses.replace(config, lr=args.lr,
-                                 **{k: v for k, v in chosen.items() if v})  # fmt: skip
+    chosen = dict(
+        methods=args.methods,
+        seeds=args.seeds and tuple(args.seeds),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        n_eval=args.n_eval,
+    )
+    config = dataclasses.replace(config, lr=args.lr, **{k: v for k, v in chosen.items() if v})
     files = ("report.md", "results.json", "runs")
     training.claim_out(args.out, resume=args.resume, force=args.force, files=files)
     out = training.prepare_out(args.out)
@@ -115,8 +130,10 @@ def run(args) -> int:
     finally:
         progress.bar.close()
     wall = time.perf_counter() - tic
-    training.write_json(out / "results.json", dict(results, wall_time=wall, pretrained=facts,
-                        config=dataclasses.asdict(config)))  # fmt: skip
+    training.write_json(
+        out / "results.json",
+        dict(results, wall_time=wall, pretrained=facts, config=dataclasses.asdict(config)),
+    )
     figure(results, out / "quantise.png")
     p = facts["config"]
     lines = [
@@ -129,11 +146,13 @@ def run(args) -> int:
         f"search: {config.steps} steps of {config.batch_size} calibration windows (train split), "
         f"lr {config.lr:g} decayed linearly; seeds {', '.join(map(str, config.seeds))}; "
         f"perplexity on {config.n_eval} validation windows",
-        f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()}; "
-        f"{wall:.0f} s",
+        f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()}; {wall:.0f} s",
     ]
-    training.write_text(out / "report.md",
-                        report(results, lines, {"perplexity and search": "quantise.png"}))  # fmt: skip
-    print(f"quantised {len(config.methods)} methods x {len(config.seeds)} seeds in {wall:.0f} s; "
-          f"wrote {out / 'report.md'}")  # fmt: skip
+    training.write_text(
+        out / "report.md", report(results, lines, {"perplexity and search": "quantise.png"})
+    )
+    print(
+        f"quantised {len(config.methods)} methods x {len(config.seeds)} seeds in {wall:.0f} s; "
+        f"wrote {out / 'report.md'}"
+    )
     return 0

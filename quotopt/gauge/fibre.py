@@ -35,8 +35,10 @@ PARTS = ("residual", "ov", "qk", "units")
 def hadamard(n: int, *, dtype=torch.float64, device=None) -> torch.Tensor:
     """Sylvester's Hadamard matrix of order ``n`` (a power of two), scaled to be orthogonal."""
     if n < 1 or n & (n - 1):
-        raise ValueError(f"n={n}: Sylvester's construction needs a power of two; QuaRot's "
-                         "rotation is defined here for powers of two only")  # fmt: skip
+        raise ValueError(
+            f"n={n}: Sylvester's construction needs a power of two; QuaRot's "
+            "rotation is defined here for powers of two only"
+        )
     h = torch.ones(1, 1, dtype=dtype, device=device)
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
@@ -90,9 +92,12 @@ class Fibre:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of each part's element (blocks first for the per-block parts)."""
         n, m = self.n_layers, self.d_head // 2
-        return dict(residual=(self.d_model, self.d_model),
-                    ov=(n, self.n_kv, self.d_head, self.d_head), qk=(n, self.n_kv, m, 2, 2),
-                    units=(n, self.n_units, 1, 1))  # fmt: skip
+        return dict(
+            residual=(self.d_model, self.d_model),
+            ov=(n, self.n_kv, self.d_head, self.d_head),
+            qk=(n, self.n_kv, m, 2, 2),
+            units=(n, self.n_units, 1, 1),
+        )
 
     def identity(self, part: str, *, dtype=torch.float64, device=None) -> torch.Tensor:
         shape = self.shapes()[part]
@@ -118,7 +123,10 @@ class Fibre:
                     moved = self.qk.act(self._qk_point(blk), elements["qk"][i])
                     blk["q"], blk["k"] = self._qk_weights(*moved)
                 if "units" in elements:
-                    point = (blk["up"][:, :, None], blk["down"].mT[:, None, :])  # (f, d, 1), (f, 1, d)
+                    point = (
+                        blk["up"][:, :, None],
+                        blk["down"].mT[:, None, :],
+                    )  # (f, d, 1), (f, 1, d)
                     up, down = self.units.act(point, elements["units"][i])
                     blk["up"], blk["down"] = up[:, :, 0], down[:, 0, :].mT
                 blocks.append(blk)

@@ -28,8 +28,15 @@ __all__ = ["LlamaWeights", "forward", "LINEARS", "READS"]
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 #: which of them read the residual stream (the others, ``o`` and ``down``, write it)
 READS = ("q", "k", "v", "gate", "up")
-_HF = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-           o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")  # fmt: skip
+_HF = dict(
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    gate="mlp.gate_proj",
+    up="mlp.up_proj",
+    down="mlp.down_proj",
+)
 
 
 @dataclasses.dataclass
@@ -75,32 +82,38 @@ class LlamaWeights:
         """Copies of a gain-folded Hugging Face LLaMA's weights. Raises ``ValueError`` where a
         norm keeps a gain, a projection has a bias, or RoPE is not the plain "half" pairing."""
         inner = model.model
-        norms = [inner.norm] + [n for b in inner.layers
-                                for n in (b.input_layernorm, b.post_attention_layernorm)]  # fmt: skip
+        norms = [inner.norm] + [
+            n for b in inner.layers for n in (b.input_layernorm, b.post_attention_layernorm)
+        ]
         if any(not bool((n.weight == 1).all()) for n in norms):
-            raise ValueError("model: RMSNorm gains are not folded; call "
-                             "quotopt.joint_groups.fold_rms_gains(model) first")  # fmt: skip
+            raise ValueError(
+                "model: RMSNorm gains are not folded; call "
+                "quotopt.joint_groups.fold_rms_gains(model) first"
+            )
         blocks = []
         for i, layer in enumerate(inner.layers):
             block = {}
             for name, path in _HF.items():
                 linear = layer.get_submodule(path)
                 if linear.bias is not None:
-                    raise ValueError(f"model.layers.{i}.{path} has a bias; biased projections "
-                                     "are not supported by quotopt.gauge")  # fmt: skip
+                    raise ValueError(
+                        f"model.layers.{i}.{path} has a bias; biased projections "
+                        "are not supported by quotopt.gauge"
+                    )
                 block[name] = linear.weight.detach().clone()
             blocks.append(block)
         attn, config = inner.layers[0].self_attn, model.config
         rotary = inner.rotary_emb
         return cls(
-            embed=inner.embed_tokens.weight.detach().clone(), blocks=blocks,
+            embed=inner.embed_tokens.weight.detach().clone(),
+            blocks=blocks,
             head=model.lm_head.weight.detach().clone(),
             inv_freq=rotary.inv_freq.detach().clone().to(attn.q_proj.weight.dtype),
             n_heads=config.num_attention_heads,
             n_kv=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
             eps=float(config.rms_norm_eps),
             rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
-        )  # fmt: skip
+        )
 
     @torch.no_grad()
     def write_into(self, model) -> None:

@@ -62,7 +62,9 @@ def end_to_end(w: LlamaWeights, quant: QuantSpec | None, x, y) -> torch.Tensor:
 @torch.no_grad()
 def perplexity(w: LlamaWeights, quant: QuantSpec | None, x, y, batch_size: int = 16) -> float:
     """exp(mean cross-entropy) over the windows x → y; ``inf`` where it overflows or is NaN."""
-    total = sum(float(end_to_end(w, quant, a, b)) * len(a)
-                for a, b in zip(x.split(batch_size), y.split(batch_size)))  # fmt: skip
+    total = sum(
+        float(end_to_end(w, quant, a, b)) * len(a)
+        for a, b in zip(x.split(batch_size), y.split(batch_size))
+    )
     mean = total / len(x)
     return math.exp(mean) if math.isfinite(mean) and mean < 700 else math.inf

@@ -27,8 +27,9 @@ _SPEC = re.compile(r"^W(\d+)(?:g(\d+))?(?:A(\d+))?(?:KV(\d+))?$")
 
 def _check_bits(bits, name: str) -> None:
     if bits is not None and (not isinstance(bits, int) or not 2 <= bits <= 16):
-        raise ValueError(f"{name} must be an integer from 2 to 16 or None (no quantisation), "
-                         f"got {bits!r}")  # fmt: skip
+        raise ValueError(
+            f"{name} must be an integer from 2 to 16 or None (no quantisation), got {bits!r}"
+        )
 
 
 def _straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,10 @@ def quantise_weight(
     if bits is None or bits >= 16:
         return w
     if group is not None and w.shape[-1] % group:
-        raise ValueError(f"group={group} must divide the input width {w.shape[-1]}; pick a "
-                         "divisor or group=None (per channel)")  # fmt: skip
+        raise ValueError(
+            f"group={group} must divide the input width {w.shape[-1]}; pick a "
+            "divisor or group=None (per channel)"
+        )
     blocks = w if group is None else w.unflatten(-1, (-1, group))
     top = 2 ** (bits - 1) - 1
     if straight_through:
@@ -102,8 +105,10 @@ class QuantSpec:
         16 means full precision."""
         match = _SPEC.match(name.strip())
         if match is None:
-            raise ValueError(f"bits={name!r}: expected W<b>[g<group>][A<b>][KV<b>], for example "
-                             "W4A4KV4, W4A8 or W4g32A4")  # fmt: skip
+            raise ValueError(
+                f"bits={name!r}: expected W<b>[g<group>][A<b>][KV<b>], for example "
+                "W4A4KV4, W4A8 or W4g32A4"
+            )
         w, g, a, kv = (int(v) if v else None for v in match.groups())
         for bits, part in ((w, "W"), (a, "A"), (kv, "KV")):
             _check_bits(bits, f"bits={name!r}: the {part} width")

@@ -35,8 +35,13 @@ def function_change(w0: LlamaWeights, w1: LlamaWeights, tokens: torch.Tensor) ->
     return float((b - a).norm() / a.norm())
 
 
-def represent(weights: LlamaWeights, fibre: Fibre, elements: dict, tokens: torch.Tensor,
-              tolerance: float = 1e-9) -> tuple[LlamaWeights, float]:  # fmt: skip
+def represent(
+    weights: LlamaWeights,
+    fibre: Fibre,
+    elements: dict,
+    tokens: torch.Tensor,
+    tolerance: float = 1e-9,
+) -> tuple[LlamaWeights, float]:
     """(the float64 representative ``weights``·``elements``, its ``function_change``); raises
     ``ValueError`` where the change exceeds ``tolerance``."""
     w64 = weights.detach().to(torch.float64)
@@ -44,8 +49,10 @@ def represent(weights: LlamaWeights, fibre: Fibre, elements: dict, tokens: torch
         moved = fibre.act(w64, Fibre.exact(elements))
     change = function_change(w64, moved, tokens)
     if not change <= tolerance:
-        raise ValueError(f"the representative changed the float64 logits by {change:.3g} > "
-                         f"tolerance={tolerance:g}; an element is ill-conditioned (lower lr)")  # fmt: skip
+        raise ValueError(
+            f"the representative changed the float64 logits by {change:.3g} > "
+            f"tolerance={tolerance:g}; an element is ill-conditioned (lower lr)"
+        )
     return moved, change
 
 
@@ -53,8 +60,12 @@ def represent(weights: LlamaWeights, fibre: Fibre, elements: dict, tokens: torch
 def measure(w: LlamaWeights, quant: QuantSpec, x: torch.Tensor, y: torch.Tensor) -> dict:
     """Weight error, outlier measures and end-to-end loss of ``w`` under ``quant`` on x → y."""
     out = outliers(w, x)
-    return dict(weight_error=float(weight_error(w, quant)), kurtosis=float(out["kurtosis"]),
-                max_over_rms=float(out["max_over_rms"]), loss=float(end_to_end(w, quant, x, y)))  # fmt: skip
+    return dict(
+        weight_error=float(weight_error(w, quant)),
+        kurtosis=float(out["kurtosis"]),
+        max_over_rms=float(out["max_over_rms"]),
+        loss=float(end_to_end(w, quant, x, y)),
+    )
 
 
 @dataclasses.dataclass
@@ -70,15 +81,25 @@ class GaugeReport:
     history: list
 
     def __str__(self) -> str:
-        rows = [f"{self.method} at {self.quant}: float64 function change "
-                f"{self.function_change:.1e}", f"  {'':<14}{'before':>12}{'after':>12}"]  # fmt: skip
+        rows = [
+            f"{self.method} at {self.quant}: float64 function change {self.function_change:.1e}",
+            f"  {'':<14}{'before':>12}{'after':>12}",
+        ]
         rows += [f"  {k:<14}{self.before[k]:>12.4g}{self.after[k]:>12.4g}" for k in self.before]
         return "\n".join(rows)
 
 
-def quantise_gauge(model, method: str = "joint", quant: QuantSpec | str = "W4A4KV4",
-                   batches=None, steps: int = 100, lr: float = 1e-2, seed: int = 0,
-                   tolerance: float = 1e-9, on_step=None) -> GaugeReport:  # fmt: skip
+def quantise_gauge(
+    model,
+    method: str = "joint",
+    quant: QuantSpec | str = "W4A4KV4",
+    batches=None,
+    steps: int = 100,
+    lr: float = 1e-2,
+    seed: int = 0,
+    tolerance: float = 1e-9,
+    on_step=None,
+) -> GaugeReport:
     """Move ``model`` (a Hugging Face LLaMA-family causal LM, in place) to the representative of
     its orbit that ``method`` finds (module docstring).
 

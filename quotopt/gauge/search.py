@@ -31,8 +31,9 @@ from .fibre import PARTS, Fibre, random_hadamard
 __all__ = ["Factor", "Plan", "GaugeSearch", "KINDS"]
 
 KINDS = ("orthogonal", "general", "rotary")
-_KIND_OF = dict(residual=("orthogonal",), ov=("orthogonal", "general"), qk=("rotary",),
-                units=("general",))  # fmt: skip
+_KIND_OF = dict(
+    residual=("orthogonal",), ov=("orthogonal", "general"), qk=("rotary",), units=("general",)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +50,9 @@ class Factor:
         if self.part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {self.part!r}")
         if self.kind not in _KIND_OF[self.part]:
-            raise ValueError(f"{self.part}: kind must be one of {_KIND_OF[self.part]}, got "
-                             f"{self.kind!r}")  # fmt: skip
+            raise ValueError(
+                f"{self.part}: kind must be one of {_KIND_OF[self.part]}, got {self.kind!r}"
+            )
         if self.init not in ("identity", "hadamard"):
             raise ValueError(f"init must be 'identity' or 'hadamard', got {self.init!r}")
         if self.init == "hadamard" and self.kind != "orthogonal":
@@ -92,8 +94,18 @@ class GaugeSearch:
         betas, eps: Adam's.
     """
 
-    def __init__(self, fibre: Fibre, weights, plan: Plan, objective, steps: int, lr: float,
-                 generator=None, betas=(0.9, 0.999), eps=1e-8):  # fmt: skip
+    def __init__(
+        self,
+        fibre: Fibre,
+        weights,
+        plan: Plan,
+        objective,
+        steps: int,
+        lr: float,
+        generator=None,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    ):
         if steps < 0 or lr < 0:
             raise ValueError(f"steps and lr must be non-negative, got steps={steps}, lr={lr}")
         parts = [f.part for f in plan]
@@ -103,8 +115,11 @@ class GaugeSearch:
         self.objective, self.steps, self.lr, self.betas, self.eps = objective, steps, lr, betas, eps
         dtype, device = weights.embed.dtype, weights.embed.device
         self.values = {f.part: self._start(f, generator, dtype, device) for f in plan}
-        self.moments = {f.part: (torch.zeros_like(v), torch.zeros_like(v))
-                        for f, v in zip(plan, self.values.values()) if f.learn}  # fmt: skip
+        self.moments = {
+            f.part: (torch.zeros_like(v), torch.zeros_like(v))
+            for f, v in zip(plan, self.values.values())
+            if f.learn
+        }
         self.step_count, self.history = 0, []
 
     def _start(self, factor: Factor, generator, dtype, device) -> torch.Tensor:
@@ -137,14 +152,17 @@ class GaugeSearch:
         learn = [f for f in self.plan if f.learn]
         leaves = {p: v.detach().requires_grad_(True) for p, v in self.values.items()}
         with torch.enable_grad():
-            loss = self.objective(self.fibre.act(self.weights, self.elements(leaves)),
-                                  self.step_count)  # fmt: skip
+            loss = self.objective(
+                self.fibre.act(self.weights, self.elements(leaves)), self.step_count
+            )
             grads = torch.autograd.grad(loss, [leaves[f.part] for f in learn]) if learn else []
         loss = loss.detach()
         finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
         if not finite:
-            raise NonFiniteStepError(f"gauge search step {self.step_count}: the objective or its "
-                                     "gradient is not finite; lower lr")  # fmt: skip
+            raise NonFiniteStepError(
+                f"gauge search step {self.step_count}: the objective or its "
+                "gradient is not finite; lower lr"
+            )
         b1, b2 = self.betas
         t = self.step_count + 1
         rate = self.lr * (1 - self.step_count / max(self.steps, 1))
@@ -169,14 +187,18 @@ class GaugeSearch:
         return self.history
 
     def state_dict(self) -> dict:
-        return dict(step=self.step_count, history=torch.tensor(self.history, dtype=torch.float64),
-                    values={k: v.clone() for k, v in self.values.items()},
-                    moments={k: [m.clone(), v.clone()] for k, (m, v) in self.moments.items()})  # fmt: skip
+        return dict(
+            step=self.step_count,
+            history=torch.tensor(self.history, dtype=torch.float64),
+            values={k: v.clone() for k, v in self.values.items()},
+            moments={k: [m.clone(), v.clone()] for k, (m, v) in self.moments.items()},
+        )
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["values"]) != set(self.values):
-            raise ValueError(f"state holds parts {sorted(state['values'])}, this plan "
-                             f"{sorted(self.values)}")  # fmt: skip
+            raise ValueError(
+                f"state holds parts {sorted(state['values'])}, this plan {sorted(self.values)}"
+            )
         self.step_count = int(state["step"])
         self.history = [float(x) for x in state["history"]]
         self.values = {k: v.clone() for k, v in state["values"].items()}

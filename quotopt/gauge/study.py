@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import write_json, write_text
+from ..training import write_json
 from .fibre import Fibre
 from .methods import LEARNED, plan_of
 from .model import LlamaWeights
@@ -41,8 +41,16 @@ CHECKPOINT_EVERY = 20
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
     bits: str = "W4A4KV4"  # QuantSpec name
-    methods: tuple = ("rtn", "quarot", "spinquant", "flatquant", "residual", "heads", "units",
-                      "joint")
+    methods: tuple = (
+        "rtn",
+        "quarot",
+        "spinquant",
+        "flatquant",
+        "residual",
+        "heads",
+        "units",
+        "joint",
+    )
     seeds: tuple = (0, 1, 2)  # calibration seeds (batches and Hadamard signs)
     steps: int = 100  # search steps per learned method
     lr: float = 1e-2  # peak rate of the search (linear decay)
@@ -58,16 +66,30 @@ def _batches(data, config: StudyConfig, seed: int):
     return draw
 
 
-def run_one(weights64, data, config: StudyConfig, method: str, seed: int, out: Path,
-            resume: bool, on_step=None) -> dict:  # fmt: skip
+def run_one(
+    weights64,
+    data,
+    config: StudyConfig,
+    method: str,
+    seed: int,
+    out: Path,
+    resume: bool,
+    on_step=None,
+) -> dict:
     """One method at one seed (module docstring); returns its result dict."""
     quant = QuantSpec.parse(config.bits)
     weights = weights64.to(torch.float32)
     fibre, batches = Fibre(weights), _batches(data, config, seed)
     steps = config.steps if method in LEARNED else 0
-    search = GaugeSearch(fibre, weights, plan_of(method),
-                         lambda w, step: end_to_end(w, quant, *batches(step)), steps, config.lr,
-                         torch.Generator().manual_seed(seed))  # fmt: skip
+    search = GaugeSearch(
+        fibre,
+        weights,
+        plan_of(method),
+        lambda w, step: end_to_end(w, quant, *batches(step)),
+        steps,
+        config.lr,
+        torch.Generator().manual_seed(seed),
+    )
     ckpt = out / f"{method}-s{seed}.pt"
     if resume and ckpt.is_file():
         search.load_state_dict(torch.load(ckpt, weights_only=True))
@@ -84,10 +106,17 @@ def run_one(weights64, data, config: StudyConfig, method: str, seed: int, out: P
     moved, change = represent(weights64, fibre, search.elements(), x_eval[:2])
     chosen = moved.to(torch.float32)
     x, y = batches(0)
-    result = dict(method=method, seed=seed, bits=quant.name, function_change=change,
-                  perplexity=perplexity(chosen, quant, x_eval, y_eval),
-                  before=measure(weights, quant, x, y), after=measure(chosen, quant, x, y),
-                  history=search.history, seconds=time.perf_counter() - tic)  # fmt: skip
+    result = dict(
+        method=method,
+        seed=seed,
+        bits=quant.name,
+        function_change=change,
+        perplexity=perplexity(chosen, quant, x_eval, y_eval),
+        before=measure(weights, quant, x, y),
+        after=measure(chosen, quant, x, y),
+        history=search.history,
+        seconds=time.perf_counter() - tic,
+    )
     ckpt.unlink(missing_ok=True)
     return result
 
@@ -140,19 +169,27 @@ def table(results: dict) -> list[str]:
     full-precision gap it closes, and the objectives after the move (seed means)."""
     full, by = results["full_precision"], _by_method(results["runs"])
     rtn = statistics.fmean(r["perplexity"] for r in by.get("rtn", [])) if "rtn" in by else None
-    rows = ["| method | seeds | perplexity | gap closed | weight error | kurtosis | max/rms | "
-            "function change |", "|---|---|---|---|---|---|---|---|",
-            f"| full precision | – | {full:.4f} | 100% | – | – | – | – |"]  # fmt: skip
+    rows = [
+        "| method | seeds | perplexity | gap closed | weight error | kurtosis | max/rms | "
+        "function change |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| full precision | – | {full:.4f} | 100% | – | – | – | – |",
+    ]
     for method, runs in by.items():
         ppl = [r["perplexity"] for r in runs]
         mean = statistics.fmean(ppl)
-        closed = ("–" if rtn is None or not math.isfinite(mean) or rtn == full
-                  else f"{100 * (rtn - mean) / (rtn - full):.0f}%")  # fmt: skip
+        closed = (
+            "–"
+            if rtn is None or not math.isfinite(mean) or rtn == full
+            else f"{100 * (rtn - mean) / (rtn - full):.0f}%"
+        )
         after = {k: statistics.fmean(r["after"][k] for r in runs) for k in runs[0]["after"]}
         worst = max(r["function_change"] for r in runs)
-        rows.append(f"| {method} | {len(runs)} | {_mean_sd(ppl)} | {closed} | "
-                    f"{after['weight_error']:.4g} | {after['kurtosis']:.3g} | "
-                    f"{after['max_over_rms']:.3g} | {worst:.1e} |")  # fmt: skip
+        rows.append(
+            f"| {method} | {len(runs)} | {_mean_sd(ppl)} | {closed} | "
+            f"{after['weight_error']:.4g} | {after['kurtosis']:.3g} | "
+            f"{after['max_over_rms']:.3g} | {worst:.1e} |"
+        )
     return rows
 
 
