@@ -22,6 +22,7 @@ TRAIN = ["train", "--task", "sort", "--size", "tiny", "--steps", "2"]
 SPECTRUM = ["spectrum", "--size", "tiny", "--steps", "2"]
 FINETUNE = ["finetune", "--quick"]
 STUDY = ["study", "--quick"]
+QUANTISE = ["quantise", "--quick"]
 
 BAD = [
     (TRAIN, "--steps", ["0", "-1", "nan", "1.5"]),
@@ -47,6 +48,13 @@ BAD = [
     (FINETUNE, "--dampings", ["-1"]),
     (FINETUNE, "--threads", ["0", "100000"]),
     (FINETUNE, "--cache", [""]),
+    (QUANTISE, "--bits", ["int4", "W1A4", "W4A17", ""]),
+    (QUANTISE, "--methods", ["gptq", ","]),
+    (QUANTISE, "--steps", ["0", "-1", "nan"]),
+    (QUANTISE, "--lr", ["nan", "-1", "0", "inf"]),
+    (QUANTISE, "--seeds", ["-1", ","]),
+    (QUANTISE, "--n-eval", ["0"]),
+    (QUANTISE, "--threads", ["0"]),
 ]
 
 

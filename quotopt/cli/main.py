@@ -35,6 +35,7 @@ COMMANDS = {
     "study": ("study", "the benchmark study: tune, compare, write docs/results.md"),
     "bench": ("bench", "run the benchmark scripts in benchmarks/ and print their tables"),
     "finetune": ("finetune", "LoRA fine-tuning study: ranks x optimisers, tuned, then seeds"),
+    "quantise": ("quantise", "the gauge in which a pretrained LLaMA quantises best, vs baselines"),
 }
 
 
