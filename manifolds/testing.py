@@ -76,6 +76,8 @@ def _vertical_fd_error(bundle: Bundle, p, xi, dtype) -> float:
     t = h / ‖ξ‖, so that the round-off eps/h and the truncation h² of the difference are
     relative to ‖vertical(p, ξ)‖ ∝ ‖ξ‖ whatever the size of ξ."""
     size = float(_norm(_leaves(xi)))
+    if size == 0.0:  # the zero algebra (a discrete group such as O(1)): nothing moves
+        return float(_norm(bundle.vertical(p, xi)))
     step = (1e-5 if dtype == torch.float64 else 1e-2) / max(size, 1e-300)
     plus = bundle.act(p, bundle.group_exp(_scale(xi, step)))
     minus = bundle.act(p, bundle.group_exp(_scale(xi, -step)))

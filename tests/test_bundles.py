@@ -58,6 +58,15 @@ def test_conformance_of_the_matmul_only_head_route(bundle, seed, dtype):
     assert_bundle(bundle, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conformance_of_a_discrete_group(dtype):
+    """O(1) has the zero algebra: the finite-difference check of ``vertical`` must not divide
+    by its zero size (it gave NaN in float32, where 1e-2/1e-300 overflows)."""
+    bundle = M.ResidualRotation(1, (0, -1), shapes=((1, 3), (2, 1)))
+    assert bundle.group_dim == 0
+    assert_bundle(bundle, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
 @pytest.mark.parametrize("seed", [110, 133])
 def test_vertical_fd_is_exact_to_round_off_for_a_small_algebra_element(seed):
     """r = 1 heads whose random ξ is small: a fixed step 1e-5 in t left round-off
