@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import sys
 import time
 
 import torch
@@ -23,6 +22,7 @@ from .args import (
     seeds,
     thread_count,
 )
+from .progress import RunBars
 
 #: most grid growths per side (``--max-extend``): each multiplies the edge by the grid's ratio
 MAX_EXTEND = 10
@@ -99,29 +99,9 @@ def add_arguments(parser) -> None:
     # fmt: on
 
 
-class _Progress:
-    """One tqdm bar per run on stderr (off when not a TTY or --quiet); without a bar, one
-    line per finished run on stdout unless --quiet."""
-
-    def __init__(self, args):
-        from tqdm import tqdm
-
-        self.quiet, self.lines = args.quiet or not sys.stderr.isatty(), not args.quiet
-        self.bar = tqdm(disable=self.quiet, file=sys.stderr, dynamic_ncols=True, unit="step")
-        self.label = ""
-
-    def start(self, label: str, steps: int):
-        self.label = label
-        self.bar.reset(total=steps)
-        self.bar.set_description(label)
-        return lambda step: self.bar.update(step - self.bar.n)
-
-    def finish(self, summary: dict) -> None:
-        loss = summary["final_val_loss"]
-        text = "diverged" if loss is None else f"val {loss:.4f}"
-        self.bar.set_postfix_str(text)
-        if self.quiet and self.lines:
-            print(f"{self.label}: {text}", flush=True)
+def _finished(summary: dict) -> str:
+    loss = summary["final_val_loss"]
+    return "diverged" if loss is None else f"val {loss:.4f}"
 
 
 def run(args) -> int:
@@ -155,7 +135,7 @@ def run(args) -> int:
     tic = time.perf_counter()
     base, facts = ft.pretrained(pretrain, args.cache)
     data = ft.ByteCorpus.task(args.task, template.seq_len, template.max_bytes)
-    progress = _Progress(args)
+    progress = RunBars(args, _finished)
     try:
         results = ft.study(out, base, data, template, ranks=ranks, optims=args.optims,
                            lrs=lrs, seeds=seeds, seconds=dict(ratio=args.ratios,

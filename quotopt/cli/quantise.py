@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
-import sys
 import time
 
 import torch
 
 from .. import training
 from .args import directory, positive_float, positive_int, seeds, thread_count
+from .progress import RunBars
 
 QUICK_PRETRAIN = dict(
     hidden_size=32,
@@ -78,28 +78,8 @@ def add_arguments(parser) -> None:
     # fmt: on
 
 
-class _Progress:
-    """One tqdm bar per run on stderr (off when not a TTY or --quiet); without a bar, one line
-    per finished run on stdout unless --quiet."""
-
-    def __init__(self, args):
-        from tqdm import tqdm
-
-        self.quiet, self.lines = args.quiet or not sys.stderr.isatty(), not args.quiet
-        self.bar = tqdm(disable=self.quiet, file=sys.stderr, dynamic_ncols=True, unit="step")
-        self.label = ""
-
-    def start(self, label: str, steps: int):
-        self.label = label
-        self.bar.reset(total=steps)
-        self.bar.set_description(label)
-        return lambda step: self.bar.update(step - self.bar.n)
-
-    def finish(self, result: dict) -> None:
-        text = f"perplexity {result['perplexity']:.4f}"
-        self.bar.set_postfix_str(text)
-        if self.quiet and self.lines:
-            print(f"{self.label}: {text}", flush=True)
+def _finished(result: dict) -> str:
+    return f"perplexity {result['perplexity']:.4f}"
 
 
 def run(args) -> int:
@@ -124,7 +104,7 @@ def run(args) -> int:
     tic = time.perf_counter()
     model, facts = pretrained(pretrain, args.cache)
     data = ByteCorpus.plays(pretrain.seq_len, pretrain.max_bytes)
-    progress = _Progress(args)
+    progress = RunBars(args, _finished)
     try:
         results = study(out, model, data, config, resume=args.resume, progress=progress)
     finally:
