@@ -84,6 +84,7 @@ def test_every_best_setting_of_the_committed_standard_study_is_bracketed():
     results = json.loads(COMMITTED.read_text())
     for task, entry in results["tasks"].items():
         plan = {t.task: t for t in STANDARD.tasks}[task]
+        assert set(entry["tuning"]) == set(plan.optims), task  # the baselines included
         for optim, tuned in entry["tuning"].items():
             settings = [(t["lr"], t["weight_decay"]) for t in tuned]
             where = bracket(plan.grid(optim), settings, tuple(entry["best"][optim]))
@@ -227,7 +228,7 @@ def _micro_plan() -> StudyPlan:
         tasks=(
             TaskPlan("modadd", "tiny", 20, ("adamw", "qadam", "sgd"), grid, sgd, "steps",
                      eval_every=10, seeds=(0, 1), stop_at_target=True, extensions=1,
-                     gauge_conditions=(1.0, 100.0)),
+                     gauge_conditions=(1.0, 100.0), gauge_optims=("adamw", "qadam")),
             TaskPlan("sort", "tiny", 10, ("adamw", "qadam"), grid, sgd, "loss", eval_every=5,
                      seeds=(0, 1), schedule="cosine"),
         ),
@@ -255,6 +256,7 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
     assert seed0 == tuned[tuple(best)]
     # the gauge-transformed starts ran at the best setting on the tuning seed
     assert set(modadd["gauge_round_trip"]) == set(modadd["gauge"])  # one round trip each
+    assert set(modadd["gauge"]) == {"adamw", "qadam"}  # gauge_optims: SGD has none
     for optim, runs in modadd["gauge"].items():
         assert [r["gauge_condition"] for r in runs] == [1.0, 100.0]
         configs = [r["summary"]["config"] for r in runs]
@@ -298,6 +300,7 @@ def test_micro_study_writes_a_page_from_its_runs(tmp_path):
     assert "QuotientAdam ≤ 0.5× AdamW's steps" in text and "| basin | gauge spread |" in text
     assert "final loss spread over gauges κ ∈ {1, 100} ≤ 1e-3" in text and "round-off floor" in text
     assert "| round trip | floor |" in text
+    assert "measured for AdamW, QuotientAdam (the baselines are tuned, bracketed and" in text
     assert (
         "The sweep at equal FLOPs" in text
         and "within 0.05 nats of the standard model at equal training time" in text

@@ -74,6 +74,14 @@ def _robustness(entry: dict, optim: str, criterion: str) -> tuple[str, str, str]
     return seeds, basin, text
 
 
+def _gauge_who(plan: dict) -> str:
+    who = plan.get("gauge_optims")
+    if who is None or set(plan["optims"]) <= set(who):
+        return ""
+    names = ", ".join(LABELS.get(o, o) for o in who)
+    return f", measured for {names} (the baselines are tuned, bracketed and seeded only)"
+
+
 def task_section(task: str, entry: dict, image_dir: Path) -> list[str]:
     plan, runs, best = entry["plan"], entry["runs"], entry["best"]
     criterion, cap = plan["criterion"], plan["steps"]
@@ -100,7 +108,9 @@ def task_section(task: str, entry: dict, image_dir: Path) -> list[str]:
         f"{', '.join(map(str, plan['seeds']))} at the best setting. *Basin*: the share of the "
         f"starting grid's settings that {basin_rule}. *Gauge spread*: relative spread "
         "(max − min)/median over starts from the same initial function in gauges of condition "
-        f"number κ ∈ {{{', '.join(f'{k:g}' for k in plan.get('gauge_conditions', ()))}}}.",
+        f"number κ ∈ {{{', '.join(f'{k:g}' for k in plan.get('gauge_conditions', ()))}}}"
+        + _gauge_who(plan)
+        + ".",
         "",
         f"| optimiser | lr | wd | {head} | final val loss | ms/step | × AdamW | seeds at target "
         "| basin | gauge spread |",

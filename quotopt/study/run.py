@@ -142,7 +142,7 @@ def _run_phases(plan: StudyPlan, out: Path, pool: Pool, resume: bool, on_planned
         (t, optim, _config(t, optim, *tasks[t.task]["best"][optim], t.tune_seed, kappa, trip))
         for t in plan.tasks
         for optim in t.optims
-        for kappa, trip in _starts(t.gauge_conditions)
+        for kappa, trip in _starts(t.gauge_starts(optim))
     ]
     # the tuning seed's run is reused (same directory: resume=True picks it up)
     jobs = _jobs([c for *_, c in seeded], root, True)
