@@ -4,9 +4,9 @@ What is timed: one fine-tuning step — ``zero_grad``, forward, next-byte cross-
 backward, ``step()`` — of the ``quotopt finetune`` model (``quotopt.finetune.PretrainConfig``'s
 default LLaMA-style byte decoder: 4 layers, width 128, 4 heads; randomly initialised, since the
 cost of a step does not depend on the weights) with ``peft`` LoRA adapters on q/k/v/o at each
-rank, batch 8×64 bytes, each optimiser of the fine-tuning registry (``quotopt.finetune.
-FINETUNE_OPTIMIZERS``) on its own copy of the adapted model, fed the same batch. Every
-optimiser takes a few steps before timing (B ≠ 0). Candidates run once per round in a fixed
+rank, batch 8×64 bytes, each adapter optimiser of the registry
+(``quotopt.training.optimizers``) on its own copy of the adapted model, fed the same batch.
+Every optimiser takes a few steps before timing (B ≠ 0). Candidates run once per round in a fixed
 order after one warm-up round; the ratio is the median over rounds of the candidate's time over
 AdamW's time in the same round (``benchmarks._timing``).
 
@@ -37,9 +37,10 @@ OPTIMS = ("adamw", "loraplus", "qadam-inv", "lora-rite", "balora", "qmuon", "qad
 
 def _candidate(name: str, base, rank: int, batch):
     from quotopt import finetune as ft
+    from quotopt.training.optimizers import build_adapter_optimizer
 
     model = ft.add_adapters(base, rank, 16.0, seed=0)
-    optimiser = ft.build_optimizer(name, model, 1e-3)
+    optimiser = build_adapter_optimizer(name, model, 1e-3)
     x, y = batch
 
     def step():

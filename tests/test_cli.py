@@ -3,6 +3,7 @@ checkpoints, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -381,17 +382,18 @@ def test_spectrum_refuses_an_analysis_beyond_its_memory_limit(tmp_path, capsys):
 
 
 def test_lost_rank_is_a_logged_metric(tmp_path, monkeypatch):
-    from quotopt import QuotientAdam, symmetries
+    from quotopt import QuotientAdam
 
     class Reporting(QuotientAdam):  # stands for an optimiser whose heads 0 and 2 lost rank
         def rank_deficient_heads(self):
             return {"blocks.0.attn.qk": [0, 2]} if self.state else {}
 
-    def factory(model, lr, weight_decay, betas):
-        return Reporting(symmetries(model), lr=lr, betas=betas, weight_decay=weight_decay)
+    def build(b):  # the groups the run detected
+        return Reporting(b.groups, lr=b.lr, betas=b.betas, weight_decay=b.weight_decay)
 
-    monkeypatch.setitem(training.OPTIMIZERS, "reporting", factory)
-    monkeypatch.setitem(training.HPARAMS, "reporting", training.HPARAMS["qadam"])
+    entry = dataclasses.replace(training.OPTIMIZERS["qadam"], name="reporting")
+    entry = dataclasses.replace(entry, build={"full": build})
+    monkeypatch.setitem(training.OPTIMIZERS, "reporting", entry)
     cfg = training.RunConfig("sort", optim="reporting", steps=2, size="tiny", eval_every=2)
     training.train(cfg, tmp_path)
     assert [r["rank_deficient_heads"] for r in training.read_records(tmp_path)] == [0, 2]

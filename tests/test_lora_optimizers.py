@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from quotopt.baselines.balora import BaLoRA
-from quotopt.finetune.optimizers import build_optimizer
 from quotopt.lora import lora_pairs, orthonormal_start
 from quotopt.lora_adam import QuotientMatrixAdam
 from quotopt.optim import NonFiniteStepError
+from quotopt.training.optimizers import build_adapter_optimizer
 
 from .test_lora_rite import F64, _batches, _gauged, _model, _products, _train
 
@@ -75,7 +75,7 @@ NEW = ["lora-rite", "balora", "qmuon", "qadam-mat"]
 def test_resumes_bit_for_bit(name):
     net = _model(zero_b=True)
     batches = _batches(6)
-    opt = build_optimizer(name, net, 1e-2)
+    opt = build_adapter_optimizer(name, net, 1e-2)
     _train(net, opt, batches[:3])
     buffer = io.BytesIO()
     torch.save({"model": net.state_dict(), "optim": opt.state_dict()}, buffer)
@@ -84,14 +84,14 @@ def test_resumes_bit_for_bit(name):
     saved = torch.load(buffer, weights_only=True)
     again = _model(zero_b=True)
     again.load_state_dict(saved["model"])
-    resumed = build_optimizer(name, again, 1e-2)
+    resumed = build_adapter_optimizer(name, again, 1e-2)
     resumed.load_state_dict(saved["optim"])
     _train(again, resumed, batches[3:])
     for p, q in zip(net.parameters(), again.parameters()):
         assert torch.equal(p, q)
     fresh = _model(zero_b=True)  # the control: without the state the run differs
     fresh.load_state_dict(saved["model"])
-    _train(fresh, build_optimizer(name, fresh, 1e-2), batches[3:])
+    _train(fresh, build_adapter_optimizer(name, fresh, 1e-2), batches[3:])
     assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), fresh.parameters()))
 
 

@@ -54,8 +54,9 @@ def _sym(x: torch.Tensor) -> torch.Tensor:
 def _escaped(old: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
     """min(max(λ(old) − λ(moved)), tr old − tr moved), floored at 0, per matrix."""
     gap = (torch.linalg.eigvalsh(old) - torch.linalg.eigvalsh(moved)).amax(-1).clamp(min=0)
-    trace = (old.diagonal(dim1=-2, dim2=-1).sum(-1)
-             - moved.diagonal(dim1=-2, dim2=-1).sum(-1)).clamp(min=0)  # fmt: skip
+    trace = (
+        old.diagonal(dim1=-2, dim2=-1).sum(-1) - moved.diagonal(dim1=-2, dim2=-1).sum(-1)
+    ).clamp(min=0)
     return torch.minimum(gap, trace)
 
 
@@ -89,8 +90,15 @@ class LoRARITE(LoRAPairOptimizer):
         _check("LoRARITE", "skip", skip)
         if not isinstance(escaped_mass, bool):
             raise ValueError(f"LoRARITE: escaped_mass must be True or False, got {escaped_mass!r}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip,
-                        skip=skip, escaped_mass=escaped_mass)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            clip=clip,
+            skip=skip,
+            escaped_mass=escaped_mass,
+        )
         super().__init__(model, defaults)
 
     def _init_state(self, b: torch.Tensor, a: torch.Tensor) -> dict:

@@ -189,6 +189,7 @@ def quotient_muon_adamw(
     metric: str = "euclidean",
     scope: str = "tensor",
     geometry: str = "exact",
+    groups: list[dict] | None = None,
 ):
     """QuotientMuon on the model's factored symmetry groups (``quotopt.symmetries``; scope
     ``"tensor"``: whole projections, like the Muon baseline, and the whole MLP matrices of
@@ -196,8 +197,9 @@ def quotient_muon_adamw(
     the rest — so the two differ only where the geometry acts. Symmetry groups without two
     factors (the relational model's O(d_gauge) on its embedding) go to ``QuotientAdam`` with
     the rest, whose plain groups are AdamW exactly. ``geometry``: the head pairs' route
-    (``quotopt.symmetries``)."""
-    found = symmetries(model, metric=metric, geometry=geometry)
+    (``quotopt.symmetries``); ``groups``: ``symmetries(model, metric=metric,
+    geometry=geometry)`` where the caller holds them already."""
+    found = groups if groups is not None else symmetries(model, metric=metric, geometry=geometry)
     groups = [g for g in found if g.get("bundle") is not None]
     frozen = [g for g in found if g.get("bundle") is None and g.get("frozen")]  # key biases
     factored = [g for g in groups if _has_factors(g)]

@@ -9,6 +9,7 @@ import math
 import os
 
 from ..training import MAX_SEED
+from ..training.optimizers import optimizer_names
 
 
 def _refuse(rule: str, text: str):
@@ -88,6 +89,20 @@ def positive_floats(text: str) -> list[float]:
     return sorted(dict.fromkeys(positive_float(v) for v in parts))
 
 
+def optimizer_list(text: str, setting: str = "full") -> list[str]:
+    """Comma-separated names of registered optimisers that serve ``setting`` (``"full"``
+    models or ``"lora"`` adapters), without repeats (``--optims``)."""
+    valid = optimizer_names(setting)
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimiser {', '.join(unknown) or '(none)'}; valid names are "
+            f"{', '.join(sorted(valid))}"
+        )
+    return names
+
+
 def available_cpus() -> int:
     """CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -117,3 +132,42 @@ def directory(text: str) -> str:
     if not text.strip():
         raise _refuse("a non-empty directory path", text)
     return text
+
+
+def add_output_options(parser, *, resume: str | None, replaces: str = "study") -> None:
+    """The options every command that writes a directory shares: ``--out``, ``--resume`` (its
+    help ``resume``; none where it is None), ``--force`` (replace a previous ``replaces`` in
+    OUT) and ``--quiet``."""
+    opt = parser.add_argument
+    opt("--out", type=directory, required=True, help="output directory")
+    if resume is not None:
+        opt("--resume", action="store_true", help=resume)
+    opt("--force", action="store_true", help=f"replace a previous {replaces} in OUT")
+    opt("--quiet", action="store_true", help="no progress bar")
+
+
+#: ``--quick``'s pretrained byte decoder: one layer of width 32, 20 steps
+QUICK_PRETRAIN = dict(
+    hidden_size=32,
+    layers=1,
+    heads=2,
+    intermediate_size=64,
+    seq_len=32,
+    steps=20,
+    batch_size=4,
+    warmup=5,
+    max_bytes=50_000,
+)
+
+
+def add_pretrained_options(parser) -> None:
+    """The options of the commands on a pretrained byte decoder (``finetune``, ``quantise``):
+    ``--quick`` (``QUICK_PRETRAIN`` and tiny sizes), ``--cache`` and ``--threads``."""
+    opt = parser.add_argument
+    opt("--quick", action="store_true", help="tiny sizes: the whole protocol in seconds")
+    opt(
+        "--cache",
+        type=directory,
+        help="pretrained-model cache (default $QUOTOPT_CACHE or ~/.cache/quotopt)",
+    )
+    opt("--threads", type=thread_count, default=1, help="torch CPU threads (default 1)")

@@ -53,8 +53,9 @@ def run(args) -> int:
         except Exception as err:  # noqa: BLE001 - one broken script must not hide the others
             failed += 1
             message = " ".join(f"{type(err).__name__}: {err}".split())
-            sys.stderr.write(f"quotopt bench: {name} failed ({message}); run it alone for the "
-                             "traceback\n")  # fmt: skip
+            sys.stderr.write(
+                f"quotopt bench: {name} failed ({message}); run it alone for the traceback\n"
+            )
         ran += 1
         sys.stdout.flush()
     if not ran:

@@ -27,26 +27,20 @@ from .. import training
 from ..plotting import optim_of, runs_by, start_of
 from ..study.protocol import LABELS
 from ..study.robustness import relative_spread
-from .args import available_cpus, seeds, worker_count
+from .args import available_cpus, optimizer_list, seeds, worker_count
 from .train import add_common_arguments, describe
 
 #: the committed study, whose best settings per task and optimiser the comparison takes
 STUDY = Path(__file__).resolve().parents[2] / "studies" / "standard" / "study.json"
 DEFAULTS = dict(
-    task="chars", size="quick", optims="adamw,muon,qadam,qmuon", steps=400, seeds="0",
-    gauges="100", evaluations=20,
-)  # fmt: skip
-
-
-def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in training.OPTIMIZERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown optimiser {', '.join(unknown) or '(none)'}; valid names are "
-            f"{', '.join(sorted(training.OPTIMIZERS))}"
-        )
-    return list(dict.fromkeys(names))
+    task="chars",
+    size="quick",
+    optims="adamw,muon,qadam,qmuon",
+    steps=400,
+    seeds="0",
+    gauges="100",
+    evaluations=20,
+)
 
 
 def _gauges(text: str) -> list[float]:
@@ -84,32 +78,50 @@ def _settings(text: str) -> dict | None:
 
 def add_arguments(parser) -> None:
     d = DEFAULTS
-    add_common_arguments(parser, steps=d["steps"], task=d["task"], size=d["size"], threads=1,
-                         single=False)  # fmt: skip
+    resume = "reuse finished runs, resume interrupted ones"
+    common = dict(steps=d["steps"], task=d["task"], size=d["size"], threads=1, resume=resume)
+    add_common_arguments(parser, single=False, **common)
     evals = d["evaluations"]
     parser._option_string_actions["--eval-every"].help = (  # compare's own default
         f"steps between evaluations (default: steps/{evals}, {evals} points per curve)"
     )
-    valid = ", ".join(sorted(training.OPTIMIZERS))
+    valid = ", ".join(sorted(training.optimizer_names("full")))
     opt = parser.add_argument
-    # fmt: off
-    opt("--optims", type=_names, default=_names(d["optims"]),
-        help=f"comma-separated optimisers (default: {d['optims']}; from {valid})")
-    opt("--seeds", type=seeds, default=seeds(d["seeds"]),
-        help=f"comma-separated seeds (default: {d['seeds']})")
-    opt("--gauges", type=_gauges, default=_gauges(d["gauges"]),
+    opt(
+        "--optims",
+        type=optimizer_list,
+        default=optimizer_list(d["optims"]),
+        help=f"comma-separated optimisers (default: {d['optims']}; from {valid})",
+    )
+    opt(
+        "--seeds",
+        type=seeds,
+        default=seeds(d["seeds"]),
+        help=f"comma-separated seeds (default: {d['seeds']})",
+    )
+    opt(
+        "--gauges",
+        type=_gauges,
+        default=_gauges(d["gauges"]),
         help="condition numbers κ of the extra starts: the default initialisation transformed "
         "by a random element of every symmetry group of condition number κ (the same function "
-        f"in another gauge); 'none' for the default start alone (default: {d['gauges']})")
-    opt("--settings", type=_settings, default=str(STUDY),
+        f"in another gauge); 'none' for the default start alone (default: {d['gauges']})",
+    )
+    opt(
+        "--settings",
+        type=_settings,
+        default=str(STUDY),
         help="where each optimiser's lr, weight decay and schedule come from: a study.json "
         "(its best setting per task and optimiser; the registry's defaults where it has none) "
-        "or 'defaults' (default: the committed study, studies/standard/study.json)")
-    opt("--workers", type=worker_count, default=min(2, available_cpus()),
+        "or 'defaults' (default: the committed study, studies/standard/study.json)",
+    )
+    opt(
+        "--workers",
+        type=worker_count,
+        default=min(2, available_cpus()),
         help="parallel runs, one torch thread each; 1 runs in this process with --threads "
-        "(default: %(default)s)")
-    opt("--resume", action="store_true", help="reuse finished runs, resume interrupted ones")
-    # fmt: on
+        "(default: %(default)s)",
+    )
 
 
 def setting(settings: dict | None, task: str, optim: str) -> dict:
@@ -140,9 +152,14 @@ def configs(args) -> list[tuple[training.RunConfig, str]]:
         for seed in args.seeds:
             for kappa in [None, *args.gauges]:
                 cfg = dataclasses.replace(
-                    base, optim=optim, seed=seed, lr=s["lr"], weight_decay=s["weight_decay"],
-                    schedule=schedule, gauge_condition=kappa,
-                )  # fmt: skip
+                    base,
+                    optim=optim,
+                    seed=seed,
+                    lr=s["lr"],
+                    weight_decay=s["weight_decay"],
+                    schedule=schedule,
+                    gauge_condition=kappa,
+                )
                 cfg.resolved()
                 name = f"{optim}-seed{seed}" + ("" if kappa is None else f"-gauge{kappa:g}")
                 out.append((cfg, name))
@@ -200,8 +217,14 @@ def run(args) -> int:
     settings = {o: setting(args.settings, args.task, o) for o in args.optims}
     ref = reference_loss(runs)
     gauge = spreads(runs)
-    result = dict(wall_time=wall, workers=workers, settings=settings, reference_loss=ref,
-                  gauge_spread=gauge, runs=runs)  # fmt: skip
+    result = dict(
+        wall_time=wall,
+        workers=workers,
+        settings=settings,
+        reference_loss=ref,
+        gauge_spread=gauge,
+        runs=runs,
+    )
     training.write_json(out / "metrics.json", result)
     plots.gauge_plot(runs, out / "gauge.png", _figure_title(title, args), _titles(settings, gauge))
     plots.loss_plot(runs, out / "loss.png", title)
@@ -366,7 +389,10 @@ def report(runs: list[dict], args, wall: float, workers: int, settings: dict) ->
             f"{_num(s['final'])} | {_num(s['best'])} | {hit} | {_num(s['final_val_loss'])} | "
             f"{_num(s['final_train_loss'])} | {s['ms_per_step']:.1f} | {s['wall_time']:.1f} |"
         )
-    for image, alt in (("gauge", "validation loss from each start"), ("loss", "validation loss"),
-                       ("dynamics", "gauge dynamics")):  # fmt: skip
+    for image, alt in (
+        ("gauge", "validation loss from each start"),
+        ("loss", "validation loss"),
+        ("dynamics", "gauge dynamics"),
+    ):
         lines += ["", f"![{alt}]({image}.png)"]
     return "\n".join([*lines, ""])

@@ -14,21 +14,22 @@ import time
 import torch
 
 from .. import training
+from ..training.optimizers import optimizer_names
 from .args import (
-    directory,
+    QUICK_PRETRAIN,
+    add_output_options,
+    add_pretrained_options,
     nonnegative_int,
+    optimizer_list,
     positive_floats,
     positive_int,
     seeds,
-    thread_count,
 )
 from .progress import RunBars
 
 #: most grid growths per side (``--max-extend``): each multiplies the edge by the grid's ratio
 MAX_EXTEND = 10
 
-QUICK_PRETRAIN = dict(hidden_size=32, layers=1, heads=2, intermediate_size=64, seq_len=32,
-                      steps=20, batch_size=4, warmup=5, max_bytes=50_000)  # fmt: skip
 QUICK = dict(steps=10, seq_len=32, eval_every=5, n_eval=8, max_bytes=100_000)
 #: the study's sizes: fine-tuning and pretraining steps
 STEPS, PRETRAIN_STEPS = 400, 1500
@@ -45,16 +46,7 @@ def _ranks(text: str) -> list[int]:
 
 
 def _optims(text: str) -> list[str]:
-    from ..finetune import FINETUNE_OPTIMIZERS
-
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in FINETUNE_OPTIMIZERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown optimiser {', '.join(unknown) or '(none)'}; valid names are "
-            f"{', '.join(sorted(FINETUNE_OPTIMIZERS))}"
-        )
-    return names
+    return optimizer_list(text, "lora")
 
 
 def _extensions(text: str) -> int:
@@ -66,37 +58,55 @@ def _extensions(text: str) -> int:
 
 def add_arguments(parser) -> None:
     opt = parser.add_argument
-    # fmt: off
+    names = ", ".join(optimizer_names("lora"))
     opt("--ranks", type=_ranks, help="LoRA ranks (default 4,16,64; --quick: 2,4)")
-    opt("--optims", type=_optims, default="adamw,loraplus,qadam-inv,scaledgd",
-        help="optimisers (default: %(default)s; from adamw, loraplus, qadam, qadam-inv, "
-        "scaledgd, qsgd-inv, lora-rite, balora, qmuon, qadam-mat)")
-    opt("--task", choices=("stdlib", "prose"), default="stdlib",
+    opt(
+        "--optims",
+        type=_optims,
+        default="adamw,loraplus,qadam-inv,scaledgd",
+        help=f"optimisers (default: %(default)s; from {names})",
+    )
+    opt(
+        "--task",
+        choices=("stdlib", "prose"),
+        default="stdlib",
         help="fine-tuning text: the standard library's source or the reference's English "
-        "prose (default %(default)s)")
+        "prose (default %(default)s)",
+    )
     opt("--seeds", type=seeds, help="seeds; the first tunes (default 0,1,2; --quick: 0,1)")
-    opt("--lrs", type=positive_floats, help="learning-rate grid, grown past a best edge "
-        "(default 1e-3,3e-3,1e-2; --quick: 1e-3,1e-2)")
-    opt("--ratios", type=positive_floats, default="4,16,64",
-        help="LoRA+ ratio grid (default %(default)s)")
-    opt("--dampings", type=positive_floats, default="1e-3,1e-2,1e-1",
+    opt(
+        "--lrs",
+        type=positive_floats,
+        help="learning-rate grid, grown past a best edge (default 1e-3,3e-3,1e-2; --quick: "
+        "1e-3,1e-2)",
+    )
+    opt(
+        "--ratios",
+        type=positive_floats,
+        default="4,16,64",
+        help="LoRA+ ratio grid (default %(default)s)",
+    )
+    opt(
+        "--dampings",
+        type=positive_floats,
+        default="1e-3,1e-2,1e-1",
         help="damping grid of qadam-inv / qsgd-inv (default %(default)s; scaledgd uses the "
-        "middle value)")
-    opt("--steps", type=positive_int,
-        help=f"fine-tuning steps (default {STEPS}; --quick: 10)")
-    opt("--pretrain-steps", type=positive_int,
-        help=f"pretraining steps (default {PRETRAIN_STEPS}; --quick: 20)")
-    opt("--max-extend", type=_extensions, default=3,
-        help=f"grid growths per side, 0 to {MAX_EXTEND} (default 3)")
-    opt("--quick", action="store_true", help="tiny sizes: the whole protocol in seconds")
-    opt("--cache", type=directory,
-        help="pretrained-model cache (default $QUOTOPT_CACHE or ~/.cache/quotopt)")
-    opt("--threads", type=thread_count, default=1, help="torch CPU threads (default 1)")
-    opt("--out", type=directory, required=True, help="output directory")
-    opt("--resume", action="store_true", help="reuse finished runs")
-    opt("--force", action="store_true", help="replace a previous study in OUT")
-    opt("--quiet", action="store_true", help="no progress bar")
-    # fmt: on
+        "middle value)",
+    )
+    opt("--steps", type=positive_int, help=f"fine-tuning steps (default {STEPS}; --quick: 10)")
+    opt(
+        "--pretrain-steps",
+        type=positive_int,
+        help=f"pretraining steps (default {PRETRAIN_STEPS}; --quick: 20)",
+    )
+    opt(
+        "--max-extend",
+        type=_extensions,
+        default=3,
+        help=f"grid growths per side, 0 to {MAX_EXTEND} (default 3)",
+    )
+    add_pretrained_options(parser)
+    add_output_options(parser, resume="reuse finished runs")
 
 
 def _finished(summary: dict) -> str:
@@ -126,8 +136,11 @@ def run(args) -> int:
     files = ("report.md", "results.json", "runs")
     training.claim_out(args.out, resume=args.resume, force=args.force, files=files)
     out = training.prepare_out(args.out)
-    template = ft.FinetuneConfig(**(QUICK if quick else dict(steps=STEPS)), task=args.task,
-                                 pretrain=dataclasses.asdict(pretrain))  # fmt: skip
+    template = ft.FinetuneConfig(
+        **(QUICK if quick else dict(steps=STEPS)),
+        task=args.task,
+        pretrain=dataclasses.asdict(pretrain),
+    )
     if args.steps:
         template = dataclasses.replace(template, steps=args.steps)
     dampings = args.dampings
@@ -137,22 +150,38 @@ def run(args) -> int:
     data = ft.ByteCorpus.task(args.task, template.seq_len, template.max_bytes)
     progress = RunBars(args, _finished)
     try:
-        results = ft.study(out, base, data, template, ranks=ranks, optims=args.optims,
-                           lrs=lrs, seeds=seeds, seconds=dict(ratio=args.ratios,
-                           damping=dampings), resume=args.resume, progress=progress,
-                           max_extend=args.max_extend)  # fmt: skip
+        results = ft.study(
+            out,
+            base,
+            data,
+            template,
+            ranks=ranks,
+            optims=args.optims,
+            lrs=lrs,
+            seeds=seeds,
+            seconds=dict(ratio=args.ratios, damping=dampings),
+            resume=args.resume,
+            progress=progress,
+            max_extend=args.max_extend,
+        )
     finally:
         progress.bar.close()
     wall = time.perf_counter() - tic
-    training.write_json(out / "results.json", dict(wall_time=wall, pretrained=facts,
-                        results={str(k): v for k, v in results.items()}))  # fmt: skip
+    training.write_json(
+        out / "results.json",
+        dict(wall_time=wall, pretrained=facts, results={str(k): v for k, v in results.items()}),
+    )
     ft.figures(results, out / "curves.png", out / "lr.png")
-    meta = dict(title="quotopt finetune: LoRA on the quotient", lines=_describe(
-        args, facts, data, template, ranks, seeds, lrs, wall, results))  # fmt: skip
+    meta = dict(
+        title="quotopt finetune: LoRA on the quotient",
+        lines=_describe(args, facts, data, template, ranks, seeds, lrs, wall, results),
+    )
     images = {"validation loss at the best settings": "curves.png", "lr sweeps": "lr.png"}
     training.write_text(out / "report.md", ft.report(results, meta, images))
-    print(f"fine-tuned {len(ranks)} ranks x {len(args.optims)} optimisers in {wall:.0f} s; "
-          f"wrote {out / 'report.md'}")  # fmt: skip
+    print(
+        f"fine-tuned {len(ranks)} ranks x {len(args.optims)} optimisers in {wall:.0f} s; "
+        f"wrote {out / 'report.md'}"
+    )
     return 0
 
 

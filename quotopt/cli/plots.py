@@ -66,8 +66,14 @@ def gauge_plot(runs: list[dict], path, title: str = "", titles: dict | None = No
         def style(label, _, color=f"C{index}"):
             return dict(color=color, ls=LINESTYLES[starts.index(label) % 4])
 
-        curves(ax, members, "val_loss", log=_spans_decades(runs, "val_loss"), group=start_of,
-               style=style)  # fmt: skip
+        curves(
+            ax,
+            members,
+            "val_loss",
+            log=_spans_decades(runs, "val_loss"),
+            group=start_of,
+            style=style,
+        )
         ax.set_title((titles or {}).get(optim, optim), fontsize=9)
         ax.set_ylabel("validation loss")
     for ax in list(axes.flat)[n:]:

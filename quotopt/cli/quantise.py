@@ -12,22 +12,24 @@ import time
 import torch
 
 from .. import training
-from .args import directory, positive_float, positive_int, seeds, thread_count
+from .args import (
+    QUICK_PRETRAIN,
+    add_output_options,
+    add_pretrained_options,
+    positive_float,
+    positive_int,
+    seeds,
+)
 from .progress import RunBars
 
-QUICK_PRETRAIN = dict(
-    hidden_size=32,
-    layers=1,
-    heads=2,
-    intermediate_size=64,
-    seq_len=32,
-    steps=20,
-    batch_size=4,
-    warmup=5,
-    max_bytes=50_000,
-)
 QUICK = dict(steps=3, batch_size=2, n_eval=4, seeds=(0,))
 SIZES = {"small": {}, "wide": dict(hidden_size=256, layers=6, heads=8, intermediate_size=688)}
+
+
+def _method_names() -> tuple[str, ...]:
+    from ..gauge.methods import METHODS
+
+    return tuple(METHODS)
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -55,27 +57,26 @@ def _bits(text: str) -> str:
 
 def add_arguments(parser) -> None:
     opt = parser.add_argument
-    # fmt: off
-    opt("--bits", type=_bits, default="W4A4KV4",
-        help="W<b>[g<group>][A<b>][KV<b>] (default %(default)s)")
-    opt("--methods", type=_methods, help="methods (default: all, rtn,quarot,spinquant,"
-        "flatquant,residual,heads,units,joint)")
+    opt(
+        "--bits",
+        type=_bits,
+        default="W4A4KV4",
+        help="W<b>[g<group>][A<b>][KV<b>] (default %(default)s)",
+    )
+    opt("--methods", type=_methods, help=f"methods (default: all, {','.join(_method_names())})")
     opt("--seeds", type=seeds, help="calibration seeds (default 0,1,2; --quick: 0)")
     opt("--steps", type=positive_int, help="search steps (default 100; --quick: 3)")
     opt("--lr", type=positive_float, default=1e-2, help="search rate (default %(default)s)")
     opt("--batch-size", type=positive_int, help="calibration windows per step (default 8)")
     opt("--n-eval", type=positive_int, help="validation windows (default 64)")
-    opt("--model", choices=sorted(SIZES), default="small",
-        help="pretrained model: small (4 x 128) or wide (6 x 256) (default %(default)s)")
-    opt("--quick", action="store_true", help="tiny sizes: the whole protocol in seconds")
-    opt("--cache", type=directory,
-        help="pretrained-model cache (default $QUOTOPT_CACHE or ~/.cache/quotopt)")
-    opt("--threads", type=thread_count, default=1, help="torch CPU threads (default 1)")
-    opt("--out", type=directory, required=True, help="output directory")
-    opt("--resume", action="store_true", help="reuse finished runs, continue a started one")
-    opt("--force", action="store_true", help="replace a previous study in OUT")
-    opt("--quiet", action="store_true", help="no progress bar")
-    # fmt: on
+    opt(
+        "--model",
+        choices=sorted(SIZES),
+        default="small",
+        help="pretrained model: small (4 x 128) or wide (6 x 256) (default %(default)s)",
+    )
+    add_pretrained_options(parser)
+    add_output_options(parser, resume="reuse finished runs, continue a started one")
 
 
 def _finished(result: dict) -> str:

@@ -95,8 +95,15 @@ def _run_setting(args) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     result = count_setting(args.setting, seed=args.seed, rel_tol=args.rel_tol)
     widest = max(result["counts"].values(), key=lambda c: c["orbit_dim"])
-    keys = ("orbit_dim", "compact_orbit_dim", "expected_flat", "flat_total", "flat_horizontal",
-            "tolerance_rule", "flat_by_tolerance")  # fmt: skip
+    keys = (
+        "orbit_dim",
+        "compact_orbit_dim",
+        "expected_flat",
+        "flat_total",
+        "flat_horizontal",
+        "tolerance_rule",
+        "flat_by_tolerance",
+    )
     result = dict(result, **{k: widest[k] for k in keys})
     result["grad_norm"] = result["refine"]["grad_norm"]
     result["grad_rel"] = result["refine"]["grad_rel"]

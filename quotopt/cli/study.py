@@ -21,10 +21,20 @@ def add_arguments(parser) -> None:
         const="quick",
         help="small sizes and grids, under 20 minutes on 2 cores (default)",
     )
-    mode.add_argument("--standard", dest="plan", action="store_const", const="standard",
-                      help="sizes that mean something, about two hours on 2 cores")  # fmt: skip
-    mode.add_argument("--full", dest="plan", action="store_const", const="full",
-                      help="paper sizes, larger grids (many CPU hours; see docs)")  # fmt: skip
+    mode.add_argument(
+        "--standard",
+        dest="plan",
+        action="store_const",
+        const="standard",
+        help="sizes that mean something, about two hours on 2 cores",
+    )
+    mode.add_argument(
+        "--full",
+        dest="plan",
+        action="store_const",
+        const="full",
+        help="paper sizes, larger grids (many CPU hours; see docs)",
+    )
     parser.set_defaults(plan="quick")
     parser.add_argument(
         "--out", type=directory, default="runs/study", help="run directory (default: %(default)s)"
@@ -51,7 +61,7 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="rewrite the page from OUT/study.json without training",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _grow(bar, n: int) -> None:
@@ -77,12 +87,21 @@ def run(args) -> int:
         return 0
     files = ("study.json", "runs", "flat", "relational")
     claim_out(args.out, resume=args.resume, force=args.force, files=files)
-    with tqdm(total=n_runs(plan), desc=f"study ({plan.name})", unit="run",
-              disable=args.quiet, file=sys.stderr) as bar:  # fmt: skip
+    with tqdm(
+        total=n_runs(plan),
+        desc=f"study ({plan.name})",
+        unit="run",
+        disable=args.quiet,
+        file=sys.stderr,
+    ) as bar:
         results = run_study(
-            plan, args.out, workers=args.workers, resume=args.resume,
-            on_done=lambda _: bar.update(1), on_planned=lambda n: _grow(bar, n),
-        )  # fmt: skip
+            plan,
+            args.out,
+            workers=args.workers,
+            resume=args.resume,
+            on_done=lambda _: bar.update(1),
+            on_planned=lambda n: _grow(bar, n),
+        )
     results["command"] = f"quotopt study --{plan.name} --workers {args.workers}"
     write_json(saved, results)
     page = write_report(results, args.docs, results["command"])

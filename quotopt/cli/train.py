@@ -12,7 +12,7 @@ from .. import training
 from ..tasks import TASKS
 from ..training.schedule import SCHEDULES
 from .args import (
-    directory,
+    add_output_options,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -21,46 +21,91 @@ from .args import (
     thread_count,
 )
 
+#: ``--resume`` of a single run
+RESUME = "continue from OUT/checkpoint.pt, bit-exact (same --threads)"
 
-def add_common_arguments(parser, *, steps, task=None, size=None, threads=None, single=True):
+
+def add_common_arguments(
+    parser, *, steps, task=None, size=None, threads=None, single=True, resume=RESUME
+):
     """Options shared by ``train``, ``spectrum`` and (``single=False``: no --optim, --seed,
-    --lr, --weight-decay, --resume) ``compare``; all three have ``--force``."""
+    --lr, --weight-decay) ``compare``; ``resume``: the help of ``--resume`` (None: no such
+    option); the output options are ``args.add_output_options``."""
     sizes = ", ".join(f"{t} {next(iter(s))}" for t, s in training.SIZES.items())
     opt = parser.add_argument
-    # fmt: off
-    opt("--task", choices=sorted(TASKS), required=task is None, default=task,
-        help="benchmark task" + (f" (default: {task})" if task else ""))
-    opt("--model", choices=training.MODELS, default="transformer",
-        help="architecture (default: %(default)s)")
-    opt("--steps", type=positive_int, default=steps, required=steps is None,
-        help="total optimiser steps" + (f" (default: {steps})" if steps else ""))
-    opt("--size", choices=sorted({s for t in training.SIZES.values() for s in t}), default=size,
-        help=f"model size (default: {size or 'per task: ' + sizes})")
+    opt(
+        "--task",
+        choices=sorted(TASKS),
+        required=task is None,
+        default=task,
+        help="benchmark task" + (f" (default: {task})" if task else ""),
+    )
+    opt(
+        "--model",
+        choices=training.MODELS,
+        default="transformer",
+        help="architecture (default: %(default)s)",
+    )
+    opt(
+        "--steps",
+        type=positive_int,
+        default=steps,
+        required=steps is None,
+        help="total optimiser steps" + (f" (default: {steps})" if steps else ""),
+    )
+    opt(
+        "--size",
+        choices=sorted({s for t in training.SIZES.values() for s in t}),
+        default=size,
+        help=f"model size (default: {size or 'per task: ' + sizes})",
+    )
     if single:
-        opt("--optim", choices=sorted(training.OPTIMIZERS), default="adamw",
-            help="optimiser (default: %(default)s)")
-        opt("--seed", type=seed, default=0,
-            help="seed of the split, init and batches, in [0, 2**32) (default 0)")
-        opt("--lr", type=positive_float, help="learning rate (default: per optimiser and task)")
-        opt("--weight-decay", type=nonnegative_float,
-            help="weight decay (default: per optimiser and task)")
-    opt("--schedule", choices=SCHEDULES, default=None,
+        _add_run_arguments(parser)
+    opt(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
         help="learning-rate schedule: constant, or cosine (nanoGPT's warm-up, then a cosine to "
-        "a tenth) (default: constant)")
-    opt("--batch-size", type=nonnegative_int,
-        help="batch size, at most the training examples; 0 for full batch (default: per task)")
+        "a tenth) (default: constant)",
+    )
+    opt(
+        "--batch-size",
+        type=nonnegative_int,
+        help="batch size, at most the training examples; 0 for full batch (default: per task)",
+    )
     opt("--eval-every", type=positive_int, help="steps between evaluations (default: per task)")
     opt("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: cpu)")
-    opt("--threads", type=thread_count, default=threads,
+    opt(
+        "--threads",
+        type=thread_count,
+        default=threads,
         help=f"torch CPU threads (default: {threads or 'torch' + chr(39) + 's'}; one is "
-        "fastest for small models and on a busy CPU)")
-    opt("--out", type=directory, required=True, help="output directory")
-    if single:
-        opt("--resume", action="store_true",
-            help="continue from OUT/checkpoint.pt, bit-exact (same --threads)")
-    opt("--force", action="store_true", help="replace a previous run in OUT")
-    opt("--quiet", action="store_true", help="no progress bar")
-    # fmt: on
+        "fastest for small models and on a busy CPU)",
+    )
+    add_output_options(parser, resume=resume, replaces="run")
+
+
+def _add_run_arguments(parser) -> None:
+    """The options of one run: optimiser, seed, learning rate, weight decay."""
+    opt = parser.add_argument
+    opt(
+        "--optim",
+        choices=sorted(training.optimizer_names("full")),
+        default="adamw",
+        help="optimiser (default: %(default)s)",
+    )
+    opt(
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of the split, init and batches, in [0, 2**32) (default 0)",
+    )
+    opt("--lr", type=positive_float, help="learning rate (default: per optimiser and task)")
+    opt(
+        "--weight-decay",
+        type=nonnegative_float,
+        help="weight decay (default: per optimiser and task)",
+    )
 
 
 def add_arguments(parser) -> None:

@@ -2,7 +2,8 @@
 
 A small LLaMA-style byte decoder pretrained on the plays (``pretrain``, cached by a content
 hash), LoRA adapters on q/k/v/o fine-tuned on the Python standard library's source or on the
-language reference's English prose (``data``, ``run``) with the optimisers of ``optimizers``,
+language reference's English prose (``data``, ``run``) with the adapter optimisers of the registry
+(``quotopt.training.optimizers``),
 tuned and seeded by ``protocol``, reported by ``report``. See ``docs/guides/finetune-peft.md``.
 """
 
@@ -15,15 +16,12 @@ from .data import (
     prose_corpus,
     stdlib_corpus,
 )
-from .optimizers import FINETUNE_OPTIMIZERS, SECONDARY, build_optimizer
 from .pretrain import PretrainConfig, cache_key, default_cache_dir, lm_loss, pretrained
 from .protocol import run_dir, study, tune
 from .report import figures, median_curve, report, steps_to
 from .run import TARGETS, FinetuneConfig, add_adapters, finetune, finished
 
 __all__ = [
-    "FINETUNE_OPTIMIZERS",
-    "SECONDARY",
     "STDLIB_MODULES",
     "TARGETS",
     "TASKS",
@@ -32,7 +30,6 @@ __all__ = [
     "FinetuneConfig",
     "PretrainConfig",
     "add_adapters",
-    "build_optimizer",
     "cache_key",
     "default_cache_dir",
     "figures",

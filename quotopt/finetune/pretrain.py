@@ -57,12 +57,18 @@ class PretrainConfig:
         import transformers
 
         return transformers.LlamaConfig(
-            vocab_size=ByteCorpus.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=self.layers,
-            num_attention_heads=self.heads, num_key_value_heads=self.heads,
-            max_position_embeddings=self.seq_len, tie_word_embeddings=False,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        )  # fmt: skip
+            vocab_size=ByteCorpus.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            max_position_embeddings=self.seq_len,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
 
 
 def cache_key(config: PretrainConfig) -> str:
@@ -107,8 +113,9 @@ def _train(config: PretrainConfig):
     model = transformers.LlamaForCausalLM(config.llama())
     data = ByteCorpus.plays(config.seq_len, config.max_bytes)
     gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.AdamW(model.parameters(), config.lr, betas=(0.9, 0.95),
-                            weight_decay=config.weight_decay)  # fmt: skip
+    opt = torch.optim.AdamW(
+        model.parameters(), config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
     warm = max(config.warmup, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     model.train()

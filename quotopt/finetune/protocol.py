@@ -23,8 +23,8 @@ import dataclasses
 import math
 from pathlib import Path
 
+from ..training.optimizers import lookup_optimizer
 from ..training.runs import read_records
-from .optimizers import SECONDARY
 from .run import FinetuneConfig, finetune, finished
 
 __all__ = ["run_dir", "study", "tune"]
@@ -32,7 +32,7 @@ __all__ = ["run_dir", "study", "tune"]
 
 def run_dir(out, config: FinetuneConfig) -> Path:
     """The directory of one run under ``out`` (module docstring)."""
-    field = SECONDARY.get(config.optim)
+    field = lookup_optimizer(config.optim, "lora").secondary
     extra = f"-{field}{getattr(config, field):g}" if field else ""
     name = f"lr{config.lr:g}{extra}-seed{config.seed}"
     runs = Path(out) / "runs"
@@ -60,8 +60,9 @@ class _Runner:
         summary = finished(config, key) if self.resume else None
         on_step = None
         if self.progress is not None:
-            on_step = self.progress.start(key.relative_to(Path(self.out) / "runs").as_posix(),
-                                          config.steps)  # fmt: skip
+            on_step = self.progress.start(
+                key.relative_to(Path(self.out) / "runs").as_posix(), config.steps
+            )
         if summary is None:
             summary = finetune(config, key, self.base, self.data, on_step=on_step)
         if self.progress is not None:
@@ -98,7 +99,7 @@ def tune(run, config: FinetuneConfig, lrs, seconds: dict, max_extend: int = 3) -
     docstring); ``seconds`` maps a hyperparameter field to its grid. Returns ``{"lr", field:
     value, "edge": whether the lr is still a grid edge, "{field}_edge": the same for the
     second hyperparameter}``."""
-    field = SECONDARY.get(config.optim)
+    field = lookup_optimizer(config.optim, "lora").secondary
     values = sorted(seconds.get(field, ())) if field else []
     if values:
         config = dataclasses.replace(config, **{field: values[len(values) // 2]})

@@ -31,8 +31,10 @@ def _median(values) -> float | None:
 
 def median_curve(runs: list[dict]) -> dict[int, float]:
     """``{step: median over runs of val_loss}`` at the steps every run evaluated (finite)."""
-    series = [{r["step"]: r["val_loss"] for r in run["records"] if r["val_loss"] is not None}
-              for run in runs]  # fmt: skip
+    series = [
+        {r["step"]: r["val_loss"] for r in run["records"] if r["val_loss"] is not None}
+        for run in runs
+    ]
     common = sorted(set.intersection(*(set(s) for s in series))) if series else []
     return {t: statistics.median(s[t] for s in series) for t in common}
 
@@ -86,8 +88,10 @@ def _main_table(results: dict) -> list[str]:
 def _transfer_table(results: dict) -> list[str]:
     ranks = list(results)
     optims = list(dict.fromkeys(o for entries in results.values() for o in entries))
-    lines = ["| optimiser | " + " | ".join(f"best lr, r = {r}" for r in ranks) + " | one lr? |",
-             "|---|" + "---|" * (len(ranks) + 1)]  # fmt: skip
+    lines = [
+        "| optimiser | " + " | ".join(f"best lr, r = {r}" for r in ranks) + " | one lr? |",
+        "|---|" + "---|" * (len(ranks) + 1),
+    ]
     for optim in optims:
         lrs = [results[r][optim]["best"]["lr"] if optim in results[r] else None for r in ranks]
         same = "yes" if len({lr for lr in lrs if lr is not None}) == 1 else "no"
@@ -96,8 +100,10 @@ def _transfer_table(results: dict) -> list[str]:
 
 
 def _tuning_table(results: dict) -> list[str]:
-    lines = ["| rank | optimiser | lr | ratio / damping | final val loss (seed 0) |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| rank | optimiser | lr | ratio / damping | final val loss (seed 0) |",
+        "|---|---|---|---|---|",
+    ]
     for rank, entries in results.items():
         for optim, entry in entries.items():
             for s in sorted(entry["tuning"], key=lambda s: s["config"]["lr"]):
@@ -149,8 +155,11 @@ def report(results: dict, meta: dict, images: dict[str, str]) -> str:
     table, the targets, the figures (``images``: caption → path) and every tuning run."""
     lines = [f"# {meta.get('title', 'LoRA fine-tuning on the quotient')}", ""]
     lines += [f"- {line}" for line in meta.get("lines", ())] + [""]
-    lines += ["Final validation loss in nats per byte on the held-out standard-library files; "
-              "median over seeds at each optimiser's best setting.", ""]  # fmt: skip
+    lines += [
+        "Final validation loss in nats per byte on the held-out standard-library files; "
+        "median over seeds at each optimiser's best setting.",
+        "",
+    ]
     lines += _main_table(results) + ["", "Best learning rate per rank:", ""]
     lines += _transfer_table(results) + ["", "Targets:", ""] + targets(results) + [""]
     for caption, path in images.items():
@@ -175,8 +184,11 @@ def figures(results: dict, curves_path, lr_path) -> None:
     fig, axes = new_figure(1, len(ranks), figsize=(4.5 * len(ranks), 3.8), squeeze=False)
     for ax, rank in zip(axes[0], ranks):
         for index, (optim, entry) in enumerate(results[rank].items()):
-            pts = sorted((s["config"]["lr"], s["final_val_loss"]) for s in entry["tuning"]
-                         if s["final_val_loss"] is not None and _is_main(s, entry))  # fmt: skip
+            pts = sorted(
+                (s["config"]["lr"], s["final_val_loss"])
+                for s in entry["tuning"]
+                if s["final_val_loss"] is not None and _is_main(s, entry)
+            )
             if pts:
                 ax.plot(*zip(*pts), "o-", color=f"C{index}", label=optim, ms=4)
         ax.set_xscale("log")

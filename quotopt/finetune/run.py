@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from ..optim import NonFiniteStepError
+from ..training.optimizers import build_adapter_optimizer
 from ..training.runs import append_record, prepare_out, write_json
 from .data import ByteCorpus
-from .optimizers import build_optimizer
 from .pretrain import PretrainConfig, lm_loss, mean_loss
 
 __all__ = ["TARGETS", "FinetuneConfig", "add_adapters", "finetune", "finished"]
@@ -43,7 +43,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    optim: str = "adamw"  # a name of FINETUNE_OPTIMIZERS
+    optim: str = "adamw"  # an adapter optimiser of the registry (training.optimizers)
     task: str = "stdlib"  # the fine-tuning text: a name of data.TASKS
     rank: int = 16  # LoRA rank r
     lr: float = 1e-3  # learning rate (of A for loraplus)
@@ -65,8 +65,9 @@ def add_adapters(base, rank: int, alpha: float, seed: int):
     import peft
 
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGETS),
-                             lora_dropout=0.0)  # fmt: skip
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(TARGETS), lora_dropout=0.0
+    )
     return peft.get_peft_model(copy.deepcopy(base), config)
 
 
@@ -101,8 +102,8 @@ def finetune(
     data = data or ByteCorpus.task(config.task, config.seq_len, config.max_bytes)
     model = add_adapters(base, config.rank, config.alpha, config.seed)
     model.train()
-    optimizer = build_optimizer(config.optim, model, config.lr, ratio=config.ratio,
-                                damping=config.damping)  # fmt: skip
+    hyper = dict(ratio=config.ratio, damping=config.damping)
+    optimizer = build_adapter_optimizer(config.optim, model, config.lr, **hyper)
     gen = torch.Generator().manual_seed(config.seed)
     val_x, val_y = data.eval_windows("val", config.n_eval)
     records, diverged, train_losses, step_time = [], None, [], 0.0

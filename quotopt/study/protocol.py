@@ -25,59 +25,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
-#: Adam-like optimisers (decoupled decay or decay on invariants) share one grid, SGD-like
-#: (coupled L2 decay) another. Names are ``quotopt.training.OPTIMIZERS`` keys.
-ADAM_LIKE = (
-    "adamw",
-    "qadam",
-    "qadam-inv",
-    "geoopt-stiefel",
-    "randbias",
-    "gaugefix",
-    "grokfast",
-    "muon",
-    "qmuon",
-)
-SGD_LIKE = ("sgd", "qsgd")
-LABELS = {
-    "adamw": "AdamW",
-    "sgd": "SGD (momentum 0.9)",
-    "qadam": "QuotientAdam",
-    "qadam-inv": "QuotientAdam (invariant metric)",
-    "qsgd": "QuotientSGD (momentum 0.9)",
-    "geoopt-stiefel": "geoopt RiemannianAdam, heads on Stiefel",
-    "randbias": "AdamW + random fixed q/v biases",
-    "gaugefix": "AdamW, gauge fixed W_Q = I, W_V = I",
-    "grokfast": "Grokfast-EMA AdamW",
-    "muon": "Muon (+ AdamW)",
-    "qmuon": "QuotientMuon (+ Muon, AdamW)",
-}
+from ..training.optimizers import OPTIMIZERS, optimizer_names
+
+#: the study's optimisers are the registry's full-model entries (``quotopt.training.OPTIMIZERS``):
+#: Adam-like ones (decoupled decay or decay on invariants) share one grid, SGD-like ones (coupled
+#: L2 decay) another
+_ENTRIES = [OPTIMIZERS[name] for name in optimizer_names("full")]
+ADAM_LIKE = tuple(e.name for e in _ENTRIES if e.family == "adam")
+SGD_LIKE = tuple(e.name for e in _ENTRIES if e.family == "sgd")
+LABELS = {e.name: e.label for e in _ENTRIES}
 #: what each optimiser does to the symmetry, one sentence each (the results page lists them)
-ROLES = {
-    "adamw": "no geometry: every gauge direction is one more direction the step moves in.",
-    "sgd": "no geometry, no adaptivity: the Euclidean counterpart of QuotientSGD.",
-    "qadam": "*reduces* GL(r) per head: Adam on the quotient, re-dressed onto the balanced "
-    "section, with gauge-invariant second moments.",
-    "qadam-inv": "*reduces* GL(r) per head under the GL-invariant metric (the factor Hessian "
-    "of least squares), so the geometry alone is equivariant.",
-    "qsgd": "*reduces* GL(r) per head without adaptivity: the Riemannian gradient on the "
-    "quotient with momentum.",
-    "geoopt-stiefel": "*constrains* instead of reducing: W_q, W_k and W_v on the Stiefel "
-    "manifold, so each head's W_q W_kᵀ has unit singular values (a smaller model, not a "
-    "quotient).",
-    "randbias": "*breaks* the symmetry: fixed random q/v biases shrink GL(r) to the "
-    "stabiliser of the bias, of dimension r² − r, so most gauge directions remain.",
-    "gaugefix": "*fixes* the gauge: a global section (each head's top r×r block of W_Q and "
-    "W_V held at the identity), defined only where that block is invertible.",
-    "grokfast": "changes the dynamics, not the geometry: an exponential average of past "
-    "gradients amplifies their slow component.",
-    "muon": "respects O(d) and O(r) per head (orthogonalisation commutes with orthogonal "
-    "changes of basis) but not GL(r).",
-    "qmuon": "*reduces* GL(r) per head: Muon's orthogonalised step taken at the balanced "
-    "representative and lifted horizontally.",
-}
-#: the quotient optimisers whose targets the page checks against AdamW and Muon
-QUOTIENT = ("qadam", "qadam-inv", "qmuon")
+ROLES = {e.name: e.role for e in _ENTRIES}
+#: the Adam-like quotient optimisers, whose targets the page checks against AdamW and Muon
+QUOTIENT = tuple(e.name for e in _ENTRIES if e.quotient and e.family == "adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +72,7 @@ class TaskPlan:
     gauge_optims: tuple[str, ...] | None = None  # who gets those starts (None: every optimiser)
 
     def grid(self, optim: str) -> Grid:
-        return self.sgd_grid if optim in SGD_LIKE else self.adam_grid
+        return self.sgd_grid if OPTIMIZERS[optim].family == "sgd" else self.adam_grid
 
     def gauge_starts(self, optim: str) -> tuple[float, ...]:
         """The condition numbers of ``optim``'s gauge-transformed starts (none if it is not

@@ -34,7 +34,8 @@ from ..checks import gauge_transform
 from ..dynamics import balance_gap, gauge_drift, head_imbalance
 from ..optim import NonFiniteStepError
 from ..symmetries import group_point, symmetries
-from .registry import TASK_DEFAULTS, build_model, build_optimizer, build_task
+from .optimizers import build_optimizer, detect
+from .registry import TASK_DEFAULTS, build_model, build_task
 from .runs import (
     RunConfig,
     append_record,
@@ -79,6 +80,21 @@ def attention_heads(probes) -> list[dict]:
         if bundle is not None and bundle.per_head and bundle.group_dim > bundle.algebra_shape[0]:
             out.append(group)
     return out
+
+
+def rebind(groups, model, names: dict[int, str]) -> list[dict]:
+    """``groups`` over the model's current parameters: a builder that replaces a parameter by
+    another of the same name and shape (geoopt's Stiefel heads) leaves the groups' structure
+    as it was; ``names`` maps the old parameters' ids to their names."""
+    now = dict(model.named_parameters())
+    return [dict(g, params=[now[names[id(p)]] for p in g["params"]]) for g in groups]
+
+
+def head_probes(model, groups) -> list[dict]:
+    """The attention-head groups whose diagnostics a run logs: those of the run's ``groups``;
+    where no group shows the heads (the relational model's default joint group holds them
+    with its rotations) the head groups alone, ``symmetries(model, residual=False)``."""
+    return attention_heads(groups) or attention_heads(symmetries(model, residual=False))
 
 
 def _finite_model(model) -> bool:
@@ -159,16 +175,16 @@ def _train(cfg: RunConfig, task, out: Path | None, ckpt, on_step, on_eval) -> di
     """``train`` once the task is built, the directory held and the checkpoint checked."""
     ckpt_path = None if out is None else out / "checkpoint.pt"
     model = build_model(task, cfg.model, cfg.size, cfg.variant).to(cfg.device)
+    groups = detect(cfg.optim, model)  # the run's one detection
     if cfg.gauge_condition is not None:  # the same function in another gauge (same RNG after)
         gauge = torch.Generator().manual_seed(GAUGE_SALT + cfg.seed)
-        groups = symmetries(model)
         gauge_transform(model, groups, gauge, cfg.gauge_condition, cfg.gauge_round_trip)
     betas = TASK_DEFAULTS[cfg.task]["betas"]
-    optimizer = build_optimizer(cfg.optim, model, cfg.lr, cfg.weight_decay, betas, cfg.task)
+    names = {id(p): n for n, p in model.named_parameters()}
+    args = (cfg.lr, cfg.weight_decay, betas, cfg.task, groups)
+    optimizer = build_optimizer(cfg.optim, model, *args)
     base_rates = [group["lr"] for group in optimizer.param_groups]
-    # diagnostics per attention head: the head groups alone (residual=False), which the
-    # relational model's default joint group (channels, gauge and heads together) would hide
-    probes = symmetries(model, residual=False)
+    probes = head_probes(model, rebind(groups, model, names))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, clock, records, diverged = 0, {"wall": 0.0, "train": 0.0}, [], None
     if ckpt is not None:
@@ -196,12 +212,16 @@ def _train(cfg: RunConfig, task, out: Path | None, ckpt, on_step, on_eval) -> di
 
     def save():
         clock["wall"] = time.perf_counter() - origin
-        # fmt: off
-        state = dict(step=step, config=dataclasses.asdict(cfg), model=model.state_dict(),
-                     optimizer=optimizer.state_dict(), data_rng=gen.get_state(),
-                     torch_rng=torch.get_rng_state(), clock=dict(clock),
-                     threads=torch.get_num_threads())
-        # fmt: on
+        state = dict(
+            step=step,
+            config=dataclasses.asdict(cfg),
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            data_rng=gen.get_state(),
+            torch_rng=torch.get_rng_state(),
+            clock=dict(clock),
+            threads=torch.get_num_threads(),
+        )
         if out is not None:
             save_checkpoint(ckpt_path, state)
 
@@ -293,13 +313,18 @@ def summarise(cfg: RunConfig, task, model, records: list[dict], diverged=None) -
     best = (min if metric == "loss" else max)(finite) if finite else None
     hits = [r["step"] for r, v in zip(records, values) if None not in (v, target) and v >= target]
     last = records[-1]
-    # fmt: off
     return dict(
-        config=dataclasses.asdict(cfg), n_params=sum(p.numel() for p in model.parameters()),
-        metric=metric, target=target, final=values[-1], best=best,
-        steps_to_target=hits[0] if hits else None, steps=last["step"],
-        final_val_loss=last["val_loss"], final_train_loss=last["train_loss"],
-        ms_per_step=1e3 * last["train_time"] / max(last["step"], 1), wall_time=last["wall_time"],
+        config=dataclasses.asdict(cfg),
+        n_params=sum(p.numel() for p in model.parameters()),
+        metric=metric,
+        target=target,
+        final=values[-1],
+        best=best,
+        steps_to_target=hits[0] if hits else None,
+        steps=last["step"],
+        final_val_loss=last["val_loss"],
+        final_train_loss=last["train_loss"],
+        ms_per_step=1e3 * last["train_time"] / max(last["step"], 1),
+        wall_time=last["wall_time"],
         diverged=diverged,
     )
-    # fmt: on

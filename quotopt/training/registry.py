@@ -1,21 +1,12 @@
-"""What a run is built from, by name: tasks at their sizes, the two architectures, and the
-optimiser registry (a factory and default (lr, weight decay) per optimiser, per task).
-
-``register_optimizer(name, factory, lr, weight_decay, **per_task)`` makes a new optimiser
-available to ``build_optimizer``, ``quotopt train --optim`` and ``quotopt compare --optims``.
-"""
+"""What a run is built from, by name: tasks at their sizes and the two architectures (the
+optimisers have their own registry, ``training.optimizers``)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .. import baselines
 from ..models import RelationalTransformer, Transformer
-from ..optim import QuotientAdam, QuotientSGD
-from ..symmetries import symmetries
 from ..tasks import TASKS, get_task
 
 MODELS = ("transformer", "relational")
@@ -132,62 +123,3 @@ def build_model(task, model_name="transformer", size=None, variant=None) -> nn.M
         if n >= budget:
             break
     return RelationalTransformer(n_channels=best[0], **rel)
-
-
-# ---- optimisers: name -> factory(model, lr, weight_decay, betas) and default (lr, wd) ---------
-Factory = Callable[[nn.Module, float, float, tuple], torch.optim.Optimizer]
-OPTIMIZERS: dict[str, Factory] = {}
-HPARAMS: dict[str, dict[str, tuple[float, float]]] = {}  # name -> task or "*" -> (lr, wd)
-
-
-def register_optimizer(name: str, factory: Factory, lr: float, weight_decay: float, **per_task):
-    """Make ``name`` available to ``build_optimizer`` and the CLI; ``per_task`` maps a task
-    name to its own ``(lr, weight_decay)`` defaults."""
-    OPTIMIZERS[name] = factory
-    HPARAMS[name] = {"*": (lr, weight_decay), **per_task}
-
-
-def default_hparams(name: str, task: str | None) -> tuple[float, float]:
-    check_name("optimiser", name, OPTIMIZERS)
-    return HPARAMS[name].get(task, HPARAMS[name]["*"])
-
-
-def build_optimizer(name, model, lr=None, weight_decay=None, betas=(0.9, 0.999), task=None):
-    """The optimiser ``name`` over ``model``; lr / weight decay default to ``HPARAMS``."""
-    d_lr, d_wd = default_hparams(name, task)
-    lr, weight_decay = d_lr if lr is None else lr, d_wd if weight_decay is None else weight_decay
-    return OPTIMIZERS[name](model, lr, weight_decay, tuple(betas))
-
-
-def _qadam(metric: str) -> Factory:
-    return lambda m, lr, wd, betas: QuotientAdam(
-        symmetries(m, metric=metric), lr=lr, betas=betas, weight_decay=wd
-    )
-
-
-def _adamw(model, lr, wd, betas):
-    return torch.optim.AdamW(model.parameters(), lr, betas, weight_decay=wd)
-
-
-def _sgd(model, lr, wd, betas):
-    return torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=wd)
-
-
-def _qsgd(model, lr, wd, betas):
-    return QuotientSGD(symmetries(model), lr, momentum=0.9, weight_decay=wd)
-
-
-_ADAM = dict(modadd=(1e-3, 1.0), sort=(5e-4, 0.1), chars=(2e-3, 0.1))  # Nanda et al. 2023, minGPT
-register_optimizer("adamw", _adamw, 1e-3, 0.1, **_ADAM)
-register_optimizer("qadam", _qadam("euclidean"), 1e-3, 0.1, **_ADAM)
-register_optimizer("qadam-inv", _qadam("invariant"), 1e-3, 0.1, **_ADAM)
-register_optimizer("sgd", _sgd, 0.1, 0.0)
-register_optimizer("qsgd", _qsgd, 0.1, 0.0)
-# baselines of the study (quotopt.baselines); each may change the model before optimising it
-register_optimizer("geoopt-stiefel", baselines.geoopt_stiefel_adam, 1e-3, 0.1, **_ADAM)
-register_optimizer("randbias", baselines.random_bias_adamw, 1e-3, 0.1, **_ADAM)
-register_optimizer("gaugefix", baselines.gauge_fixed_adamw, 1e-3, 0.1, **_ADAM)
-register_optimizer("grokfast", baselines.grokfast, 1e-3, 0.1, **_ADAM)
-# Muon's update is scaled to AdamW's RMS (match_rms_adamw), so AdamW's (lr, wd) carry over
-register_optimizer("muon", baselines.muon_adamw, 1e-3, 0.1, **_ADAM)
-register_optimizer("qmuon", baselines.quotient_muon_adamw, 1e-3, 0.1, **_ADAM)

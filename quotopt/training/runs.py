@@ -26,22 +26,19 @@ from pathlib import Path
 
 import torch
 
-from .registry import (
-    MODELS,
-    TASK_DEFAULTS,
-    check_name,
-    default_hparams,
-    default_size,
-    parse_variant,
-    size_options,
-)
+from .optimizers import default_hparams
+from .registry import MODELS, TASK_DEFAULTS, check_name, default_size, parse_variant, size_options
 from .schedule import SCHEDULES
 
 #: files of one training run in its directory
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
 #: fields added to ``RunConfig`` after runs were saved, with the value those runs had
-_LATER_DEFAULTS = {"variant": None, "schedule": "constant", "gauge_condition": None,
-                   "gauge_round_trip": False}  # fmt: skip
+_LATER_DEFAULTS = {
+    "variant": None,
+    "schedule": "constant",
+    "gauge_condition": None,
+    "gauge_round_trip": False,
+}
 #: keys a checkpoint must hold to be resumed (``threads`` is checked where present)
 CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "data_rng", "torch_rng", "clock")
 #: seeds are integers in [0, MAX_SEED) (torch's generators take 64-bit seeds; the loop adds
@@ -60,8 +57,8 @@ class RunConfig:
     steps: int = 1000  # total optimiser steps (a resumed run continues up to this count)
     seed: int = 0  # task split, initialisation (global torch RNG) and batch order
     size: str | None = None  # None: the task's first size in SIZES
-    lr: float | None = None  # None: HPARAMS default for the optimiser and task
-    weight_decay: float | None = None  # None: HPARAMS default for the optimiser and task
+    lr: float | None = None  # None: the optimiser's default on the task
+    weight_decay: float | None = None  # None: the optimiser's default on the task
     batch_size: int | None = None  # None: the task's default; 0: full batch
     eval_every: int | None = None  # None: the task's default
     eval_examples: int | None = None  # examples per evaluated split; None: the task's default
@@ -78,15 +75,15 @@ class RunConfig:
         size_options(self.task, size)
         lr, wd = default_hparams(self.optim, self.task)
         d = TASK_DEFAULTS[self.task]
-        # fmt: off
         out = dataclasses.replace(
-            self, size=size, lr=lr if self.lr is None else self.lr,
+            self,
+            size=size,
+            lr=lr if self.lr is None else self.lr,
             weight_decay=wd if self.weight_decay is None else self.weight_decay,
             batch_size=d["batch_size"] if self.batch_size is None else self.batch_size,
             eval_every=self.eval_every or d["eval_every"],
             eval_examples=self.eval_examples or d["eval_examples"],
         )
-        # fmt: on
         check_name("schedule", out.schedule, SCHEDULES)
         if out.variant is not None:
             if out.model != "relational":
