@@ -10,16 +10,35 @@ class EditedAdamW(torch.optim.AdamW):
     ``_edit_parameters``. Subclasses override the two edits; the update itself is torch's.
 
     ``_edit_gradients()`` may return anything; it is handed to ``_edit_parameters(token)`` (for
-    instance the raw gradients, to put back after the update). A subclass's own per-group
-    options are passed to ``__init__`` as keywords, named in ``group_options`` and validated by
-    ``_check_group``.
+    instance the raw gradients, to put back after the update). The arguments are those of
+    ``torch.optim.AdamW`` (``params``, ``lr``, ``betas``, ``eps``, ``weight_decay``,
+    ``amsgrad``, ``maximize``, ``foreach``, ``fused``), plus a subclass's own per-group options
+    as keywords: ``group_defaults`` names them with their defaults, ``_check_group`` validates
+    them; any other keyword is a ``TypeError``.
     """
 
-    group_options: tuple[str, ...] = ()
+    group_defaults: dict[str, object] = {}
 
     def __init__(
-        self, params, lr, betas, eps, weight_decay, amsgrad, *, maximize, foreach, fused, **options
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        **options,
     ):
+        unknown = sorted(set(options) - set(self.group_defaults))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} has no option {', '.join(unknown)}; its own options "
+                f"are {', '.join(self.group_defaults) or 'none'} (the rest are AdamW's)"
+            )
         super().__init__(
             params,
             lr,
@@ -32,6 +51,7 @@ class EditedAdamW(torch.optim.AdamW):
             fused=fused,
         )
         # AdamW adds the groups before the subclass's defaults exist: fill them in now.
+        options = {**self.group_defaults, **options}
         self.defaults.update(options)
         for group in self.param_groups:
             for key, value in options.items():
@@ -41,7 +61,7 @@ class EditedAdamW(torch.optim.AdamW):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if all(key in group for key in self.group_options):  # else __init__ checks it
+        if all(key in group for key in self.group_defaults):  # else __init__ checks it
             self._check_group(group)
 
     def _check_group(self, group: dict) -> None:

@@ -99,33 +99,7 @@ class GaugeFixedAdamW(EditedAdamW):
     ``weight_decay``, ``amsgrad``, ``maximize``, ``foreach``, ``fused``).
     """
 
-    group_options = ("identity_block",)
-
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        amsgrad: bool = False,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-    ):
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            identity_block=False,
-        )
+    group_defaults = {"identity_block": False}
 
     def _check_group(self, group: dict) -> None:
         if not group["identity_block"]:

@@ -34,36 +34,7 @@ class GrokfastAdamW(EditedAdamW):
         lamb: amplification λ ≥ 0 of the filtered gradient (paper: 2.0).
     """
 
-    group_options = ("alpha", "lamb")
-
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        alpha: float = 0.98,
-        lamb: float = 2.0,
-        amsgrad: bool = False,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-    ):
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            alpha=alpha,
-            lamb=lamb,
-        )
+    group_defaults = {"alpha": 0.98, "lamb": 2.0}
 
     def _check_group(self, group: dict) -> None:
         if not 0.0 <= group["alpha"] <= 1.0:

@@ -11,6 +11,9 @@ checkpoint was written with another torch thread count. SIGINT is deferred to th
 boundary; a ``KeyboardInterrupt`` there, or raised inside a step before the optimiser writes,
 saves the last completed step and surfaces as ``Interrupted`` (a ``KeyboardInterrupt``).
 
+The model's symmetry groups are detected once per run (``optimizers.detect``): the gauge
+transformation of the start, the optimiser and the logged head diagnostics all read them.
+
 A run *diverges* when its parameters become non-finite or the optimiser refuses a non-finite
 step (``NonFiniteStepError``). It then stops at once: the last record is logged (every metric
 of a non-finite model is null), the checkpoint is written, and the summary's ``diverged``
@@ -104,7 +107,7 @@ def _finite_model(model) -> bool:
 @torch.no_grad()
 def evaluate(task, model, probes, max_examples=None) -> dict:
     """Train and validation metrics, plus mean gauge drift / head imbalance / balance gap over
-    the attention heads of ``probes`` (``symmetries(model)`` groups). A model with non-finite
+    the attention heads of ``probes`` (``head_probes``). A model with non-finite
     parameters has every metric None; so has a non-finite value."""
     out = {}
     for split in ("train", "val"):
