@@ -97,7 +97,6 @@ def build_optimizer(
     entry = lookup_optimizer(name)
     d_lr, d_wd = entry.hparams(task)
     lr, weight_decay = d_lr if lr is None else lr, d_wd if weight_decay is None else weight_decay
-    again = lambda: detect(name, model)  # noqa: E731
     build = Build(
         model,
         lr=lr,
@@ -106,7 +105,7 @@ def build_optimizer(
         ratio=None,
         damping=None,
         groups=groups,
-        detect=again,
+        detect=lambda: detect(name, model),
     )
     return entry.build["full"](build)
 
@@ -126,7 +125,6 @@ def build_adapter_optimizer(
     start); ``ratio``: LoRA+'s η_B / η_A; ``damping``: of the invariant metric on adapters;
     ``ValueError`` for an unknown name or a model without trainable adapters."""
     entry = lookup_optimizer(name, "lora")
-    again = lambda: detect(name, model, "lora", damping)  # noqa: E731
     build = Build(
         model,
         lr=lr,
@@ -135,6 +133,6 @@ def build_adapter_optimizer(
         ratio=ratio,
         damping=damping,
         groups=groups,
-        detect=again,
+        detect=lambda: detect(name, model, "lora", damping),
     )
     return entry.build["lora"](build)
