@@ -14,8 +14,8 @@ import torch
 from quotopt.baselines.balora import BaLoRA
 from quotopt.finetune.optimizers import build_optimizer
 from quotopt.lora import lora_pairs, orthonormal_start
-from quotopt.lora_adam import QuotientMatrixAdam
 from quotopt.optim import NonFiniteStepError
+from quotopt.optim.matrix_adam import QuotientMatrixAdam
 
 from .test_lora_rite import F64, _batches, _gauged, _model, _products, _train
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quotopt import NonFiniteStepError, QuotientAdam
-from quotopt.optim import plain
+from quotopt.optim import adam as plain
 
 
 def _params(dtype=torch.float32):

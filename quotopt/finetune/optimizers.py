@@ -49,8 +49,8 @@ from ..baselines.balora import balora
 from ..baselines.lora_rite import lora_rite
 from ..baselines.loraplus import lora_plus
 from ..lora import lora_pairs, orthonormal_start
-from ..lora_adam import QuotientMatrixAdam
 from ..optim import QuotientAdam, QuotientMuon, QuotientSGD
+from ..optim.matrix_adam import QuotientMatrixAdam
 from ..symmetries import symmetries
 
 __all__ = ["FINETUNE_OPTIMIZERS", "SECONDARY", "build_optimizer"]
