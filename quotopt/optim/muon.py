@@ -337,8 +337,8 @@ class QuotientMuon(QuotientOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``QuotientOptimizer.load_state_dict``; also refused (before anything is written):
-        a group saved under another rule. A group's rule stays this optimiser's (a state_dict
-        saved before plain groups had rules holds Muon groups)."""
+        a group saved under another rule (a saved group without a ``"rule"`` is a muon group).
+        A group's rule stays this optimiser's."""
         check_saved_rules(state_dict, self.param_groups)
         rules_now = [group["rule"] for group in self.param_groups]
         super().load_state_dict(state_dict)
