@@ -1,4 +1,5 @@
-"""Every ```python block of the guides, README.md and docs/index.md runs, within a time limit.
+"""Every ```python block of the guides, README.md, docs/index.md and docs/contributing.md runs,
+within a time limit.
 
 Per page, the blocks run in order in one namespace (a fresh ``__main__`` module, as a script),
 in a subprocess from a temporary directory, one torch thread, with ``PAGE_TIMEOUT`` seconds for
@@ -35,6 +36,7 @@ PAGES = [
     *sorted((ROOT / "docs" / "guides").glob("*.md")),
     ROOT / "README.md",
     ROOT / "docs" / "index.md",
+    ROOT / "docs" / "contributing.md",
 ]
 PAGE_TIMEOUT = 120  # seconds for all the blocks of one page
 FRAGMENT = "<!-- fragment -->"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import manifolds as M
-import quotopt.optim.functional as functional
+import quotopt.optim.adam as functional
 from manifolds.frames import frame_from_grams
 from manifolds.testing import relative_error
 from quotopt import QuotientAdam, QuotientMuon, QuotientSGD

@@ -1,5 +1,5 @@
 """The plain AdamW groups of QuotientAdam hold little between computing a step and committing
-it (``quotopt.optim.plain.adam_plain_in_place``): moments advanced in place at the commit,
+it (``quotopt.optim.adam.adam_plain_in_place``): moments advanced in place at the commit,
 and for groups above ``HOLD_ELEMENTS`` the new parameters formed there too. Either way the
 values are those of ``adam_plain_updates``, and a step that is not finite changes nothing."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quotopt import NonFiniteStepError, QuotientAdam
-from quotopt.optim import plain
+from quotopt.optim import adam as plain
 
 
 def _params(dtype=torch.float32):

@@ -23,7 +23,7 @@ from torch import nn
 
 import manifolds as M
 
-from ..lora_step import adapter_groups
+from ..optim.lora_shell import adapter_groups
 
 __all__ = ["BaLoRA", "balora"]
 

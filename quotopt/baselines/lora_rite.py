@@ -4,7 +4,7 @@ Yen, Si, Hsieh, Kumar, Dhillon, Kale, "LoRA Done RITE: Robust Invariant Transfor
 Equilibration for LoRA Optimization" (ICLR 2025, arXiv:2410.20625); the defaults are those of
 the authors' PyTorch reimplementation (``gkevinyen5418/LoRA-RITE``, ``lora_rite.py``). Per
 adapter ΔW = B A (B (d_out, r), A (r, d_in)), pairs found per adapter module and stacked by
-shape (``quotopt.lora_step``). One step, per adapter and per factor (shown for B; A is the
+shape (``quotopt.optim.lora_shell``). One step, per adapter and per factor (shown for B; A is the
 same with the roles swapped, on Aᵀ (d_in, r)):
 
 * frames: B = U_B R_B and Aᵀ = U_A R_A (reduced QR); R⁺ the pseudo-inverse (R = 0 at B = 0);
@@ -36,7 +36,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..lora_step import LoRAPairOptimizer, _check, bias_corrected_decay, inverse_root
+from ..optim.lora_shell import LoRAPairOptimizer, bias_corrected_decay, inverse_root
+from ..optim.lora_shell import check_number as _check
 
 __all__ = ["LoRARITE", "lora_rite"]
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..models.transformer import MODEL_AXES
 from ..optim import QuotientAdam, QuotientMuon
-from ..optim.orthogonal import factored_parts
+from ..optim.newton_schulz import factored_parts
 from ..symmetries import group_point, symmetries
 
 __all__ = ["MuonWithAdamW", "hidden_matrices", "muon_adamw", "quotient_muon_adamw"]

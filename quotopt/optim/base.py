@@ -50,6 +50,7 @@ from .guard import (
     SkippedStepWarning,
     warn_dead_heads,
 )
+from .protocol import UpdateRule
 from .sharding import Shards, local, sharded_group
 from .stacking import Member
 from .validation import check_freezing as _check_freezing
@@ -66,13 +67,11 @@ def _versions(tensors) -> tuple[int, ...]:
     return tuple(local(t)._version for t in tensors)  # a shard's writes count
 
 
-class QuotientOptimizer(Diagnostics, Checkpointing, torch.optim.Optimizer):
-    """Common machinery: group validation, views, lazy state, guarded commits, state_dict.
-
-    Subclasses define ``_init_state(group, tensors)``, ``_hyperparameters(group)``, the rules
-    ``_check_hyperparameters(name, group)`` (with ``quotopt.optim.validation``) and the pure
-    updates ``_plain_update`` / ``_bundle_update`` (``quotopt.optim.functional``).
-    """
+class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Optimizer):
+    """The shell of every quotient optimiser: group validation, views, lazy state, stacking,
+    guarded commits, state_dict (module docstring). A subclass implements the hooks of
+    ``quotopt.optim.protocol.UpdateRule`` — its rule — and nothing else of the step; a
+    subclass that leaves one out cannot be instantiated."""
 
     def __init__(self, params, defaults: dict, nonfinite: str = "raise"):
         self._guard = Guard(nonfinite)
@@ -335,38 +334,3 @@ class QuotientOptimizer(Diagnostics, Checkpointing, torch.optim.Optimizer):
         """Drop the cached factorisations (needed only after writing parameters through
         ``.data``, which version counters do not see)."""
         self._frames.clear()
-
-    # ---- to be defined by subclasses -------------------------------------------------------
-    #: state entries whose finiteness the guard checks besides the parameters
-    _checked_state: tuple[str, ...] = ()
-
-    @staticmethod
-    def _gathers_matrices(group: dict) -> bool:
-        """Whether the plain update of ``group`` needs whole matrices (``torch.optim.Muon``'s
-        rule); on shards it is then given ``gather`` (``quotopt.optim.sharding.Gathered``)."""
-        return False
-
-    @staticmethod
-    def _stackable(hyper: dict) -> bool:
-        """Whether a group with these hyperparameters may be stepped with others of its shape:
-        only if its update treats every head alone (``quotopt.optim.stacking``)."""
-        return True
-
-    #: a plain update that returns (new params, values to check, commit(ok)) and updates the
-    #: state in place at commit (``quotopt.optim.plain.adam_plain_in_place``), or None
-    _plain_in_place = None
-
-    def _init_state(self, group: dict, point: tuple) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _hyperparameters(self, group: dict) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _check_hyperparameters(self, name: str, group: dict) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    @staticmethod
-    def _zero_step(reference: torch.Tensor) -> torch.Tensor:
-        """The step counter: a float64 scalar on the parameters' device (exact bias
-        corrections, no host synchronisation)."""
-        return torch.zeros((), dtype=torch.float64, device=reference.device)

@@ -1,80 +1,142 @@
-"""QuotientMuon: Muon's orthogonalised step on the quotient of every factored bundle group,
-``torch.optim.Muon`` on plain groups of matrices and ``torch.optim.AdamW`` on the other plain
-groups (each plain group's ``"rule"``), so that one optimiser serves a whole model."""
+r"""QuotientMuon: Muon's orthogonalised step on the quotient of every factored bundle group,
+``torch.optim.Muon`` or ``torch.optim.AdamW`` on the plain groups (each group's ``"rule"``).
+
+The class, its state (``MuonState``), its pure bundle update (``muon_bundle_update``) and its
+plain update (``muon_plain_updates``; the adamw rule's is ``muon_rules.torch_adamw_updates``).
+Theory: docs/theory/optimisers.md#quotientmuon.
+"""
 
 from __future__ import annotations
+
+from typing import TypedDict
 
 import torch
 
 from manifolds import Bundle
+from manifolds.frame import Frame
 
 from . import validation as rules
+from .adam import AdamState
 from .base import QuotientOptimizer
-from .orthogonal import (
+from .muon_rules import (
+    ADAMW_BETAS,
+    ADAMW_EPS,
+    ADAMW_LR,
+    ADAMW_WEIGHT_DECAY,
+    RULES,
+    check_keys,
+    check_rule,
+    check_saved_rules,
+    default_rule,
+    torch_adamw_updates,
+)
+from .newton_schulz import (
     NS_COEFFICIENTS,
     NS_EPS,
     NS_STEPS,
     SCOPES,
+    adjust_lr,
     factored_parts,
-    muon_bundle_update,
-    muon_plain_updates,
+    newton_schulz,
+    orthogonalise_factors,
 )
-from .plain import torch_adamw_updates
+from .redress import begin_step
 
-__all__ = ["QuotientMuon", "RULES"]
+__all__ = ["RULES", "MuonState", "QuotientMuon", "muon_bundle_update", "muon_plain_updates"]
 
+Tensors = tuple[torch.Tensor, ...]
 _ADJUST = (None, "original", "match_rms_adamw")
-#: how a plain group is stepped (its ``"rule"``): torch.optim.Muon or torch.optim.AdamW
-RULES = ("muon", "adamw")
-#: keys of an adamw group that would be Muon's (and ignored) there, with the key meant
-_ADAMW_SPELLING = {"weight_decay": "adamw_weight_decay", "eps": "adamw_eps", "betas": "adamw_betas"}
-#: the AdamW rule's defaults: those of the Adam groups (``use_muon=False``) of ``MuonWithAuxAdam``
-#: in Keller Jordan's Muon repository
-ADAMW_LR = 3e-4
-ADAMW_BETAS = (0.9, 0.95)
-ADAMW_EPS = 1e-10
-ADAMW_WEIGHT_DECAY = 0.0
 
 
-def _plain_updates(params, grads, states, *, rule: str, **hyper):
+class MuonState(TypedDict):
+    """QuotientMuon's state of one bundle group (under its first parameter) or one tensor of a
+    muon plain group: the momentum, a tuple shaped like the point (horizontal there) or shaped
+    like the tensor. A tensor of an adamw plain group holds ``AdamState`` instead."""
+
+    momentum_buffer: torch.Tensor | Tensors
+
+
+def muon_bundle_update(
+    frame: Frame,
+    grad: Tensors,
+    state: MuonState,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients,
+    eps: float,
+    ns_steps: int,
+    adjust_lr_fn: str | None,
+    scope: str,
+    maximize: bool = False,
+    dress: bool = False,
+):
+    """One QuotientMuon step on a bundle group at ``frame`` (``bundle.at(point)``), out of
+    place (the algorithm of ``QuotientMuon``). Returns ``(new_point, new_state, new_frame)``."""
+    frame, grad, (buf,) = begin_step(
+        frame, grad, (state["momentum_buffer"],), maximize=maximize, dress=dress
+    )
+    rgrad = frame.riemannian_gradient(grad)  # horizontal for invariant losses
+    buf = tuple(torch.lerp(m, g, 1 - momentum) for m, g in zip(buf, rgrad))
+    update = tuple(torch.lerp(g, m, momentum) for g, m in zip(rgrad, buf)) if nesterov else buf
+    ns = dict(coefficients=ns_coefficients, steps=ns_steps, eps=eps)
+    direction = orthogonalise_factors(frame.bundle, update, scope, adjust_lr_fn, **ns)
+    new_point = frame.descend(direction, lr, weight_decay)  # projected, bounded, retracted
+    new_frame = frame.moved(new_point)
+    return new_point, MuonState(momentum_buffer=new_frame.horizontal(buf)), new_frame
+
+
+def muon_plain_updates(
+    params,
+    grads,
+    states: list[MuonState],
+    *,
+    lr,
+    weight_decay,
+    momentum,
+    nesterov,
+    ns_coefficients,
+    eps,
+    ns_steps,
+    adjust_lr_fn,
+    maximize=False,
+    scope=None,  # bundle groups only
+    gather=None,
+):
+    """``torch.optim.Muon``'s update of every (2-D) tensor of a group, out of place.
+
+    ``gather``: for shards of matrices, one ``quotopt.optim.sharding.Gathered`` per tensor:
+    Newton–Schulz runs on the whole matrix (all-gathered) and each rank keeps its part."""
+    new_params, new_states = [], []
+    for index, (param, grad, state) in enumerate(zip(params, grads, states)):
+        grad = -grad if maximize else grad
+        buf = state["momentum_buffer"].lerp(grad, 1 - momentum)
+        update = grad.lerp(buf, momentum) if nesterov else buf
+        whole = update if gather is None else gather[index].full(update)
+        update = newton_schulz(whole, ns_coefficients, ns_steps, eps)
+        update = update if gather is None else gather[index].part(update)
+        new = param.mul(1 - lr * weight_decay)
+        new.add_(update, alpha=-adjust_lr(lr, adjust_lr_fn, whole.shape))
+        new_params.append(new)
+        new_states.append(MuonState(momentum_buffer=buf))
+    return new_params, new_states
+
+
+def muon_plain_rules(params, grads, states, *, rule: str, **hyper):
     """A plain group's update by its rule: ``torch.optim.AdamW``'s or ``torch.optim.Muon``'s."""
     update = torch_adamw_updates if rule == "adamw" else muon_plain_updates
     return update(params, grads, states, **hyper)
 
 
 class QuotientMuon(QuotientOptimizer):
-    r"""Muon on quotient manifolds (a ``torch.optim.Optimizer``).
+    r"""Muon on quotient manifolds (a ``torch.optim.Optimizer``), one optimiser for a model.
 
-    Groups without a ``"bundle"`` (plain groups) are stepped by their ``"rule"``:
-
-    * ``"muon"`` — exactly ``torch.optim.Muon`` (same hyperparameters, defaults and bits; one
-      deliberate exception: for bfloat16 parameters with ``nesterov=False`` torch's Newton–Schulz
-      divides its own momentum buffer in place, since ``buf.bfloat16()`` is ``buf``, and
-      QuotientMuon leaves the buffer alone); 2-D parameters only;
-    * ``"adamw"`` — ``torch.optim.AdamW`` with the group's ``"lr"`` and its ``"adamw_betas"``,
-      ``"adamw_eps"`` and ``"adamw_weight_decay"`` (state ``step``, ``exp_avg``,
-      ``exp_avg_sq`` as there); any shape. Bit for bit on the CPU (``torch_adamw_updates``
-      in ``quotopt.optim.plain``); on accelerators, where torch's default is its multi-tensor
-      implementation, the update is ``QuotientAdam``'s plain one, equal to torch's to rounding.
-
-    The default rule is ``"muon"`` for a plain group whose params are all 2-D and ``"adamw"``
-    for one holding any other tensor (norm gains, biases). Embeddings and the read-out are 2-D
-    but, as Muon's authors advise, belong on AdamW: mark their group ``"rule": "adamw"``. This
-    is the arrangement of Keller Jordan's ``MuonWithAuxAdam`` (groups with ``use_muon=False``
-    run Adam with their own lr, betas, eps and weight decay), so one optimiser serves a whole
-    model: the factored symmetry groups of ``quotopt.symmetries`` on the quotient, the other
-    hidden matrices by Muon, the rest by AdamW. An adamw group's learning rate is its ``"lr"``
-    — the key LR schedulers scale, so one schedule drives both rules — and defaults to
-    ``adamw_lr``, not ``lr``; a group may spell it ``"adamw_lr"`` when built. A group's rule
-    is fixed once it has state: a state_dict saved under one rule does not load into a group
-    of the other. Bundle groups are Muon's only (each head's factors are orthogonalised); they
-    must be factored bundles — two factors per head, (A g, B g⁻ᵀ) with g in a subgroup of GL(r):
-    ``HeadQK``, ``HeadOV``, ``RotaryQK``, ``PositiveRescaling`` (``bundle.factors``) — or
-    products of them (``ProductBundle``: fused q/k/v, partial rotary, ``nn.MultiheadAttention``),
-    whose components are dressed and orthogonalised one by one.
-
-    **Algorithm** (a bundle group at p, Euclidean gradient ∇f, momentum m; the pure update is
-    ``quotopt.optim.orthogonal.muon_bundle_update``)::
+    Bundle groups must be factored (two factors per head acted on by (A g, B g⁻ᵀ):
+    ``HeadQK``, ``HeadOV``, ``RotaryQK``, ``PositiveRescaling``, or products of them). A bundle
+    group at p with Euclidean gradient ∇f and momentum m takes the step
+    (``muon_bundle_update``)::
 
         every dress_every steps:  p̄ = p·u(p),  m ← m·u(p),  ∇f ← act_dual(∇f, u(p))
         ξ = grad_metric f(p̄);   m ← μ m + (1 − μ) ξ;   X = (1 − μ) ξ + μ m if nesterov else m
@@ -82,15 +144,17 @@ class QuotientMuon(QuotientOptimizer):
         p' = retract(scale_invariants(p̄, 1 − lr·wd), −limit_step(lr·D));  m ← P_H at p'
 
     NS is torch's Newton–Schulz in the parameters' precision (float32 at least), s the ratio of
-    torch's ``adjust_lr_fn`` for a (k, rows) weight (k = r per head, H·r per tensor). Weight
-    decay acts on the invariants (M ↦ (1 − lr·wd)M). Why this is a step on P/G, why
-    orthogonalising at the balanced representative makes Muon's spectral-norm steepest descent a
-    norm on the quotient, when runs from p and p·g coincide, and why Newton–Schulz rather than
-    an exact polar factor: docs/theory/optimisers.md#quotientmuon.
+    torch's ``adjust_lr_fn`` for a (k, rows) weight (k = r per head, H·r per tensor). Plain
+    groups are stepped by their ``"rule"`` (``quotopt.optim.muon_rules``): ``"muon"``, exactly
+    ``torch.optim.Muon`` (2-D tensors; the default when all are 2-D), or ``"adamw"``,
+    ``torch.optim.AdamW`` with the group's ``"lr"`` (default ``adamw_lr``) and ``"adamw_*"``
+    keys (the default otherwise; mark embeddings and the read-out so). A group's rule is fixed
+    once it has state. Why it is a step on the quotient, when runs from p and p·g coincide, and
+    the rules' table: docs/theory/optimisers.md#quotientmuon.
 
     Args:
         params: tensors or param groups (``"bundle"``, ``"layout"``, ``"name"`` as in
-            ``QuotientAdam``).
+            ``QuotientAdam``; ``"rule"`` for plain groups).
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn:
             as in ``torch.optim.Muon`` (and its defaults).
         scope: ``"head"`` (default) or ``"tensor"``: what one orthogonalised matrix of a bundle
@@ -99,23 +163,17 @@ class QuotientMuon(QuotientOptimizer):
         dress_every: re-dress bundle groups every ``dress_every`` steps from the first
             (default 1); ``None`` never dresses.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW rule's ``lr``,
-            ``betas``, ``eps`` and decoupled ``weight_decay`` (group keys of those names
-            override them; an adamw group's ``"lr"`` is its AdamW learning rate, defaulting to
-            ``adamw_lr``). Defaults 3e-4, (0.9, 0.95), 1e-10 and 0: the defaults of the Adam
-            groups (``use_muon=False``) of ``MuonWithAuxAdam`` in Keller Jordan's Muon
-            repository, the reference implementation by Muon's authors, so that an adamw group
-            is stepped as they step the parameters beside Muon (their modded-nanogpt example
-            keeps ε = 1e-10 and β₂ = 0.95, with β₁ = 0.8) — not torch's AdamW defaults
-            (1e-3, (0.9, 0.999), 1e-8, 0.01); with no decay by default, gains, biases and
-            embeddings are decayed only when asked. The arithmetic is torch's AdamW (its bias
-            corrections, ε added to √v̂), not that repository's own Adam: an adamw group
-            matches ``torch.optim.AdamW`` with the same hyperparameters.
+            ``betas``, ``eps`` and decoupled ``weight_decay``; defaults 3e-4, (0.9, 0.95), 1e-10
+            and 0, those of ``MuonWithAuxAdam``'s Adam groups (Keller Jordan's Muon), with
+            torch's AdamW arithmetic.
         nonfinite: ``"raise"`` or ``"skip"`` (see ``QuotientAdam``).
 
-    Raises ValueError (nothing built or changed) for a bundle group with rule ``"adamw"``, a
-    group with rule ``"muon"`` holding a tensor that is not 2-D, an ``adamw_*`` key on a muon
-    group or a Muon key standing for an AdamW one (``weight_decay``, ``eps``, ``betas``) on an
-    adamw group, and an invalid hyperparameter of either rule.
+    Raises ValueError (nothing built or changed) for a bundle group with rule ``"adamw"`` or
+    without two factors per head, a muon group holding a tensor that is not 2-D, a key of the
+    other rule on a group, and an invalid hyperparameter of either rule.
+
+    References: Jordan et al. 2024 (Muon); Bernstein & Newhouse 2024 (steepest descent under
+    the spectral norm); Absil, Mahony & Sepulchre 2008 (quotient manifolds).
     """
 
     def __init__(
@@ -169,13 +227,12 @@ class QuotientMuon(QuotientOptimizer):
         bundle = param_group.get("bundle")
         tensors = [p for p in params if isinstance(p, torch.Tensor)]
         if "rule" not in param_group:
-            matrices = bundle is not None or all(p.dim() == 2 for p in tensors)
-            param_group["rule"] = "muon" if matrices else "adamw"
+            param_group["rule"] = default_rule(bundle, tensors)
         rule = param_group["rule"]
         if bundle is not None or rule not in RULES:
             self._check_rule(name, param_group)  # a bundle group's rule is Muon's
         if param_group.get("frozen", False) is not True:  # a frozen group is never stepped
-            self._check_keys(name, param_group)
+            check_keys(name, param_group)
         if rule == "adamw":
             param_group.setdefault("lr", param_group.pop("adamw_lr", self._adamw_lr))
         if bundle is None and param_group.get("frozen", False) is not True:  # frozen: any shape
@@ -195,46 +252,22 @@ class QuotientMuon(QuotientOptimizer):
                 ) from None
         super().add_param_group(param_group)
 
-    @staticmethod
-    def _check_keys(name: str, group: dict) -> None:
-        """Keys of the other rule, which the group would silently ignore, are refused."""
-        if group["rule"] == "muon":
-            foreign = sorted(k for k in group if k.startswith("adamw_"))
-            if foreign:
-                raise ValueError(
-                    f"{name}: {foreign} set the AdamW rule's hyperparameters, but this group's "
-                    "rule is 'muon'; add {'rule': 'adamw'} to the group (embeddings, the "
-                    "read-out) or drop the keys"
-                )
-            return
-        if "adamw_lr" in group and "lr" in group:
-            raise ValueError(
-                f"{name}: both 'lr' and 'adamw_lr' are set; an adamw group's 'lr' is its AdamW "
-                "learning rate: set one of them"
-            )
-        for key, meant in _ADAMW_SPELLING.items():
-            if key in group:
-                raise ValueError(
-                    f"{name}: '{key}' is a Muon hyperparameter, unused by this group's rule "
-                    f"'adamw'; set '{meant}' instead"
-                )
-
-    def _init_state(self, group: dict, point: tuple) -> dict:
+    def _init_state(self, group: dict, point: tuple) -> MuonState | AdamState:
         if group.get("bundle") is None and group.get("rule") == "adamw":  # QuotientAdam's
             (param,) = point
             zeros = torch.zeros_like(param, memory_format=torch.preserve_format)
-            return {"step": self._zero_step(param), "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+            return AdamState(step=self._zero_step(param), exp_avg=zeros, exp_avg_sq=zeros.clone())
         buffers = tuple(torch.zeros_like(t, memory_format=torch.preserve_format) for t in point)
-        return {"momentum_buffer": buffers if group.get("bundle") is not None else buffers[0]}
+        return MuonState(momentum_buffer=buffers if group.get("bundle") is not None else buffers[0])
 
     @staticmethod
     def _stackable(hyper: dict) -> bool:
         """Only per-head scope stacks: ``"tensor"`` orthogonalises a group's factor whole."""
         return hyper["scope"] == "head"
 
-    _plain_update = staticmethod(_plain_updates)
-    _gathers_matrices = staticmethod(lambda group: group["rule"] == "muon")  # Newton–Schulz
     _bundle_update = staticmethod(muon_bundle_update)
+    _plain_update = staticmethod(muon_plain_rules)
+    _gathers_matrices = staticmethod(lambda group: group["rule"] == "muon")  # Newton–Schulz
     #: an infinite buffer would normalise to zero steps, an infinite v zero AdamW's step
     _checked_state = ("momentum_buffer", "exp_avg_sq")
 
@@ -273,41 +306,7 @@ class QuotientMuon(QuotientOptimizer):
         self._check_rule(name, group)
 
     def _check_rule(self, name: str, group: dict) -> None:
-        """The group's rule fits its tensors and its state (a scheduler, or a hand, may change a
-        group's keys between steps)."""
-        rule = group.get("rule", "muon")
-        if rule not in RULES:
-            raise ValueError(f"{name}: Invalid rule: {rule!r} (expected one of {RULES})")
-        if group.get("bundle") is not None:
-            if rule != "muon":
-                raise ValueError(
-                    f"{name}: Invalid rule: {rule!r} for a bundle group; QuotientMuon "
-                    "orthogonalises each head's factors of a bundle group (rule 'muon'); use "
-                    "QuotientAdam for Adam on the quotient, or leave the bundle out to step "
-                    "these tensors by AdamW as plain ones"
-                )
-            return
-        params = group["params"]
-        if rule == "adamw":
-            rules.decoupled_decay(name, group["lr"], group["adamw_weight_decay"])
-        elif group.get("frozen", False) is not True:
-            for i, p in enumerate(params):
-                if isinstance(p, torch.Tensor) and p.dim() != 2:
-                    raise ValueError(
-                        f"{name}: rule 'muon' (like torch.optim.Muon) updates 2-D parameters "
-                        f"only, but params[{i}] has shape {tuple(p.shape)}; put embeddings, "
-                        "norms, biases and other non-matrix parameters in a group of their "
-                        "own, which QuotientMuon steps by AdamW (rule 'adamw', the default for "
-                        "a group holding any tensor that is not 2-D)"
-                    )
-        state = getattr(self, "state", {})
-        for i, p in enumerate(params):
-            held = state.get(p) if isinstance(p, torch.Tensor) else None
-            if held and ("exp_avg" in held) != (rule == "adamw"):
-                raise ValueError(
-                    f"{name}: rule is {rule!r} but params[{i}] holds the state of the other "
-                    f"rule ({sorted(held)}); a group's rule is fixed once it has state"
-                )
+        check_rule(name, group, getattr(self, "state", {}))
 
     def _hyperparameters(self, group: dict) -> dict:
         if group.get("bundle") is None and group["rule"] == "adamw":
@@ -338,17 +337,9 @@ class QuotientMuon(QuotientOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``QuotientOptimizer.load_state_dict``; also refused (before anything is written):
-        a group saved under another rule. A group's rule stays this optimiser's (a state_dict
-        saved before plain groups had rules holds Muon groups)."""
-        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if isinstance(saved_groups, list) and len(saved_groups) == len(self.param_groups):
-            for saved, group in zip(saved_groups, self.param_groups):
-                saved_rule = saved.get("rule", "muon") if isinstance(saved, dict) else None
-                if saved_rule is not None and saved_rule != group["rule"]:
-                    raise ValueError(
-                        f"{group['name']}: state_dict was saved for rule {saved_rule!r}, this "
-                        f"group has rule {group['rule']!r}"
-                    )
+        a group saved under another rule (a saved group without a ``"rule"`` is a muon group).
+        A group's rule stays this optimiser's."""
+        check_saved_rules(state_dict, self.param_groups)
         rules_now = [group["rule"] for group in self.param_groups]
         super().load_state_dict(state_dict)
         for group, rule in zip(self.param_groups, rules_now):

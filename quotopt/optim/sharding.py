@@ -205,10 +205,11 @@ class Shards:
         out = {}
         for key, value in state.items():
             if self._axes is not None and isinstance(value, tuple):
-                out[key] = [
+                wrapped = [
                     self._wrap(t, [Shard(axis)], _replace(t.shape, axis, size))
                     for t, (axis, size) in zip(value, self._axes)
-                ] if self._axes else list(value)  # fmt: skip
+                ]
+                out[key] = wrapped if self._axes else list(value)
             elif self._axes is None and isinstance(value, torch.Tensor) and value.dim():
                 shape, stride, placements = self._meta[id(param)]
                 out[key] = self._wrap(value, placements, shape, stride)

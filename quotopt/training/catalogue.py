@@ -23,7 +23,7 @@ import torch
 from .. import baselines
 from ..baselines.balora import balora
 from ..lora import lora_pairs, orthonormal_start
-from ..lora_adam import QuotientMatrixAdam
+from ..optim.matrix_adam import QuotientMatrixAdam
 from ..optim import QuotientAdam, QuotientMuon, QuotientSGD
 from .optimizer_spec import Build, OptimizerSpec
 

@@ -1,54 +1,52 @@
 r"""QuotientMatrixAdam: Adam on LoRA's quotient with an r×r second moment per factor, in the
-dressed (balanced) frame.
+dressed (balanced) frame of each adapter.
 
-Per adapter ΔW = B A (B (d_out, r), A (r, d_in)): the pair is a point of ``manifolds.HeadOV``
-with one head (action (B g, g⁻¹A)), adapters of one shape stacked (``quotopt.lora_step``).
-One step, with V_B, V_A ∈ R^{r×r} and the momentum M = (M_B, M_A) kept in the gauge of the
-current parameters:
-
-1. dress: u = the dressing of (B, A) (``Bundle.dressing_or_identity``: the balanced
-   representative B̄ᵀB̄ = ĀĀᵀ = Σ diagonal, sign-fixed); at the first step an adapter with
-   B = 0 (LoRA's start, where no balanced representative exists) gets u = Rᵀ from Aᵀ = Q R,
-   so that Ā = Qᵀ has orthonormal rows. (B̄, Ā) = (B u, u⁻¹A); the gradient as a covector
-   ∇̄ = (∇_B u⁻ᵀ, uᵀ∇_A);
-   V_B ← u⁻¹V_B u⁻ᵀ, V_A ← uᵀV_A u (Grams of gradients); M ← (M_B u, u⁻¹M_A) (a tangent);
-2. V_B ← β̃₂V_B + (1 − β̃₂) ∇̄_Bᵀ∇̄_B / d_out, V_A ← β̃₂V_A + (1 − β̃₂) ∇̄_A∇̄_Aᵀ / d_in, with
-   Adafactor's bias-corrected decay β̃ (as LoRA-RITE);
-3. D = (∇̄_B V_B^{-1/2}, V_A^{-1/2} ∇̄_A) (ε outside the root); M ← β̃₁M + (1 − β̃₁)D;
-4. (B, A) ← retract(scale_invariants(p̄, 1 − lr·wd), −lr·P_H(M)) (``Frame.descend`` under the
-   Euclidean metric at p̄).
-
-Equivariance: u(p·g) = g⁻¹u(p), so p̄, ∇̄ and the pushed state are the same from p and p·g:
-runs from two representatives coincide after the first step, up to the orthogonal
-stabiliser of the balanced section (steps 2–4 commute with B̄ ↦ B̄K, Ā ↦ KᵀĀ for orthogonal
-K). At B = 0 the QR gauge is fixed up to O(r) as well. ``dress=False`` skips step 1 (the
-control: then it depends on the representative).
-
-How it differs from LoRA-RITE (``quotopt.baselines.lora_rite``), which has the same moments:
-RITE preconditions each factor in the orthonormal frame of the *other* factor (ḡ_B = ∇_B R_A⁻¹,
-a different gauge per factor, mapped back by R_A⁻ᵀ), so its step on ΔW does not grow with the
-factors' size; here both factors are preconditioned at one representative, the balanced one,
-where ∇̄_B = G U_A Σ^½ is magnified by Σ^½ and the step on ΔW scales with the factors as
-AdamW's does. RITE carries its moments by the projection P = U_newᵀU_old between frames; here
-they are pushed forward by the exact change of gauge u. The direction is projected onto the
-horizontal space, the decay acts on the invariants, and nothing is clipped or skipped.
+The class and its state (``MatrixAdamState``); adapters of one shape are stacked by the shell
+(``quotopt.optim.lora_shell``). Theory, the equivariance argument and how it differs from
+LoRA-RITE: docs/theory/optimisers.md#quotientmatrixadam.
 """
 
 from __future__ import annotations
+
+from typing import TypedDict
 
 import torch
 from torch import nn
 
 import manifolds as M
 
-from .lora_step import LoRAPairOptimizer, bias_corrected_decay, inverse_root
+from .lora_shell import LoRAPairOptimizer, bias_corrected_decay, inverse_root
 
-__all__ = ["QuotientMatrixAdam"]
+__all__ = ["MatrixAdamState", "QuotientMatrixAdam"]
+
+
+class MatrixAdamState(TypedDict):
+    """QuotientMatrixAdam's state of n stacked adapters B (n, d_out, r), A (n, r, d_in), kept
+    under the group's first parameter, in the gauge of the current parameters."""
+
+    step: torch.Tensor  # () float64: steps taken
+    exp_avg_b: torch.Tensor  # (n, d_out, r): momentum of B, a tangent vector
+    exp_avg_a: torch.Tensor  # (n, r, d_in): momentum of A
+    precond_b: torch.Tensor  # (n, r, r): Gram of B's gradients, V_B
+    precond_a: torch.Tensor  # (n, r, r): Gram of A's gradients, V_A
 
 
 class QuotientMatrixAdam(LoRAPairOptimizer):
-    """Adam with r×r second moments in the dressed frame of each LoRA adapter (module
-    docstring).
+    r"""Adam with r×r second moments in the dressed frame of each LoRA adapter.
+
+    Each adapter ΔW = B A is a point of ``manifolds.HeadOV`` with one head (action
+    (B g, g⁻¹A)). With moments (M_B, M_A), Grams (V_B, V_A) and Adafactor's bias-corrected
+    decays β̃ (``lora_shell.bias_corrected_decay``), one step is::
+
+        u = dressing(B, A)  (at B = 0 on the first step: Rᵀ from Aᵀ = Q R)
+        (B, A) ← (B u, u⁻¹A);  ∇ ← (∇_B u⁻ᵀ, uᵀ∇_A);  M ← (M_B u, u⁻¹M_A)
+        V_B ← u⁻¹V_B u⁻ᵀ;  V_A ← uᵀV_A u                      # carried by the same u
+        V_B ← β̃₂V_B + (1 − β̃₂) ∇_Bᵀ∇_B / d_out;  V_A ← β̃₂V_A + (1 − β̃₂) ∇_A∇_Aᵀ / d_in
+        M ← β̃₁M + (1 − β̃₁)(∇_B V_B^{-1/2}, V_A^{-1/2} ∇_A)     # ε outside the root
+        (B, A) ← retract(scale_invariants((B, A), 1 − lr·wd), −lr·P_H M)
+
+    Runs from (B, A) and (B S, S⁻¹A) coincide after the first step (up to the orthogonal
+    stabiliser of the balanced section); ``dress=False`` is the gauge-dependent control.
 
     Args:
         model: a model whose only trainable parameters are LoRA adapter factors.
@@ -73,12 +71,16 @@ class QuotientMatrixAdam(LoRAPairOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, dress=dress)
         super().__init__(model, defaults)
 
-    def _init_state(self, b: torch.Tensor, a: torch.Tensor) -> dict:
+    def _init_state(self, b: torch.Tensor, a: torch.Tensor) -> MatrixAdamState:
         n, _, r = b.shape
         zeros = torch.zeros(n, r, r, dtype=b.dtype, device=b.device)
-        return {"step": self._zero_step(b), "exp_avg_b": torch.zeros_like(b),
-                "exp_avg_a": torch.zeros_like(a), "precond_b": zeros,
-                "precond_a": zeros.clone()}  # fmt: skip
+        return MatrixAdamState(
+            step=self._zero_step(b),
+            exp_avg_b=torch.zeros_like(b),
+            exp_avg_a=torch.zeros_like(a),
+            precond_b=zeros,
+            precond_a=zeros.clone(),
+        )
 
     @staticmethod
     def _gauge(bundle: M.HeadOV, b: torch.Tensor, a: torch.Tensor, first: bool) -> torch.Tensor:
@@ -116,7 +118,9 @@ class QuotientMatrixAdam(LoRAPairOptimizer):
                 ma = decay1 * ma + (1 - decay1) * (inverse_root(va, eps) @ ga)
                 frame = bundle.at((b, a))
                 new_b, new_a = frame.descend((mb, ma), group["lr"], group["weight_decay"])
-            new_state = {"step": state["step"] + 1, "exp_avg_b": mb, "exp_avg_a": ma,
-                         "precond_b": vb, "precond_a": va}  # fmt: skip
+            step = state["step"] + 1
+            new_state = MatrixAdamState(
+                step=step, exp_avg_b=mb, exp_avg_a=ma, precond_b=vb, precond_a=va
+            )
             results.append((new_b, new_a, new_state))
         return results

@@ -2,7 +2,7 @@ r"""The shell of the optimisers that step LoRA adapters pair by pair (``LoRAPair
 
 Some LoRA optimisers need both factors of an adapter at once (the frame of one factor
 preconditions the other's gradient): LoRA-RITE (``quotopt.baselines.lora_rite``) and the
-dressed-frame matrix Adam (``quotopt.lora_adam``). Their pairs are found per adapter module
+dressed-frame matrix Adam (``quotopt.optim.matrix_adam``). Their pairs are found per adapter module
 (``quotopt.lora.lora_pairs``: ``peft`` layers and ``LoRALinear``), never by the order of a
 parameter list, and stacked by shape: one param group per (d_out, r, d_in) holding
 ``[B₁, A₁, B₂, A₂, …]`` (B (d_out, r), A (r, d_in)), whose update sees the stacked point
@@ -18,15 +18,23 @@ raises ``NonFiniteStepError`` and writes nothing, as the quotient optimisers do
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
 from torch import nn
 
-from .lora import lora_pairs
-from .optim import NonFiniteStepError
+from ..lora import lora_pairs
+from .guard import NonFiniteStepError
+from .moments import step_counter
 
-__all__ = ["LoRAPairOptimizer", "adapter_groups", "bias_corrected_decay", "inverse_root"]
+__all__ = [
+    "LoRAPairOptimizer",
+    "adapter_groups",
+    "bias_corrected_decay",
+    "check_number",
+    "inverse_root",
+]
 
 
 def adapter_groups(model: nn.Module, owner: str) -> list[dict]:
@@ -47,10 +55,12 @@ def adapter_groups(model: nn.Module, owner: str) -> list[dict]:
     for name, b, a in pairs:
         shape = (b.shape[0], b.shape[1], a.shape[1])
         if a.shape[0] != b.shape[1]:
-            raise ValueError(f"{owner}: adapter {name} has B {tuple(b.shape)} and A "
-                             f"{tuple(a.shape)}, whose ranks differ")  # fmt: skip
-        group = by_shape.setdefault(shape, {"params": [], "adapters": [],
-                                            "name": "lora.{}x{}x{}".format(*shape)})  # fmt: skip
+            raise ValueError(
+                f"{owner}: adapter {name} has B {tuple(b.shape)} and A {tuple(a.shape)}, "
+                "whose ranks differ"
+            )
+        empty = {"params": [], "adapters": [], "name": "lora.{}x{}x{}".format(*shape)}
+        group = by_shape.setdefault(shape, empty)
         group["params"] += [b, a]
         group["adapters"].append(name)
     return list(by_shape.values())
@@ -74,7 +84,9 @@ def inverse_root(v: torch.Tensor, eps: float, ridge: torch.Tensor | float = 0.0)
     return (root + root.mT) / 2
 
 
-def _check(owner: str, name: str, value, low: float = 0.0, below_one: bool = False) -> None:
+def check_number(owner: str, name: str, value, low: float = 0.0, below_one: bool = False) -> None:
+    """``ValueError`` naming ``owner`` and ``name`` unless ``value`` is a finite number ≥ ``low``
+    (and < 1 with ``below_one``)."""
     ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= low
     if ok and below_one:
         ok = value < 1
@@ -83,7 +95,11 @@ def _check(owner: str, name: str, value, low: float = 0.0, below_one: bool = Fal
         raise ValueError(f"{owner}: {name} must be {rule}, got {value!r}")
 
 
-class LoRAPairOptimizer(torch.optim.Optimizer):
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(t.isfinite().all()) for t in tensors)
+
+
+class LoRAPairOptimizer(abc.ABC, torch.optim.Optimizer):
     """Adapter pairs of one shape stepped together (module docstring). Subclasses define
     ``_init_state(b, a)`` and ``_updates(work)``: for a list of (group, B, A, ∇B, ∇A, state,
     fresh) (stacked; ``fresh``: the group's first step), the list of (new B, new A, new
@@ -91,29 +107,31 @@ class LoRAPairOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, defaults: dict):
         owner = type(self).__name__
-        _check(owner, "learning rate", defaults["lr"])
+        check_number(owner, "learning rate", defaults["lr"])
         for key in ("weight_decay", "eps"):
             if key in defaults:
-                _check(owner, key, defaults[key])
+                check_number(owner, key, defaults[key])
         if "betas" in defaults:
             betas = defaults["betas"]
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise ValueError(f"{owner}: betas must be a pair, got {betas!r}")
             for i, beta in enumerate(betas):
-                _check(owner, f"betas[{i}]", beta, below_one=True)
+                check_number(owner, f"betas[{i}]", beta, below_one=True)
             defaults = dict(defaults, betas=tuple(betas))
         super().__init__(adapter_groups(model, owner), defaults)
 
-    def _init_state(self, b: torch.Tensor, a: torch.Tensor) -> dict:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _init_state(self, b: torch.Tensor, a: torch.Tensor) -> dict:
+        """The state of a group of stacked adapters B (n, d_out, r), A (n, r, d_in) before its
+        first step: tensors only."""
 
-    def _updates(self, work: list) -> list:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _updates(self, work: list) -> list:
+        """For each (group, B, A, ∇B, ∇A, state, fresh) of ``work``, (new B, new A, new state),
+        out of place; ``fresh``: the group's first step."""
 
-    @staticmethod
-    def _zero_step(reference: torch.Tensor) -> torch.Tensor:
-        """A float64 step counter on the parameters' device (no host synchronisation)."""
-        return torch.zeros((), dtype=torch.float64, device=reference.device)
+    #: a step counter at zero on a tensor's device, for ``_init_state``
+    _zero_step = staticmethod(step_counter)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -142,12 +160,10 @@ class LoRAPairOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: a factorisation failed inside the step "
                 f"({str(error).splitlines()[0]}); nothing was written"
             ) from None
-        checked = [t for new_b, new_a, new_state in results
-                   for t in (new_b, new_a, *new_state.values())]  # fmt: skip
+        checked = [t for b, a, state in results for t in (b, a, *state.values())]
         finite = torch.stack([t.sum() for t in checked]).isfinite()
         if not bool(finite.all()):
-            bad = sorted({w[0]["name"] for w, r in zip(work, results)
-                          if not all(bool(t.isfinite().all()) for t in (r[0], r[1]))})  # fmt: skip
+            bad = sorted({w[0]["name"] for w, (b, a, _) in zip(work, results) if not _finite(b, a)})
             raise NonFiniteStepError(
                 f"{type(self).__name__}: the step is not finite (in {', '.join(bad) or 'the state'}"
                 "; non-finite gradients, or a step too large for the parameters' precision); "

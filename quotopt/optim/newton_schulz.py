@@ -1,15 +1,12 @@
-r"""Muon's pure updates: Newton–Schulz orthogonalisation, plain groups, bundle groups.
+r"""Newton–Schulz orthogonalisation: of a matrix (``torch.optim.Muon``'s), and of each factor of
+a bundle's tangent vector (QuotientMuon's direction, ``orthogonalise_factors``).
 
 ``newton_schulz`` is the quintic iteration of ``torch.optim.Muon`` (Keller Jordan's Muon,
 coefficients (3.4445, −4.7750, 2.0315), five steps), batched over leading axes. On a 2-D
-bfloat16 input it performs torch's operations in torch's order, so ``muon_plain_updates``
-reproduces ``torch.optim.Muon`` bit for bit; bundle groups run it in the parameters' precision
-(float32 at least), batched over heads with ``baddbmm``.
-
-The iteration is O(m)×O(n)-equivariant: for orthogonal Q, K, NS(Q X K) = Q NS(X) K, because
-each step is X ↦ aX + (bXXᵀ + c(XXᵀ)²)X and the Frobenius normalisation is orthogonally
-invariant. This is what makes QuotientMuon's step commute with the part of a head's GL(r) that
-survives dressing (``quotopt.optim.muon``).
+bfloat16 input it performs torch's operations in torch's order, so QuotientMuon's plain groups
+reproduce ``torch.optim.Muon`` bit for bit; bundle groups run it in the parameters' precision
+(float32 at least), batched over heads with ``baddbmm``. It is O(m)×O(n)-equivariant,
+NS(Q X K) = Q NS(X) K for orthogonal Q, K (docs/theory/optimisers.md#quotientmuon).
 """
 
 from __future__ import annotations
@@ -19,17 +16,14 @@ import math
 import torch
 
 from manifolds import Bundle
-from manifolds.frame import Frame
-
-from .functional import begin_step
 
 __all__ = [
     "NS_COEFFICIENTS",
+    "NS_EPS",
+    "NS_STEPS",
     "SCOPES",
     "adjust_lr",
     "factored_parts",
-    "muon_bundle_update",
-    "muon_plain_updates",
     "newton_schulz",
     "orthogonalise_factors",
 ]
@@ -94,42 +88,6 @@ def adjust_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
     return lr
 
 
-def muon_plain_updates(
-    params,
-    grads,
-    states,
-    *,
-    lr,
-    weight_decay,
-    momentum,
-    nesterov,
-    ns_coefficients,
-    eps,
-    ns_steps,
-    adjust_lr_fn,
-    maximize=False,
-    scope=None,  # bundle groups only
-    gather=None,
-):
-    """``torch.optim.Muon``'s update of every (2-D) tensor of a group, out of place.
-
-    ``gather``: for shards of matrices, one ``quotopt.optim.sharding.Gathered`` per tensor:
-    Newton–Schulz runs on the whole matrix (all-gathered) and each rank keeps its part."""
-    new_params, new_states = [], []
-    for index, (param, grad, state) in enumerate(zip(params, grads, states)):
-        grad = -grad if maximize else grad
-        buf = state["momentum_buffer"].lerp(grad, 1 - momentum)
-        update = grad.lerp(buf, momentum) if nesterov else buf
-        whole = update if gather is None else gather[index].full(update)
-        update = newton_schulz(whole, ns_coefficients, ns_steps, eps)
-        update = update if gather is None else gather[index].part(update)
-        new = param.mul(1 - lr * weight_decay)
-        new.add_(update, alpha=-adjust_lr(lr, adjust_lr_fn, whole.shape))
-        new_params.append(new)
-        new_states.append({"momentum_buffer": buf})
-    return new_params, new_states
-
-
 def factored_parts(bundle: Bundle, v) -> list[tuple[Bundle, Tensors]]:
     """The factored bundles a group is made of, each with its part of ``v`` (a point or
     tangent): the bundle itself, or each component of a product (``components_of``: fused
@@ -167,38 +125,3 @@ def orthogonalise_factors(bundle: Bundle, v: Tensors, scope: str, adjust_lr_fn, 
             factors.append(o.to(f.dtype) * adjust_lr(1.0, adjust_lr_fn, (k, rows)))
         out.extend(part_bundle.from_factors(*factors))
     return tuple(out)
-
-
-def muon_bundle_update(
-    frame: Frame,
-    grad: Tensors,
-    state: dict,
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    nesterov: bool,
-    ns_coefficients,
-    eps: float,
-    ns_steps: int,
-    adjust_lr_fn: str | None,
-    scope: str,
-    maximize: bool = False,
-    dress: bool = False,
-):
-    """One QuotientMuon step on a bundle group at ``frame`` (``quotopt.optim.muon``): re-dress,
-    momentum of the Riemannian gradient, Newton–Schulz per factor, horizontal projection,
-    bounded retraction from the decayed point, momentum transported. Returns ``(new_point,
-    new_state, new_frame)`` like ``quotopt.optim.functional.adam_bundle_update``."""
-    frame, grad, (buf,) = begin_step(
-        frame, grad, (state["momentum_buffer"],), maximize=maximize, dress=dress
-    )
-    rgrad = frame.riemannian_gradient(grad)  # horizontal for invariant losses
-    buf = tuple(torch.lerp(m, g, 1 - momentum) for m, g in zip(buf, rgrad))
-    update = tuple(torch.lerp(g, m, momentum) for g, m in zip(rgrad, buf)) if nesterov else buf
-    ns = dict(coefficients=ns_coefficients, steps=ns_steps, eps=eps)
-    direction = orthogonalise_factors(frame.bundle, update, scope, adjust_lr_fn, **ns)
-    new_point = frame.descend(direction, lr, weight_decay)  # projected, bounded, retracted
-    new_frame = frame.moved(new_point)
-    buf = new_frame.horizontal(buf)
-    return new_point, {"momentum_buffer": buf}, new_frame
