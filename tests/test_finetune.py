@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quotopt.cli.main import main
-from quotopt.lora import lora_pairs
+from quotopt.groups import lora_pairs
 
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

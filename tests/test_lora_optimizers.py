@@ -13,7 +13,7 @@ import torch
 
 from quotopt.baselines.balora import BaLoRA
 from quotopt.finetune.optimizers import build_optimizer
-from quotopt.lora import lora_pairs, orthonormal_start
+from quotopt.groups import lora_pairs, orthonormal_start
 from quotopt.lora_adam import QuotientMatrixAdam
 from quotopt.optim import NonFiniteStepError
 

@@ -28,7 +28,7 @@ only trainable parameters are adapter factors (B, A), B = 0 at the start:
   every step, per adapter: ``scope="head"``), its update scaled to AdamW's RMS
   (``adjust_lr_fn="match_rms_adamw"``) so that the lr grid carries over; momentum 0.95.
   Adapters at B = 0, which have no dressing, are first moved along their orbit to A with
-  orthonormal rows (``quotopt.lora.orthonormal_start``: the same function), so that the
+  orthonormal rows (``quotopt.groups.orthonormal_start``: the same function), so that the
   first step does not depend on A's initial gauge either.
 
 * ``qadam-mat`` — ``QuotientMatrixAdam`` (``quotopt.lora_adam``): r×r second moments of each
@@ -48,10 +48,9 @@ from torch import nn
 from ..baselines.balora import balora
 from ..baselines.lora_rite import lora_rite
 from ..baselines.loraplus import lora_plus
-from ..lora import lora_pairs, orthonormal_start
+from ..groups import lora_pairs, orthonormal_start, symmetries
 from ..lora_adam import QuotientMatrixAdam
 from ..optim import QuotientAdam, QuotientMuon, QuotientSGD
-from ..symmetries import symmetries
 
 __all__ = ["FINETUNE_OPTIMIZERS", "SECONDARY", "build_optimizer"]
 

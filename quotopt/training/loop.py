@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 
-from ..checks import gauge_transform
 from ..dynamics import balance_gap, gauge_drift, head_imbalance
+from ..groups import gauge_transform, group_point, symmetries
 from ..optim import NonFiniteStepError
-from ..symmetries import group_point, symmetries
 from .registry import TASK_DEFAULTS, build_model, build_optimizer, build_task
 from .runs import (
     RunConfig,

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .. import baselines
+from ..groups import symmetries
 from ..models import RelationalTransformer, Transformer
 from ..optim import QuotientAdam, QuotientSGD
-from ..symmetries import symmetries
 from ..tasks import TASKS, get_task
 
 MODELS = ("transformer", "relational")
