@@ -6,7 +6,7 @@
    ``in_proj_weight``, biases folded in as one more row) and the ReLU units of
    ``linear1``/``linear2``; detected through layouts onto torch's own storage.
 3. A custom attention module with separate ``nn.Linear`` projections, whose head bundles the
-   user declares with ``declared=[...]`` and a ``quotopt.layouts.Layout``.
+   user declares with ``declared=[...]`` and a ``quotopt.groups.layouts.Layout``.
 
 ``quotopt.verify`` applies a random group element (condition number 10) to each group of a deep
 copy and reports the largest relative change of the output: round-off (~1e-15 in float64) for
@@ -22,7 +22,7 @@ from torch import nn
 
 import manifolds
 import quotopt
-from quotopt.layouts import Layout
+from quotopt.groups.layouts import Layout
 from quotopt.models import Transformer
 
 

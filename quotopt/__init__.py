@@ -5,6 +5,7 @@ from ._startup import handle_interrupts_while_starting, is_command
 if is_command():  # the console command: Ctrl-C while torch loads is one line, not a traceback
     handle_interrupts_while_starting()
 
+from .groups import describe, gauge_transform, symmetries, verify
 from .optim import (
     NonFiniteStepError,
     QuotientAdam,
@@ -13,7 +14,6 @@ from .optim import (
     RankDeficiencyWarning,
     SkippedStepWarning,
 )
-from .symmetries import describe, gauge_transform, symmetries, verify
 
 __version__ = "0.1.0"
 

@@ -5,8 +5,11 @@ interface checks (``test_interface``) and the optimisers' gauge-equivariance tes
 A new bundle's tests are one ``Case`` here: a name, fixed small instances (``examples``, each
 a function of nothing), a hypothesis strategy over its sizes and metrics (``draw``, for the
 conformance matrix) and whether it is *factored* (two factors per head acted on by
-(A g, B g⁻ᵀ), g in a subgroup of GL(r): what QuotientMuon and the balance gap need).
-``tests/test_cases.py`` shows a toy bundle going through every check by being one case.
+(A g, B g⁻ᵀ), g in a subgroup of GL(r): what QuotientMuon and the balance gap need). A bundle
+that a new detector proposes also names a module holding its point and the detector
+(``detect``): ``tests/test_groups_registry.check_detection`` registers it, runs
+``quotopt.symmetries`` and unregisters it. ``tests/test_cases.py`` shows a toy bundle going
+through every check, detection included, by being one case.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class Case:
     draw: Callable[[], st.SearchStrategy] | None = None
     factored: bool = False
     composable: bool = True  # may be a component of a ProductBundle in the conformance matrix
+    # () -> (a model holding the bundle's point, a quotopt.groups.Detector that proposes it)
+    detect: Callable[[], tuple] | None = None
 
 
 @st.composite

@@ -1,6 +1,7 @@
 """A new bundle is one case: a toy bundle, defined here and never registered in ``CASES``,
-goes through the conformance matrix, the interface checks and the optimisers' gauge
-equivariance by being one ``Case`` — the same check functions the parametrised tests run.
+goes through the conformance matrix, the interface checks, the optimisers' gauge
+equivariance and detection (a detector registered for a module holding its point) by being one
+``Case`` — the same check functions the parametrised tests run.
 
 The toy is the scaling of a pair of vectors, (a, b) ↦ (a s, b / s) for s > 0, whose orbits are
 identified by the outer product a bᵀ: the rank-one factorisation with its GL(1). Control: a
@@ -9,14 +10,18 @@ toy whose dressing breaks the field law u(p·g) = g⁻¹u(p) fails the same chec
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from manifolds.base import Bundle
 from manifolds.testing import assert_bundle
-from tests import test_interface, test_optim
+from quotopt.groups import Detector, Option, Slot
+from tests import test_groups_registry, test_interface, test_optim
 from tests.cases import CASES, Case, examples, strategy
 
 
@@ -89,10 +94,49 @@ class BrokenPairScaling(PairScaling):
         return point[0].norm().reshape(1, 1)
 
 
+class PairProduct(nn.Module):
+    """x ↦ x (a bᵀ): a module whose parameters (a, b) are a ``PairScaling`` point."""
+
+    def __init__(self, m: int = 4, n: int = 3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.a = nn.Parameter(torch.randn(m, generator=gen, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ torch.outer(self.a, self.b)
+
+
+class PairProductPlusB(PairProduct):
+    """The control for detection: x (a bᵀ) + Σ b is not invariant under (a s, b / s)."""
+
+    def forward(self, x):
+        return super().forward(x) + self.b.sum()
+
+
+def find_pairs(path, module, request):
+    """The toy's detector: ``PairScaling`` on every ``PairProduct``, probed on its own."""
+    if not isinstance(module, PairProduct):
+        return []
+    group = {
+        "params": [module.a, module.b],
+        "bundle": PairScaling(*module.a.shape, *module.b.shape),
+        "name": f"{path}pair",
+    }
+    m = module.a.shape[0]
+    probe = lambda gen: ((torch.randn(2, m, generator=gen, dtype=torch.float64),), {})  # noqa: E731
+    option = Option(group, "(a s, b / s)")
+    return [Slot(module, path, "toy", "pair", [option], probe=probe, family="PairProduct")]
+
+
 TOY = Case(
     "PairScaling",
     (lambda: PairScaling(4, 3), lambda: PairScaling(1, 5)),
     lambda: st.builds(PairScaling, st.integers(1, 5), st.integers(1, 5)),
+    detect=lambda: (
+        nn.Sequential(PairProduct(), nn.Linear(3, 2, dtype=torch.float64)),
+        Detector("toy pairs", find_pairs),
+    ),
 )
 
 
@@ -118,9 +162,17 @@ def test_equivariance_of_a_new_case(bundle, optimiser):
     test_optim.check_gauge_equivariance(bundle, optimiser)
 
 
+def test_detection_of_a_new_case():
+    test_groups_registry.check_detection(TOY)
+
+
 def test_the_checks_fail_for_a_broken_case():
     broken = BrokenPairScaling(4, 3)
     with pytest.raises(AssertionError):
         assert_bundle(broken, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with pytest.raises(AssertionError):
         test_optim.check_gauge_equivariance(broken, "qadam")
+    module = PairProductPlusB()
+    wrong = dataclasses.replace(TOY, detect=lambda: (module, Detector("toy pairs", find_pairs)))
+    with pytest.raises(AssertionError):
+        test_groups_registry.check_detection(wrong)

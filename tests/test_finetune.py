@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quotopt.cli.main import main
-from quotopt.lora import lora_pairs
+from quotopt.groups import lora_pairs
 from quotopt.training.optimizers import build_adapter_optimizer, optimizer_names
 
 pytest.importorskip("transformers")

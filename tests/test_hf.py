@@ -1,4 +1,4 @@
-"""RoPE heads (manifolds.rotary) and Hugging Face models (quotopt.hf).
+"""RoPE heads (manifolds.rotary) and Hugging Face models (quotopt.groups.detectors.hf).
 
 The RotaryQK tests need torch only; the model tests skip cleanly without ``transformers``. Models
 are built from tiny configs with random weights, in float64. Hugging Face's RMSNorm computes in
@@ -17,13 +17,13 @@ import torch
 
 import manifolds as M
 import quotopt
-import quotopt.checks
 import quotopt.models
 from manifolds.rotary import RotaryQK
 from manifolds.testing import assert_bundle, relative_error
-from quotopt import hf as qhf
-from quotopt.layouts import ProjectionHeads, Rows, feature_blocks
-from quotopt.symmetries import group_point
+from quotopt.groups import Request, example_inputs, group_point
+from quotopt.groups.checks import output_tensors
+from quotopt.groups.detectors import hf as qhf
+from quotopt.groups.layouts import ProjectionHeads, Rows, feature_blocks
 
 F64 = torch.float64
 
@@ -362,8 +362,8 @@ def test_full_gl_element_changes_llama(transformers, exact_norms):
 
 
 def test_llama_residual_rotation_with_conjugated_gains(transformers, exact_norms):
-    """The claim of quotopt.hf's docstring: RMSNorm gains do not remove O(d); x ↦ xR with
-    W ↦ W·D R D⁻¹ on the weights reading a norm (D = diag of its gains) is exact."""
+    """The claim of quotopt.groups.detectors.hf's docstring: RMSNorm gains do not remove O(d);
+    x ↦ xR with W ↦ W·D R D⁻¹ on the weights reading a norm (D = diag of its gains) is exact."""
     model, ids = _build(transformers, "llama-gqa")
     d = model.config.hidden_size
     rotation = M.ResidualRotation(d, [0]).random_group_element(generator=_gen(9), dtype=F64)
@@ -418,7 +418,7 @@ def test_detectors_ignore_other_modules(transformers):
     """The hook functions return nothing for modules they do not know."""
     model = quotopt.models.Transformer(11, 8, 1, 2, 8)
     for prefix, module in model.named_modules():
-        assert qhf.hf_slots(prefix, module, "euclidean") == []
+        assert qhf.hf_slots(prefix, module, Request()) == []
 
 
 # ---- the families, by structure ---------------------------------------------------------
@@ -511,7 +511,7 @@ def test_family_groups_verify(transformers, name):
     model = _family(transformers, name)
     groups, report = quotopt.symmetries(model, report=True)
     assert _bundle_counts(groups) == FAMILIES[name][3], str(report)
-    args, kwargs = qhf.example_inputs(model)
+    args, kwargs = example_inputs(model)
     changes = quotopt.verify(model, groups, *args, generator=_gen(1), **kwargs)
     assert max(changes.values()) <= 1e-9, changes
     assert changes.randomised and changes.compared
@@ -525,16 +525,16 @@ def test_family_trains(transformers, name, metric):
     """30 QuotientAdam steps on a regression of the first output tensor: no error, loss falls."""
     model = _family(transformers, name, torch.float32)
     groups = quotopt.symmetries(model, metric=metric)
-    args, kwargs = qhf.example_inputs(model)
+    args, kwargs = example_inputs(model)
     with torch.no_grad():
-        target = torch.randn_like(quotopt.checks.output_tensors(model(*args, **kwargs))[0][1])
+        target = torch.randn_like(output_tensors(model(*args, **kwargs))[0][1])
     optimiser = quotopt.QuotientAdam(groups, lr=3e-3 if metric == "euclidean" else 1e-3)
     frozen = [(p, p.detach().clone()) for g in groups if g.get("lr") == 0.0 for p in g["params"]]
     assert all(g["name"].endswith("k_proj.bias") or "key" in g["name"] or "k_lin" in g["name"]
                for g in groups if g.get("lr") == 0.0)  # fmt: skip
     losses = []
     for _ in range(30):
-        out = quotopt.checks.output_tensors(model(*args, **kwargs))[0][1]
+        out = output_tensors(model(*args, **kwargs))[0][1]
         loss = (out - target).square().mean()
         optimiser.zero_grad()
         loss.backward()

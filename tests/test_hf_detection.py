@@ -1,5 +1,5 @@
 """Hugging Face models off the name lists: inputs beyond token ids, layouts read by structure, the
-report's rows and reasons (``quotopt.hf``, ``quotopt.hf_inputs``, ``quotopt.structure``).
+report's rows and reasons (``quotopt.groups.detectors``: ``hf``, ``hf_inputs``, ``mlp``).
 
 Tiny configs with random weights, built offline; every positive claim sits beside a control that
 fails (a wrong structural reading, a non-homogeneous activation, a forward that does not run).
@@ -13,8 +13,8 @@ from torch import nn
 
 import manifolds as M
 import quotopt
-from quotopt import hf as qhf
-from quotopt.structure import homogeneity_degree
+from quotopt.groups import example_inputs
+from quotopt.groups.detectors.mlp import homogeneity_degree
 
 F64 = torch.float64
 VOCAB = 50
@@ -81,7 +81,7 @@ def test_groups_found_and_verified_with_default_arguments(transformers, name):
     model = _model(transformers, name)
     groups, report = quotopt.symmetries(model, report=True)
     assert _counts(groups) == MODELS[name][3], str(report)
-    args, kwargs = qhf.example_inputs(model)
+    args, kwargs = example_inputs(model)
     changes = quotopt.verify(model, groups, *args, generator=torch.Generator().manual_seed(1),
                              **kwargs)  # fmt: skip
     assert max(changes.values()) <= 1e-9, changes
@@ -89,11 +89,11 @@ def test_groups_found_and_verified_with_default_arguments(transformers, name):
 
 def test_example_inputs_by_modality(transformers):
     clip = _model(transformers, "clip", torch.float32)
-    _, kwargs = qhf.example_inputs(clip)
+    _, kwargs = example_inputs(clip)
     assert kwargs["input_ids"].shape == (2, 8) and kwargs["pixel_values"].shape == (2, 3, 8, 8)
-    _, kwargs = qhf.example_inputs(clip.text_model)  # one tower: its own input only
+    _, kwargs = example_inputs(clip.text_model)  # one tower: its own input only
     assert set(kwargs) - {"use_cache"} == {"input_ids"}
-    _, kwargs = qhf.example_inputs(_model(transformers, "wav2vec2", torch.float32))
+    _, kwargs = example_inputs(_model(transformers, "wav2vec2", torch.float32))
     # two convolutions (kernel 3, stride 2) give 8 frames from (8 - 1)·2 + 3 = 17, then 35
     assert kwargs["input_values"].shape == (2, 35) and kwargs["input_values"].dtype == torch.float32
 
@@ -224,7 +224,7 @@ def test_a_constant_built_in_the_default_dtype_does_not_stop_the_float64_check(t
     groups, report = quotopt.symmetries(model, report=True)
     assert _counts(groups) == {"HeadQK": 2, "HeadOV": 2}, str(report)
     assert all(f.change <= 1e-12 for f in report.groups)
-    args, kwargs = qhf.example_inputs(model)
+    args, kwargs = example_inputs(model)
     with pytest.raises(RuntimeError, match="overflow"):
         model.double()(*args, **kwargs)
     assert torch.get_default_dtype() == torch.float32
@@ -305,7 +305,7 @@ def test_a_degree_two_rescaling_bundle_is_taken_where_it_exists(transformers, fa
     assert all(f.change <= 1e-12 for f in rows)
     units = [g for g in groups if g["name"].endswith("mlp.units")]
     assert [g["bundle"].degree for g in units] == [2, 2]
-    args, kwargs = qhf.example_inputs(model)
+    args, kwargs = example_inputs(model)
     degree_one = [
         dict(g, bundle=M.PositiveRescaling(g["bundle"].n_heads, *g["bundle"].factor_rows))
         for g in units

@@ -17,7 +17,7 @@ import manifolds as M
 import quotopt
 from manifolds import iterative
 from quotopt import QuotientAdam, QuotientMuon
-from quotopt.symmetries import use_geometry
+from quotopt.groups import use_geometry
 from tests.test_stacked_step import _orbit_gap
 
 F64 = torch.float64

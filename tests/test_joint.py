@@ -9,9 +9,15 @@ import manifolds as M
 from manifolds.joint import JointBundle
 from manifolds.testing import assert_bundle, relative_error
 from quotopt import QuotientAdam, QuotientSGD
-from quotopt.joint_groups import joint_groups
+from quotopt.groups import (
+    gauge_transform,
+    group_point,
+    joint_groups,
+    symmetries,
+    verify,
+    write_point,
+)
 from quotopt.models import Transformer
-from quotopt.symmetries import gauge_transform, group_point, symmetries, verify, write_point
 
 D = 6
 # an embedding, two QK and two OV pairs (r = 2 and r = 3) and a stream-reading matrix
@@ -240,7 +246,7 @@ def float64_rms_norm(monkeypatch):
 
 
 def test_fold_rms_gains_leaves_the_logits_unchanged(float64_rms_norm):
-    from quotopt.joint_groups import fold_rms_gains
+    from quotopt.groups import fold_rms_gains
 
     model = _llama()
     tokens = torch.randint(0, 17, (2, 6))
@@ -253,7 +259,7 @@ def test_fold_rms_gains_leaves_the_logits_unchanged(float64_rms_norm):
 
 
 def test_verify_joint_group_on_folded_llama(float64_rms_norm):
-    from quotopt.joint_groups import fold_rms_gains, llama_joint_groups
+    from quotopt.groups import fold_rms_gains, llama_joint_groups
 
     model = fold_rms_gains(_llama())
     groups = symmetries(model, declared=llama_joint_groups(model))
@@ -270,7 +276,7 @@ def test_verify_joint_group_on_folded_llama(float64_rms_norm):
 
 
 def test_unfolded_gains_and_layernorm_models_are_refused():
-    from quotopt.joint_groups import llama_joint_groups
+    from quotopt.groups import llama_joint_groups
 
     with pytest.raises(ValueError, match="fold_rms_gains"):
         llama_joint_groups(_llama())

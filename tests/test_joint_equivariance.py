@@ -25,8 +25,8 @@ import torch
 
 from manifolds.testing import relative_error
 from quotopt import QuotientAdam
+from quotopt.groups import gauge_transform, symmetries
 from quotopt.models import Transformer
-from quotopt.symmetries import gauge_transform, symmetries
 
 VOCAB, D, STEPS = 23, 16, 150
 CHECKS = (1, 10, 50, 100, 150)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quotopt.baselines.balora import BaLoRA
-from quotopt.lora import lora_pairs, orthonormal_start
+from quotopt.groups import lora_pairs, orthonormal_start
 from quotopt.optim import NonFiniteStepError
 from quotopt.optim.matrix_adam import QuotientMatrixAdam
 from quotopt.training.optimizers import build_adapter_optimizer

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from quotopt.baselines.lora_rite import LoRARITE
-from quotopt.lora import add_lora, lora_pairs
+from quotopt.groups import add_lora, lora_pairs
 
 F64 = torch.float64
 

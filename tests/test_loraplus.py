@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from quotopt.baselines import lora_plus
-from quotopt.lora import add_lora, lora_pairs
+from quotopt.groups import add_lora, lora_pairs
 
 F64 = torch.float64
 

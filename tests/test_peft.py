@@ -16,8 +16,7 @@ from torch import nn
 import manifolds as M
 import quotopt
 from manifolds.testing import relative_error
-from quotopt.checks import group_point, write_point
-from quotopt.lora import LoRALinear, LoRARankWarning, add_lora
+from quotopt.groups import LoRALinear, LoRARankWarning, add_lora, group_point, write_point
 
 F64 = torch.float64
 # peft 0.21 reads a property that transformers 5 deprecates: not ours to fix

@@ -19,7 +19,7 @@ from quotopt.optim.guard import NonFiniteStepError
 
 transformers = pytest.importorskip("transformers")
 import manifolds as M  # noqa: E402
-from quotopt.joint_groups import fold_rms_gains  # noqa: E402
+from quotopt.groups import fold_rms_gains  # noqa: E402
 
 
 def tiny_llama(seed=0, kv=2):

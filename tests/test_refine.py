@@ -22,9 +22,8 @@ from quotopt.dynamics.refine import (
     refine_critical_point,
 )
 from quotopt.dynamics.teacher import balance_teacher, teacher_targets
-from quotopt.joint_groups import joint_groups
+from quotopt.groups import group_point, joint_groups, symmetries, write_point
 from quotopt.models import Transformer
-from quotopt.symmetries import group_point, symmetries, write_point
 
 D, R = 4, 2  # d_model, d_head: so(4) = 6, per head pair so(2) = 1 (compact) or gl(2) = 4
 
@@ -158,7 +157,7 @@ def _relational_problem(weight_decay=1e-2, seed=0):
 def test_relational_declares_the_channel_rotations_jointly():
     """One joint group, so(3) gauge + 2·gl(2) heads + so(3) channels = 14 (compact 8), exact
     to 1e-12 in float64; the control (channels=False) declares 3 + 8 = 11."""
-    from quotopt.symmetries import verify
+    from quotopt.groups import verify
 
     model, _, _, declared, control = _relational_problem()
     (joint,) = declared

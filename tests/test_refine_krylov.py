@@ -13,7 +13,7 @@ import torch
 
 from quotopt.dynamics.refine import model_orbit_basis, refine_critical_point
 from quotopt.dynamics.refine_krylov import minres, refine_critical_point_krylov
-from quotopt.joint_groups import joint_groups
+from quotopt.groups import joint_groups
 from tests.test_refine import _problem, _teacher_task_at_start
 
 

@@ -19,7 +19,7 @@ import torch
 import quotopt
 from quotopt import QuotientAdam, QuotientMuon, QuotientSGD
 from quotopt.baselines import quotient_muon_adamw
-from quotopt.checks import gauge_transform
+from quotopt.groups import gauge_transform
 from quotopt.models import Transformer
 
 OPTIMISERS = {

@@ -11,7 +11,7 @@ from torch import nn
 import manifolds as M
 import quotopt
 from manifolds.testing import relative_error
-from quotopt.layouts import ProjectionHeads, Rows, feature_blocks
+from quotopt.groups.layouts import ProjectionHeads, Rows, feature_blocks
 from quotopt.models import RelationalTransformer, Transformer
 
 
@@ -471,7 +471,7 @@ def test_detection_restores_every_module_mode():
 def test_copy_into_skips_aliases_that_copy_refuses():
     """The Qwen1.5 crash: a coordinate that is a view of the parameter with another stride on a
     size-1 axis made ``copy_`` refuse the overlap; ``copy_into`` sees it is the same entries."""
-    from quotopt.layouts import copy_into
+    from quotopt.groups.layouts import copy_into
 
     weight = torch.randn(6, 4)
     view = weight.view(2, 3, 1, 4).permute(0, 1, 3, 2)  # (2, 3, 4, 1)

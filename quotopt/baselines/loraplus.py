@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..lora import lora_pairs
+from ..groups import lora_pairs
 
 __all__ = ["lora_plus"]
 

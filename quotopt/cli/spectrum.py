@@ -71,7 +71,7 @@ def memory_estimate(n_params: int, orbit_dim: int, dense_max: int) -> tuple[str,
 
 def _check_memory(cfg, limit_gb: float) -> None:
     from ..dynamics import model_flat
-    from ..symmetries import symmetries
+    from ..groups import symmetries
 
     task = training.build_task(cfg.task, cfg.size, cfg.seed)
     with torch.device("meta"):  # sizes only: nothing is allocated

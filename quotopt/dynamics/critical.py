@@ -25,8 +25,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..joint_groups import joint_groups
-from ..symmetries import symmetries
+from ..groups import joint_groups, symmetries
 from .critical_settings import SETTINGS
 from .hessian import lanczos_extremes
 from .model_flat import DENSE_MAX

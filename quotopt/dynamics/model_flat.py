@@ -23,7 +23,7 @@ from scipy.sparse.linalg import ArpackNoConvergence
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..symmetries import group_point, symmetries
+from ..groups import group_point, symmetries
 from .flat import flat_directions, vertical_basis
 from .hessian import dense_hessian, flatten, lanczos_extremes, unflatten
 

@@ -39,8 +39,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..checks import write_point
-from ..symmetries import group_point
+from ..groups import group_point, write_point
 from .flat import flat_directions, widest_gap
 from .hessian import dense_hessian, flatten, unflatten
 

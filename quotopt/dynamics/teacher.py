@@ -17,8 +17,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..checks import write_point
-from ..symmetries import group_point
+from ..groups import group_point, write_point
 from .hessian import flatten
 
 __all__ = ["teacher_targets", "balance_teacher", "TeacherRegression"]

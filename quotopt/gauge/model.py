@@ -1,7 +1,7 @@
 r"""A LLaMA-family causal LM as plain tensors, and its forward pass with fake quantisation.
 
 ``LlamaWeights.from_hf(model)`` reads a Hugging Face ``LlamaForCausalLM`` whose RMSNorm gains are
-folded (``quotopt.joint_groups.fold_rms_gains``): the embedding, per block the seven projection
+folded (``quotopt.groups.fold_rms_gains``): the embedding, per block the seven projection
 weights in ``nn.Linear`` layout (out, in), and the read-out; RoPE's frequencies, the norm's ε and
 the head counts (grouped-query attention included). ``write_into(model)`` copies the weights back.
 ``forward(weights, tokens, quant)`` computes the logits exactly as the Hugging Face model does
@@ -88,7 +88,7 @@ class LlamaWeights:
         if any(not bool((n.weight == 1).all()) for n in norms):
             raise ValueError(
                 "model: RMSNorm gains are not folded; call "
-                "quotopt.joint_groups.fold_rms_gains(model) first"
+                "quotopt.groups.fold_rms_gains(model) first"
             )
         blocks = []
         for i, layer in enumerate(inner.layers):

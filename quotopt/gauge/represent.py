@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from ..joint_groups import fold_rms_gains
+from ..groups import fold_rms_gains
 from .fibre import Fibre
 from .methods import plan_of
 from .model import LlamaWeights, forward

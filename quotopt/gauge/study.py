@@ -124,7 +124,7 @@ def run_one(
 def study(out, model, data, config: StudyConfig, resume: bool = False, progress=None) -> dict:
     """Every method × seed of ``config`` on ``model`` (a pretrained Hugging Face LLaMA, its
     gains folded here); returns ``{"full_precision": ppl, "runs": [result, ...]}``."""
-    from ..joint_groups import fold_rms_gains
+    from ..groups import fold_rms_gains
 
     model = model.double()
     fold_rms_gains(model)

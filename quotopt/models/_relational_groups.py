@@ -51,6 +51,8 @@ import torch
 import manifolds as M
 from manifolds.joint_rotations import JointWithRotations
 
+from ..groups.declare import factored_heads, rotation
+
 #: Channel axis of every relational parameter O(k) acts on (``logit_scale`` has none).
 CHANNEL_AXES = {
     "tok_emb": 1,
@@ -90,8 +92,6 @@ def relational_symmetry_groups(
     (GL(r) per head), ``channels`` ("auto": O(k) where it is a modelled symmetry, True: O(k) or
     a ``ValueError`` saying why not, False: never — the groups are then O(D) and the heads,
     disjoint). ``rescaling`` has nothing to add (see the module docstring)."""
-    from ..declare import relational_groups
-
     del rescaling
     if channels not in CHANNEL_OPTIONS:
         raise ValueError(f"channels must be one of {CHANNEL_OPTIONS}, got {channels!r}")
@@ -175,3 +175,20 @@ def _balancing_scale(shrinking: torch.Tensor, growing: torch.Tensor) -> torch.Te
     ok = (shrinking > 0) & (growing > 0)
     ratio = torch.where(ok, shrinking, 1.0) / torch.where(ok, growing, 1.0)
     return ratio**0.25
+
+
+def relational_groups(model, metric="euclidean", *, heads=True, residual="auto", rescaling=True):
+    """``RelationalTransformer``'s groups: O(d_gauge) on its ``*emb`` tables — the only tensors
+    with the gauge axis (``model.gauge_axis``), disjoint from the heads, so both reductions hold at
+    once (``residual`` "auto" or True) — and GL(r) per head of each block's channel attention.
+    Its MLPs' GELU units have no rescaling (``rescaling`` has nothing to add)."""
+    del rescaling
+    groups = []
+    if residual in (True, "auto"):
+        tables = [(n, p) for n, p in model.named_parameters() if "emb" in n and p.requires_grad]
+        d_gauge = tables[0][1].shape[model.gauge_axis]
+        groups.append(rotation("gauge", tables, d_gauge, [model.gauge_axis] * len(tables)))
+    if heads:
+        for i, block in enumerate(model.blocks):
+            groups += factored_heads(f"blocks.{i}.attn.", block.attn, metric)
+    return groups

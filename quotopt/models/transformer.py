@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..declare import factored_heads, joint, matmul_units, rotation
+from ..groups.declare import factored_heads, joint, matmul_units, rotation
 from ._common import check_positive, check_tokens, rms_norm
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}

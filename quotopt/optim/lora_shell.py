@@ -3,7 +3,7 @@ r"""The shell of the optimisers that step LoRA adapters pair by pair (``LoRAPair
 Some LoRA optimisers need both factors of an adapter at once (the frame of one factor
 preconditions the other's gradient): LoRA-RITE (``quotopt.baselines.lora_rite``) and the
 dressed-frame matrix Adam (``quotopt.optim.matrix_adam``). Their pairs are found per adapter module
-(``quotopt.lora.lora_pairs``: ``peft`` layers and ``LoRALinear``), never by the order of a
+(``quotopt.groups.lora_pairs``: ``peft`` layers and ``LoRALinear``), never by the order of a
 parameter list, and stacked by shape: one param group per (d_out, r, d_in) holding
 ``[B₁, A₁, B₂, A₂, …]`` (B (d_out, r), A (r, d_in)), whose update sees the stacked point
 (B (n, d_out, r), A (n, r, d_in)) and gradients, and keeps its state under the group's first
@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from ..lora import lora_pairs
+from ..groups import lora_pairs
 from .guard import NonFiniteStepError
 from .moments import step_counter
 

@@ -11,7 +11,7 @@ gradients (∇_B (AAᵀ + δI)⁻¹, (BᵀB + δI)⁻¹ ∇_A), then AdamW per c
 defaults of the authors' PyTorch reimplementation); BaLoRA (Castin, Nadjahi, Ablin & Peyré,
 ICML 2026). On adapters the invariant metric is damped by δ = ``damping``:
 ⟨U, V⟩ = tr((AAᵀ + δI)U_BᵀV_B) + tr((BᵀB + δI)U_A V_Aᵀ). ``qmuon`` on adapters first moves
-each B = 0 adapter along its orbit to A with orthonormal rows (``quotopt.lora.orthonormal_start``)
+each B = 0 adapter along its orbit to A with orthonormal rows (``quotopt.groups.orthonormal_start``)
 so that the first step does not depend on A's gauge. Riemannion (Bogachev et al., ICLR 2026)
 is not provided (``docs/results/finetune.md``).
 """
@@ -22,7 +22,7 @@ import torch
 
 from .. import baselines
 from ..baselines.balora import balora
-from ..lora import lora_pairs, orthonormal_start
+from ..groups import lora_pairs, orthonormal_start
 from ..optim.matrix_adam import QuotientMatrixAdam
 from ..optim import QuotientAdam, QuotientMuon, QuotientSGD
 from .optimizer_spec import Build, OptimizerSpec

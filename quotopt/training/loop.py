@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from ..checks import gauge_transform
 from ..dynamics import balance_gap, gauge_drift, head_imbalance
+from ..groups import gauge_transform, group_point, symmetries
 from ..optim import NonFiniteStepError
-from ..symmetries import group_point, symmetries
+from ..groups import group_point, symmetries
 from .optimizers import build_optimizer, detect
 from .registry import TASK_DEFAULTS, build_model, build_task
 from .runs import (

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..symmetries import symmetries
+from ..groups import symmetries
 from .catalogue import CATALOGUE
 from .optimizer_spec import SETTINGS, Build, OptimizerSpec
 

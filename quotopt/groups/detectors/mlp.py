@@ -18,8 +18,8 @@ from torch import nn
 
 import manifolds as M
 
-from .detect import Option, Slot
-from .layouts import ProjectionHeads, Rows
+from ..candidates import Option, Slot
+from ..layouts import ProjectionHeads, Rows
 
 __all__ = [
     "experts_slots",

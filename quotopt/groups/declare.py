@@ -90,20 +90,3 @@ def joint(
             pairs.append((M.HeadOV(h, d, r, metric), (index[id(attn.wv)], index[id(attn.wo)])))
     bundle = M.JointBundle(residual, pairs, solver=solver)
     return {"params": [p for _, p in named], "bundle": bundle, "name": "joint"}
-
-
-def relational_groups(model, metric="euclidean", *, heads=True, residual="auto", rescaling=True):
-    """``RelationalTransformer``'s groups: O(d_gauge) on its ``*emb`` tables — the only tensors
-    with the gauge axis (``model.gauge_axis``), disjoint from the heads, so both reductions hold at
-    once (``residual`` "auto" or True) — and GL(r) per head of each block's channel attention.
-    Its MLPs' GELU units have no rescaling (``rescaling`` has nothing to add)."""
-    del rescaling
-    groups = []
-    if residual in (True, "auto"):
-        tables = [(n, p) for n, p in model.named_parameters() if "emb" in n and p.requires_grad]
-        d_gauge = tables[0][1].shape[model.gauge_axis]
-        groups.append(rotation("gauge", tables, d_gauge, [model.gauge_axis] * len(tables)))
-    if heads:
-        for i, block in enumerate(model.blocks):
-            groups += factored_heads(f"blocks.{i}.attn.", block.attn, metric)
-    return groups

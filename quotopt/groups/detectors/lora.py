@@ -1,10 +1,10 @@
 r"""LoRA adapters on the quotient: one GL(r) bundle per adapter pair, stacked by shape.
 
 A LoRA adapter adds ΔW = s·B A to a frozen weight (B (d_out, r), A (r, d_in), s = α/r). For any
-invertible g, (B g, g⁻¹ A) gives the same ΔW: the adapter pair is a ``HeadOV`` point with one head
-(``docs/theory/bundles.md``), invariant B A. Pairs of one shape are stacked as the heads of one
-bundle (layout ``quotopt.layouts.LoRAPairs``), so a model with LoRA on q and v of every layer has
-one or two bundle groups, not one per module.
+invertible g, (B g, g⁻¹ A) gives the same ΔW: the adapter pair is a ``HeadOV`` point with one
+head (``docs/theory/bundles.md``), invariant B A. Pairs of one shape are stacked as the heads of
+one bundle (layout ``quotopt.groups.layouts.LoRAPairs``), so a model with LoRA on q and v of
+every layer has one or two bundle groups, not one per module.
 
 Detected on layers of the ``peft`` library (any module with ``lora_A`` / ``lora_B`` module dicts:
 every adapter whose weights are trainable) and on ``LoRALinear``, quotopt's own minimal wrapper for
@@ -31,8 +31,8 @@ from torch import nn
 
 import manifolds as M
 
-from .detect import Option, Slot
-from .layouts import LoRAPairs
+from ..candidates import Option, Request, Slot
+from ..layouts import LoRAPairs
 
 __all__ = [
     "LoRALinear",
@@ -149,9 +149,11 @@ def _bundle(n: int, shape: tuple[int, int, int], metric: str, damping: float) ->
     return M.HeadOV(n, d_out, r, metric, factor_rows=(d_out, d_in), damping=damping)
 
 
-def lora_slots(path: str, module: nn.Module, metric: str, damping: float = 0.0) -> list[Slot]:
+def lora_slots(path: str, module: nn.Module, request: Request) -> list[Slot]:
     """One slot per trainable adapter pair of a LoRA layer (``path`` ends with a dot);
-    ``damping`` > 0 damps the invariant metric (admissible at B = 0, O(r)-invariant only)."""
+    ``request.lora_damping`` > 0 damps the invariant metric (admissible at B = 0,
+    O(r)-invariant only)."""
+    metric, damping = request.metric, request.lora_damping
     slots = []
     for name, b, a in _pairs(module):
         (d_out, r), d_in = b.shape, a.shape[1]
@@ -204,9 +206,10 @@ def _rank_too_large(path: str, module: nn.Module, name: str, params, shape) -> S
     )
 
 
-def stack_adapters(groups: list[dict], metric: str, damping: float = 0.0) -> list[dict]:
+def stack_adapters(groups: list[dict], request: Request) -> list[dict]:
     """Adapter groups of one shape (d_out, r, d_in) → one ``HeadOV`` group with one head each,
     named ``lora.{d_out}x{r}x{d_in}``; other groups pass through, in order."""
+    metric, damping = request.metric, request.lora_damping
     by_shape: dict[tuple, list[dict]] = {}
     out: list = []
     for group in groups:

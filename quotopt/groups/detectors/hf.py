@@ -2,9 +2,9 @@ r"""Hugging Face ``transformers`` models: their head and unit symmetries, found 
 
 Optional extra ``hf``. This module never imports ``transformers``: it reads module *structure* —
 which linear maps a module holds under which role names, their shapes, the head counts the module
-or its config states — and proposes candidate groups (``quotopt.detect.Slot``); ``quotopt.
-symmetries`` keeps each candidate only once it verifies numerically on a float64 copy of the
-module. One description covers the families:
+or its config states — and proposes candidate groups (``quotopt.groups.candidates.Slot``);
+``quotopt.symmetries`` keeps each candidate only once it verifies numerically on a float64 copy
+of the module. One description covers the families:
 
 * **separate projections** q/k/v/o (names ``q_proj|query|q|q_lin``, ``k_proj|key|k|k_lin``,
   ``v_proj|value|v|v_lin``, ``o_proj|out_proj|o|out_lin|dense|c_proj``, children or grandchildren
@@ -26,7 +26,7 @@ module. One description covers the families:
 * **MLPs**: two-layer (``fc1/fc2``, ``lin1/lin2``, ``wi/wo``, ``c_fc/c_proj``,
   ``dense_h_to_4h/dense_4h_to_h``, ``fc_in/fc_out``, ``intermediate.dense/output.dense``) offered
   positive rescaling, which verifies for ReLU (OPT, T5) and is rejected for GELU/SiLU (ReLU²,
-  degree-2 homogeneous, needs the (s, s⁻²) rescaling: ``quotopt.structure``); gated
+  degree-2 homogeneous, needs the (s, s⁻²) rescaling: ``quotopt.groups.detectors.mlp``); gated
   (``gate_proj/up_proj/down_proj``, ``wi_0/wi_1/wo``, ``w1/w3/w2``, fused ``gate_up_proj``):
   rescaling of (up row j, down column j), exact whatever the activation; **mixture-of-experts**
   experts stored as (E, 2m, d) / (E, d, m) tensors: the same per expert and unit;
@@ -35,11 +35,11 @@ module. One description covers the families:
   ``Wi``/``Wo``, DeBERTa-v2's ``query_proj`` … ``output.dense``), kept only if they verify.
 
 Biases by role: a query or value bias is the last row of its factor, a key bias is frozen
-(no RoPE) or a row of the key factor (RoPE), see ``quotopt.detect``.
+(no RoPE) or a row of the key factor (RoPE), see ``quotopt.groups.detectors.heads``.
 
-``example_inputs(model)`` (``quotopt.hf_inputs``) builds the inputs the detection probes the model
-with, from its config; ``float64_fix(module)`` names the known fix where a module's float64 copy
-does not run.
+``example_inputs(model)`` (``quotopt.groups.detectors.hf_inputs``) builds the inputs the
+detection probes the model with, from its config; ``float64_fix(module)`` names the known fix
+where a module's float64 copy does not run.
 """
 
 from __future__ import annotations
@@ -49,17 +49,13 @@ from torch import nn
 
 import manifolds as M
 
-from .detect import Option, Slot, head_options
-from .hf_inputs import example_inputs
-from .layouts import ProjectionHeads, Rows
-from .layouts import feature_blocks as blocks
-from .structure import conv1d, in_features, linears, looks_like, mlp_slots, out_features, projection
+from ..candidates import Option, Request, Slot
+from ..layouts import ProjectionHeads, Rows
+from ..layouts import feature_blocks as blocks
+from .heads import head_options
+from .mlp import conv1d, in_features, linears, looks_like, mlp_slots, out_features, projection
 
-__all__ = [
-    "example_inputs",
-    "float64_fix",
-    "hf_slots",
-]
+__all__ = ["attention_slots", "float64_fix", "hf_slots"]
 
 Q, K, V = (
     ("q_proj", "query", "q", "q_lin"),
@@ -296,12 +292,12 @@ def _split(roles):
     return (roles[0], roles[1]) if len(roles) == 2 else (tuple(roles[:4]),)
 
 
-def hf_slots(path: str, module: nn.Module, metric: str, heads=True, rescaling=True):
+def hf_slots(path: str, module: nn.Module, request: Request) -> list[Slot]:
     """Attention and MLP slots of one module (``path`` ends with a dot); [] if none."""
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         return []
-    found = attention_slots(path, module, metric) if heads else []
-    return found + (mlp_slots(path, module, metric) if rescaling else [])
+    found = attention_slots(path, module, request.metric) if request.heads else []
+    return found + (mlp_slots(path, module, request.metric) if request.rescaling else [])
 
 
 def float64_fix(module: nn.Module) -> str:

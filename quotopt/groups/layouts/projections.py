@@ -38,6 +38,28 @@ def feature_blocks(start: int, n_orbits: int, per_orbit: int, width: int, stride
     return start + g + i + torch.arange(width).view(1, 1, -1)
 
 
+def _weight_entries(shape: tuple[int, ...], spec: Rows) -> torch.Tensor:
+    """Flat (row-major) indices of the entries of a weight of ``shape`` that ``spec`` reads:
+    its indexed features, every entry along the remaining axes."""
+    strides = [1] * len(shape)
+    for axis in range(len(shape) - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * shape[axis + 1]
+    sizes = list(shape)
+    if spec.transposed:  # features are the last axis: the weight seen as W^T
+        strides[-1], strides[-2], sizes[-1], sizes[-2] = (
+            strides[-2],
+            strides[-1],
+            shape[-2],
+            shape[-1],
+        )
+    n_indexed = len(spec.indices)
+    first = sum(index.long() * s for index, s in zip(spec.indices, strides))
+    rest = torch.zeros(1, dtype=torch.long)
+    for size, stride in zip(sizes[n_indexed:], strides[n_indexed:]):
+        rest = (rest.unsqueeze(-1) + torch.arange(size) * stride).reshape(-1)
+    return (first.reshape(-1, 1) + rest).reshape(-1)
+
+
 @dataclass(frozen=True, eq=False)
 class Rows:
     """One factor: ``weight`` (position in the group's params), ``index`` (G, k, r) into its
@@ -135,6 +157,17 @@ class ProjectionHeads(Layout):
                 params[spec.bias][b_index] = x[..., -1]
                 x = x[..., :-1]
             feats[index] = x
+
+    def entries(self, shapes):
+        read: dict[int, list[torch.Tensor]] = {}
+        for spec in self.specs:
+            read.setdefault(spec.weight, []).append(
+                _weight_entries(tuple(shapes[spec.weight]), spec)
+            )
+            if spec.bias is not None:
+                b_index = spec.indices[-1] if spec.bias_index is None else spec.bias_index
+                read.setdefault(spec.bias, []).append(b_index.reshape(-1))
+        return {i: torch.cat(v).unique() for i, v in read.items()}
 
     # ---- sharded weights (FSDP2) ------------------------------------------------------------
     def feature_dims(self, params) -> dict[int, int]:

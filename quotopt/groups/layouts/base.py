@@ -71,6 +71,13 @@ class Layout:
         for target, value in zip(self.gather(params), point):
             copy_into(target, value)
 
+    def entries(self, shapes: Sequence[tuple[int, ...]]) -> dict[int, torch.Tensor | None]:
+        """Which entries of each parameter the point reads, from the parameters' ``shapes``:
+        {position: flat (row-major) indices, or None for every entry}; a position absent is not
+        read. The identity reads every entry; a layout that reads part of a tensor overrides
+        this (groups sharing a tensor compose only where their entries are disjoint)."""
+        return dict.fromkeys(range(len(shapes)))
+
     def on_shards(self, params: Sequence[torch.Tensor]) -> Layout:
         """The layout of the local shards of ``params`` (DTensors; ``quotopt.optim.sharding``):
         itself for layouts of views that reshape or transpose without indexing a fixed size;

@@ -20,10 +20,14 @@ float32 even for float64 inputs, so output checks of O(d) on it stop at ≈1e-7.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 import manifolds as M
+
+from .layouts import Layout
 
 __all__ = ["joint_groups", "fold_rms_gains", "llama_joint_groups"]
 
@@ -35,14 +39,13 @@ def joint_groups(model: nn.Module, metric: str = "euclidean", solver: str = "aut
     projection's (``"auto"``, ``"direct"``, ``"cg"``; see ``manifolds.joint``). Raises
     ``ValueError`` for other models, naming the model and what is supported.
     """
-    from .models import Transformer
-
-    if not isinstance(model, Transformer):
+    declares = getattr(model, "symmetry_groups", None)
+    if not callable(declares) or "solver" not in inspect.signature(declares).parameters:
         raise ValueError(
-            f"the joint O(d) x GL(r) reduction is detected for quotopt.models.Transformer only, "
+            f"the joint O(d) x GL(r) reduction is declared by quotopt.models.Transformer only, "
             f"got {type(model).__name__}; build a manifolds.JointBundle and pass it in declared="
         )
-    return model.symmetry_groups(metric, heads=True, residual=True, solver=solver)
+    return declares(metric, heads=True, residual=True, solver=solver)
 
 
 # ---- LLaMA-family models: fold the RMSNorm gains, then O(d) with the value/output heads -----
@@ -110,7 +113,7 @@ def fold_rms_gains(model: nn.Module, tokens=None, tolerance: float | None = None
     return model
 
 
-class _JointViews:
+class _JointViews(Layout):
     """Layout of the LLaMA joint group: the parameters, with each (v_proj, o_proj) pair as the
     head-layout views W_v (H, d, r) and W_o (H, r, d)."""
 
@@ -120,7 +123,7 @@ class _JointViews:
     def __init__(self, heads: dict[int, tuple[str, int]]):
         self.heads = heads  # param index -> ("v" | "o", n_heads)
 
-    def __call__(self, tensors):
+    def gather(self, tensors):
         out = []
         for i, t in enumerate(tensors):
             kind, h = self.heads.get(i, (None, 0))
@@ -130,13 +133,6 @@ class _JointViews:
                 t = t.view(t.shape[0], h, t.shape[1] // h).permute(1, 2, 0)
             out.append(t)
         return tuple(out)
-
-    def write_back(self, params, point) -> None:
-        from .layouts import copy_into
-
-        with torch.no_grad():
-            for target, value in zip(self(list(params)), point):
-                copy_into(target, value)
 
 
 def llama_joint_groups(model: nn.Module, metric: str = "euclidean") -> list[dict]:
@@ -150,9 +146,7 @@ def llama_joint_groups(model: nn.Module, metric: str = "euclidean") -> list[dict
         n for l_ in layers for n in (l_.input_layernorm, l_.post_attention_layernorm)
     ]
     if any(n.weight.requires_grad or not bool((n.weight == 1).all()) for n in norms):
-        raise ValueError(
-            "RMSNorm gains break O(d): call quotopt.joint_groups.fold_rms_gains(model)"
-        )
+        raise ValueError("RMSNorm gains break O(d): call quotopt.groups.fold_rms_gains(model)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     index = {n: i for i, (n, _) in enumerate(named)}
     axis_of = {"o_proj": 0, "down_proj": 0}  # these write the stream: (d, ·); the rest read it

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from .base import Layout, copy_into
 
 __all__ = ["ComposedLayout"]
@@ -37,3 +39,19 @@ class ComposedLayout(Layout):
             else:
                 for target, value in zip(sub, coords):
                     copy_into(target, value)
+
+    def entries(self, shapes):
+        read: dict[int, list] = {}
+        for layout, positions, _ in self.parts:
+            sub = [shapes[i] for i in positions]
+            part = layout.entries(sub) if layout is not None else dict.fromkeys(range(len(sub)))
+            for j, index in part.items():
+                read.setdefault(positions[j], []).append(index)
+        return {i: _union(v) for i, v in read.items()}
+
+
+def _union(indices: list) -> torch.Tensor | None:
+    """Every entry if any part reads every entry, else the union of the parts' indices."""
+    if any(index is None for index in indices):
+        return None
+    return torch.cat([index.reshape(-1) for index in indices]).unique()
