@@ -7,11 +7,11 @@ what an optimiser needs at that point: the Riemannian gradient with its gauge-in
 moments, the horizontal projection, the bounded step with decay and retraction, the frame of
 the point the step reaches (``moved``), transport to it by projection there, and re-dressing
 of the gradient, the moments and r×r statistics per head (``redressed``; the rule by which a
-statistic moves is the bundle's ``act_statistic``, derived in ``docs/theory/dressing.md``). Which factorisation backs a frame — exact
-spectral, Cholesky, written down in closed form at a balanced point, float32 or float64 — is
-the bundle's business, not the optimiser's: optimisers talk to the geometry through this
-handle only (``geometry="iterative"`` on the head pairs: frames built by matmul-only iterations,
-``manifolds.frames.iterative_frame``).
+statistic moves is the bundle's ``act_statistic``, derived in ``docs/theory/dressing.md``).
+Which factorisation backs a frame — exact spectral, Cholesky, written down in closed form at a
+balanced point, float32 or float64 — is the bundle's business, not the optimiser's: optimisers
+talk to the geometry through this handle only (``geometry="iterative"`` on the head pairs:
+frames built by matmul-only iterations, ``manifolds.frames.iterative_frame``).
 
 The contract. A bundle's public methods take a point and nothing else; each is
 ``bundle.at(point)`` asked once. The formulas live in the bundle's protected hooks, which take

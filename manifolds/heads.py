@@ -173,17 +173,17 @@ class GeneralLinearPair(FactoredBundle):
         return p - q
 
     # ---- dressing ------------------------------------------------------------------------------
-    def _dressing_parts(self, point: Point, frame: FactorFrame | None = None, float64_s=False):
+    def _dressing_parts(self, point: Point, data: FactorFrame | None = None, float64_s=False):
         """(u, u⁻ᵀ, S, dressable) with the sign rule applied, in the point's dtype (S in
-        float64 with ``float64_s``). A float64 spectral factorisation of the point (``frame``:
+        float64 with ``float64_s``). A float64 spectral factorisation of the point (``data``:
         ``factorise``'s) holds the eigendecompositions of its Grams, the very ones computed
         here otherwise, and is reused."""
         a, b = self.factors(point)
-        if frame is None or frame.lam is None or frame.p.dtype != torch.float64:
+        if data is None or data.lam is None or data.p.dtype != torch.float64:
             # the dressing keeps M = ABᵀ to float64 round-off whatever the frames' precision
             grams = self.row_sums(gram(a.double()), gram(b.double()))
-            frame = frame_from_grams(*grams, 0.0, weighted=False)
-        u, u_inv_t, s, dressable = balanced_dressing(frame)
+            data = frame_from_grams(*grams, 0.0, weighted=False)
+        u, u_inv_t, s, dressable = balanced_dressing(data)
         signs = self.column_signs(a.double() @ u)
         dtype = a.dtype
         s = s if float64_s else s.to(dtype)
