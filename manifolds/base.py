@@ -180,7 +180,7 @@ class Bundle(PointChecks, abc.ABC):
     # ---- metric and splitting: public on a point, hooks on its frame --------------------------
     def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:
         """The metric on P at ``point`` (a scalar tensor)."""
-        return self._inner(self.at(point), u, v)
+        return self.at(point).inner(u, v)
 
     def norm(self, point: Point, v: Tangent) -> torch.Tensor:
         """The metric norm of a tangent vector."""
@@ -188,7 +188,7 @@ class Bundle(PointChecks, abc.ABC):
 
     def project_vertical(self, point: Point, v: Tangent) -> Tangent:
         """Metric-orthogonal projection onto the vertical space (tangent to the orbit)."""
-        return self._project_vertical(self.at(point), v)
+        return self.at(point).vertical_part(v)
 
     def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
         """Metric-orthogonal projection onto the horizontal space, v - P_V v."""
@@ -330,7 +330,7 @@ class Bundle(PointChecks, abc.ABC):
         boolean tensor saying where (per head for head bundles). Never synchronises: what
         optimisers use (``Frame.dressing_or_identity`` reuses the frame's factorisation where
         the dressing needs the same one). The default: every point is dressable."""
-        return self._dressing_or_identity(self.at(point))
+        return self.at(point).dressing_or_identity()
 
     def _dressing_or_identity(self, frame):
         u = self.dressing(frame.point)
