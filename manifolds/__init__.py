@@ -5,7 +5,8 @@ where needed) and is usable on its own.
 """
 
 from .base import AMBIGUITY_TOLERANCE, Bundle, Point, Tangent, checks_enabled, unchecked
-from .factored import FactoredBundle, FactorFrame
+from .factored import STATISTIC_KINDS, FactoredBundle, FactorFrame
+from .frame import Frame
 from .heads import METRICS, GeneralLinearPair, HeadOV, HeadQK
 from .joint import JointBundle
 from .product import ProductBundle
@@ -18,6 +19,7 @@ __all__ = [
     "Bundle",
     "FactoredBundle",
     "FactorFrame",
+    "Frame",
     "GeneralLinearPair",
     "HeadOV",
     "HeadQK",
@@ -27,6 +29,7 @@ __all__ = [
     "PositiveRescaling",
     "ProductBundle",
     "ResidualRotation",
+    "STATISTIC_KINDS",
     "RotaryQK",
     "Tangent",
     "checks_enabled",

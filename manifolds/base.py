@@ -72,8 +72,10 @@ class Bundle(PointChecks, abc.ABC):
     Subclasses set ``n_tensors`` (the arity of a point) and ``metric`` and implement the
     abstract methods. All methods are batched over leading head/layer axes and are device- and
     dtype-agnostic. Methods that need a factorisation of the point (projections, gradients,
-    second moments, transport) accept the ``frame`` that ``factorise(point)`` returns, so that
-    one factorisation serves every operation at a point; without it they factorise themselves.
+    second moments, transport) take the point alone; the frame handle ``at(point)``
+    (``manifolds.frame.Frame``) answers the same questions from one factorisation of the point
+    through the protected hooks (``_inner(frame, …)``, ``_project_vertical``, …), which
+    subclasses implement, reading ``frame.data`` (their ``factorise``) only when they need it.
     Optional members raise ``NotImplementedError`` naming the bundle and the member.
     """
 
@@ -150,14 +152,6 @@ class Bundle(PointChecks, abc.ABC):
         """
         return self.act(covector, self.inverse_transpose(g))
 
-    def redress(self, point: Point, covector: Tangent, tangents: tuple, frame=None):
-        """(p·u, act_dual(covector, u), tangents·u, frame of p·u) for u = dressing_or_identity(p):
-        the dressed point with its gradient and tangents carried along (``frame``: p's, if
-        held). Bundles that know the dressed frame in closed form skip its factorisation."""
-        u, _ = self.dressing_or_identity(point, frame=frame)
-        moved, carried = self.act(point, u), tuple(self.act(t, u) for t in tangents)
-        return moved, self.act_dual(covector, u), carried, self.factorise(moved)
-
     def inverse(self, g):
         """g⁻¹ (batched), in the working precision; orthogonal groups override it."""
         return inverse(g)
@@ -178,44 +172,42 @@ class Bundle(PointChecks, abc.ABC):
 
         return Frame(self, point, data)
 
-    # ---- metric and splitting --------------------------------------------------------
     def factorise(self, point: Point):
         """The factorisation of ``point`` that projections, gradients and moments reuse (a
-        frame), or None for bundles that need none. Recompute it whenever the point moves."""
+        frame's ``data``), or None for bundles that need none."""
         return None
 
-    @abc.abstractmethod
-    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
+    # ---- metric and splitting: public on a point, hooks on its frame --------------------------
+    def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:
         """The metric on P at ``point`` (a scalar tensor)."""
+        return self.at(point).inner(u, v)
 
-    @abc.abstractmethod
-    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
+    def norm(self, point: Point, v: Tangent) -> torch.Tensor:
+        """The metric norm of a tangent vector."""
+        return self.at(point).norm(v)
+
+    def project_vertical(self, point: Point, v: Tangent) -> Tangent:
         """Metric-orthogonal projection onto the vertical space (tangent to the orbit)."""
+        return self.at(point).vertical_part(v)
 
-    def project_horizontal(self, point: Point, v: Tangent, frame=None) -> Tangent:
+    def project_horizontal(self, point: Point, v: Tangent) -> Tangent:
         """Metric-orthogonal projection onto the horizontal space, v - P_V v."""
-        vert = self.project_vertical(point, v, frame)
-        return tuple(a - b for a, b in zip(v, vert))
+        return self.at(point).horizontal(v)
 
-    def riemannian_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
+    def riemannian_gradient(self, point: Point, egrad: Tangent) -> Tangent:
         """The metric's gradient from the Euclidean one (identity for the Euclidean metric)."""
-        return tuple(egrad)
+        return self.at(point).riemannian_gradient(egrad)
 
-    def horizontal_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
+    def horizontal_gradient(self, point: Point, egrad: Tangent) -> Tangent:
         """Horizontal lift of the quotient gradient: the Riemannian gradient, projected.
 
         For a G-invariant loss the Riemannian gradient is already horizontal; the projection
         removes the round-off and makes the result exact for non-invariant losses too.
         """
         self.check_tangent(point, egrad, "gradient")
-        frame = self.factorise(point) if frame is None else frame
-        return self.project_horizontal(point, self.riemannian_gradient(point, egrad, frame), frame)
+        return self.at(point).horizontal_gradient(egrad)
 
-    def norm(self, point: Point, v: Tangent, frame=None) -> torch.Tensor:
-        """The metric norm of a tangent vector."""
-        return self.inner(point, v, v, frame).clamp_min(0).sqrt()
-
-    def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
+    def slice_mean_square(self, point: Point, v: Tangent) -> Tangent:
         """Gauge-invariant mean squared magnitudes of v, one per slice that no symmetry mixes.
 
         Returns a tuple of tensors broadcastable to the point's tensors, normalised per
@@ -224,7 +216,26 @@ class Bundle(PointChecks, abc.ABC):
         preconditioner commutes with the group action (per-coordinate second moments would pick
         a basis the symmetry rotates). The default is one magnitude for the whole point.
         """
-        mean = self.inner(point, v, v, frame) / sum(t.numel() for t in point)
+        return self.at(point).mean_square(v)
+
+    @abc.abstractmethod
+    def _inner(self, frame, u: Tangent, v: Tangent) -> torch.Tensor:
+        """``inner`` at ``frame.point`` (``frame.data``: its factorisation, on first use)."""
+
+    @abc.abstractmethod
+    def _project_vertical(self, frame, v: Tangent) -> Tangent:
+        """``project_vertical`` at ``frame.point``."""
+
+    def _project_horizontal(self, frame, v: Tangent) -> Tangent:
+        vert = self._project_vertical(frame, v)
+        return tuple(a - b for a, b in zip(v, vert))
+
+    def _riemannian_gradient(self, frame, egrad: Tangent) -> Tangent:
+        return tuple(egrad)
+
+    def _slice_mean_square(self, frame, v: Tangent) -> Tangent:
+        point = frame.point
+        mean = self._inner(frame, v, v) / sum(t.numel() for t in point)
         return tuple(mean.reshape((1,) * t.dim()) for t in point)
 
     # ---- moving along the bundle -------------------------------------------------------
@@ -232,13 +243,16 @@ class Bundle(PointChecks, abc.ABC):
         """Retraction: p + v (the total space is an open subset of a vector space)."""
         return tuple(p + d for p, d in zip(point, v))
 
-    def transport(self, point: Point, new_point: Point, v: Tangent, frame=None) -> Tangent:
-        """Vector transport by horizontal projection at the new point (``frame``: its frame)."""
-        return self.project_horizontal(new_point, v, frame)
+    def transport(self, point: Point, new_point: Point, v: Tangent) -> Tangent:
+        """Vector transport by horizontal projection at the new point."""
+        return self.project_horizontal(new_point, v)
 
-    def limit_step(self, point: Point, step: Tangent, frame=None) -> Tangent:
+    def limit_step(self, point: Point, step: Tangent) -> Tangent:
         """The step an optimiser may take from ``point`` along ``-step``: the bundle's bound on
         how far one step may move the invariants (default: no bound)."""
+        return self._limit_step(self.at(point), step)
+
+    def _limit_step(self, frame, step: Tangent) -> Tangent:
         return tuple(step)
 
     def scale_invariants(self, point: Point, factor) -> Point:
@@ -248,9 +262,9 @@ class Bundle(PointChecks, abc.ABC):
         """
         return tuple(p * factor for p in point)
 
-    def deficient_heads(self, frame):
-        """Per head (bool), whether the point behind ``frame`` is rank-deficient to working
-        precision; None for bundles without such a notion."""
+    def deficient_heads(self, data):
+        """Per head (bool), whether the point whose factorisation is ``data`` (``factorise``)
+        is rank-deficient to working precision; None for bundles without such a notion."""
         return None
 
     def dead_heads(self, point: Point):
@@ -311,16 +325,41 @@ class Bundle(PointChecks, abc.ABC):
         """(A, B) of a factored bundle's point (two-factor bundles only)."""
         raise self.missing("factors")
 
-    def dressing_or_identity(self, point: Point, frame=None):
+    def dressing_or_identity(self, point: Point):
         """(u, dressable): the dressing where it is defined and the identity elsewhere, with a
         boolean tensor saying where (per head for head bundles). Never synchronises: what
-        optimisers use. ``frame``: ``factorise(point)`` where the caller holds it (a bundle
-        whose dressing needs the same factorisation reuses it). The default: every point is
-        dressable."""
-        del frame
-        u = self.dressing(point)
-        ref = point[0]
-        return u, torch.ones((), dtype=torch.bool, device=ref.device)
+        optimisers use (``Frame.dressing_or_identity`` reuses the frame's factorisation where
+        the dressing needs the same one). The default: every point is dressable."""
+        return self.at(point).dressing_or_identity()
+
+    def _dressing_or_identity(self, frame):
+        u = self.dressing(frame.point)
+        return u, torch.ones((), dtype=torch.bool, device=frame.point[0].device)
+
+    # ---- re-dressing: the point, its gradient, tangents and r×r statistics ----------------------
+    def redress(self, point: Point, covector: Tangent, tangents: tuple, statistics=None):
+        """(p·u, act_dual(covector, u), tangents·u) for u = dressing_or_identity(p), and with
+        ``statistics`` (``(index, kind, S)`` triples) a fourth entry, the statistics carried by
+        ``act_statistic``: ``Frame.redressed`` on a point."""
+        out = self.at(point).redressed(covector, tangents, statistics)
+        return (out[0].point, *out[1:])
+
+    def act_statistic(self, statistic: torch.Tensor, g, index: int, kind: str) -> torch.Tensor:
+        """The action of g on an r×r statistic of tensor ``index`` of a point's vectors:
+        ``kind="covector"`` for statistics built from gradients (E[GᵢᵀGᵢ] of factor i),
+        ``"tangent"`` for those built from tangent vectors or inverse to a covector statistic
+        (a preconditioner). Each transforms by congruence, S ↦ cᵀ S c, with c the matrix by
+        which g multiplies factor i of such a vector (``docs/theory/dressing.md``). Optional."""
+        raise self.missing("act_statistic")
+
+    def _redress(self, frame, covector: Tangent, tangents: tuple, statistics: tuple):
+        """(p·u, act_dual(covector, u), tangents·u, carried statistics, factorisation of p·u)
+        at ``frame``: the generic route, by the action and a fresh factorisation. Bundles that
+        know the dressed factorisation in closed form override it."""
+        u, _ = self._dressing_or_identity(frame)
+        moved, carried = self.act(frame.point, u), tuple(self.act(t, u) for t in tangents)
+        stats = tuple(self.act_statistic(s, u, i, kind) for i, kind, s in statistics)
+        return moved, self.act_dual(covector, u), carried, stats, self.factorise(moved)
 
     @abc.abstractmethod
     def ambiguity(self, point: Point) -> torch.Tensor:

@@ -47,21 +47,30 @@ __all__ = [
     "FactoredBundle",
     "FactorFrame",
     "METRICS",
+    "STATISTIC_KINDS",
     "frame_from_grams",
     "balanced_frame",
     "merge_frames",
 ]
 
 METRICS = ("euclidean", "invariant")
+#: how an r×r statistic of a factor transforms (``FactoredBundle.act_statistic``)
+STATISTIC_KINDS = ("covector", "tangent")
 
 
-def step_scale(frame: FactorFrame, vv1, vv2, av1, bv2) -> torch.Tensor:
+def congruence(statistic: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """cᵀ S c (batched): how an r×r statistic S of a factor moves when the factor is
+    multiplied by c on the right."""
+    return c.mT @ statistic.to(c.dtype) @ c
+
+
+def step_scale(data: FactorFrame, vv1, vv2, av1, bv2) -> torch.Tensor:
     """Per head the factor s ≤ 1 of the invariant metric's step bound (module docstring) from
     r×r products of the step V = (V₁, V₂): V₁ᵀV₁, V₂ᵀV₂, AᵀV₁ and BᵀV₂, in the frame's
     precision. ‖V₁Bᵀ + AV₂ᵀ‖² = tr(V₁ᵀV₁ Q) + tr(P V₂ᵀV₂) + 2 tr(V₁ᵀA V₂ᵀB) is the first-order
     change of M, ‖V₁V₂ᵀ‖² = tr(V₁ᵀV₁ V₂ᵀV₂) the second-order one."""
     trace = lambda x, y: (x * y.mT).sum((-2, -1))  # noqa: E731 - tr(x y)
-    linear = trace(vv1, frame.q) + trace(frame.p, vv2) + 2 * trace(av1.mT, bv2.mT)
+    linear = trace(vv1, data.q) + trace(data.p, vv2) + 2 * trace(av1.mT, bv2.mT)
     quadratic = trace(vv1, vv2)
     lin, quad = linear.clamp_min(0).sqrt(), quadratic.clamp_min(0).sqrt()
     return torch.where(quad > 0.5 * lin, 0.5 * lin / quad.clamp_min(1e-300), 1.0)
@@ -244,10 +253,10 @@ class FactoredBundle(Bundle):
         weighted = self.metric != "euclidean"
         return frame_from_grams(p, q, self.damping, spectral=not closed_form, weighted=weighted)
 
-    def deficient_heads(self, frame: FactorFrame) -> torch.Tensor:
+    def deficient_heads(self, data: FactorFrame) -> torch.Tensor:
         """(H,) bool: a factor Gram with smallest eigenvalue (or Cholesky pivot) at round-off
-        level of its largest (8·r·eps of the frame's working precision)."""
-        return frame.deficient
+        level of its largest (8·r·eps of the factorisation's working precision)."""
+        return data.deficient
 
     def dead_heads(self, point: Point) -> torch.Tensor:
         """(H,) bool: heads with A = 0 and B = 0. The gradients (G B, Gᵀ A) of any loss of
@@ -257,38 +266,35 @@ class FactoredBundle(Bundle):
         size_a, size_b = self.row_sums(a.square().sum((-2, -1)), b.square().sum((-2, -1)))
         return (size_a == 0) & (size_b == 0)
 
-    def _frame(self, point: Point, frame) -> FactorFrame:
-        return self.factorise(point) if frame is None else frame
-
     # ---- metric ------------------------------------------------------------------------------
-    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
-        point = self.check_point(point)
+    def _inner(self, frame, u: Tangent, v: Tangent) -> torch.Tensor:
+        point = self.check_point(frame.point)
         u1, u2 = self.factors(self.check_tangent(point, u, "u"))
         v1, v2 = self.factors(self.check_tangent(point, v, "v"))
         if self.metric == "euclidean":
             local = (u1 * v1).sum() + (u2 * v2).sum()
         else:
-            f = self._frame(point, frame)
+            f = frame.data
             root_1, root_2 = f.root_q.to(u1.dtype), f.root_p.to(u1.dtype)
             local = ((u1 @ root_1) * (v1 @ root_1)).sum() + ((u2 @ root_2) * (v2 @ root_2)).sum()
         return self.row_sums(local.reshape(1))[0][0]
 
-    def riemannian_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
+    def _riemannian_gradient(self, frame, egrad: Tangent) -> Tangent:
         if self.metric == "euclidean":
             return tuple(egrad)
-        point = self.check_point(point)
+        point = self.check_point(frame.point)
         g1, g2 = self.factors(self.check_tangent(point, egrad, "gradient"))
-        f = self._frame(point, frame)  # (Q + δ)⁺, (P + δ)⁺
+        f = frame.data  # (Q + δ)⁺, (P + δ)⁺
         return self.from_factors(g1 @ f.inv_q.to(g1.dtype), g2 @ f.inv_p.to(g2.dtype))
 
-    def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
+    def _slice_mean_square(self, frame, v: Tangent) -> Tangent:
         """Per-row mean squared magnitude of each factor under the metric, (H, rows, 1) per
         factor (transposed like the layout). Divided by r so that the Euclidean case is
         Adam's per-coordinate mean square."""
-        point = self.check_point(point)
+        point = self.check_point(frame.point)
         u1, u2 = self.factors(self.check_tangent(point, v))
         if self.metric != "euclidean":  # ‖u_i R‖² with R Rᵀ the metric's Gram
-            f = self._frame(point, frame)
+            f = frame.data
             u1, u2 = u1 @ f.root_q.to(u1.dtype), u2 @ f.root_p.to(u2.dtype)
         return self.from_factors(
             u1.square().mean(-1, keepdim=True), u2.square().mean(-1, keepdim=True)
@@ -299,14 +305,14 @@ class FactoredBundle(Bundle):
         root = factor.sqrt() if isinstance(factor, torch.Tensor) else factor**0.5
         return tuple(t * root for t in point)
 
-    def limit_step(self, point: Point, step: Tangent, frame=None) -> Tangent:
+    def _limit_step(self, frame, step: Tangent) -> Tangent:
         """Scale each head's step so its second-order change of M is ≤ ½ its first-order one
         (module docstring); the identity under the Euclidean metric."""
         if self.metric == "euclidean":
             return tuple(step)
-        a, b = self.factors(point)
+        a, b = self.factors(frame.point)
         v1, v2 = self.factors(step)
-        f = self._frame(point, frame)
+        f = frame.data
         work = f.p.dtype
         vv1, vv2, av1, bv2 = (
             t.to(work) for t in self.row_sums(gram(v1), gram(v2), a.mT @ v1, b.mT @ v2)
@@ -316,19 +322,32 @@ class FactoredBundle(Bundle):
         return tuple(t * scale for t in step)
 
     # ---- the group part shared by the siblings ------------------------------------------------
-    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
-        point = self.check_point(point)
+    def _project_vertical(self, frame, v: Tangent) -> Tangent:
+        point = self.check_point(frame.point)
         v = self.check_tangent(point, v)
-        xi = self.vertical_generator(point, v, self._frame(point, frame))
-        return self.vertical(point, xi)
+        return self.vertical(point, self._vertical_generator(frame, v))
 
-    def project_horizontal(self, point: Point, v: Tangent, frame=None) -> Tangent:
-        vert = self.project_vertical(point, v, frame)
-        return tuple(x - y for x, y in zip(v, vert))
+    def _vertical_generator(self, frame, v: Tangent):
+        """The Lie-algebra element ξ with V(ξ) the metric-orthogonal vertical part of v at
+        ``frame.point`` (a checked tangent)."""
+        raise self.missing("vertical generator")
 
-    def vertical_generator(self, point: Point, v: Tangent, frame: FactorFrame):
-        """The Lie-algebra element ξ with V(ξ) the metric-orthogonal vertical part of v."""
-        raise self.missing("vertical_generator")
+    def act_statistic(self, statistic: torch.Tensor, g, index: int, kind: str) -> torch.Tensor:
+        """``Bundle.act_statistic`` for the action (A g, B g⁻ᵀ): a tangent vector's factors move
+        by (g, g⁻ᵀ), a covector's by (g⁻ᵀ, g); an r×r statistic S of factor ``index``
+        (E[VᵢᵀVᵢ], E[GᵢᵀGᵢ], or a preconditioner) by S ↦ cᵀ S c with c its factor's matrix."""
+        return congruence(statistic, self._statistic_map(g, None, index, kind))
+
+    def _statistic_map(self, g, g_inv_t, index: int, kind: str):
+        """The matrix c of ``act_statistic`` (``g_inv_t``: g⁻ᵀ where the caller holds it)."""
+        if index not in (0, 1) or kind not in STATISTIC_KINDS:
+            raise ValueError(
+                f"{type(self).__name__}: a statistic needs index 0 or 1 (the factor) and kind in "
+                f"{STATISTIC_KINDS}, got index={index!r}, kind={kind!r}"
+            )
+        g_inv_t = self.inverse_transpose(g) if g_inv_t is None else g_inv_t
+        tangent = (g, g_inv_t)
+        return tangent[index] if kind == "tangent" else tangent[1 - index]
 
     def moment_map(self, point: Point) -> torch.Tensor:
         """AᵀA − BᵀB projected onto the group's Lie algebra, per head (subclass defines)."""

@@ -6,16 +6,30 @@ for the factored bundles, an eigenframe for O(d), nothing for bundles that need 
 what an optimiser needs at that point: the Riemannian gradient with its gauge-invariant second
 moments, the horizontal projection, the bounded step with decay and retraction, the frame of
 the point the step reaches (``moved``), transport to it by projection there, and re-dressing
-of the gradient and the moments (``redressed``). Which factorisation backs a frame — exact
-spectral, Cholesky, written down in closed form at a balanced point, float32 or float64 — is
-the bundle's business, not the optimiser's: optimisers talk to the geometry through this
-handle only (``geometry="iterative"`` on the head pairs: frames built by matmul-only iterations,
-``manifolds.frames.iterative_frame``).
+of the gradient, the moments and r×r statistics per head (``redressed``; the rule by which a
+statistic moves is the bundle's ``act_statistic``, derived in ``docs/theory/dressing.md``).
+Which factorisation backs a frame — exact spectral, Cholesky, written down in closed form at a
+balanced point, float32 or float64 — is the bundle's business, not the optimiser's: optimisers
+talk to the geometry through this handle only (``geometry="iterative"`` on the head pairs:
+frames built by matmul-only iterations, ``manifolds.frames.iterative_frame``).
+
+The contract. A bundle's public methods take a point and nothing else; each is
+``bundle.at(point)`` asked once. The formulas live in the bundle's protected hooks, which take
+the frame: ``_inner(frame, u, v)``, ``_project_vertical(frame, v)``,
+``_project_horizontal(frame, v)``, ``_riemannian_gradient(frame, egrad)``,
+``_slice_mean_square(frame, v)``, ``_limit_step(frame, step)``, ``_dressing_or_identity(frame)``
+and ``_redress(frame, covector, tangents, statistics)``. A hook reads ``frame.point`` and, only
+where it needs the factorisation, ``frame.data`` (``bundle.factorise(point)``, computed once per
+frame); it never factorises otherwise. A frame built with ``data`` (``bundle.at(point, data)``)
+trusts it to be the point's factorisation: the caller that caches one (an optimiser between
+steps) answers for its being current.
 
 ``PairFrame`` (the frames of the GL(r) head pairs) computes what several operations share once:
 the invariant metric's second moments of the gradient come with the gradient (‖g Q⁻¹ R‖² =
 rowsum(g Q⁻¹ ∘ g) for R Rᵀ = Q, no second product), and the step bound reuses the projection's
 r×r products (Aᵀ(Z₁ − Aξ) = AᵀZ₁ − Pξ). The derivations are in ``docs/theory/optimisers.md``.
+``ProductFrame`` (``manifolds.product``) holds one frame per component, each factorised on first
+use.
 """
 
 from __future__ import annotations
@@ -50,10 +64,29 @@ class Frame:
             self._data = self.bundle.factorise(self.point)
         return self._data
 
+    @property
+    def cached(self):
+        """The factorisation if computed or given already, else None (computes nothing: for
+        operations that reuse it where it exists and need it not)."""
+        return self._data
+
+    # ---- the metric ----------------------------------------------------------------------------
+    def inner(self, u: Tensors, v: Tensors) -> torch.Tensor:
+        """The metric at the point (a scalar tensor)."""
+        return self.bundle._inner(self, u, v)
+
+    def norm(self, v: Tensors) -> torch.Tensor:
+        """The metric norm of ``v``."""
+        return self.inner(v, v).clamp_min(0).sqrt()
+
     # ---- gradients and moments ---------------------------------------------------------------
     def riemannian_gradient(self, egrad: Tensors) -> Tensors:
         """The metric's gradient (horizontal for a G-invariant loss)."""
-        return tuple(self.bundle.riemannian_gradient(self.point, egrad, self.data))
+        return tuple(self.bundle._riemannian_gradient(self, egrad))
+
+    def horizontal_gradient(self, egrad: Tensors) -> Tensors:
+        """The Riemannian gradient projected on the horizontal space (exact for any loss)."""
+        return self.horizontal(self.riemannian_gradient(egrad))
 
     def gradient_and_moments(self, egrad: Tensors) -> tuple[Tensors, Tensors]:
         """(Riemannian gradient, its ``mean_square``)."""
@@ -63,12 +96,16 @@ class Frame:
     def mean_square(self, v: Tensors) -> Tensors:
         """Gauge-invariant mean squares of ``v`` per slice no symmetry mixes
         (``Bundle.slice_mean_square``)."""
-        return tuple(self.bundle.slice_mean_square(self.point, v, self.data))
+        return tuple(self.bundle._slice_mean_square(self, v))
 
     def horizontal(self, v: Tensors) -> Tensors:
         """The metric-orthogonal projection of ``v`` onto the horizontal space here; also the
         transport of a vector from a nearby point to this one."""
-        return tuple(self.bundle.project_horizontal(self.point, v, self.data))
+        return tuple(self.bundle._project_horizontal(self, v))
+
+    def vertical_part(self, v: Tensors) -> Tensors:
+        """The metric-orthogonal projection of ``v`` onto the vertical space (the orbit's)."""
+        return tuple(self.bundle._project_vertical(self, v))
 
     # ---- moving ---------------------------------------------------------------------------------
     def descend(self, direction: Tensors, lr: float, weight_decay: float, project: bool = True):
@@ -77,7 +114,7 @@ class Frame:
         that is horizontal already), bounded (``limit_step``), retracted."""
         if project:
             direction = self.horizontal(direction)
-        step = self.bundle.limit_step(self.point, tuple(d * -lr for d in direction), self.data)
+        step = self.bundle._limit_step(self, tuple(d * -lr for d in direction))
         return self._retract_decayed(step, lr, weight_decay)
 
     def _retract_decayed(self, step: Tensors, lr: float, weight_decay: float) -> Tensors:
@@ -93,14 +130,24 @@ class Frame:
         frame.data  # noqa: B018 - factorise eagerly, inside the step that pays for it
         return frame
 
-    def redressed(self, covector: Tensors, tangents: tuple) -> tuple[Frame, Tensors, tuple]:
+    def dressing_or_identity(self):
+        """(u, dressable): ``Bundle.dressing_or_identity`` from this frame's factorisation."""
+        return self.bundle._dressing_or_identity(self)
+
+    def redressed(self, covector: Tensors, tangents: tuple, statistics=None):
         """(frame of p·u, act_dual(covector, u), tangents·u) for u the dressing where it is
-        defined (identity elsewhere): ``Bundle.redress``, whose dressed frame comes written
-        down where the bundle knows it in closed form."""
-        moved, covector, carried, data = self.bundle.redress(
-            self.point, covector, tangents, self.data
+        defined (identity elsewhere); the dressed frame comes written down where the bundle
+        knows it in closed form. With ``statistics``, triples ``(index, kind, S)`` of r×r
+        statistics of tensor ``index`` (``kind``: ``"covector"`` or ``"tangent"``,
+        ``Bundle.act_statistic``), a fourth entry: the statistics carried to p·u."""
+        stats = () if statistics is None else tuple(statistics)
+        moved, covector, carried, carried_stats, data = self.bundle._redress(
+            self, covector, tangents, stats
         )
-        return self.bundle.at(moved, data), covector, carried
+        frame = self.bundle.at(moved, data)
+        if statistics is None:
+            return frame, covector, carried
+        return frame, covector, carried, carried_stats
 
     # ---- flags --------------------------------------------------------------------------------
     @property

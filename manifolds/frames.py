@@ -171,10 +171,17 @@ def iterative_frame(p: torch.Tensor, q: torch.Tensor, metric: str) -> FactorFram
     zero = p.new_zeros(p.shape[:-2] + (1,))
     if metric == "euclidean":
         solver = SylvesterSolver(p, q, condition)
+        missing = dict(inv_p=None, inv_q=None, root_p=None, root_q=None)  # the solver has them
         return FactorFrame(
-            p, q, None, None, None, None, zero, zero, ~solver.ok, sylvester=solver,
+            p,
+            q,
+            **missing,
+            damp_p=zero,
+            damp_q=zero,
+            deficient=~solver.ok,
+            sylvester=solver,
             fallback=~solver.ok,
-        )  # fmt: skip
+        )
     root_p, inv_root_p, ok_p = roots(p, condition)
     root_q, inv_root_q, ok_q = roots(q, condition)
     failed = ~(ok_p & ok_q)

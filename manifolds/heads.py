@@ -37,6 +37,7 @@ from .factored import (
     FactoredBundle,
     FactorFrame,
     balanced_frame,
+    congruence,
     frame_from_grams,
     merge_frames,
 )
@@ -88,9 +89,14 @@ class GeneralLinearPair(FactoredBundle):
         """This bundle with its frames and re-dressing computed by ``geometry``
         (``GEOMETRIES``)."""
         return type(self)(
-            self.n_heads, self.d_model, self.d_head, self.metric, factor_rows=self.factor_rows,
-            damping=self.damping, geometry=geometry,
-        )._with_hooks(self)  # fmt: skip
+            self.n_heads,
+            self.d_model,
+            self.d_head,
+            self.metric,
+            factor_rows=self.factor_rows,
+            damping=self.damping,
+            geometry=geometry,
+        )._with_hooks(self)
 
     def _with_hooks(self, other: GeneralLinearPair) -> GeneralLinearPair:
         self._sum_rows, self._signs_of_rows = other._sum_rows, other._signs_of_rows
@@ -118,9 +124,14 @@ class GeneralLinearPair(FactoredBundle):
         """``n_heads`` heads of this shape and metric in factor form (A, B), whatever the
         layout of this bundle (``HeadOV`` stores B transposed)."""
         return HeadQK(
-            n_heads, self.d_model, self.d_head, self.metric,
-            factor_rows=self.factor_rows, damping=self.damping, geometry=self.geometry,
-        )  # fmt: skip
+            n_heads,
+            self.d_model,
+            self.d_head,
+            self.metric,
+            factor_rows=self.factor_rows,
+            damping=self.damping,
+            geometry=self.geometry,
+        )
 
     # ---- action ---------------------------------------------------------------------------
     def act(self, point: Point, g: torch.Tensor) -> Point:
@@ -137,18 +148,18 @@ class GeneralLinearPair(FactoredBundle):
         return self.from_factors(a @ xi, -(b @ xi.mT))
 
     # ---- splitting ------------------------------------------------------------------------
-    def vertical_generator(self, point: Point, v: Tangent, frame: FactorFrame) -> torch.Tensor:
-        a, b = self.factors(point)
+    def _vertical_generator(self, frame, v: Tangent) -> torch.Tensor:
+        a, b = self.factors(frame.point)
         z1, z2 = self.factors(v)
-        xi = gl_vertical_generator(self.metric, frame, *self.row_sums(a.mT @ z1, z2.mT @ b))
+        xi = gl_vertical_generator(self.metric, frame.data, *self.row_sums(a.mT @ z1, z2.mT @ b))
         return xi.to(a.dtype)
 
-    def project_horizontal(self, point: Point, v: Tangent, frame=None) -> Tangent:
-        point = self.check_point(point)
+    def _project_horizontal(self, frame, v: Tangent) -> Tangent:
+        point = self.check_point(frame.point)
         v = self.check_tangent(point, v)
         a, b = self.factors(point)
         z1, z2 = self.factors(v)
-        xi = self.vertical_generator(point, v, self._frame(point, frame))
+        xi = self._vertical_generator(frame, v)
         # Z - (Aξ, -Bξᵀ) as fused multiply-adds: one memory pass over each factor, not three
         return self.from_factors(torch.baddbmm(z1, a, xi, alpha=-1), torch.baddbmm(z2, b, xi.mT))
 
@@ -162,17 +173,17 @@ class GeneralLinearPair(FactoredBundle):
         return p - q
 
     # ---- dressing ------------------------------------------------------------------------------
-    def _dressing_parts(self, point: Point, frame: FactorFrame | None = None, float64_s=False):
+    def _dressing_parts(self, point: Point, data: FactorFrame | None = None, float64_s=False):
         """(u, u⁻ᵀ, S, dressable) with the sign rule applied, in the point's dtype (S in
-        float64 with ``float64_s``). A spectral ``frame`` of the point (``factorise``) holds the
-        eigendecompositions of its Grams, the very ones computed here otherwise, and is
-        reused."""
+        float64 with ``float64_s``). A float64 spectral factorisation of the point (``data``:
+        ``factorise``'s) holds the eigendecompositions of its Grams, the very ones computed
+        here otherwise, and is reused."""
         a, b = self.factors(point)
-        if frame is None or frame.lam is None or frame.p.dtype != torch.float64:
+        if data is None or data.lam is None or data.p.dtype != torch.float64:
             # the dressing keeps M = ABᵀ to float64 round-off whatever the frames' precision
             grams = self.row_sums(gram(a.double()), gram(b.double()))
-            frame = frame_from_grams(*grams, 0.0, weighted=False)
-        u, u_inv_t, s, dressable = balanced_dressing(frame)
+            data = frame_from_grams(*grams, 0.0, weighted=False)
+        u, u_inv_t, s, dressable = balanced_dressing(data)
         signs = self.column_signs(a.double() @ u)
         dtype = a.dtype
         s = s if float64_s else s.to(dtype)
@@ -211,24 +222,26 @@ class GeneralLinearPair(FactoredBundle):
         g, g_inv_t = g.to(a.dtype), g_inv_t.to(a.dtype)
         return torch.where(keep, g, other), torch.where(keep, g_inv_t, other_inv_t)
 
-    def dressing_or_identity(self, point: Point, frame: FactorFrame | None = None):
+    def _dressing_or_identity(self, frame):
         """(u, dressable): the dressing where a head's factors have full rank to working
-        precision, the identity (and ``dressable`` False) elsewhere. Never synchronises."""
-        u, _, _, dressable = self._dressing_parts(self.check_point(point), frame)
+        precision, the identity (and ``dressable`` False) elsewhere. Never synchronises; reuses
+        a float64 spectral factorisation the frame already holds (it computes none)."""
+        u, _, _, dressable = self._dressing_parts(self.check_point(frame.point), frame.cached)
         return u, dressable
 
-    def redress(self, point: Point, covector: Tangent, tangents: tuple, frame=None):
-        """``Bundle.redress`` without a second factorisation: the dressed point is balanced,
+    def _redress(self, frame, covector: Tangent, tangents: tuple, statistics: tuple):
+        """``Bundle._redress`` without a second factorisation: the dressed point is balanced,
         AᵀA = BᵀB = diag(S), so its spectral frame is written down (``balanced_frame``), and
-        u⁻ᵀ comes with the dressing, so the action needs no solve. Heads that cannot be dressed
-        only have their columns' signs fixed (u a diagonal of ±1): their frame is the old one
-        conjugated by it. (The undamped invariant metric's Cholesky frame is refactorised.)"""
-        point = self.check_point(point)
+        u⁻ᵀ comes with the dressing, so neither the action nor the statistics need a solve.
+        Heads that cannot be dressed only have their columns' signs fixed (u a diagonal of
+        ±1): their frame is the old one conjugated by it. (The undamped invariant metric's
+        Cholesky frame is refactorised.)"""
+        point = self.check_point(frame.point)
         if self.geometry == "iterative":  # balanced up to O(r); the new frame by iterations
             u, u_inv_t = self._balancing(point)
         else:
-            frame = self._frame(point, frame)
-            u, u_inv_t, s, dressable = self._dressing_parts(point, frame, float64_s=True)
+            data = frame.data
+            u, u_inv_t, s, dressable = self._dressing_parts(point, data, float64_s=True)
 
         def move(v: Tangent, left: torch.Tensor, right: torch.Tensor) -> Tangent:
             a, b = self.factors(v)
@@ -237,11 +250,16 @@ class GeneralLinearPair(FactoredBundle):
         moved = move(point, u, u_inv_t)
         carried = tuple(move(t, u, u_inv_t) for t in tangents)
         covector = move(covector, u_inv_t, u)  # act_dual: the action of u⁻ᵀ
-        if self.geometry == "iterative" or frame.lam is None:  # no closed form kept here
-            return moved, covector, carried, self.factorise(moved)
+        stats = tuple(
+            congruence(st, self._statistic_map(u, u_inv_t, i, kind).to(st.dtype))
+            for i, kind, st in statistics
+        )
+        if self.geometry == "iterative" or data.lam is None:  # no closed form kept here
+            return moved, covector, carried, stats, self.factorise(moved)
         weighted = self.metric != "euclidean"
-        balanced = balanced_frame(s.to(frame.p.dtype), self.damping, weighted=weighted)
-        return moved, covector, carried, merge_frames(dressable, balanced, signed_frame(frame, u))
+        balanced = balanced_frame(s.to(data.p.dtype), self.damping, weighted=weighted)
+        data = merge_frames(dressable, balanced, signed_frame(data, u))
+        return moved, covector, carried, stats, data
 
     def dressing(self, point: Point) -> torch.Tensor:
         point = self.check_point(point)

@@ -253,13 +253,10 @@ class JointBundle(Bundle):
         c_full = c_other + sum(sym(hd.cross(hd.a, hd.b)) for hd, _ in blocks.values())
         return jl.JointFrame(blocks, rows, c_other, torch.linalg.eigh(c_full))
 
-    def _factorised(self, point, frame) -> jl.JointFrame:
-        return self.factorise(point) if frame is None else frame
-
-    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
-        point = self.check_point(point)
+    def _inner(self, frame, u: Tangent, v: Tangent) -> torch.Tensor:
+        point = self.check_point(frame.point)
         u, v = self.check_tangent(point, u, "u"), self.check_tangent(point, v, "v")
-        f = self._factorised(point, frame)
+        f = frame.data
         total = sum((u[i] * v[i]).sum() for i in self.others)
         ub, vb = self._blocks(u), self._blocks(v)
         for r, (hd, _) in f.blocks.items():
@@ -267,8 +264,8 @@ class JointBundle(Bundle):
             total = total + (g1 * vb[r][0]).sum() + (g2 * vb[r][1]).sum()
         return total
 
-    def riemannian_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
-        point = self.check_point(point)
+    def _riemannian_gradient(self, frame, egrad: Tangent) -> Tangent:
+        point = self.check_point(frame.point)
         egrad = self.check_tangent(point, egrad, "gradient")
         parts = [
             (s, h.riemannian_gradient(self._sub(point, s), self._sub(egrad, s)))
@@ -286,9 +283,9 @@ class JointBundle(Bundle):
         )
         return omega
 
-    def vertical_generator(self, point: Point, v: Tangent, frame=None):
+    def _vertical_generator(self, frame, v: Tangent):
         """(Ω, {r: stacked ξ}): the generators of the metric-orthogonal vertical part of v."""
-        f = self._factorised(point, frame)
+        f = frame.data
         zs = {r: (z1, z2) for r, (z1, z2, _) in self._blocks(v).items()}
         rhs = skew(f.rows.mT @ self._rows(v))
         for r, (hd, _) in f.blocks.items():
@@ -300,18 +297,17 @@ class JointBundle(Bundle):
                 out = out + skew(hd.cross(*hd.horizontal(*hd.rotate(om))[0]))
             return out
 
-        omega = self._solve_schur(schur, rhs, f.spectrum, self.inner(point, v, v, f).sqrt())
+        omega = self._solve_schur(schur, rhs, f.spectrum, frame.norm(v))
         xis = {}
         for r, (hd, _) in f.blocks.items():
             w1, w2 = hd.rotate(omega)
             xis[r] = hd.solve(hd.adjoint(zs[r][0] - w1, zs[r][1] - w2))
         return omega, xis
 
-    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
-        point = self.check_point(point)
+    def _project_vertical(self, frame, v: Tangent) -> Tangent:
+        point = self.check_point(frame.point)
         v = self.check_tangent(point, v)
-        f = self._factorised(point, frame)
-        return tuple(self._vertical_from(point, f, *self.vertical_generator(point, v, f)))
+        return tuple(self._vertical_from(point, frame.data, *self._vertical_generator(frame, v)))
 
     def _vertical_from(self, point: Point, f, omega, xis) -> list:
         """The vertical vector (as a list) of the generators Ω and ξ_r."""
@@ -323,7 +319,7 @@ class JointBundle(Bundle):
         return out
 
     # ---- optimiser support ------------------------------------------------------------------
-    def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
+    def _slice_mean_square(self, frame, v: Tangent) -> Tangent:
         """Invariant mean squares, one per tensor of the other tensors and one per head and
         factor under the metric ((H, 1, 1): O(d) mixes the rows, GL(r) the columns).
 
@@ -331,11 +327,10 @@ class JointBundle(Bundle):
         which puts O(‖Δp‖) components on rows whose gradient is zero (unused token or
         position rows); per-row second moments there are round-off and the step blew up
         (measured: 6e4 per entry on a tiny Transformer at the second Adam step)."""
-        point = self.check_point(point)
-        v = self.check_tangent(point, v)
+        v = self.check_tangent(self.check_point(frame.point), v)
         out = [(t * t).mean().reshape((1,) * t.dim()) for t in v]
         blocks = self._blocks(v)
-        for r, (hd, members) in self._factorised(point, frame).blocks.items():
+        for r, (hd, members) in frame.data.blocks.items():
             u1, u2 = blocks[r][:2]
             w1, w2 = hd.metric(u1, u2)
             means = ((w1 * u1).mean((-2, -1), keepdim=True), (w2 * u2).mean((-2, -1), keepdim=True))
@@ -350,8 +345,9 @@ class JointBundle(Bundle):
         heads = {s for _, slots in self.heads for s in slots}
         return tuple(t * (root if i in heads else factor) for i, t in enumerate(point))
 
-    def limit_step(self, point: Point, step: Tangent, frame=None) -> Tangent:
+    def _limit_step(self, frame, step: Tangent) -> Tangent:
         """Each head bundle's bound on its slots (traces of r×r products: O(d)-invariant too)."""
+        point = frame.point
         parts = [(s, h.limit_step(self._sub(point, s), self._sub(step, s))) for h, s in self.heads]
         return self._with(step, parts)
 

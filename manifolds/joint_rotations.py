@@ -204,14 +204,14 @@ class JointWithRotations(JointBundle):
             ).reshape(-1, d)
         return out
 
-    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
-        total = super().inner(point, u, v, frame)
+    def _inner(self, frame, u: Tangent, v: Tangent) -> torch.Tensor:
+        total = super()._inner(frame, u, v)
         return total + sum((u[i] * v[i]).sum() for i in self.rotation_slots)
 
     def _rotation_parts(self, point, z, frames) -> list[tuple[tuple[int, ...], tuple]]:
         """(slots, P_b z_b) for every rotation: the Euclidean O(d_b)-vertical part of z."""
         return [
-            (s, r.project_vertical(self._sub(point, s), self._sub(z, s), fr))
+            (s, r._project_vertical(r.at(self._sub(point, s), fr), self._sub(z, s)))
             for (r, s), fr in zip(self.rotations, frames)
         ]
 
@@ -220,11 +220,11 @@ class JointWithRotations(JointBundle):
         parts = self._rotation_parts(point, z, frames)
         return self._with(z, [(s, tuple(z[i] - t for i, t in zip(s, ts))) for s, ts in parts])
 
-    def vertical_generator(self, point: Point, v: Tangent, frame=None):
+    def _vertical_generator(self, frame, v: Tangent):
         """(Ω, {r: stacked ξ}, rotation parts): the generators of the metric-orthogonal vertical
         part of v and, per rotation, its (slots, vertical tangents)."""
-        point = self.check_point(point)
-        f = self._factorised(point, frame)
+        point = self.check_point(frame.point)
+        f = frame.data
         zs = {r: (z1, z2) for r, (z1, z2, _) in self._blocks(v).items()}
         rot_slots, frames = self.rotation_slots, f.rotation_frames
         rhs = skew(f.rows.mT @ self._rows(v))
@@ -246,7 +246,7 @@ class JointWithRotations(JointBundle):
                 extra.append(skew(self._cross(point, off, rot_slots)))
             return out + torch.stack(extra).reshape(om.shape)
 
-        omega = self._solve_schur(schur, rhs, f.spectrum, self.inner(point, v, v, f).sqrt())
+        omega = self._solve_schur(schur, rhs, f.spectrum, frame.norm(v))
         xis = {}
         for r, (hd, _) in f.blocks.items():
             w1, w2 = hd.rotate(omega)
@@ -255,12 +255,11 @@ class JointWithRotations(JointBundle):
         rest = tuple(a - b for a, b in zip(v, turned))
         return omega, xis, self._rotation_parts(point, rest, frames)
 
-    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
-        point = self.check_point(point)
+    def _project_vertical(self, frame, v: Tangent) -> Tangent:
+        point = self.check_point(frame.point)
         v = self.check_tangent(point, v)
-        f = self._factorised(point, frame)
-        omega, xis, rots = self.vertical_generator(point, v, f)
-        out = self._vertical_from(point, f, omega, xis)
+        omega, xis, rots = self._vertical_generator(frame, v)
+        out = self._vertical_from(point, frame.data, omega, xis)
         for slots, tensors in rots:
             for s, t in zip(slots, tensors):
                 out[s] = out[s] + t

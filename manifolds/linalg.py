@@ -150,14 +150,14 @@ def sign_fix_columns(coords: torch.Tensor) -> torch.Tensor:
     return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def orthonormal_columns_sign_fixed(frame: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Flip columns of ``frame`` so that in ``coords`` (= data expressed in the frame) the entry
-    of largest magnitude of every column is positive. Returns the fixed frame.
+def orthonormal_columns_sign_fixed(basis: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Flip columns of ``basis`` so that in ``coords`` (= data expressed in the basis) the entry
+    of largest magnitude of every column is positive. Returns the fixed basis.
 
     This is the deterministic convention that removes the sign ambiguity of eigen- and singular
     vectors; it is invariant because ``coords`` are (up to these signs) gauge-invariant.
     """
-    return frame * sign_fix_columns(coords)
+    return basis * sign_fix_columns(coords)
 
 
 def relative_gaps(values: torch.Tensor) -> torch.Tensor:

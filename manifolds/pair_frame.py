@@ -29,58 +29,58 @@ DRESSABLE_TOLERANCE = 1e-12
 
 
 def gl_vertical_generator(
-    metric: str, frame: FactorFrame, az1: torch.Tensor, z2b: torch.Tensor
+    metric: str, data: FactorFrame, az1: torch.Tensor, z2b: torch.Tensor
 ) -> torch.Tensor:
     """ξ ∈ gl(r) of the vertical part of Z from AᵀZ₁ and Z₂ᵀB (module docstring)."""
-    az1, z2b = az1.to(frame.p.dtype), z2b.to(frame.p.dtype)
-    if metric == "euclidean" and frame.sylvester is not None:  # the iterative route
-        xi = frame.sylvester.solve(az1 - z2b).to(az1.dtype)
-        if frame.u is None:  # no head fell back
+    az1, z2b = az1.to(data.p.dtype), z2b.to(data.p.dtype)
+    if metric == "euclidean" and data.sylvester is not None:  # the iterative route
+        xi = data.sylvester.solve(az1 - z2b).to(az1.dtype)
+        if data.u is None:  # no head fell back
             return xi
-        denominator = frame.lam.unsqueeze(-1) + frame.mu.unsqueeze(-2)
-        exact = solve_in_eigenbases(frame.u, frame.v, az1 - z2b, denominator)
-        return torch.where(frame.fallback.view(-1, 1, 1), exact, xi)
-    if frame.u is None:  # undamped invariant metric: ξ = ½[P⁻¹AᵀZ₁ − Z₂ᵀBQ⁻¹] (closed form;
+        denominator = data.lam.unsqueeze(-1) + data.mu.unsqueeze(-2)
+        exact = solve_in_eigenbases(data.u, data.v, az1 - z2b, denominator)
+        return torch.where(data.fallback.view(-1, 1, 1), exact, xi)
+    if data.u is None:  # undamped invariant metric: ξ = ½[P⁻¹AᵀZ₁ − Z₂ᵀBQ⁻¹] (closed form;
         # on heads the frame had to damp, the same formula with the damped inverses)
-        return 0.5 * (frame.inv_p @ az1 - z2b @ frame.inv_q)
-    lam, mu = frame.lam.unsqueeze(-1), frame.mu.unsqueeze(-2)
+        return 0.5 * (data.inv_p @ az1 - z2b @ data.inv_q)
+    lam, mu = data.lam.unsqueeze(-1), data.mu.unsqueeze(-2)
     if metric == "euclidean":
         rhs, denominator = az1 - z2b, lam + mu
     else:
         eye = torch.eye(lam.shape[-2], dtype=lam.dtype, device=lam.device)
-        q_damped = frame.q + frame.damp_q.unsqueeze(-1) * eye
-        p_damped = frame.p + frame.damp_p.unsqueeze(-1) * eye
+        q_damped = data.q + data.damp_q.unsqueeze(-1) * eye
+        p_damped = data.p + data.damp_p.unsqueeze(-1) * eye
         rhs = az1 @ q_damped - p_damped @ z2b
-        dq, dp = frame.damp_q.unsqueeze(-1), frame.damp_p.unsqueeze(-1)
+        dq, dp = data.damp_q.unsqueeze(-1), data.damp_p.unsqueeze(-1)
         denominator = 2 * lam * mu + lam * dq + dp * mu
-    return solve_in_eigenbases(frame.u, frame.v, rhs, denominator)
+    return solve_in_eigenbases(data.u, data.v, rhs, denominator)
 
 
-def balanced_dressing(frame: FactorFrame):
+def balanced_dressing(data: FactorFrame):
     """(u, u⁻ᵀ, S, dressable) of the balanced section, signs not yet fixed; heads that are not
     dressable (singular Grams) get u = u⁻ᵀ = I."""
-    lam, mu = frame.lam, frame.mu
+    lam, mu = data.lam, data.mu
     floor_p = DRESSABLE_TOLERANCE * lam[..., -1:].abs()
     floor_q = DRESSABLE_TOLERANCE * mu[..., -1:].abs()
     dressable = (lam[..., :1] > floor_p).squeeze(-1) & (mu[..., :1] > floor_q).squeeze(-1)
     ok = dressable.view(-1, 1)
     root_p = torch.where(ok, lam, 1.0).sqrt()
     root_q = torch.where(ok, mu, 1.0).sqrt()
-    core = (frame.u.mT * root_p.unsqueeze(-1)) @ (frame.v * root_q.unsqueeze(-2))  # R_A R_Bᵀ
+    core = (data.u.mT * root_p.unsqueeze(-1)) @ (data.v * root_q.unsqueeze(-2))  # R_A R_Bᵀ
     left, s, right_h = torch.linalg.svd(core)
     half = s.sqrt().unsqueeze(-2)
-    u = (frame.u / root_p.unsqueeze(-2)) @ (left * half)
-    u_inv_t = (frame.v / root_q.unsqueeze(-2)) @ (right_h.mT * half)
+    u = (data.u / root_p.unsqueeze(-2)) @ (left * half)
+    u_inv_t = (data.v / root_q.unsqueeze(-2)) @ (right_h.mT * half)
     eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
     keep = ok.unsqueeze(-1)
     return torch.where(keep, u, eye), torch.where(keep, u_inv_t, eye), s, dressable
 
 
-def signed_frame(frame: FactorFrame, signs: torch.Tensor) -> FactorFrame:
+def signed_frame(data: FactorFrame, signs: torch.Tensor) -> FactorFrame:
     """The frame of p·D for a diagonal D of ±1 (H, r, r): Grams and inverses conjugated,
     square-root factors and eigenvectors multiplied on the left (eigenvalues unchanged).
     Where ``signs`` is not such a diagonal the result is meaningless (callers discard it)."""
-    d = signs.to(frame.p.dtype)
+    d = signs.to(data.p.dtype)
 
     def conj(x):
         return None if x is None else d.mT @ x @ d
@@ -88,10 +88,16 @@ def signed_frame(frame: FactorFrame, signs: torch.Tensor) -> FactorFrame:
     def left(x):
         return None if x is None else d.mT @ x
 
-    return frame._replace(
-        p=conj(frame.p), q=conj(frame.q), inv_p=conj(frame.inv_p), inv_q=conj(frame.inv_q),
-        root_p=left(frame.root_p), root_q=left(frame.root_q), u=left(frame.u), v=left(frame.v),
-    )  # fmt: skip
+    return data._replace(
+        p=conj(data.p),
+        q=conj(data.q),
+        inv_p=conj(data.inv_p),
+        inv_q=conj(data.inv_q),
+        root_p=left(data.root_p),
+        root_q=left(data.root_q),
+        u=left(data.u),
+        v=left(data.v),
+    )
 
 
 class PairFrame(Frame):

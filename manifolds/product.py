@@ -14,8 +14,30 @@ from collections.abc import Sequence
 import torch
 
 from .base import Bundle, Point, Tangent
+from .frame import Frame
 
-__all__ = ["ProductBundle"]
+__all__ = ["ProductBundle", "ProductFrame"]
+
+
+class ProductFrame(Frame):
+    """The frame handle of a product: one frame per component (``parts``), each factorised on
+    first use; ``data`` is the tuple of theirs (``ProductBundle.factorise``)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, bundle, point, data=None):
+        super().__init__(bundle, point, data)
+        datas = (None,) * len(bundle.components) if data is None else data
+        points = bundle._split(self.point)
+        self.parts = tuple(c.at(p, d) for c, p, d in zip(bundle.components, points, datas))
+
+    @property
+    def data(self):
+        return tuple(f.data for f in self.parts)
+
+    @property
+    def cached(self):
+        return tuple(f.cached for f in self.parts)
 
 
 class ProductBundle(Bundle):
@@ -143,49 +165,41 @@ class ProductBundle(Bundle):
         point = self.check_point(point)
         return tuple(c.factorise(p) for c, p in zip(self.components, self._split(point)))
 
-    def _frames(self, point, frame):
-        return self.factorise(point) if frame is None else frame
+    def at(self, point: Point, data=None) -> ProductFrame:
+        return ProductFrame(self, point, data)
 
-    def _with_frames(self, method: str, point, v, frame) -> tuple:
-        """Concatenate ``component.method(p_i, v_i, frame_i)`` over the components."""
-        point = self.check_point(point)
-        frames = self._frames(point, frame)
-        parts = zip(self.components, self._split(point), self._split(tuple(v)), frames)
-        return tuple(t for c, p, x, f in parts for t in getattr(c, method)(p, x, f))
+    def _each(self, hook: str, frame: ProductFrame, v) -> tuple:
+        """Concatenate ``component.hook(frame_i, v_i)`` over the components."""
+        self.check_point(frame.point)
+        parts = zip(self.components, frame.parts, self._split(tuple(v)))
+        return tuple(t for c, f, x in parts for t in getattr(c, hook)(f, x))
 
-    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
-        point = self.check_point(point)
-        frames = self._frames(point, frame)
-        parts = zip(self.components, self._split(point), self._split(u), self._split(v), frames)
-        return sum(c.inner(p, a, b, f) for c, p, a, b, f in parts)
+    def _inner(self, frame: ProductFrame, u: Tangent, v: Tangent) -> torch.Tensor:
+        self.check_point(frame.point)
+        parts = zip(self.components, frame.parts, self._split(u), self._split(v))
+        return sum(c._inner(f, a, b) for c, f, a, b in parts)
 
-    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
-        return self._with_frames("project_vertical", point, v, frame)
+    def _project_vertical(self, frame, v: Tangent) -> Tangent:
+        return self._each("_project_vertical", frame, v)
 
-    def project_horizontal(self, point: Point, v: Tangent, frame=None) -> Tangent:
-        return self._with_frames("project_horizontal", point, v, frame)
+    def _project_horizontal(self, frame, v: Tangent) -> Tangent:
+        return self._each("_project_horizontal", frame, v)
 
-    def riemannian_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
-        return self._with_frames("riemannian_gradient", point, egrad, frame)
+    def _riemannian_gradient(self, frame, egrad: Tangent) -> Tangent:
+        return self._each("_riemannian_gradient", frame, egrad)
 
-    def horizontal_gradient(self, point: Point, egrad: Tangent, frame=None) -> Tangent:
-        return self._with_frames("horizontal_gradient", point, egrad, frame)
+    def _slice_mean_square(self, frame, v: Tangent) -> Tangent:
+        return self._each("_slice_mean_square", frame, v)
 
-    def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
-        return self._with_frames("slice_mean_square", point, v, frame)
-
-    def limit_step(self, point: Point, step: Tangent, frame=None) -> Tangent:
-        return self._with_frames("limit_step", point, step, frame)
-
-    def transport(self, point: Point, new_point: Point, v: Tangent, frame=None) -> Tangent:
-        return self.project_horizontal(new_point, v, frame)
+    def _limit_step(self, frame, step: Tangent) -> Tangent:
+        return self._each("_limit_step", frame, step)
 
     def scale_invariants(self, point: Point, factor) -> Point:
         return self._per_component("scale_invariants", point, factor)
 
-    def deficient_heads(self, frame):
+    def deficient_heads(self, data):
         """The components' flags, concatenated (components without heads contribute none)."""
-        parts = [c.deficient_heads(f) for c, f in zip(self.components, frame)]
+        parts = [c.deficient_heads(d) for c, d in zip(self.components, data)]
         parts = [p.reshape(-1) for p in parts if p is not None]
         return torch.cat(parts) if parts else None
 
@@ -205,32 +219,49 @@ class ProductBundle(Bundle):
         point = self.check_point(point)
         return tuple(c.gauge_drift(p) for c, p in zip(self.components, self._split(point)))
 
-    def dressing_or_identity(self, point: Point, frame=None):
+    def _dressing_or_identity(self, frame: ProductFrame):
         """((u₁, …), (dressable₁, …)) per component."""
-        point = self.check_point(point)
-        parts = [c.dressing_or_identity(p) for c, p in zip(self.components, self._split(point))]
+        self.check_point(frame.point)
+        parts = [c._dressing_or_identity(f) for c, f in zip(self.components, frame.parts)]
         return tuple(u for u, _ in parts), tuple(ok for _, ok in parts)
 
-    def redress(self, point: Point, covector: Tangent, tangents: tuple, frame=None):
-        """Each component's own ``redress`` (closed-form frames where a component has one)."""
-        point = self.check_point(point)
-        frames = self._frames(point, frame)
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(component, its tensor index) of tensor ``index`` of a point."""
+        for i, c in enumerate(self.components):
+            if 0 <= index < c.n_tensors:
+                return i, index
+            index -= c.n_tensors
+        raise ValueError(f"ProductBundle: no tensor {index} among its {self.n_tensors}")
+
+    def act_statistic(self, statistic: torch.Tensor, g, index: int, kind: str) -> torch.Tensor:
+        """The owning component's ``act_statistic`` (``index`` counts the product's tensors)."""
+        g = self._check_group_tuple(g, "group element")
+        i, local = self._locate(index)
+        return self.components[i].act_statistic(statistic, g[i], local, kind)
+
+    def _redress(self, frame: ProductFrame, covector: Tangent, tangents: tuple, statistics):
+        """Each component's own ``_redress`` (closed-form frames where a component has one)."""
+        self.check_point(frame.point)
         split = [self._split(tuple(t)) for t in tangents]
+        located = [(self._locate(i), kind, st) for i, kind, st in statistics]
         parts = [
-            c.redress(p, g, tuple(s[i] for s in split), f)
-            for i, (c, p, g, f) in enumerate(
-                zip(self.components, self._split(point), self._split(tuple(covector)), frames)
+            c._redress(
+                f,
+                g,
+                tuple(s[i] for s in split),
+                [(j, k, st) for (n, j), k, st in located if n == i],
+            )
+            for i, (c, f, g) in enumerate(
+                zip(self.components, frame.parts, self._split(tuple(covector)))
             )
         ]
-        moved = tuple(t for part in parts for t in part[0])
-        carried = tuple(
-            tuple(t for part in parts for t in part[2][j]) for j in range(len(tangents))
-        )
+        stats = [iter(part[3]) for part in parts]
         return (
-            moved,
+            tuple(t for part in parts for t in part[0]),
             tuple(t for part in parts for t in part[1]),
-            carried,
-            tuple(p[3] for p in parts),
+            tuple(tuple(t for part in parts for t in part[2][j]) for j in range(len(tangents))),
+            tuple(next(stats[n]) for (n, _), _, _ in located),
+            tuple(part[4] for part in parts),
         )
 
     def dressing(self, point: Point):

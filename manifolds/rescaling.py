@@ -136,13 +136,13 @@ class PositiveRescaling(FactoredBundle):
         weighted = frame_from_grams(w2, w1, self.damping, spectral=frame.lam is not None)
         return weighted._replace(p=frame.p, q=frame.q)
 
-    def vertical_generator(self, point: Point, v: Tangent, frame: FactorFrame) -> torch.Tensor:
-        a, b = self.factors(point)
+    def _vertical_generator(self, frame, v: Tangent) -> torch.Tensor:
+        a, b = self.factors(frame.point)
         z1, z2 = self.factors(v)
         if self.degree == 1:
             az1, z2b = self.row_sums(a.mT @ z1, z2.mT @ b)  # sums over rows, sharded or not
-            return gl_vertical_generator(self.metric, frame, az1, z2b).to(a.dtype)
-        k, p, q = self.degree, frame.p, frame.q
+            return gl_vertical_generator(self.metric, frame.data, az1, z2b).to(a.dtype)
+        k, p, q = self.degree, frame.data.p, frame.data.q
         az1, z2b = (t.to(p.dtype) for t in self.row_sums(a.mT @ z1, z2.mT @ b))
         if self.metric == "euclidean":
             w1, w2 = torch.ones_like(p), torch.ones_like(q)
@@ -160,7 +160,7 @@ class PositiveRescaling(FactoredBundle):
         root = factor ** (1 / (self.degree + 1))
         return tuple(t * root for t in point)
 
-    def limit_step(self, point: Point, step: Tangent, frame=None) -> Tangent:
+    def _limit_step(self, frame, step: Tangent) -> Tangent:
         """For k = 1 ``FactoredBundle.limit_step``. For k ≠ 1 (invariant metric) the same rule
         on the unit's tensor T = a^{⊗k} ⊗ b (‖T‖ = ‖I‖): T(a + t v₁, b + t v₂) = Σ tʲ Tⱼ, and the
         step is scaled by min(1, ½‖T₁‖/‖T₂‖), so its second-order change is at most half its
@@ -168,10 +168,10 @@ class PositiveRescaling(FactoredBundle):
         their norms are polynomials in P, Q, ⟨a, v₁⟩, ‖v₁‖², ⟨b, v₂⟩, ‖v₂‖²
         (``_power_products``), each Tⱼ unchanged by the action, so the rule commutes with it."""
         if self.degree == 1 or self.metric == "euclidean":
-            return super().limit_step(point, step, frame)
-        a, b = self.factors(point)
+            return super()._limit_step(frame, step)
+        a, b = self.factors(frame.point)
         v1, v2 = self.factors(step)
-        f = self._frame(point, frame)
+        f = frame.data
         av1, vv1, bv2, vv2 = (
             t.to(f.p.dtype) for t in self.row_sums(a.mT @ v1, gram(v1), b.mT @ v2, gram(v2))
         )  # ⟨a, v₁⟩, ‖v₁‖², ⟨b, v₂⟩, ‖v₂‖²
@@ -212,8 +212,13 @@ class PositiveRescaling(FactoredBundle):
         self.check_full_rank(point, "dressing")
         return self._scales(point)[0]
 
-    def dressing_or_identity(self, point: Point, frame=None):
-        return self._scales(self.check_point(point))
+    def _dressing_or_identity(self, frame):
+        return self._scales(self.check_point(frame.point))
+
+    def _statistic_map(self, g, g_inv_t, index: int, kind: str):
+        """For k ≠ 1 the fan-out moves by g⁻ᵏ (tangents) and gᵏ (covectors)."""
+        c = super()._statistic_map(g, g_inv_t, index, kind)
+        return c if self.degree == 1 or index == 0 else c**self.degree
 
     def ambiguity(self, point: Point) -> torch.Tensor:
         a, _ = self.factors(self.check_point(point))

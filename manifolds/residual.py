@@ -163,8 +163,8 @@ class ResidualRotation(Bundle):
         self.check_group_element(point, xi, "Lie-algebra element")
         return self._times(point, xi)
 
-    def inner(self, point: Point, u: Tangent, v: Tangent, frame=None) -> torch.Tensor:
-        point = self.check_point(point)
+    def _inner(self, frame, u: Tangent, v: Tangent) -> torch.Tensor:
+        point = self.check_point(frame.point)
         u = self.check_tangent(point, u, "u")
         v = self.check_tangent(point, v, "v")
         return sum((a * b).sum() for a, b in zip(u, v))
@@ -176,21 +176,22 @@ class ResidualRotation(Bundle):
         evals, evecs = torch.linalg.eigh(c)
         return c, evals, evecs
 
-    def _vertical_generator(self, point: Point, v: Tangent, frame) -> torch.Tensor:
+    def _vertical_generator(self, frame, v: Tangent) -> torch.Tensor:
         """Ω solving the Lyapunov equation C Ω + Ω C = 2 skew(Σ T̂ᵀẐ) (minimum norm)."""
-        _, lam, u = self.factorise(point) if frame is None else frame
+        point = frame.point
+        _, lam, u = frame.data
         rhs = 2 * skew(self._cross(point, v)).to(u.dtype)
         omega = solve_in_eigenbases(u, u, rhs, lam.unsqueeze(-1) + lam.unsqueeze(-2))
         return omega.to(point[0].dtype)
 
-    def project_vertical(self, point: Point, v: Tangent, frame=None) -> Tangent:
-        point = self.check_point(point)
+    def _project_vertical(self, frame, v: Tangent) -> Tangent:
+        point = self.check_point(frame.point)
         v = self.check_tangent(point, v)
-        return self._times(point, self._vertical_generator(point, v, frame))
+        return self._times(point, self._vertical_generator(frame, v))
 
-    def slice_mean_square(self, point: Point, v: Tangent, frame=None) -> Tangent:
+    def _slice_mean_square(self, frame, v: Tangent) -> Tangent:
         """Mean square of every model-space row of v (O(d)-invariant), keepdim on the axis."""
-        point = self.check_point(point)
+        point = self.check_point(frame.point)
         v = self.check_tangent(point, v)
         return tuple((t * t).mean(dim=a, keepdim=True) for t, a in zip(v, self.axes))
 

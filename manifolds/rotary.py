@@ -59,7 +59,7 @@ import math
 import torch
 
 from .base import Point, Tangent, checks_enabled, randn
-from .factored import FactoredBundle, FactorFrame
+from .factored import FactoredBundle
 from .linalg import spd_solve_right
 
 __all__ = ["RotaryQK", "PAIRINGS"]
@@ -127,9 +127,13 @@ class RotaryQK(FactoredBundle):
     def stacked(self, n_heads: int) -> RotaryQK:
         """``n_heads`` heads of this shape, pairing and metric."""
         return RotaryQK(
-            n_heads, self.d_model, self.d_head, self.metric,
-            pairing=self.pairing, factor_rows=self.factor_rows,
-        )  # fmt: skip
+            n_heads,
+            self.d_model,
+            self.d_head,
+            self.metric,
+            pairing=self.pairing,
+            factor_rows=self.factor_rows,
+        )
 
     def __repr__(self) -> str:
         return f"RotaryQK({self._repr_fields()}, pairing={self.pairing!r})"
@@ -236,6 +240,11 @@ class RotaryQK(FactoredBundle):
         size = re.square() + im.square()
         return complex_blocks(re / size, im / size)
 
+    def _statistic_map(self, g, g_inv_t, index: int, kind: str):
+        """``FactoredBundle``'s, on the full r×r matrices of the blocks (``matrix``)."""
+        g_inv_t = self.inverse_transpose(g) if g_inv_t is None else g_inv_t
+        return super()._statistic_map(self.matrix(g), self.matrix(g_inv_t), index, kind)
+
     def vertical(self, point: Point, xi: torch.Tensor) -> Tangent:
         point = self.check_point(point)
         self.check_group_element(point, xi, "Lie-algebra element")
@@ -244,9 +253,9 @@ class RotaryQK(FactoredBundle):
         return self.from_factors(self._multiply(a, re, im), -self._multiply(b, re, -im))
 
     # ---- splitting ---------------------------------------------------------------------------
-    def vertical_generator(self, point: Point, v: Tangent, frame: FactorFrame) -> torch.Tensor:
+    def _vertical_generator(self, frame, v: Tangent) -> torch.Tensor:
         """Σ xᵢI + yᵢK (blocks (H, m, 2, 2)) with V(·) the vertical part of v."""
-        a, b = self.factors(point)
+        a, b = self.factors(frame.point)
         z1, z2 = self.factors(v)
         return complex_blocks(*self._vertical_coefficients(a, b, z1, z2, frame))
 
@@ -261,7 +270,7 @@ class RotaryQK(FactoredBundle):
             x = (c[..., 0, 0] + c[..., 1, 1]) / size
             y = (c[..., 0, 1] - c[..., 1, 0]) / size
             return x, y
-        p, q = frame.p.to(a.dtype), frame.q.to(a.dtype)
+        p, q = frame.data.p.to(a.dtype), frame.data.q.to(a.dtype)
         az1, z2b = self.row_sums(a.mT @ z1, z2.mT @ b)
         d = az1 @ q - p @ z2b  # (H, r, r)
         basis = _basis(a)
@@ -298,8 +307,8 @@ class RotaryQK(FactoredBundle):
         re, im, _ = self._dressing_scalars(a, b)
         return complex_blocks(re, im)
 
-    def dressing_or_identity(self, point: Point, frame=None):
-        a, b = self.factors(self.check_point(point))
+    def _dressing_or_identity(self, frame):
+        a, b = self.factors(self.check_point(frame.point))
         planes_a, planes_b = self._planes(a), self._planes(b)
         tiny = torch.finfo(a.dtype).tiny
         nonzero = (planes_a.square().sum(dim=(-3, -1)) > tiny) & (

@@ -329,16 +329,17 @@ def test_head_redress_equals_the_generic_redress(cls, metric, damping):
         point = bundle.from_factors(a, b)
     grad = bundle.random_tangent(point, generator=gen)
     tangents = (bundle.random_tangent(point, generator=gen),)
-    fast = bundle.redress(point, grad, tangents, bundle.factorise(point))
-    slow = M.Bundle.redress(bundle, point, grad, tangents, bundle.factorise(point))
+    fast_at, *fast = bundle.at(point, bundle.factorise(point)).redressed(grad, tangents)
+    slow = M.Bundle._redress(bundle, bundle.at(point), grad, tangents, ())
+    fast = (fast_at.point, *fast)
     for x, y in ((fast[0], slow[0]), (fast[1], slow[1]), (fast[2][0], slow[2][0])):
         assert relative_error(x, y) <= 1e-12
     moved, v = slow[0], bundle.random_tangent(slow[0], generator=gen)
-    for op in (bundle.project_horizontal, bundle.riemannian_gradient, bundle.slice_mean_square):
-        assert relative_error(op(moved, v, fast[3]), op(moved, v, slow[3])) <= 1e-10, op
-    before = bundle.factorise(point)  # the control: a frame of another point
-    assert relative_error(bundle.project_horizontal(moved, v, before),
-                          bundle.project_horizontal(moved, v, slow[3])) > 1e-3  # fmt: skip
+    slow_at = bundle.at(moved, slow[4])
+    for op in ("horizontal", "riemannian_gradient", "mean_square"):
+        assert relative_error(getattr(fast_at, op)(v), getattr(slow_at, op)(v)) <= 1e-10, op
+    before = bundle.at(moved, bundle.factorise(point))  # the control: a frame of another point
+    assert relative_error(before.horizontal(v), slow_at.horizontal(v)) > 1e-3
 
 
 def test_product_redress_is_each_components_redress():
@@ -349,15 +350,17 @@ def test_product_redress_is_each_components_redress():
     point = bundle.random_point(generator=gen, dtype=torch.float64)
     grad = bundle.random_tangent(point, generator=gen)
     tangents = (bundle.random_tangent(point, generator=gen),) * 2
-    fast = bundle.redress(point, grad, tangents)
-    slow = M.Bundle.redress(bundle, point, grad, tangents)
+    fast_at, *fast = bundle.at(point).redressed(grad, tangents)
+    fast = (fast_at.point, *fast, fast_at.data)
+    slow = M.Bundle._redress(bundle, bundle.at(point), grad, tangents, ())
+    slow = (*slow[:3], slow[4])
     assert relative_error(fast[0], slow[0]) <= 1e-12 and relative_error(fast[1], slow[1]) <= 1e-12
     assert all(relative_error(x, y) <= 1e-12 for x, y in zip(fast[2], slow[2]))
     v = bundle.random_tangent(slow[0], generator=gen)
     assert (
         relative_error(
-            bundle.project_horizontal(slow[0], v, fast[3]),
-            bundle.project_horizontal(slow[0], v, slow[3]),
+            bundle.at(slow[0], fast[3]).horizontal(v),
+            bundle.at(slow[0], slow[3]).horizontal(v),
         )
         <= 1e-10
     )

@@ -55,11 +55,11 @@ class PairScaling(Bundle):
         a, b = point
         return (a * xi[0, 0], -b * xi[0, 0])
 
-    def inner(self, point, u, v, frame=None):
+    def _inner(self, frame, u, v):
         return sum((x * y).sum() for x, y in zip(u, v))
 
-    def project_vertical(self, point, v, frame=None):
-        a, b = point
+    def _project_vertical(self, frame, v):
+        a, b = frame.point
         c = ((a * v[0]).sum() - (b * v[1]).sum()) / (a.square().sum() + b.square().sum())
         return (c * a, -c * b)
 

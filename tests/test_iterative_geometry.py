@@ -122,7 +122,7 @@ def test_iterative_frames_agree_with_the_exact_ones(metric, condition):
         (fi.mean_square(v), fe.mean_square(v)),
     ]:
         assert max(_rel(a, b) for a, b in zip(ours, theirs)) <= 1e-7
-    moved, covector, (carried,), _ = it.redress(point, v, (v,))
+    moved, covector, (carried,) = it.redress(point, v, (v,))
     assert _rel(it.invariants(moved)[0], exact.invariants(point)[0]) <= 1e-12
     assert float(it.balance_gap(moved).max()) <= 1e-7
     # the dressed point differs from the exact one by an orthogonal K per head (O(r))

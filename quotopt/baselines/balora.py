@@ -61,7 +61,7 @@ class BaLoRA(torch.optim.AdamW):
                 params = group["params"]
                 point = (torch.stack(params[0::2]), torch.stack(params[1::2]))
                 zeros = tuple(torch.zeros_like(t) for t in point)
-                (b, a), _, _, _ = self._bundle(group).redress(point, zeros, ())
+                (b, a), _, _ = self._bundle(group).redress(point, zeros, ())
                 for i, (pb, pa) in enumerate(zip(params[0::2], params[1::2])):
                     pb.copy_(b[i])
                     pa.copy_(a[i])
