@@ -35,7 +35,9 @@ only trainable parameters are adapter factors (B, A), B = 0 at the start:
   factor's gradient at the dressed (balanced) representative, moments pushed by the dressing,
   horizontal direction; how it differs from LoRA-RITE is in its module docstring.
 
-Riemannion (Bogachev et al., ICLR 2026) is not provided (see ``docs/results/finetune.md``).
+* ``riemannion`` — Riemannion (Bogachev et al., ICLR 2026): Muon on the manifold of rank-r
+  matrices (``quotopt.baselines.riemannion``), momentum 0.9, its step scaled to AdamW's RMS
+  (``adjust_lr_fn="match_rms_adamw"``) so that the lr grid carries over.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from torch import nn
 from ..baselines.balora import balora
 from ..baselines.lora_rite import lora_rite
 from ..baselines.loraplus import lora_plus
+from ..baselines.riemannion import riemannion
 from ..lora import lora_pairs, orthonormal_start
 from ..lora_adam import QuotientMatrixAdam
 from ..optim import QuotientAdam, QuotientMuon, QuotientSGD
@@ -126,6 +129,13 @@ FINETUNE_OPTIMIZERS: dict[str, Factory] = {
     "qmuon": _qmuon,
     "qadam-mat": _qadam_mat,
 }
+
+
+def _riemannion(model, lr, *, ratio, damping, weight_decay):
+    return riemannion(model, lr, weight_decay, BETAS, adjust_lr_fn="match_rms_adamw")
+
+
+FINETUNE_OPTIMIZERS["riemannion"] = _riemannion
 #: the second hyperparameter of an optimiser, tuned after its learning rate: name -> field
 SECONDARY = {"loraplus": "ratio", "qadam-inv": "damping", "qsgd-inv": "damping"}
 
