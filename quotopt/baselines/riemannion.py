@@ -49,13 +49,17 @@ _STORE = ("direction", "momentum")
 
 
 def _frame(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, R, R⁺) of x = U R (thin QR), the columns of U whose diagonal entry of R vanishes
-    (to r·machine precision of the largest) set to 0, so that U Uᵀ projects onto x's range."""
+    """(U, R, R⁻¹) of x = U R (thin QR). A pivot of R that vanishes (to r·machine precision of
+    the largest; all of them exactly when x = 0) sets its column of U to 0, so that U Uᵀ
+    projects onto x's range, and is replaced by 1 in the inverse (which then multiplies a zero
+    gradient: ∇_A = Bᵀ G = 0 at B = 0)."""
     u, r = torch.linalg.qr(x)
     diag = r.diagonal(dim1=-2, dim2=-1).abs()
     tol = diag.shape[-1] * torch.finfo(x.dtype).eps * diag.amax(-1, keepdim=True)
-    u = u * (diag > tol).to(u.dtype).unsqueeze(-2)
-    return u, r, torch.linalg.pinv(r)
+    keep = (diag > tol).to(x.dtype)
+    eye = torch.eye(r.shape[-1], dtype=x.dtype, device=x.device)
+    inverse = torch.linalg.solve_triangular(r + torch.diag_embed(1 - keep), eye, upper=True)
+    return u * keep.unsqueeze(-2), r, inverse
 
 
 def project(
@@ -68,26 +72,26 @@ def project(
     return adot, bdot
 
 
-def polar(
-    left: torch.Tensor, right: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """OrthoLR: factors (P, Q) of the polar factor P Qᵀ of Z = left rightᵀ (thin QR of both,
-    SVD of the small core), singular values below ``eps``·σ_max dropped."""
-    q_l, t_l = torch.linalg.qr(left)
-    q_r, t_r = torch.linalg.qr(right)
-    u, s, vh = torch.linalg.svd(t_l @ t_r.mT, full_matrices=False)
-    keep = (s > eps * s[..., :1]).to(u.dtype)
-    return q_l @ (u * keep.unsqueeze(-2)), q_r @ vh.mT
+def _svd_factored(u_l, u_r, t_a, t_b):
+    """The SVD of Z = t_a U_Rᵀ + U_L t_bᵀ (t_a ⟂ U_L, rank ≤ 2r) through one 2r × 2r core:
+    t_a = Q_a R_a, (I − U_R U_Rᵀ) t_b = Q_b R_b, K = U_Rᵀ t_b give
+    Z = [Q_a, U_L] [[R_a, 0], [Kᵀ, R_bᵀ]] [U_R, Q_b]ᵀ with orthonormal outer factors.
+    Returns (left, singular values, right): Z = left diag(s) rightᵀ."""
+    q_a, r_a = torch.linalg.qr(t_a)
+    k = u_r.mT @ t_b
+    q_b, r_b = torch.linalg.qr(t_b - u_r @ k)
+    core = torch.cat([torch.cat([r_a, torch.zeros_like(r_a)], -1),
+                      torch.cat([k.mT, r_b.mT], -1)], -2)  # fmt: skip
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    return torch.cat([q_a, u_l], -1) @ u, s, torch.cat([u_r, q_b], -1) @ vh.mT
 
 
-def truncate(
-    left: torch.Tensor, right: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, Σ, V) of the best rank-``rank`` approximation of left rightᵀ (truncated SVD)."""
-    q_l, t_l = torch.linalg.qr(left)
-    q_r, t_r = torch.linalg.qr(right)
-    u, s, vh = torch.linalg.svd(t_l @ t_r.mT, full_matrices=False)
-    return q_l @ u[..., :rank], s[..., :rank], q_r @ vh[..., :rank, :].mT
+def polar(u_l, u_r, t_a, t_b, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """OrthoLR: factors (P, Q) of the polar factor P Qᵀ of Z = t_a U_Rᵀ + U_L t_bᵀ, singular
+    values below ``eps``·σ_max dropped."""
+    left, s, right = _svd_factored(u_l, u_r, t_a, t_b)
+    keep = (s > eps * s[..., :1]).to(s.dtype)
+    return left * keep.unsqueeze(-2), right
 
 
 class Riemannion(LoRAPairOptimizer):
@@ -145,15 +149,15 @@ class Riemannion(LoRAPairOptimizer):
     @staticmethod
     def _update(group, b, a, gb, ga, state):
         (_, d_out, r), d_in = b.shape, a.shape[-1]
-        u_l, r_l, rl_pinv = _frame(b)  # B = U_L R_L
-        u_r, r_r, rr_pinv = _frame(a.mT)  # Aᵀ = U_R R_R
-        g_ur = gb @ rr_pinv  # G U_R
+        u_l, r_l, rl_inv = _frame(b)  # B = U_L R_L
+        u_r, r_r, rr_inv = _frame(a.mT)  # Aᵀ = U_R R_R
+        g_ur = gb @ rr_inv  # G U_R
         grad_a = g_ur - u_l @ (u_l.mT @ g_ur)  # (I − U_L U_Lᵀ) G U_R
-        grad_b = ga.mT @ rl_pinv  # Gᵀ U_L
+        grad_b = ga.mT @ rl_inv  # Gᵀ U_L
         beta = group["momentum"]
         moved_a, moved_b = project(state["stored_left"], state["stored_right"], u_l, u_r)
         m_a, m_b = beta * moved_a + grad_a, beta * moved_b + grad_b
-        p, q = polar(torch.cat([m_a, u_l], -1), torch.cat([u_r, m_b], -1), group["eps"])
+        p, q = polar(u_l, u_r, m_a, m_b, group["eps"])
         d_a, d_b = project(p, q, u_l, u_r)
         kept_a, kept_b = (d_a, d_b) if group["store"] == "direction" else (m_a, m_b)
         eta = group["lr"]
@@ -161,10 +165,9 @@ class Riemannion(LoRAPairOptimizer):
             eta = eta * 0.2 * math.sqrt(max(d_out, d_in))
         shrink = 1 - eta * group["weight_decay"]
         core = r_l @ r_r.mT  # X = U_L core U_Rᵀ
-        # (1 − ηγ) X − η (Ḋ_A U_Rᵀ + U_L Ḋ_Bᵀ) = [U_L, −η Ḋ_A] [(1 − ηγ) U_R coreᵀ − η Ḋ_B, U_R]ᵀ
-        left = torch.cat([u_l, -eta * d_a], -1)
-        right = torch.cat([shrink * (u_r @ core.mT) - eta * d_b, u_r], -1)
-        u, s, v = truncate(left, right, r)
+        # (1 − ηγ) X − η (D_A U_Rᵀ + U_L D_Bᵀ) = (−η D_A) U_Rᵀ + U_L ((1 − ηγ) U_R coreᵀ − η D_B)ᵀ
+        u, s, v = _svd_factored(u_l, u_r, -eta * d_a, shrink * (u_r @ core.mT) - eta * d_b)
+        u, s, v = u[..., :r], s[..., :r], v[..., :r]
         new_state = {
             "step": state["step"] + 1,
             "stored_left": torch.cat([kept_a, u_l], -1),
