@@ -19,8 +19,10 @@ gradient G = ∂L/∂X), pairs found per adapter module and stacked by shape
 
 η is ``lr`` (times 0.2·√max(d_out, d_in) with ``adjust_lr_fn="match_rms_adamw"``, Muon's
 convention), γ the weight decay. Singular values of m below ``eps``·σ_max are dropped from
-the polar factor. The derivation, what the paper fixes and what this port chose (the stored
-momentum, the rate scaling, the B = 0 start), is in ``docs/theory/lora.md``.
+the polar factor. The derivation, the choices this port made (the stored vector, the rate
+scaling, the B = 0 start) and on what reading of the paper it rests (its text could not be
+read here; public ports that follow its Algorithm 4 agree on the steps above) are in
+``docs/theory/lora.md``.
 
 Invariance: every quantity above depends on (B, A) only through X = B A, the column space of
 B and the row space of A, so (B S, S⁻¹A) for S ∈ GL(r) gives the same steps
