@@ -180,10 +180,11 @@ def test_steps_from_b_zero_moving_both_factors_and_nothing_else():
             assert torch.equal(p, frozen[n])
 
 
-def test_resumes_bit_for_bit():
+@pytest.mark.parametrize("name", ["riemannion", "riemannion-mom"])
+def test_resumes_bit_for_bit(name):
     net = _model(zero_b=True)
     batches = _batches(6)
-    opt = build_optimizer("riemannion", net, 1e-2)
+    opt = build_optimizer(name, net, 1e-2)
     _train(net, opt, batches[:3])
     buffer = io.BytesIO()
     torch.save({"model": net.state_dict(), "optim": opt.state_dict()}, buffer)
@@ -192,14 +193,14 @@ def test_resumes_bit_for_bit():
     saved = torch.load(buffer, weights_only=True)
     again = _model(zero_b=True)
     again.load_state_dict(saved["model"])
-    resumed = build_optimizer("riemannion", again, 1e-2)
+    resumed = build_optimizer(name, again, 1e-2)
     resumed.load_state_dict(saved["optim"])
     _train(again, resumed, batches[3:])
     for p, q in zip(net.parameters(), again.parameters()):
         assert torch.equal(p, q)
     fresh = _model(zero_b=True)  # the control: without the state the run differs
     fresh.load_state_dict(saved["model"])
-    _train(fresh, build_optimizer("riemannion", fresh, 1e-2), batches[3:])
+    _train(fresh, build_optimizer(name, fresh, 1e-2), batches[3:])
     assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), fresh.parameters()))
 
 

@@ -37,7 +37,9 @@ only trainable parameters are adapter factors (B, A), B = 0 at the start:
 
 * ``riemannion`` — Riemannion (Bogachev et al., ICLR 2026): Muon on the manifold of rank-r
   matrices (``quotopt.baselines.riemannion``), momentum 0.9, its step scaled to AdamW's RMS
-  (``adjust_lr_fn="match_rms_adamw"``) so that the lr grid carries over.
+  (``adjust_lr_fn="match_rms_adamw"``) so that the lr grid carries over; ``riemannion-mom``:
+  the same with Muon's momentum buffer carried between steps instead of the paper's
+  orthogonalised direction (``store="momentum"``).
 """
 
 from __future__ import annotations
@@ -131,11 +133,16 @@ FINETUNE_OPTIMIZERS: dict[str, Factory] = {
 }
 
 
-def _riemannion(model, lr, *, ratio, damping, weight_decay):
-    return riemannion(model, lr, weight_decay, BETAS, adjust_lr_fn="match_rms_adamw")
+def _riemannion(store):
+    def make(model, lr, *, ratio, damping, weight_decay):
+        return riemannion(model, lr, weight_decay, BETAS, adjust_lr_fn="match_rms_adamw",
+                          store=store)  # fmt: skip
+
+    return make
 
 
-FINETUNE_OPTIMIZERS["riemannion"] = _riemannion
+FINETUNE_OPTIMIZERS["riemannion"] = _riemannion("direction")
+FINETUNE_OPTIMIZERS["riemannion-mom"] = _riemannion("momentum")
 #: the second hyperparameter of an optimiser, tuned after its learning rate: name -> field
 SECONDARY = {"loraplus": "ratio", "qadam-inv": "damping", "qsgd-inv": "damping"}
 
