@@ -33,6 +33,9 @@ The B = 0 start (X = 0, off the manifold): the factor gradients give only G U_R 
 first step is the polar factor of G U_R U_Rᵀ, the projection of G onto the matrices with A's
 row space, retracted to rank r. A factor is zero when its QR's diagonal is, to ``r``·machine
 precision of its largest entry (exactly for B = 0).
+
+Half-precision factors (float16, bfloat16) step in float32 and are written back in their own
+dtype, as is the state (QR and SVD have no half-precision kernels).
 """
 
 from __future__ import annotations
@@ -146,7 +149,16 @@ class Riemannion(LoRAPairOptimizer):
         }
 
     def _updates(self, work: list) -> list:
-        return [self._update(group, b, a, gb, ga, state) for group, b, a, gb, ga, state, _ in work]
+        results = []
+        for group, b, a, gb, ga, state, _ in work:
+            # QR and SVD take float32 or float64: half-precision factors step in float32
+            low = b.dtype in (torch.float16, torch.bfloat16)
+            wide = (lambda t: t.float()) if low else (lambda t: t)
+            moved = {k: v if k == "step" else wide(v) for k, v in state.items()}
+            new_b, new_a, new_state = self._update(group, *map(wide, (b, a, gb, ga)), moved)
+            back = {k: v if k == "step" else v.to(b.dtype) for k, v in new_state.items()}
+            results.append((new_b.to(b.dtype), new_a.to(b.dtype), back))
+        return results
 
     @staticmethod
     def _update(group, b, a, gb, ga, state):
