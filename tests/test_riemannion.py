@@ -247,5 +247,5 @@ def test_half_precision_factors_step_in_float32():
         state = next(iter(opt.state.values()))
         assert state["stored_left"].dtype == dtype and lora_pairs(net)[0][1].dtype == dtype
         runs[dtype] = [w.float() for w in _products(net)]
-    for w32, w16 in zip(runs[torch.float32], runs[torch.bfloat16]):
-        assert torch.linalg.norm(w16 - w32) < 2e-2 * torch.linalg.norm(w32)  # measured: 4e-3 to 6e-3
+    for w32, w16 in zip(runs[torch.float32], runs[torch.bfloat16]):  # measured: 4e-3 to 6e-3
+        assert torch.linalg.norm(w16 - w32) < 2e-2 * torch.linalg.norm(w32)
