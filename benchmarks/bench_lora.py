@@ -32,7 +32,16 @@ from benchmarks._timing import (
 )
 
 MODULE = "benchmarks.bench_lora"
-OPTIMS = ("adamw", "loraplus", "qadam-inv", "lora-rite", "balora", "qmuon", "qadam-mat")
+OPTIMS = (
+    "adamw",
+    "loraplus",
+    "qadam-inv",
+    "lora-rite",
+    "balora",
+    "qmuon",
+    "qadam-mat",
+    "riemannion",
+)
 
 
 def _candidate(name: str, base, rank: int, batch):

@@ -129,7 +129,7 @@ def test_quick_run_end_to_end_and_resumed(tmp_path, monkeypatch, capsys):
 
 def test_quick_run_with_the_pair_optimisers_on_the_prose_task(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    names = ["lora-rite", "balora", "qmuon", "qadam-mat"]
+    names = ["lora-rite", "balora", "qmuon", "qadam-mat", "riemannion", "riemannion-mom"]
     argv = ["finetune", "--quick", "--task", "prose", "--ranks", "2", "--optims",
             ",".join(names), "--seeds", "0", "--lrs", "1e-3", "--max-extend", "0", "--steps",
             "4", "--out", str(out), "--cache", str(cache), "--quiet"]  # fmt: skip

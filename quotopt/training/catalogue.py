@@ -12,8 +12,10 @@ defaults of the authors' PyTorch reimplementation); BaLoRA (Castin, Nadjahi, Abl
 ICML 2026). On adapters the invariant metric is damped by δ = ``damping``:
 ⟨U, V⟩ = tr((AAᵀ + δI)U_BᵀV_B) + tr((BᵀB + δI)U_A V_Aᵀ). ``qmuon`` on adapters first moves
 each B = 0 adapter along its orbit to A with orthonormal rows (``quotopt.groups.orthonormal_start``)
-so that the first step does not depend on A's gauge. Riemannion (Bogachev et al., ICLR 2026)
-is not provided (``docs/results/finetune.md``).
+so that the first step does not depend on A's gauge. Riemannion (Bogachev et al., ICLR 2026):
+Muon on the manifold of rank-r matrices, its step scaled to AdamW's RMS so that the lr grid
+carries over; ``riemannion-mom`` carries Muon's momentum buffer between steps instead of the
+orthogonalised direction (docs/theory/lora.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from .. import baselines
 from ..baselines.balora import balora
+from ..baselines.riemannion import riemannion
 from ..groups import lora_pairs, orthonormal_start
 from ..optim.matrix_adam import QuotientMatrixAdam
 from ..optim import QuotientAdam, QuotientMuon, QuotientSGD
@@ -44,6 +47,13 @@ def _adapters(model) -> list[torch.nn.Parameter]:
 def _baseline(factory):
     """A builder from a ``factory(model, lr, weight_decay, betas)`` of ``quotopt.baselines``."""
     return lambda b: factory(b.model, b.lr, b.weight_decay, b.betas)
+
+
+def _riemannion(store: str):
+    """Riemannion's builder, carrying ``store`` ("direction" or "momentum") between steps."""
+    return lambda b: riemannion(
+        b.model, b.lr, b.weight_decay, b.betas, adjust_lr_fn="match_rms_adamw", store=store
+    )
 
 
 def _adamw(b: Build):
@@ -267,5 +277,23 @@ CATALOGUE: tuple[OptimizerSpec, ...] = (
         family="adam",
         quotient=True,
         build={"lora": _qadam_mat},
+    ),
+    OptimizerSpec(
+        name="riemannion",
+        label="Riemannion",
+        role="*reduces* GL(r) per adapter by optimising ΔW = BA on the manifold of rank-r "
+        "matrices: Muon's orthogonalised step in its tangent space, a truncated-SVD retraction.",
+        family="adam",
+        quotient=False,
+        build={"lora": _riemannion("direction")},
+    ),
+    OptimizerSpec(
+        name="riemannion-mom",
+        label="Riemannion (momentum carried)",
+        role="*reduces* GL(r) per adapter as Riemannion does, carrying Muon's momentum buffer "
+        "between steps instead of the orthogonalised direction.",
+        family="adam",
+        quotient=False,
+        build={"lora": _riemannion("momentum")},
     ),
 )
