@@ -74,7 +74,7 @@ def train_and_evaluate(model, task, steps, batch, lr, max_examples, seed, device
 
 
 def _chars(args):
-    from quotopt.tasks import get_task
+    from quotopt.lab.tasks import get_task
 
     context = 16 if args.tiny else 64
     task = get_task("chars", seq_len=context, **({"max_chars": 20_000} if args.tiny else {}))

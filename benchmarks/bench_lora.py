@@ -1,11 +1,11 @@
 """Train-step cost of the LoRA fine-tuning optimisers against AdamW, side by side.
 
 What is timed: one fine-tuning step — ``zero_grad``, forward, next-byte cross-entropy,
-backward, ``step()`` — of the ``quotopt finetune`` model (``quotopt.finetune.PretrainConfig``'s
+backward, ``step()`` — of the ``quotopt finetune`` model (``quotopt.lab.finetune.PretrainConfig``'s
 default LLaMA-style byte decoder: 4 layers, width 128, 4 heads; randomly initialised, since the
 cost of a step does not depend on the weights) with ``peft`` LoRA adapters on q/k/v/o at each
 rank, batch 8×64 bytes, each adapter optimiser of the registry
-(``quotopt.training.optimizers``) on its own copy of the adapted model, fed the same batch.
+(``quotopt.lab.training.optimizers``) on its own copy of the adapted model, fed the same batch.
 Every optimiser takes a few steps before timing (B ≠ 0). Candidates run once per round in a fixed
 order after one warm-up round; the ratio is the median over rounds of the candidate's time over
 AdamW's time in the same round (``benchmarks._timing``).
@@ -45,8 +45,8 @@ OPTIMS = (
 
 
 def _candidate(name: str, base, rank: int, batch):
-    from quotopt import finetune as ft
-    from quotopt.training.optimizers import build_adapter_optimizer
+    from quotopt.lab import finetune as ft
+    from quotopt.lab.training.optimizers import build_adapter_optimizer
 
     model = ft.add_adapters(base, rank, 16.0, seed=0)
     optimiser = build_adapter_optimizer(name, model, 1e-3)
@@ -63,7 +63,7 @@ def _candidate(name: str, base, rank: int, batch):
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    from quotopt import finetune as ft
+    from quotopt.lab import finetune as ft
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, repeats=20)

@@ -26,10 +26,10 @@ The optimisers:
   (``quotopt.symmetries(model, geometry="iterative")``: the GL(r) head pairs' frames and
   re-dressing by products only; LLaMA's RoPE pairs have no such route and stay exact);
 * ``qsgd``: ``QuotientSGD(quotopt.symmetries(model), momentum=0.9)``;
-* ``muon``: the study's Muon baseline (``quotopt.baselines.muon_adamw``: ``torch.optim.Muon``
+* ``muon``: the study's Muon baseline (``quotopt.lab.baselines.muon_adamw``: ``torch.optim.Muon``
   on the hidden matrices — whole projections of the Transformer, every ``nn.Linear`` but the
   read-out of the LLaMA —, AdamW on the rest); ``qmuon``: the study's QuotientMuon
-  (``quotopt.baselines.quotient_muon_adamw``: QuotientMuon with whole-projection scope on the
+  (``quotopt.lab.baselines.quotient_muon_adamw``: QuotientMuon with whole-projection scope on the
   factored symmetry groups, re-dressed every step, Muon on the hidden matrices no group covers,
   AdamW on the rest); ``qmuon iterative``: the same on the matmul-only route. Below each
   table, QuotientMuon's ratio to Muon and the iterative route's to the exact one;
@@ -183,8 +183,8 @@ from benchmarks._timing import (
     setup_threads,
 )
 from manifolds.iterative import matmul_counts
-from quotopt import baselines
-from quotopt.baselines import stiefel_heads
+from quotopt.lab import baselines
+from quotopt.lab.baselines import stiefel_heads
 from quotopt.models import Transformer
 
 MODULE = "benchmarks.bench_optimizer"

@@ -40,7 +40,7 @@ from quotopt.dynamics import (
     model_vertical_basis,  # what `quotopt spectrum` counts with
 )
 from quotopt.models import Transformer
-from quotopt.tasks import get_task
+from quotopt.lab.tasks import get_task
 
 F64 = torch.float64
 

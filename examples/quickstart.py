@@ -12,7 +12,7 @@ import torch
 # --8<-- [start:imports]
 import quotopt
 from quotopt.models import Transformer
-from quotopt.tasks import get_task
+from quotopt.lab.tasks import get_task
 
 # --8<-- [end:imports]
 

@@ -22,7 +22,7 @@ import torch
 
 import quotopt
 from quotopt.models import RelationalTransformer
-from quotopt.tasks import get_task
+from quotopt.lab.tasks import get_task
 
 
 def _train(model, optimizer, task, steps: int, batch_size: int, seed: int) -> list[float]:

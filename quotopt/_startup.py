@@ -2,7 +2,7 @@
 
 Installed before anything heavy is imported — by the package itself when the process is the
 ``quotopt`` console command (importing the package loads torch, which takes seconds), and by
-``quotopt.cli.main`` when run as a module. Nothing here imports more than the standard library.
+``quotopt.lab.cli.main`` when run as a module. Nothing here imports more than the standard library.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""quotopt.baselines: Grokfast, head gauge fixing, random fixed biases and Stiefel heads."""
+"""quotopt.lab.baselines: Grokfast, head gauge fixing, random fixed biases and Stiefel heads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import manifolds as M
 import quotopt
-from quotopt.baselines import (
+from quotopt.lab.baselines import (
     GaugeFixedAdamW,
     GrokfastAdamW,
     add_random_biases,

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from quotopt.baselines.muon import quotient_muon_adamw  # noqa: E402
+from quotopt.lab.baselines.muon import quotient_muon_adamw  # noqa: E402
 
 
 def _groups(optimiser):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import quotopt
-from quotopt import training
-from quotopt.cli.main import main
+from quotopt.lab import training
+from quotopt.lab.cli.main import main
 
 
 @pytest.fixture(autouse=True)
@@ -247,7 +247,7 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path, capsys):
 
 
 def test_console_entry_point_subprocess(tmp_path):
-    cmd = [sys.executable, "-m", "quotopt.cli.main", "train", "--task", "nope", "--steps", "1"]
+    cmd = [sys.executable, "-m", "quotopt.lab.cli.main", "train", "--task", "nope", "--steps", "1"]
     done = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("quotopt: error:") and done.stderr.count("\n") == 1

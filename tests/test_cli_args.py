@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quotopt import training
-from quotopt.cli.main import build_parser, main
+from quotopt.lab import training
+from quotopt.lab.cli.main import build_parser, main
 
 QUOTOPT = str(Path(sys.executable).with_name("quotopt"))
 TRAIN = ["train", "--task", "sort", "--size", "tiny", "--steps", "2"]
@@ -99,7 +99,7 @@ def test_a_batch_larger_than_the_data_fails_before_creating_the_directory(tmp_pa
 
 
 def test_a_failed_command_removes_the_directory_it_created(tmp_path, capsys, monkeypatch):
-    from quotopt.training import loop
+    from quotopt.lab.training import loop
 
     def fail(*args, **kwargs):
         raise RuntimeError("the run failed")
@@ -116,7 +116,7 @@ def test_a_failed_command_removes_the_directory_it_created(tmp_path, capsys, mon
 
 
 def test_a_failed_command_keeps_a_resumable_run(tmp_path, capsys, monkeypatch):
-    from quotopt.cli import spectrum
+    from quotopt.lab.cli import spectrum
 
     def fail(*args, **kwargs):
         raise RuntimeError("the analysis failed")

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from quotopt import training
-from quotopt.cli.main import main
+from quotopt.lab import training
+from quotopt.lab.cli.main import main
 
 TINY = ["--task", "sort", "--size", "tiny", "--eval-every", "2", "--quiet", "--threads", "1"]
 

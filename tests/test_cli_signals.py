@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from quotopt import training
-from quotopt.study.runner import train_job
+from quotopt.lab import training
+from quotopt.lab.study.runner import train_job
 
 QUOTOPT = str(Path(sys.executable).with_name("quotopt"))
 TIMES = ("wall_time", "train_time")
@@ -102,8 +102,8 @@ def test_study_workers_end_with_the_command(tmp_path, sig):
 
 _POOL = """
 import sys
-from quotopt import training
-from quotopt.study.runner import Pool, train_job
+from quotopt.lab import training
+from quotopt.lab.study.runner import Pool, train_job
 cfg = training.RunConfig("sort", size="tiny", steps=120, eval_every=10).resolved()
 with Pool(1) as pool:
     pool.map(train_job, [(cfg, sys.argv[1], False)])
@@ -147,7 +147,7 @@ def test_a_run_killed_with_its_study_resumes_to_the_uninterrupted_records(tmp_pa
 
 _HOLD = """
 import sys, time
-from quotopt import training
+from quotopt.lab import training
 with training.run_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)

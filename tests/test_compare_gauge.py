@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from quotopt import training
-from quotopt.cli import compare
-from quotopt.cli.main import build_parser, main
+from quotopt.lab import training
+from quotopt.lab.cli import compare
+from quotopt.lab.cli.main import build_parser, main
 
 TINY = ["compare", "--size", "tiny", "--steps", "20", "--workers", "1", "--quiet"]
 

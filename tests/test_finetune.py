@@ -1,4 +1,4 @@
-"""The LoRA fine-tuning task (``quotopt.finetune``) and ``quotopt finetune``: deterministic data
+"""The LoRA fine-tuning task (``quotopt.lab.finetune``) and ``quotopt finetune``: deterministic data
 split by file, the pretrained checkpoint cached by its configuration, every optimiser stepping
 from B = 0, and the whole protocol end to end at tiny sizes."""
 
@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from quotopt.cli.main import main
+from quotopt.lab.cli.main import main
 from quotopt.groups import lora_pairs
-from quotopt.training.optimizers import build_adapter_optimizer, optimizer_names
+from quotopt.lab.training.optimizers import build_adapter_optimizer, optimizer_names
 
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-ft = pytest.importorskip("quotopt.finetune")
+ft = pytest.importorskip("quotopt.lab.finetune")
 # peft 0.21 reads a property that transformers 5 deprecates: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from quotopt.dynamics import critical
-from quotopt.study import flat
+from quotopt.lab.experiments import critical
+from quotopt.lab.study import flat
 
 TINY = dict(
     critical.SETTINGS["regression-teacher"], vocab=5, seq_len=3, n_train=40, n_val=40,

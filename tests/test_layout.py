@@ -114,7 +114,7 @@ def test_no_file_cites_a_document_outside_the_repository(tmp_path):
 
 def test_every_module_imports_first_and_in_shuffled_orders():
     names = modules()
-    assert {"quotopt.training.loop", "quotopt.plotting", "manifolds.heads"} <= set(names)
+    assert {"quotopt.lab.training.loop", "quotopt.lab.plotting", "manifolds.heads"} <= set(names)
     failures = import_failures(names)
     assert not failures, _describe(failures)
 
@@ -160,9 +160,9 @@ def test_every_module_imports_in_a_fresh_interpreter(tmp_path):
 
 
 def test_plotting_selects_no_backend_and_leaves_pyplot_alone(tmp_path):
-    """``quotopt.plotting`` imports matplotlib only when drawing and never ``pyplot``."""
+    """``quotopt.lab.plotting`` imports matplotlib only when drawing and never ``pyplot``."""
     code = (
-        "import sys, quotopt.plotting as qp\n"
+        "import sys, quotopt.lab.plotting as qp\n"
         "assert 'matplotlib' not in sys.modules\n"
         "fig, ax = qp.new_figure()\n"
         "run = dict(summary=dict(config=dict(optim='adamw')),\n"
@@ -255,7 +255,7 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circle_even_through_function_level_imports():
     graph = import_graph()
-    assert "quotopt.models.transformer" in graph and graph["quotopt.training.loop"]
+    assert "quotopt.models.transformer" in graph and graph["quotopt.lab.training.loop"]
     assert circles(graph) == []
 
 
@@ -270,3 +270,31 @@ def test_a_planted_function_level_circle_is_found(tmp_path):
     (package / "c.py").write_text("from .a import B\n")
     assert circles(import_graph(tmp_path, ("cyc",))) == [["cyc.a", "cyc.b"]]
     assert import_failures(modules(tmp_path, ("cyc",)), tmp_path, ("cyc",), seeds=(0,)) == []
+
+
+LABORATORY = "quotopt.lab"
+
+
+def library_to_laboratory(graph: dict[str, set[str]], lab: str = LABORATORY) -> dict[str, set[str]]:
+    """Library modules (outside ``lab``) → the laboratory modules they import anywhere."""
+    inside = lambda name: name == lab or name.startswith(lab + ".")  # noqa: E731
+    edges = {m: {t for t in targets if inside(t)} for m, targets in graph.items() if not inside(m)}
+    return {m: t for m, t in edges.items() if t}
+
+
+def test_no_library_module_imports_from_the_laboratory():
+    graph = import_graph()
+    assert "quotopt.lab.cli.main" in graph and "quotopt.lab.training.loop" in graph
+    assert library_to_laboratory(graph) == {}
+
+
+def test_a_planted_library_import_of_the_laboratory_is_found(tmp_path):
+    """The control: a library module that imports the laboratory inside a function."""
+    package = tmp_path / "pkg"
+    (package / "lab").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "lab" / "__init__.py").write_text("")
+    (package / "lab" / "run.py").write_text("from .. import core\n")
+    (package / "core.py").write_text("def f():\n    from .lab import run\n    return run\n")
+    found = library_to_laboratory(import_graph(tmp_path, ("pkg",)), "pkg.lab")
+    assert found == {"pkg.core": {"pkg.lab.run"}}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from quotopt.baselines.lora_rite import LoRARITE
+from quotopt.lab.baselines.lora_rite import LoRARITE
 from quotopt.groups import add_lora, lora_pairs
 
 F64 = torch.float64

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from quotopt.baselines import lora_plus
+from quotopt.lab.baselines import lora_plus
 from quotopt.groups import add_lora, lora_pairs
 
 F64 = torch.float64

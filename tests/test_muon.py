@@ -11,7 +11,7 @@ import torch
 import manifolds as M
 from manifolds.testing import relative_error
 from quotopt import NonFiniteStepError, QuotientMuon, gauge_transform, symmetries
-from quotopt.baselines.muon import hidden_matrices, muon_adamw, quotient_muon_adamw
+from quotopt.lab.baselines.muon import hidden_matrices, muon_adamw, quotient_muon_adamw
 from quotopt.models import RelationalTransformer, Transformer
 from tests.problems import matrix_sensing
 

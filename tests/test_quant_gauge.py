@@ -259,7 +259,7 @@ def test_search_resumes_bit_for_bit_and_refuses_a_non_finite_step():
 def test_quantise_command_quick_end_to_end(tmp_path, one_thread):
     import json
 
-    from quotopt.cli.main import main
+    from quotopt.lab.cli.main import main
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["quantise", "--quick", "--out", str(out), "--cache", str(cache), "--quiet"]

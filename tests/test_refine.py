@@ -21,7 +21,7 @@ from quotopt.dynamics.refine import (
     model_orbit_basis,
     refine_critical_point,
 )
-from quotopt.dynamics.teacher import balance_teacher, teacher_targets
+from quotopt.lab.experiments.teacher import balance_teacher, teacher_targets
 from quotopt.groups import group_point, joint_groups, symmetries, write_point
 from quotopt.models import Transformer
 

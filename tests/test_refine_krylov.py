@@ -102,8 +102,8 @@ def test_count_setting_above_the_dense_limit_reports_level_residuals_not_counts(
     """A teacher setting with ``dense_max`` below its size: refined matrix-free to round-off,
     where H annihilates the compact orbit tangents (residual ≤ 1e-10 relative to max|λ|);
     unrefined (``refine_steps=0``, the teacher plus 1e-6 noise) they are not (the control)."""
-    from quotopt.dynamics.critical import count_setting
-    from quotopt.study.flat import flat_markdown
+    from quotopt.lab.experiments.critical import count_setting
+    from quotopt.lab.study.flat import flat_markdown
 
     sizes = dict(d_model=4, d_mlp=8, vocab=6, n_train=32, n_val=16)
     refined = count_setting("regression-teacher-decay", dense_max=50, **sizes)

@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 
-from quotopt import symmetries, training
-from quotopt.cli.args import optimizer_list
-from quotopt.cli.main import main
-from quotopt.study import protocol
-from quotopt.training import OPTIMIZERS, OptimizerSpec, optimizer_names
-from quotopt.training.loop import rebind
+from quotopt import symmetries
+from quotopt.lab import training
+from quotopt.lab.cli.args import optimizer_list
+from quotopt.lab.cli.main import main
+from quotopt.lab.study import protocol
+from quotopt.lab.training import OPTIMIZERS, OptimizerSpec, optimizer_names
+from quotopt.lab.training.loop import rebind
 
 TINY = ["--task", "sort", "--size", "tiny", "--eval-every", "2", "--quiet", "--threads", "1"]
 

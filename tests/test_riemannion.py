@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from quotopt.baselines.riemannion import Riemannion
+from quotopt.lab.baselines.riemannion import Riemannion
 from quotopt.groups import LoRALinear, add_lora, lora_pairs
 from quotopt.optim import NonFiniteStepError
-from quotopt.training.optimizers import build_adapter_optimizer
+from quotopt.lab.training.optimizers import build_adapter_optimizer
 
 F64 = torch.float64
 

@@ -18,7 +18,7 @@ import torch
 
 import quotopt
 from quotopt import QuotientAdam, QuotientMuon, QuotientSGD
-from quotopt.baselines import quotient_muon_adamw
+from quotopt.lab.baselines import quotient_muon_adamw
 from quotopt.groups import gauge_transform
 from quotopt.models import Transformer
 

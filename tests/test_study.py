@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from quotopt import training
-from quotopt.cli.main import main
-from quotopt.study import FULL, QUICK, STANDARD, n_runs, run_study, write_report
-from quotopt.study.protocol import (
+from quotopt.lab import training
+from quotopt.lab.cli.main import main
+from quotopt.lab.study import FULL, QUICK, STANDARD, n_runs, run_study, write_report
+from quotopt.lab.study.protocol import (
     LABELS,
     ROLES,
     FlatPlan,
@@ -24,11 +24,11 @@ from quotopt.study.protocol import (
     TaskPlan,
     score,
 )
-from quotopt.study.robustness import basin_share, gauge_spread, seeds_reaching
-from quotopt.study.summaries import training_seconds
-from quotopt.study.tuning import bracket, extend
-from quotopt.training import OPTIMIZERS
-from quotopt.training.schedule import lr_factor
+from quotopt.lab.study.robustness import basin_share, gauge_spread, seeds_reaching
+from quotopt.lab.study.summaries import training_seconds
+from quotopt.lab.study.tuning import bracket, extend
+from quotopt.lab.training import OPTIMIZERS
+from quotopt.lab.training.schedule import lr_factor
 
 
 def test_score_orders_runs_by_the_task_criterion():

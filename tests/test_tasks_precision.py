@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quotopt.tasks import get_task
+from quotopt.lab.tasks import get_task
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

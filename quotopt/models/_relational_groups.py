@@ -41,7 +41,7 @@ per block stay flat and undeclared (``tests/test_refine.py`` counts them). Nor t
 norm N removes c from the stream it reads, and the tied read-out α⟨N(X_T), E_v⟩ takes c from
 E and gives it back through α; only the norm's ε breaks it. ``balance_undeclared`` moves a
 model to the minimal-norm point of both orbits, where θ is orthogonal to their generators (with
-λ > 0 the balanced point is where weight decay leaves them, ``quotopt.dynamics.critical``).
+λ > 0 the balanced point is where weight decay leaves them, ``quotopt.lab.experiments.critical``).
 """
 
 from __future__ import annotations

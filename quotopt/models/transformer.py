@@ -26,7 +26,7 @@ Exact symmetries (both checked to round-off in ``tests/test_models.py``):
   for invertible g (H, r, r): (Wq g, Wk g⁻ᵀ) and (Wv g, g⁻¹ Wo) are exact symmetries; the
   invariants are the head composites Wq Wkᵀ and Wv Wo (``manifolds.HeadQK`` / ``HeadOV``).
   The attention scale 1/√r depends on r only, so it does not break this. Optional fixed
-  biases ``q_bias``/``v_bias`` (``quotopt.baselines.add_random_biases``) shrink it to the
+  biases ``q_bias``/``v_bias`` (``quotopt.lab.baselines.add_random_biases``) shrink it to the
   stabiliser {g : b g = b} of the bias.
 """
 
@@ -79,7 +79,7 @@ class CausalSelfAttention(nn.Module):
     Output: Σ_h softmax((X Wq[h])(X Wk[h])ᵀ / √r + causal mask) (X Wv[h]) Wo[h].
 
     Buffers ``q_bias`` and ``v_bias`` (H, r) are ``None`` by default; when set, they are added
-    to every query and value (fixed, not learned; ``quotopt.baselines.add_random_biases``).
+    to every query and value (fixed, not learned; ``quotopt.lab.baselines.add_random_biases``).
     They are in the state dict only when set, so a model saved with them must have them set
     before ``load_state_dict``.
     """

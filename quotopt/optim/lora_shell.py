@@ -1,7 +1,7 @@
 r"""The shell of the optimisers that step LoRA adapters pair by pair (``LoRAPairOptimizer``).
 
 Some LoRA optimisers need both factors of an adapter at once (the frame of one factor
-preconditions the other's gradient): LoRA-RITE (``quotopt.baselines.lora_rite``) and the
+preconditions the other's gradient): LoRA-RITE (``quotopt.lab.baselines.lora_rite``) and the
 dressed-frame matrix Adam (``quotopt.optim.matrix_adam``). Their pairs are found per adapter module
 (``quotopt.groups.lora_pairs``: ``peft`` layers and ``LoRALinear``), never by the order of a
 parameter list, and stacked by shape: one param group per (d_out, r, d_in) holding
