@@ -6,7 +6,7 @@ during ``backward()``; every rank then runs the same deterministic ``QuotientAda
 replicas stay identical — dressing, horizontal projections and the non-finite guard included
 (every rank sees the same values and takes the same decision). Build the param groups from the
 wrapped module (``symmetries(ddp.module)``): DDP shares the module's parameters.
-``tests/test_distributed.py`` checks 2 CPU processes (gloo) against one process with the same
+``tests/optim/test_distributed.py`` checks 2 CPU processes (gloo) against one process with the same
 global batch, 5 steps, on ``quotopt.models.Transformer``.
 
 **Sharded parameters (FSDP2, tensor parallelism).** ``QuotientSGD``, ``QuotientAdam`` and

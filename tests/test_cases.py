@@ -21,7 +21,9 @@ from torch import nn
 from manifolds.base import Bundle
 from manifolds.testing import assert_bundle
 from quotopt.groups import Detector, Option, Slot
-from tests import test_groups_registry, test_interface, test_optim
+from tests.groups import test_groups_registry
+from tests.manifolds import test_interface
+from tests.optim import test_optim
 from tests.cases import CASES, Case, examples, strategy
 
 

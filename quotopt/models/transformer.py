@@ -5,7 +5,7 @@ Architecture (nanoGPT-sized): learned token and position embeddings, ``n_layers`
 **without** gains or centering, and there are no biases. Row-vector convention: a sequence is
 ``X`` of shape (B, T, d) and layers compute ``X @ W``.
 
-Exact symmetries (both checked to round-off in ``tests/test_models.py``):
+Exact symmetries (both checked to round-off in ``tests/models/test_models.py``):
 
 * **O(d) on the model space.** N(XR) = N(X)R for orthogonal R, so replacing every tensor by
   T′[…, j, …] = Σᵢ T[…, i, …] R[i, j] along its model-space axis leaves the logits unchanged.

@@ -26,7 +26,7 @@ read here; public ports that follow its Algorithm 4 agree on the steps above) ar
 
 Invariance: every quantity above depends on (B, A) only through X = B A, the column space of
 B and the row space of A, so (B S, S⁻¹A) for S ∈ GL(r) gives the same steps
-(``tests/test_riemannion.py``, with AdamW as the control that fails).
+(``tests/lab/baselines/test_riemannion.py``, with AdamW as the control that fails).
 
 The B = 0 start (X = 0, off the manifold): the factor gradients give only G U_R (∇_A = Bᵀ G
 = 0), so the point is taken with an empty left frame (U_L = 0) and the right frame of A: the

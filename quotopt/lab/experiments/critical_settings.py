@@ -12,7 +12,7 @@ Newton converges quadratically):
   ``Transformer`` (entries N(0, 0.2²)); the student, the same architecture from its default
   initialisation, learns the teacher's logits on 96 random sequences and is scored by R² on 96
   others. Tied embeddings remove the stream-scale symmetry that the gain-free final norm would
-  add (``tests/test_refine.py``). Reduction ``joint``: the whole orbit, so(d) + Σ gl(r).
+  add (``tests/dynamics/test_refine.py``). Reduction ``joint``: the whole orbit, so(d) + Σ gl(r).
   ``regression-teacher``: the same with the student at the teacher's point plus N(0, 1e-4²)
   noise and no training, so that an exact interpolating minimum (F = 0) lies next to it;
   from scratch the student fits the teacher (R² ≈ 1 on held-out sequences) but Newton from

@@ -21,7 +21,7 @@ from quotopt.models._relational_attention import alibi_bias, alibi_slopes
 from quotopt.models._relational_mlp import gate_reference, gram_gated_mlp
 from quotopt.models.flops import flops_per_token, training_flops_per_token
 from quotopt.models.relational import RelationalAttention
-from tests.test_models import apply_heads_gl, random_orthogonal, rel_err, rotate_axis
+from tests.models.test_models import apply_heads_gl, random_orthogonal, rel_err, rotate_axis
 
 V = 13
 SEQ_LENS = [1, 7, 64, 257]

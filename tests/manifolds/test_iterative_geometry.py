@@ -18,7 +18,7 @@ import quotopt
 from manifolds import iterative
 from quotopt import QuotientAdam, QuotientMuon
 from quotopt.groups import use_geometry
-from tests.test_stacked_step import _orbit_gap
+from tests.optim.test_stacked_step import _orbit_gap
 
 F64 = torch.float64
 CONDITIONS = (1.0, 1e2, 1e4)  # of the factors: their Grams reach 1e8, the float64 bound

@@ -271,7 +271,7 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Results of the 2-process job, one dict per rank (forked workers, as in
-    ``tests/test_distributed.py``)."""
+    ``tests/optim/test_distributed.py``)."""
     import torch._dynamo  # noqa: F401
 
     tmp = tmp_path_factory.mktemp("fsdp")

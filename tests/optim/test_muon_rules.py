@@ -19,7 +19,7 @@ import manifolds as M
 from quotopt import NonFiniteStepError, QuotientMuon, symmetries
 from quotopt.models import Transformer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ADAMW = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6)
 SHAPES = [(5, 3), (4,), (2, 3, 4), (6, 6)]
 

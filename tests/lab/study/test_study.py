@@ -76,7 +76,7 @@ def test_the_standard_plan_brackets_compares_with_muon_and_shifts_the_gauge():
     assert {t.task for t in STANDARD.tasks} == {"modadd", "chars", "digits"}
 
 
-COMMITTED = Path(__file__).resolve().parents[1] / "studies" / "standard" / "study.json"
+COMMITTED = Path(__file__).resolve().parents[3] / "studies" / "standard" / "study.json"
 
 
 @pytest.mark.skipif(not COMMITTED.is_file(), reason="the standard study has not been committed")

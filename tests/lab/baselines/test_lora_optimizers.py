@@ -17,7 +17,7 @@ from quotopt.optim import NonFiniteStepError
 from quotopt.optim.matrix_adam import QuotientMatrixAdam
 from quotopt.lab.training.optimizers import build_adapter_optimizer
 
-from .test_lora_rite import F64, _batches, _gauged, _model, _products, _train
+from tests.lab.baselines.test_lora_rite import F64, _batches, _gauged, _model, _products, _train
 
 
 def _loss(net, x, y):

@@ -14,7 +14,7 @@ import torch
 from quotopt.dynamics.refine import model_orbit_basis, refine_critical_point
 from quotopt.dynamics.refine_krylov import minres, refine_critical_point_krylov
 from quotopt.groups import joint_groups
-from tests.test_refine import _problem, _teacher_task_at_start
+from tests.dynamics.test_refine import _problem, _teacher_task_at_start
 
 
 def _symmetric(n, spectrum, seed=0):

@@ -25,7 +25,7 @@ from quotopt.models._relational_attention import (
     alibi_slopes,
     alibi_window,
 )
-from tests.test_models import rel_err
+from tests.models.test_models import rel_err
 
 T_LONG = 2048
 TINY = torch.finfo(torch.float32).tiny
@@ -115,7 +115,7 @@ def test_windowed_model_equals_the_exact_model_to_float32_round_off(monkeypatch)
     windowed = [rel_err(a, b) for a, b in zip(run(model), want)]
     no_window(monkeypatch)
     plain = [rel_err(a, b) for a, b in zip(run(model), want)]
-    assert max(windowed) < 1e-6  # the float32 tolerance of tests/test_relational.py
+    assert max(windowed) < 1e-6  # the float32 tolerance of tests/models/test_relational.py
     assert max(windowed) < 2 * max(plain)  # no worse than exact ALiBi in float32
 
 

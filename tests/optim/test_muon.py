@@ -143,7 +143,7 @@ class _PerHeadMuon:
 @pytest.mark.parametrize("metric", M.METRICS)
 def test_matrix_sensing_with_gl_heads(metric):
     """Recover rank-2 matrices M*_h from 40 random linear measurements each (the toy problem
-    of tests/test_optim.py): the loss falls by 100x in 120 steps."""
+    of tests/optim/test_optim.py): the loss falls by 100x in 120 steps."""
     bundle, params, sensing_loss = matrix_sensing(metric)
     opt = QuotientMuon([{"params": params, "bundle": bundle}], lr=0.1, weight_decay=0)
     # Muon's steps have a fixed size: a decaying learning rate lets them settle
@@ -189,7 +189,7 @@ def test_plain_groups_match_torch_muon_bitwise(hyper, dtype):
 
 
 def test_non_matrix_plain_parameters_are_refused_under_the_muon_rule():
-    """Without a rule such a group gets the AdamW rule (``tests/test_muon_rules.py``); asked
+    """Without a rule such a group gets the AdamW rule (``tests/optim/test_muon_rules.py``); asked
     for Muon's, it is refused."""
     mixed = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3))]
     with pytest.raises(ValueError, match=r"params\[1\] has shape \(3,\).*AdamW"):
