@@ -39,8 +39,8 @@ from quotopt.dynamics import (
     flatten,
     model_vertical_basis,  # what `quotopt spectrum` counts with
 )
-from quotopt.models import Transformer
 from quotopt.lab.tasks import get_task
+from quotopt.models import Transformer
 
 F64 = torch.float64
 

@@ -11,8 +11,8 @@ import torch
 
 # --8<-- [start:imports]
 import quotopt
-from quotopt.models import Transformer
 from quotopt.lab.tasks import get_task
+from quotopt.models import Transformer
 
 # --8<-- [end:imports]
 

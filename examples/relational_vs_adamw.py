@@ -21,8 +21,8 @@ import copy
 import torch
 
 import quotopt
-from quotopt.models import RelationalTransformer
 from quotopt.lab.tasks import get_task
+from quotopt.models import RelationalTransformer
 
 
 def _train(model, optimizer, task, steps: int, batch_size: int, seed: int) -> list[float]:

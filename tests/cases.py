@@ -7,7 +7,7 @@ a function of nothing), a hypothesis strategy over its sizes and metrics (``draw
 conformance matrix) and whether it is *factored* (two factors per head acted on by
 (A g, B g⁻ᵀ), g in a subgroup of GL(r): what QuotientMuon and the balance gap need). A bundle
 that a new detector proposes also names a module holding its point and the detector
-(``detect``): ``tests/test_groups_registry.check_detection`` registers it, runs
+(``detect``): ``tests/groups/test_groups_registry.py``'s ``check_detection`` registers it, runs
 ``quotopt.symmetries`` and unregisters it. ``tests/test_cases.py`` shows a toy bundle going
 through every check, detection included, by being one case.
 """

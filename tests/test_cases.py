@@ -21,10 +21,10 @@ from torch import nn
 from manifolds.base import Bundle
 from manifolds.testing import assert_bundle
 from quotopt.groups import Detector, Option, Slot
+from tests.cases import CASES, Case, examples, strategy
 from tests.groups import test_groups_registry
 from tests.manifolds import test_interface
 from tests.optim import test_optim
-from tests.cases import CASES, Case, examples, strategy
 
 
 class PairScaling(Bundle):

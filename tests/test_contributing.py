@@ -21,8 +21,9 @@ PAGE = Path(__file__).resolve().parents[1] / "docs" / "contributing.md"
 
 
 def _walkthrough() -> dict:
-    """The namespace of the page's first block: the optimiser as the page defines it."""
-    first = next(b for b in blocks(PAGE.read_text(), "contributing.md") if "class " in b.code)
+    """The namespace of the page's block that defines the optimiser, as the page defines it."""
+    page = blocks(PAGE.read_text(), "contributing.md")
+    first = next(b for b in page if "class QuotientNormalisedSGD" in b.code)
     namespace: dict = {"__name__": "contributing"}
     exec(compile(first.code, first.where, "exec"), namespace)
     return namespace

@@ -41,7 +41,8 @@ gauge-equivariant. For ``v ≠ u`` the bilinear form is recovered by polarisatio
 ¼[m(u+v) − m(u−v)] with m = ``slice_mean_square``.
 
 Where geoopt 0.5.1's algorithms lose gauge equivariance (runs from p and p·g compared on their
-invariants; ``tests/manifolds/test_adapters.py`` asserts each regime, ``docs/guides/adapters.md`` gives
+invariants; ``tests/manifolds/test_adapters.py`` asserts each regime, ``docs/guides/adapters.md``
+gives
 the measured gaps):
 
 * ``RiemannianSGD`` without momentum is equivariant to round-off.

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from .training import write_json
 from ..gauge.fibre import Fibre
 from ..gauge.methods import LEARNED, plan_of
 from ..gauge.model import LlamaWeights
@@ -32,6 +31,7 @@ from ..gauge.objectives import end_to_end, perplexity
 from ..gauge.quantisers import QuantSpec
 from ..gauge.represent import measure, represent
 from ..gauge.search import GaugeSearch
+from .training import write_json
 
 __all__ = ["StudyConfig", "study", "report", "figure", "CHECKPOINT_EVERY"]
 

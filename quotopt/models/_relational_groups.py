@@ -36,7 +36,8 @@ It acts on three tensors at once, while the joint bundle composes O(k) with two-
 (A g, B g⁻ᵀ) and with rotations only; and its w_in, w_gate, w_out are the only tensors that O(k)
 alone would act on, which the joint frame needs for its signs. Its compact part is {±1}
 (discrete), so under weight decay λ > 0 it leaves no flat direction; at λ = 0 its m directions
-per block stay flat and undeclared (``tests/dynamics/test_refine.py`` counts them). Nor the stream scale,
+per block stay flat and undeclared (``tests/dynamics/test_refine.py`` counts them). Nor the stream
+scale,
 (``tok_emb``, ``pos_emb``, every ``wo`` and ``w_out``)·c with ``logit_scale``/c, c > 0: every
 norm N removes c from the stream it reads, and the tied read-out α⟨N(X_T), E_v⟩ takes c from
 E and gives it back through α; only the norm's ε breaks it. ``balance_undeclared`` moves a

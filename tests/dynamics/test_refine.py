@@ -21,8 +21,8 @@ from quotopt.dynamics.refine import (
     model_orbit_basis,
     refine_critical_point,
 )
-from quotopt.lab.experiments.teacher import balance_teacher, teacher_targets
 from quotopt.groups import group_point, joint_groups, symmetries, write_point
+from quotopt.lab.experiments.teacher import balance_teacher, teacher_targets
 from quotopt.models import Transformer
 
 D, R = 4, 2  # d_model, d_head: so(4) = 6, per head pair so(2) = 1 (compact) or gl(2) = 4

@@ -1,6 +1,7 @@
 """PositiveRescaling of degree k: the (a s, b s⁻ᵏ) symmetry of ReLU² (k = 2) units, in float64.
 
-The generic properties run in the conformance matrix (``tests/manifolds/test_bundles.py``); here what is
+The generic properties run in the conformance matrix (``tests/manifolds/test_bundles.py``); here
+what is
 particular to k ≠ 1: the group law, invariance of a ReLU² MLP's function, the orbit's tangents,
 the metric-orthogonal splitting, the dressed section ‖a‖² = k‖b‖², weight decay on the
 invariants, the step bound, and QuotientAdam started from p and p·g on a ReLU² MLP. Each has its

@@ -18,8 +18,8 @@ import torch
 
 import quotopt
 from quotopt import QuotientAdam, QuotientMuon, QuotientSGD
-from quotopt.lab.baselines import quotient_muon_adamw
 from quotopt.groups import gauge_transform
+from quotopt.lab.baselines import quotient_muon_adamw
 from quotopt.models import Transformer
 
 OPTIMISERS = {

@@ -25,7 +25,8 @@ not ported.
 
 Invariance: for S ∈ GL(r), (B S, S⁻¹A) has frames U_B Q, U_A Q' (Q, Q' orthogonal) and the
 same ḡ up to those rotations, so every quantity above is carried along and ΔW = B A is the
-same from either representative (``tests/lab/baselines/test_lora_rite.py`` checks it, and that AdamW's is
+same from either representative (``tests/lab/baselines/test_lora_rite.py`` checks it, and that
+AdamW's is
 not). Where the reference hides a non-finite value (``nan_to_num``) this port raises
 ``NonFiniteStepError`` and writes nothing; where the reference's eigenvalue of a semi-definite
 V rounds below 0 and turns the whole update into NaN (then 0), this port takes it as 0.

@@ -35,7 +35,6 @@ from torch import nn
 from ...groups import group_point, symmetries
 from ...models.transformer import MODEL_AXES
 from ...optim import QuotientAdam, QuotientMuon
-from ...groups import group_point, symmetries
 from ...optim.newton_schulz import factored_parts
 
 __all__ = ["MuonWithAdamW", "hidden_matrices", "muon_adamw", "quotient_muon_adamw"]

@@ -86,8 +86,8 @@ def _svd_factored(u_l, u_r, t_a, t_b):
     q_a, r_a = torch.linalg.qr(t_a)
     k = u_r.mT @ t_b
     q_b, r_b = torch.linalg.qr(t_b - u_r @ k)
-    core = torch.cat([torch.cat([r_a, torch.zeros_like(r_a)], -1),
-                      torch.cat([k.mT, r_b.mT], -1)], -2)  # fmt: skip
+    top = torch.cat([r_a, torch.zeros_like(r_a)], -1)
+    core = torch.cat([top, torch.cat([k.mT, r_b.mT], -1)], -2)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     return torch.cat([q_a, u_l], -1) @ u, s, torch.cat([u_r, q_b], -1) @ vh.mT
 
@@ -132,12 +132,12 @@ class Riemannion(LoRAPairOptimizer):
         if not (isinstance(eps, float) and 0 < eps < 1):
             raise ValueError(f"Riemannion: eps must be a float in (0, 1), got {eps!r}")
         if adjust_lr_fn not in _ADJUST:
-            raise ValueError(f"Riemannion: adjust_lr_fn must be one of {_ADJUST}, got "
-                             f"{adjust_lr_fn!r}")  # fmt: skip
+            choices = f"one of {_ADJUST}"
+            raise ValueError(f"Riemannion: adjust_lr_fn must be {choices}, got {adjust_lr_fn!r}")
         if store not in _STORE:
             raise ValueError(f"Riemannion: store must be one of {_STORE}, got {store!r}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
-                        adjust_lr_fn=adjust_lr_fn, store=store)  # fmt: skip
+        rules = dict(adjust_lr_fn=adjust_lr_fn, store=store)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, **rules)
         super().__init__(model, defaults)
 
     def _init_state(self, b: torch.Tensor, a: torch.Tensor) -> dict:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .. import training
 from ...dynamics import model_flat_directions
+from .. import training
 from ..experiments.critical import SETTINGS, count_setting
 from .args import fraction, positive_float
 
@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
         "--setting",
         choices=sorted(SETTINGS),
         help="instead of the registry model: train the model of this setting "
-        "(quotopt.lab.experiments.critical; --task, --size, --steps, --lr and --weight-decay do not "
+        "(quotopt.lab.experiments.critical; --task, --size, --steps, --lr and --weight-decay "
+        "do not "
         "apply), refine it to a critical point and count there against each reduction",
     )
     parser.add_argument(

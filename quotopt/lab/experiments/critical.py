@@ -25,8 +25,6 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ...groups import joint_groups, symmetries
-from .critical_settings import SETTINGS
 from ...dynamics.hessian import lanczos_extremes
 from ...dynamics.model_flat import DENSE_MAX
 from ...dynamics.refine import (
@@ -37,6 +35,8 @@ from ...dynamics.refine import (
     refine_critical_point,
 )
 from ...dynamics.refine_krylov import hessian_residuals, refine_critical_point_krylov
+from ...groups import joint_groups, symmetries
+from .critical_settings import SETTINGS
 from .teacher import TeacherRegression, balance_teacher
 
 __all__ = ["SETTINGS", "count_setting", "TeacherRegression"]

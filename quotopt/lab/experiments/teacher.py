@@ -17,8 +17,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ...groups import group_point, write_point
 from ...dynamics.hessian import flatten
+from ...groups import group_point, write_point
 
 __all__ = ["teacher_targets", "balance_teacher", "TeacherRegression"]
 

@@ -1,6 +1,7 @@
 """The flat-direction phase of the study: counts at refined critical points of models that learn.
 
-``critical_job(setting, seed, directory)`` runs ``quotopt.lab.experiments.critical.count_setting`` for
+``critical_job(setting, seed, directory)`` runs ``quotopt.lab.experiments.critical.count_setting``
+for
 one setting (modadd at λ > 0 with the heads' and the joint reduction, the λ = 0 teacher
 regression, the relational model with its declared reduction and the control without channels)
 and caches the JSON; ``flat_markdown(results)`` renders the "Flat directions" section of the
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .. import training
 from ...dynamics import model_flat_directions
+from .. import training
 
 PAPER = (
     "François & Ravera (arXiv 2602.18948) claim that training on the quotient of the parameter "

@@ -27,7 +27,8 @@ import math
 
 from ..training.optimizers import OPTIMIZERS, optimizer_names
 
-#: the study's optimisers are the registry's full-model entries (``quotopt.lab.training.OPTIMIZERS``):
+#: the study's optimisers are the registry's full-model entries
+#: (``quotopt.lab.training.OPTIMIZERS``):
 #: Adam-like ones (decoupled decay or decay on invariants) share one grid, SGD-like ones (coupled
 #: L2 decay) another
 _ENTRIES = [OPTIMIZERS[name] for name in optimizer_names("full")]
@@ -108,7 +109,8 @@ class RelationalPlan:
 
 @dataclasses.dataclass(frozen=True)
 class FlatPlan:
-    """Flat directions. ``settings``: ``quotopt.lab.experiments.critical.SETTINGS`` names, each a model
+    """Flat directions. ``settings``: ``quotopt.lab.experiments.critical.SETTINGS`` names, each a
+    model
     that learns its task, counted at a refined critical point (``study.flat.critical_job``).
     ``size, steps, lr, weight_decays``: the earlier experiment (modadd at ``size`` after
     full-batch Adam with coupled L2 decay, unrefined: ``study.flat.flat_job``), one per λ."""
@@ -121,7 +123,8 @@ class FlatPlan:
     settings: tuple[str, ...] = ()
 
 
-#: every setting of ``quotopt.lab.experiments.critical`` (models that learn, refined before counting)
+#: every setting of ``quotopt.lab.experiments.critical`` (models that learn, refined before
+#: counting)
 CRITICAL = (
     "modadd",
     "regression",

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .. import training
 from ...models.flops import training_flops_per_token
+from .. import training
 from .protocol import StudyPlan
 from .runner import Pool, call, run_dir, train_job
 from .summaries import equal_time_steps

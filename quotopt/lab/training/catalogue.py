@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from ...groups import lora_pairs, orthonormal_start
+from ...optim import QuotientAdam, QuotientMuon, QuotientSGD
+from ...optim.matrix_adam import QuotientMatrixAdam
 from .. import baselines
 from ..baselines.balora import balora
 from ..baselines.riemannion import riemannion
-from ...groups import lora_pairs, orthonormal_start
-from ...optim.matrix_adam import QuotientMatrixAdam
-from ...optim import QuotientAdam, QuotientMuon, QuotientSGD
 from .optimizer_spec import Build, OptimizerSpec
 
 __all__ = ["CATALOGUE"]

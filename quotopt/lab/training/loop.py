@@ -36,7 +36,6 @@ import torch
 from ...dynamics import balance_gap, gauge_drift, head_imbalance
 from ...groups import gauge_transform, group_point, symmetries
 from ...optim import NonFiniteStepError
-from ...groups import group_point, symmetries
 from .optimizers import build_optimizer, detect
 from .registry import TASK_DEFAULTS, build_model, build_task
 from .runs import (

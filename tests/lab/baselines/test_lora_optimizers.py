@@ -11,12 +11,11 @@ import io
 import pytest
 import torch
 
-from quotopt.lab.baselines.balora import BaLoRA
 from quotopt.groups import lora_pairs, orthonormal_start
+from quotopt.lab.baselines.balora import BaLoRA
+from quotopt.lab.training.optimizers import build_adapter_optimizer
 from quotopt.optim import NonFiniteStepError
 from quotopt.optim.matrix_adam import QuotientMatrixAdam
-from quotopt.lab.training.optimizers import build_adapter_optimizer
-
 from tests.lab.baselines.test_lora_rite import F64, _batches, _gauged, _model, _products, _train
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from quotopt.lab.baselines.lora_rite import LoRARITE
 from quotopt.groups import add_lora, lora_pairs
+from quotopt.lab.baselines.lora_rite import LoRARITE
 
 F64 = torch.float64
 

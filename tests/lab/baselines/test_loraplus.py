@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from quotopt.lab.baselines import lora_plus
 from quotopt.groups import add_lora, lora_pairs
+from quotopt.lab.baselines import lora_plus
 
 F64 = torch.float64
 

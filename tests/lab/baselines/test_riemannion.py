@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from quotopt.lab.baselines.riemannion import Riemannion
 from quotopt.groups import LoRALinear, add_lora, lora_pairs
-from quotopt.optim import NonFiniteStepError
+from quotopt.lab.baselines.riemannion import Riemannion
 from quotopt.lab.training.optimizers import build_adapter_optimizer
+from quotopt.optim import NonFiniteStepError
 
 F64 = torch.float64
 

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from quotopt.lab.cli.main import main
 from quotopt.groups import lora_pairs
+from quotopt.lab.cli.main import main
 from quotopt.lab.training.optimizers import build_adapter_optimizer, optimizer_names
 
 pytest.importorskip("transformers")

@@ -1,4 +1,5 @@
-"""Tests for quotopt.lab.tasks: shapes, determinism, disjoint splits, masking and reachable metrics."""
+"""Tests for quotopt.lab.tasks: shapes, determinism, disjoint splits, masking and reachable
+metrics."""
 
 from __future__ import annotations
 
