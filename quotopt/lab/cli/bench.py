@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 EXPECTED = ("bench_geometry", "bench_optimizer", "bench_models")
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "benchmarks"  # a source checkout's
+DEFAULT_DIR = Path(__file__).resolve().parents[3] / "benchmarks"  # a source checkout's
 
 
 def add_arguments(parser) -> None:

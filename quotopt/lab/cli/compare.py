@@ -27,7 +27,7 @@ from .compare_report import reference_loss, report, spreads
 from .train import add_common_arguments, describe
 
 #: the committed study, whose best settings per task and optimiser the comparison takes
-STUDY = Path(__file__).resolve().parents[2] / "studies" / "standard" / "study.json"
+STUDY = Path(__file__).resolve().parents[3] / "studies" / "standard" / "study.json"
 DEFAULTS = dict(
     task="chars",
     size="quick",
