@@ -74,7 +74,8 @@ def test_the_study_s_tuples_derive_from_the_registry():
     assert protocol.QUOTIENT == ("qadam", "qadam-inv", "qmuon")
     assert protocol.LABELS == {e.name: e.label for e in full}
     assert protocol.ROLES == {e.name: e.role for e in full}
-    lora = "adamw qadam qadam-inv qmuon loraplus scaledgd qsgd-inv lora-rite balora qadam-mat"
+    lora = "adamw qadam qadam-inv qmuon loraplus scaledgd qsgd-inv lora-rite balora qadam-mat "
+    lora += "riemannion riemannion-mom"
     assert optimizer_names("lora") == tuple(lora.split())
 
 
