@@ -84,6 +84,7 @@ def test_every_best_setting_of_the_committed_standard_study_is_bracketed():
     results = json.loads(COMMITTED.read_text())
     for task, entry in results["tasks"].items():
         plan = {t.task: t for t in STANDARD.tasks}[task]
+        assert set(entry["tuning"]) == set(plan.optims), task  # the baselines included
         for optim, tuned in entry["tuning"].items():
             settings = [(t["lr"], t["weight_decay"]) for t in tuned]
             where = bracket(plan.grid(optim), settings, tuple(entry["best"][optim]))
