@@ -16,11 +16,12 @@ from typing import NamedTuple
 import torch
 
 from .iterative import SylvesterSolver, roots, supported_condition
-from .linalg import pinv_spectrum, sym
+from .linalg import pinv_spectrum, sym, symmetric_eigh
 
 __all__ = [
     "FactorFrame",
     "frame_from_grams",
+    "grams_frame",
     "balanced_frame",
     "merge_frames",
     "iterative_frame",
@@ -105,9 +106,22 @@ def frame_from_grams(
         inv_p, root_p, damp_p, low_p = _cholesky_inverse(p)
         inv_q, root_q, damp_q, low_q = _cholesky_inverse(q)
         return FactorFrame(p, q, inv_p, inv_q, root_p, root_q, damp_p, damp_q, low_p | low_q)
-    evals, evecs = torch.linalg.eigh(torch.cat((p, q)))  # one batched call for both Grams
+    evals, evecs = symmetric_eigh(torch.cat((p, q)))  # one batched call for both Grams
     (lam, mu), (u, v) = evals.chunk(2), evecs.chunk(2)
     return _spectral_frame(p, q, (lam, u), (mu, v), damping, weighted)
+
+
+def grams_frame(p: torch.Tensor, q: torch.Tensor, scales_p, scales_q) -> FactorFrame:
+    """The frame of a factored point whose geometry needs its Grams and nothing factorised
+    (``RotaryQK``'s Euclidean metric, whose projection is diagonal in its planes):
+    ``deficient`` flags the heads whose smallest scale — of ``scales_p`` or ``scales_q``
+    (…, k), e.g. the squared norms of a factor's RoPE planes — is at round-off level of the
+    largest (8·r·eps of the Grams' precision)."""
+    r = p.shape[-1]
+    deficient = _low(scales_p.amin(-1), scales_p.amax(-1), r)
+    deficient |= _low(scales_q.amin(-1), scales_q.amax(-1), r)
+    zero = p.new_zeros(p.shape[:-2] + (1,))
+    return FactorFrame(p, q, None, None, None, None, zero, zero, deficient)
 
 
 def _spectral_frame(p, q, eig_p, eig_q, damping: float, weighted: bool) -> FactorFrame:

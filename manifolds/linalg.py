@@ -54,8 +54,19 @@ def skew(x: torch.Tensor) -> torch.Tensor:
 
 
 def gram(a: torch.Tensor) -> torch.Tensor:
-    """aᵀa over the last two axes, symmetrised against round-off."""
+    """aᵀa over the last two axes, symmetrised against round-off (one column: its squared
+    norm, a reduction rather than a batch of 1×1 products)."""
+    if a.shape[-1] == 1:
+        return a.square().sum(-2, keepdim=True)
     return sym(a.mT @ a)
+
+
+def symmetric_eigh(spd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` (ascending), with 1×1 matrices — one per unit of a
+    ``PositiveRescaling`` — written down (value, 1) instead of a batch of LAPACK calls."""
+    if spd.shape[-1] == 1:
+        return spd[..., 0], torch.ones_like(spd)
+    return torch.linalg.eigh(spd)
 
 
 def _eigh(spd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

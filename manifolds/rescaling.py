@@ -33,7 +33,6 @@ import torch
 
 from .base import Point, Tangent
 from .factored import FactoredBundle, FactorFrame, frame_from_grams
-from .heads import gl_vertical_generator
 from .linalg import gram, positive_int
 
 __all__ = ["PositiveRescaling"]
@@ -137,20 +136,33 @@ class PositiveRescaling(FactoredBundle):
         return weighted._replace(p=frame.p, q=frame.q)
 
     def _vertical_generator(self, frame, v: Tangent) -> torch.Tensor:
+        """ξ = (w₁⟨a, z₁⟩ − k w₂⟨b, z₂⟩) / (w₁P + k²w₂Q) per unit (module docstring), zero where
+        the denominator vanishes; for k = 1 it equals the Sylvester solution of the r×r
+        heads at r = 1, under both metrics and any damping (a damping δ·P, δ·Q multiplies
+        numerator and denominator by 1 + δ). Inner products over the rows as reductions:
+        r = 1 makes every product a batch of 1×1 matrices."""
         a, b = self.factors(frame.point)
         z1, z2 = self.factors(v)
-        if self.degree == 1:
-            az1, z2b = self.row_sums(a.mT @ z1, z2.mT @ b)  # sums over rows, sharded or not
-            return gl_vertical_generator(self.metric, frame.data, az1, z2b).to(a.dtype)
         k, p, q = self.degree, frame.data.p, frame.data.q
-        az1, z2b = (t.to(p.dtype) for t in self.row_sums(a.mT @ z1, z2.mT @ b))
+        dots = self.row_sums((a * z1).sum(-2, keepdim=True), (z2 * b).sum(-2, keepdim=True))
+        az1, z2b = (t.to(p.dtype) for t in dots)
         if self.metric == "euclidean":
             w1, w2 = torch.ones_like(p), torch.ones_like(q)
-        else:  # a damping multiplies both weights by 1 + damping: ξ is the same
+        else:
             w1, w2 = self._weights(p, q)
         numerator, denominator = w1 * az1 - k * w2 * z2b, w1 * p + k * k * w2 * q
         safe = torch.where(denominator > 0, denominator, 1.0)
         return torch.where(denominator > 0, numerator / safe, 0.0).to(a.dtype)
+
+    def _stack_family(self):
+        return ("positive rescaling", self.degree)
+
+    def stacked(self, n_heads: int) -> PositiveRescaling:
+        """``n_heads`` units of this shape, degree, metric and damping."""
+        rows_a, rows_b = self.factor_rows
+        return PositiveRescaling(
+            n_heads, rows_a, rows_b, self.metric, damping=self.damping, degree=self.degree
+        )
 
     def scale_invariants(self, point: Point, factor) -> Point:
         """Multiply every unit's invariant ‖a‖ᵏ⁻¹ a bᵀ by ``factor``: both factors by

@@ -60,7 +60,8 @@ import torch
 
 from .base import Point, Tangent, checks_enabled, randn
 from .factored import FactoredBundle
-from .linalg import spd_solve_right
+from .frames import FactorFrame, grams_frame
+from .linalg import gram, spd_solve_right
 
 __all__ = ["RotaryQK", "PAIRINGS"]
 
@@ -137,6 +138,23 @@ class RotaryQK(FactoredBundle):
 
     def __repr__(self) -> str:
         return f"RotaryQK({self._repr_fields()}, pairing={self.pairing!r})"
+
+    def _frame_in(self, factors, dtype: torch.dtype) -> FactorFrame:
+        """The Euclidean metric's projection is diagonal in the planes (module docstring), so
+        its frame is the Grams with no factorisation (``grams_frame``); a head is deficient
+        when a plane of either factor is at round-off level — the one regularity the bundle
+        needs (``check_point``), whatever the rank of the whole factor. The invariant metric's
+        frame is ``FactoredBundle``'s (its system couples the planes through P and Q)."""
+        if self.metric != "euclidean":
+            return super()._frame_in(factors, dtype)
+        a, b = (t.to(dtype) for t in factors)
+        p, q = self.row_sums(gram(a), gram(b))
+        return grams_frame(p, q, self._plane_sizes(p), self._plane_sizes(q))
+
+    def _plane_sizes(self, g: torch.Tensor) -> torch.Tensor:
+        """(H, m): each plane's squared norm ‖αᵢ‖², the traces of the Gram's 2×2 diagonal
+        blocks."""
+        return self._planes(torch.diagonal(g, dim1=-2, dim2=-1)).sum(-1)
 
     # ---- planes: the head axis r as m complex coordinates --------------------------------------
     def _planes(self, x: torch.Tensor) -> torch.Tensor:
