@@ -90,7 +90,7 @@ def _cholesky_inverse(gram_: torch.Tensor):
     damp = torch.where(singular.unsqueeze(-1), torch.where(nonzero, mean, 1.0), 0.0)
     chol, _ = torch.linalg.cholesky_ex(gram_ + damp.unsqueeze(-1) * eye)
     keep = nonzero.unsqueeze(-1)
-    inverse = torch.cholesky_solve(eye.expand_as(gram_), chol)
+    inverse = torch.cholesky_inverse(chol)  # 2-5x faster than solving against I (CPU)
     return inverse * keep, chol * keep, damp * nonzero, singular
 
 

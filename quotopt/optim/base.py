@@ -315,8 +315,11 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
         if "shards" in group and self._gathers_matrices(group):
             hyper["gather"] = [group["shards"].matrix(k) for k in keys]
         plan = Plan(group["name"])
-        if self._plain_in_place is not None:  # new parameters held, moments updated at commit
-            new_params, checks, commit = self._plain_in_place(params, grads, states, **hyper)
+        planned = None
+        if self._plain_in_place is not None:  # new parameters held or none, state at commit
+            planned = self._plain_in_place(params, grads, states, **hyper)
+        if planned is not None:
+            new_params, checks, commit = planned
             if new_params:  # else formed in place at commit
                 plan.write(params, new_params)
             plan.checked.extend(checks)

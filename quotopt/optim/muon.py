@@ -16,7 +16,7 @@ from manifolds import Bundle
 from manifolds.frame import Frame
 
 from . import validation as rules
-from .adam import AdamState
+from .adam import AdamState, deferred_adamw
 from .base import QuotientOptimizer
 from .muon_rules import (
     ADAMW_BETAS,
@@ -128,6 +128,13 @@ def muon_plain_rules(params, grads, states, *, rule: str, **hyper):
     """A plain group's update by its rule: ``torch.optim.AdamW``'s or ``torch.optim.Muon``'s."""
     update = torch_adamw_updates if rule == "adamw" else muon_plain_updates
     return update(params, grads, states, **hyper)
+
+
+def muon_plain_deferred(params, grads, states, *, rule: str, **hyper):
+    """An ``"adamw"`` group's step taken in place at commit by torch's AdamW where its result
+    is known finite beforehand (``quotopt.optim.adam.deferred_adamw``), else None: the group
+    is then stepped out of place by ``muon_plain_rules``."""
+    return deferred_adamw(params, grads, states, **hyper) if rule == "adamw" else None
 
 
 class QuotientMuon(QuotientOptimizer):
@@ -267,6 +274,7 @@ class QuotientMuon(QuotientOptimizer):
 
     _bundle_update = staticmethod(muon_bundle_update)
     _plain_update = staticmethod(muon_plain_rules)
+    _plain_in_place = staticmethod(muon_plain_deferred)
     _gathers_matrices = staticmethod(lambda group: group["rule"] == "muon")  # Newton–Schulz
     #: an infinite buffer would normalise to zero steps, an infinite v zero AdamW's step
     _checked_state = ("momentum_buffer", "exp_avg_sq")

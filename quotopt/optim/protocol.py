@@ -73,7 +73,8 @@ class UpdateRule(abc.ABC):
     _checked_state: tuple[str, ...] = ()
 
     #: a plain update that returns ``(new_params, checks, commit(ok))`` and updates the state
-    #: in place at commit (``quotopt.optim.adam.adam_plain_in_place``), or None
+    #: in place at commit (``quotopt.optim.adam.adam_plain_in_place``) — or None, for a group
+    #: it does not serve, which ``_plain_update`` then steps —, or None
     _plain_in_place = None
 
     @staticmethod

@@ -1,7 +1,9 @@
 """The plain AdamW groups of QuotientAdam hold little between computing a step and committing
-it (``quotopt.optim.adam.adam_plain_in_place``): moments advanced in place at the commit,
-and for groups above ``HOLD_ELEMENTS`` the new parameters formed there too. Either way the
-values are those of ``adam_plain_updates``, and a step that is not finite changes nothing."""
+it (``quotopt.optim.adam.adam_plain_in_place``). On the CPU, when the gradients and parameters
+bound the result, nothing is held at all: torch's own AdamW runs in place at the commit
+(``torch.optim.AdamW``'s values bit for bit). Otherwise the moments are advanced in place at
+the commit, and for groups above ``HOLD_ELEMENTS`` the new parameters formed there too, with
+the values of ``adam_plain_updates``. A step that is not finite changes nothing."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def test_holding_or_forming_at_commit_gives_the_pure_update_bit_for_bit(monkeypa
         values, states = plain.adam_plain_updates(
             values, grads, states, lr=hyper["lr"], maximize=hyper.get("maximize", False), **beta
         )
+    monkeypatch.setattr(plain, "_can_defer", lambda *args: False)  # the checked paths
     for hold, chunk in ((1 << 24, 1 << 22), (0, 40)):  # held; formed at commit, in chunks
         monkeypatch.setattr(plain, "HOLD_ELEMENTS", hold)
         monkeypatch.setattr(plain, "CHUNK_ELEMENTS", chunk)
@@ -54,8 +57,42 @@ def test_holding_or_forming_at_commit_gives_the_pure_update_bit_for_bit(monkeypa
             assert float(opt.state[p]["step"]) == 6
 
 
+@pytest.mark.parametrize("hyper", [dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-3, maximize=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_deferred_step_is_torch_adamw_bit_for_bit(monkeypatch, hyper, dtype):
+    calls = []
+    can_defer = plain._can_defer
+    monkeypatch.setattr(plain, "_can_defer", lambda *a: calls.append(can_defer(*a)) or calls[-1])
+    params, reference = _params(dtype), _params(dtype)
+    opt = _run(params, **hyper)
+    torch_opt = torch.optim.AdamW(reference, **hyper)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        for p in reference:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        torch_opt.step()
+    assert calls and all(calls)  # every step was deferred
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+    for p, q in zip(params, reference):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], torch_opt.state[q][key])
+
+
+def test_gradients_beyond_the_bound_are_not_deferred():
+    params = _params()
+    grads = [torch.zeros_like(p) for p in params]
+    assert plain._can_defer(params, grads, 1e-3, 1e-8)
+    grads[1][3] = 1e19  # finite, but its square is not (float32): the checked path decides
+    assert not plain._can_defer(params, grads, 1e-3, 1e-8)
+    grads[1][3] = float("nan")
+    assert not plain._can_defer(params, grads, 1e-3, 1e-8)
+    assert not plain._can_defer(params, [torch.zeros_like(p) for p in params], 1e-3, 1e-40)
+    half = [p.detach().to(torch.bfloat16) for p in params]
+    assert not plain._can_defer(half, [torch.zeros_like(p) for p in half], 1e-3, 1e-8)
+
+
 @pytest.mark.parametrize("hold", [1 << 24, 0])
-@pytest.mark.parametrize("fault", ["nan gradient", "overflow"])
+@pytest.mark.parametrize("fault", ["nan gradient", "overflow", "huge gradient"])
 def test_a_step_that_is_not_finite_changes_nothing(monkeypatch, hold, fault):
     monkeypatch.setattr(plain, "HOLD_ELEMENTS", hold)
     monkeypatch.setattr(plain, "CHUNK_ELEMENTS", 40)
@@ -69,6 +106,8 @@ def test_a_step_that_is_not_finite_changes_nothing(monkeypatch, hold, fault):
         p.grad = torch.ones_like(p)
     if fault == "nan gradient":
         params[2].grad[0, 0, 0] = float("nan")
+    elif fault == "huge gradient":  # finite, squares to inf in the second moment
+        params[2].grad[0, 0, 0] = 3e38
     else:
         for group in opt.param_groups:
             group["lr"] = 1e38
