@@ -177,6 +177,41 @@ class Bundle(PointChecks, abc.ABC):
         frame's ``data``), or None for bundles that need none."""
         return None
 
+    # ---- warm frames: a step's new frame from the last one's bases -----------------------------
+    def reuses_bases(self, dtype: torch.dtype) -> bool:
+        """Whether frames of points in ``dtype`` may be built from an earlier frame's bases
+        (``frame_basis``, ``factorise_from``) instead of factorised; False unless a bundle
+        says otherwise."""
+        return False
+
+    def frame_basis(self, data):
+        """``(bases, age, stale)`` of the factorisation ``data`` that a nearby point's frame may
+        be built from (``factorise_from``; ``bases`` a tuple of tensors with the head axis
+        first, ``age`` the steps since they were exact, ``stale`` whether the next frame must
+        be factorised afresh), or None."""
+        return None
+
+    def empty_basis(self, point: Point):
+        """Zero tensors shaped like ``frame_basis``'s bases at ``point`` (an optimiser's state
+        before its first frame), or None where bases are not reused."""
+        return None
+
+    def factorise_from(self, point: Point, bases: tuple, age: int, stale: bool = False):
+        """The factorisation of ``point`` built from ``bases`` that are ``age`` steps old
+        (``frame_basis``'s; age 0: factorised afresh, as the frame they came from was), the
+        same one ``Frame.moved`` built; bundles that do not reuse bases factorise."""
+        return self.factorise(point)
+
+    def _factorise_near(self, point: Point, near):
+        """The factorisation of ``point``, reached by a step from a point whose factorisation
+        is ``near`` (or None): from ``near``'s bases where the bundle reuses them and they are
+        not stale (``factorise_from``), else ``factorise``."""
+        basis = self.frame_basis(near)
+        if basis is None or basis[2]:
+            return self.factorise(point)
+        bases, age, _ = basis
+        return self.factorise_from(point, bases, age + 1)
+
     # ---- metric and splitting: public on a point, hooks on its frame --------------------------
     def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:
         """The metric on P at ``point`` (a scalar tensor)."""

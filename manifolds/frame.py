@@ -124,11 +124,19 @@ class Frame:
         return tuple(self.bundle.retract(base, step))
 
     def moved(self, new_point: Tensors) -> Frame:
-        """The frame of ``new_point`` (factorised now: a step's new frame serves the transport
-        of its moments and the next step)."""
-        frame = self.bundle.at(new_point)
-        frame.data  # noqa: B018 - factorise eagerly, inside the step that pays for it
-        return frame
+        """The frame of ``new_point``, a step away (factorised now: a step's new frame serves
+        the transport of its moments and the next step). Where the bundle reuses bases
+        (``Bundle.reuses_bases``) it is built from this frame's (``Bundle._factorise_near``)
+        instead of factorised: a warm frame."""
+        new_point = tuple(new_point)
+        return self.bundle.at(new_point, self.bundle._factorise_near(new_point, self.cached))
+
+    @property
+    def basis(self):
+        """``(bases, age, stale)`` a nearby frame may be built from (``Bundle.frame_basis``), or
+        None; an optimiser keeps it in its state, so a resumed run builds the frames an
+        uninterrupted one would."""
+        return self.bundle.frame_basis(self.cached)
 
     def dressing_or_identity(self):
         """(u, dressable): ``Bundle.dressing_or_identity`` from this frame's factorisation."""

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .iterative import SylvesterSolver, roots, supported_condition
+from .iterative import EigenbasisSylvester, SylvesterSolver, roots, supported_condition
 from .linalg import pinv_spectrum, sym, symmetric_eigh
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "merge_frames",
     "iterative_frame",
     "with_fallback",
+    "warm_frame",
 ]
 
 
@@ -45,6 +46,10 @@ class FactorFrame(NamedTuple):
     solves the Euclidean projection's equation, ``inv_*`` and ``root_*`` come from Newton–
     Schulz square roots, and ``fallback`` (H,) flags the heads the iterations could not handle
     (where ``with_fallback`` has put the exact frame in, its eigendecompositions are held too).
+
+    A *warm* frame (``warm_frame``, the Euclidean metric's frame between exact factorisations)
+    holds the Grams and ``warm``, a solver in the eigenbases of the last exact frame
+    (``manifolds.iterative.EigenbasisSylvester``), and no eigendecomposition of its own.
     """
 
     p: torch.Tensor
@@ -62,6 +67,7 @@ class FactorFrame(NamedTuple):
     v: torch.Tensor | None = None
     sylvester: SylvesterSolver | None = None
     fallback: torch.Tensor | None = None
+    warm: EigenbasisSylvester | None = None
 
 
 def _low(values: torch.Tensor, top: torch.Tensor, r: int) -> torch.Tensor:
@@ -201,6 +207,21 @@ def iterative_frame(p: torch.Tensor, q: torch.Tensor, metric: str) -> FactorFram
     failed = ~(ok_p & ok_q)
     inv_p, inv_q = sym(inv_root_p @ inv_root_p), sym(inv_root_q @ inv_root_q)
     return FactorFrame(p, q, inv_p, inv_q, root_p, root_q, zero, zero, failed, fallback=failed)
+
+
+def warm_frame(p: torch.Tensor, q: torch.Tensor, u, v, age: int) -> FactorFrame:
+    """The Euclidean metric's frame of a point with Grams ``p``, ``q`` (H, r, r) whose
+    projection is solved in the eigenbases ``u``, ``v`` of an earlier exact frame, ``age``
+    steps back (``EigenbasisSylvester``). ``deficient`` is read from the Rayleigh quotients
+    on those bases (an upper bound on the smallest eigenvalue: a head that lost rank since is
+    flagged at the next exact frame at the latest)."""
+    solver = EigenbasisSylvester(p, q, u, v, age)
+    (diag_p, diag_q), r = solver.diagonals, p.shape[-1]
+    deficient = _low(diag_p.amin(-1), diag_p.amax(-1), r) | _low(
+        diag_q.amin(-1), diag_q.amax(-1), r
+    )
+    zero = p.new_zeros(p.shape[:-2] + (1,))
+    return FactorFrame(p, q, None, None, None, None, zero, zero, deficient, warm=solver)
 
 
 def with_fallback(iterative: FactorFrame, exact: FactorFrame) -> FactorFrame:

@@ -41,7 +41,7 @@ from .factored import (
     frame_from_grams,
     merge_frames,
 )
-from .frames import iterative_frame, with_fallback
+from .frames import iterative_frame, warm_frame, with_fallback
 from .iterative import balancing, supported_condition
 from .linalg import gram, relative_gaps, solve_left, work_dtype
 from .pair_frame import (
@@ -60,10 +60,15 @@ __all__ = [
     "frame_from_grams",
     "balanced_dressing",
     "GEOMETRIES",
+    "WARM_REFRESH",
 ]
 
 #: how a GL(r) pair's frames and re-dressing are computed (module docstring)
 GEOMETRIES = ("exact", "iterative")
+
+#: steps after which a warm frame's bases are refreshed by an exact factorisation
+#: (``GeneralLinearPair.reuses_bases``)
+WARM_REFRESH = 16
 
 
 class GeneralLinearPair(FactoredBundle):
@@ -206,6 +211,66 @@ class GeneralLinearPair(FactoredBundle):
             frame = with_fallback(frame, super().factorise(point))
         return frame
 
+    def reuses_bases(self, dtype: torch.dtype) -> bool:
+        """Warm frames (``manifolds.frames.warm_frame``): on the exact route under the
+        Euclidean metric, in the working precisions ``warm_dtypes`` (float64 runs, the
+        reference, are factorised exactly at every step), on unsharded rows. A step's new
+        frame is then built from the last exact frame's eigenbases, up to ``WARM_REFRESH``
+        steps old: the Grams, rotated into those bases, and a few conjugate-gradient
+        iterations per projection, instead of two eigendecompositions per head. The warm
+        solve meets the exact one's round-off (``manifolds.pair_frame.warm_solve``, checked on
+        the CPU, where a head beyond it is solved exactly and the next frame refactorised)."""
+        return (
+            self.warm_frames
+            and self.metric == "euclidean"
+            and self.geometry == "exact"
+            and self._sum_rows is None
+            and work_dtype(dtype) in self.warm_dtypes
+        )
+
+    #: whether this bundle's frames may be warm (``reuses_bases``); the optimisers' sharding
+    #: turns it off on the local bundle of a sharded group, whose state keeps no bases
+    warm_frames: bool = True
+    #: working precisions whose frames may be warm: float64 runs, the reference, are
+    #: factorised exactly at every step (a test may add float64)
+    warm_dtypes: tuple = (torch.float32,)
+
+    def frame_basis(self, data):
+        """``((U, V), age, stale)``: the eigenbases of an exact spectral frame in the working
+        precision (age 0; a balanced frame's are written down) or those a warm frame was
+        built from (its age; ``stale`` once a solve fell back). None for other frames and
+        for bundles that do not reuse bases."""
+        if data is None or not self.reuses_bases(data.p.dtype):
+            return None
+        if data.warm is not None:
+            return (data.warm.u, data.warm.v), data.warm.age, data.warm.fell_back
+        if data.u is None or data.sylvester is not None or data.u.dtype != data.p.dtype:
+            return None
+        return (data.u, data.v), 0, False
+
+    def empty_basis(self, point: Point):
+        ref = point[0]
+        if not self.reuses_bases(ref.dtype):
+            return None
+        zeros = torch.zeros(self.algebra_shape, dtype=work_dtype(ref.dtype), device=ref.device)
+        return (zeros, zeros.clone())
+
+    def factorise_from(self, point: Point, bases: tuple, age: int, stale: bool = False):
+        """A warm frame of ``point`` from eigenbases ``bases`` = (U, V) that are ``age``
+        steps old (``reuses_bases``), flagged ``stale`` if asked; exact (``factorise``) at
+        age 0 — bases that were exact at this very point — and from ``WARM_REFRESH`` on, for
+        bases in another precision and where bases are not reused."""
+        point = self.check_point(point)
+        a, b = self.factors(point)
+        work = work_dtype(a.dtype)
+        u, v = bases
+        if not 0 < age < WARM_REFRESH or not self.reuses_bases(a.dtype) or u.dtype != work:
+            return self.factorise(point)
+        p, q = self.row_sums(gram(a.to(work)), gram(b.to(work)))
+        frame = warm_frame(p, q, u, v, age)
+        frame.warm.fell_back = stale
+        return frame
+
     def _balancing(self, point: Point):
         """(g, g⁻ᵀ) of the iterative route's re-dressing in the point's dtype: the balancing
         element where the iterations meet their bound; elsewhere the exact dressing (CPU, as
@@ -254,10 +319,20 @@ class GeneralLinearPair(FactoredBundle):
             congruence(st, self._statistic_map(u, u_inv_t, i, kind).to(st.dtype))
             for i, kind, st in statistics
         )
-        if self.geometry == "iterative" or data.lam is None:  # no closed form kept here
-            return moved, covector, carried, stats, self.factorise(moved)
+        if self.geometry == "iterative" or (data.lam is None and data.warm is None):
+            return moved, covector, carried, stats, self.factorise(moved)  # no closed form
         weighted = self.metric != "euclidean"
         balanced = balanced_frame(s.to(data.p.dtype), self.damping, weighted=weighted)
+        if data.warm is not None:  # no eigenvectors to sign-flip for the undressable heads
+            if dressable.device.type == "cpu" and bool(dressable.all()):  # free on the CPU
+                return moved, covector, carried, stats, balanced
+            return (
+                moved,
+                covector,
+                carried,
+                stats,
+                merge_frames(dressable, balanced, self.factorise(moved)),
+            )
         data = merge_frames(dressable, balanced, signed_frame(data, u))
         return moved, covector, carried, stats, data
 

@@ -13,7 +13,8 @@ import torch
 
 from .factored import FactorFrame, step_scale
 from .frame import Frame
-from .linalg import gram, solve_in_eigenbases
+from .iterative import WARM_TOLERANCE
+from .linalg import gram, solve_in_eigenbases, solve_sylvester_spd
 
 __all__ = [
     "DRESSABLE_TOLERANCE",
@@ -21,6 +22,7 @@ __all__ = [
     "gl_vertical_generator",
     "balanced_dressing",
     "signed_frame",
+    "warm_solve",
 ]
 
 #: Relative eigenvalue floor of the float64 Grams below which a head cannot be dressed (a
@@ -33,6 +35,8 @@ def gl_vertical_generator(
 ) -> torch.Tensor:
     """ξ ∈ gl(r) of the vertical part of Z from AᵀZ₁ and Z₂ᵀB (module docstring)."""
     az1, z2b = az1.to(data.p.dtype), z2b.to(data.p.dtype)
+    if metric == "euclidean" and data.warm is not None:  # a warm frame (``warm_frame``)
+        return warm_solve(data, az1 - z2b)
     if metric == "euclidean" and data.sylvester is not None:  # the iterative route
         xi = data.sylvester.solve(az1 - z2b).to(az1.dtype)
         if data.u is None:  # no head fell back
@@ -54,6 +58,28 @@ def gl_vertical_generator(
         dq, dp = data.damp_q.unsqueeze(-1), data.damp_p.unsqueeze(-1)
         denominator = 2 * lam * mu + lam * dq + dp * mu
     return solve_in_eigenbases(data.u, data.v, rhs, denominator)
+
+
+def warm_solve(data: FactorFrame, rhs: torch.Tensor) -> torch.Tensor:
+    """ξ with Pξ + ξQ = rhs on a warm frame: the solver's, and on the CPU — where reading its
+    residual costs nothing — the exact solve on every head whose relative residual exceeds
+    the exact solve's own round-off, 8·eps·κ (κ = (λmax + μmax)/(λmin + μmin) estimated on the
+    bases), or ``WARM_TOLERANCE`` if larger (then ``warm.fell_back`` is set: the next frame is
+    factorised exactly).
+    Each head's result depends on the frame and ``rhs`` alone, not on earlier solves."""
+    warm = data.warm
+    xi, relative = warm.solve(rhs)
+    if relative.device.type != "cpu":
+        return xi
+    (diag_p, diag_q), eps = warm.diagonals, torch.finfo(xi.dtype).eps
+    condition = (diag_p.amax(-1) + diag_q.amax(-1)) / (diag_p.amin(-1) + diag_q.amin(-1))
+    floor = WARM_TOLERANCE.get(xi.dtype, WARM_TOLERANCE[torch.float32])
+    bad = ~(relative <= torch.clamp(8 * eps * condition, min=floor))  # NaN: bad
+    if not bool(bad.any()):
+        return xi
+    warm.fell_back = True
+    exact = solve_sylvester_spd(data.p, data.q, rhs)
+    return torch.where(bad.view(-1, 1, 1), exact.to(xi.dtype), xi)
 
 
 def balanced_dressing(data: FactorFrame):

@@ -103,6 +103,8 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
             param_group.setdefault(key, value)
         self.validate_group(param_group["name"], param_group)
         param_group.setdefault("dress_clock", 0)
+        param_group.setdefault("frame_age", None)  # the state's frame bases: none yet
+        param_group.setdefault("frame_stale", False)
         bundle = param_group.get("bundle")
         if bundle is not None:
             name = param_group["name"]
@@ -230,11 +232,23 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         point, grad = self._views(group, params), self._views(group, grads)
         fresh = params[0] not in self.state
-        state = self._init_state(group, point) if fresh else self.state[params[0]]
+        state = self._initial_state(group, point) if fresh else self.state[params[0]]
         every = group["dress_every"]
         dress = every is not None and group["dress_clock"] % every == 0
         hyper = self._hyperparameters(group)
         return Member(index, group, params, point, grad, state, fresh, hyper, dress)
+
+    def _initial_state(self, group: dict, point: tuple) -> dict:
+        """The rule's initial state (``_init_state``) and, where the bundle builds frames from
+        the last step's bases (``Bundle.reuses_bases``), ``"frame_basis"``: those bases, so
+        that a resumed run builds the frames an uninterrupted one would (their age and
+        staleness are the group's ``"frame_age"`` and ``"frame_stale"``)."""
+        state = self._init_state(group, point)
+        bundle = group.get("bundle")
+        basis = None if bundle is None else bundle.empty_basis(point)
+        if basis is not None:
+            state["frame_basis"] = basis
+        return state
 
     def _bundle_batch_step(self, members: list[Member]) -> list[Plan]:
         """One update for the ``members`` (one group, or groups that stack), one plan each."""
@@ -250,9 +264,20 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
             point = stacking.gather(members, [m.point for m in members])
             grad = stacking.gather(members, [m.grad for m in members])
             state = stacking.gather_state(members)
+        bases = state.pop("frame_basis", None)  # the shell's, not the rule's
+        age = first.group.get("frame_age")
+        if frame is None and bases is not None and age is not None:  # as the last step built it
+            frame = bundle.factorise_from(point, bases, age, first.group.get("frame_stale", False))
         new_point, new_state, new_frame = self._bundle_update(
             bundle.at(point, frame), grad, state, dress=first.dress, **first.hyper
         )
+        moved = None
+        if bases is not None:
+            moved = new_frame.basis
+            if moved is None:  # a frame with nothing to build the next from
+                new_state["frame_basis"] = tuple(torch.zeros_like(t) for t in bases)
+            else:
+                new_state["frame_basis"] = moved[0]
         if len(members) == 1:
             parts, states = [new_point], [new_state]
         else:
@@ -265,7 +290,7 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
             if deficient is not None and len(members) > 1:
                 flags = deficient[start : start + m.heads]
             start += m.heads
-            plans.append(self._member_plan(m, part, member_state, flags))
+            plans.append(self._member_plan(m, part, member_state, flags, moved))
 
         def remember(ok: torch.Tensor | None) -> None:  # after every member's writes
             if ok is None:  # values known finite: the new frame is this point's
@@ -277,8 +302,9 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
         plans[-1].on_commit.append(remember)
         return plans
 
-    def _member_plan(self, m: Member, new_point, new_state: dict, deficient) -> Plan:
-        """The plan that writes one member's new point and state, and what follows a commit."""
+    def _member_plan(self, m: Member, new_point, new_state: dict, deficient, moved=None) -> Plan:
+        """The plan that writes one member's new point and state, and what follows a commit
+        (``moved``: the new frame's ``basis``, whose age and staleness the group keeps)."""
         group = m.group
         plan = Plan(group["name"])
         plan.write(m.point, new_point)
@@ -292,6 +318,9 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
             if m.fresh:
                 self.state[m.params[0]] = m.state
             group["dress_clock"] += 1
+            if "frame_basis" in new_state:
+                group["frame_age"] = None if moved is None else moved[1]
+                group["frame_stale"] = False if moved is None else bool(moved[2])
 
         plan.on_commit.append(on_commit)
         plan.explain = lambda: self._explain(m.index, group, new_point)

@@ -44,6 +44,7 @@ class Checkpointing:
                 k: Shards.local_state(v) if isinstance(v, dict) else v for k, v in states
             }
             state_dict = dict(state_dict, state=local_states)
+        state_dict = self._with_frame_bases(state_dict)
         check_state_dict(self, state_dict)
         structure = [{k: g[k] for k in _STRUCTURAL_KEYS if k in g} for g in self.param_groups]
         hyper = [{k: g[k] for k in self.defaults} for g in self.param_groups]
@@ -58,11 +59,30 @@ class Checkpointing:
         self._frames.clear()
         self._deficient.clear()
 
+    def _with_frame_bases(self, state_dict: dict) -> dict:
+        """A state saved before frame bases were kept (``QuotientOptimizer._initial_state``)
+        converted: each bundle group's entry lacking ``"frame_basis"`` gets the empty bases
+        (its next frame is factorised afresh, as a run that saved none would)."""
+        states, groups = state_dict.get("state"), state_dict.get("param_groups")
+        if not isinstance(states, dict) or not isinstance(groups, list):
+            return state_dict
+        states = dict(states)
+        for saved, current in zip(groups, self.param_groups):
+            if current.get("bundle") is None or not isinstance(saved, dict):
+                continue
+            expected = self.expected_state(current).get(id(current["params"][0]), {})
+            key = (saved.get("params") or [None])[0]
+            entry = states.get(key)
+            if "frame_basis" in expected and isinstance(entry, dict):
+                if "frame_basis" not in entry:
+                    states[key] = dict(entry, frame_basis=expected["frame_basis"])
+        return dict(state_dict, state=states)
+
     def expected_state(self, group: dict) -> dict:
         """The state a fresh step would create for ``group`` (shapes and dtypes to check a
         loaded state against), keyed like ``self.state`` entries."""
         params = list(group["params"])
         if group.get("bundle") is not None:
             with unchecked():
-                return {id(params[0]): self._init_state(group, self._views(group, params))}
+                return {id(params[0]): self._initial_state(group, self._views(group, params))}
         return {id(p): self._init_state(group, (sharding.local(p),)) for p in params}

@@ -147,6 +147,8 @@ class Shards:
             self._refuse(name, local_shapes, [tuple(s) for s in bundle.point_shapes()])
         try:
             self.bundle = bundle.with_heads(expected)
+            if hasattr(self.bundle, "warm_frames"):  # a shard's state keeps no frame bases
+                self.bundle.warm_frames = False
         except NotImplementedError:
             raise ValueError(
                 f"{name}: {bundle!r} cannot be stepped on a shard of its heads"
@@ -274,7 +276,7 @@ def create_state(optimizer) -> None:
         if not params or group.get("frozen", False):
             continue
         if group.get("bundle") is not None:
-            state = optimizer._init_state(group, optimizer._views(group, params))
+            state = optimizer._initial_state(group, optimizer._views(group, params))
             optimizer.state[params[0]] = state
             continue
         for p in params:

@@ -85,7 +85,8 @@ def batch_key(member: Member):
     if any(isinstance(v, torch.Tensor) for v in member.hyper.values()):
         return None
     ref = member.point[0]
-    return (stack, hyper, member.dress, ref.dtype, ref.device)
+    frames = (member.group.get("frame_age"), member.group.get("frame_stale"))
+    return (stack, hyper, member.dress, frames, ref.dtype, ref.device)
 
 
 def bounded(members: list[Member]) -> list[list[Member]]:
@@ -108,7 +109,30 @@ def gather(members: list[Member], tensors: list[tuple]) -> tuple[torch.Tensor, t
     """The factors (A, B) of every member's ``tensors`` (points or tangents in the member's
     layout), concatenated along the head axis."""
     parts = [m.bundle.factors(t) for m, t in zip(members, tensors)]
-    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+    return _concatenated([a for a, _ in parts]), _concatenated([b for _, b in parts])
+
+
+def _concatenated(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, or without a copy the tensor they were split from when they are
+    its consecutive head slices in order (a state entry the last stacked step wrote:
+    ``split_state`` hands out views)."""
+    base = parts[0]._base
+    if base is not None and all(p._base is base for p in parts) and _tiles(base, parts):
+        return base
+    return torch.cat(parts)
+
+
+def _tiles(base: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+    if base.dim() != parts[0].dim() or sum(p.shape[0] for p in parts) != base.shape[0]:
+        return False
+    offset = base.storage_offset()
+    for p in parts:
+        if p.shape[1:] != base.shape[1:] or p.stride() != base.stride():
+            return False
+        if p.storage_offset() != offset:
+            return False
+        offset += p.shape[0] * base.stride(0)
+    return True
 
 
 def split(members: list[Member], stacked: tuple) -> list[tuple]:
@@ -129,13 +153,21 @@ def _per_head(members: list[Member], values: list[torch.Tensor]) -> torch.Tensor
     return flat.view(-1, 1, 1)
 
 
+#: state entries that are tuples of per-head tensors (head axis first) in no layout: stacked
+#: and split as they are (the frame bases of ``QuotientOptimizer._initial_state``)
+HEADWISE_STATE = ("frame_basis",)
+
+
 def gather_state(members: list[Member]) -> dict:
     """The members' states as one: tuples of tensors (moments) in factor form concatenated,
-    scalar tensors (step counters) broadcast per head."""
+    headwise entries concatenated as they are, scalar tensors (step counters) broadcast per
+    head."""
     out = {}
     for key, first in members[0].state.items():
         values = [m.state[key] for m in members]
-        if isinstance(first, tuple):
+        if key in HEADWISE_STATE:
+            out[key] = tuple(_concatenated(list(parts)) for parts in zip(*values))
+        elif isinstance(first, tuple):
             out[key] = gather(members, values)
         else:
             out[key] = _per_head(members, values)
@@ -146,6 +178,12 @@ def split_state(members: list[Member], state: dict) -> list[dict]:
     """Each member's part of a stacked new state, shaped like its own state."""
     out = [{} for _ in members]
     for key, value in state.items():
+        if key in HEADWISE_STATE:
+            start = 0
+            for entry, m in zip(out, members):
+                entry[key] = tuple(t[start : start + m.heads] for t in value)
+                start += m.heads
+            continue
         if isinstance(value, tuple):
             for entry, part in zip(out, split(members, value)):
                 entry[key] = part

@@ -1,0 +1,229 @@
+"""Warm frames: the Euclidean metric's head frames built from the last exact frame's eigenbases
+(``manifolds.frames.warm_frame``, ``GeneralLinearPair.reuses_bases``).
+
+A warm projection must meet the exact one to the exact solve's own round-off, fall back to the
+exact solve (flagged) where it cannot, be the frames a training run actually uses, keep the
+optimisers equivariant (float64, warm frames forced on) and resume bit for bit from a
+checkpoint (the bases are state). Tolerances: float32 warm projections within 1e-5 relative of
+the exact ones (8·eps·κ for heads of Gram condition κ above 100); float64 equivariance 1e-6
+relative after 150 steps, as on the exact route.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import manifolds as M
+import quotopt
+from manifolds.heads import GeneralLinearPair
+from quotopt import QuotientAdam, QuotientMuon, QuotientSGD
+from quotopt.groups import gauge_transform
+from quotopt.models import Transformer
+
+
+def _point(condition: float, seed: int = 0, dtype=torch.float32):
+    bundle = M.HeadQK(4, 48, 8)
+    gen = torch.Generator().manual_seed(seed)
+    point = bundle.random_point(generator=gen, dtype=torch.float64, condition=condition)
+    return bundle, tuple(t.to(dtype) for t in point)
+
+
+def _nudge(point, size: float, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(t + size * t.abs().mean() * torch.randn(t.shape, generator=gen) for t in point)
+
+
+def _tangent(point, seed: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in point)
+
+
+def _relative(a, b) -> float:
+    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("condition", [1.0, 10.0, 100.0])
+def test_a_warm_projection_meets_the_exact_one(condition):
+    """Factor condition up to 100 (Grams to 1e4, what float32 resolves): the warm projection
+    from bases one small step old is within 1e-5 of the exact one, without falling back."""
+    bundle, p0 = _point(condition)
+    p1 = _nudge(p0, 1e-3)
+    warm = bundle.at(p0, bundle.factorise(p0)).moved(p1)
+    assert warm.data.warm is not None  # built from the exact frame at p0
+    v = _tangent(p1)
+    exact = bundle.at(p1, bundle.factorise(p1)).horizontal(v)
+    assert _relative(warm.horizontal(v), exact) <= 1e-5
+    assert not warm.data.warm.fell_back
+
+
+def test_beyond_float32_s_resolution_frames_are_exact():
+    """Factor condition 1e4: float32 cannot resolve the Grams, the exact frame is formed in
+    float64 (``FactoredBundle.factorise``) and the next frame is exact too, not warm."""
+    bundle, p0 = _point(1e4)
+    frame = bundle.at(p0, bundle.factorise(p0))
+    assert frame.data.p.dtype == torch.float64
+    assert frame.moved(_nudge(p0, 1e-3)).data.warm is None
+
+
+def test_a_stale_basis_falls_back_to_the_exact_solve_and_says_so():
+    bundle, p0 = _point(30.0)
+    p1 = _nudge(p0, 0.5)  # far: the old bases no longer nearly diagonalise the Grams
+    warm = bundle.at(p0, bundle.factorise(p0)).moved(p1)
+    v = _tangent(p1)
+    projected = warm.horizontal(v)
+    assert warm.data.warm.fell_back  # flagged: the next frame is factorised exactly
+    exact = bundle.at(p1, bundle.factorise(p1)).horizontal(v)
+    assert _relative(projected, exact) <= 1e-5
+    assert warm.moved(_nudge(p1, 1e-4)).data.warm is None  # refreshed
+
+
+def test_the_control_a_warm_solve_without_its_fallback_is_wrong_there(monkeypatch):
+    bundle, p0 = _point(30.0)
+    p1 = _nudge(p0, 0.5)
+    monkeypatch.setattr("manifolds.iterative.WARM_ITERATIONS", {torch.float32: 1})
+    warm = bundle.at(p0, bundle.factorise(p0)).moved(p1)
+    v = _tangent(p1)
+    xi, relative = warm.data.warm.solve(torch.randn(4, 8, 8))
+    assert float(relative.max()) > 1e-3  # one iteration from stale bases: far from solved
+
+
+def _model(dtype=torch.float32, d_model=32, n_layers=2, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(vocab_size=11, max_len=8, d_model=d_model, n_layers=n_layers, n_heads=2).to(
+        dtype
+    )
+
+
+def _tokens(batch=8, seed=1):
+    return torch.randint(0, 11, (batch, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _train(model, opt, steps, seed=0):
+    for i in range(steps):
+        tokens = _tokens(seed=seed + i)
+        opt.zero_grad()
+        logits = model(tokens)[:, :-1].reshape(-1, 11)
+        torch.nn.functional.cross_entropy(logits, tokens[:, 1:].flatten()).backward()
+        opt.step()
+
+
+OPTIMISERS = {
+    "adam": lambda m: QuotientAdam(quotopt.symmetries(m), lr=3e-3),
+    "sgd": lambda m: QuotientSGD(quotopt.symmetries(m), lr=3e-2, momentum=0.9),
+    "muon": lambda m: QuotientMuon(quotopt.symmetries(m), lr=1e-2),
+}
+
+
+def _frames(opt) -> list:
+    return [data for _, data in opt._frames.values()]
+
+
+@pytest.mark.parametrize("name", list(OPTIMISERS))
+def test_training_uses_warm_frames(name):
+    model = _model()
+    opt = OPTIMISERS[name](model)
+    _train(model, opt, 3)
+    assert any(getattr(f, "warm", None) is not None for f in _frames(opt))
+    bases = [s["frame_basis"] for s in opt.state.values() if "frame_basis" in s]
+    assert bases and all(b[0].abs().sum() > 0 for b in bases)  # the state holds them
+
+
+def test_float64_runs_are_factorised_exactly():
+    model = _model(torch.float64)
+    opt = OPTIMISERS["adam"](model)
+    _train(model, opt, 3)
+    assert all(getattr(f, "warm", None) is None for f in _frames(opt))
+    assert all("frame_basis" not in s for s in opt.state.values())
+
+
+@pytest.mark.parametrize("name", list(OPTIMISERS))
+def test_a_run_resumed_from_a_checkpoint_continues_bit_for_bit(name):
+    """Float32 with warm frames: 7 steps (the bases 1 to 6 steps old, or refreshed), saved,
+    loaded into a fresh model and optimiser with ``weights_only=True``, 6 more steps: equal to
+    the run that was never interrupted, parameters and state, bit for bit."""
+    model = _model()
+    opt = OPTIMISERS[name](model)
+    _train(model, opt, 7)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    _train(model, opt, 6, seed=7)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _model(seed=5)
+    resumed.load_state_dict(saved["model"])
+    opt2 = OPTIMISERS[name](resumed)
+    opt2.load_state_dict(saved["opt"])
+    _train(resumed, opt2, 6, seed=7)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_control_without_the_bases_a_resumed_run_departs(monkeypatch):
+    model = _model()
+    opt = OPTIMISERS["adam"](model)
+    _train(model, opt, 7)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    _train(model, opt, 6, seed=7)
+    for group in saved["opt"]["param_groups"]:
+        group["frame_age"] = None  # the bases forgotten: the resumed run refactorises
+    resumed = _model(seed=5)
+    resumed.load_state_dict(saved["model"])
+    opt2 = OPTIMISERS["adam"](resumed)
+    opt2.load_state_dict(saved["opt"])
+    _train(resumed, opt2, 6, seed=7)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def test_a_state_saved_without_bases_loads_and_steps():
+    model = _model()
+    opt = OPTIMISERS["adam"](model)
+    _train(model, opt, 3)
+    state = opt.state_dict()
+    for entry in state["state"].values():
+        entry.pop("frame_basis", None)
+    for group in state["param_groups"]:
+        group.pop("frame_age", None)
+        group.pop("frame_stale", None)
+    opt2 = OPTIMISERS["adam"](model)
+    opt2.load_state_dict(state)
+    _train(model, opt2, 2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _orbit_gap(factory, steps=150) -> float:
+    models = [_model(torch.float64) for _ in range(2)]
+    gauge_transform(
+        models[1], quotopt.symmetries(models[1]), torch.Generator().manual_seed(2),
+        condition=100.0,
+    )  # fmt: skip
+    for model in models:
+        _train(model, factory(model), steps)
+    tokens = _tokens(16, seed=99)
+    with torch.no_grad():
+        a, b = models[1](tokens), models[0](tokens)
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", list(OPTIMISERS))
+def test_warm_frames_keep_runs_from_p_and_p_g_on_one_orbit_in_float64(monkeypatch, name):
+    """Warm frames forced on in float64: condition-100 gauge, 150 steps, 1e-6 relative."""
+    monkeypatch.setattr(GeneralLinearPair, "warm_dtypes", (torch.float32, torch.float64))
+    calls = []
+    factorise_from = GeneralLinearPair.factorise_from
+
+    def counting(self, *args, **kwargs):
+        frame = factorise_from(self, *args, **kwargs)
+        calls.append(frame.warm is not None)
+        return frame
+
+    monkeypatch.setattr(GeneralLinearPair, "factorise_from", counting)
+    assert _orbit_gap(OPTIMISERS[name]) <= 1e-6
+    assert any(calls)  # warm frames were built
+
+
+def test_the_control_adamw_leaves_the_orbit():
+    assert _orbit_gap(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)) > 1e-3
