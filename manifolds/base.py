@@ -185,10 +185,9 @@ class Bundle(PointChecks, abc.ABC):
         return False
 
     def frame_basis(self, data):
-        """``(bases, age, stale)`` of the factorisation ``data`` that a nearby point's frame may
-        be built from (``factorise_from``; ``bases`` a tuple of tensors with the head axis
-        first, ``age`` the steps since they were exact, ``stale`` whether the next frame must
-        be factorised afresh), or None."""
+        """``(bases, age)`` of the factorisation ``data`` that a nearby point's frame may be
+        built from (``factorise_from``; ``bases`` a tuple of tensors with the head axis
+        first, ``age`` the steps since they were exact), or None."""
         return None
 
     def empty_basis(self, point: Point):
@@ -196,7 +195,7 @@ class Bundle(PointChecks, abc.ABC):
         before its first frame), or None where bases are not reused."""
         return None
 
-    def factorise_from(self, point: Point, bases: tuple, age: int, stale: bool = False):
+    def factorise_from(self, point: Point, bases: tuple, age: int):
         """The factorisation of ``point`` built from ``bases`` that are ``age`` steps old
         (``frame_basis``'s; age 0: factorised afresh, as the frame they came from was), the
         same one ``Frame.moved`` built; bundles that do not reuse bases factorise."""
@@ -204,12 +203,12 @@ class Bundle(PointChecks, abc.ABC):
 
     def _factorise_near(self, point: Point, near):
         """The factorisation of ``point``, reached by a step from a point whose factorisation
-        is ``near`` (or None): from ``near``'s bases where the bundle reuses them and they are
-        not stale (``factorise_from``), else ``factorise``."""
+        is ``near`` (or None): from ``near``'s bases where the bundle reuses them
+        (``factorise_from``), else ``factorise``."""
         basis = self.frame_basis(near)
-        if basis is None or basis[2]:
+        if basis is None:
             return self.factorise(point)
-        bases, age, _ = basis
+        bases, age = basis
         return self.factorise_from(point, bases, age + 1)
 
     # ---- metric and splitting: public on a point, hooks on its frame --------------------------

@@ -133,7 +133,7 @@ class Frame:
 
     @property
     def basis(self):
-        """``(bases, age, stale)`` a nearby frame may be built from (``Bundle.frame_basis``), or
+        """``(bases, age)`` a nearby frame may be built from (``Bundle.frame_basis``), or
         None; an optimiser keeps it in its state, so a resumed run builds the frames an
         uninterrupted one would."""
         return self.bundle.frame_basis(self.cached)

@@ -236,17 +236,19 @@ class GeneralLinearPair(FactoredBundle):
     warm_dtypes: tuple = (torch.float32,)
 
     def frame_basis(self, data):
-        """``((U, V), age, stale)``: the eigenbases of an exact spectral frame in the working
-        precision (age 0; a balanced frame's are written down) or those a warm frame was
-        built from (its age; ``stale`` once a solve fell back). None for other frames and
-        for bundles that do not reuse bases."""
+        """``((U, V), age)``: the eigenbases of an exact spectral frame in the working
+        precision (age 0; a balanced frame's are written down), or those a warm frame was
+        built from (its age) — or, where one of its solves needed the exact frame, that
+        frame's (age 0). None for other frames and for bundles that do not reuse bases."""
         if data is None or not self.reuses_bases(data.p.dtype):
             return None
         if data.warm is not None:
-            return (data.warm.u, data.warm.v), data.warm.age, data.warm.fell_back
+            if data.warm.exact is not None:
+                return self.frame_basis(data.warm.exact)
+            return (data.warm.u, data.warm.v), data.warm.age
         if data.u is None or data.sylvester is not None or data.u.dtype != data.p.dtype:
             return None
-        return (data.u, data.v), 0, False
+        return (data.u, data.v), 0
 
     def empty_basis(self, point: Point):
         ref = point[0]
@@ -255,11 +257,12 @@ class GeneralLinearPair(FactoredBundle):
         zeros = torch.zeros(self.algebra_shape, dtype=work_dtype(ref.dtype), device=ref.device)
         return (zeros, zeros.clone())
 
-    def factorise_from(self, point: Point, bases: tuple, age: int, stale: bool = False):
+    def factorise_from(self, point: Point, bases: tuple, age: int):
         """A warm frame of ``point`` from eigenbases ``bases`` = (U, V) that are ``age``
-        steps old (``reuses_bases``), flagged ``stale`` if asked; exact (``factorise``) at
-        age 0 — bases that were exact at this very point — and from ``WARM_REFRESH`` on, for
-        bases in another precision and where bases are not reused."""
+        steps old (``reuses_bases``); exact (``factorise``) at age 0 — bases that were exact
+        at this very point — and from ``WARM_REFRESH`` on, for bases in another precision and
+        where bases are not reused. A warm frame computes the exact one, once, where a solve
+        on it needs it (``manifolds.pair_frame.warm_solve``)."""
         point = self.check_point(point)
         a, b = self.factors(point)
         work = work_dtype(a.dtype)
@@ -268,7 +271,7 @@ class GeneralLinearPair(FactoredBundle):
             return self.factorise(point)
         p, q = self.row_sums(gram(a.to(work)), gram(b.to(work)))
         frame = warm_frame(p, q, u, v, age)
-        frame.warm.fell_back = stale
+        frame.warm.refactorise = lambda: self.factorise(point)
         return frame
 
     def _balancing(self, point: Point):

@@ -247,11 +247,10 @@ def balancing(p: torch.Tensor, q: torch.Tensor, condition: float):
 
 
 #: conjugate-gradient iterations of ``EigenbasisSylvester`` per working precision. On a training
-#: run's Grams (the default Transformer, AdamW-like steps of lr 1e-3) 4 iterations leave a
-#: relative residual of 1e-7 to 1e-10 with bases one step old and 1e-6 to 1e-8 with bases 16
-#: steps old, measured in float64; float32 round-off stops near 1e-6, so its fifth iteration
-#: buys bases that stay usable for more steps. Float64 (only where a test asks) takes 12.
-WARM_ITERATIONS = {torch.float32: 5, torch.float64: 12}
+#: run's Grams (the default Transformer, Adam steps of lr 1e-3) 4 iterations leave a relative
+#: residual of 1e-7 to 1e-10 with bases one step old and 1e-6 to 1e-8 with bases 16 steps old
+#: (measured in float64; float32 round-off stops near 1e-6). Float64 (where a test asks) 12.
+WARM_ITERATIONS = {torch.float32: 4, torch.float64: 12}
 
 #: the relative residual above which a warm solve is replaced by the exact one (where the
 #: residual is read for free: on the CPU)
@@ -266,7 +265,7 @@ class EigenbasisSylvester:
     equivariance of the exact solve is kept. ``solve`` returns the relative residual
     ‖C̃ − P̃X − XQ̃‖/‖C̃‖ per head with ξ. ``age``: steps since U, V were exact."""
 
-    __slots__ = ("u", "v", "p_rot", "q_rot", "inverse", "age", "iterations", "fell_back")
+    __slots__ = ("u", "v", "p_rot", "q_rot", "inverse", "age", "iterations", "refactorise", "exact")
 
     def __init__(self, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor, age):
         self.u, self.v, self.age = u, v, age
@@ -278,8 +277,10 @@ class EigenbasisSylvester:
         positive = denominator > 0
         self.inverse = torch.where(positive, 1 / torch.where(positive, denominator, 1.0), 0.0)
         self.iterations = WARM_ITERATIONS.get(p.dtype, WARM_ITERATIONS[torch.float32])
-        #: set when a solve's residual exceeded its tolerance (``pair_frame.warm_solve``)
-        self.fell_back = False
+        #: computes the point's exact frame (set by the bundle that built this solver), and
+        #: that frame once a solve needed it (``manifolds.pair_frame.warm_solve``)
+        self.refactorise = None
+        self.exact = None
 
     @property
     def diagonals(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,26 +295,33 @@ class EigenbasisSylvester:
         """(ξ with P ξ + ξ Q ≈ c, relative residual per head (…,))."""
         u, v = self.u, self.v
         c_rot = u.mT @ c.to(u.dtype) @ v
-        x = torch.zeros_like(c_rot)
         residual = c_rot
         z = residual * self.inverse
         direction = z
-        rz = (residual * z).sum((-2, -1), keepdim=True)
-        for _ in range(self.iterations):
+        rz = _dot(residual, z)
+        x = None
+        for _ in range(self.iterations):  # fused: four passes over the r×r batch each
             image = torch.baddbmm(self.p_rot @ direction, direction, self.q_rot)
-            curvature = (direction * image).sum((-2, -1), keepdim=True)
-            alpha = torch.where(curvature > 0, rz / torch.where(curvature > 0, curvature, 1.0), 0.0)
-            x = x + alpha * direction
-            residual = residual - alpha * image
+            alpha = _ratio(rz, _dot(direction, image))
+            x = alpha * direction if x is None else torch.addcmul(x, alpha, direction)
+            residual = torch.addcmul(residual, alpha, image, value=-1)
             z = residual * self.inverse
-            rz_next = (residual * z).sum((-2, -1), keepdim=True)
-            beta = torch.where(rz > 0, rz_next / torch.where(rz > 0, rz, 1.0), 0.0)
-            direction = z + beta * direction
+            rz_next = _dot(residual, z)
+            direction = torch.addcmul(z, _ratio(rz_next, rz), direction)
             rz = rz_next
+        x = torch.zeros_like(c_rot) if x is None else x
         size = _fro(c_rot).flatten(-3)
         relative = torch.where(size > 0, _fro(residual).flatten(-3) / _safe(size), 0.0)
         return u @ x @ v.mT, relative
 
 
-def _sym(x: torch.Tensor) -> torch.Tensor:
-    return (x + x.mT) / 2
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ per matrix of a batch, (…, 1, 1), as one batched product."""
+    return a.flatten(-2).unsqueeze(-2) @ b.flatten(-2).unsqueeze(-1)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator where the denominator is positive, else 0 (a converged or
+    empty head: conjugate gradients stop there)."""
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, 1.0), 0.0)

@@ -14,7 +14,7 @@ import torch
 from .factored import FactorFrame, step_scale
 from .frame import Frame
 from .iterative import WARM_TOLERANCE
-from .linalg import gram, solve_in_eigenbases, solve_sylvester_spd
+from .linalg import gram, solve_in_eigenbases
 
 __all__ = [
     "DRESSABLE_TOLERANCE",
@@ -34,9 +34,14 @@ def gl_vertical_generator(
     metric: str, data: FactorFrame, az1: torch.Tensor, z2b: torch.Tensor
 ) -> torch.Tensor:
     """ξ ∈ gl(r) of the vertical part of Z from AᵀZ₁ and Z₂ᵀB (module docstring)."""
-    az1, z2b = az1.to(data.p.dtype), z2b.to(data.p.dtype)
     if metric == "euclidean" and data.warm is not None:  # a warm frame (``warm_frame``)
-        return warm_solve(data, az1 - z2b)
+        warm = data.warm
+        if warm.exact is None:
+            xi = warm_solve(data, az1.to(data.p.dtype) - z2b.to(data.p.dtype))
+            if xi is not None:
+                return xi
+        return gl_vertical_generator(metric, warm.exact, az1, z2b)  # the exact frame's
+    az1, z2b = az1.to(data.p.dtype), z2b.to(data.p.dtype)
     if metric == "euclidean" and data.sylvester is not None:  # the iterative route
         xi = data.sylvester.solve(az1 - z2b).to(az1.dtype)
         if data.u is None:  # no head fell back
@@ -60,13 +65,14 @@ def gl_vertical_generator(
     return solve_in_eigenbases(data.u, data.v, rhs, denominator)
 
 
-def warm_solve(data: FactorFrame, rhs: torch.Tensor) -> torch.Tensor:
-    """ξ with Pξ + ξQ = rhs on a warm frame: the solver's, and on the CPU — where reading its
-    residual costs nothing — the exact solve on every head whose relative residual exceeds
-    the exact solve's own round-off, 8·eps·κ (κ = (λmax + μmax)/(λmin + μmin) estimated on the
-    bases), or ``WARM_TOLERANCE`` if larger (then ``warm.fell_back`` is set: the next frame is
-    factorised exactly).
-    Each head's result depends on the frame and ``rhs`` alone, not on earlier solves."""
+def warm_solve(data: FactorFrame, rhs: torch.Tensor) -> torch.Tensor | None:
+    """ξ with Pξ + ξQ = rhs on a warm frame by its solver — or None where, on the CPU (where
+    reading the residual costs nothing), some head's relative residual exceeds the exact
+    solve's own round-off, 8·eps·κ (κ = (λmax + μmax)/(λmin + μmin) estimated on the bases),
+    or ``WARM_TOLERANCE`` if larger: the frame's exact factorisation is then computed once
+    (``warm.exact``), and this solve and every later one on the frame use it, as does the
+    next frame (``GeneralLinearPair.frame_basis``). A result depends on the frame and ``rhs``
+    alone, whatever was solved on the frame before."""
     warm = data.warm
     xi, relative = warm.solve(rhs)
     if relative.device.type != "cpu":
@@ -77,9 +83,8 @@ def warm_solve(data: FactorFrame, rhs: torch.Tensor) -> torch.Tensor:
     bad = ~(relative <= torch.clamp(8 * eps * condition, min=floor))  # NaN: bad
     if not bool(bad.any()):
         return xi
-    warm.fell_back = True
-    exact = solve_sylvester_spd(data.p, data.q, rhs)
-    return torch.where(bad.view(-1, 1, 1), exact.to(xi.dtype), xi)
+    warm.exact = warm.refactorise()
+    return None
 
 
 def balanced_dressing(data: FactorFrame):

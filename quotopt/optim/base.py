@@ -104,7 +104,6 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
         self.validate_group(param_group["name"], param_group)
         param_group.setdefault("dress_clock", 0)
         param_group.setdefault("frame_age", None)  # the state's frame bases: none yet
-        param_group.setdefault("frame_stale", False)
         bundle = param_group.get("bundle")
         if bundle is not None:
             name = param_group["name"]
@@ -241,8 +240,8 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
     def _initial_state(self, group: dict, point: tuple) -> dict:
         """The rule's initial state (``_init_state``) and, where the bundle builds frames from
         the last step's bases (``Bundle.reuses_bases``), ``"frame_basis"``: those bases, so
-        that a resumed run builds the frames an uninterrupted one would (their age and
-        staleness are the group's ``"frame_age"`` and ``"frame_stale"``)."""
+        that a resumed run builds the frames an uninterrupted one would (their age is the
+        group's ``"frame_age"``)."""
         state = self._init_state(group, point)
         bundle = group.get("bundle")
         basis = None if bundle is None else bundle.empty_basis(point)
@@ -267,7 +266,7 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
         bases = state.pop("frame_basis", None)  # the shell's, not the rule's
         age = first.group.get("frame_age")
         if frame is None and bases is not None and age is not None:  # as the last step built it
-            frame = bundle.factorise_from(point, bases, age, first.group.get("frame_stale", False))
+            frame = bundle.factorise_from(point, bases, age)
         new_point, new_state, new_frame = self._bundle_update(
             bundle.at(point, frame), grad, state, dress=first.dress, **first.hyper
         )
@@ -304,7 +303,7 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
 
     def _member_plan(self, m: Member, new_point, new_state: dict, deficient, moved=None) -> Plan:
         """The plan that writes one member's new point and state, and what follows a commit
-        (``moved``: the new frame's ``basis``, whose age and staleness the group keeps)."""
+        (``moved``: the new frame's ``basis``, whose age the group keeps)."""
         group = m.group
         plan = Plan(group["name"])
         plan.write(m.point, new_point)
@@ -320,7 +319,6 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
             group["dress_clock"] += 1
             if "frame_basis" in new_state:
                 group["frame_age"] = None if moved is None else moved[1]
-                group["frame_stale"] = False if moved is None else bool(moved[2])
 
         plan.on_commit.append(on_commit)
         plan.explain = lambda: self._explain(m.index, group, new_point)

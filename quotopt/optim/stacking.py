@@ -85,7 +85,7 @@ def batch_key(member: Member):
     if any(isinstance(v, torch.Tensor) for v in member.hyper.values()):
         return None
     ref = member.point[0]
-    frames = (member.group.get("frame_age"), member.group.get("frame_stale"))
+    frames = member.group.get("frame_age")
     return (stack, hyper, member.dress, frames, ref.dtype, ref.device)
 
 
