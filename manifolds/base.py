@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from .checks import PointChecks
+from .frame import FrameReuse
 from .linalg import inverse
 from .sampling import dtype_device, log_spaced, randn, random_orthogonal
 
@@ -66,7 +67,7 @@ def unchecked() -> Iterator[None]:
         _CHECKS.reset(token)
 
 
-class Bundle(PointChecks, abc.ABC):
+class Bundle(FrameReuse, PointChecks, abc.ABC):
     """A principal G-bundle over a tuple-of-tensors total space (see module docstring).
 
     Subclasses set ``n_tensors`` (the arity of a point) and ``metric`` and implement the
@@ -176,40 +177,6 @@ class Bundle(PointChecks, abc.ABC):
         """The factorisation of ``point`` that projections, gradients and moments reuse (a
         frame's ``data``), or None for bundles that need none."""
         return None
-
-    # ---- warm frames: a step's new frame from the last one's bases -----------------------------
-    def reuses_bases(self, dtype: torch.dtype) -> bool:
-        """Whether frames of points in ``dtype`` may be built from an earlier frame's bases
-        (``frame_basis``, ``factorise_from``) instead of factorised; False unless a bundle
-        says otherwise."""
-        return False
-
-    def frame_basis(self, data):
-        """``(bases, age)`` of the factorisation ``data`` that a nearby point's frame may be
-        built from (``factorise_from``; ``bases`` a tuple of tensors with the head axis
-        first, ``age`` the steps since they were exact), or None."""
-        return None
-
-    def empty_basis(self, point: Point):
-        """Zero tensors shaped like ``frame_basis``'s bases at ``point`` (an optimiser's state
-        before its first frame), or None where bases are not reused."""
-        return None
-
-    def factorise_from(self, point: Point, bases: tuple, age: int):
-        """The factorisation of ``point`` built from ``bases`` that are ``age`` steps old
-        (``frame_basis``'s; age 0: factorised afresh, as the frame they came from was), the
-        same one ``Frame.moved`` built; bundles that do not reuse bases factorise."""
-        return self.factorise(point)
-
-    def _factorise_near(self, point: Point, near):
-        """The factorisation of ``point``, reached by a step from a point whose factorisation
-        is ``near`` (or None): from ``near``'s bases where the bundle reuses them
-        (``factorise_from``), else ``factorise``."""
-        basis = self.frame_basis(near)
-        if basis is None:
-            return self.factorise(point)
-        bases, age = basis
-        return self.factorise_from(point, bases, age + 1)
 
     # ---- metric and splitting: public on a point, hooks on its frame --------------------------
     def inner(self, point: Point, u: Tangent, v: Tangent) -> torch.Tensor:

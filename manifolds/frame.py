@@ -36,9 +36,28 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Frame"]
+__all__ = ["Frame", "FrameReuse"]
 
 Tensors = tuple[torch.Tensor, ...]
+
+
+class FrameReuse:
+    """The hooks by which a bundle builds a step's new frame from the last one's bases (a warm
+    frame, ``Frame.moved``); ``Bundle`` inherits these defaults: no reuse."""
+
+    def frame_basis(self, data):
+        """``(bases, age)``: what a nearby point's frame may be built from (``factorise_from``;
+        tensors with the head axis first, and the steps since they were exact), or None."""
+        return None
+
+    def empty_basis(self, point):
+        """Zeros shaped like ``frame_basis``'s bases at ``point``, or None (no reuse)."""
+        return None
+
+    def factorise_from(self, point, bases: tuple, age: int):
+        """The factorisation of ``point`` from ``bases`` ``age`` steps old, as ``Frame.moved``
+        built it (age 0: factorised afresh); bundles that reuse no bases factorise."""
+        return self.factorise(point)
 
 
 class Frame:
@@ -126,10 +145,14 @@ class Frame:
     def moved(self, new_point: Tensors) -> Frame:
         """The frame of ``new_point``, a step away (factorised now: a step's new frame serves
         the transport of its moments and the next step). Where the bundle reuses bases
-        (``Bundle.reuses_bases``) it is built from this frame's (``Bundle._factorise_near``)
+        (``Bundle.frame_basis`` of this frame) it is built from them (``factorise_from``)
         instead of factorised: a warm frame."""
-        new_point = tuple(new_point)
-        return self.bundle.at(new_point, self.bundle._factorise_near(new_point, self.cached))
+        new_point, bundle = tuple(new_point), self.bundle
+        basis = bundle.frame_basis(self.cached)
+        if basis is None:
+            return bundle.at(new_point, bundle.factorise(new_point))
+        bases, age = basis
+        return bundle.at(new_point, bundle.factorise_from(new_point, bases, age + 1))
 
     @property
     def basis(self):

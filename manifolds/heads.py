@@ -105,6 +105,7 @@ class GeneralLinearPair(FactoredBundle):
 
     def _with_hooks(self, other: GeneralLinearPair) -> GeneralLinearPair:
         self._sum_rows, self._signs_of_rows = other._sum_rows, other._signs_of_rows
+        self.warm_frames = other.warm_frames
         return self
 
     @property
@@ -123,12 +124,13 @@ class GeneralLinearPair(FactoredBundle):
         return PairFrame(self, point, data)
 
     def _stack_family(self):
-        return ("GL(r) pair", self.geometry)
+        return ("GL(r) pair", self.geometry, self.warm_frames)
 
     def stacked(self, n_heads: int) -> HeadQK:
         """``n_heads`` heads of this shape and metric in factor form (A, B), whatever the
-        layout of this bundle (``HeadOV`` stores B transposed)."""
-        return HeadQK(
+        layout of this bundle (``HeadOV`` stores B transposed), its frames warm or not as
+        this bundle's."""
+        stacked = HeadQK(
             n_heads,
             self.d_model,
             self.d_head,
@@ -137,6 +139,8 @@ class GeneralLinearPair(FactoredBundle):
             damping=self.damping,
             geometry=self.geometry,
         )
+        stacked.warm_frames = self.warm_frames
+        return stacked
 
     # ---- action ---------------------------------------------------------------------------
     def act(self, point: Point, g: torch.Tensor) -> Point:

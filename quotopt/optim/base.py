@@ -239,7 +239,7 @@ class QuotientOptimizer(UpdateRule, Diagnostics, Checkpointing, torch.optim.Opti
 
     def _initial_state(self, group: dict, point: tuple) -> dict:
         """The rule's initial state (``_init_state``) and, where the bundle builds frames from
-        the last step's bases (``Bundle.reuses_bases``), ``"frame_basis"``: those bases, so
+        the last step's bases (``Bundle.empty_basis``), ``"frame_basis"``: those bases, so
         that a resumed run builds the frames an uninterrupted one would (their age is the
         group's ``"frame_age"``)."""
         state = self._init_state(group, point)

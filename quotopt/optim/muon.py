@@ -16,8 +16,9 @@ from manifolds import Bundle
 from manifolds.frame import Frame
 
 from . import validation as rules
-from .adam import AdamState, deferred_adamw
+from .adam import AdamState
 from .base import QuotientOptimizer
+from .deferred import deferred_adamw
 from .muon_rules import (
     ADAMW_BETAS,
     ADAMW_EPS,

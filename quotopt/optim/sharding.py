@@ -30,6 +30,7 @@ and reloads each rank's part (``Shards.global_state`` / ``local_state``).
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -125,7 +126,7 @@ class Shards:
         shapes = [tuple(s) for s in bundle.point_shapes()]
         local_shapes = [tuple(v.shape) for v in views]
         if local_shapes == shapes:  # nothing split (replicated, or one rank)
-            self.bundle, self._axes = bundle, []
+            self.bundle, self._axes = _exact_frames(bundle), []
             return
         heads = getattr(bundle, "n_heads", None)
         if heads is not None and all(s[1:] == g[1:] for s, g in zip(local_shapes, shapes)):
@@ -146,9 +147,7 @@ class Shards:
         if counts != {expected} or expected == 0:
             self._refuse(name, local_shapes, [tuple(s) for s in bundle.point_shapes()])
         try:
-            self.bundle = bundle.with_heads(expected)
-            if hasattr(self.bundle, "warm_frames"):  # a shard's state keeps no frame bases
-                self.bundle.warm_frames = False
+            self.bundle = _exact_frames(bundle.with_heads(expected))
         except NotImplementedError:
             raise ValueError(
                 f"{name}: {bundle!r} cannot be stepped on a shard of its heads"
@@ -266,6 +265,16 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
         stride.append(acc)
         acc *= max(n, 1)
     return tuple(reversed(stride))
+
+
+def _exact_frames(bundle):
+    """``bundle``, or a copy of it whose frames are factorised at every step: a sharded group's
+    state keeps no frame bases (``manifolds.heads.GeneralLinearPair.reuses_bases``)."""
+    if not getattr(bundle, "warm_frames", False):
+        return bundle
+    local = copy.copy(bundle)
+    local.warm_frames = False
+    return local
 
 
 def create_state(optimizer) -> None:

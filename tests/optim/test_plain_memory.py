@@ -12,6 +12,7 @@ import torch
 
 from quotopt import NonFiniteStepError, QuotientAdam
 from quotopt.optim import adam as plain
+from quotopt.optim import deferred
 
 
 def _params(dtype=torch.float32):
@@ -44,7 +45,7 @@ def test_holding_or_forming_at_commit_gives_the_pure_update_bit_for_bit(monkeypa
         values, states = plain.adam_plain_updates(
             values, grads, states, lr=hyper["lr"], maximize=hyper.get("maximize", False), **beta
         )
-    monkeypatch.setattr(plain, "_can_defer", lambda *args: False)  # the checked paths
+    monkeypatch.setattr(deferred, "_can_defer", lambda *args: False)  # the checked paths
     for hold, chunk in ((1 << 24, 1 << 22), (0, 40)):  # held; formed at commit, in chunks
         monkeypatch.setattr(plain, "HOLD_ELEMENTS", hold)
         monkeypatch.setattr(plain, "CHUNK_ELEMENTS", chunk)
@@ -61,8 +62,8 @@ def test_holding_or_forming_at_commit_gives_the_pure_update_bit_for_bit(monkeypa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_deferred_step_is_torch_adamw_bit_for_bit(monkeypatch, hyper, dtype):
     calls = []
-    can_defer = plain._can_defer
-    monkeypatch.setattr(plain, "_can_defer", lambda *a: calls.append(can_defer(*a)) or calls[-1])
+    can_defer = deferred._can_defer
+    monkeypatch.setattr(deferred, "_can_defer", lambda *a: calls.append(can_defer(*a)) or calls[-1])
     params, reference = _params(dtype), _params(dtype)
     opt = _run(params, **hyper)
     torch_opt = torch.optim.AdamW(reference, **hyper)
@@ -81,14 +82,14 @@ def test_a_deferred_step_is_torch_adamw_bit_for_bit(monkeypatch, hyper, dtype):
 def test_gradients_beyond_the_bound_are_not_deferred():
     params = _params()
     grads = [torch.zeros_like(p) for p in params]
-    assert plain._can_defer(params, grads, 1e-3, 1e-8)
+    assert deferred._can_defer(params, grads, 1e-3, 1e-8)
     grads[1][3] = 1e19  # finite, but its square is not (float32): the checked path decides
-    assert not plain._can_defer(params, grads, 1e-3, 1e-8)
+    assert not deferred._can_defer(params, grads, 1e-3, 1e-8)
     grads[1][3] = float("nan")
-    assert not plain._can_defer(params, grads, 1e-3, 1e-8)
-    assert not plain._can_defer(params, [torch.zeros_like(p) for p in params], 1e-3, 1e-40)
+    assert not deferred._can_defer(params, grads, 1e-3, 1e-8)
+    assert not deferred._can_defer(params, [torch.zeros_like(p) for p in params], 1e-3, 1e-40)
     half = [p.detach().to(torch.bfloat16) for p in params]
-    assert not plain._can_defer(half, [torch.zeros_like(p) for p in half], 1e-3, 1e-8)
+    assert not deferred._can_defer(half, [torch.zeros_like(p) for p in half], 1e-3, 1e-8)
 
 
 @pytest.mark.parametrize("hold", [1 << 24, 0])
