@@ -73,7 +73,7 @@ def deferred_adamw(params, grads, states, *, lr, beta1, beta2, eps, weight_decay
             [s["exp_avg_sq"] for s in states],
             [],
             [s["step"] for s in states],
-            foreach=True,
+            foreach=False,  # one tensor's denominator at a time (torch's CPU default)
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
