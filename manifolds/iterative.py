@@ -271,8 +271,7 @@ class EigenbasisSylvester:
         self.u, self.v, self.age = u, v, age
         self.p_rot = _sym(u.mT @ p @ u)
         self.q_rot = _sym(v.mT @ q @ v)
-        diag_p = torch.diagonal(self.p_rot, dim1=-2, dim2=-1)
-        diag_q = torch.diagonal(self.q_rot, dim1=-2, dim2=-1)
+        diag_p, diag_q = self.diagonals
         denominator = diag_p.unsqueeze(-1) + diag_q.unsqueeze(-2)
         positive = denominator > 0
         self.inverse = torch.where(positive, 1 / torch.where(positive, denominator, 1.0), 0.0)
