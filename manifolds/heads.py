@@ -160,8 +160,8 @@ class GeneralLinearPair(FactoredBundle):
     def _vertical_generator(self, frame, v: Tangent) -> torch.Tensor:
         a, b = self.factors(frame.point)
         z1, z2 = self.factors(v)
-        xi = gl_vertical_generator(self.metric, frame.data, *self.row_sums(a.mT @ z1, z2.mT @ b))
-        return xi.to(a.dtype)
+        products = self.row_sums(a.mT @ z1, z2.mT @ b)
+        return gl_vertical_generator(self.metric, frame.data, *products, frame.point).to(a.dtype)
 
     def _project_horizontal(self, frame, v: Tangent) -> Tangent:
         point = self.check_point(frame.point)
@@ -275,7 +275,7 @@ class GeneralLinearPair(FactoredBundle):
             return self.factorise(point)
         p, q = self.row_sums(gram(a.to(work)), gram(b.to(work)))
         frame = warm_frame(p, q, u, v, age)
-        frame.warm.refactorise = lambda: self.factorise(point)
+        frame.warm.refactorise = self.factorise  # of the point, where a solve needs it
         return frame
 
     def _balancing(self, point: Point):

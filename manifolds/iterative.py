@@ -44,6 +44,7 @@ __all__ = [
     "EigenbasisSylvester",
     "WARM_ITERATIONS",
     "WARM_TOLERANCE",
+    "WARM_ROUNDS",
     "balancing",
 ]
 
@@ -256,6 +257,10 @@ WARM_ITERATIONS = {torch.float32: 4, torch.float64: 12}
 #: residual is read for free: on the CPU)
 WARM_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
+#: rounds of ``WARM_ITERATIONS`` that a warm solve checked on the host runs at most before the
+#: exact solve replaces it: Grams that moved far from the bases' need more than one
+WARM_ROUNDS = 4
+
 
 class EigenbasisSylvester:
     """Solves P ξ + ξ Q = C for symmetric positive semi-definite P, Q by conjugate gradients
@@ -276,8 +281,9 @@ class EigenbasisSylvester:
         positive = denominator > 0
         self.inverse = torch.where(positive, 1 / torch.where(positive, denominator, 1.0), 0.0)
         self.iterations = WARM_ITERATIONS.get(p.dtype, WARM_ITERATIONS[torch.float32])
-        #: computes the point's exact frame (set by the bundle that built this solver), and
-        #: that frame once a solve needed it (``manifolds.pair_frame.warm_solve``)
+        #: computes the exact frame of a point (the bundle's ``factorise``, set by the bundle
+        #: that built this solver), and that frame once a solve needed it
+        #: (``manifolds.pair_frame.warm_solve``)
         self.refactorise = None
         self.exact = None
 
@@ -290,27 +296,38 @@ class EigenbasisSylvester:
             torch.diagonal(self.q_rot, dim1=-2, dim2=-1),
         )
 
-    def solve(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ξ with P ξ + ξ Q ≈ c, relative residual per head (…,))."""
+    def solve(self, c: torch.Tensor, tolerance=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ξ with P ξ + ξ Q ≈ c, relative residual per head (…,)). ``tolerance`` (…,), read on
+        the host: heads whose residual exceeds it after the fixed iterations go on, in rounds
+        of as many, until it is met (then they stop: a head's result depends on that head
+        alone) or ``WARM_ROUNDS`` rounds are spent."""
         u, v = self.u, self.v
         c_rot = u.mT @ c.to(u.dtype) @ v
+        size = _fro(c_rot).flatten(-3)
         residual = c_rot
         z = residual * self.inverse
         direction = z
         rz = _dot(residual, z)
-        x = None
-        for _ in range(self.iterations):  # fused: four passes over the r×r batch each
-            image = torch.baddbmm(self.p_rot @ direction, direction, self.q_rot)
-            alpha = _ratio(rz, _dot(direction, image))
-            x = alpha * direction if x is None else torch.addcmul(x, alpha, direction)
-            residual = torch.addcmul(residual, alpha, image, value=-1)
-            z = residual * self.inverse
-            rz_next = _dot(residual, z)
-            direction = torch.addcmul(z, _ratio(rz_next, rz), direction)
-            rz = rz_next
-        x = torch.zeros_like(c_rot) if x is None else x
-        size = _fro(c_rot).flatten(-3)
-        relative = torch.where(size > 0, _fro(residual).flatten(-3) / _safe(size), 0.0)
+        x, running = torch.zeros_like(c_rot), None  # running: (…, 1, 1) 1 on unconverged heads
+        for _round in range(WARM_ROUNDS if tolerance is not None else 1):
+            for _ in range(self.iterations):  # fused: four passes over the r×r batch each
+                image = torch.baddbmm(self.p_rot @ direction, direction, self.q_rot)
+                alpha = _ratio(rz, _dot(direction, image))
+                alpha = alpha if running is None else alpha * running
+                x = torch.addcmul(x, alpha, direction)
+                residual = torch.addcmul(residual, alpha, image, value=-1)
+                z = residual * self.inverse
+                rz_next = _dot(residual, z)
+                direction = torch.addcmul(z, _ratio(rz_next, rz), direction)
+                rz = rz_next
+            relative = torch.where(size > 0, _fro(residual).flatten(-3) / _safe(size), 0.0)
+            if tolerance is None:
+                break
+            unmet = ~(relative <= tolerance)  # NaN: unmet
+            if not bool(unmet.any()):
+                break
+            more = unmet.to(x.dtype).view(*unmet.shape, 1, 1)
+            running = more if running is None else running * more
         return u @ x @ v.mT, relative
 
 

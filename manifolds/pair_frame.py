@@ -31,13 +31,14 @@ DRESSABLE_TOLERANCE = 1e-12
 
 
 def gl_vertical_generator(
-    metric: str, data: FactorFrame, az1: torch.Tensor, z2b: torch.Tensor
+    metric: str, data: FactorFrame, az1: torch.Tensor, z2b: torch.Tensor, point=None
 ) -> torch.Tensor:
-    """ξ ∈ gl(r) of the vertical part of Z from AᵀZ₁ and Z₂ᵀB (module docstring)."""
+    """ξ ∈ gl(r) of the vertical part of Z from AᵀZ₁ and Z₂ᵀB (module docstring); ``point``:
+    the frame's point, which a warm frame refactorises where its solve falls back."""
     if metric == "euclidean" and data.warm is not None:  # a warm frame (``warm_frame``)
         warm = data.warm
         if warm.exact is None:
-            xi = warm_solve(data, az1.to(data.p.dtype) - z2b.to(data.p.dtype))
+            xi = warm_solve(data, az1.to(data.p.dtype) - z2b.to(data.p.dtype), point)
             if xi is not None:
                 return xi
         return gl_vertical_generator(metric, warm.exact, az1, z2b)  # the exact frame's
@@ -65,25 +66,28 @@ def gl_vertical_generator(
     return solve_in_eigenbases(data.u, data.v, rhs, denominator)
 
 
-def warm_solve(data: FactorFrame, rhs: torch.Tensor) -> torch.Tensor | None:
+def warm_solve(data: FactorFrame, rhs: torch.Tensor, point) -> torch.Tensor | None:
     """ξ with Pξ + ξQ = rhs on a warm frame by its solver — or None where, on the CPU (where
-    reading the residual costs nothing), some head's relative residual exceeds the exact
+    reading the residual costs nothing), some head's relative residual still exceeds the exact
     solve's own round-off, 8·eps·κ (κ = (λmax + μmax)/(λmin + μmin) estimated on the bases),
-    or ``WARM_TOLERANCE`` if larger: the frame's exact factorisation is then computed once
-    (``warm.exact``), and this solve and every later one on the frame use it, as does the
-    next frame (``GeneralLinearPair.frame_basis``). A result depends on the frame and ``rhs``
-    alone, whatever was solved on the frame before."""
+    or ``WARM_TOLERANCE`` if larger, after the solver's further rounds (``WARM_ROUNDS``): the
+    frame's exact factorisation at ``point`` is then computed once (``warm.exact``; the frame
+    keeps no reference to its point), and this solve and
+    every later one on the frame use it, as does the next frame
+    (``GeneralLinearPair.frame_basis``). A result depends on the frame and ``rhs`` alone,
+    whatever was solved on the frame before."""
     warm = data.warm
-    xi, relative = warm.solve(rhs)
-    if relative.device.type != "cpu":
-        return xi
-    (diag_p, diag_q), eps = warm.diagonals, torch.finfo(xi.dtype).eps
+    if warm.u.device.type != "cpu":
+        return warm.solve(rhs)[0]
+    (diag_p, diag_q), eps = warm.diagonals, torch.finfo(warm.u.dtype).eps
     condition = (diag_p.amax(-1) + diag_q.amax(-1)) / (diag_p.amin(-1) + diag_q.amin(-1))
-    floor = WARM_TOLERANCE.get(xi.dtype, WARM_TOLERANCE[torch.float32])
-    bad = ~(relative <= torch.clamp(8 * eps * condition, min=floor))  # NaN: bad
+    floor = WARM_TOLERANCE.get(warm.u.dtype, WARM_TOLERANCE[torch.float32])
+    tolerance = torch.clamp(8 * eps * condition, min=floor)
+    xi, relative = warm.solve(rhs, tolerance)
+    bad = ~(relative <= tolerance)  # NaN: bad
     if not bool(bad.any()):
         return xi
-    warm.exact = warm.refactorise()
+    warm.exact = warm.refactorise(point)
     return None
 
 
@@ -159,7 +163,7 @@ class PairFrame(Frame):
         a, b = bundle.factors(self.point)
         z1, z2 = bundle.factors(tuple(direction))
         az1, z2b = bundle.row_sums(a.mT @ z1, z2.mT @ b)
-        xi = gl_vertical_generator(bundle.metric, f, az1, z2b)
+        xi = gl_vertical_generator(bundle.metric, f, az1, z2b, self.point)
         x = xi.to(a.dtype)
         h1, h2 = torch.baddbmm(z1, a, x, alpha=-1), torch.baddbmm(z2, b, x.mT)  # P_H(Z)
         if bundle.metric == "euclidean":
@@ -171,13 +175,10 @@ class PairFrame(Frame):
             bh2 = z2b.mT.to(work) + f.q @ xi.mT
             s = step_scale(f, lr * lr * hh1, lr * lr * hh2, -lr * ah1, -lr * bh2)
             scale = (-lr * s).to(a.dtype).view(-1, 1, 1)
-        base = self.point
-        if weight_decay:  # M ↦ (1 − lr·wd)M
-            base = bundle.scale_invariants(base, 1 - lr * weight_decay)
-        new = []
-        for p, h in zip(base, bundle.from_factors(h1, h2)):
-            if not isinstance(scale, torch.Tensor):
-                new.append(torch.add(p, h, alpha=scale))
-            else:
-                new.append(torch.addcmul(p, h, scale))
-        return tuple(new)
+        # √(1 − lr·wd)·p + scale·h, written into h (this step's own): decay on the invariants
+        # (M ↦ (1 − lr·wd)M, ``scale_invariants``) and the step in two passes, no new tensor
+        root = (1 - lr * weight_decay) ** 0.5
+        return tuple(
+            h.mul_(scale).add_(p, alpha=root)
+            for p, h in zip(self.point, bundle.from_factors(h1, h2))
+        )

@@ -90,3 +90,18 @@ def test_nav_lists_every_page():
     missing = pages - listed - {"results.md"}
     assert not missing, f"pages missing from the nav in mkdocs.yml: {sorted(missing)}"
     assert listed <= pages, f"nav entries without a page: {sorted(listed - pages)}"
+
+
+def _control_characters(text: str) -> list[int]:
+    """Line numbers of ``text`` with a control character other than the newline — what a
+    TeX command written into a Python string as ``"\\tilde"`` or ``"\\times"`` becomes."""
+    return [
+        i for i, line in enumerate(text.splitlines(), 1) if re.search(r"[\x00-\x09\x0b-\x1f]", line)
+    ]
+
+
+def test_no_page_holds_a_control_character():
+    pages = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
+    bad = {str(p.relative_to(ROOT)): _control_characters(p.read_text()) for p in pages}
+    assert {k: v for k, v in bad.items() if v} == {}
+    assert _control_characters("$\tilde P$") == [1]  # the control: a tab where \t was meant
