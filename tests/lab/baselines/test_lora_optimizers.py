@@ -6,7 +6,6 @@ from a state_dict loaded with ``torch.load(weights_only=True)``."""
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
@@ -16,26 +15,23 @@ from quotopt.lab.baselines.balora import BaLoRA
 from quotopt.lab.training.optimizers import build_adapter_optimizer
 from quotopt.optim import NonFiniteStepError
 from quotopt.optim.matrix_adam import QuotientMatrixAdam
-from tests.lab.baselines.test_lora_rite import F64, _batches, _gauged, _model, _products, _train
-
-
-def _loss(net, x, y):
-    return (net(x) - y).square().mean()
+from tests.lab.baselines import adapters as toy
+from tests.lab.baselines.adapters import F64
 
 
 def test_balora_is_balanced_after_every_step_with_adamw_s_product():
-    net = _model()
+    net = toy.model()
     twin = copy.deepcopy(net)
     opt = BaLoRA(net, 1e-2, weight_decay=0.1)
     adamw = torch.optim.AdamW([p for _, b, a in lora_pairs(twin) for p in (b, a)], 1e-2,
                               weight_decay=0.1)  # fmt: skip
-    for x, y in _batches(8):
+    for x, y in toy.batches(8):
         with torch.no_grad():  # AdamW from the same point: only its state evolves alone
             for p, q in zip(twin.parameters(), net.parameters()):
                 p.copy_(q)
         for model, optimiser in ((net, opt), (twin, adamw)):
             optimiser.zero_grad()
-            _loss(model, x, y).backward()
+            toy.loss(model, x, y).backward()
             optimiser.step()
         for (_, b, a), (_, tb, ta) in zip(lora_pairs(net), lora_pairs(twin)):
             gram = b.T @ b
@@ -47,62 +43,46 @@ def test_balora_is_balanced_after_every_step_with_adamw_s_product():
 
 @pytest.mark.parametrize("zero_b", [False, True])
 def test_matrix_adam_delta_w_is_invariant_under_gl_r(zero_b):
-    net = _model(zero_b=zero_b)
-    other = _gauged(net)
-    batches = _batches(20)
-    _train(net, QuotientMatrixAdam(net, 1e-2, weight_decay=0.1), batches)
-    _train(other, QuotientMatrixAdam(other, 1e-2, weight_decay=0.1), batches)
-    for w, w_other in zip(_products(net), _products(other)):
+    net = toy.model(zero_b=zero_b)
+    other = toy.gauged(net)
+    batches = toy.batches(20)
+    toy.train(net, QuotientMatrixAdam(net, 1e-2, weight_decay=0.1), batches)
+    toy.train(other, QuotientMatrixAdam(other, 1e-2, weight_decay=0.1), batches)
+    for w, w_other in zip(toy.products(net), toy.products(other)):
         assert torch.linalg.norm(w) > 1e-2
         assert (w - w_other).abs().max() < 1e-10
 
 
 def test_the_control_matrix_adam_without_dressing_is_not_invariant():
-    net = _model()
-    other = _gauged(net)
-    batches = _batches(20)
-    _train(net, QuotientMatrixAdam(net, 1e-2, dress=False), batches)
-    _train(other, QuotientMatrixAdam(other, 1e-2, dress=False), batches)
-    gaps = [(w - v).abs().max() for w, v in zip(_products(net), _products(other))]
+    net = toy.model()
+    other = toy.gauged(net)
+    batches = toy.batches(20)
+    toy.train(net, QuotientMatrixAdam(net, 1e-2, dress=False), batches)
+    toy.train(other, QuotientMatrixAdam(other, 1e-2, dress=False), batches)
+    gaps = [(w - v).abs().max() for w, v in zip(toy.products(net), toy.products(other))]
     assert max(gaps) > 1e-3
 
 
 NEW = ["lora-rite", "balora", "qmuon", "qadam-mat"]
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", NEW + ["riemannion", "riemannion-mom"])
 def test_resumes_bit_for_bit(name):
-    net = _model(zero_b=True)
-    batches = _batches(6)
-    opt = build_adapter_optimizer(name, net, 1e-2)
-    _train(net, opt, batches[:3])
-    buffer = io.BytesIO()
-    torch.save({"model": net.state_dict(), "optim": opt.state_dict()}, buffer)
-    _train(net, opt, batches[3:])
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    again = _model(zero_b=True)
-    again.load_state_dict(saved["model"])
-    resumed = build_adapter_optimizer(name, again, 1e-2)
-    resumed.load_state_dict(saved["optim"])
-    _train(again, resumed, batches[3:])
-    for p, q in zip(net.parameters(), again.parameters()):
-        assert torch.equal(p, q)
-    fresh = _model(zero_b=True)  # the control: without the state the run differs
-    fresh.load_state_dict(saved["model"])
-    _train(fresh, build_adapter_optimizer(name, fresh, 1e-2), batches[3:])
+    net, resumed, fresh = toy.resumed_run(lambda m: build_adapter_optimizer(name, m, 1e-2))
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), resumed.parameters()))
+    # the control: continued from the saved weights without the state, the run differs
     assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), fresh.parameters()))
 
 
 def test_a_non_finite_step_writes_nothing():
-    net = _model()
+    net = toy.model()
     opt = QuotientMatrixAdam(net, 1e-2)
-    _train(net, opt, _batches(2))
+    toy.train(net, opt, toy.batches(2))
     before = [p.detach().clone() for p in net.parameters()]
     state = copy.deepcopy(opt.state_dict())
-    x, y = _batches(1)[0]
+    x, y = toy.batches(1)[0]
     opt.zero_grad()
-    _loss(net, x, y).backward()
+    toy.loss(net, x, y).backward()
     next(p for _, b, _ in lora_pairs(net) for p in (b,)).grad[0, 0] = float("nan")
     with pytest.raises(NonFiniteStepError, match="nothing was written"):
         opt.step()
@@ -113,7 +93,7 @@ def test_a_non_finite_step_writes_nothing():
 
 
 def test_pairs_are_the_factors_of_one_module():
-    net = _model(r=2)
+    net = toy.model(r=2)
     opt = QuotientMatrixAdam(net)
     layers = {f"{path}:lora": (m.lora_B, m.lora_A) for path, m in net.named_modules()
               if hasattr(m, "lora_A")}  # fmt: skip
@@ -139,23 +119,23 @@ def _qmuon(model, dress_every=1):
 
 @pytest.mark.parametrize("zero_b", [False, True])
 def test_qmuon_delta_w_is_invariant_under_gl_r(zero_b):
-    net = _model(zero_b=zero_b)
-    other = _gauged(net)
-    batches = _batches(20)
-    _train(net, _qmuon(net), batches)
-    _train(other, _qmuon(other), batches)
-    for w, w_other in zip(_products(net), _products(other)):
+    net = toy.model(zero_b=zero_b)
+    other = toy.gauged(net)
+    batches = toy.batches(20)
+    toy.train(net, _qmuon(net), batches)
+    toy.train(other, _qmuon(other), batches)
+    for w, w_other in zip(toy.products(net), toy.products(other)):
         assert torch.linalg.norm(w) > 1e-2
         assert (w - w_other).abs().max() < 1e-10
 
 
 def test_the_control_qmuon_never_dressed_is_not_invariant():
-    net = _model()
-    other = _gauged(net)
-    batches = _batches(20)
-    _train(net, _qmuon(net, dress_every=None), batches)
-    _train(other, _qmuon(other, dress_every=None), batches)
-    gaps = [(w - v).abs().max() for w, v in zip(_products(net), _products(other))]
+    net = toy.model()
+    other = toy.gauged(net)
+    batches = toy.batches(20)
+    toy.train(net, _qmuon(net, dress_every=None), batches)
+    toy.train(other, _qmuon(other, dress_every=None), batches)
+    gaps = [(w - v).abs().max() for w, v in zip(toy.products(net), toy.products(other))]
     assert max(gaps) > 1e-3
 
 
@@ -164,11 +144,11 @@ def test_the_control_qmuon_from_b_zero_needs_the_orthonormal_start():
     from quotopt import symmetries
     from quotopt.optim import QuotientMuon
 
-    net = _model(zero_b=True)
-    other = _gauged(net)
-    batches = _batches(20)
+    net = toy.model(zero_b=True)
+    other = toy.gauged(net)
+    batches = toy.batches(20)
     for model in (net, other):
         groups = symmetries(model, metric="euclidean", plain=False)
-        _train(model, QuotientMuon(groups, 1e-2, 0.0, adjust_lr_fn="match_rms_adamw"), batches)
-    gaps = [(w - v).abs().max() for w, v in zip(_products(net), _products(other))]
+        toy.train(model, QuotientMuon(groups, 1e-2, 0.0, adjust_lr_fn="match_rms_adamw"), batches)
+    gaps = [(w - v).abs().max() for w, v in zip(toy.products(net), toy.products(other))]
     assert max(gaps) > 1e-3

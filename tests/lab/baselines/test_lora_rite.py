@@ -10,82 +10,33 @@ import pytest
 import torch
 from torch import nn
 
-from quotopt.groups import add_lora, lora_pairs
+from quotopt.groups import lora_pairs
 from quotopt.lab.baselines.lora_rite import LoRARITE
-
-F64 = torch.float64
-
-
-def _model(seed=0, zero_b=False, r=3):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 9), nn.Tanh(), nn.Linear(9, 9)]
-    net = nn.Sequential(*layers, nn.Tanh(), nn.Linear(9, 5)).to(F64)
-    add_lora(net, ["0", "2", "4", "6"], r=r)  # two adapters of one shape: stacked
-    if not zero_b:
-        with torch.no_grad():
-            for _, b, _ in lora_pairs(net):
-                b.normal_(0, 0.3)
-    return net
-
-
-def _batches(steps, seed=1, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(steps):
-        x = torch.randn(16, 7, generator=gen, dtype=F64)
-        batches.append((x, scale * torch.randn(16, 5, generator=gen, dtype=F64)))
-    return batches
-
-
-def _train(net, optimiser, batches):
-    for x, y in batches:
-        loss = (net(x) - y).square().mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
-
-def _products(net):
-    return [(b @ a).detach() for _, b, a in lora_pairs(net)]
-
-
-def _gauged(net, seed=5, condition=10.0):
-    """A copy of ``net`` with every adapter moved to (B S, S⁻¹A), S random of this condition."""
-    other = copy.deepcopy(net)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, b, a in lora_pairs(other):
-            r = a.shape[0]
-            q1, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=F64))
-            q2, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=F64))
-            s = q1 @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(condition)), r,
-                                               dtype=F64)) @ q2  # fmt: skip
-            b.copy_(b @ s)
-            a.copy_(torch.linalg.solve(s, a))
-    return other
+from tests.lab.baselines import adapters as toy
+from tests.lab.baselines.adapters import F64
 
 
 @pytest.mark.parametrize("zero_b", [False, True])
 @pytest.mark.parametrize("escaped_mass", [False, True])
 def test_delta_w_is_invariant_under_gl_r(zero_b, escaped_mass):
-    net = _model(zero_b=zero_b)
-    other = _gauged(net)
-    batches = _batches(20)
-    _train(net, LoRARITE(net, 1e-2, escaped_mass=escaped_mass), batches)
-    _train(other, LoRARITE(other, 1e-2, escaped_mass=escaped_mass), batches)
-    for w, w_other in zip(_products(net), _products(other)):
+    net = toy.model(zero_b=zero_b)
+    other = toy.gauged(net)
+    batches = toy.batches(20)
+    toy.train(net, LoRARITE(net, 1e-2, escaped_mass=escaped_mass), batches)
+    toy.train(other, LoRARITE(other, 1e-2, escaped_mass=escaped_mass), batches)
+    for w, w_other in zip(toy.products(net), toy.products(other)):
         assert torch.linalg.norm(w) > 1e-2  # the adapters moved
         assert (w - w_other).abs().max() < 1e-10
 
 
 def test_the_control_adamw_is_not_invariant():
-    net = _model()
-    other = _gauged(net)
-    batches = _batches(20)
+    net = toy.model()
+    other = toy.gauged(net)
+    batches = toy.batches(20)
     for model in (net, other):
-        _train(model, torch.optim.AdamW([p for _, b, a in lora_pairs(model) for p in (b, a)],
+        toy.train(model, torch.optim.AdamW([p for _, b, a in lora_pairs(model) for p in (b, a)],
                                         1e-2, weight_decay=0.0), batches)  # fmt: skip
-    gaps = [(w - v).abs().max() for w, v in zip(_products(net), _products(other))]
+    gaps = [(w - v).abs().max() for w, v in zip(toy.products(net), toy.products(other))]
     assert max(gaps) > 1e-3
 
 
@@ -166,7 +117,7 @@ def _reference_step(pairs, states, lr, beta1, beta2, eps, wd, clip, skip, escape
 @pytest.mark.parametrize("escape_on", [False, True])
 @pytest.mark.parametrize("zero_b", [False, True])
 def test_equals_the_published_algorithm(escape_on, zero_b):
-    net = _model(zero_b=zero_b)
+    net = toy.model(zero_b=zero_b)
     ref = copy.deepcopy(net)
     hyper = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-6, wd=0.1, clip=1.0, skip=1.0)
     opt = LoRARITE(net, hyper["lr"], (hyper["beta1"], hyper["beta2"]), hyper["eps"],
@@ -183,7 +134,7 @@ def test_equals_the_published_algorithm(escape_on, zero_b):
                            m_l=zeros(a.shape[1]), m_r=zeros(b.shape[0]), v_l=zeros(r),
                            v_r=zeros(r), e_l=0.0, e_r=0.0))  # fmt: skip
     flags = []
-    for step, (x, y) in enumerate(_batches(10, scale=3.0)):
+    for step, (x, y) in enumerate(toy.batches(10, scale=3.0)):
         weight = (1e-2, 1.0, 30.0)[step % 3]  # unclipped, clipped, skipped gradients
         for model in (net, ref):
             model.zero_grad()
@@ -199,7 +150,7 @@ def test_equals_the_published_algorithm(escape_on, zero_b):
 
 
 def test_bad_hyperparameters_name_the_rule():
-    net = _model()
+    net = toy.model()
     with pytest.raises(ValueError, match="clip must be a finite number ≥ 0, got -1"):
         LoRARITE(net, clip=-1)
     with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\), got 1.0"):
