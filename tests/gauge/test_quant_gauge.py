@@ -5,6 +5,8 @@ model as given and than a random rotation. Each check has a control that fails."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -272,3 +274,42 @@ def test_quantise_command_quick_end_to_end(tmp_path, one_thread):
     assert main(argv + ["--resume"]) == 0  # finished runs are reused as they are
     assert (out / "runs" / "joint-s0.json").read_text() == first
     assert main(argv) == 1  # control: a second study over the first is refused
+
+
+def test_a_study_interrupted_mid_run_resumes_bit_for_bit(tmp_path, one_thread, monkeypatch):
+    """A learned run stopped after its first checkpoint (step ``CHECKPOINT_EVERY``) and resumed
+    with ``resume=True`` takes only the steps after the checkpoint and gives the result of a
+    run never interrupted, to the bit (all but its wall time)."""
+    from quotopt.gauge.search import GaugeSearch
+    from quotopt.lab import gauge_study
+    from quotopt.lab.cli.quantise import QUICK, QUICK_PRETRAIN
+    from quotopt.lab.finetune import ByteCorpus, PretrainConfig, pretrained
+
+    pre = PretrainConfig(**QUICK_PRETRAIN)
+    model, _ = pretrained(pre, tmp_path / "cache")
+    data = ByteCorpus.plays(pre.seq_len, pre.max_bytes)
+    every = gauge_study.CHECKPOINT_EVERY
+    config = gauge_study.StudyConfig(**dict(QUICK, steps=2 * every + 5, methods=("joint",)))
+    steps, original = [], GaugeSearch.step
+
+    def counted(self, stop_at=None):
+        if stop_at is not None and self.step_count == stop_at:
+            raise KeyboardInterrupt  # the machine stopped mid-run
+        steps.append(self.step_count)
+        return original(self)
+
+    def study(out, resume, stop_at=None):
+        monkeypatch.setattr(GaugeSearch, "step", lambda s: counted(s, stop_at))
+        return gauge_study.study(out, copy.deepcopy(model), data, config, resume=resume)
+
+    whole = study(tmp_path / "whole", resume=False)["runs"][0]
+    with pytest.raises(KeyboardInterrupt):
+        study(tmp_path / "stopped", resume=False, stop_at=every + 7)
+    assert (tmp_path / "stopped" / "runs" / "joint-s0.pt").is_file()  # the checkpoint
+    steps.clear()
+    resumed = study(tmp_path / "stopped", resume=True)["runs"][0]
+    assert steps == list(range(every, config.steps))  # from the checkpoint on, not from 0
+    assert {k: v for k, v in resumed.items() if k != "seconds"} == {
+        k: v for k, v in whole.items() if k != "seconds"
+    }
+    assert not (tmp_path / "stopped" / "runs" / "joint-s0.pt").exists()  # removed when done
