@@ -41,6 +41,7 @@ OPTIMS = (
     "qmuon",
     "qadam-mat",
     "riemannion",
+    "riemannion-mom",
 )
 
 

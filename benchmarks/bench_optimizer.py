@@ -296,6 +296,27 @@ def iterative_dressing_flops(cfg: dict) -> float:
     return 2 * cfg["n_layers"] * h * (8 * d * r * r + 2 * r**3 * products)
 
 
+def matmul_rate(cfg: dict, device, repeats: int = 7) -> float:
+    """FLOP/s of the geometry's own products on this machine: the batched d×r Gram products of
+    one layer's heads, (H, r, d) @ (H, d, r) in float32 (median of ``repeats`` timings)."""
+    d, h = cfg["d_model"], cfg["n_heads"]
+    r, device = d // h, torch.device(device)
+    a = torch.randn(h, d, r, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        start = clock(device)
+        for _ in range(8):
+            a.mT @ a
+        times.append((clock(device) - start) / 8)
+    return 2 * h * d * r * r / median(times[1:])
+
+
+def step_floor(cfg: dict, metric: str, adamw_step_s: float, rate: float) -> float:
+    """The ``step()`` ratio an ideal quotient step would reach against AdamW's: 1 + the
+    geometry's FLOPs (``geometry_flops``) at the products' measured rate / AdamW's step time."""
+    return 1 + geometry_flops(cfg, metric) / rate / adamw_step_s
+
+
 def floor_ratio(cfg: dict, metric: str = "euclidean", geometry: str = "exact") -> float:
     """The train-step ratio an ideal quotient step would reach: 1 + geometry / fwd+bwd."""
     flops = geometry_flops if geometry == "exact" else iterative_geometry_flops
@@ -1117,11 +1138,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
             print(f"\n## {title}  (fixed gradients; {rounds_of(times)} rounds after 2 warm-up)")
             if rounds_of(times):
                 ref = times["adamw"]["total"]
+                rate = matmul_rate(shape, args.device)
+                print(
+                    "# floor = 1 + FLOPs of the ideal quotient geometry at the rate of its own "
+                    f"products here ({rate / 1e9:.0f} GFLOP/s, float32) / AdamW's step time"
+                )
+                metrics = {
+                    "qadam": "euclidean",
+                    "qadam invariant": "invariant",
+                    "qsgd": "euclidean",
+                }
                 rows = [
-                    [name, 1e3 * median(t["total"]), paired_ratio(t["total"], ref)]
+                    [
+                        name,
+                        1e3 * median(t["total"]),
+                        paired_ratio(t["total"], ref),
+                        step_floor(shape, metrics[name], median(ref), rate)
+                        if name in metrics
+                        else 1.0,
+                    ]
                     for name, t in times.items()
                 ]
-                print(format_table(["optimiser", "step ms", "step x AdamW"], rows))
+                print(format_table(["optimiser", "step ms", "step x AdamW", "floor x AdamW"], rows))
             else:
                 print(
                     f"# no round finished within the section's {seconds:.0f} s (machine too slow)"

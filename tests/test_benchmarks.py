@@ -92,6 +92,17 @@ def test_bench_optimizer(capsys):
         assert all(_positive(entry[k]) for k in ("train_ms", "step_ms", "train_ratio"))
 
 
+def test_step_floor_is_the_geometry_at_its_products_rate():
+    cfg = bench_optimizer.SIZES["tiny"]
+    rate = bench_optimizer.matmul_rate(cfg, "cpu", repeats=2)
+    assert _positive(rate)
+    flops = bench_optimizer.geometry_flops(cfg, "invariant")
+    floor = bench_optimizer.step_floor(cfg, "invariant", adamw_step_s=1e-3, rate=rate)
+    assert floor == pytest.approx(1 + flops / rate / 1e-3, rel=1e-12)
+    # the invariant metric's step bound costs more than the Euclidean metric's geometry
+    assert floor > bench_optimizer.step_floor(cfg, "euclidean", adamw_step_s=1e-3, rate=rate) > 1
+
+
 def test_bench_optimizer_memory(capsys):
     """The peak-memory part at a toy shape: one fresh process per optimiser, measured; a
     process past its time cap is stopped and its row says so (and the benchmark goes on)."""
