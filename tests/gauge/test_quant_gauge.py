@@ -269,6 +269,7 @@ def test_quantise_command_quick_end_to_end(tmp_path, one_thread):
     results = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in results["runs"]} == set(METHODS)
     assert all(r["function_change"] < 1e-9 for r in results["runs"])
+    assert "path" not in results["pretrained"] and results["pretrained"]["key"]  # no machine's
     assert "| joint |" in (out / "report.md").read_text() and (out / "quantise.png").is_file()
     first = (out / "runs" / "joint-s0.json").read_text()
     assert main(argv + ["--resume"]) == 0  # finished runs are reused as they are

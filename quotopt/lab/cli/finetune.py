@@ -14,6 +14,7 @@ import time
 import torch
 
 from .. import training
+from ..finetune.pretrain import portable
 from ..training.optimizers import optimizer_names
 from .args import (
     QUICK_PRETRAIN,
@@ -169,7 +170,11 @@ def run(args) -> int:
     wall = time.perf_counter() - tic
     training.write_json(
         out / "results.json",
-        dict(wall_time=wall, pretrained=facts, results={str(k): v for k, v in results.items()}),
+        dict(
+            wall_time=wall,
+            pretrained=portable(facts),
+            results={str(k): v for k, v in results.items()},
+        ),
     )
     ft.figures(results, out / "curves.png", out / "lr.png")
     meta = dict(

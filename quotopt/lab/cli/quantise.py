@@ -12,6 +12,7 @@ import time
 import torch
 
 from .. import training
+from ..finetune.pretrain import portable
 from .args import (
     QUICK_PRETRAIN,
     add_output_options,
@@ -113,7 +114,9 @@ def run(args) -> int:
     wall = time.perf_counter() - tic
     training.write_json(
         out / "results.json",
-        dict(results, wall_time=wall, pretrained=facts, config=dataclasses.asdict(config)),
+        dict(
+            results, wall_time=wall, pretrained=portable(facts), config=dataclasses.asdict(config)
+        ),
     )
     figure(results, out / "quantise.png")
     p = facts["config"]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .data import ByteCorpus, play_bytes
 
-__all__ = ["PretrainConfig", "cache_key", "default_cache_dir", "lm_loss", "pretrained"]
+__all__ = ["PretrainConfig", "cache_key", "default_cache_dir", "lm_loss", "portable", "pretrained"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,3 +166,9 @@ def pretrained(config: PretrainConfig, cache_dir=None):
             f"cannot write the pretrained model to {path}: {err.strerror or err}"
         ) from err
     return model, dict(meta, key=key, path=str(path), trained=True)
+
+
+def portable(facts: dict) -> dict:
+    """``facts`` of ``pretrained`` without the cache directory's path, which names the machine
+    (a study's results keep the cache key)."""
+    return {k: v for k, v in facts.items() if k != "path"}

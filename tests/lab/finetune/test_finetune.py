@@ -112,7 +112,9 @@ def test_quick_run_end_to_end_and_resumed(tmp_path, monkeypatch, capsys):
     report = (out / "report.md").read_text()
     assert "| 2 | adamw |" in report and "| 2 | qadam-inv |" in report and "Targets:" in report
     assert (out / "curves.png").stat().st_size > 0 and (out / "lr.png").stat().st_size > 0
-    results = json.loads((out / "results.json").read_text())["results"]["2"]
+    saved = json.loads((out / "results.json").read_text())
+    assert "path" not in saved["pretrained"] and saved["pretrained"]["key"]  # no machine's path
+    results = saved["results"]["2"]
     assert [len(results[o]["runs"]) for o in ("adamw", "qadam-inv")] == [2, 2]
     assert results["qadam-inv"]["best"]["damping"] in (1e-2, 1e-1)
     assert main(argv) == 1  # the output directory holds a study: refused without --resume
