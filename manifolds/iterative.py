@@ -258,8 +258,9 @@ WARM_ITERATIONS = {torch.float32: 4, torch.float64: 12}
 WARM_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 #: rounds of ``WARM_ITERATIONS`` that a warm solve checked on the host runs at most before the
-#: exact solve replaces it: Grams that moved far from the bases' need more than one
-WARM_ROUNDS = 4
+#: exact solve replaces it: Grams that moved far from the bases' need more than one, and on a
+#: CPU a third and fourth round cost more than the eigendecomposition they would save
+WARM_ROUNDS = 2
 
 
 class EigenbasisSylvester:
