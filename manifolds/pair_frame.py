@@ -72,10 +72,9 @@ def warm_solve(data: FactorFrame, rhs: torch.Tensor, point) -> torch.Tensor | No
     solve's own round-off, 8·eps·κ (κ = (λmax + μmax)/(λmin + μmin) estimated on the bases),
     or ``WARM_TOLERANCE`` if larger, after the solver's further rounds (``WARM_ROUNDS``): the
     frame's exact factorisation at ``point`` is then computed once (``warm.exact``; the frame
-    keeps no reference to its point), and this solve and
-    every later one on the frame use it, as does the next frame
-    (``GeneralLinearPair.frame_basis``). A result depends on the frame and ``rhs`` alone,
-    whatever was solved on the frame before."""
+    keeps no reference to its point), and this solve and every later one on the frame use it,
+    as does the next frame (``GeneralLinearPair.frame_basis``). A result depends on the frame
+    and ``rhs`` alone, whatever was solved on the frame before."""
     warm = data.warm
     if warm.u.device.type != "cpu":
         return warm.solve(rhs)[0]
