@@ -327,10 +327,21 @@ class FactoredBundle(Bundle):
         v = self.check_tangent(point, v)
         return self.vertical(point, self._vertical_generator(frame, v))
 
+    def _project_horizontal(self, frame, v: Tangent) -> Tangent:
+        point = self.check_point(frame.point)
+        v = self.check_tangent(point, v)
+        (a, b), (z1, z2) = self.factors(point), self.factors(v)
+        return self.from_factors(*self._minus_vertical(a, b, z1, z2, frame, v))
+
     def _vertical_generator(self, frame, v: Tangent):
         """The Lie-algebra element ξ with V(ξ) the metric-orthogonal vertical part of v at
         ``frame.point`` (a checked tangent)."""
         raise self.missing("vertical generator")
+
+    def _minus_vertical(self, a, b, z1, z2, frame, v: Tangent):
+        """(Z₁, Z₂) less the factors of V(ξ) (``vertical``, ξ from ``_vertical_generator``), one
+        fused pass over each factor."""
+        raise self.missing("horizontal projection")
 
     def act_statistic(self, statistic: torch.Tensor, g, index: int, kind: str) -> torch.Tensor:
         """``Bundle.act_statistic`` for the action (A g, B g⁻ᵀ): a tangent vector's factors move

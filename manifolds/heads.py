@@ -163,14 +163,9 @@ class GeneralLinearPair(FactoredBundle):
         products = self.row_sums(a.mT @ z1, z2.mT @ b)
         return gl_vertical_generator(self.metric, frame.data, *products, frame.point).to(a.dtype)
 
-    def _project_horizontal(self, frame, v: Tangent) -> Tangent:
-        point = self.check_point(frame.point)
-        v = self.check_tangent(point, v)
-        a, b = self.factors(point)
-        z1, z2 = self.factors(v)
+    def _minus_vertical(self, a, b, z1, z2, frame, v: Tangent):
         xi = self._vertical_generator(frame, v)
-        # Z - (Aξ, -Bξᵀ) as fused multiply-adds: one memory pass over each factor, not three
-        return self.from_factors(torch.baddbmm(z1, a, xi, alpha=-1), torch.baddbmm(z2, b, xi.mT))
+        return torch.baddbmm(z1, a, xi, alpha=-1), torch.baddbmm(z2, b, xi.mT)  # Z − (Aξ, −Bξᵀ)
 
     def _moment(self, symmetric: torch.Tensor) -> torch.Tensor:
         return symmetric  # gl(r) is all of R^{r×r}

@@ -154,16 +154,9 @@ class PositiveRescaling(FactoredBundle):
         safe = torch.where(denominator > 0, denominator, 1.0)
         return torch.where(denominator > 0, numerator / safe, 0.0).to(a.dtype)
 
-    def _project_horizontal(self, frame, v: Tangent) -> Tangent:
-        point = self.check_point(frame.point)
-        v = self.check_tangent(point, v)
-        a, b = self.factors(point)
-        z1, z2 = self.factors(v)
-        xi = self._vertical_generator(frame, v)
-        # v − (a ξ, −k b ξ) as fused multiply-adds: one pass over each factor, not three
-        return self.from_factors(
-            torch.addcmul(z1, a, xi, value=-1), torch.addcmul(z2, b, xi, value=self.degree)
-        )
+    def _minus_vertical(self, a, b, z1, z2, frame, v: Tangent):
+        xi = self._vertical_generator(frame, v)  # Z − (a ξ, −k b ξ)
+        return torch.addcmul(z1, a, xi, value=-1), torch.addcmul(z2, b, xi, value=self.degree)
 
     def _stack_family(self):
         return ("positive rescaling", self.degree)

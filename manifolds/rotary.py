@@ -271,14 +271,9 @@ class RotaryQK(FactoredBundle):
         return self.from_factors(self._multiply(a, re, im), -self._multiply(b, re, -im))
 
     # ---- splitting ---------------------------------------------------------------------------
-    def _project_horizontal(self, frame, v: Tangent) -> Tangent:
-        point = self.check_point(frame.point)
-        v = self.check_tangent(point, v)
-        a, b = self.factors(point)
-        z1, z2 = self.factors(v)
+    def _minus_vertical(self, a, b, z1, z2, frame, v: Tangent):
         g = self.matrix(self._vertical_generator(frame, v)).to(a.dtype)  # (H, r, r)
-        # Z − (A g, −B gᵀ) (``vertical``) as fused products: one pass over each factor
-        return self.from_factors(torch.baddbmm(z1, a, g, alpha=-1), torch.baddbmm(z2, b, g.mT))
+        return torch.baddbmm(z1, a, g, alpha=-1), torch.baddbmm(z2, b, g.mT)  # Z − (A g, −B gᵀ)
 
     def _vertical_generator(self, frame, v: Tangent) -> torch.Tensor:
         """Σ xᵢI + yᵢK (blocks (H, m, 2, 2)) with V(·) the vertical part of v."""
