@@ -41,7 +41,7 @@ import torch
 
 from .base import Bundle, Point, Tangent, checks_enabled, random_orthogonal
 from .frames import FactorFrame, balanced_frame, frame_from_grams, merge_frames
-from .linalg import gram, numerical_rank, positive_int, sign_fix_columns, work_dtype
+from .linalg import cross, gram, numerical_rank, positive_int, sign_fix_columns, times, work_dtype
 
 __all__ = [
     "FactoredBundle",
@@ -276,7 +276,8 @@ class FactoredBundle(Bundle):
         else:
             f = frame.data
             root_1, root_2 = f.root_q.to(u1.dtype), f.root_p.to(u1.dtype)
-            local = ((u1 @ root_1) * (v1 @ root_1)).sum() + ((u2 @ root_2) * (v2 @ root_2)).sum()
+            local = (times(u1, root_1) * times(v1, root_1)).sum()
+            local = local + (times(u2, root_2) * times(v2, root_2)).sum()
         return self.row_sums(local.reshape(1))[0][0]
 
     def _riemannian_gradient(self, frame, egrad: Tangent) -> Tangent:
@@ -285,7 +286,7 @@ class FactoredBundle(Bundle):
         point = self.check_point(frame.point)
         g1, g2 = self.factors(self.check_tangent(point, egrad, "gradient"))
         f = frame.data  # (Q + δ)⁺, (P + δ)⁺
-        return self.from_factors(g1 @ f.inv_q.to(g1.dtype), g2 @ f.inv_p.to(g2.dtype))
+        return self.from_factors(times(g1, f.inv_q.to(g1.dtype)), times(g2, f.inv_p.to(g2.dtype)))
 
     def _slice_mean_square(self, frame, v: Tangent) -> Tangent:
         """Per-row mean squared magnitude of each factor under the metric, (H, rows, 1) per
@@ -295,7 +296,7 @@ class FactoredBundle(Bundle):
         u1, u2 = self.factors(self.check_tangent(point, v))
         if self.metric != "euclidean":  # ‖u_i R‖² with R Rᵀ the metric's Gram
             f = frame.data
-            u1, u2 = u1 @ f.root_q.to(u1.dtype), u2 @ f.root_p.to(u2.dtype)
+            u1, u2 = times(u1, f.root_q.to(u1.dtype)), times(u2, f.root_p.to(u2.dtype))
         return self.from_factors(
             u1.square().mean(-1, keepdim=True), u2.square().mean(-1, keepdim=True)
         )
@@ -315,7 +316,7 @@ class FactoredBundle(Bundle):
         f = frame.data
         work = f.p.dtype
         vv1, vv2, av1, bv2 = (
-            t.to(work) for t in self.row_sums(gram(v1), gram(v2), a.mT @ v1, b.mT @ v2)
+            t.to(work) for t in self.row_sums(gram(v1), gram(v2), cross(a, v1), cross(b, v2))
         )  # V₁ᵀV₁, V₂ᵀV₂, AᵀV₁, BᵀV₂
         scale = step_scale(f, vv1, vv2, av1, bv2)
         scale = scale.to(v1.dtype).view(-1, 1, 1)

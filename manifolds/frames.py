@@ -77,7 +77,8 @@ def _low(values: torch.Tensor, top: torch.Tensor, r: int) -> torch.Tensor:
 
 def _cholesky_inverse(gram_: torch.Tensor):
     """((G + δ)⁻¹, L with L Lᵀ = G + δ, δ (H, 1), singular (H,)) by Cholesky, without host
-    synchronisation.
+    synchronisation on accelerators (on the CPU, where reading a flag costs nothing, the
+    damped factorisation is computed only when some head needs it).
 
     δ = 0 except on heads whose factorisation fails or whose pivots are at round-off level:
     there the undamped metric is undefined, and the head is given the damping δ = tr(G)/r
@@ -85,7 +86,7 @@ def _cholesky_inverse(gram_: torch.Tensor):
     no scale to damp with: it gets the pseudo-inverse of the zero matrix, inverse and square
     root zero, as the spectral frames do — the other factor's gradient vanishes there, so no
     direction of the metric is lost."""
-    chol, info = torch.linalg.cholesky_ex(gram_)
+    chol, info = _cholesky(gram_)
     pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
     r = gram_.shape[-1]
     singular = (info > 0) | _low(pivots.amin(-1), pivots.amax(-1), r)
@@ -94,10 +95,25 @@ def _cholesky_inverse(gram_: torch.Tensor):
     mean = torch.diagonal(gram_, dim1=-2, dim2=-1).sum(-1, keepdim=True) / r
     nonzero = mean > 0  # (H, 1): False on zero Grams
     damp = torch.where(singular.unsqueeze(-1), torch.where(nonzero, mean, 1.0), 0.0)
-    chol, _ = torch.linalg.cholesky_ex(gram_ + damp.unsqueeze(-1) * eye)
+    if damp.device.type != "cpu" or bool((damp != 0).any()):
+        chol, _ = _cholesky(gram_ + damp.unsqueeze(-1) * eye)
     keep = nonzero.unsqueeze(-1)
-    inverse = torch.cholesky_inverse(chol)  # 2-5x faster than solving against I (CPU)
+    if r == 1:  # see ``_cholesky``
+        inverse = 1 / chol.square()
+    else:
+        inverse = torch.cholesky_inverse(chol)  # 2-5x faster than solving against I (CPU)
     return inverse * keep, chol * keep, damp * nonzero, singular
+
+
+def _cholesky(gram_: torch.Tensor):
+    """``torch.linalg.cholesky_ex``, written down for 1×1 matrices (one per unit of a
+    ``PositiveRescaling``; LAPACK's batch of them is thirty times slower): the root of a
+    positive entry, and a failed pivot (info 1) elsewhere, NaN included."""
+    if gram_.shape[-1] != 1:
+        return torch.linalg.cholesky_ex(gram_)
+    positive = gram_ > 0
+    chol = torch.where(positive, gram_, 1.0).sqrt()
+    return chol, (~positive).reshape(gram_.shape[:-2]).to(torch.int32)
 
 
 def frame_from_grams(

@@ -333,8 +333,9 @@ class EigenbasisSylvester:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """⟨a, b⟩ per matrix of a batch, (…, 1, 1), as one batched product."""
-    return a.flatten(-2).unsqueeze(-2) @ b.flatten(-2).unsqueeze(-1)
+    """⟨a, b⟩ per matrix of a batch, (…, 1, 1): a product and a reduction (a (1 × r²)·(r² × 1)
+    batched product is ten times slower on CPUs)."""
+    return (a * b).sum(dim=(-2, -1), keepdim=True)
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 
 from .base import Point, Tangent
 from .factored import FactoredBundle, FactorFrame, frame_from_grams
-from .linalg import gram, positive_int
+from .linalg import cross, gram, positive_int
 
 __all__ = ["PositiveRescaling"]
 
@@ -189,7 +189,7 @@ class PositiveRescaling(FactoredBundle):
         v1, v2 = self.factors(step)
         f = frame.data
         av1, vv1, bv2, vv2 = (
-            t.to(f.p.dtype) for t in self.row_sums(a.mT @ v1, gram(v1), b.mT @ v2, gram(v2))
+            t.to(f.p.dtype) for t in self.row_sums(cross(a, v1), gram(v1), cross(b, v2), gram(v2))
         )  # ⟨a, v₁⟩, ‖v₁‖², ⟨b, v₂⟩, ‖v₂‖²
         s = _power_products(self.degree, f.p, av1, vv1)  # s[i, j] = ⟨Sᵢ, Sⱼ⟩
         linear = s[1, 1] * f.q + 2 * s[1, 0] * bv2 + s[0, 0] * vv2  # ‖T₁‖²

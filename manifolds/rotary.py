@@ -78,6 +78,28 @@ def _basis(like: torch.Tensor) -> torch.Tensor:
     )
 
 
+#: the invariant metric's plane system (``_plane_system``): for (s, t) = (0, 0), (0, 1), (1, 0),
+#: (1, 1) — E₀ = I, E₁ = ``_K`` — the block entries k = 2c + e of Qᵀ that meet P's entry
+#: k = 2a + b in tr(E_s P_ij E_t Q_ji), and their signs
+_SYSTEM_ENTRIES = ((0, 1, 2, 3), (1, 0, 3, 2), (2, 3, 0, 1), (3, 2, 1, 0))
+_SYSTEM_SIGNS = ((1, 1, 1, 1), (1, -1, 1, -1), (1, 1, -1, -1), (1, -1, -1, 1))
+
+
+def _plane_system(p: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
+    """2 tr(E_s P_ij E_t Q_ji) for E₀ = I, E₁ = K, as (H, m, 2, m, 2) indexed (i, s, j, t):
+    the invariant metric's normal equations of the RoPE commutant, from the 2 × 2 block
+    entries of P (``p``: (H, 4, m, m), entry 2a + b of block (i, j)) and of Qᵀ (``qt``, the
+    same layout). Each trace is Σ_ab P_ij[a, b]·±Q_ji[e, c] with (c, e) a signed permutation
+    of (a, b) (``_SYSTEM_ENTRIES``): products of m × m slabs, summed over the four entries
+    (a contraction of the blocks as 2 × 2 matrices is ten times slower)."""
+    h, m = p.shape[0], p.shape[-1]
+    index = torch.tensor(_SYSTEM_ENTRIES, device=p.device).view(-1)
+    signs = torch.tensor(_SYSTEM_SIGNS, dtype=p.dtype, device=p.device).view(1, 4, 4, 1, 1)
+    partners = qt.index_select(1, index).view(h, 4, 4, m, m)  # (H, st, k, m, m)
+    system = (partners * signs * p.unsqueeze(1)).sum(2)  # (H, st, i, j)
+    return 2 * system.view(h, 2, 2, m, m).permute(0, 3, 1, 4, 2)
+
+
 def complex_part(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(re, im) of c(g) for 2×2 blocks g (…, 2, 2) written [[re, im], [-im, re]]."""
     re = 0.5 * (g[..., 0, 0] + g[..., 1, 1])
@@ -174,6 +196,12 @@ class RotaryQK(FactoredBundle):
         """(…, r, r) → (…, m, 2, m, 2) with out[i, a, j, b] = mat[(i, a), (j, b)]."""
         rows = self._planes(mat.mT).movedim(-3, -1)  # (…, m, 2, r): the row axis as planes
         return self._planes(rows)  # (…, m, 2, m, 2)
+
+    def _block_entries(self, mat: torch.Tensor) -> torch.Tensor:
+        """(H, r, r) → (H, 4, m, m), contiguous: entry 2a + b of every 2 × 2 plane block,
+        out[:, 2a + b, i, j] = mat[(i, a), (j, b)]."""
+        h, m = mat.shape[0], self.n_pairs
+        return self._plane_blocks(mat).permute(0, 2, 4, 1, 3).reshape(h, 4, m, m)
 
     def _multiply(self, x: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
         """Every plane i of x (…, rows, r) times the complex scalar re[i] + i·im[i] (H, m)."""
@@ -284,23 +312,23 @@ class RotaryQK(FactoredBundle):
     def _vertical_coefficients(self, a, b, z1, z2, frame) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each (H, m): the vertical part of (Z₁, Z₂) is V(Σ xᵢI + yᵢK)."""
         if self.metric == "euclidean":
+            # Cᵢᵢ = αᵢᵀζ₁ᵢ − ζ₂ᵢᵀβᵢ per plane; x, y take its trace and its turn C₀₁ − C₁₀, as
+            # products summed over the rows (a contraction of 2 × 2 blocks is three times slower)
             pa, pb = self._planes(a), self._planes(b)  # (H, rows, m, 2)
-            c = torch.einsum("hnia,hnib->hiab", pa, self._planes(z1))
-            c = c - torch.einsum("hnia,hnib->hiab", self._planes(z2), pb)  # Cᵢᵢ (H, m, 2, 2)
-            size = pa.square().sum(dim=(-3, -1)) + pb.square().sum(dim=(-3, -1))  # (H, m)
-            c, size = self.row_sums(c, size)
-            x = (c[..., 0, 0] + c[..., 1, 1]) / size
-            y = (c[..., 0, 1] - c[..., 1, 0]) / size
-            return x, y
+            p1, p2 = self._planes(z1), self._planes(z2)
+            trace = self._planes((a * z1 - z2 * b).sum(-2)).sum(-1)  # (H, m)
+            turn = pa[..., 0] * p1[..., 1] - pa[..., 1] * p1[..., 0]
+            turn = (turn - p2[..., 0] * pb[..., 1] + p2[..., 1] * pb[..., 0]).sum(-2)
+            size = self._planes(a.square().sum(-2) + b.square().sum(-2)).sum(-1)  # (H, m)
+            trace, turn, size = self.row_sums(trace, turn, size)
+            return trace / size, turn / size
         p, q = frame.data.p.to(a.dtype), frame.data.q.to(a.dtype)
         az1, z2b = self.row_sums(a.mT @ z1, z2.mT @ b)
         d = az1 @ q - p @ z2b  # (H, r, r)
-        basis = _basis(a)
-        pb, qb = self._plane_blocks(p), self._plane_blocks(q)  # (H, m, 2, m, 2)
-        system = 2 * torch.einsum("sac,hiajb,tbe,hjeic->hisjt", basis, pb, basis, qb)
         h, m = self.n_heads, self.n_pairs
+        system = _plane_system(self._block_entries(p), self._block_entries(q.mT))
         diag = torch.diagonal(self._plane_blocks(d), dim1=-4, dim2=-2)  # (H, 2, 2, m)
-        rhs = torch.einsum("sab,habi->his", basis, diag)  # (H, m, 2)
+        rhs = torch.stack((diag[:, 0, 0] + diag[:, 1, 1], diag[:, 0, 1] - diag[:, 1, 0]), -1)
         coef = spd_solve_right(rhs.reshape(h, 1, 2 * m), system.reshape(h, 2 * m, 2 * m))
         coef = coef.view(h, m, 2)
         return coef[..., 0], coef[..., 1]

@@ -1,0 +1,60 @@
+"""The hand-written forms of small kernels agree with the general ones they replace: the RoPE
+commutant's plane system (a 2 × 2-block contraction), the 1 × 1 Cholesky of the units' frames,
+and the r = 1 products (float64, to round-off)."""
+
+import pytest
+import torch
+
+from manifolds.frames import _cholesky, _cholesky_inverse
+from manifolds.linalg import cross, times
+from manifolds.rotary import RotaryQK, _basis, _plane_system
+
+
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_plane_system_is_the_block_contraction(pairing):
+    bundle = RotaryQK(3, 32, 8, pairing=pairing)
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(3, 32, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    p = x.mT @ x
+    q = y.mT @ y + 0.3 * torch.randn(3, 8, 8, generator=gen, dtype=torch.float64)  # Q ≠ Qᵀ
+    basis = _basis(p)
+    pb, qb = bundle._plane_blocks(p), bundle._plane_blocks(q)
+    # 2 tr(E_s P_ij E_t Q_ji), written as the contraction of the blocks
+    reference = 2 * torch.einsum("sac,hiajb,tbe,hjeic->hisjt", basis, pb, basis, qb)
+    system = _plane_system(bundle._block_entries(p), bundle._block_entries(q.mT))
+    torch.testing.assert_close(system, reference, rtol=1e-13, atol=1e-13)
+    # control: Q in place of Qᵀ is another system when Q is not symmetric
+    other = _plane_system(bundle._block_entries(p), bundle._block_entries(q))
+    assert (other - reference).abs().max() > 1e-3
+
+
+def test_one_by_one_cholesky_matches_lapack():
+    grams = torch.tensor([4.0, 1e-300, 0.0, 2.5, float("nan")], dtype=torch.float64)
+    grams = grams.view(-1, 1, 1)
+    chol, info = _cholesky(grams)
+    ref, ref_info = torch.linalg.cholesky_ex(grams[:4])
+    torch.testing.assert_close(chol[:4][ref_info == 0], ref[ref_info == 0], rtol=0, atol=0)
+    assert info[:4].tolist() == [int(i > 0) for i in ref_info.tolist()]
+    assert info[4] > 0  # NaN: a failed pivot
+    # the frame's parts, on their definition: G⁻¹ and √G, zero on the zero Gram (flagged)
+    inverse, root, damp, singular = _cholesky_inverse(grams[:4])
+    positive = grams[:4] > 0
+    torch.testing.assert_close(
+        inverse, torch.where(positive, 1 / grams[:4], 0.0), rtol=1e-15, atol=0
+    )
+    torch.testing.assert_close(root, grams[:4].sqrt(), rtol=1e-15, atol=0)
+    assert singular.tolist() == [False, False, True, False]
+    assert (damp == 0).all()
+
+
+def test_single_column_products_match_matmul():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 7, 1, generator=gen, dtype=torch.float64)
+    y = torch.randn(5, 7, 1, generator=gen, dtype=torch.float64)
+    m = torch.randn(5, 1, 1, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(times(x, m), x @ m, rtol=1e-15, atol=0)
+    torch.testing.assert_close(cross(x, y), x.mT @ y, rtol=1e-14, atol=1e-15)
+    wide = torch.randn(5, 7, 3, generator=gen, dtype=torch.float64)
+    square = torch.randn(5, 3, 3, generator=gen, dtype=torch.float64)
+    assert torch.equal(times(wide, square), wide @ square)
+    assert torch.equal(cross(wide, wide), wide.mT @ wide)
