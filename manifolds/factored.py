@@ -18,17 +18,15 @@ lives here, once:
 * second moments  ``slice_mean_square``: per row of each factor the metric's squared row norm
   divided by r — rows are never mixed by the group (invariant metric: GL-invariant);
 * decay        ``scale_invariants(p, c)``: M ↦ c·M by scaling both factors by √c;
-* frames       ``factorise(p)``: per head the Grams P = AᵀA, Q = BᵀB (in the working
-  precision, float64 where that cannot resolve a head's rank) and one factorisation of
-  each — eigendecompositions P = UΛUᵀ, Q = VMVᵀ for the Euclidean and the damped metrics,
-  Cholesky factors for the undamped invariant one — shared by every
-  projection, gradient and second moment at p (``FactorFrame``);
+* frames       ``factorise(p)``: per head the Grams P = AᵀA, Q = BᵀB (in the working precision,
+  float64 where that cannot resolve a head's rank) and one factorisation of each —
+  eigendecompositions P = UΛUᵀ, Q = VMVᵀ for the Euclidean and the damped metrics, Cholesky
+  factors for the undamped invariant one — shared by everything at p (``FactorFrame``);
 * step bound   ``limit_step(p, v)`` (invariant metric): the new invariant after the step
   p ↦ p + v is M' = M + (V₁Bᵀ + AV₂ᵀ) + V₁V₂ᵀ; per head the step is scaled by
   s = min(1, ½‖L‖/‖N‖) with L = V₁Bᵀ + AV₂ᵀ, N = V₁V₂ᵀ, so the second-order change never
-  exceeds half the first-order one. Both norms are traces of r×r products (no d×d matrix) and
-  are gauge-invariant, so the rule commutes with the action. It only acts where the factors
-  are ill-conditioned (the invariant metric's gradient scales like the inverse Grams);
+  exceeds half the first-order one. Both norms are gauge-invariant traces of r×r products, so
+  the rule commutes with the action. It acts only where the factors are ill-conditioned;
 * balance      ``moment_map(p)``: the moment map of G at p, AᵀA − BᵀB projected onto G's Lie
   algebra (Noether charge of gradient flow; zero exactly on the dressed section).
 """
@@ -297,9 +295,9 @@ class FactoredBundle(Bundle):
         if self.metric != "euclidean":  # ‖u_i R‖² with R Rᵀ the metric's Gram
             f = frame.data
             u1, u2 = times(u1, f.root_q.to(u1.dtype)), times(u2, f.root_p.to(u2.dtype))
-        return self.from_factors(
-            u1.square().mean(-1, keepdim=True), u2.square().mean(-1, keepdim=True)
-        )
+        # through the row norms: one pass, no temporary the size of u (page faults on CPUs)
+        norms = (torch.linalg.vector_norm(u, dim=-1, keepdim=True) for u in (u1, u2))
+        return self.from_factors(*(n.square_().div_(u1.shape[-1]) for n in norms))
 
     def scale_invariants(self, point: Point, factor) -> Point:
         """Multiply every head's M = A Bᵀ by ``factor``: each factor by √factor."""

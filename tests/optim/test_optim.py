@@ -442,12 +442,16 @@ def test_step_is_batched_over_heads(cls):
 @pytest.mark.parametrize("cls", [QuotientAdam, QuotientSGD])
 def test_only_host_read_is_the_finiteness_check(cls):
     """The update itself never reads a device value; on the CPU the commit reads one flag (on
-    accelerators that flag is copied asynchronously and read a step later). Float32 frames
-    add, on the CPU only, one read per factorisation: whether the frame must be formed again
-    in float64 to resolve a head's rank (``FactoredBundle.factorise``); on accelerators it is
-    not read (``test_cuda_step_never_synchronises``)."""
+    accelerators that flag is copied asynchronously and read a step later). On the CPU only,
+    where a read costs nothing, float32 frames add one read per factorisation (whether the
+    frame must be formed again in float64 to resolve a head's rank,
+    ``FactoredBundle.factorise``) and Cholesky frames one per Gram (whether some head needs
+    the damped factorisation); on accelerators neither is read
+    (``test_cuda_step_never_synchronises``)."""
     ops = _ops_of_one_step(4, cls, torch.float64)
-    assert ops.count("aten._local_scalar_dense.default") == 1
+    cholesky = ops.count("aten.linalg_cholesky_ex.default")
+    assert cholesky > 0  # the problem has an invariant-metric group: the rule is exercised
+    assert ops.count("aten._local_scalar_dense.default") == 1 + cholesky
     assert not any("nonzero" in op for op in ops)
 
 
