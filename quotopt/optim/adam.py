@@ -82,9 +82,11 @@ def adam_bundle_update(
     bc1, bc2_sqrt = bias_corrections(step, beta1, beta2, exp_avg[0].dtype)
     # m̂ / (max(√v̂, rms(m̂)/c) + ε), both bias corrections folded into the per-slice denominator
     bound = RATIO_BOUND if ratio_bound is None else ratio_bound
+    # in place on the roots (this step's own): half the temporaries; roots first, so that no
+    # square of a large moment is formed (float32 overflows at condition 1e8)
     first = frame.mean_square(exp_avg)
     direction = tuple(
-        m / ((torch.maximum(v.sqrt() / bc2_sqrt, f.sqrt() / (bc1 * bound)) + eps) * bc1)
+        m / torch.maximum(v.sqrt().div_(bc2_sqrt), f.sqrt().div_(bc1 * bound)).add_(eps).mul_(bc1)
         for m, v, f in zip(exp_avg, exp_avg_sq, first)
     )
     new_point = frame.descend(direction, lr, weight_decay)  # projected, bounded, retracted
