@@ -173,3 +173,30 @@ def test_a_rank_above_the_projections_is_refused_before_anything_is_made(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "LoRA rank 1000" in err and "≤ 128" in err
     assert not out.exists()
+
+
+def _entry(*finals):
+    return {"runs": [{"summary": {"final_val_loss": v}} for v in finals]}
+
+
+def test_the_report_measures_candidates_against_the_best_baseline():
+    """Met: ≥ 0.02 below the best baseline's median and every seed below its best seed;
+    controls: a candidate as far below but overlapping the seed range, and one too close."""
+    from quotopt.lab.finetune.report import targets
+
+    results = {
+        16: {
+            "adamw": _entry(2.40, 2.41, 2.42),
+            "loraplus": _entry(2.30, 2.31, 2.35),  # the best baseline: median 2.31, best 2.30
+            "lora-rite": _entry(2.33, 2.34, 2.36),
+            "clear": _entry(2.25, 2.26, 2.29),
+            "overlapping": _entry(2.25, 2.28, 2.31),
+            "close": _entry(2.295, 2.297, 2.299),
+        }
+    }
+    lines = {line.split(",")[1].split(":")[0].strip(): line for line in targets(results)}
+    assert set(lines) == {"clear", "overlapping", "close"}
+    assert "(loraplus) 2.3100" in lines["clear"] and lines["clear"].endswith("met")
+    assert "0.0500 nats below" in lines["clear"]
+    assert lines["overlapping"].endswith("missed")  # median 0.03 below, a seed above 2.30
+    assert lines["close"].endswith("missed")  # every seed below, but only 0.013 below
