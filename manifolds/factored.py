@@ -38,7 +38,7 @@ import copy
 import torch
 
 from .base import Bundle, Point, Tangent, checks_enabled, random_orthogonal
-from .frames import FactorFrame, balanced_frame, frame_from_grams, merge_frames
+from .frames import FactorFrame, balanced_frame, frame_from_grams, merge_frames, step_scale
 from .linalg import cross, gram, numerical_rank, positive_int, sign_fix_columns, times, work_dtype
 
 __all__ = [
@@ -60,18 +60,6 @@ def congruence(statistic: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """cᵀ S c (batched): how an r×r statistic S of a factor moves when the factor is
     multiplied by c on the right."""
     return c.mT @ statistic.to(c.dtype) @ c
-
-
-def step_scale(data: FactorFrame, vv1, vv2, av1, bv2) -> torch.Tensor:
-    """Per head the factor s ≤ 1 of the invariant metric's step bound (module docstring) from
-    r×r products of the step V = (V₁, V₂): V₁ᵀV₁, V₂ᵀV₂, AᵀV₁ and BᵀV₂, in the frame's
-    precision. ‖V₁Bᵀ + AV₂ᵀ‖² = tr(V₁ᵀV₁ Q) + tr(P V₂ᵀV₂) + 2 tr(V₁ᵀA V₂ᵀB) is the first-order
-    change of M, ‖V₁V₂ᵀ‖² = tr(V₁ᵀV₁ V₂ᵀV₂) the second-order one."""
-    trace = lambda x, y: (x * y.mT).sum((-2, -1))  # noqa: E731 - tr(x y)
-    linear = trace(vv1, data.q) + trace(data.p, vv2) + 2 * trace(av1.mT, bv2.mT)
-    quadratic = trace(vv1, vv2)
-    lin, quad = linear.clamp_min(0).sqrt(), quadratic.clamp_min(0).sqrt()
-    return torch.where(quad > 0.5 * lin, 0.5 * lin / quad.clamp_min(1e-300), 1.0)
 
 
 class FactoredBundle(Bundle):
@@ -301,24 +289,28 @@ class FactoredBundle(Bundle):
 
     def scale_invariants(self, point: Point, factor) -> Point:
         """Multiply every head's M = A Bᵀ by ``factor``: each factor by √factor."""
-        root = factor.sqrt() if isinstance(factor, torch.Tensor) else factor**0.5
-        return tuple(t * root for t in point)
+        return tuple(t * self.decay_multiplier(factor) for t in point)
+
+    def decay_multiplier(self, factor):
+        return factor.sqrt() if isinstance(factor, torch.Tensor) else factor**0.5
 
     def _limit_step(self, frame, step: Tangent) -> Tangent:
         """Scale each head's step so its second-order change of M is ≤ ½ its first-order one
         (module docstring); the identity under the Euclidean metric."""
+        scale = self._step_scale(frame, step)
+        return tuple(step) if scale is None else tuple(t * scale for t in step)
+
+    def _step_scale(self, frame, step: Tangent, factor: float = 1.0):
         if self.metric == "euclidean":
-            return tuple(step)
+            return None
         a, b = self.factors(frame.point)
         v1, v2 = self.factors(step)
         f = frame.data
-        work = f.p.dtype
-        vv1, vv2, av1, bv2 = (
-            t.to(work) for t in self.row_sums(gram(v1), gram(v2), cross(a, v1), cross(b, v2))
-        )  # V₁ᵀV₁, V₂ᵀV₂, AᵀV₁, BᵀV₂
-        scale = step_scale(f, vv1, vv2, av1, bv2)
-        scale = scale.to(v1.dtype).view(-1, 1, 1)
-        return tuple(t * scale for t in step)
+        products = self.row_sums(gram(v1), gram(v2), cross(a, v1), cross(b, v2))
+        vv1, vv2, av1, bv2 = (  # of V = factor·step: V₁ᵀV₁, V₂ᵀV₂, AᵀV₁, BᵀV₂
+            t.to(f.p.dtype) * c for t, c in zip(products, (factor**2, factor**2, factor, factor))
+        )
+        return step_scale(f, vv1, vv2, av1, bv2).to(v1.dtype).view(-1, 1, 1)
 
     # ---- the group part shared by the siblings ------------------------------------------------
     def _project_vertical(self, frame, v: Tangent) -> Tangent:

@@ -17,7 +17,8 @@ The contract. A bundle's public methods take a point and nothing else; each is
 ``bundle.at(point)`` asked once. The formulas live in the bundle's protected hooks, which take
 the frame: ``_inner(frame, u, v)``, ``_project_vertical(frame, v)``,
 ``_project_horizontal(frame, v)``, ``_riemannian_gradient(frame, egrad)``,
-``_slice_mean_square(frame, v)``, ``_limit_step(frame, step)``, ``_dressing_or_identity(frame)``
+``_slice_mean_square(frame, v)``, ``_limit_step(frame, step)`` (with ``_step_scale``, its scale,
+where the step is taken in place), ``_dressing_or_identity(frame)``
 and ``_redress(frame, covector, tangents, statistics)``. A hook reads ``frame.point`` and, only
 where it needs the factorisation, ``frame.data`` (``bundle.factorise(point)``, computed once per
 frame); it never factorises otherwise. A frame built with ``data`` (``bundle.at(point, data)``)
@@ -58,6 +59,18 @@ class FrameReuse:
         """The factorisation of ``point`` from ``bases`` ``age`` steps old, as ``Frame.moved``
         built it (age 0: factorised afresh); bundles that reuse no bases factorise."""
         return self.factorise(point)
+
+    def decay_multiplier(self, factor: float) -> float | None:
+        """The number every tensor of a point is multiplied by when ``scale_invariants``
+        multiplies the invariants by ``factor`` — where the bundle's step may then be taken in
+        place (``Frame.descend``: the retraction is p + v and the horizontal projection returns
+        tensors of its own) — else None (the default)."""
+        return None
+
+    def _step_scale(self, frame, step, factor: float = 1.0):
+        """Per head the factor (…, 1, 1) by which ``_limit_step`` scales the step
+        ``factor``·``step``, or None where it leaves every step as it is (the default)."""
+        return None
 
 
 class Frame:
@@ -130,11 +143,20 @@ class Frame:
     def descend(self, direction: Tensors, lr: float, weight_decay: float, project: bool = True):
         """The point a step reaches: decay on the invariants (``scale_invariants`` by
         1 − lr·wd), then the step −lr·P_H(direction) (``project``; pass False for a direction
-        that is horizontal already), bounded (``limit_step``), retracted."""
-        if project:
-            direction = self.horizontal(direction)
-        step = self.bundle._limit_step(self, tuple(d * -lr for d in direction))
-        return self._retract_decayed(step, lr, weight_decay)
+        that is horizontal already), bounded (``limit_step``), retracted. Where the bundle
+        allows it (``decay_multiplier``) in two passes, written into the projection's tensors:
+        c·p − lr·s·P_H(direction), c the decay's multiplier and s the bound's scale."""
+        bundle = self.bundle
+        root = bundle.decay_multiplier(1 - lr * weight_decay) if project else None
+        if root is None:
+            if project:
+                direction = self.horizontal(direction)
+            step = bundle._limit_step(self, tuple(d * -lr for d in direction))
+            return self._retract_decayed(step, lr, weight_decay)
+        h = self.horizontal(direction)
+        scale = bundle._step_scale(self, h, -lr)
+        scale = -lr if scale is None else scale * -lr
+        return tuple(t.mul_(scale).add_(p, alpha=root) for p, t in zip(self.point, h))
 
     def _retract_decayed(self, step: Tensors, lr: float, weight_decay: float) -> Tensors:
         base = self.point

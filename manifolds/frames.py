@@ -27,6 +27,7 @@ __all__ = [
     "iterative_frame",
     "with_fallback",
     "warm_frame",
+    "step_scale",
 ]
 
 
@@ -249,3 +250,15 @@ def with_fallback(iterative: FactorFrame, exact: FactorFrame) -> FactorFrame:
     merged = merge_frames(~iterative.fallback, FactorFrame(*map(cast, iterative)), exact)
     deficient = exact.deficient & iterative.fallback
     return merged._replace(deficient=deficient, lam=exact.lam, u=exact.u, mu=exact.mu, v=exact.v)
+
+
+def step_scale(data: FactorFrame, vv1, vv2, av1, bv2) -> torch.Tensor:
+    """Per head the factor s ≤ 1 of the invariant metric's step bound (module docstring) from
+    r×r products of the step V = (V₁, V₂): V₁ᵀV₁, V₂ᵀV₂, AᵀV₁ and BᵀV₂, in the frame's
+    precision. ‖V₁Bᵀ + AV₂ᵀ‖² = tr(V₁ᵀV₁ Q) + tr(P V₂ᵀV₂) + 2 tr(V₁ᵀA V₂ᵀB) is the first-order
+    change of M, ‖V₁V₂ᵀ‖² = tr(V₁ᵀV₁ V₂ᵀV₂) the second-order one."""
+    trace = lambda x, y: (x * y.mT).sum((-2, -1))  # noqa: E731 - tr(x y)
+    linear = trace(vv1, data.q) + trace(data.p, vv2) + 2 * trace(av1.mT, bv2.mT)
+    quadratic = trace(vv1, vv2)
+    lin, quad = linear.clamp_min(0).sqrt(), quadratic.clamp_min(0).sqrt()
+    return torch.where(quad > 0.5 * lin, 0.5 * lin / quad.clamp_min(1e-300), 1.0)

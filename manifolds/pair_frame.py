@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .factored import FactorFrame, step_scale
+from .factored import FactorFrame
 from .frame import Frame
+from .frames import step_scale
 from .iterative import WARM_TOLERANCE
 from .linalg import gram, solve_in_eigenbases
 
@@ -175,8 +176,8 @@ class PairFrame(Frame):
             s = step_scale(f, lr * lr * hh1, lr * lr * hh2, -lr * ah1, -lr * bh2)
             scale = (-lr * s).to(a.dtype).view(-1, 1, 1)
         # √(1 − lr·wd)·p + scale·h, written into h (this step's own): decay on the invariants
-        # (M ↦ (1 − lr·wd)M, ``scale_invariants``) and the step in two passes, no new tensor
-        root = (1 - lr * weight_decay) ** 0.5
+        # (M ↦ (1 − lr·wd)M, ``decay_multiplier``) and the step in two passes, no new tensor
+        root = bundle.decay_multiplier(1 - lr * weight_decay)
         return tuple(
             h.mul_(scale).add_(p, alpha=root)
             for p, h in zip(self.point, bundle.from_factors(h1, h2))

@@ -168,35 +168,33 @@ class PositiveRescaling(FactoredBundle):
             n_heads, rows_a, rows_b, self.metric, damping=self.damping, degree=self.degree
         )
 
-    def scale_invariants(self, point: Point, factor) -> Point:
-        """Multiply every unit's invariant ‖a‖ᵏ⁻¹ a bᵀ by ``factor``: both factors by
-        factor^{1/(k+1)} (a scalar, so it commutes with the action and keeps P − kQ = 0)."""
-        if self.degree == 1:
-            return super().scale_invariants(point, factor)
-        root = factor ** (1 / (self.degree + 1))
-        return tuple(t * root for t in point)
+    def decay_multiplier(self, factor):
+        """Multiplying every unit's invariant ‖a‖ᵏ⁻¹ a bᵀ by ``factor`` multiplies both factors
+        by factor^{1/(k+1)} (a scalar, so it commutes with the action and keeps P − kQ = 0)."""
+        return factor ** (1 / (self.degree + 1))
 
-    def _limit_step(self, frame, step: Tangent) -> Tangent:
-        """For k = 1 ``FactoredBundle.limit_step``. For k ≠ 1 (invariant metric) the same rule
+    def _step_scale(self, frame, step: Tangent, factor: float = 1.0):
+        """For k = 1 ``FactoredBundle``'s. For k ≠ 1 (invariant metric) the same rule
         on the unit's tensor T = a^{⊗k} ⊗ b (‖T‖ = ‖I‖): T(a + t v₁, b + t v₂) = Σ tʲ Tⱼ, and the
         step is scaled by min(1, ½‖T₁‖/‖T₂‖), so its second-order change is at most half its
         first-order one. Tⱼ = Sⱼ ⊗ b + Sⱼ₋₁ ⊗ v₂ with Sⱼ the tʲ coefficient of (a + t v₁)^{⊗k};
         their norms are polynomials in P, Q, ⟨a, v₁⟩, ‖v₁‖², ⟨b, v₂⟩, ‖v₂‖²
         (``_power_products``), each Tⱼ unchanged by the action, so the rule commutes with it."""
         if self.degree == 1 or self.metric == "euclidean":
-            return super()._limit_step(frame, step)
+            return super()._step_scale(frame, step, factor)
         a, b = self.factors(frame.point)
         v1, v2 = self.factors(step)
         f = frame.data
-        av1, vv1, bv2, vv2 = (
-            t.to(f.p.dtype) for t in self.row_sums(cross(a, v1), gram(v1), cross(b, v2), gram(v2))
-        )  # ⟨a, v₁⟩, ‖v₁‖², ⟨b, v₂⟩, ‖v₂‖²
+        products = self.row_sums(cross(a, v1), gram(v1), cross(b, v2), gram(v2))
+        av1, vv1, bv2, vv2 = (  # of V = factor·step: ⟨a, v₁⟩, ‖v₁‖², ⟨b, v₂⟩, ‖v₂‖²
+            t.to(f.p.dtype) * c for t, c in zip(products, (factor, factor**2, factor, factor**2))
+        )
         s = _power_products(self.degree, f.p, av1, vv1)  # s[i, j] = ⟨Sᵢ, Sⱼ⟩
         linear = s[1, 1] * f.q + 2 * s[1, 0] * bv2 + s[0, 0] * vv2  # ‖T₁‖²
         quadratic = s[2, 2] * f.q + 2 * s[2, 1] * bv2 + s[1, 1] * vv2  # ‖T₂‖²
         lin, quad = linear.clamp_min(0).sqrt(), quadratic.clamp_min(0).sqrt()
         scale = torch.where(quad > 0.5 * lin, 0.5 * lin / quad.clamp_min(1e-300), 1.0)
-        return tuple(t * scale.to(t.dtype) for t in step)
+        return scale.to(v1.dtype)
 
     # ---- balance and dressing -----------------------------------------------------------------
     def moment_map(self, point: Point) -> torch.Tensor:
