@@ -96,8 +96,8 @@ def _control_characters(text: str) -> list[int]:
     """Line numbers of ``text`` with a control character other than the newline — what a
     TeX command written into a Python string as ``"\\tilde"`` or ``"\\times"`` becomes."""
     return [
-        i for i, line in enumerate(text.splitlines(), 1) if re.search(r"[\x00-\x09\x0b-\x1f]", line)
-    ]
+        i for i, line in enumerate(text.split("\n"), 1) if re.search(r"[\x00-\x09\x0b-\x1f]", line)
+    ]  # not ``splitlines``: it splits at \x0b and \x0c, the characters it should find
 
 
 def test_no_page_holds_a_control_character():
@@ -105,3 +105,4 @@ def test_no_page_holds_a_control_character():
     bad = {str(p.relative_to(ROOT)): _control_characters(p.read_text()) for p in pages}
     assert {k: v for k, v in bad.items() if v} == {}
     assert _control_characters("$\tilde P$") == [1]  # the control: a tab where \t was meant
+    assert _control_characters("x\n$\varepsilon$") == [2]  # a vertical tab where \v was meant

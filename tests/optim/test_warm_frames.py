@@ -25,6 +25,19 @@ from quotopt.groups import gauge_transform
 from quotopt.models import Transformer
 
 
+@pytest.fixture(autouse=True)
+def _warm_at_every_rank(monkeypatch):
+    """The heads here are small (r = 8, 16): warm frames forced on below ``warm_min_rank``."""
+    monkeypatch.setattr(GeneralLinearPair, "warm_min_rank", 1)
+
+
+def test_small_heads_are_factorised_exactly_by_default(monkeypatch):
+    monkeypatch.undo()  # the default rule, not the fixture's
+    assert not M.HeadQK(4, 64, 16).reuses_bases(torch.float32)
+    assert M.HeadQK(2, 64, 32).reuses_bases(torch.float32)
+    assert not M.HeadQK(2, 64, 32).reuses_bases(torch.float64)  # the float64 reference
+
+
 def _point(condition: float, seed: int = 0, dtype=torch.float32):
     bundle = M.HeadQK(4, 48, 8)
     gen = torch.Generator().manual_seed(seed)
