@@ -7,7 +7,8 @@ import torch
 
 from manifolds.frames import _cholesky, _cholesky_inverse
 from manifolds.linalg import cross, times
-from manifolds.rotary import RotaryQK, _basis, _plane_system
+from manifolds.rotary import RotaryQK
+from manifolds.rotary_blocks import _basis, _plane_system
 
 
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])
