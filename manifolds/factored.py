@@ -289,7 +289,8 @@ class FactoredBundle(Bundle):
 
     def scale_invariants(self, point: Point, factor) -> Point:
         """Multiply every head's M = A Bᵀ by ``factor``: each factor by √factor."""
-        return tuple(t * self.decay_multiplier(factor) for t in point)
+        root = self.decay_multiplier(factor)
+        return tuple(t * root for t in point)
 
     def decay_multiplier(self, factor):
         return factor.sqrt() if isinstance(factor, torch.Tensor) else factor**0.5

@@ -276,8 +276,9 @@ class RotaryQK(FactoredBundle):
             trace = self._planes((a * z1).sum(-2) - (z2 * b).sum(-2)).sum(-1)  # (H, m)
             turn = (pa[..., 0] * p1[..., 1] - pa[..., 1] * p1[..., 0]).sum(-2)  # rows of A
             turn = turn - (p2[..., 0] * pb[..., 1] - p2[..., 1] * pb[..., 0]).sum(-2)  # of B
-            size = self._planes(a.square().sum(-2) + b.square().sum(-2)).sum(-1)  # (H, m)
-            trace, turn, size = self.row_sums(trace, turn, size)
+            trace, turn = self.row_sums(trace, turn)
+            f = frame.data  # the Grams (``_frame_in``): the planes' squared norms, row-summed
+            size = (self._plane_sizes(f.p) + self._plane_sizes(f.q)).to(trace.dtype)  # (H, m)
             return trace / size, turn / size
         p, q = frame.data.p.to(a.dtype), frame.data.q.to(a.dtype)
         az1, z2b = self.row_sums(a.mT @ z1, z2.mT @ b)
