@@ -283,6 +283,8 @@ class FactoredBundle(Bundle):
         if self.metric != "euclidean":  # ‖u_i R‖² with R Rᵀ the metric's Gram
             f = frame.data
             u1, u2 = times(u1, f.root_q.to(u1.dtype)), times(u2, f.root_p.to(u2.dtype))
+        if u1.shape[-1] == 1:  # one column (the units): the squares themselves, one pass
+            return self.from_factors(u1.square(), u2.square())
         # through the row norms: one pass, no temporary the size of u (page faults on CPUs)
         norms = (torch.linalg.vector_norm(u, dim=-1, keepdim=True) for u in (u1, u2))
         return self.from_factors(*(n.square_().div_(u1.shape[-1]) for n in norms))

@@ -76,9 +76,7 @@ def adam_bundle_update(
     # one factorisation: the Riemannian gradient (horizontal already) and its mean squares
     rgrad, grad_square = frame.gradient_and_moments(grad)
     exp_avg = lerp(exp_avg, rgrad, 1 - beta1)
-    exp_avg_sq = tuple(
-        beta2 * v + (1 - beta2) * s for v, s in zip(state["exp_avg_sq"], grad_square)
-    )
+    exp_avg_sq = lerp(state["exp_avg_sq"], grad_square, 1 - beta2)  # β₂v + (1 − β₂)s, one pass
     bc1, bc2_sqrt = bias_corrections(step, beta1, beta2, exp_avg[0].dtype)
     # m̂ / (max(√v̂, rms(m̂)/c) + ε), both bias corrections folded into the per-slice denominator
     bound = RATIO_BOUND if ratio_bound is None else ratio_bound
