@@ -3,11 +3,11 @@
 
 A warm projection must meet the exact one where its bases are near, err only along the orbit
 where they are not (so a float32 solve stops at a residual of 1e-3, ``WARM_TOLERANCE``), fall
-back to the exact solve (flagged) where it cannot meet that, be the frames a training run actually uses, keep the
-optimisers equivariant (float64, warm frames forced on) and resume bit for bit from a
-checkpoint (the bases are state). Tolerances: float32 warm projections within 1e-5 relative of
-the exact ones (8·eps·κ for heads of Gram condition κ above 100); float64 equivariance 1e-6
-relative after 150 steps, as on the exact route.
+back to the exact solve (flagged) where it cannot meet that, be the frames a training run
+actually uses, keep the optimisers equivariant (float64, warm frames forced on) and resume bit
+for bit from a checkpoint (the bases are state). Tolerances: float32 warm projections from near
+bases within 1e-5 relative of the exact ones (8·eps·κ for heads of Gram condition κ above 100);
+float64 equivariance 1e-6 relative after 150 steps, as on the exact route.
 """
 
 from __future__ import annotations
