@@ -99,11 +99,15 @@ def _cholesky_inverse(gram_: torch.Tensor):
     if damp.device.type != "cpu" or bool((damp != 0).any()):
         chol, _ = _cholesky(gram_ + damp.unsqueeze(-1) * eye)
     keep = nonzero.unsqueeze(-1)
-    if r == 1:  # see ``_cholesky``
-        inverse = 1 / chol.square()
-    else:
-        inverse = torch.cholesky_inverse(chol)  # 2-5x faster than solving against I (CPU)
-    return inverse * keep, chol * keep, damp * nonzero, singular
+    return _inverse_from_cholesky(chol) * keep, chol * keep, damp * nonzero, singular
+
+
+def _inverse_from_cholesky(chol: torch.Tensor) -> torch.Tensor:
+    """(L Lᵀ)⁻¹ from the Cholesky factor L (``torch.cholesky_inverse``, 2-5x faster on the CPU
+    than solving against I), written down for 1×1 matrices as ``_cholesky`` is: 1 / L²."""
+    if chol.shape[-1] == 1:
+        return 1 / chol.square()
+    return torch.cholesky_inverse(chol)
 
 
 def _cholesky(gram_: torch.Tensor):

@@ -217,8 +217,9 @@ class GeneralLinearPair(FactoredBundle):
         frame is then built from the last exact frame's eigenbases, up to ``WARM_REFRESH``
         steps old: the Grams, rotated into those bases, and a few conjugate-gradient
         iterations per projection, instead of two eigendecompositions per head. The warm
-        solve meets the exact one's round-off (``manifolds.pair_frame.warm_solve``, checked on
-        the CPU, where a head beyond it is solved exactly and the next frame refactorised)."""
+        solve meets ``manifolds.iterative.WARM_TOLERANCE`` (``manifolds.pair_frame.warm_solve``,
+        checked on the CPU, where a head beyond it is solved exactly and the next frame
+        refactorised); its error is a vertical vector, so the horizontal part is exact."""
         return (
             self.warm_frames
             and self.metric == "euclidean"

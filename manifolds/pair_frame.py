@@ -69,9 +69,10 @@ def gl_vertical_generator(
 
 def warm_solve(data: FactorFrame, rhs: torch.Tensor, point) -> torch.Tensor | None:
     """ξ with Pξ + ξQ = rhs on a warm frame by its solver — or None where, on the CPU (where
-    reading the residual costs nothing), some head's relative residual still exceeds the exact
-    solve's own round-off, 8·eps·κ (κ = (λmax + μmax)/(λmin + μmin) estimated on the bases),
-    or ``WARM_TOLERANCE`` if larger, after the solver's further rounds (``WARM_ROUNDS``): the
+    reading the residual costs nothing), some head's relative residual still exceeds
+    ``WARM_TOLERANCE`` (what the step needs: an inexact solve errs only along the orbit), or the
+    exact solve's own round-off 8·eps·κ if larger (κ = (λmax + μmax)/(λmin + μmin) estimated on
+    the bases), after the solver's further rounds (``WARM_ROUNDS``): the
     frame's exact factorisation at ``point`` is then computed once (``warm.exact``; the frame
     keeps no reference to its point), and this solve and every later one on the frame use it,
     as does the next frame (``GeneralLinearPair.frame_basis``). A result depends on the frame

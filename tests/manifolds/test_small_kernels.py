@@ -5,7 +5,7 @@ and the r = 1 products (float64, to round-off)."""
 import pytest
 import torch
 
-from manifolds.frames import _cholesky, _cholesky_inverse
+from manifolds.frames import _cholesky, _cholesky_inverse, _inverse_from_cholesky
 from manifolds.linalg import cross, times
 from manifolds.rotary import RotaryQK
 from manifolds.rotary_blocks import _basis, _plane_system
@@ -37,6 +37,10 @@ def test_one_by_one_cholesky_matches_lapack():
     torch.testing.assert_close(chol[:4][ref_info == 0], ref[ref_info == 0], rtol=0, atol=0)
     assert info[:4].tolist() == [int(i > 0) for i in ref_info.tolist()]
     assert info[4] > 0  # NaN: a failed pivot
+    good = ref_info == 0  # the written-down inverse against LAPACK's on the same factors
+    torch.testing.assert_close(
+        _inverse_from_cholesky(ref[good]), torch.cholesky_inverse(ref[good]), rtol=1e-15, atol=0
+    )
     # the frame's parts, on their definition: G⁻¹ and √G, zero on the zero Gram (flagged)
     inverse, root, damp, singular = _cholesky_inverse(grams[:4])
     positive = grams[:4] > 0
