@@ -234,6 +234,11 @@ class Bundle(FrameReuse, PointChecks, abc.ABC):
     def _riemannian_gradient(self, frame, egrad: Tangent) -> Tangent:
         return tuple(egrad)
 
+    def _gradient_and_moments(self, frame, egrad: Tangent) -> tuple[Tangent, Tangent]:
+        """(Riemannian gradient, its ``_slice_mean_square``), overridden where that is cheaper."""
+        rgrad = tuple(self._riemannian_gradient(frame, egrad))
+        return rgrad, tuple(self._slice_mean_square(frame, rgrad))
+
     def _slice_mean_square(self, frame, v: Tangent) -> Tangent:
         point = frame.point
         mean = self._inner(frame, v, v) / sum(t.numel() for t in point)
@@ -297,9 +302,8 @@ class Bundle(FrameReuse, PointChecks, abc.ABC):
         return (diff / size.clamp_min(torch.finfo(size.dtype).tiny)).sqrt()
 
     def stack_key(self):
-        """A hashable that two bundles share exactly when their points can be stacked along
-        the head axis and stepped as one bundle of all their heads (``stacked``), or None
-        (the default: this bundle is stepped alone)."""
+        """A hashable two bundles share exactly when their points can be stacked along the head
+        axis and stepped as one bundle of all their heads (``stacked``), or None (alone)."""
         return None
 
     def stacked(self, n_heads: int) -> Bundle:

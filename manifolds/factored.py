@@ -39,7 +39,17 @@ import torch
 
 from .base import Bundle, Point, Tangent, checks_enabled, random_orthogonal
 from .frames import FactorFrame, balanced_frame, frame_from_grams, merge_frames, step_scale
-from .linalg import cross, gram, numerical_rank, positive_int, sign_fix_columns, times, work_dtype
+from .linalg import (
+    congruence,
+    cross,
+    gram,
+    numerical_rank,
+    positive_int,
+    row_mean_square,
+    sign_fix_columns,
+    times,
+    work_dtype,
+)
 
 __all__ = [
     "FactoredBundle",
@@ -54,12 +64,6 @@ __all__ = [
 METRICS = ("euclidean", "invariant")
 #: how an r×r statistic of a factor transforms (``FactoredBundle.act_statistic``)
 STATISTIC_KINDS = ("covector", "tangent")
-
-
-def congruence(statistic: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """cᵀ S c (batched): how an r×r statistic S of a factor moves when the factor is
-    multiplied by c on the right."""
-    return c.mT @ statistic.to(c.dtype) @ c
 
 
 class FactoredBundle(Bundle):
@@ -274,20 +278,24 @@ class FactoredBundle(Bundle):
         f = frame.data  # (Q + δ)⁺, (P + δ)⁺
         return self.from_factors(times(g1, f.inv_q.to(g1.dtype)), times(g2, f.inv_p.to(g2.dtype)))
 
+    def _gradient_and_moments(self, frame, egrad: Tangent) -> tuple[Tangent, Tangent]:
+        """Invariant metric: the mean squares without the root's product, ‖u R‖² = u (Q + δ) uᵀ
+        = g (Q + δ)⁺ gᵀ = rowsum(u ∘ g) for u = g (Q + δ)⁺ and R Rᵀ = Q + δ."""
+        rgrad = self._riemannian_gradient(frame, egrad)
+        if self.metric == "euclidean":
+            return rgrad, self._slice_mean_square(frame, rgrad)
+        pairs = zip(self.factors(rgrad), self.factors(tuple(egrad)))
+        return rgrad, self.from_factors(*(row_mean_square(u, g) for u, g in pairs))
+
     def _slice_mean_square(self, frame, v: Tangent) -> Tangent:
         """Per-row mean squared magnitude of each factor under the metric, (H, rows, 1) per
-        factor (transposed like the layout). Divided by r so that the Euclidean case is
-        Adam's per-coordinate mean square."""
+        factor (transposed like the layout); a mean over r: Euclidean, Adam's mean square."""
         point = self.check_point(frame.point)
         u1, u2 = self.factors(self.check_tangent(point, v))
         if self.metric != "euclidean":  # ‖u_i R‖² with R Rᵀ the metric's Gram
             f = frame.data
             u1, u2 = times(u1, f.root_q.to(u1.dtype)), times(u2, f.root_p.to(u2.dtype))
-        if u1.shape[-1] == 1:  # one column (the units): the squares themselves, one pass
-            return self.from_factors(u1.square(), u2.square())
-        # through the row norms: one pass, no temporary the size of u (page faults on CPUs)
-        norms = (torch.linalg.vector_norm(u, dim=-1, keepdim=True) for u in (u1, u2))
-        return self.from_factors(*(n.square_().div_(u1.shape[-1]) for n in norms))
+        return self.from_factors(row_mean_square(u1), row_mean_square(u2))
 
     def scale_invariants(self, point: Point, factor) -> Point:
         """Multiply every head's M = A Bᵀ by ``factor``: each factor by √factor."""

@@ -16,7 +16,8 @@ frames built by matmul-only iterations, ``manifolds.frames.iterative_frame``).
 The contract. A bundle's public methods take a point and nothing else; each is
 ``bundle.at(point)`` asked once. The formulas live in the bundle's protected hooks, which take
 the frame: ``_inner(frame, u, v)``, ``_project_vertical(frame, v)``,
-``_project_horizontal(frame, v)``, ``_riemannian_gradient(frame, egrad)``,
+``_project_horizontal(frame, v)``, ``_riemannian_gradient(frame, egrad)`` (with
+``_gradient_and_moments``, the gradient and its second moments together),
 ``_slice_mean_square(frame, v)``, ``_limit_step(frame, step)`` (with ``_step_scale``, its scale,
 where the step is taken in place), ``_dressing_or_identity(frame)``
 and ``_redress(frame, covector, tangents, statistics)``. A hook reads ``frame.point`` and, only
@@ -25,10 +26,11 @@ frame); it never factorises otherwise. A frame built with ``data`` (``bundle.at(
 trusts it to be the point's factorisation: the caller that caches one (an optimiser between
 steps) answers for its being current.
 
+The factored bundles' invariant metric gives the gradient's second moments with the gradient
+(‖g Q⁻¹ R‖² = rowsum(g Q⁻¹ ∘ g) for R Rᵀ = Q: no second product, ``FactoredBundle``).
 ``PairFrame`` (the frames of the GL(r) head pairs) computes what several operations share once:
-the invariant metric's second moments of the gradient come with the gradient (‖g Q⁻¹ R‖² =
-rowsum(g Q⁻¹ ∘ g) for R Rᵀ = Q, no second product), and the step bound reuses the projection's
-r×r products (Aᵀ(Z₁ − Aξ) = AᵀZ₁ − Pξ). The derivations are in ``docs/theory/optimisers.md``.
+the step bound reuses the projection's r×r products (Aᵀ(Z₁ − Aξ) = AᵀZ₁ − Pξ). The
+derivations are in ``docs/theory/optimisers.md``.
 ``ProductFrame`` (``manifolds.product``) holds one frame per component, each factorised on first
 use.
 """
@@ -121,9 +123,10 @@ class Frame:
         return self.horizontal(self.riemannian_gradient(egrad))
 
     def gradient_and_moments(self, egrad: Tensors) -> tuple[Tensors, Tensors]:
-        """(Riemannian gradient, its ``mean_square``)."""
-        rgrad = self.riemannian_gradient(egrad)
-        return rgrad, self.mean_square(rgrad)
+        """(Riemannian gradient, its ``mean_square``), computed together where the bundle shares
+        work between them (``_gradient_and_moments``)."""
+        rgrad, moments = self.bundle._gradient_and_moments(self, egrad)
+        return tuple(rgrad), tuple(moments)
 
     def mean_square(self, v: Tensors) -> Tensors:
         """Gauge-invariant mean squares of ``v`` per slice no symmetry mixes

@@ -19,6 +19,8 @@ __all__ = [
     "gram",
     "times",
     "cross",
+    "congruence",
+    "row_mean_square",
     "solve_in_eigenbases",
     "solve_sylvester_spd",
     "solve_lyapunov_spd",
@@ -69,6 +71,28 @@ def times(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     if m.shape[-2:] == (1, 1):
         return x * m
     return x @ m
+
+
+def congruence(statistic: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """cᵀ S c (batched): how an r×r statistic S of a factor moves when the factor is
+    multiplied by c on the right."""
+    return c.mT @ statistic.to(c.dtype) @ c
+
+
+def row_mean_square(u: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of u the mean of u ∘ u over the last axis, (…, rows, 1); with ``g`` the mean of
+    u ∘ g, clamped at 0 (a quadratic form u M uᵀ written as rowsum(u ∘ g) for g = u M, which
+    round-off may push below 0). One column (the units of a ``PositiveRescaling``): the
+    products themselves. Without ``g`` through the row norms: one pass, no temporary the size
+    of u (page faults on CPUs)."""
+    if g is not None:
+        product = u * g
+        if u.shape[-1] != 1:
+            product = product.sum(-1, keepdim=True).div_(u.shape[-1])
+        return product.clamp_min_(0)
+    if u.shape[-1] == 1:
+        return u.square()
+    return torch.linalg.vector_norm(u, dim=-1, keepdim=True).square_().div_(u.shape[-1])
 
 
 def cross(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -137,24 +137,10 @@ def signed_frame(data: FactorFrame, signs: torch.Tensor) -> FactorFrame:
 
 
 class PairFrame(Frame):
-    """The frame handle of a GL(r) head pair (``manifolds.frame``): the invariant metric's
-    gradient with its second moments in one product, and the projection, step bound, decay and
-    retraction of a step in one pass that reuses the projection's r×r products."""
+    """The frame handle of a GL(r) head pair (``manifolds.frame``): the projection, step bound,
+    decay and retraction of a step in one pass that reuses the projection's r×r products."""
 
     __slots__ = ()
-
-    def gradient_and_moments(self, egrad):
-        bundle = self.bundle
-        if bundle.metric == "euclidean":
-            return super().gradient_and_moments(egrad)
-        rgrad = self.riemannian_gradient(egrad)
-        # ‖u R‖² = u (Q + δ) uᵀ = g (Q + δ)⁺ gᵀ = rowsum(u ∘ g) for u = g (Q + δ)⁺
-        r = bundle.d_head
-        moments = tuple(
-            (u * g).sum(-1, keepdim=True).clamp_min(0) / r
-            for u, g in zip(bundle.factors(rgrad), bundle.factors(tuple(egrad)))
-        )
-        return rgrad, tuple(bundle.from_factors(*moments))
 
     def descend(self, direction, lr: float, weight_decay: float, project: bool = True):
         bundle = self.bundle
