@@ -281,9 +281,9 @@ class FactoredBundle(Bundle):
     def _gradient_and_moments(self, frame, egrad: Tangent) -> tuple[Tangent, Tangent]:
         """Invariant metric: the mean squares without the root's product, ‖u R‖² = u (Q + δ) uᵀ
         = g (Q + δ)⁺ gᵀ = rowsum(u ∘ g) for u = g (Q + δ)⁺ and R Rᵀ = Q + δ."""
-        rgrad = self._riemannian_gradient(frame, egrad)
         if self.metric == "euclidean":
-            return rgrad, self._slice_mean_square(frame, rgrad)
+            return super()._gradient_and_moments(frame, egrad)
+        rgrad = self._riemannian_gradient(frame, egrad)
         pairs = zip(self.factors(rgrad), self.factors(tuple(egrad)))
         return rgrad, self.from_factors(*(row_mean_square(u, g) for u, g in pairs))
 
