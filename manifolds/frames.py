@@ -51,6 +51,10 @@ class FactorFrame(NamedTuple):
     A *warm* frame (``warm_frame``, the Euclidean metric's frame between exact factorisations)
     holds the Grams and ``warm``, a solver in the eigenbases of the last exact frame
     (``manifolds.iterative.EigenbasisSylvester``), and no eigendecomposition of its own.
+
+    ``system``: the Cholesky factor of a projection's normal equations where a bundle solves
+    them at every projection (``RotaryQK`` under the invariant metric): factorised with the
+    frame, so the two projections at a point (a step's, and the transport to it) share it.
     """
 
     p: torch.Tensor
@@ -69,6 +73,7 @@ class FactorFrame(NamedTuple):
     sylvester: SylvesterSolver | None = None
     fallback: torch.Tensor | None = None
     warm: EigenbasisSylvester | None = None
+    system: torch.Tensor | None = None
 
 
 def _low(values: torch.Tensor, top: torch.Tensor, r: int) -> torch.Tensor:

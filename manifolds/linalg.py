@@ -24,7 +24,6 @@ __all__ = [
     "solve_in_eigenbases",
     "solve_sylvester_spd",
     "solve_lyapunov_spd",
-    "spd_solve_right",
     "solve_left",
     "inverse",
     "orthonormal_columns_sign_fixed",
@@ -163,18 +162,6 @@ def solve_lyapunov_spd(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """
     lam, u = _eigh(p)
     return solve_in_eigenbases(u, u, c, lam.unsqueeze(-1) + lam.unsqueeze(-2)).to(c.dtype)
-
-
-def spd_solve_right(x: torch.Tensor, spd: torch.Tensor) -> torch.Tensor:
-    """x · spd⁻¹ for symmetric positive definite spd (Cholesky; no host synchronisation).
-
-    A singular spd gives non-finite entries; callers that must not see them check the rank
-    first (``Bundle`` does so unless checks are disabled).
-    """
-    work = work_dtype(x.dtype)
-    chol, _ = torch.linalg.cholesky_ex(spd.to(work))
-    # x spd⁻¹ = (spd⁻¹ xᵀ)ᵀ since spd is symmetric
-    return torch.cholesky_solve(x.mT.to(work), chol).mT.to(x.dtype)
 
 
 def solve_left(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ import torch
 from .base import Point, Tangent, checks_enabled, randn
 from .factored import FactoredBundle
 from .frames import FactorFrame, grams_frame
-from .linalg import gram, spd_solve_right
+from .linalg import gram, work_dtype
 from .rotary_blocks import _basis, _plane_system, complex_blocks, complex_part
 
 __all__ = ["RotaryQK", "PAIRINGS"]
@@ -123,9 +123,12 @@ class RotaryQK(FactoredBundle):
         its frame is the Grams with no factorisation (``grams_frame``); a head is deficient
         when a plane of either factor is at round-off level — the one regularity the bundle
         needs (``check_point``), whatever the rank of the whole factor. The invariant metric's
-        frame is ``FactoredBundle``'s (its system couples the planes through P and Q)."""
+        frame is ``FactoredBundle``'s (its system couples the planes through P and Q), with
+        that system's Cholesky factor (``FactorFrame.system``), which both projections at the
+        point solve with."""
         if self.metric != "euclidean":
-            return super()._frame_in(factors, dtype)
+            frame = super()._frame_in(factors, dtype)
+            return frame._replace(system=self._system_factor(frame.p, frame.q))
         a, b = (t.to(dtype) for t in factors)
         p, q = self.row_sums(gram(a), gram(b))
         return grams_frame(p, q, self._plane_sizes(p), self._plane_sizes(q))
@@ -280,16 +283,28 @@ class RotaryQK(FactoredBundle):
             f = frame.data  # the Grams (``_frame_in``): the planes' squared norms, row-summed
             size = (self._plane_sizes(f.p) + self._plane_sizes(f.q)).to(trace.dtype)  # (H, m)
             return trace / size, turn / size
-        p, q = frame.data.p.to(a.dtype), frame.data.q.to(a.dtype)
+        f = frame.data
+        p, q = f.p.to(a.dtype), f.q.to(a.dtype)
         az1, z2b = self.row_sums(a.mT @ z1, z2.mT @ b)
         d = az1 @ q - p @ z2b  # (H, r, r)
         h, m = self.n_heads, self.n_pairs
-        system = _plane_system(self._block_entries(p), self._block_entries(q.mT))
+        chol = f.system if f.system is not None else self._system_factor(f.p, f.q)
         diag = torch.diagonal(self._plane_blocks(d), dim1=-4, dim2=-2)  # (H, 2, 2, m)
         rhs = torch.stack((diag[:, 0, 0] + diag[:, 1, 1], diag[:, 0, 1] - diag[:, 1, 0]), -1)
-        coef = spd_solve_right(rhs.reshape(h, 1, 2 * m), system.reshape(h, 2 * m, 2 * m))
-        coef = coef.view(h, m, 2)
+        coef = torch.cholesky_solve(rhs.reshape(h, 2 * m, 1).to(chol.dtype), chol)
+        coef = coef.to(a.dtype).view(h, m, 2)
         return coef[..., 0], coef[..., 1]
+
+    def _system_factor(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """(H, r, r): the Cholesky factor of the invariant metric's plane system at Grams P, Q
+        (module docstring), in their precision (float32 at least). A singular system gives
+        non-finite entries, which the solves carry to the step's guard (the point's rank is
+        checked first unless checks are disabled)."""
+        work = work_dtype(p.dtype)
+        h, r = p.shape[0], self.d_head
+        p, q = p.to(work), q.to(work)
+        system = _plane_system(self._block_entries(p), self._block_entries(q.mT))
+        return torch.linalg.cholesky_ex(system.reshape(h, r, r))[0]
 
     # ---- dressing ----------------------------------------------------------------------------
     def _dressing_scalars(self, a: torch.Tensor, b: torch.Tensor, check: bool = True):
