@@ -58,9 +58,9 @@ def skew(x: torch.Tensor) -> torch.Tensor:
 
 def gram(a: torch.Tensor) -> torch.Tensor:
     """aᵀa over the last two axes, symmetrised against round-off (one column: its squared
-    norm, a reduction rather than a batch of 1×1 products)."""
+    norm, a reduction rather than a batch of 1×1 products, and no temporary the size of a)."""
     if a.shape[-1] == 1:
-        return a.square().sum(-2, keepdim=True)
+        return torch.linalg.vector_norm(a, dim=-2, keepdim=True).square()
     return sym(a.mT @ a)
 
 

@@ -84,13 +84,21 @@ def adam_bundle_update(
     # square of a large moment is formed (float32 overflows at condition 1e8)
     first = frame.mean_square(exp_avg)
     direction = tuple(
-        m / torch.maximum(v.sqrt().div_(bc2_sqrt), f.sqrt().div_(bc1 * bound)).add_(eps).mul_(bc1)
-        for m, v, f in zip(exp_avg, exp_avg_sq, first)
+        _ratio(m, v, f, bc1, bc2_sqrt, bound, eps) for m, v, f in zip(exp_avg, exp_avg_sq, first)
     )
     new_point = frame.descend(direction, lr, weight_decay)  # projected, bounded, retracted
     new_frame = frame.moved(new_point)
     exp_avg = new_frame.horizontal(exp_avg)  # transport: projection at the new point
     return new_point, AdamState(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq), new_frame
+
+
+def _ratio(m, v, f, bc1, bc2_sqrt, bound: float, eps: float) -> torch.Tensor:
+    """m / ((max(√v / √(1 − β₂ᵗ), √f / ((1 − β₁ᵗ)·bound)) + ε)·(1 − β₁ᵗ)) with one new tensor
+    for the denominator (written into where the moments are slices of one element each, as a
+    ``PositiveRescaling``'s are: the quotient then needs no other)."""
+    root = v.sqrt().div_(bc2_sqrt)
+    root = torch.maximum(root, f.sqrt().div_(bc1 * bound), out=root).add_(eps).mul_(bc1)
+    return torch.div(m, root, out=root) if root.shape == m.shape else m / root
 
 
 # ---- the plain update (torch.optim.AdamW) --------------------------------------------------
