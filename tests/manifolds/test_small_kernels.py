@@ -31,6 +31,29 @@ def test_plane_system_is_the_block_contraction(pairing):
     assert (other - reference).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_the_frames_plane_system_serves_every_projection_at_its_point(pairing):
+    """Invariant metric: the frame holds the Cholesky factor of the plane system at its Grams
+    (``FactorFrame.system``), and a projection with it equals one that factorises the system
+    afresh, to 1e-12 in float64, and is horizontal there; the control — the factor of another
+    point's system — gives another projection."""
+    bundle = RotaryQK(3, 12, 8, "invariant", pairing=pairing, factor_rows=(12, 6))
+    gen = torch.Generator().manual_seed(1)
+    point = bundle.random_point(generator=gen, dtype=torch.float64, condition=10.0)
+    other = bundle.random_point(generator=gen, dtype=torch.float64, condition=10.0)
+    z = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in point)
+    frame = bundle.at(point)
+    assert frame.data.system is not None
+    cached = frame.horizontal(z)
+    fresh = bundle.at(point, frame.data._replace(system=None)).horizontal(z)
+    for got, want in zip(cached, fresh):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert float(bundle.at(point).vertical_part(cached)[0].abs().max()) < 1e-12
+    stale = frame.data._replace(system=bundle.at(other).data.system)
+    wrong = bundle.at(point, stale).horizontal(z)
+    assert max(float((w - c).abs().max()) for w, c in zip(wrong, cached)) > 1e-3
+
+
 def test_one_by_one_cholesky_matches_lapack():
     grams = torch.tensor([4.0, 1e-300, 0.0, 2.5, float("nan")], dtype=torch.float64)
     grams = grams.view(-1, 1, 1)
