@@ -61,7 +61,7 @@ import torch
 from .base import Point, Tangent, checks_enabled, randn
 from .factored import FactoredBundle
 from .frames import FactorFrame, grams_frame
-from .linalg import gram, work_dtype
+from .linalg import gram
 from .rotary_blocks import _basis, _plane_system, complex_blocks, complex_part
 
 __all__ = ["RotaryQK", "PAIRINGS"]
@@ -296,13 +296,11 @@ class RotaryQK(FactoredBundle):
         return coef[..., 0], coef[..., 1]
 
     def _system_factor(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """(H, r, r): the Cholesky factor of the invariant metric's plane system at Grams P, Q
-        (module docstring), in their precision (float32 at least). A singular system gives
-        non-finite entries, which the solves carry to the step's guard (the point's rank is
-        checked first unless checks are disabled)."""
-        work = work_dtype(p.dtype)
+        """(H, r, r): the Cholesky factor of the invariant metric's plane system at the frame's
+        Grams P, Q (module docstring), in their precision (the frame's: float32 at least). A
+        singular system gives non-finite entries, which the solves carry to the step's guard
+        (the point's rank is checked first unless checks are disabled)."""
         h, r = p.shape[0], self.d_head
-        p, q = p.to(work), q.to(work)
         system = _plane_system(self._block_entries(p), self._block_entries(q.mT))
         return torch.linalg.cholesky_ex(system.reshape(h, r, r))[0]
 
